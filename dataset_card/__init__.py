@@ -1,0 +1,1 @@
+"""The dataset contract shared by labeling and pretraining, and the dataset card generator."""

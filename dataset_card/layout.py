@@ -1,0 +1,201 @@
+"""The files around the rows: where shards, errors, statistics, manifest and metadata live.
+
+OUTPUT/
+  data/train-SSSSS-of-NNNNN.parquet    rows (the commit point of a shard)
+  errors/errors-SSSSS-of-NNNNN.parquet failed inputs of that shard (written before its data file)
+  stats/stats-SSSSS-of-NNNNN.json      per-shard statistics (written before its data file)
+  metadata.json                        schema version, class names, semantic taxonomy, ignore value
+  manifest.json                        inputs and their hash, arguments, models, code version
+  stats.json                           run summary (counts, failures by reason, wall time, images/s)
+  README.md                            the dataset card
+Temporary files start with a dot, so no `load_dataset` pattern (`data/train-*`) can match them.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from dataset_card.schema import SCHEMA_VERSION, SchemaError, semantic_ignore_value
+
+DATA_DIR = "data"
+ERRORS_DIR = "errors"
+STATS_DIR = "stats"
+METADATA_FILE = "metadata.json"
+MANIFEST_FILE = "manifest.json"
+RUN_STATS_FILE = "stats.json"
+CARD_FILE = "README.md"
+DATA_GLOB = f"{DATA_DIR}/train-*.parquet"
+ERRORS_GLOB = f"{ERRORS_DIR}/errors-*.parquet"
+
+ERROR_COLUMNS = ("image_id", "path", "label", "stage", "error_type", "message")
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("path", pa.string()),
+        ("label", pa.int64()),
+        ("stage", pa.string()),  # list, read, decode, model, postprocess, write
+        ("error_type", pa.string()),  # short machine-readable reason, e.g. "too_large", "decode"
+        ("message", pa.string()),  # the human sentence
+    ]
+)
+
+
+def _suffix(index: int, num_shards: int) -> str:
+    return f"{index:05d}-of-{num_shards:05d}"
+
+
+def data_path(index: int, num_shards: int) -> str:
+    return posixpath.join(DATA_DIR, f"train-{_suffix(index, num_shards)}.parquet")
+
+
+def errors_path(index: int, num_shards: int) -> str:
+    return posixpath.join(ERRORS_DIR, f"errors-{_suffix(index, num_shards)}.parquet")
+
+
+def stats_path(index: int, num_shards: int) -> str:
+    return posixpath.join(STATS_DIR, f"stats-{_suffix(index, num_shards)}.json")
+
+
+def temporary_path(path: str) -> str:
+    """A dot-prefixed sibling of `path` to write to before the atomic rename."""
+    head, tail = posixpath.split(path)
+    return posixpath.join(head, f".{tail}.tmp")
+
+
+@dataclass(frozen=True)
+class SemanticClass:
+    id: int
+    name: str
+    isthing: bool
+
+
+@dataclass(frozen=True)
+class DatasetMetadata:
+    """`metadata.json`: what a reader needs to interpret the maps (the trainer sizes its heads by it)."""
+
+    class_names: tuple[str, ...]
+    semantic_classes: tuple[SemanticClass, ...]
+    semantic_source: str = ""  # the semantic model's name or path
+    schema_version: int = SCHEMA_VERSION
+    painting_order: str = "id ascending; ids numbered by area, largest first (smaller masks on top)"
+
+    @property
+    def semantic_class_names(self) -> list[str]:
+        return [c.name for c in self.semantic_classes]
+
+    @property
+    def num_semantic_classes(self) -> int:
+        return len(self.semantic_classes)
+
+    @property
+    def ignore_value(self) -> int:
+        return semantic_ignore_value(self.num_semantic_classes)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["ignore_value"] = self.ignore_value
+        return json.dumps(data, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = METADATA_FILE) -> DatasetMetadata:
+        data = json.loads(text)
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise SchemaError(
+                f"{source} has dataset schema version {version}, but this code reads version {SCHEMA_VERSION}"
+            )
+        try:
+            classes = tuple(SemanticClass(int(c["id"]), str(c["name"]), bool(c["isthing"]))
+                            for c in data["semantic_classes"])
+            return cls(
+                class_names=tuple(data["class_names"]),
+                semantic_classes=classes,
+                semantic_source=data.get("semantic_source", ""),
+                painting_order=data.get("painting_order", cls.painting_order),
+            )
+        except (KeyError, TypeError) as err:
+            raise SchemaError(f"{source} lacks {err} required by dataset schema v{SCHEMA_VERSION}") from err
+
+
+def _histogram(values: Sequence[float], edges: Sequence[float]) -> list[int]:
+    counts = [0] * (len(edges) - 1)
+    for v in values:
+        for i in range(len(counts)):
+            if v < edges[i + 1] or i == len(counts) - 1:
+                counts[i] += 1
+                break
+    return counts
+
+
+# Fixed bins so shard statistics add up without seeing any row again.
+INSTANCE_COUNT_EDGES = (0, 1, 2, 5, 10, 20, 50, 100, 200, 10**9)
+FRACTION_EDGES = tuple(i / 10 for i in range(11))
+
+
+@dataclass
+class ShardStats:
+    """Per-shard statistics, written by the labeler and summed by the card (no mask is decoded again).
+
+    `add_row` takes what the labeler already has in hand for each image.
+    """
+
+    shard: int = -1
+    rows: int = 0
+    errors: int = 0
+    errors_by_type: dict[str, int] = field(default_factory=dict)
+    instances: int = 0
+    instances_per_image: list[int] = field(default_factory=lambda: [0] * (len(INSTANCE_COUNT_EDGES) - 1))
+    coverage: list[int] = field(default_factory=lambda: [0] * (len(FRACTION_EDGES) - 1))
+    purity: list[int] = field(default_factory=lambda: [0] * (len(FRACTION_EDGES) - 1))
+    semantic_pixels: dict[str, int] = field(default_factory=dict)  # class id (str for JSON) -> pixels
+    semantic_images: dict[str, int] = field(default_factory=dict)  # class id -> images containing it
+    pixels: int = 0
+
+    def add_row(self, num_instances: int, covered_fraction: float, purities: Sequence[float],
+                semantic_counts: dict[int, int]) -> None:
+        """One labeled image: its instance count, share of pixels under any instance, instance
+        purities, and pixel count per semantic class (ignore value included under its own id)."""
+        self.rows += 1
+        self.instances += num_instances
+        _add(self.instances_per_image, _histogram([num_instances], INSTANCE_COUNT_EDGES))
+        _add(self.coverage, _histogram([covered_fraction], FRACTION_EDGES))
+        _add(self.purity, _histogram(purities, FRACTION_EDGES))
+        for cls, n in semantic_counts.items():
+            key = str(int(cls))
+            self.semantic_pixels[key] = self.semantic_pixels.get(key, 0) + int(n)
+            self.semantic_images[key] = self.semantic_images.get(key, 0) + 1
+            self.pixels += int(n)
+
+    def add_error(self, error_type: str) -> None:
+        self.errors += 1
+        self.errors_by_type[error_type] = self.errors_by_type.get(error_type, 0) + 1
+
+    def merge(self, other: ShardStats) -> ShardStats:
+        out = ShardStats(shard=-1)
+        for name in ("rows", "errors", "instances", "pixels"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        for name in ("instances_per_image", "coverage", "purity"):
+            setattr(out, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
+        for name in ("errors_by_type", "semantic_pixels", "semantic_images"):
+            merged = dict(getattr(self, name))
+            for k, v in getattr(other, name).items():
+                merged[k] = merged.get(k, 0) + v
+            setattr(out, name, merged)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ShardStats:
+        return cls(**json.loads(text))
+
+
+def _add(into: list[int], counts: list[int]) -> None:
+    for i, c in enumerate(counts):
+        into[i] += c

@@ -1,0 +1,173 @@
+"""The dataset contract, version 1: the only thing `labeling/` and `pretraining/` share.
+
+Both stages import the column names, the `datasets` features and the validator from here. A
+writer builds rows that match `build_features`; a reader calls `validate_schema` on what it
+found before touching a row, and gets one sentence naming the column and the schema version
+when the two disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import datasets
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+# Key under which the writer stores {"schema_version": ...} in each Parquet file's metadata,
+# beside the "huggingface" key that `datasets` reads its features from.
+SCHEMA_METADATA_KEY = b"c2fmae"
+
+# Columns in the order the writer lays them out.
+COLUMNS = (
+    "image_id",
+    "label",
+    "image",
+    "width",
+    "height",
+    "semantic_mask",
+    "instance_mask",
+    "instances",
+)
+
+# What pretraining reads (never the `instances` list: it is large and the maps carry it).
+TRAINING_COLUMNS = ("image", "semantic_mask", "instance_mask", "label")
+
+
+class SchemaError(ValueError):
+    """The data on disk does not match the dataset contract."""
+
+
+def semantic_ignore_value(num_semantic_classes: int) -> int:
+    """The pixel value of `semantic_mask` that means "no class" (255 for 8-bit maps, else 65535).
+
+    A map is 8-bit when the taxonomy has fewer than 255 classes, so that 255 is free for it.
+    """
+    return 255 if num_semantic_classes < 255 else 65535
+
+
+def semantic_mask_dtype(num_semantic_classes: int) -> str:
+    return "uint8" if num_semantic_classes < 255 else "uint16"
+
+
+def instance_struct() -> dict:
+    """One automatic mask: its RLE, box, quality scores and the semantic class it was aligned to."""
+    return {
+        "id": datasets.Value("int32"),
+        "rle": {
+            "size": datasets.Sequence(datasets.Value("int32"), length=2),
+            "counts": datasets.Value("string"),
+        },
+        "bbox": datasets.Sequence(datasets.Value("float32"), length=4),
+        "area": datasets.Value("int32"),
+        "visible_area": datasets.Value("int32"),
+        "score": datasets.Value("float32"),
+        "stability_score": datasets.Value("float32"),
+        "category_id": datasets.Value("int32"),
+        "category_purity": datasets.Value("float32"),
+    }
+
+
+def build_features(class_names: Sequence[str], semantic_class_names: Sequence[str]) -> datasets.Features:
+    """The `datasets.Features` of a labeled shard.
+
+    `class_names` are the image-level labels (sorted input folder names, e.g. ImageNet synsets);
+    `semantic_class_names` is the semantic taxonomy. It does not change any column type here
+    (8- and 16-bit maps are both PNG bytes) but is taken so callers state the taxonomy they
+    write, and so a future version can type the maps by it.
+    """
+    if not class_names:
+        raise SchemaError("class_names is empty: a dataset needs at least one image-level class")
+    if not semantic_class_names:
+        raise SchemaError("semantic_class_names is empty: the semantic taxonomy needs at least one class")
+    return datasets.Features(
+        {
+            "image_id": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=list(class_names)),
+            "image": datasets.Image(),
+            "width": datasets.Value("int32"),
+            "height": datasets.Value("int32"),
+            "semantic_mask": datasets.Image(),
+            "instance_mask": datasets.Image(),
+            "instances": [instance_struct()],
+        }
+    )
+
+
+def arrow_schema(class_names: Sequence[str], semantic_class_names: Sequence[str]) -> pa.Schema:
+    """The Arrow schema a shard is written with: the features plus both metadata keys."""
+    schema = build_features(class_names, semantic_class_names).arrow_schema
+    metadata = dict(schema.metadata or {})
+    metadata[SCHEMA_METADATA_KEY] = json.dumps({"schema_version": SCHEMA_VERSION}).encode()
+    return schema.with_metadata(metadata)
+
+
+def _expected_types() -> dict[str, pa.DataType]:
+    schema = build_features(["_"], ["_"]).arrow_schema
+    return {name: schema.field(name).type for name in COLUMNS}
+
+
+_FEATURE_KINDS = {
+    "label": datasets.ClassLabel,
+    "image": datasets.Image,
+    "semantic_mask": datasets.Image,
+    "instance_mask": datasets.Image,
+}
+
+
+def _where(source: str) -> str:
+    return f" in {source}" if source else ""
+
+
+def validate_schema(schema: pa.Schema, columns: Sequence[str] = COLUMNS, source: str = "") -> None:
+    """Raise `SchemaError` unless `schema` (a shard's Arrow schema) holds `columns` as version 1 types.
+
+    `columns` lets a reader check only what it reads (pretraining passes `TRAINING_COLUMNS`).
+    `source` (a file name) is put into the message.
+    """
+    meta = schema.metadata or {}
+    if SCHEMA_METADATA_KEY in meta:
+        found = json.loads(meta[SCHEMA_METADATA_KEY]).get("schema_version")
+        if found != SCHEMA_VERSION:
+            raise SchemaError(
+                f"dataset schema version {found}{_where(source)} but this code reads version "
+                f"{SCHEMA_VERSION}: relabel the data or install the matching version of this project"
+            )
+    expected = _expected_types()
+    # Feature kinds matter beyond Arrow types: a ClassLabel and a plain int64 share a type.
+    features = datasets.Features.from_arrow_schema(schema)
+    for name in columns:
+        if name not in expected:
+            raise SchemaError(f"column {name!r} is not part of dataset schema v{SCHEMA_VERSION}")
+        if schema.get_field_index(name) < 0:
+            raise SchemaError(
+                f"column {name!r} is missing{_where(source)}; dataset schema v{SCHEMA_VERSION} requires it"
+            )
+        found_type = schema.field(name).type
+        if not found_type.equals(expected[name]):
+            raise SchemaError(
+                f"column {name!r}{_where(source)} has type {found_type}, but dataset schema "
+                f"v{SCHEMA_VERSION} expects {expected[name]}"
+            )
+        kind = _FEATURE_KINDS.get(name)
+        if kind is not None and not isinstance(features[name], kind):
+            raise SchemaError(
+                f"column {name!r}{_where(source)} is a {type(features[name]).__name__} feature, but dataset "
+                f"schema v{SCHEMA_VERSION} expects {kind.__name__}"
+            )
+
+
+def validate_features(features: datasets.Features, columns: Sequence[str] = COLUMNS, source: str = "") -> None:
+    """Like `validate_schema`, for the `datasets.Features` of a loaded dataset."""
+    validate_schema(features.arrow_schema, columns, source)
+
+
+def rows_to_table(rows: Sequence[dict], features: datasets.Features) -> pa.Table:
+    """Python rows (images and masks as {"bytes", "path"} dicts) -> an Arrow table in the contract schema."""
+    schema = features.arrow_schema
+    metadata = dict(schema.metadata or {})
+    metadata[SCHEMA_METADATA_KEY] = json.dumps({"schema_version": SCHEMA_VERSION}).encode()
+    schema = schema.with_metadata(metadata)
+    return pa.Table.from_pylist([features.encode_example(row) for row in rows], schema=schema)

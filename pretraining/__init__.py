@@ -1,0 +1,1 @@
+"""C2FMAE pretraining: model, baselines, data loading, training loop and timm export."""

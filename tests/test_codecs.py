@@ -1,0 +1,95 @@
+"""Canonical decoding of odd images, mask PNGs and RLE."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dataset_card import codecs
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_rgb_jpeg_and_png():
+    arr = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    out = codecs.decode_image(_encode(Image.fromarray(arr), "PNG"))
+    np.testing.assert_array_equal(out, arr)
+    assert codecs.decode_image(_encode(Image.fromarray(arr), "JPEG")).shape == (20, 30, 3)
+
+
+def test_sixteen_bit_grey_is_scaled_not_saturated():
+    grey = np.full((8, 9), 32768, np.uint16)
+    out = codecs.decode_image(_encode(Image.fromarray(grey), "PNG"))
+    assert out.shape == (8, 9, 3) and out.dtype == np.uint8
+    assert 120 <= out[0, 0, 0] <= 135  # PIL's convert("RGB") would give 255
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "CMYK"])
+def test_other_modes_become_rgb(mode):
+    img = Image.new("RGB", (7, 5), (10, 200, 30)).convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    out = codecs.decode_image(_encode(img, fmt))
+    assert out.shape == (5, 7, 3) and out.dtype == np.uint8
+
+
+def test_one_pixel_image():
+    assert codecs.decode_image(_encode(Image.new("RGB", (1, 1)), "PNG")).shape == (1, 1, 3)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [(b"", "empty"), (b"this is not an image", "cannot decode"), (None, "cannot decode")],
+)
+def test_bad_bytes_raise_decode_error(data, reason):
+    if data is None:  # a JPEG cut in half
+        arr = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        full = _encode(Image.fromarray(arr), "JPEG")
+        data = full[: len(full) // 2]
+    with pytest.raises(codecs.DecodeError, match=reason):
+        codecs.decode_image(data)
+
+
+def test_exif_orientation_is_not_applied():
+    arr = np.zeros((10, 20, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": a viewer would show 20 high, 10 wide
+    data = _encode(Image.fromarray(arr), "JPEG", exif=exif.tobytes())
+    assert codecs.decode_image(data).shape == (10, 20, 3)
+
+
+@pytest.mark.parametrize("dtype, top", [(np.uint8, 254), (np.uint16, 65535), (np.int64, 300)])
+def test_mask_png_round_trip(dtype, top):
+    mask = np.random.default_rng(0).integers(0, top + 1, (13, 17)).astype(dtype)
+    data = codecs.encode_mask_png(mask)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    out = codecs.decode_mask(data)
+    assert out.dtype == np.int64
+    np.testing.assert_array_equal(out, mask.astype(np.int64))
+
+
+def test_mask_png_rejects_out_of_range():
+    with pytest.raises(ValueError, match="65535"):
+        codecs.encode_mask_png(np.full((2, 2), 70000))
+
+
+def test_rle_round_trip_and_area():
+    mask = np.zeros((31, 17), bool)
+    mask[3:20, 4:9] = True
+    rle = codecs.encode_rle(mask)
+    assert rle["size"] == [31, 17] and isinstance(rle["counts"], str)
+    np.testing.assert_array_equal(codecs.decode_rle(rle), mask)
+    assert codecs.rle_area(rle) == mask.sum()
+
+
+def test_paint_puts_later_ids_on_top():
+    big = np.ones((4, 4), bool)
+    small = np.zeros((4, 4), bool)
+    small[1:3, 1:3] = True
+    instances = [{"id": 2, "rle": codecs.encode_rle(small)}, {"id": 1, "rle": codecs.encode_rle(big)}]
+    out = codecs.paint(instances, 4, 4)
+    assert (out[1:3, 1:3] == 2).all() and (out == 1).sum() == 12

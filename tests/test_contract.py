@@ -1,0 +1,188 @@
+"""The dataset contract: rows written through it load typed, decode back, and the validator
+rejects every missing or mistyped column."""
+
+import json
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dataset_card import codecs, layout, shards
+from dataset_card.card import write_minimal_card
+from dataset_card.schema import (
+    COLUMNS,
+    SCHEMA_VERSION,
+    SchemaError,
+    build_features,
+    rows_to_table,
+    validate_features,
+    validate_schema,
+)
+from dataset_card.synthetic import SEMANTIC_CLASSES, synthetic_row, write_synthetic_dataset
+
+CLASS_NAMES = ["n01440764", "n01443537"]
+
+
+def many_instances_row():
+    """A 40x50 image with 300 one-to-four-pixel instances, so instance ids exceed 255."""
+    h, w = 40, 50
+    rng = np.random.default_rng(0)
+    semantic = rng.integers(0, len(SEMANTIC_CLASSES), size=(h, w)).astype(np.uint8)
+    masks = []
+    for k in range(300):
+        m = np.zeros((h, w), bool)
+        y, x = divmod(k, 25)
+        m[2 * y : 2 * y + 2, 2 * x : 2 * x + 1 + (k % 2)] = True
+        masks.append(m)
+    big = np.zeros((h, w), bool)
+    big[:20, :30] = True  # overlaps many small ones: painted underneath them
+    masks.append(big)
+    rgb = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+    return synthetic_row("n01440764/many", 0, rgb, semantic, masks)
+
+
+@pytest.fixture
+def shard_folder(tmp_path):
+    metadata = layout.DatasetMetadata(tuple(CLASS_NAMES), SEMANTIC_CLASSES)
+    features = build_features(CLASS_NAMES, metadata.semantic_class_names)
+    row, painted = many_instances_row()
+    rng = np.random.default_rng(1)
+    from dataset_card.synthetic import shapes_image
+
+    rgb, semantic, shapes = shapes_image(rng, 48, 64)
+    row2, _ = synthetic_row("n01443537/shapes", 1, rgb, semantic, [m for _, m in shapes])
+    fs, base = shards.filesystem(str(tmp_path))
+    empty_errors = pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA)
+    shards.commit_shard(fs, base, 0, 2, rows_to_table([row, row2], features), empty_errors, layout.ShardStats(0))
+    # A shard whose every image failed still commits, with zero rows.
+    shards.commit_shard(fs, base, 1, 2, rows_to_table([], features), empty_errors, layout.ShardStats(1))
+    (tmp_path / layout.METADATA_FILE).write_text(metadata.to_json())
+    write_minimal_card(str(tmp_path), metadata)
+    return tmp_path, painted
+
+
+def test_load_dataset_gives_typed_columns_and_masks_round_trip(shard_folder):
+    folder, painted = shard_folder
+    ds = datasets.load_dataset(str(folder), split="train")
+    assert len(ds) == 2
+    assert isinstance(ds.features["label"], datasets.ClassLabel)
+    assert ds.features["label"].names == CLASS_NAMES
+    assert isinstance(ds.features["image"], datasets.Image)
+    validate_features(ds.features)
+
+    raw = ds.with_format("arrow")[:1]  # bytes as written, not PIL objects
+    row = raw.to_pylist()[0]
+    instance_map = codecs.decode_mask(row["instance_mask"]["bytes"])
+    assert instance_map.max() > 255, "instance ids above 255 need the 16-bit map"
+    np.testing.assert_array_equal(instance_map, painted)
+    h, w = row["height"], row["width"]
+    for inst in row["instances"]:
+        assert codecs.decode_rle(inst["rle"]).shape == (h, w)
+    np.testing.assert_array_equal(instance_map, codecs.paint(row["instances"], h, w))
+    assert codecs.decode_image(row["image"]["bytes"]).shape == (h, w, 3)
+    # The big mask is painted first (id 1, largest) and stays in the list even where covered.
+    first = min(row["instances"], key=lambda i: i["id"])
+    assert first["area"] == 600 and first["visible_area"] < first["area"]
+
+
+def test_parquet_metadata_carries_schema_version(shard_folder):
+    folder, _ = shard_folder
+    schema = pq.read_schema(folder / layout.data_path(0, 2))
+    validate_schema(schema)
+    assert json.loads(schema.metadata[b"c2fmae"]) == {"schema_version": SCHEMA_VERSION}
+
+
+def _retyped(name: str) -> datasets.Features:
+    features = build_features(CLASS_NAMES, ["a"])
+    if name == "label":
+        features[name] = datasets.Value("int64")  # same Arrow type, but not a ClassLabel
+    elif name in ("image", "semantic_mask", "instance_mask"):
+        features[name] = datasets.Value("binary")
+    elif name == "instances":
+        features[name] = [{"id": datasets.Value("int32"), "rle": datasets.Value("string")}]
+    elif name in ("width", "height"):
+        features[name] = datasets.Value("int64")
+    else:
+        features[name] = datasets.Value("int32")
+    return features
+
+
+@pytest.mark.parametrize("name", COLUMNS)
+def test_validator_rejects_missing_column(name):
+    features = build_features(CLASS_NAMES, ["a"])
+    del features[name]
+    with pytest.raises(SchemaError, match=rf"'{name}'.*v{SCHEMA_VERSION}"):
+        validate_schema(features.arrow_schema)
+
+
+@pytest.mark.parametrize("name", COLUMNS)
+def test_validator_rejects_retyped_column(name):
+    with pytest.raises(SchemaError, match=rf"'{name}'.*v{SCHEMA_VERSION}"):
+        validate_schema(_retyped(name).arrow_schema)
+
+
+@pytest.mark.parametrize("name", COLUMNS)
+def test_validator_rejects_retyped_column_written_to_parquet(tmp_path, name):
+    features = _retyped(name)
+    table = pa.Table.from_pylist([], schema=features.arrow_schema)
+    pq.write_table(table, tmp_path / "shard.parquet")
+    with pytest.raises(SchemaError, match=rf"'{name}'.*shard.parquet.*v{SCHEMA_VERSION}"):
+        validate_schema(pq.read_schema(tmp_path / "shard.parquet"), source="shard.parquet")
+
+
+def test_validator_rejects_other_schema_version():
+    schema = build_features(CLASS_NAMES, ["a"]).arrow_schema.with_metadata({b"c2fmae": b'{"schema_version": 99}'})
+    with pytest.raises(SchemaError, match="version 99.*version 1"):
+        validate_schema(schema)
+
+
+def test_validator_checks_only_requested_columns():
+    features = build_features(CLASS_NAMES, ["a"])
+    del features["instances"]
+    validate_schema(features.arrow_schema, columns=("image", "semantic_mask", "instance_mask", "label"))
+
+
+def test_metadata_round_trip_and_version_check():
+    metadata = layout.DatasetMetadata(("a",), SEMANTIC_CLASSES, semantic_source="x")
+    back = layout.DatasetMetadata.from_json(metadata.to_json())
+    assert back == metadata
+    assert back.ignore_value == 255 and json.loads(metadata.to_json())["ignore_value"] == 255
+    bad = json.loads(metadata.to_json()) | {"schema_version": 2}
+    with pytest.raises(SchemaError, match="version 2"):
+        layout.DatasetMetadata.from_json(json.dumps(bad))
+
+
+def test_large_taxonomy_uses_16_bit_ignore_value():
+    classes = tuple(layout.SemanticClass(i, f"c{i}", True) for i in range(300))
+    assert layout.DatasetMetadata(("a",), classes).ignore_value == 65535
+
+
+def test_temporary_names_never_match_load_dataset_patterns(tmp_path):
+    write_synthetic_dataset(str(tmp_path), num_images=4, num_shards=1)
+    # A crash mid-write leaves a dot-prefixed temporary file; loading must ignore it.
+    tmp_name = layout.temporary_path(layout.data_path(1, 2))
+    assert tmp_name.startswith("data/.")
+    (tmp_path / tmp_name).write_bytes(b"partial parquet")
+    assert len(datasets.load_dataset(str(tmp_path), split="train")) == 4
+
+
+def test_committed_shards_and_idempotent_rewrite(tmp_path):
+    write_synthetic_dataset(str(tmp_path), num_images=6, num_shards=3)
+    fs, base = shards.filesystem(str(tmp_path))
+    assert shards.committed_shards(fs, base, 3) == {0, 1, 2}
+    write_synthetic_dataset(str(tmp_path), num_images=6, num_shards=3)  # same files, same rows
+    assert len(datasets.load_dataset(str(tmp_path), split="train")) == 6
+
+
+def test_shard_stats_merge_adds_up():
+    a, b = layout.ShardStats(0), layout.ShardStats(1)
+    a.add_row(3, 0.5, [1.0, 0.6, 0.2], {0: 10, 1: 5})
+    b.add_row(0, 0.0, [], {0: 15})
+    b.add_error("decode")
+    total = layout.ShardStats.from_json(a.to_json()).merge(b)
+    assert (total.rows, total.errors, total.instances, total.pixels) == (2, 1, 3, 30)
+    assert total.semantic_pixels == {"0": 25, "1": 5} and total.semantic_images == {"0": 2, "1": 1}
+    assert sum(total.instances_per_image) == 2 and sum(total.purity) == 3
+    assert total.errors_by_type == {"decode": 1}
