@@ -101,11 +101,19 @@ def encode_rle(mask: np.ndarray) -> dict:
 
 
 def decode_rle(rle: Mapping) -> np.ndarray:
-    """{"size": [h, w], "counts": str | bytes} -> (H, W) bool mask."""
+    """{"size": [h, w], "counts": str | bytes} -> (H, W) bool mask.
+
+    Raises DecodeError for counts that do not cover exactly h*w pixels: pycocotools would return
+    uninitialised memory for them without a word.
+    """
     counts = rle["counts"]
     if isinstance(counts, str):
         counts = counts.encode("ascii")
-    return mask_utils.decode({"size": [int(s) for s in rle["size"]], "counts": counts}).astype(bool)
+    size = [int(s) for s in rle["size"]]
+    decoded = mask_utils.decode({"size": size, "counts": counts})
+    if decoded.size and (decoded.max() > 1 or mask_utils.encode(decoded)["counts"] != counts):
+        raise DecodeError(f"corrupt RLE: its runs do not describe a {size[0]}x{size[1]} mask")
+    return decoded.astype(bool)
 
 
 def rle_area(rle: Mapping) -> int:

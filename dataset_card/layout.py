@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import posixpath
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import pyarrow as pa
 
@@ -155,6 +155,8 @@ class ShardStats:
     semantic_pixels: dict[str, int] = field(default_factory=dict)  # class id (str for JSON) -> pixels
     semantic_images: dict[str, int] = field(default_factory=dict)  # class id -> images containing it
     pixels: int = 0
+    covered_fraction_sum: float = 0.0  # exact means beside the histograms
+    purity_sum: float = 0.0
 
     def add_row(self, num_instances: int, covered_fraction: float, purities: Sequence[float],
                 semantic_counts: dict[int, int]) -> None:
@@ -165,6 +167,8 @@ class ShardStats:
         _add(self.instances_per_image, _histogram([num_instances], INSTANCE_COUNT_EDGES))
         _add(self.coverage, _histogram([covered_fraction], FRACTION_EDGES))
         _add(self.purity, _histogram(purities, FRACTION_EDGES))
+        self.covered_fraction_sum += float(covered_fraction)
+        self.purity_sum += float(sum(purities))
         for cls, n in semantic_counts.items():
             key = str(int(cls))
             self.semantic_pixels[key] = self.semantic_pixels.get(key, 0) + int(n)
@@ -177,7 +181,7 @@ class ShardStats:
 
     def merge(self, other: ShardStats) -> ShardStats:
         out = ShardStats(shard=-1)
-        for name in ("rows", "errors", "instances", "pixels"):
+        for name in ("rows", "errors", "instances", "pixels", "covered_fraction_sum", "purity_sum"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for name in ("instances_per_image", "coverage", "purity"):
             setattr(out, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
@@ -193,7 +197,9 @@ class ShardStats:
 
     @classmethod
     def from_json(cls, text: str) -> ShardStats:
-        return cls(**json.loads(text))
+        """Keys this version does not know (written by a newer one) are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
 
 def _add(into: list[int], counts: list[int]) -> None:

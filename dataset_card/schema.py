@@ -121,13 +121,20 @@ def _where(source: str) -> str:
     return f" in {source}" if source else ""
 
 
-def validate_schema(schema: pa.Schema, columns: Sequence[str] = COLUMNS, source: str = "") -> None:
+def validate_schema(schema: pa.Schema, columns: Sequence[str] = COLUMNS, source: str = "",
+                    require_version: bool = True) -> None:
     """Raise `SchemaError` unless `schema` (a shard's Arrow schema) holds `columns` as version 1 types.
 
     `columns` lets a reader check only what it reads (pretraining passes `TRAINING_COLUMNS`).
-    `source` (a file name) is put into the message.
+    `source` (a file name) is put into the message. Every shard file carries its schema version;
+    `require_version=False` is for schemas that lost it on the way (a loaded `datasets.Dataset`).
     """
     meta = schema.metadata or {}
+    if require_version and SCHEMA_METADATA_KEY not in meta:
+        raise SchemaError(
+            f"no dataset schema version in the metadata{_where(source)}: this code reads files written "
+            f"through dataset schema v{SCHEMA_VERSION} (labeling/run.py writes them)"
+        )
     if SCHEMA_METADATA_KEY in meta:
         found = json.loads(meta[SCHEMA_METADATA_KEY]).get("schema_version")
         if found != SCHEMA_VERSION:
@@ -161,7 +168,7 @@ def validate_schema(schema: pa.Schema, columns: Sequence[str] = COLUMNS, source:
 
 def validate_features(features: datasets.Features, columns: Sequence[str] = COLUMNS, source: str = "") -> None:
     """Like `validate_schema`, for the `datasets.Features` of a loaded dataset."""
-    validate_schema(features.arrow_schema, columns, source)
+    validate_schema(features.arrow_schema, columns, source, require_version=False)
 
 
 def rows_to_table(rows: Sequence[dict], features: datasets.Features) -> pa.Table:

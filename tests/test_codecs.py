@@ -93,3 +93,12 @@ def test_paint_puts_later_ids_on_top():
     instances = [{"id": 2, "rle": codecs.encode_rle(small)}, {"id": 1, "rle": codecs.encode_rle(big)}]
     out = codecs.paint(instances, 4, 4)
     assert (out[1:3, 1:3] == 2).all() and (out == 1).sum() == 12
+
+
+def test_corrupt_rle_raises_instead_of_returning_garbage():
+    mask = np.zeros((20, 20), bool)
+    mask[2:5, 3:9] = True
+    rle = codecs.encode_rle(mask)
+    short = {"size": rle["size"], "counts": codecs.encode_rle(mask[:10])["counts"]}  # runs cover 200 of 400 px
+    with pytest.raises(codecs.DecodeError, match="corrupt RLE"):
+        codecs.decode_rle(short)

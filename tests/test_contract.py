@@ -94,6 +94,11 @@ def test_parquet_metadata_carries_schema_version(shard_folder):
     assert json.loads(schema.metadata[b"c2fmae"]) == {"schema_version": SCHEMA_VERSION}
 
 
+def _versioned(schema: pa.Schema) -> pa.Schema:
+    """The schema as a shard file carries it: with the schema-version key."""
+    return schema.with_metadata({**(schema.metadata or {}), b"c2fmae": b'{"schema_version": 1}'})
+
+
 def _retyped(name: str) -> datasets.Features:
     features = build_features(CLASS_NAMES, ["a"])
     if name == "label":
@@ -114,19 +119,19 @@ def test_validator_rejects_missing_column(name):
     features = build_features(CLASS_NAMES, ["a"])
     del features[name]
     with pytest.raises(SchemaError, match=rf"'{name}'.*v{SCHEMA_VERSION}"):
-        validate_schema(features.arrow_schema)
+        validate_schema(_versioned(features.arrow_schema))
 
 
 @pytest.mark.parametrize("name", COLUMNS)
 def test_validator_rejects_retyped_column(name):
     with pytest.raises(SchemaError, match=rf"'{name}'.*v{SCHEMA_VERSION}"):
-        validate_schema(_retyped(name).arrow_schema)
+        validate_schema(_versioned(_retyped(name).arrow_schema))
 
 
 @pytest.mark.parametrize("name", COLUMNS)
 def test_validator_rejects_retyped_column_written_to_parquet(tmp_path, name):
     features = _retyped(name)
-    table = pa.Table.from_pylist([], schema=features.arrow_schema)
+    table = pa.Table.from_pylist([], schema=_versioned(features.arrow_schema))
     pq.write_table(table, tmp_path / "shard.parquet")
     with pytest.raises(SchemaError, match=rf"'{name}'.*shard.parquet.*v{SCHEMA_VERSION}"):
         validate_schema(pq.read_schema(tmp_path / "shard.parquet"), source="shard.parquet")
@@ -141,7 +146,8 @@ def test_validator_rejects_other_schema_version():
 def test_validator_checks_only_requested_columns():
     features = build_features(CLASS_NAMES, ["a"])
     del features["instances"]
-    validate_schema(features.arrow_schema, columns=("image", "semantic_mask", "instance_mask", "label"))
+    validate_schema(features.arrow_schema, columns=("image", "semantic_mask", "instance_mask", "label"),
+                    require_version=False)
 
 
 def test_metadata_round_trip_and_version_check():
@@ -186,3 +192,18 @@ def test_shard_stats_merge_adds_up():
     assert total.semantic_pixels == {"0": 25, "1": 5} and total.semantic_images == {"0": 2, "1": 1}
     assert sum(total.instances_per_image) == 2 and sum(total.purity) == 3
     assert total.errors_by_type == {"decode": 1}
+
+
+def test_shard_stats_ignores_unknown_keys_and_keeps_exact_means():
+    stats = layout.ShardStats(0)
+    stats.add_row(2, 0.25, [0.5, 1.0], {0: 4})
+    data = json.loads(stats.to_json()) | {"added_by_a_newer_version": 1}
+    back = layout.ShardStats.from_json(json.dumps(data))
+    assert back.covered_fraction_sum == 0.25 and back.purity_sum == 1.5
+
+
+def test_validator_requires_the_schema_version_in_shard_files():
+    schema = build_features(CLASS_NAMES, ["a"]).arrow_schema  # no c2fmae key
+    with pytest.raises(SchemaError, match="no dataset schema version.*x.parquet"):
+        validate_schema(schema, source="x.parquet")
+    validate_schema(schema, require_version=False)
