@@ -83,7 +83,7 @@ def overview(summary: RunSummary, config: CardConfig, assets: Mapping[str, str])
         f"({stats.instances:,} in all{per_image}) both as COCO RLE and painted into an instance id map. "
         f"Instances come from {instance}, semantic classes from {semantic}, aligned per pixel; "
         f"no person checked them.{failed}\n\n"
-        "They are the multi-granular inputs (semantic -> instance -> RGB) that C2FMAE pretraining reads.\n"
+        "They are the multi-granular inputs (semantic -> instance -> RGB) that C2FMAE pretraining reads."
         + _picture(assets, "gallery.png", "Sample images with their semantic and instance labels")
         + ("\n\n*A fixed random sample: the image, its semantic classes, its instances (random colours, white "
            "outlines).*" if "gallery.png" in assets else "")
@@ -114,7 +114,7 @@ def production(summary: RunSummary) -> str:
     if run.get("gpu_hours") is not None:
         facts.append(("GPU-hours", f"{run['gpu_hours']:.2f}"))
     if run.get("images_per_s") is not None:
-        facts.append(("throughput", f"{run['images_per_s']:.1f} images/s"))
+        facts.append(("throughput", f"{run['images_per_s']:.3g} images/s"))
     for stage, seconds in (run.get("stage_time_s") or {}).items():
         facts.append((f"time in stage `{stage}`", duration(seconds)))
     out.append(table(["", ""], facts))
@@ -266,7 +266,7 @@ def quality(summary: RunSummary) -> str:
     if not summary.quality:
         return ("## Label quality\n\nNot measured for this release yet: `python -m labeling.evaluate` compares "
                 "the labels with human annotations and writes `quality.json`, which the next card build shows here.")
-    return ("## Label quality\n\nMeasured against human annotations (`quality.json`):\n\n"
+    return ("## Label quality\n\nAs measured by `python -m labeling.evaluate` (`quality.json`):\n\n"
             + table(["metric", "value"], [(f"`{k}`", v) for k, v in _flatten(summary.quality)]))
 
 

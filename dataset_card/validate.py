@@ -240,8 +240,10 @@ def validate(output: str, full: bool = False, sample: int = 256, seed: int = 0, 
             "its data file exists, so the commit protocol wrote this first; the card needs it", report)
 
     # Every file `load_dataset` reads, strays included: their rows would end up in the dataset.
+    # The run's shards come first, so a duplicate id is blamed on the stray copy, not the original.
     glob = posixpath.basename(layout.DATA_GLOB)
-    loaded = [f"{layout.DATA_DIR}/{n}" for n in data_names if fnmatch.fnmatch(n, glob)]
+    strays = [f"{layout.DATA_DIR}/{n}" for n in data_names if fnmatch.fnmatch(n, glob)]
+    loaded = [data[i] for i in sorted(data)] + [p for p in strays if p not in data.values()]
     readable = readable_files(fs, root, loaded, metadata, report, progress)
     report.rows = sum(readable.values())
     error_ids = read_errors(fs, root, errors, report)
