@@ -244,10 +244,10 @@ def validate(output: str, full: bool = False, sample: int = 256, seed: int = 0, 
     glob = posixpath.basename(layout.DATA_GLOB)
     strays = [f"{layout.DATA_DIR}/{n}" for n in data_names if fnmatch.fnmatch(n, glob)]
     loaded = [data[i] for i in sorted(data)] + [p for p in strays if p not in data.values()]
-    readable = readable_files(fs, root, loaded, metadata, report, progress)
-    report.rows = sum(readable.values())
+    rows_in, readable = row_counts(fs, root, loaded, metadata, report, progress)
+    report.rows = sum(rows_in.values())
     error_ids = read_errors(fs, root, errors, report)
-    check_stats(fs, root, data, errors, stats, readable, error_ids, report)
+    check_stats(fs, root, data, errors, stats, rows_in, error_ids, report)
     if manifest.get("num_inputs") is not None and report.rows + report.errors != manifest["num_inputs"]:
         report.violations.append(Violation(layout.MANIFEST_FILE, (
             f"lists {manifest['num_inputs']:,} inputs, but the data files hold {report.rows:,} rows and the errors "
@@ -270,10 +270,11 @@ def validate(output: str, full: bool = False, sample: int = 256, seed: int = 0, 
     return report
 
 
-def readable_files(fs: pafs.FileSystem, root: str, paths: Sequence[str], metadata: layout.DatasetMetadata,
-                   report: Report, progress: bool) -> dict[str, int]:
-    """Path -> row count of each file in `paths` that opens as Parquet in the contract schema."""
-    readable = {}
+def row_counts(fs: pafs.FileSystem, root: str, paths: Sequence[str], metadata: layout.DatasetMetadata,
+               report: Report, progress: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """Path -> row count of the files in `paths` that open as Parquet, and of those among them in
+    the contract schema (only those are read further); a violation for each other file."""
+    counts, valid = {}, {}
     for path in tqdm(paths, desc="shards", disable=not progress):
         try:
             with fs.open_input_file(posixpath.join(root, path)) as f:
@@ -282,12 +283,13 @@ def readable_files(fs: pafs.FileSystem, root: str, paths: Sequence[str], metadat
         except (OSError, pa.ArrowException) as err:
             report.violations.append(Violation(path, f"cannot be read as Parquet: {err}"))
             continue
+        counts[path] = num_rows
         problem = schema_problem(schema, metadata)
         if problem:
             report.violations.append(Violation(path, problem))
         else:
-            readable[path] = num_rows
-    return readable
+            valid[path] = num_rows
+    return counts, valid
 
 
 def read_errors(fs: pafs.FileSystem, root: str, errors: dict[int, str], report: Report) -> list[tuple[str, int, str]]:
@@ -306,7 +308,7 @@ def read_errors(fs: pafs.FileSystem, root: str, errors: dict[int, str], report: 
 
 
 def check_stats(fs: pafs.FileSystem, root: str, data: dict[int, str], errors: dict[int, str], stats: dict[int, str],
-                readable: dict[str, int], error_ids: Sequence[tuple[str, int, str]], report: Report) -> None:
+                rows_in: dict[str, int], error_ids: Sequence[tuple[str, int, str]], report: Report) -> None:
     """Each shard's statistics count the rows and failures its data and errors files hold."""
     failed_in: dict[str, int] = {}
     for path, _, _ in error_ids:
@@ -317,9 +319,9 @@ def check_stats(fs: pafs.FileSystem, root: str, data: dict[int, str], errors: di
         except (ValueError, TypeError) as err:
             report.violations.append(Violation(path, f"is not valid shard statistics: {err}"))
             continue
-        if data.get(i) in readable and counted.rows != readable[data[i]]:
+        if data.get(i) in rows_in and counted.rows != rows_in[data[i]]:
             report.violations.append(Violation(path, f"counts {counted.rows} rows but {data[i]} holds "
-                                                     f"{readable[data[i]]}"))
+                                                     f"{rows_in[data[i]]}"))
         if i in errors and counted.errors != failed_in.get(errors[i], 0):
             report.violations.append(Violation(path, f"counts {counted.errors} failed inputs but {errors[i]} "
                                                      f"holds {failed_in.get(errors[i], 0)}"))
