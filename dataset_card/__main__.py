@@ -1,13 +1,22 @@
 """`python -m dataset_card COMMAND`: tools for a labeled dataset folder.
 
-  check OUTPUT   write a small synthetic dataset through the contract, load it back with
-                 `datasets.load_dataset`, and validate it (a self-test of the install)
+  build OUTPUT            write the dataset card OUTPUT/README.md with statistics, a gallery and
+                          histograms (OUTPUT/assets/), from the files the labeling run left
+  validate OUTPUT         check OUTPUT against the dataset contract; exits 1 and names the file
+                          and row of each problem (add --full to decode every row, not a sample)
+  check OUTPUT            write a small synthetic dataset through the contract, load it back with
+                          `datasets.load_dataset`, and validate it (a self-test of the install)
+
+OUTPUT is a local folder or a URL that pyarrow understands (s3://bucket/prefix, gs://...).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from dataset_card.schema import SchemaError
+from dataset_card.summary import OutputError
 
 
 def check(output: str) -> int:
@@ -27,20 +36,76 @@ def check(output: str) -> int:
         if not np.array_equal(painted, codecs.decode_mask(row["instance_mask"]["bytes"])):
             print(f"instance_mask != paint(instances) for {row['image_id']}", file=sys.stderr)
             return 1
-    print(f"dataset contract v{SCHEMA_VERSION}: wrote, loaded and checked {len(rows)} rows in {output}")
+    from dataset_card.build import build_card
+    from dataset_card.validate import validate as run
+
+    report = run(output, full=True)
+    if not report.ok:
+        print(report.format(), file=sys.stderr)
+        return 1
+    print(f"dataset contract v{SCHEMA_VERSION}: wrote, loaded and validated {len(rows)} rows in {output}; "
+          f"card: {build_card(output)}")
     return 0
+
+
+def build(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from dataset_card.build import BuildConfig, build_card
+    from dataset_card.card import CardConfig
+
+    card = CardConfig()
+    overrides = {"pretty_name": args.pretty_name, "license": args.license}
+    card = replace(card, **{k: v for k, v in overrides.items() if v is not None})
+    if args.source_dataset is not None:
+        card = replace(card, source_datasets=tuple(args.source_dataset))
+    cfg = BuildConfig(card=card, gallery_size=args.gallery_size, seed=args.seed, dataset=args.dataset)
+    print(f"wrote {build_card(args.output, cfg)}")
+    return 0
+
+
+def validate(args: argparse.Namespace) -> int:
+    from dataset_card.validate import validate as run
+
+    report = run(args.output, full=args.full, sample=args.sample, seed=args.seed, workers=args.workers,
+                 progress=sys.stderr.isatty())
+    print(report.format(), file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dataset_card", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("build", help="write OUTPUT/README.md: statistics, gallery, usage, citations")
+    p.add_argument("output", help="output folder of a labeling run")
+    p.add_argument("--gallery-size", type=int, default=6, help="images in the gallery (default 6; 0 for none)")
+    p.add_argument("--seed", type=int, default=0, help="which images the gallery shows (default 0)")
+    p.add_argument("--dataset", default="DATASET",
+                   help="repo id or path the usage snippets load, e.g. your-org/imagenet-c2f-labels")
+    p.add_argument("--pretty-name", help="the dataset's display name (default: ImageNet-1K multi-granular ...)")
+    p.add_argument("--license", help="a Hub licence id (default: other, with ImageNet's terms of access)")
+    p.add_argument("--source-dataset", action="append",
+                   help="a source dataset in the Hub's form, repeatable (default: extended|imagenet-1k)")
+    p = sub.add_parser("validate", help="check OUTPUT against the dataset contract; exit 1 on any problem")
+    p.add_argument("output", help="output folder of a labeling run")
+    p.add_argument("--full", action="store_true", help="decode and check every row, not a sample (slow)")
+    p.add_argument("--sample", type=int, default=256,
+                   help="rows to decode and check, spread over all shards, at least one each (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    p.add_argument("--workers", type=int, default=1, help="processes that decode rows (default 1)")
     p = sub.add_parser("check", help="self-test: write, load and validate a synthetic dataset")
     p.add_argument("output", help="folder to write the synthetic dataset into")
     args = parser.parse_args(argv)
-    if args.command == "check":
+    try:
+        if args.command == "build":
+            return build(args)
+        if args.command == "validate":
+            return validate(args)
         return check(args.output)
-    return 2
+    except (OutputError, SchemaError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,33 +1,96 @@
 """The dataset card (`OUTPUT/README.md`): YAML metadata that `datasets` and `huggingface_hub` read.
 
-This is the minimal card every output gets; the full card with statistics and a gallery is built
-on top of `card_data`.
+`card_data` is the YAML header every output gets (the minimal card at the start of a run has
+nothing else); `full_card` adds the body that `dataset_card.build` writes from the run's files.
 """
 
 from __future__ import annotations
 
 import posixpath
+from dataclasses import dataclass
 
+import datasets
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from dataset_card import layout
 from dataset_card.schema import build_features
 
 
+@dataclass(frozen=True)
+class CardConfig:
+    """What the run's files cannot say: the dataset's name and the terms it is under.
+
+    The defaults describe the labels of ImageNet-1K's train split, what this project makes.
+    """
+
+    pretty_name: str = "ImageNet-1K multi-granular pseudo-labels (SAM instances + semantic masks)"
+    # ImageNet's images are under its terms of access, not an open licence, hence "other".
+    license: str = "other"
+    license_name: str = "imagenet-terms-of-access"
+    license_link: str = "https://image-net.org/download.php"
+    source_datasets: tuple[str, ...] = ("extended|imagenet-1k",)
+    task_categories: tuple[str, ...] = ("image-segmentation", "image-classification")
+    task_ids: tuple[str, ...] = ("instance-segmentation", "semantic-segmentation")
+    tags: tuple[str, ...] = ("pseudo-labels", "segment-anything", "instance-masks", "semantic-masks", "c2fmae")
+
+
+# The Hub's size buckets (also datasets/utils/resources/size_categories.json).
+_SIZE_CATEGORIES = ("n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M", "10M<n<100M",
+                    "100M<n<1B", "1B<n<10B", "10B<n<100B", "100B<n<1T")
+
+
+def size_category(num_rows: int) -> str:
+    """The Hub's `size_categories` bucket of a row count: 999 -> "n<1K", 1_281_167 -> "1M<n<10M"."""
+    for i, category in enumerate(_SIZE_CATEGORIES):
+        if num_rows < 1000 * 10**i:
+            return category
+    return "n>1T"
+
+
+def errors_features(class_names) -> datasets.Features:
+    """The errors table's columns as `datasets` features (`label` typed by the dataset's classes)."""
+    features = datasets.Features.from_arrow_schema(layout.ERRORS_SCHEMA)
+    features["label"] = datasets.ClassLabel(names=list(class_names))
+    return features
+
+
 def card_data(metadata: layout.DatasetMetadata, has_errors: bool, **extra) -> DatasetCardData:
     """YAML header: the train split, the errors table as a second config (only when there are
-    errors: `datasets` refuses a split with no rows), and the typed features."""
+    errors: `datasets` refuses a split with no rows), and the typed features of each."""
     features = build_features(metadata.class_names, metadata.semantic_class_names)
-    info = {"config_name": "default", "features": features._to_yaml_list()}
+    info = [{"config_name": "default", "features": features._to_yaml_list()}]
     configs = [{"config_name": "default", "data_files": [{"split": "train", "path": layout.DATA_GLOB}]}]
     if has_errors:
         configs.append({"config_name": "errors", "data_files": [{"split": "train", "path": layout.ERRORS_GLOB}]})
+        info.append({"config_name": "errors", "features": errors_features(metadata.class_names)._to_yaml_list()})
     return DatasetCardData(
         configs=configs,
-        dataset_info=info,
+        dataset_info=info if has_errors else info[0],
         annotations_creators=["machine-generated"],
         **extra,
     )
+
+
+def full_card_data(metadata: layout.DatasetMetadata, has_errors: bool, num_rows: int,
+                   config: CardConfig) -> DatasetCardData:
+    """`card_data` plus the Hub metadata a reader filters by: name, licence, tasks, size, source."""
+    return card_data(
+        metadata,
+        has_errors,
+        pretty_name=config.pretty_name,
+        license=config.license,
+        license_name=config.license_name if config.license == "other" else None,
+        license_link=config.license_link if config.license == "other" else None,
+        task_categories=list(config.task_categories),
+        task_ids=list(config.task_ids),
+        size_categories=[size_category(num_rows)],
+        source_datasets=list(config.source_datasets),
+        tags=list(config.tags),
+    )
+
+
+def full_card(data: DatasetCardData, body: str) -> DatasetCard:
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n")
 
 
 def minimal_card(metadata: layout.DatasetMetadata, has_errors: bool = False, body: str = "") -> DatasetCard:

@@ -1,0 +1,163 @@
+"""Pictures for the card: a gallery of a fixed sample (image | semantic overlay | instance overlay)
+and histograms of the run's statistics. Figures are drawn on matplotlib's Agg canvas (no pyplot
+state, no display) and returned as PNG bytes so they can be written to any filesystem.
+
+Only the sampled rows are read (their row groups, without the `instances` column) and decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from dataset_card import codecs, layout, shards
+from dataset_card.summary import ClassShare, bin_labels
+
+GALLERY_COLUMNS = ("image_id", "label", "image", "width", "height", "semantic_mask", "instance_mask")
+ALPHA = 0.55  # overlay opacity: the image stays recognisable under the colours
+
+
+def sample_rows(output: str, data_files: Sequence[str], rows_per_file: Sequence[int], num: int,
+                seed: int) -> list[dict]:
+    """`num` rows drawn without replacement, uniformly over all shards, with a seeded generator.
+
+    Reads only the row groups holding them and only `GALLERY_COLUMNS`. Rows come back in
+    dataset order (shard, then row), each with its `file` and `row` added.
+    """
+    fs, root = shards.filesystem(output)
+    total = sum(rows_per_file)
+    picks = np.sort(np.random.default_rng(seed).choice(total, size=min(num, total), replace=False))
+    file_starts = np.cumsum([0, *rows_per_file])
+    out = []
+    for i, name in enumerate(data_files):
+        local = picks[(picks >= file_starts[i]) & (picks < file_starts[i + 1])] - file_starts[i]
+        if not len(local):
+            continue
+        with fs.open_input_file(posixpath.join(root, name)) as f:
+            parquet = pq.ParquetFile(f)
+            group_rows = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+            group_starts = np.cumsum([0, *group_rows])
+            for g in np.unique(np.searchsorted(group_starts, local, side="right") - 1):
+                in_group = local[(local >= group_starts[g]) & (local < group_starts[g + 1])]
+                table = parquet.read_row_group(int(g), columns=list(GALLERY_COLUMNS))
+                for row, record in zip(in_group, table.take(in_group - group_starts[g]).to_pylist()):
+                    out.append({**record, "file": name, "row": int(row)})
+    return out
+
+
+def class_palette(num_classes: int, seed: int = 0) -> np.ndarray:
+    """(C, 3) uint8 colours: tab20's for the first 20 classes (its 10 hues, then their light shades,
+    so neighbouring ids differ in hue), seeded random ones after."""
+    tab20 = np.array(colormaps["tab20"].colors)
+    base = (np.concatenate([tab20[0::2], tab20[1::2]]) * 255).astype(np.uint8)
+    extra = np.random.default_rng(seed).integers(30, 256, size=(max(num_classes - len(base), 0), 3))
+    return np.concatenate([base, extra.astype(np.uint8)])[:num_classes]
+
+
+def _blend(rgb: np.ndarray, colours: np.ndarray, where: np.ndarray) -> np.ndarray:
+    out = rgb.astype(np.float32)
+    out[where] = (1 - ALPHA) * out[where] + ALPHA * colours[where]
+    return out.round().astype(np.uint8)
+
+
+def semantic_overlay(rgb: np.ndarray, semantic: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 image, (H, W) class map -> the image tinted by class; the ignore value
+    (and any id outside the palette) is left untinted."""
+    known = semantic < len(palette)
+    return _blend(rgb, palette[np.where(known, semantic, 0)], known)
+
+
+def instance_boundaries(instance_map: np.ndarray) -> np.ndarray:
+    """(H, W) ids -> (H, W) bool, True where a pixel's right or lower neighbour has another id."""
+    edge = np.zeros(instance_map.shape, bool)
+    edge[:, :-1] |= instance_map[:, :-1] != instance_map[:, 1:]
+    edge[:-1, :] |= instance_map[:-1, :] != instance_map[1:, :]
+    return edge
+
+
+def instance_overlay(rgb: np.ndarray, instance_map: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3) uint8 image, (H, W) instance ids -> a random colour per instance, white outlines."""
+    colours = rng.integers(40, 256, size=(int(instance_map.max()) + 1, 3)).astype(np.uint8)
+    out = _blend(rgb, colours[instance_map], instance_map > 0)
+    out[instance_boundaries(instance_map)] = 255
+    return out
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def gallery_png(samples: Sequence[dict], metadata: layout.DatasetMetadata, max_legend: int = 12,
+                seed: int = 0) -> bytes:
+    """One row per sample: image | semantic overlay | instance overlay; a legend of the classes
+    covering most pixels in the sample."""
+    palette = class_palette(metadata.num_semantic_classes)
+    names = {c.id: c.name for c in metadata.semantic_classes}
+    fig = Figure(figsize=(12, 3.2 * len(samples) + 1.0), layout="constrained")
+    axes = fig.subplots(len(samples), 3, squeeze=False)
+    pixels: dict[int, int] = {}
+    for r, row in enumerate(samples):
+        rgb = codecs.decode_image(row["image"]["bytes"])
+        semantic = codecs.decode_mask(row["semantic_mask"]["bytes"])
+        instances = codecs.decode_mask(row["instance_mask"]["bytes"])
+        ids, counts = np.unique(semantic[semantic < len(palette)], return_counts=True)
+        for i, n in zip(ids.tolist(), counts.tolist()):
+            pixels[i] = pixels.get(i, 0) + n
+        panels = (rgb, semantic_overlay(rgb, semantic, palette),
+                  instance_overlay(rgb, instances, np.random.default_rng([seed, r])))
+        label = metadata.class_names[row["label"]] if 0 <= row["label"] < len(metadata.class_names) else row["label"]
+        titles = (f"{row['image_id']} ({label})", f"{len(ids)} semantic classes",
+                  f"{len(np.unique(instances[instances > 0]))} instances")
+        for ax, panel, title in zip(axes[r], panels, titles):
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.set_axis_off()
+    top = sorted(pixels, key=lambda i: -pixels[i])[:max_legend]
+    handles = [Patch(color=palette[i] / 255, label=names.get(i, str(i))) for i in top]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=9,
+                   title="semantic classes covering most pixels in these images")
+    return _png(fig)
+
+
+def bar_png(labels: Sequence[str], counts: Sequence[float], title: str, xlabel: str, ylabel: str) -> bytes:
+    fig = Figure(figsize=(6, 3.2), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(range(len(counts)), counts, color="#4c72b0")
+    ax.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 6 else 0, ha="right"
+                  if len(labels) > 6 else "center", fontsize=8)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    return _png(fig)
+
+
+def classes_png(shares: Sequence[ClassShare], title: str) -> bytes:
+    """Horizontal bars of each class's pixel share, the largest on top."""
+    fig = Figure(figsize=(6, 0.28 * len(shares) + 1.2), layout="constrained")
+    ax = fig.subplots()
+    ax.barh(range(len(shares)), [100 * s.pixel_share for s in shares], color="#55a868")
+    ax.set_yticks(range(len(shares)), [s.name for s in shares], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(title=title, xlabel="% of labeled pixels")
+    return _png(fig)
+
+
+def statistics_pngs(stats: layout.ShardStats, shares: Sequence[ClassShare], top: int = 20) -> dict[str, bytes]:
+    """Asset file name -> PNG of each distribution in the summed shard statistics."""
+    return {
+        "instances_per_image.png": bar_png(bin_labels(layout.INSTANCE_COUNT_EDGES), stats.instances_per_image,
+                                           "Instances per image", "instances", "images"),
+        "coverage.png": bar_png(bin_labels(layout.FRACTION_EDGES, percent=True), stats.coverage,
+                                "Share of each image under some instance mask", "pixels covered", "images"),
+        "purity.png": bar_png(bin_labels(layout.FRACTION_EDGES, percent=True), stats.purity,
+                              "Instance purity (share of its majority semantic class)", "purity", "instances"),
+        "semantic_classes.png": classes_png(shares[:top], f"Top {min(top, len(shares))} semantic classes"),
+    }

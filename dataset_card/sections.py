@@ -1,0 +1,361 @@
+"""The card's body, one Markdown section per function, from a `RunSummary` (pure: no file access).
+
+`assets` maps a picture's file name to its path relative to the card (absent pictures are
+skipped), so the same text renders on the Hub and in a local Markdown viewer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+import datasets
+
+from dataset_card import layout
+from dataset_card.card import CardConfig
+from dataset_card.schema import COLUMNS, SCHEMA_VERSION, build_features, semantic_mask_dtype
+from dataset_card.summary import ClassShare, RunSummary, bin_labels
+
+COLUMN_DOCS = {
+    "image_id": "stable id: the input's relative path without extension (`n01440764/n01440764_10026`)",
+    "label": "image-level class; names are the sorted input class folder names (ImageNet: the 1000 synsets)",
+    "image": "the original encoded file, never re-encoded; `path` holds the relative input path",
+    "width": "width in pixels as decoded (EXIF orientation not applied, so the masks align with the stored pixels)",
+    "height": "height in pixels, likewise",
+    "semantic_mask": "single-channel PNG at the image's size; pixel = semantic class id, {ignore} = no class",
+    "instance_mask": "16-bit PNG at the image's size; 0 = no instance, k = the instance with `id` k (smaller masks on top)",
+    "instances": "every kept automatic mask, fields below",
+}
+INSTANCE_DOCS = {
+    "id": "1..K, numbered by area, largest first; painted in id order into `instance_mask`",
+    "rle": "`{size: [h, w], counts: str}`, COCO compressed RLE (pycocotools) of the full mask",
+    "bbox": "`[x, y, w, h]` in pixels",
+    "area": "pixels of the full mask",
+    "visible_area": "pixels it keeps in `instance_mask` after smaller masks are painted over it",
+    "score": "the instance model's predicted IoU",
+    "stability_score": "IoU of the mask thresholded at two offsets of the logits",
+    "category_id": "majority semantic class under the mask",
+    "category_purity": "that class's share of the mask's pixels",
+}
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.1f}%" if x >= 0.001 or x == 0 else f"{100 * x:.3f}%"
+
+
+def duration(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {s:02d} s" if minutes else f"{seconds:.1f} s"
+
+
+def _picture(assets: Mapping[str, str], name: str, alt: str) -> str:
+    return f"\n\n![{alt}]({assets[name]})" if name in assets else ""
+
+
+def model_names(summary: RunSummary) -> tuple[str, str]:
+    """(instance model, semantic model) as Markdown: the recorded name in backticks, or "an unrecorded model"."""
+    models = summary.manifest.get("models") or {}
+    instance = (models.get("instance") or {}).get("name")
+    semantic = (models.get("semantic") or {}).get("name") or summary.metadata.semantic_source
+    return tuple(f"`{name}`" if name else "an unrecorded model" for name in (instance, semantic))
+
+
+def overview(summary: RunSummary, config: CardConfig, assets: Mapping[str, str]) -> str:
+    md, stats = summary.metadata, summary.stats
+    instance, semantic = model_names(summary)
+    things = sum(c.isthing for c in md.semantic_classes)
+    per_image = f", {stats.instances / stats.rows:.1f} per image" if stats.rows else ""
+    failed = (f" {summary.error_rows:,} input{'s' if summary.error_rows > 1 else ''} could not be labeled; "
+              "the `errors` config lists each with its reason."
+              if summary.error_rows else " Every input was labeled.")
+    return (
+        f"# {config.pretty_name}\n\n"
+        f"{summary.rows:,} images with machine-generated labels at three granularities: the image-level class "
+        f"({len(md.class_names):,} classes), a semantic segmentation map over {md.num_semantic_classes} classes "
+        f"({things} things, {md.num_semantic_classes - things} stuff), and every automatic instance mask "
+        f"({stats.instances:,} in all{per_image}) both as COCO RLE and painted into an instance id map. "
+        f"Instances come from {instance}, semantic classes from {semantic}, aligned per pixel; "
+        f"no person checked them.{failed}\n\n"
+        "They are the multi-granular inputs (semantic -> instance -> RGB) that C2FMAE pretraining reads."
+        + _picture(assets, "gallery.png", "Sample images with their semantic and instance labels")
+        + ("\n\n*A fixed random sample: the image, its semantic classes, its instances (random colours, white "
+           "outlines).*" if "gallery.png" in assets else "")
+    )
+
+
+def production(summary: RunSummary) -> str:
+    manifest, run = summary.manifest, summary.run_stats
+    models = manifest.get("models") or {}
+    out = ["## How it was produced"]
+    if models:
+        out.append(table(["role", "model", "checkpoint", "sha256"],
+                         [(role, f"`{m.get('name', '?')}`", f"`{m.get('checkpoint') or '-'}`",
+                           f"`{m['sha256']}`" if m.get("sha256") else "-") for role, m in models.items()]))
+        params = [(role, f"`{k}`", json.dumps(v)) for role, m in models.items()
+                  for k, v in sorted((m.get("params") or {}).items())]
+        if params:
+            out.append("Thresholds and settings:\n\n" + table(["model", "parameter", "value"], params))
+    else:
+        out.append(f"The manifest names no models (semantic source: `{summary.metadata.semantic_source or '?'}`).")
+    facts = [("dataset schema version", summary.metadata.schema_version)]
+    for key, name in (("code_version", "code version"), ("created", "created"), ("num_inputs", "inputs"),
+                      ("num_shards", "shards"), ("shard_size", "images per shard"), ("inputs_hash", "inputs sha256")):
+        if manifest.get(key) is not None:
+            facts.append((name, f"`{manifest[key]}`" if key in ("code_version", "inputs_hash") else manifest[key]))
+    if run.get("wall_time_s") is not None:
+        facts.append(("wall time", duration(run["wall_time_s"])))
+    if run.get("gpu_hours") is not None:
+        facts.append(("GPU-hours", f"{run['gpu_hours']:.2f}"))
+    if run.get("images_per_s") is not None:
+        facts.append(("throughput", f"{run['images_per_s']:.3g} images/s"))
+    for stage, seconds in (run.get("stage_time_s") or {}).items():
+        facts.append((f"time in stage `{stage}`", duration(seconds)))
+    out.append(table(["", ""], facts))
+    if manifest.get("arguments"):
+        out.append("<details><summary>Labeling arguments</summary>\n\n```json\n"
+                   + json.dumps(manifest["arguments"], indent=2, sort_keys=True) + "\n```\n\n</details>")
+    return "\n\n".join(out)
+
+
+def feature_type(feature) -> str:
+    if isinstance(feature, datasets.ClassLabel):
+        return f"ClassLabel ({feature.num_classes} classes)"
+    if isinstance(feature, datasets.Image):
+        return "Image"
+    if isinstance(feature, datasets.Value):
+        return feature.dtype
+    if isinstance(feature, (list, datasets.List, datasets.Sequence)):
+        return "list of struct"
+    return type(feature).__name__
+
+
+def schema(summary: RunSummary) -> str:
+    md = summary.metadata
+    features = build_features(md.class_names, md.semantic_class_names)
+    docs = dict(COLUMN_DOCS, semantic_mask=COLUMN_DOCS["semantic_mask"].format(ignore=md.ignore_value))
+    columns = table(["column", "type", "meaning"], [(f"`{c}`", feature_type(features[c]), docs[c]) for c in COLUMNS])
+    instance_fields = table(["field", "meaning"], [(f"`{k}`", v) for k, v in INSTANCE_DOCS.items()])
+    taxonomy = table(["id", "name", "kind"], [(c.id, c.name, "thing" if c.isthing else "stuff")
+                                              for c in md.semantic_classes])
+    files = table(["path", "content"], [
+        (f"`{layout.DATA_GLOB}`", "the rows (config `default`)"),
+        (f"`{layout.ERRORS_GLOB}`", "inputs that failed, with stage, reason and message (config `errors`)"),
+        ("`stats/*.json`", "per-shard statistics this card is computed from"),
+        (f"`{layout.METADATA_FILE}`", "schema version, class names, semantic taxonomy, ignore value, painting order"),
+        (f"`{layout.MANIFEST_FILE}`", "inputs, arguments, models and their hashes, code version"),
+    ])
+    return (
+        f"## Schema (version {SCHEMA_VERSION})\n\n{columns}\n\nEach element of `instances`:\n\n{instance_fields}\n\n"
+        f"`semantic_mask` is {semantic_mask_dtype(md.num_semantic_classes).replace('uint', '')}-bit; "
+        f"painting order: {md.painting_order}.\n\n"
+        f"<details><summary>Semantic taxonomy ({md.num_semantic_classes} classes, ignore value "
+        f"{md.ignore_value})</summary>\n\n{taxonomy}\n\n</details>\n\nFiles:\n\n{files}"
+    )
+
+
+def _histogram(title: str, labels: Sequence[str], counts: Sequence[int], unit: str) -> str:
+    return f"{table([title, *labels], [(unit, *(f'{c:,}' for c in counts))])}"
+
+
+def statistics(summary: RunSummary, shares: Sequence[ClassShare], assets: Mapping[str, str], top: int = 20) -> str:
+    stats = summary.stats
+    inputs = summary.rows + summary.error_rows
+    out = ["## Statistics",
+           f"Computed from the per-shard statistics written during labeling ({summary.num_stats_files} of "
+           f"{len(summary.data_files)} shards), without decoding a mask again."]
+    out.append(table(["", "images", "share of inputs"], [
+        ("labeled", f"{summary.rows:,}", percent(summary.rows / max(inputs, 1))),
+        ("failed", f"{summary.error_rows:,}", percent(summary.error_rows / max(inputs, 1))),
+    ]))
+    reasons = stats.errors_by_type or (summary.run_stats.get("failed_by_type") or {})
+    if reasons:
+        out.append("Failures by reason:\n\n" + table(["reason", "images"], [
+            (f"`{k}`", f"{v:,}") for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])]))
+    if not stats.rows:
+        return "\n\n".join(out)
+    out.append(f"### Instances per image\n\n{stats.instances:,} instances, {stats.instances / stats.rows:.1f} per "
+               "image on average.\n\n"
+               + _histogram("instances", bin_labels(layout.INSTANCE_COUNT_EDGES), stats.instances_per_image, "images")
+               + _picture(assets, "instances_per_image.png", "Histogram of instances per image"))
+    out.append("### Mask coverage\n\nShare of each image's pixels under at least one instance mask.\n\n"
+               + _histogram("covered", bin_labels(layout.FRACTION_EDGES, True), stats.coverage, "images")
+               + _picture(assets, "coverage.png", "Histogram of instance mask coverage"))
+    rows = [(s.name, s.id, "-" if s.isthing is None else "thing" if s.isthing else "stuff",
+             percent(s.pixel_share), percent(s.image_share)) for s in shares[:top]]
+    out.append(f"### Semantic classes\n\n{len(shares)} of {summary.metadata.num_semantic_classes} classes occur; the "
+               f"{len(rows)} covering most pixels:\n\n"
+               + table(["class", "id", "kind", "pixels", "images containing it"], rows)
+               + _picture(assets, "semantic_classes.png", "Pixel share of the top semantic classes"))
+    pure = sum(stats.purity[-1:]) / max(sum(stats.purity), 1)
+    out.append("### Instance purity\n\nThe share of an instance's pixels that belong to its majority semantic class "
+               f"(`category_purity`): how well the two label sources agree. {percent(pure)} of instances are at "
+               "least 90% pure.\n\n"
+               + _histogram("purity", bin_labels(layout.FRACTION_EDGES, True), stats.purity, "instances")
+               + _picture(assets, "purity.png", "Histogram of instance purity"))
+    return "\n\n".join(out)
+
+
+USAGE = '''## Usage
+
+```python
+import numpy as np
+from datasets import load_dataset
+from pycocotools import mask as mask_utils
+
+DATASET = "{dataset}"  # a Hub repo id, or a local copy of this folder
+ds = load_dataset(DATASET, split="train", streaming=True)
+row = next(iter(ds))
+image = row["image"]                              # PIL image, the original file
+semantic = np.array(row["semantic_mask"])         # (H, W) class ids, {ignore} = no class
+instance_map = np.array(row["instance_mask"])     # (H, W) 0 = none, k = instances[k-1]
+label = ds.features["label"].int2str(row["label"])
+
+# Each instance's full mask (also the parts hidden under smaller masks) from its RLE:
+inst = row["instances"][0]
+mask = mask_utils.decode({{"size": inst["rle"]["size"], "counts": inst["rle"]["counts"].encode()}})  # (H, W) uint8
+assert mask.shape == (row["height"], row["width"])
+```
+
+The semantic taxonomy (names, thing or stuff) and the ignore value are in `metadata.json`:
+
+```python
+import json
+import os
+
+# On the Hub: huggingface_hub.hf_hub_download(DATASET, "metadata.json", repo_type="dataset")
+with open(os.path.join(DATASET, "metadata.json")) as f:
+    metadata = json.load(f)
+names = {{c["id"]: c["name"] for c in metadata["semantic_classes"]}}
+print(names[int(semantic.flat[0])] if semantic.flat[0] != metadata["ignore_value"] else "(no class)")
+```
+'''
+
+USAGE_ERRORS = '''
+The inputs that failed, with the stage and the reason:
+
+```python
+errors = load_dataset(DATASET, "errors", split="train")
+print(errors[0]["image_id"], errors[0]["error_type"], errors[0]["message"])
+```
+'''
+
+
+def usage(summary: RunSummary, dataset: str) -> str:
+    text = USAGE.format(dataset=dataset, ignore=summary.metadata.ignore_value)
+    return text + (USAGE_ERRORS if summary.error_rows else "")
+
+
+def _flatten(values: Mapping, prefix: str = "") -> list[tuple[str, object]]:
+    rows = []
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            rows += _flatten(value, f"{prefix}{key}.")
+        else:
+            rows.append((f"{prefix}{key}", f"{value:.4g}" if isinstance(value, float) else value))
+    return rows
+
+
+def quality(summary: RunSummary) -> str:
+    if not summary.quality:
+        return ("## Label quality\n\nNot measured for this release yet: `python -m labeling.evaluate` compares "
+                "the labels with human annotations and writes `quality.json`, which the next card build shows here.")
+    return ("## Label quality\n\nAs measured by `python -m labeling.evaluate` (`quality.json`):\n\n"
+            + table(["metric", "value"], [(f"`{k}`", v) for k, v in _flatten(summary.quality)]))
+
+
+def licence(summary: RunSummary, config: CardConfig) -> str:
+    instance, semantic = model_names(summary)
+    imagenet = any("imagenet" in s.lower() for s in config.source_datasets)
+    images = ("The images are ImageNet's and remain under the [ImageNet terms of access]"
+              f"({config.license_link}): non-commercial research and educational use only; whoever downloads "
+              "them agrees to those terms. The labels are derived from the images and are shared under the same terms."
+              if imagenet else
+              f"Licence: `{config.license_name if config.license == 'other' else config.license}`"
+              + (f" ({config.license_link})." if config.license == "other" and config.license_link else "."))
+    hub_id = semantic.strip("`")
+    semantic_link = (f"[its model card](https://huggingface.co/{hub_id})" if hub_id.count("/") == 1
+                     and " " not in hub_id and not hub_id.startswith(("/", ".")) else "its model card")
+    return (
+        f"## Licence\n\n{images}\n\nThe labeling models carry their own licences: Segment Anything (the "
+        f"instance model, {instance}) is Apache-2.0, code and weights; for the semantic model, {semantic}, "
+        f"see {semantic_link}. Machine-generated labels have errors: check the statistics and the "
+        "label quality above before relying on them."
+    )
+
+
+BIBTEX = {
+    "c2fmae": """@article{xiang2026c2fmae,
+  title   = {From Semantics to Pixels: Coarse-to-Fine Masked Autoencoders for Hierarchical Visual Understanding},
+  author  = {Xiang and Wu and Yu and Gao and Yang and Chen},
+  journal = {arXiv preprint arXiv:2603.09955},
+  year    = {2026}
+}""",
+    "sam": """@inproceedings{kirillov2023segment,
+  title     = {Segment Anything},
+  author    = {Kirillov, Alexander and Mintun, Eric and Ravi, Nikhila and Mao, Hanzi and Rolland, Chloe and
+               Gustafson, Laura and Xiao, Tete and Whitehead, Spencer and Berg, Alexander C. and Lo, Wan-Yen and
+               Doll{\\'a}r, Piotr and Girshick, Ross},
+  booktitle = {ICCV},
+  year      = {2023}
+}""",
+    "mask2former": """@inproceedings{cheng2022masked,
+  title     = {Masked-attention Mask Transformer for Universal Image Segmentation},
+  author    = {Cheng, Bowen and Misra, Ishan and Schwing, Alexander G. and Kirillov, Alexander and Girdhar, Rohit},
+  booktitle = {CVPR},
+  year      = {2022}
+}""",
+    "segformer": """@inproceedings{xie2021segformer,
+  title     = {SegFormer: Simple and Efficient Design for Semantic Segmentation with Transformers},
+  author    = {Xie, Enze and Wang, Wenhai and Yu, Zhiding and Anandkumar, Anima and Alvarez, Jose M. and Luo, Ping},
+  booktitle = {NeurIPS},
+  year      = {2021}
+}""",
+    "coco": """@inproceedings{lin2014microsoft,
+  title     = {Microsoft COCO: Common Objects in Context},
+  author    = {Lin, Tsung-Yi and Maire, Michael and Belongie, Serge and Hays, James and Perona, Pietro and
+               Ramanan, Deva and Doll{\\'a}r, Piotr and Zitnick, C. Lawrence},
+  booktitle = {ECCV},
+  year      = {2014}
+}""",
+    "imagenet": """@article{russakovsky2015imagenet,
+  title   = {ImageNet Large Scale Visual Recognition Challenge},
+  author  = {Russakovsky, Olga and Deng, Jia and Su, Hao and Krause, Jonathan and Satheesh, Sanjeev and Ma, Sean and
+             Huang, Zhiheng and Karpathy, Andrej and Khosla, Aditya and Bernstein, Michael and Berg, Alexander C. and
+             Fei-Fei, Li},
+  journal = {International Journal of Computer Vision},
+  volume  = {115},
+  number  = {3},
+  pages   = {211--252},
+  year    = {2015}
+}""",
+}
+
+
+def citation(summary: RunSummary, config: CardConfig) -> str:
+    """BibTeX for C2FMAE, SAM, the semantic model (when we know its paper) and the image source."""
+    _, semantic = model_names(summary)
+    keys = ["c2fmae", "sam"]
+    keys += [k for k in ("mask2former", "segformer", "coco") if k in semantic.lower()]
+    if any("imagenet" in s.lower() for s in config.source_datasets):
+        keys.append("imagenet")
+    unknown = ("" if any(k in semantic.lower() for k in ("mask2former", "segformer"))
+               else f"\n\nPlease also cite the semantic model, {semantic}, as its authors ask.")
+    return ("## Citation\n\nIf you use these labels, please cite the method they were made for, the models that "
+            "made them and the images:\n\n```bibtex\n" + "\n\n".join(BIBTEX[k] for k in keys) + "\n```" + unknown)
+
+
+def body(summary: RunSummary, config: CardConfig, shares: Sequence[ClassShare], assets: Mapping[str, str],
+         dataset: str) -> str:
+    """The whole card below the YAML header."""
+    return "\n\n".join([
+        overview(summary, config, assets), production(summary), schema(summary),
+        statistics(summary, shares, assets), usage(summary, dataset), quality(summary),
+        licence(summary, config), citation(summary, config),
+    ])

@@ -1,0 +1,136 @@
+"""What a finished labeling run says about itself, read from its small files (no mask is decoded).
+
+Counts come from the Parquet footers (exact and cheap), distributions from the per-shard
+statistics the labeler wrote (`stats/*.json`), provenance from `manifest.json` and `stats.json`.
+Every reader here tolerates missing keys: older runs and the synthetic dataset write less.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from dataset_card import layout, shards
+
+QUALITY_FILE = "quality.json"
+
+
+class OutputError(ValueError):
+    """The folder is not (or not yet) a labeled output."""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    metadata: layout.DatasetMetadata
+    manifest: dict
+    run_stats: dict  # stats.json
+    stats: layout.ShardStats  # the sum of stats/*.json
+    num_stats_files: int
+    data_files: tuple[str, ...]  # relative to the output root, sorted
+    rows_per_file: tuple[int, ...]
+    error_rows: int
+    quality: dict | None = None  # quality.json, when an evaluation has been run
+
+    @property
+    def rows(self) -> int:
+        return sum(self.rows_per_file)
+
+
+def list_files(fs: pafs.FileSystem, root: str, folder: str) -> list[str]:
+    """Names (not paths) of everything directly in `root/folder`, hidden files excluded, sorted."""
+    selector = pafs.FileSelector(posixpath.join(root, folder), allow_not_found=True)
+    names = (posixpath.basename(info.path) for info in fs.get_file_info(selector))
+    return sorted(name for name in names if not name.startswith("."))
+
+
+def read_json(fs: pafs.FileSystem, path: str, required: bool = False) -> dict | None:
+    if not shards.exists(fs, path):
+        if required:
+            raise OutputError(f"{path} does not exist: is this the output folder of a labeling run?")
+        return None
+    try:
+        return json.loads(shards.read_bytes(fs, path))
+    except json.JSONDecodeError as err:
+        raise OutputError(f"{path} is not valid JSON ({err}); rewrite it or rerun the labeling") from err
+
+
+def read_metadata(fs: pafs.FileSystem, root: str) -> layout.DatasetMetadata:
+    path = posixpath.join(root, layout.METADATA_FILE)
+    if not shards.exists(fs, path):
+        raise OutputError(f"{path} does not exist: is this the output folder of a labeling run?")
+    return layout.DatasetMetadata.from_json(shards.read_bytes(fs, path).decode(), source=path)
+
+
+def parquet_rows(fs: pafs.FileSystem, path: str) -> int:
+    with fs.open_input_file(path) as f:
+        return pq.read_metadata(f).num_rows
+
+
+def read_summary(output: str) -> RunSummary:
+    """Everything the card says, from the files around the rows of `output` (a path or URL)."""
+    fs, root = shards.filesystem(output)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise OutputError(f"{output} is not a folder (or does not exist): pass the output folder of a labeling run")
+    metadata = read_metadata(fs, root)
+    data_files = tuple(posixpath.join(layout.DATA_DIR, n) for n in list_files(fs, root, layout.DATA_DIR)
+                       if n.startswith("train-") and n.endswith(".parquet"))
+    error_files = [posixpath.join(layout.ERRORS_DIR, n) for n in list_files(fs, root, layout.ERRORS_DIR)
+                   if n.startswith("errors-") and n.endswith(".parquet")]
+    stats_files = [posixpath.join(layout.STATS_DIR, n) for n in list_files(fs, root, layout.STATS_DIR)
+                   if n.endswith(".json")]
+    stats = layout.ShardStats()
+    for name in stats_files:
+        stats = stats.merge(layout.ShardStats.from_json(shards.read_bytes(fs, posixpath.join(root, name)).decode()))
+    return RunSummary(
+        metadata=metadata,
+        manifest=read_json(fs, posixpath.join(root, layout.MANIFEST_FILE)) or {},
+        run_stats=read_json(fs, posixpath.join(root, layout.RUN_STATS_FILE)) or {},
+        stats=stats,
+        num_stats_files=len(stats_files),
+        data_files=data_files,
+        rows_per_file=tuple(parquet_rows(fs, posixpath.join(root, f)) for f in data_files),
+        error_rows=sum(parquet_rows(fs, posixpath.join(root, f)) for f in error_files),
+        quality=read_json(fs, posixpath.join(root, QUALITY_FILE)),
+    )
+
+
+def bin_labels(edges: tuple[float, ...], percent: bool = False) -> list[str]:
+    """Readable names of the fixed `layout` histogram bins: "2-4", "≥200"; "10-20%" for fractions.
+
+    A bin holds edges[i] <= v < edges[i+1]; the last one also holds everything above.
+    """
+    if percent:
+        return [f"{round(100 * a)}-{round(100 * b)}%" for a, b in zip(edges[:-1], edges[1:])]
+    labels = []
+    for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+        if i == len(edges) - 2:
+            labels.append(f"≥{a}")
+        else:
+            labels.append(str(a) if b - a == 1 else f"{a}-{b - 1}")
+    return labels
+
+
+@dataclass(frozen=True)
+class ClassShare:
+    id: int
+    name: str
+    isthing: bool | None  # None for the ignore value or an id outside the taxonomy
+    pixel_share: float  # of all labeled pixels
+    image_share: float  # of all labeled images that contain it
+
+
+def class_shares(stats: layout.ShardStats, metadata: layout.DatasetMetadata) -> list[ClassShare]:
+    """Every semantic class seen (the ignore value as "(no class)"), most pixels first."""
+    by_id = {c.id: c for c in metadata.semantic_classes}
+    shares = []
+    for key, pixels in stats.semantic_pixels.items():
+        cls = by_id.get(int(key))
+        name = cls.name if cls else "(no class)" if int(key) == metadata.ignore_value else f"(unknown id {key})"
+        shares.append(ClassShare(int(key), name, cls.isthing if cls else None,
+                                 pixels / max(stats.pixels, 1),
+                                 stats.semantic_images.get(key, 0) / max(stats.rows, 1)))
+    return sorted(shares, key=lambda s: (-s.pixel_share, s.id))
