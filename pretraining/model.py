@@ -110,11 +110,12 @@ class MaskedAutoencoder(nn.Module):
         weights = curriculum_weights(progress, cfg.masking.curriculum)
         B = batch["rgb"].shape[0]
         rows, strategies = [], []
+        guided = cfg.masking.strategy != "random"  # labels may guide masking even of an RGB-only model
         for b in range(B):
             semantic = instance = None
-            if "semantic" in cfg.modalities:
+            if guided and "semantic" in batch:
                 semantic = patch_majority(batch["semantic"][b].cpu(), cfg.patch_size)
-            if "instance" in cfg.modalities and "instance_ids" in batch:
+            if guided and "instance_ids" in batch:
                 instance = patch_majority(batch["instance_ids"][b].cpu(), cfg.patch_size)
             visible, strategy = sample_visible(weights, semantic, instance, cfg.masking, M, generator)
             rows.append(visible)

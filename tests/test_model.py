@@ -153,6 +153,10 @@ def test_model_draws_masks_by_curriculum_progress():
     visible, strategy = model.sample_visible(batch, gen, progress=0.0)
     assert visible.shape == (2, 8) and strategy.tolist() == [SEMANTIC, SEMANTIC]
     assert model.sample_visible(batch, gen, progress=1.0)[1].tolist() == [RANDOM, RANDOM]
+    # Labels can guide the masking of an RGB-only model too (MAE + semantic-guided masking).
+    mae = create_model("mae_vit_tiny_patch16_dec512d8b", masking="semantic", **SMALL)
+    visible, strategy = mae.sample_visible(batch, gen)
+    assert visible.shape == (2, 4) and strategy.tolist() == [SEMANTIC, SEMANTIC]
     # Same generator seed, same masks.
     a = model(batch, torch.Generator().manual_seed(5))
     b = model(batch, torch.Generator().manual_seed(5))
