@@ -1,6 +1,6 @@
 """Cost of one pretraining step: C2FMAE vs MultiMAE vs MAE, recipe defaults, same encoder and batch.
 
-    PYTHONPATH=. python benchmarks/pretrain_step.py [--batch-size 4] [--repeats 3]
+    PYTHONPATH=. python benchmarks/pretrain_step.py [--batch-size 4] [--repeats 5] [--threads 1]
 
 Prints, per model: visible tokens, decoder shape, forward+backward+AdamW step time on CPU at
 tiny and small size (models interleaved, best of `--repeats`: the CPU is shared, so the
@@ -117,7 +117,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed CPU steps per model (best; default 5)")
     parser.add_argument("--gpu-batch-size", type=int, default=128, help="GPU batch size at base (default 128)")
     parser.add_argument("--sizes", default="tiny,small", help="CPU sizes to time (default tiny,small)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads (default: torch's); use 1 on a shared machine, where spinning threads "
+                             "of other jobs make multi-threaded timings erratic")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"{'model':34s} {'visible':>7s}  decoder")
     for name in FAMILIES.values():

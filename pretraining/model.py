@@ -57,8 +57,8 @@ class ModelConfig:
             raise ValueError(f"Unknown decoder {self.decoder!r}; use cascaded, parallel or mae.")
         if self.decoder == "mae" and self.modalities != ("rgb",):
             raise ValueError("The MAE decoder reconstructs RGB only; use modalities=('rgb',).")
-        if "rgb" not in self.modalities or not set(self.modalities) <= set(MODALITIES):
-            raise ValueError(f"modalities must include rgb and be among {MODALITIES}, got {self.modalities}.")
+        if "rgb" not in self.modalities or self.modalities != tuple(m for m in MODALITIES if m in self.modalities):
+            raise ValueError(f"modalities must include rgb and follow the order {MODALITIES}, got {self.modalities}.")
         if self.masking.num_positions != self.num_positions:
             raise ValueError(f"masking.num_positions is {self.masking.num_positions} but {self.img_size} px images "
                              f"with patch {self.patch_size} have {self.num_positions}.")
@@ -138,6 +138,10 @@ class MaskedAutoencoder(nn.Module):
                 progress: float = 0.0) -> PretrainOutput:
         """batch: the loader's dict (see INTERFACES.md). Without "visible", masks are drawn here with
         `generator` (seeded from torch's global generator when None) at curriculum `progress`."""
+        missing = [m for m in self.cfg.modalities if m not in batch]
+        if missing:
+            raise ValueError(f"The batch lacks {missing}; this model reads {list(self.cfg.modalities)}, "
+                             "so build batches for it with the pretraining data loader (layout in docs/model.md).")
         if "visible" in batch:
             visible = batch["visible"]
             strategy = batch.get("strategy", torch.full((visible.shape[0],), -1, device=visible.device))

@@ -15,6 +15,15 @@ NUM_CLASSES = 6
 SMALL = dict(img_size=64, depth=2, decoder_depth=1)  # 4x4 tokens per modality: fast tests
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU two spinning threads run ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_batch(size: int, batch_size: int = 2) -> dict[str, torch.Tensor]:
     """Real photos with pseudo-labels: colour classes as semantics, their connected parts as instances."""
     photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()][:batch_size]
