@@ -136,7 +136,7 @@ class MaskedAutoencoder(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
                 progress: float = 0.0) -> PretrainOutput:
-        """batch: the loader's dict (see INTERFACES.md). Without "visible", masks are drawn here with
+        """batch: the loader's dict (layout in docs/model.md). Without "visible", masks are drawn here with
         `generator` (seeded from torch's global generator when None) at curriculum `progress`."""
         missing = [m for m in self.cfg.modalities if m not in batch]
         if missing:
