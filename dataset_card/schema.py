@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import datasets
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    import datasets
+
+# `datasets` is imported inside the functions that need it, so that the constants here and
+# `layout.py` import on a GPU box without it (the labelers run there).
 
 SCHEMA_VERSION = 1
 
@@ -54,6 +60,8 @@ def semantic_mask_dtype(num_semantic_classes: int) -> str:
 
 def instance_struct() -> dict:
     """One automatic mask: its RLE, box, quality scores and the semantic class it was aligned to."""
+    import datasets
+
     return {
         "id": datasets.Value("int32"),
         "rle": {
@@ -78,6 +86,8 @@ def build_features(class_names: Sequence[str], semantic_class_names: Sequence[st
     (8- and 16-bit maps are both PNG bytes) but is taken so callers state the taxonomy they
     write, and so a future version can type the maps by it.
     """
+    import datasets
+
     if not class_names:
         raise SchemaError("class_names is empty: a dataset needs at least one image-level class")
     if not semantic_class_names:
@@ -109,12 +119,15 @@ def _expected_types() -> dict[str, pa.DataType]:
     return {name: schema.field(name).type for name in COLUMNS}
 
 
-_FEATURE_KINDS = {
-    "label": datasets.ClassLabel,
-    "image": datasets.Image,
-    "semantic_mask": datasets.Image,
-    "instance_mask": datasets.Image,
-}
+def _feature_kinds() -> dict:
+    import datasets
+
+    return {
+        "label": datasets.ClassLabel,
+        "image": datasets.Image,
+        "semantic_mask": datasets.Image,
+        "instance_mask": datasets.Image,
+    }
 
 
 def _where(source: str) -> str:
@@ -142,9 +155,12 @@ def validate_schema(schema: pa.Schema, columns: Sequence[str] = COLUMNS, source:
                 f"dataset schema version {found}{_where(source)} but this code reads version "
                 f"{SCHEMA_VERSION}: relabel the data or install the matching version of this project"
             )
+    import datasets
+
     expected = _expected_types()
     # Feature kinds matter beyond Arrow types: a ClassLabel and a plain int64 share a type.
     features = datasets.Features.from_arrow_schema(schema)
+    kinds = _feature_kinds()
     for name in columns:
         if name not in expected:
             raise SchemaError(f"column {name!r} is not part of dataset schema v{SCHEMA_VERSION}")
@@ -158,7 +174,7 @@ def validate_schema(schema: pa.Schema, columns: Sequence[str] = COLUMNS, source:
                 f"column {name!r}{_where(source)} has type {found_type}, but dataset schema "
                 f"v{SCHEMA_VERSION} expects {expected[name]}"
             )
-        kind = _FEATURE_KINDS.get(name)
+        kind = kinds.get(name)
         if kind is not None and not isinstance(features[name], kind):
             raise SchemaError(
                 f"column {name!r}{_where(source)} is a {type(features[name]).__name__} feature, but dataset "

@@ -207,3 +207,14 @@ def test_validator_requires_the_schema_version_in_shard_files():
     with pytest.raises(SchemaError, match="no dataset schema version.*x.parquet"):
         validate_schema(schema, source="x.parquet")
     validate_schema(schema, require_version=False)
+
+
+def test_layout_imports_without_datasets():
+    """The labelers import the taxonomy types on GPU boxes that may lack `datasets`."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['datasets'] = None\n"
+            "from dataset_card import layout, schema\n"
+            "assert schema.semantic_ignore_value(133) == 255 and layout.SemanticClass(0, 'a', True)")
+    subprocess.run([sys.executable, "-c", code], check=True)
