@@ -184,20 +184,27 @@ class InstanceLabeler:
             windows[empty] = full
         records = []
         boxes_full = uncrop_boxes_xyxy(c.boxes, crop_box).cpu()
-        for a, b in self._chunks(windows):
-            values, valid = upsample_windows(c.low[a:b], taps_y, taps_x, windows[a:b])
-            binary = (values > self.sam.mask_threshold) & valid
-            for j in range(b - a):
-                r0, c0, r1, c1 = windows[a + j].tolist()
-                mask = binary[j, : r1 - r0, : c1 - c0]
-                records.append({
-                    "rle": window_rle(mask, r0 + y0, c0 + x0, height, width),
-                    "bbox": [float(v) for v in box_xyxy_to_xywh(boxes_full[a + j]).tolist()],
-                    "area": int(mask.sum()),
-                    "predicted_iou": float(c.iou[a + j]),
-                    "stability_score": float(c.stability[a + j]),
-                })
+        for i, window in enumerate(windows.tolist()):
+            binary = self._binary_window(c.low[i : i + 1], taps_y, taps_x, window)
+            records.append({
+                "rle": window_rle(binary, window[0] + y0, window[1] + x0, height, width),
+                "bbox": [float(v) for v in box_xyxy_to_xywh(boxes_full[i]).tolist()],
+                "area": int(binary.sum()),
+                "predicted_iou": float(c.iou[i]),
+                "stability_score": float(c.stability[i]),
+            })
         return records
+
+    def _binary_window(self, low, taps_y, taps_x, window: list[int]) -> torch.Tensor:
+        """One mask thresholded inside window [r0, c0, r1, c1), in row strips of `window_pixels`."""
+        r0, c0, r1, c1 = window
+        rows = max(1, self.cfg.window_pixels // max(1, c1 - c0))
+        strips = []
+        for top in range(r0, r1, rows):
+            strip = torch.tensor([[top, c0, min(top + rows, r1), c1]], device=self.device)
+            values, valid = upsample_windows(low, taps_y, taps_x, strip)
+            strips.append(((values > self.sam.mask_threshold) & valid)[0])
+        return torch.cat(strips) if strips else torch.zeros(0, max(0, c1 - c0), dtype=torch.bool, device=self.device)
 
     def _merge(self, crops: list[tuple[list[int], list[dict]]], image_size: tuple[int, int]) -> list[dict]:
         """Cross-crop NMS (prefer smaller crops) and small-region cleanup, as the stock generator."""
