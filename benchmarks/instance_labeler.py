@@ -153,7 +153,8 @@ def main(argv=None):
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     args.points_per_batch = args.points_per_batch or (256 if device.type == "cuda" else 64)
     images = bench_images(args.images, args.size)
-    exact = InstanceLabeler(sam, InstanceLabelerConfig(**params, encoder_batch_size=1), device)
+    exact = InstanceLabeler(sam, InstanceLabelerConfig(**params, points_per_batch=64, encoder_batch_size=1, bf16=False),
+                            device)
     fast = InstanceLabeler(sam, InstanceLabelerConfig(**params, encoder_batch_size=args.encoder_batch_size,
                                                       points_per_batch=args.points_per_batch, bf16=bf16), device)
     with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
