@@ -116,6 +116,16 @@ def test_batched_bf16_close_to_stock(sam, images, stock):
     assert np.median(ious) >= 0.99
 
 
+@pytest.mark.gpu
+def test_cuda_fast_mode_close_to_stock(sam, images, stock):
+    """The production mode: encoder batches and bf16 autocast on a GPU."""
+    ours = InstanceLabeler(sam, InstanceLabelerConfig(**PARAMS, points_per_batch=256), "cuda")(images)
+    ious = np.concatenate([_match(ref, out) for ref, out in zip(stock, ours)])
+    total_ref, total_ours = sum(map(len, stock)), sum(map(len, ours))
+    assert abs(total_ours - total_ref) <= 0.02 * total_ref
+    assert np.median(ious) >= 0.99
+
+
 def test_crops_and_small_regions_equal_stock(sam, images):
     """Crop layers (cross-crop NMS, edge filter, uncrop) and the cv2 small-region cleanup."""
     params = dict(PARAMS, points_per_side=8, crop_n_layers=1, min_mask_region_area=30)
