@@ -1,5 +1,6 @@
 """The fast instance labeler gives the stock generator's masks (same model, same parameters)."""
 
+import copy
 import json
 import os
 import subprocess
@@ -119,7 +120,7 @@ def test_batched_bf16_close_to_stock(sam, images, stock):
 @pytest.mark.gpu
 def test_cuda_fast_mode_close_to_stock(sam, images, stock):
     """The production mode: encoder batches and bf16 autocast on a GPU."""
-    ours = InstanceLabeler(sam, InstanceLabelerConfig(**PARAMS, points_per_batch=256), "cuda")(images)
+    ours = InstanceLabeler(copy.deepcopy(sam), InstanceLabelerConfig(**PARAMS, points_per_batch=256), "cuda")(images)
     ious = np.concatenate([_match(ref, out) for ref, out in zip(stock, ours)])
     total_ref, total_ours = sum(map(len, stock)), sum(map(len, ours))
     assert abs(total_ours - total_ref) <= 0.02 * total_ref
