@@ -29,19 +29,8 @@ import cv2
 import numpy as np
 import torch
 
-try:  # `dataset_card.schema` imports `datasets`, which a GPU labeling box may lack
-    from dataset_card.layout import SemanticClass
-    from dataset_card.schema import semantic_ignore_value
-except ImportError:  # pragma: no cover - exercised by the import test in a subprocess
-    @dataclass(frozen=True)
-    class SemanticClass:  # the same fields as dataset_card.layout.SemanticClass
-        id: int
-        name: str
-        isthing: bool
-
-    def semantic_ignore_value(num_semantic_classes: int) -> int:
-        return 255 if num_semantic_classes < 255 else 65535
-
+from dataset_card.layout import SemanticClass  # imports without `datasets` (a GPU box may lack it)
+from dataset_card.schema import semantic_ignore_value
 
 DEFAULT_SEMANTIC_MODEL = "facebook/mask2former-swin-large-coco-panoptic"
 COCO_PANOPTIC_CLASSES, COCO_PANOPTIC_THINGS = 133, 80  # ids 0..79 are things, 80..132 stuff
