@@ -168,6 +168,7 @@ def run_probe(args, kind: str) -> dict:
     cfg = resolve_config(probe.KNN_RECIPES if kind == "knn" else probe.LINEAR_PROBE_RECIPES, args)
     device = setup_device(args.device)
     data = _data(args, classification=True)
+    torch.manual_seed(0)  # a --random-init baseline is the same encoder in every run
     pool_args = {"global_pool": "avg", "fc_norm": False} if cfg.pool == "avg" else {"global_pool": "token"}
     model = load_timm_model(args.model, args.checkpoint, args.random_init, num_classes=0, **pool_args,
                             **({"img_size": args.img_size} if args.img_size else {})).to(device).eval()
@@ -198,6 +199,7 @@ def run_finetune(args) -> dict:
     cfg = resolve_config(finetune.RECIPES, args)
     device = setup_device(args.device)
     data = _data(args, classification=True)
+    torch.manual_seed(cfg.seed)  # the new head (and a --random-init encoder) start the same in every run
     model = load_timm_model(args.model, args.checkpoint, args.random_init, num_classes=len(data.class_names),
                             global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path, img_size=cfg.img_size)
     return finetune.finetune(model, data, cfg, args.output, device)
@@ -207,6 +209,7 @@ def run_segment(args) -> dict:
     cfg = resolve_config(segment.RECIPES, args)
     device = setup_device(args.device)
     data = _data(args, classification=False)
+    torch.manual_seed(cfg.seed)
     encoder = load_timm_model(args.model, args.checkpoint, args.random_init, num_classes=0, img_size=cfg.crop_size,
                               **({"drop_path_rate": 0.1} if cfg.finetune_encoder else {}))
     model = segment.SegmentationProbe(encoder, data.num_semantic_classes, cfg.layers, frozen=not cfg.finetune_encoder)
