@@ -136,7 +136,8 @@ def apply_overrides(cfg, overrides: list[str]):
             else:
                 value = type(current)(text)
         except ValueError as err:
-            raise UserError(f"--set {item!r}: {key} must be a {type(current).__name__}") from err
+            kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(current), "a string")
+            raise UserError(f"--set {item!r}: {key} must be {kind}") from err
         changes[key] = value
     return dataclasses.replace(cfg, **changes)
 

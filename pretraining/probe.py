@@ -37,6 +37,7 @@ class LinearProbeConfig:
 
     epochs: int = 90
     batch_size: int = 16384
+    optimizer: str = "lars"  # or "sgd" (momentum): LARS' trust ratio (0.001) needs MAE's large lr to move
     base_lr: float = 0.1  # lr = base_lr * batch_size / 256
     weight_decay: float = 0.0
     momentum: float = 0.9
@@ -60,8 +61,8 @@ def linear_probe_mae() -> LinearProbeConfig:
 
 
 def linear_probe_tiny() -> LinearProbeConfig:
-    return LinearProbeConfig(epochs=100, batch_size=64, base_lr=0.1, warmup_epochs=5, extract_batch_size=32,
-                             num_workers=0)
+    return LinearProbeConfig(epochs=100, batch_size=64, optimizer="sgd", base_lr=1.0, warmup_epochs=5,
+                             extract_batch_size=32, num_workers=0)
 
 
 KNN_RECIPES = {"mae": knn_mae, "tiny": knn_tiny}
@@ -152,16 +153,22 @@ def linear_head(dim: int, num_classes: int) -> nn.Sequential:
 
 def train_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
                        cfg: LinearProbeConfig, device: torch.device, progress: bool = False) -> nn.Sequential:
-    """Train `linear_head` on cached features (N, D) with LARS, linear warm-up then cosine decay
-    per step. Deterministic given cfg.seed; returns the head in eval mode."""
+    """Train `linear_head` on cached features (N, D) with LARS (or SGD), linear warm-up then cosine
+    decay per step. Deterministic given cfg.seed; returns the head in eval mode."""
     generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     head = linear_head(train_feats.shape[1], num_classes).to(device)
     batch = min(cfg.batch_size, len(train_feats))
     steps_per_epoch = max(1, len(train_feats) // batch)  # drop the last partial batch, as MAE does
-    # LARS adapts the weight matrix always (MAE's LARS excludes only 1-d parameters: the bias).
-    optimizer = Lars([{"params": [head[1].weight], "always_adapt": True}, {"params": [head[1].bias]}],
-                     lr=cfg.base_lr * batch / 256, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    lr = cfg.base_lr * batch / 256
+    if cfg.optimizer == "lars":
+        # LARS adapts the weight matrix always (MAE's LARS excludes only 1-d parameters: the bias).
+        optimizer = Lars([{"params": [head[1].weight], "always_adapt": True}, {"params": [head[1].bias]}],
+                         lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"optimizer must be 'lars' or 'sgd', got {cfg.optimizer!r}")
     warmup = cfg.warmup_epochs * steps_per_epoch
     scheduler = CosineLRScheduler(optimizer, t_initial=max(1, cfg.epochs * steps_per_epoch - warmup), lr_min=0.0,
                                   warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
