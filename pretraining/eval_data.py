@@ -373,3 +373,28 @@ def segmentation_transform(crop_size: int, mean: Sequence[float], std: Sequence[
         v2.RandomHorizontalFlip(),
         *normalise,
     ])
+
+
+def evenly_spaced(source: Source, count: int | None) -> Source:
+    """At most `count` samples spread over the whole source (which may be sorted by class)."""
+    if count is None or count >= len(source):
+        return source
+    return Subset(source, np.linspace(0, len(source) - 1, count).round().astype(np.int64))
+
+
+def probe_loaders(path: str, img_size: int, mean: Sequence[float], std: Sequence[float], batch_size: int = 64,
+                  val_fraction: float = 0.1, max_train: int | None = 10000, max_val: int | None = 2000,
+                  num_workers: int = 0) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """(train, held-out) loaders of (images (B, 3, img_size, img_size) normalised by mean/std, labels (B,))
+    for a probe during pretraining: evaluation transform (resize, centre crop), at most max_train /
+    max_val images, in a fixed order."""
+    from timm.data import create_transform
+
+    data = load_eval_data(path, val_fraction)
+    if not data.class_names:
+        raise EvalDataError(f"{path} has no image-level labels, so no probe can be scored on it")
+    transform = create_transform(img_size, is_training=False, interpolation="bicubic", mean=tuple(mean),
+                                 std=tuple(std), crop_pct=0.875)
+    return tuple(torch.utils.data.DataLoader(ClassificationSet(evenly_spaced(split, n), transform), batch_size,
+                                             num_workers=num_workers)
+                 for split, n in ((data.train, max_train), (data.val, max_val)))

@@ -202,3 +202,17 @@ def linear_probe_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor,
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     head = train_linear_probe(train_feats, train_labels, num_classes, cfg, train_feats.device)
     return topk_accuracy(head_scores(head, val_feats, train_feats.device), val_labels, ks=(1,))[0]
+
+
+def periodic_probe(encode: Callable[[torch.Tensor], torch.Tensor], train_batches: Iterable, val_batches: Iterable,
+                   device: torch.device, kind: str = "knn", k: int = 20) -> float:
+    """Top-1 (percent) of a k-NN (`kind="knn"`) or linear (`"linear"`) probe on `encode`'s features:
+    what the pretraining loop logs every N epochs. `encode`: images (B, 3, H, W) -> (B, D), e.g.
+    `lambda x: model.encode_rgb(x)[:, 0]`; batches as `eval_data.probe_loaders` gives them."""
+    if kind not in ("knn", "linear"):
+        raise ValueError(f"kind must be 'knn' or 'linear', got {kind!r}")
+    train_x, train_y = extract_features(encode, train_batches, device, progress=False)
+    val_x, val_y = extract_features(encode, val_batches, device, progress=False)
+    if kind == "knn":
+        return knn_accuracy(train_x.to(device), train_y, val_x, val_y, k=k)
+    return linear_probe_accuracy(train_x.to(device), train_y.to(device), val_x, val_y)

@@ -13,7 +13,7 @@ from timm.models import save_for_hf
 
 from dataset_card.synthetic import write_synthetic_dataset
 from pretraining import probe
-from pretraining.eval_data import EvalDataError, hash_split, load_eval_data
+from pretraining.eval_data import EvalDataError, hash_split, load_eval_data, probe_loaders
 from pretraining.evaluate import main
 
 
@@ -196,6 +196,17 @@ def test_probe_cli_errors_are_one_line(colours, tmp_path):
             main(["knn", *argv])
         message = str(exit_info.value.code)
         assert message.startswith("error: ") and "\n" not in message and hint in message
+
+
+def test_periodic_probe_hook_for_the_pretraining_loop(colours):
+    train, val = probe_loaders(str(colours / "data"), 32, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, batch_size=8,
+                               val_fraction=0.3, max_train=20)
+    assert len(train.dataset) == 20 and {y for _, y in train.dataset} == {0, 1, 2}  # spread over classes
+    model = timm.create_model(f"local-dir:{colours / 'encoder'}", pretrained=True).eval()
+    encode = lambda x: model.forward_features(x)[:, 0]  # noqa: E731 (the class token, as encode_rgb gives it)
+    knn = probe.periodic_probe(encode, train, val, torch.device("cpu"), kind="knn", k=5)
+    linear = probe.periodic_probe(encode, train, val, torch.device("cpu"), kind="linear")
+    assert knn > 60.0 and linear > 60.0
 
 
 # --- pretrained beats random ----------------------------------------------------------------------------
