@@ -10,6 +10,7 @@ after every epoch; rerunning the same command resumes from it), `config.json`, T
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -239,10 +240,12 @@ def finetune(model: nn.Module, data: EvalData, cfg: FinetuneConfig, output: str,
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if mixup is not None:
                 images, labels = mixup(images, labels)
-            with autocast:
+            last_micro = (i + 1) % cfg.accum_steps == 0
+            # DDP all-reduces gradients only on the micro-batch that completes an update.
+            with autocast, (net.no_sync() if world > 1 and not last_micro else contextlib.nullcontext()):
                 loss = criterion(net(images), labels)
-            (loss / cfg.accum_steps).backward()
-            if (i + 1) % cfg.accum_steps == 0:
+                (loss / cfg.accum_steps).backward()
+            if last_micro:
                 if cfg.clip_grad > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                 scheduler.step_update(step)  # lr for this update (timm applies each group's layer-decay scale)

@@ -106,7 +106,7 @@ def gather_strided(part: torch.Tensor, total: int, device: torch.device) -> torc
 
 
 def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor,
-               num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+               num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 256) -> torch.Tensor:
     """Weighted k-NN votes (DINO): cosine similarity to the k nearest training features, each
     voting exp(sim / T) for its label.
 

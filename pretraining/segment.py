@@ -115,6 +115,9 @@ class SegmentationProbe(nn.Module):
         self.head = nn.Sequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, num_classes, kernel_size=1))
         if frozen:
             self.encoder.requires_grad_(False)
+        for unused in ("fc_norm", "head"):  # a fine-tuned classifier's pooling norm and head play no part here
+            if isinstance(getattr(encoder, unused, None), nn.Module):
+                getattr(encoder, unused).requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -123,6 +126,7 @@ class SegmentationProbe(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> logits (B, C, H, W)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             feats = self.encoder.forward_intermediates(images, indices=self.layers, norm=True, output_fmt="NCHW",
                                                        intermediates_only=True)  # layers x (B, D, h, w)
