@@ -1,8 +1,8 @@
 """Joint augmentation: one random resized crop and flip applied identically to RGB and both label maps.
 
-torchvision's `transforms.v2` transforms an image and `tv_tensors.Mask`s together with the same
-parameters, resizing images bilinearly (antialiased) and masks with nearest neighbour, so class and
-instance ids are never blended. The instance representation is computed by the caller *after*
+One crop box and flip (drawn by torchvision `transforms.v2`'s RandomResizedCrop sampler) is applied
+to the image and both `tv_tensors.Mask`s with v2's functional ops: the image resized bilinearly
+(antialiased), the masks with nearest neighbour, so class and instance ids are never blended. The instance representation is computed by the caller *after*
 this crop, so boundaries and centres of mass describe what the model sees.
 
 Randomness is a function of a per-sample seed (derived from (seed, epoch, sample index)), never of
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 
 @dataclass(frozen=True)
@@ -26,12 +27,31 @@ class AugmentConfig:
     hflip: float = 0.5  # probability of a horizontal flip
 
 
-def joint_transform(img_size: int, cfg: AugmentConfig) -> v2.Transform:
-    """The crop-and-flip applied to (image, semantic mask, instance mask) with shared parameters."""
-    return v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=cfg.scale, ratio=cfg.ratio, antialias=True),
-        v2.RandomHorizontalFlip(cfg.hflip),
-    ])
+class JointCropFlip:
+    """A random resized crop and horizontal flip, drawn once and applied to an image and its masks.
+
+    The crop parameters come from torchvision's own `RandomResizedCrop` sampler; the image is
+    resized bilinearly (antialiased) and the masks with NEAREST_EXACT (pixel-centre aligned with the
+    bilinear image; v2's `resized_crop` on a `Mask` uses legacy NEAREST, half an input pixel off).
+    """
+
+    def __init__(self, img_size: int, cfg: AugmentConfig):
+        self.size = [img_size, img_size]
+        self.crop = v2.RandomResizedCrop(img_size, scale=cfg.scale, ratio=cfg.ratio)
+        self.hflip = cfg.hflip
+
+    def __call__(self, image: tv_tensors.Image, *masks: tv_tensors.Mask) -> list[torch.Tensor]:
+        """Draws from torch's global generator (the caller seeds it)."""
+        p = self.crop.make_params([image])  # top, left, height, width
+        flip = bool(torch.rand(1) < self.hflip)
+        box = (p["top"], p["left"], p["height"], p["width"])
+        out = [F.resized_crop(image, *box, self.size, antialias=True)]
+        out += [F.resize(F.crop(m, *box), self.size, interpolation=v2.InterpolationMode.NEAREST_EXACT) for m in masks]
+        return [(F.horizontal_flip(x) if flip else x).as_subclass(torch.Tensor) for x in out]
+
+
+def joint_transform(img_size: int, cfg: AugmentConfig) -> JointCropFlip:
+    return JointCropFlip(img_size, cfg)
 
 
 def sample_seed(seed: int, epoch: int, index: int, purpose: int) -> int:
@@ -47,7 +67,7 @@ def augment(
     rgb: np.ndarray,
     semantic: np.ndarray | None,
     instance: np.ndarray | None,
-    transform: v2.Transform,
+    transform: JointCropFlip,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Crop and flip the three maps identically.
@@ -55,16 +75,14 @@ def augment(
     rgb (H, W, 3) uint8, semantic / instance (H, W) int64 or None ->
     rgb (3, S, S) uint8, semantic (S, S) int64 or None, instance (S, S) int64 or None.
     """
-    inputs = [tv_tensors.Image(torch.from_numpy(np.require(rgb, requirements=("C", "W"))).permute(2, 0, 1))]
-    inputs += [tv_tensors.Mask(torch.from_numpy(m)) for m in (semantic, instance) if m is not None]
-    # v2 transforms draw from the global CPU generator; fork it so the caller's stream (the model's, when
-    # the loader runs in the main process) is untouched, and seed it per sample. (Not torch.manual_seed:
-    # it also queues a CUDA seeding call, which records a stack trace each time.)
+    image = tv_tensors.Image(torch.from_numpy(np.require(rgb, requirements=("C", "W"))).permute(2, 0, 1))
+    masks = [tv_tensors.Mask(torch.from_numpy(m)) for m in (semantic, instance) if m is not None]
+    # The crop sampler draws from the global CPU generator; fork it so the caller's stream (the
+    # model's, when the loader runs in the main process) is untouched, and seed it per sample. (Not
+    # torch.manual_seed: it also queues a CUDA seeding call, which records a stack trace each time.)
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
-        outputs = list(transform(*inputs))
-    image = outputs.pop(0).as_subclass(torch.Tensor)
-    masks = [m.as_subclass(torch.Tensor) for m in outputs]
+        image, *masks = transform(image, *masks)
     semantic_out = masks.pop(0) if semantic is not None else None
     instance_out = masks.pop(0) if instance is not None else None
     return image, semantic_out, instance_out
