@@ -173,6 +173,9 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
         scaler.load_state_dict(state["scaler"])
         global_step, position = state["global_step"], (state["position"]["epoch"], state["position"]["step"])
         ckpt.set_rng_state(state["rng"][distributed.rank])
+        if main:
+            tqdm.write(f"resuming from {latest}: optimizer step {global_step}, epoch {position[0]}, batch {position[1]}",
+                       file=sys.stderr)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
