@@ -54,13 +54,10 @@ def joint_transform(img_size: int, cfg: AugmentConfig) -> JointCropFlip:
     return JointCropFlip(img_size, cfg)
 
 
-def sample_seed(seed: int, epoch: int, index: int, purpose: int) -> int:
-    """A 63-bit seed that depends only on (run seed, epoch, global sample index, purpose).
-
-    `purpose` separates streams drawn for the same sample (0 augmentation, 1 masking).
-    """
-    state = np.random.SeedSequence([seed, epoch, index, purpose]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 31 ^ int(state[1])
+def sample_seeds(seed: int, epoch: int, index: int) -> tuple[int, int]:
+    """(augmentation seed, masking seed): 63-bit seeds that depend only on (run seed, epoch, sample index)."""
+    a, b, c, d = (int(x) for x in np.random.SeedSequence([seed, epoch, index]).generate_state(4, dtype=np.uint32))
+    return a << 31 ^ b, c << 31 ^ d
 
 
 def augment(
