@@ -1,0 +1,81 @@
+"""Per-modality reconstruction losses, on masked patches only, and the patchify they share.
+
+Patch layout everywhere: a patch is flattened row by row, channels last: (P, P, C) -> P*P*C.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, P*P*C), patches row-major."""
+    B, C, H, W = images.shape
+    h, w, P = H // patch_size, W // patch_size, patch_size
+    x = images.reshape(B, C, h, P, w, P).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, P, P, C)
+    return x.reshape(B, h * w, P * P * C)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """(B, N, P*P*C) -> (B, C, H, W) for a square grid; the inverse of `patchify`."""
+    B, N, _ = patches.shape
+    h = int(N**0.5)
+    P = patch_size
+    x = patches.reshape(B, h, h, P, P, channels).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, P, w, P)
+    return x.reshape(B, channels, h * P, h * P)
+
+
+def _mean_over(values: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """values: (B, N) per-patch losses, masked: (B, N) bool -> mean over masked patches."""
+    weights = masked.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp(min=1)
+
+
+def normalise_patches(target: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-patch normalisation (MAE's norm_pix_loss): (B, N, K) -> (normalised, mean, std), each patch
+    normalised over its pixels of each channel together (MAE's choice)."""
+    mean = target.mean(dim=-1, keepdim=True)
+    std = (target.var(dim=-1, keepdim=True) + eps).sqrt()
+    return (target - mean) / std, mean, std
+
+
+def rgb_loss(pred: torch.Tensor, images: torch.Tensor, masked: torch.Tensor, patch_size: int,
+             norm_pix: bool = True) -> torch.Tensor:
+    """MSE on (optionally per-patch normalised) pixels of masked patches.
+
+    pred: (B, N, P*P*3), images: (B, 3, H, W), masked: (B, N) bool.
+    """
+    target = patchify(images, patch_size)  # (B, N, P*P*3)
+    if norm_pix:
+        target = normalise_patches(target)[0]
+    return _mean_over((pred - target).pow(2).mean(dim=-1), masked)
+
+
+def semantic_loss(pred: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor, patch_size: int,
+                  num_classes: int) -> torch.Tensor:
+    """Cross-entropy over the label pixels of masked patches; ignore pixels (-1) are skipped.
+
+    pred: (B, N, p*p*C) logits for p = patch size at label resolution; labels: (B, h*p, w*p) int64
+    at label resolution; masked: (B, N) bool.
+    """
+    B, N, _ = pred.shape
+    target = patchify(labels[:, None], patch_size)  # (B, N, p*p)
+    target = torch.where(masked[..., None], target, -1)  # only masked patches count
+    logits = pred.reshape(B, N, -1, num_classes)  # (B, N, p*p, C)
+    total = F.cross_entropy(logits.reshape(-1, num_classes), target.reshape(-1), ignore_index=-1, reduction="sum")
+    return total / (target >= 0).sum().clamp(min=1)
+
+
+def instance_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Binary cross-entropy on the boundary channel plus L1 on the centre offsets, masked patches only.
+
+    pred: (B, N, P*P*3) (channel 0 boundary logits, 1-2 offsets), target: (B, 3, H, W) from
+    `instance_representation`, masked: (B, N) bool.
+    """
+    B, N, _ = pred.shape
+    pred = pred.reshape(B, N, -1, 3)  # (B, N, P*P, 3)
+    target = patchify(target, patch_size).reshape(B, N, -1, 3)
+    boundary = F.binary_cross_entropy_with_logits(pred[..., 0], target[..., 0], reduction="none").mean(-1)  # (B, N)
+    offsets = (pred[..., 1:] - target[..., 1:]).abs().mean(dim=(-2, -1))  # (B, N)
+    return _mean_over(boundary + offsets, masked)

@@ -1,0 +1,188 @@
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from skimage import data, measure
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from pretraining.decoders import CascadedDecoder, ParallelDecoder
+from pretraining.instances import instance_representation
+from pretraining.masking import RANDOM, SEMANTIC, random_visible
+from pretraining.models import MODELS, create_model
+
+NUM_CLASSES = 6
+SMALL = dict(img_size=64, depth=2, decoder_depth=1)  # 4x4 tokens per modality: fast tests
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU two spinning threads run ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_batch(size: int, batch_size: int = 2) -> dict[str, torch.Tensor]:
+    """Real photos with pseudo-labels: colour classes as semantics, their connected parts as instances."""
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket()][:batch_size]
+    rgb = torch.cat([F.interpolate(torch.from_numpy(p.copy()).permute(2, 0, 1)[None].float() / 255,
+                                   size=(size, size), mode="bilinear", antialias=True)
+                     for p in photos])  # (B, 3, H, W) in [0, 1]
+    semantic = (rgb.argmax(1) * 2 + (rgb.mean(1) > 0.5).long())  # (B, H, W) in [0, 6)
+    semantic[:, : size // 8, : size // 8] = -1  # a corner of ignore pixels
+    # Connected parts of each class are instances; the ignore corner (-1 + 1 = 0) has none.
+    ids = torch.from_numpy(np.stack([measure.label(s.numpy() + 1, background=0, connectivity=1) for s in semantic]))
+    ids = ids.long()
+    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None], torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
+    return {
+        "rgb": (rgb - mean) / std,
+        "semantic": semantic,
+        "instance_ids": ids,
+        "instance": torch.stack([instance_representation(i) for i in ids]),
+    }
+
+
+@pytest.fixture(scope="module")
+def batch224():
+    return make_batch(224, batch_size=1)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_factory_output_shapes(name, batch224):
+    on_meta = "base" in name or "large" in name
+    if on_meta:
+        with torch.device("meta"):
+            model = create_model(name, num_semantic_classes=NUM_CLASSES)
+    else:
+        model = create_model(name, num_semantic_classes=NUM_CLASSES)
+    cfg = model.cfg
+    M, N, V = len(cfg.modalities), 196, cfg.masking.num_visible
+    assert V == (49 if name.startswith("mae") else 98)
+    gen = torch.Generator().manual_seed(0)
+    visible = torch.stack([random_visible(V, M, N, 1.0, gen)])
+    batch = {**batch224, "visible": visible}
+    if on_meta:
+        batch = {k: v.to("meta") for k, v in batch.items()}
+    out = model(batch)
+    assert out.loss.shape == () and set(out.terms) == set(cfg.modalities)
+    assert out.visible.shape == (1, V)
+    for m in cfg.modalities:
+        assert out.predictions[m].shape == (1, N, cfg.patch_dim(m))
+    assert cfg.patch_dim("rgb") == 768 and cfg.patch_dim("semantic") == 16 * NUM_CLASSES
+    assert model.encode_rgb(batch["rgb"]).shape == (1, 197, cfg.embed_dim)
+
+
+@pytest.mark.parametrize("name", ["c2fmae_vit_tiny_patch16", "multimae_vit_tiny_patch16",
+                                  "mae_vit_tiny_patch16_dec512d8b"])
+def test_every_parameter_gets_a_gradient(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_semantic_classes=NUM_CLASSES, **SMALL)
+    out = model(make_batch(64), torch.Generator().manual_seed(0))
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+@pytest.mark.parametrize("decoder", ["cascaded", "parallel"])
+def test_cascade_carries_semantic_stage_into_rgb(decoder):
+    torch.manual_seed(0)
+    model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, decoder=decoder, **SMALL)
+    assert type(model.decoder) is {"cascaded": CascadedDecoder, "parallel": ParallelDecoder}[decoder]
+    batch = make_batch(64)
+    batch["visible"] = model.sample_visible(batch, torch.Generator().manual_seed(0))[0]
+    with torch.no_grad():
+        reference = model(batch).predictions
+        hook = model.decoder.stages["semantic"].register_forward_hook(
+            lambda module, args, output: (output[0] + torch.randn_like(output[0]), output[1]))
+        perturbed = model(batch).predictions
+        hook.remove()
+    assert torch.equal(reference["semantic"], perturbed["semantic"])
+    changed = not torch.allclose(reference["rgb"], perturbed["rgb"])
+    assert changed == (decoder == "cascaded")
+    assert (not torch.allclose(reference["instance"], perturbed["instance"])) == (decoder == "cascaded")
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, **SMALL)
+    batch = make_batch(64)
+    batch["visible"] = model.sample_visible(batch, torch.Generator().manual_seed(0))[0]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(50):
+        out = model(batch)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        first = first if first is not None else out.loss.item()
+    assert out.loss.item() <= first / 2
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base", "large"])
+def test_timm_export_names_and_shapes(size):
+    with torch.device("meta"):
+        model = create_model(f"c2fmae_vit_{size}_patch16", num_semantic_classes=NUM_CLASSES)
+        reference = timm.create_model(model.cfg.timm_arch, pretrained=False, num_classes=0)
+    exported = {k: tuple(v.shape) for k, v in model.timm_state_dict().items()}
+    assert exported == {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", ["c2fmae_vit_tiny_patch16", "mae_vit_tiny_patch16_dec512d8b"])
+def test_timm_forward_features_equals_encode_rgb(name, batch224):
+    torch.manual_seed(0)
+    model = create_model(name, num_semantic_classes=NUM_CLASSES).eval()
+    reference = timm.create_model(model.cfg.timm_arch, pretrained=False, num_classes=0).eval()
+    reference.load_state_dict(model.timm_state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(reference.forward_features(batch224["rgb"]), model.encode_rgb(batch224["rgb"]),
+                                   atol=1e-5, rtol=0)
+
+
+def test_ablation_switches_and_options():
+    model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, masking="random",
+                         decoder="parallel", **SMALL)
+    assert isinstance(model.decoder, ParallelDecoder) and model.cfg.masking.strategy == "random"
+    assert model.cfg.masking.num_positions == 16 and model.cfg.masking.num_visible == 8  # 98/588 of 48 tokens
+    assert create_model("mae_vit_tiny_patch16_dec512d8b", **SMALL).cfg.masking.num_visible == 4
+    assert create_model("multimae_vit_tiny_patch16", num_visible=12, **SMALL).cfg.masking.num_visible == 12
+    with pytest.raises(TypeError, match="Unknown model option"):
+        create_model("c2fmae_vit_tiny_patch16", decoder_width=3)
+    with pytest.raises(ValueError, match="Unknown model"):
+        create_model("c2fmae_vit_huge_patch14")
+    with pytest.raises(ValueError, match="Unknown decoder"):
+        create_model("c2fmae_vit_tiny_patch16", decoder="serial")
+
+
+def test_model_draws_masks_by_curriculum_progress():
+    model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, **SMALL)
+    batch = make_batch(64)
+    gen = torch.Generator().manual_seed(0)
+    visible, strategy = model.sample_visible(batch, gen, progress=0.0)
+    assert visible.shape == (2, 8) and strategy.tolist() == [SEMANTIC, SEMANTIC]
+    assert model.sample_visible(batch, gen, progress=1.0)[1].tolist() == [RANDOM, RANDOM]
+    # Labels can guide the masking of an RGB-only model too (MAE + semantic-guided masking).
+    mae = create_model("mae_vit_tiny_patch16_dec512d8b", masking="semantic", **SMALL)
+    visible, strategy = mae.sample_visible(batch, gen)
+    assert visible.shape == (2, 4) and strategy.tolist() == [SEMANTIC, SEMANTIC]
+    # Same generator seed, same masks.
+    a = model(batch, torch.Generator().manual_seed(5))
+    b = model(batch, torch.Generator().manual_seed(5))
+    assert torch.equal(a.visible, b.visible) and torch.equal(a.loss, b.loss)
+
+
+def test_reconstruct_keeps_visible_patches():
+    torch.manual_seed(0)
+    model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, **SMALL).eval()
+    batch = make_batch(64)
+    out = model(batch, torch.Generator().manual_seed(0))
+    images = model.reconstruct(batch, out)
+    visible = model.visible_mask(out)
+    assert images["rgb"].shape == (2, 3, 64, 64) and images["instance"].shape == (2, 3, 64, 64)
+    assert images["semantic"].shape == (2, 64, 64) and images["semantic"].dtype == torch.int64
+    assert sum(int(v.sum()) for v in visible.values()) == 2 * 8
+    seen = visible["rgb"].view(2, 4, 4).repeat_interleave(16, 1).repeat_interleave(16, 2)  # (B, H, W)
+    assert torch.allclose(images["rgb"].permute(1, 0, 2, 3)[:, seen], batch["rgb"].permute(1, 0, 2, 3)[:, seen])
+    assert not torch.allclose(images["rgb"], batch["rgb"])
+    assert ((images["instance"][:, 0] >= 0) & (images["instance"][:, 0] <= 1)).all()

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from pretraining.instances import instance_representation
+from pretraining.losses import instance_loss, patchify, rgb_loss, semantic_loss, unpatchify
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU two spinning threads run ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def test_patchify_round_trip_and_layout():
+    images = torch.randn(2, 3, 32, 32, generator=_gen())
+    patches = patchify(images, 8)  # (2, 16, 192)
+    assert patches.shape == (2, 16, 8 * 8 * 3)
+    assert torch.equal(unpatchify(patches, 8, 3), images)
+    # Patch 1 is the second patch of the first row; channels last within a patch.
+    assert torch.equal(patches[0, 1].view(8, 8, 3), images[0, :, :8, 8:16].permute(1, 2, 0))
+
+
+def test_losses_count_masked_patches_only():
+    g = _gen()
+    images = torch.randn(2, 3, 32, 32, generator=g)
+    labels = torch.randint(0, 5, (2, 8, 8), generator=g)  # label resolution: patch 2
+    rep = torch.stack([instance_representation(torch.randint(0, 4, (32, 32), generator=g)) for _ in range(2)])
+    masked = torch.rand(2, 16, generator=g) > 0.5
+    preds = {"rgb": torch.randn(2, 16, 192, generator=g), "semantic": torch.randn(2, 16, 4 * 5, generator=g),
+             "instance": torch.randn(2, 16, 192, generator=g)}
+    before = (rgb_loss(preds["rgb"], images, masked, 8), semantic_loss(preds["semantic"], labels, masked, 2, 5),
+              instance_loss(preds["instance"], rep, masked, 8))
+    changed = {k: torch.where(masked[..., None], v, v + 100) for k, v in preds.items()}  # only visible patches
+    after = (rgb_loss(changed["rgb"], images, masked, 8), semantic_loss(changed["semantic"], labels, masked, 2, 5),
+             instance_loss(changed["instance"], rep, masked, 8))
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b)
+
+
+def test_perfect_predictions_and_ignore_pixels():
+    g = _gen()
+    images = torch.randn(1, 3, 16, 16, generator=g)
+    masked = torch.ones(1, 4, dtype=torch.bool)
+    target = patchify(images, 8)
+    mean, std = target.mean(-1, keepdim=True), (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    assert rgb_loss((target - mean) / std, images, masked, 8) < 1e-8
+    assert rgb_loss(target, images, masked, 8, norm_pix=False) == 0
+    labels = torch.full((1, 4, 4), -1)
+    logits = torch.randn(1, 4, 4 * 3, generator=g)
+    assert semantic_loss(logits, labels, masked, 2, 3) == 0  # all ignored: zero, not NaN
+    labels[0, 0, 0] = 2
+    one_hot = torch.full((1, 4, 4, 3), -30.0)
+    one_hot[0, 0, 0, 2] = 30.0  # (B, N, p*p, C): right class for the one labelled pixel
+    assert semantic_loss(one_hot.flatten(2), labels, masked, 2, 3) < 1e-6
+    rep = instance_representation(torch.tensor([[0, 0, 1, 1]] * 4).repeat_interleave(4, 0).repeat_interleave(4, 1))
+    pred = patchify(rep[None], 8).reshape(1, 4, 64, 3).clone()
+    pred[..., 0] = (pred[..., 0] * 2 - 1) * 30  # boundary as confident logits
+    assert instance_loss(pred.flatten(2), rep[None], masked, 8) < 1e-6
