@@ -245,11 +245,20 @@ def write_colour_task(root, num_images: int, seed: int, size: int = 64) -> None:
     shards.write_bytes(fs, f"{base}/{layout.METADATA_FILE}", metadata.to_json().encode())
 
 
+@pytest.fixture
+def one_thread():
+    """Small tensors gain nothing from a second thread, and a busy machine makes its spin-waits costly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("pretraining.train") is None
                     or importlib.util.find_spec("pretraining.export") is None,
                     reason="needs the pretraining loop and export (pretraining.train, pretraining.export)")
-def test_pretrained_tiny_encoder_beats_random_init_by_5_points(tmp_path):
+def test_pretrained_tiny_encoder_beats_random_init_by_5_points(tmp_path, one_thread):
     from pretraining import export, train
 
     write_colour_task(tmp_path / "pretrain", 256, seed=0)
