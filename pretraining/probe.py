@@ -12,14 +12,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.optim import Lars
 from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
+
+from pretraining.eval_data import probe_loaders
 
 
 @dataclass(frozen=True)
@@ -216,3 +220,37 @@ def periodic_probe(encode: Callable[[torch.Tensor], torch.Tensor], train_batches
     if kind == "knn":
         return knn_accuracy(train_x.to(device), train_y, val_x, val_y, k=k)
     return linear_probe_accuracy(train_x.to(device), train_y.to(device), val_x, val_y)
+
+
+@dataclass(frozen=True)
+class PeriodicProbeConfig:
+    every: int = 10  # epochs between probes
+    kind: str = "knn"  # or "linear"
+    k: int = 20
+    max_train: int = 10000  # images of the training split used (evenly spaced)
+    max_val: int = 2000  # images of the held-out split
+    val_fraction: float = 0.1
+    batch_size: int = 128
+
+
+def probe_hook(data: str, img_size: int, cfg: PeriodicProbeConfig | None = None) -> Callable[[Any], None]:
+    """A hook for the pretraining loop (`train(..., hooks=[probe_hook(data, img_size)])`): after every
+    `cfg.every`-th epoch, rank 0 scores a probe on the class token of `model.encode_rgb` over a fixed
+    held-out split of the labeled folder `data` and logs it as `probe/{kind}_top1`. The hook receives
+    the loop's epoch record (fields epoch, global_step, model, monitor, dist with rank and device)."""
+    cfg = cfg or PeriodicProbeConfig()
+    loaders: list = []
+
+    def hook(end) -> None:
+        if (end.epoch + 1) % cfg.every or end.dist.rank != 0:
+            return
+        if not loaders:  # built on first use, so a run that never probes never reads the split
+            loaders.extend(probe_loaders(data, img_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, cfg.batch_size,
+                                         cfg.val_fraction, cfg.max_train, cfg.max_val))
+        model, training = end.model, end.model.training
+        model.eval()
+        score = periodic_probe(lambda x: model.encode_rgb(x)[:, 0], *loaders, end.dist.device, cfg.kind, cfg.k)
+        model.train(training)
+        end.monitor.scalars(end.global_step, {f"probe/{cfg.kind}_top1": score})
+
+    return hook

@@ -1,6 +1,7 @@
 """Frozen-feature probes (k-NN, linear), the evaluation data sources, and the probe CLI end to end."""
 
 import importlib.util
+import types
 
 import datasets
 import numpy as np
@@ -210,6 +211,27 @@ def test_periodic_probe_hook_for_the_pretraining_loop(colours):
     knn = probe.periodic_probe(encode, train, val, torch.device("cpu"), kind="knn", k=5)
     linear = probe.periodic_probe(encode, train, val, torch.device("cpu"), kind="linear")
     assert knn > 60.0 and linear > 60.0
+
+
+def test_probe_hook_logs_every_n_epochs_on_rank_0(colours):
+    class Encoder(torch.nn.Module):  # what the pretraining model offers: encode_rgb -> (B, 1 + N, D)
+        def __init__(self):
+            super().__init__()
+            self.vit = timm.create_model(f"local-dir:{colours / 'encoder'}", pretrained=True)
+
+        def encode_rgb(self, images):
+            return self.vit.forward_features(images)
+
+    logged = []
+    monitor = types.SimpleNamespace(scalars=lambda step, values: logged.append((step, values)))
+    model = Encoder().train()
+    hook = probe.probe_hook(str(colours / "data"), 32, probe.PeriodicProbeConfig(every=2, k=5, val_fraction=0.3))
+    for epoch, rank in [(0, 0), (1, 1), (1, 0), (2, 0)]:
+        dist = types.SimpleNamespace(rank=rank, device=torch.device("cpu"))
+        hook(types.SimpleNamespace(epoch=epoch, global_step=10 * (epoch + 1), model=model, monitor=monitor, dist=dist))
+    assert [step for step, _ in logged] == [20]  # after the 2nd epoch, on rank 0 only
+    assert 60.0 < logged[0][1]["probe/knn_top1"] <= 100.0
+    assert model.training  # handed back in training mode
 
 
 # --- pretrained beats random ----------------------------------------------------------------------------
