@@ -248,16 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mask-column", help="semantic mask column of a datasets folder")
         p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
-    p = sub.add_parser("linear-probe", help="MAE linear probe on frozen features")
+    p = sub.add_parser("linear-probe", help="MAE linear probe on frozen features",
+                       description="MAE's linear probe (BatchNorm + linear head, LARS) on cached frozen features; "
+                                   "prints top-1 / top-5 on the held-out split.")
     run_args(p, probe.LINEAR_PROBE_RECIPES, "mae", False)
     p.add_argument("--img-size", type=int, help="input size (default: the model's)")
-    p = sub.add_parser("knn", help="weighted k-NN on frozen features")
+    p = sub.add_parser("knn", help="weighted k-NN on frozen features",
+                       description="DINO's weighted k-NN on frozen features; prints top-1 / top-5 on the held-out split.")
     run_args(p, probe.KNN_RECIPES, "mae", False)
     p.add_argument("--img-size", type=int, help="input size (default: the model's)")
-    run_args(sub.add_parser("finetune", help="end-to-end fine-tuning (MAE recipe)"), finetune.RECIPES, "vit_base",
+    run_args(sub.add_parser("finetune", help="end-to-end fine-tuning (MAE recipe)",
+                            description="End-to-end fine-tuning with MAE's recipe; rerun the same command to resume "
+                                        "from OUTPUT/checkpoint.pt."), finetune.RECIPES, "vit_base", True)
+    run_args(sub.add_parser("segment", help="segmentation probe scored by mIoU",
+                            description="A light head on the encoder's patch tokens, trained on semantic masks and "
+                                        "scored by mIoU; rerun the same command to resume."), segment.RECIPES, "linear",
              True)
-    run_args(sub.add_parser("segment", help="segmentation probe scored by mIoU"), segment.RECIPES, "linear", True)
-    p = sub.add_parser("vitdet", help="write a detectron2 ViTDet backbone checkpoint")
+    p = sub.add_parser("vitdet", help="write a detectron2 ViTDet backbone checkpoint",
+                       description="Rename the encoder's weights to detectron2 ViTDet's backbone keys "
+                                   "(train.init_checkpoint=OUTPUT); see docs/evaluation.md.")
     model_args(p)
     p.add_argument("--output", required=True, help="the .pth file to write")
     return parser

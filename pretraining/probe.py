@@ -233,11 +233,12 @@ class PeriodicProbeConfig:
     batch_size: int = 128
 
 
-def probe_hook(data: str, img_size: int, cfg: PeriodicProbeConfig | None = None) -> Callable[[Any], None]:
+def probe_hook(data: str, img_size: int | None = None, cfg: PeriodicProbeConfig | None = None) -> Callable[[Any], None]:
     """A hook for the pretraining loop (`train(..., hooks=[probe_hook(data, img_size)])`): after every
     `cfg.every`-th epoch, rank 0 scores a probe on the class token of `model.encode_rgb` over a fixed
     held-out split of the labeled folder `data` and logs it as `probe/{kind}_top1`. The hook receives
-    the loop's epoch record (fields epoch, global_step, model, monitor, dist with rank and device)."""
+    the loop's epoch record (fields epoch, global_step, model, monitor, dist with rank and device);
+    `img_size` defaults to the model's `cfg.img_size`."""
     cfg = cfg or PeriodicProbeConfig()
     loaders: list = []
 
@@ -245,7 +246,8 @@ def probe_hook(data: str, img_size: int, cfg: PeriodicProbeConfig | None = None)
         if (end.epoch + 1) % cfg.every or end.dist.rank != 0:
             return
         if not loaders:  # built on first use, so a run that never probes never reads the split
-            loaders.extend(probe_loaders(data, img_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, cfg.batch_size,
+            size = img_size or end.model.cfg.img_size
+            loaders.extend(probe_loaders(data, size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, cfg.batch_size,
                                          cfg.val_fraction, cfg.max_train, cfg.max_val))
         model, training = end.model, end.model.training
         model.eval()

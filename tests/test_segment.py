@@ -2,6 +2,7 @@
 
 import os
 
+import datasets
 import numpy as np
 import pytest
 import timm
@@ -14,7 +15,7 @@ from timm.models import save_for_hf
 
 from dataset_card.synthetic import write_synthetic_dataset
 from pretraining import segment
-from pretraining.eval_data import class_ids, load_eval_data
+from pretraining.eval_data import EvalDataError, class_ids, load_eval_data
 from pretraining.evaluate import main
 from pretraining.segment import (
     SegmentationProbe,
@@ -150,6 +151,25 @@ def test_ade20k_layout_is_read_with_its_150_classes(tmp_path):
     assert (len(data.train), len(data.val), data.num_semantic_classes, data.layout) == (3, 2, 150, "ade20k")
     sample = data.val.load(1)
     assert sample.image.shape == (8, 10, 3) and sample.mask.tolist()[0] == [-1, 0, 149] * 3 + [4]
+
+
+def test_datasets_folder_masks_need_their_class_count(tmp_path):
+    rng = np.random.default_rng(0)
+    masks = [rng.integers(0, 3, (6, 9)).astype(np.uint8) for _ in range(8)]
+    masks[0][0, 0] = 255
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(np.zeros((6, 9, 3), np.uint8)) for _ in masks],
+         "annotation": [Image.fromarray(m) for m in masks], "image_id": [f"img{i}" for i in range(8)]},
+        features=datasets.Features({"image": datasets.Image(), "annotation": datasets.Image(),
+                                    "image_id": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path))
+    with pytest.raises(EvalDataError, match="--num-classes"):
+        load_eval_data(str(tmp_path))
+    data = load_eval_data(str(tmp_path), val_fraction=0.5, num_semantic_classes=3)
+    assert data.num_semantic_classes == 3 and len(data.train) + len(data.val) == 8
+    loaded = [split.load(i).mask for split in (data.train, data.val) for i in range(len(split))]
+    assert sum(int((m == -1).sum()) for m in loaded) == 1  # 255 (the default ignore value) became -1
+    assert all(m.max() <= 2 for m in loaded)
 
 
 # --- end to end --------------------------------------------------------------------------------------
