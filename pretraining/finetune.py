@@ -102,7 +102,7 @@ def load_checkpoint(path: str, config: dict) -> dict | None:
     if changed:
         k = changed[0]
         raise RunError(f"{path} was written with {k}={state['config'].get(k)!r}, not {config[k]!r}; rerun with "
-                         f"the same settings to resume, or pass a new --output")
+                       f"the same settings to resume, or pass a new --output")
     return state
 
 
@@ -172,8 +172,11 @@ def finetune(model: nn.Module, data: EvalData, cfg: FinetuneConfig, output: str,
     rank, world = rank_world()
     if cfg.batch_size % (world * cfg.accum_steps):
         raise RunError(f"batch_size {cfg.batch_size} is not divisible by devices x accum_steps = "
-                         f"{world * cfg.accum_steps}; change --set batch_size or accum_steps")
+                       f"{world * cfg.accum_steps}; change --set batch_size or accum_steps")
     local_batch = cfg.batch_size // (world * cfg.accum_steps)
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and local_batch % 2:
+        raise RunError(f"mixup pairs images within a batch, but each device gets {local_batch}; make "
+                       f"batch_size / (devices x accum_steps) even")
     num_classes = len(data.class_names)
     data_config = model_data_config(model)
     train_tf = pillow13_safe(create_transform(
@@ -192,7 +195,7 @@ def finetune(model: nn.Module, data: EvalData, cfg: FinetuneConfig, output: str,
     updates_per_epoch = len(train_loader) // cfg.accum_steps
     if updates_per_epoch == 0:
         raise RunError(f"{len(train_set)} training images make no full batch of {cfg.batch_size}; lower "
-                         f"--set batch_size")
+                       f"--set batch_size")
 
     model.to(device)
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.base_lr * cfg.batch_size / 256,
