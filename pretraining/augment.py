@@ -1,0 +1,85 @@
+"""Joint augmentation: one random resized crop and flip applied identically to RGB and both label maps.
+
+One crop box and flip (drawn by torchvision `transforms.v2`'s RandomResizedCrop sampler) is applied
+to the image and both `tv_tensors.Mask`s with v2's functional ops: the image resized bilinearly
+(antialiased), the masks with nearest neighbour, so class and instance ids are never blended. The instance representation is computed by the caller *after*
+this crop, so boundaries and centres of mass describe what the model sees.
+
+Randomness is a function of a per-sample seed (derived from (seed, epoch, sample index)), never of
+the process that runs it: the same sample gets the same crop on any rank, worker or resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    scale: tuple[float, float] = (0.2, 1.0)  # MAE's crop scale
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5  # probability of a horizontal flip
+
+
+class JointCropFlip:
+    """A random resized crop and horizontal flip, drawn once and applied to an image and its masks.
+
+    The crop parameters come from torchvision's own `RandomResizedCrop` sampler; the image is
+    resized bilinearly (antialiased) and the masks with NEAREST_EXACT (pixel-centre aligned with the
+    bilinear image; v2's `resized_crop` on a `Mask` uses legacy NEAREST, half an input pixel off).
+    """
+
+    def __init__(self, img_size: int, cfg: AugmentConfig):
+        self.size = [img_size, img_size]
+        self.crop = v2.RandomResizedCrop(img_size, scale=cfg.scale, ratio=cfg.ratio)
+        self.hflip = cfg.hflip
+
+    def __call__(self, image: tv_tensors.Image, *masks: tv_tensors.Mask) -> list[torch.Tensor]:
+        """Draws from torch's global generator (the caller seeds it)."""
+        p = self.crop.make_params([image])  # top, left, height, width
+        flip = bool(torch.rand(1) < self.hflip)
+        box = (p["top"], p["left"], p["height"], p["width"])
+        out = [F.resized_crop(image, *box, self.size, antialias=True)]
+        out += [F.resize(F.crop(m, *box), self.size, interpolation=v2.InterpolationMode.NEAREST_EXACT) for m in masks]
+        return [(F.horizontal_flip(x) if flip else x).as_subclass(torch.Tensor) for x in out]
+
+
+def joint_transform(img_size: int, cfg: AugmentConfig) -> JointCropFlip:
+    return JointCropFlip(img_size, cfg)
+
+
+def sample_seeds(seed: int, epoch: int, index: int) -> tuple[int, int]:
+    """(augmentation seed, masking seed): 63-bit seeds that depend only on (run seed, epoch, sample index)."""
+    a, b, c, d = (int(x) for x in np.random.SeedSequence([seed, epoch, index]).generate_state(4, dtype=np.uint32))
+    return a << 31 ^ b, c << 31 ^ d
+
+
+def augment(
+    rgb: np.ndarray,
+    semantic: np.ndarray | None,
+    instance: np.ndarray | None,
+    transform: JointCropFlip,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Crop and flip the three maps identically.
+
+    rgb (H, W, 3) uint8, semantic / instance (H, W) int64 or None ->
+    rgb (3, S, S) uint8, semantic (S, S) int64 or None, instance (S, S) int64 or None.
+    """
+    image = tv_tensors.Image(torch.from_numpy(np.require(rgb, requirements=("C", "W"))).permute(2, 0, 1))
+    masks = [tv_tensors.Mask(torch.from_numpy(m)) for m in (semantic, instance) if m is not None]
+    # The crop sampler draws from the global CPU generator; fork it so the caller's stream (the
+    # model's, when the loader runs in the main process) is untouched, and seed it per sample. (Not
+    # torch.manual_seed: it also queues a CUDA seeding call, which records a stack trace each time.)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        image, *masks = transform(image, *masks)
+    semantic_out = masks.pop(0) if semantic is not None else None
+    instance_out = masks.pop(0) if instance is not None else None
+    return image, semantic_out, instance_out

@@ -1,0 +1,119 @@
+"""Export a run's encoder to timm: `python -m pretraining.export RUN --to timm --output DIR`.
+
+DIR gets timm's hub layout (`config.json` naming the architecture, `model.safetensors`), written by
+timm's own `save_for_hf` from a timm model that accepted our weights with `strict=True`. Then
+
+    timm.create_model("local-dir:DIR", pretrained=True, num_classes=0)
+
+loads it offline, and `timm.create_model(ARCH, **model_args)` (both from DIR/config.json; for the
+224 px recipes that is just `timm.create_model(ARCH, num_classes=0)`) takes
+`safetensors.torch.load_file(DIR/model.safetensors)` with `strict=True`. Only the encoder's RGB path is
+exported: the class token is the global token and `forward_features` equals the encoder's
+RGB-only features; the semantic/instance adapters and the decoders stay behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from pretraining import checkpoint as ckpt
+from pretraining.config import ConfigError, TrainConfig, from_dict
+from pretraining.models import create_model
+from pretraining.train import CONFIG_FILE, RUN_FILE
+
+
+class ExportError(RuntimeError):
+    """The run cannot be exported; the message says why."""
+
+
+def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[torch.nn.Module, Path]:
+    """The model of a run with the weights of `checkpoint` (default: the run's newest checkpoint)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / RUN_FILE).is_file():
+        raise ExportError(f"{run_dir} is not a training run folder (no {CONFIG_FILE} / {RUN_FILE}); give the "
+                          "--output folder of `python -m pretraining.train`.")
+    cfg = from_dict(TrainConfig, json.loads((run_dir / CONFIG_FILE).read_text()))
+    run = json.loads((run_dir / RUN_FILE).read_text())
+    path = Path(checkpoint) if checkpoint is not None else ckpt.latest_checkpoint(run_dir)
+    if path is None or not path.is_file():
+        raise ExportError(f"{run_dir} has no checkpoint yet; train until one is written (checkpoint_every) "
+                          "or pass --checkpoint.")
+    state = ckpt.load_checkpoint(path)
+    model = create_model(cfg.model, num_semantic_classes=run["num_semantic_classes"], **cfg.model_args)
+    model.load_state_dict(state["model"])
+    return model.eval(), path
+
+
+def timm_model_args(model: torch.nn.Module) -> dict:
+    """Arguments that build timm's `cfg.timm_arch` with our encoder's shape (empty for standard sizes)."""
+    cfg = model.cfg
+    reference = timm.create_model(cfg.timm_arch, pretrained=False, num_classes=0, img_size=cfg.img_size)
+    args = {"img_size": cfg.img_size} if cfg.img_size != 224 else {}
+    if (reference.embed_dim, len(reference.blocks)) != (cfg.embed_dim, cfg.depth):
+        args.update(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
+    return args
+
+
+def _family(model: torch.nn.Module) -> str:
+    """c2fmae, multimae or mae: which pretraining produced the weights."""
+    cfg = model.cfg
+    if cfg.modalities == ("rgb",):
+        return "mae"
+    return "c2fmae" if cfg.decoder == "cascaded" else "multimae"
+
+
+def export_timm(model: torch.nn.Module, output: str | Path) -> tuple[Path, torch.nn.Module]:
+    """Write `output` in timm's hub layout; returns it and the timm model that holds the weights."""
+    arch, args = model.cfg.timm_arch, timm_model_args(model)
+    encoder = timm.create_model(arch, pretrained=False, num_classes=0, **args)
+    try:
+        encoder.load_state_dict(model.timm_state_dict(), strict=True)
+    except RuntimeError as err:
+        raise ExportError(f"the encoder's weights do not fit timm's {arch} ({err}); this is a bug in "
+                          "timm_state_dict, please report it.") from err
+    data_config = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "interpolation": "bicubic",
+                   "crop_pct": 0.875}  # the normalisation the encoder was trained with
+    output = Path(output)
+    # The tag and license would otherwise be those of timm's own weights for this architecture.
+    model_config = {"pretrained_cfg": {"tag": _family(model),
+                                       "license": "see the training data's license"}}
+    timm.models.save_for_hf(encoder.eval(), output, model_config=model_config, model_args=args,
+                            safe_serialization=True, data_config=data_config)
+    return output, encoder
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pretraining.export",
+        description="Export a pretraining run's encoder (RGB path) for downstream use. "
+                    'Load it with timm.create_model("local-dir:DIR", pretrained=True, num_classes=0).')
+    parser.add_argument("run", help="the run folder (--output of pretraining.train)")
+    parser.add_argument("--to", choices=["timm"], default="timm", help="export format (default: timm)")
+    parser.add_argument("--output", required=True, help="folder to write (config.json, model.safetensors)")
+    parser.add_argument("--checkpoint", help="a checkpoint file of the run (default: its newest)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        model, path = load_run_model(args.run, args.checkpoint)
+        output, _ = export_timm(model, args.output)
+    except (ExportError, ConfigError, ckpt.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {path} as timm {model.cfg.timm_arch} to {output}; load it with "
+          f'timm.create_model("local-dir:{output}", pretrained=True, num_classes=0)')
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Watching a run: TensorBoard scalars and reconstruction figures (PNG files and TensorBoard images).
+
+RUN/tensorboard/   scalars: loss and each loss term, lr, curriculum weights, images/s, data-wait share
+RUN/figures/       step-00002000.png: per sample and modality, input | masked input | prediction | target
+Only rank 0 writes (other ranks get a disabled Monitor).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are files; never open a window (also on machines without a display)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+COLUMNS = ("input", "masked input", "prediction", "target")
+
+
+class Monitor:
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard")) if enabled else None
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def figure(self, step: int, fig: Figure) -> Path | None:
+        """Save `fig` as RUN/figures/step-NNNNNNNN.png and to TensorBoard; returns the PNG path."""
+        if self.writer is None:
+            plt.close(fig)
+            return None
+        path = self.run_dir / "figures" / f"step-{step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        self.writer.add_figure("reconstruction", fig, step, close=True)
+        return path
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _rgb(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) normalised image -> (H, W, 3) in [0, 1]."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    return (x.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def _semantic(ids: torch.Tensor) -> np.ndarray:
+    """(H, W) class ids (-1 = ignore) -> (H, W, 3): a fixed colour per class, ignore black."""
+    palette = plt.get_cmap("tab20")(np.arange(20))[:, :3]
+    ids = ids.cpu().numpy()
+    out = palette[np.clip(ids, 0, None) % 20]
+    out[ids < 0] = 0
+    return out
+
+
+def _instance(rep: torch.Tensor) -> np.ndarray:
+    """(3, H, W) boundary + centre offsets -> (H, W, 3): boundaries red, offsets as green/blue around grey."""
+    b, dy, dx = rep.float().cpu().clamp(-1, 1)
+    return torch.stack([b.clamp(0, 1), 0.5 + 2 * dy, 0.5 + 2 * dx], dim=-1).clamp(0, 1).numpy()
+
+
+_TO_IMAGE = {"rgb": _rgb, "semantic": _semantic, "instance": _instance}
+
+
+def _pixel_mask(keep: torch.Tensor, size: int) -> np.ndarray:
+    """(N,) bool per patch -> (H, W, 1) bool per pixel."""
+    grid = int(round(keep.numel() ** 0.5))
+    patch = size // grid
+    return keep.view(grid, grid).cpu().repeat_interleave(patch, 0).repeat_interleave(patch, 1).numpy()[..., None]
+
+
+def reconstruction_figure(batch: dict[str, torch.Tensor], reconstruction: dict[str, torch.Tensor],
+                          visible: dict[str, torch.Tensor], num_samples: int = 2) -> Figure:
+    """One row per (sample, modality): the input, what the encoder saw of it, the model's
+    reconstruction (visible patches from the input, the rest predicted) and the target of the loss
+    (the input where patches were masked). Masked-out areas are grey."""
+    modalities = list(reconstruction)
+    num_samples = min(num_samples, batch["rgb"].shape[0])
+    rows = num_samples * len(modalities)
+    fig, axes = plt.subplots(rows, len(COLUMNS), figsize=(2.2 * len(COLUMNS), 2.2 * rows), squeeze=False)
+    grey = np.full(3, 0.5)
+    for s in range(num_samples):
+        for m, modality in enumerate(modalities):
+            to_image = _TO_IMAGE[modality]
+            full = to_image(batch[modality][s])
+            keep = _pixel_mask(visible[modality][s], full.shape[0])
+            images = (full, np.where(keep, full, grey), to_image(reconstruction[modality][s]),
+                      np.where(keep, grey, full))
+            for c, image in enumerate(images):
+                ax = axes[s * len(modalities) + m, c]
+                ax.imshow(image, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if s * len(modalities) + m == 0:
+                    ax.set_title(COLUMNS[c], fontsize=9)
+                if c == 0:
+                    ax.set_ylabel(f"#{s} {modality}", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,332 @@
+"""Pretraining entrypoint: `python -m pretraining.train --data PATH --config NAME --output RUN [--set k=v ...]`.
+
+One process per GPU under `torchrun` (DDP), or one process on a CPU. Rerunning the same command
+resumes from the newest checkpoint in RUN. See docs/training.md.
+
+The loop, in order: set the learning rate for the optimizer step; forward and backward each
+micro-batch (DDP syncs gradients on the last one); average the loss terms over ranks and stop on a
+non-finite one; step the optimizer; log, draw a figure, checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from timm.optim import param_groups_weight_decay
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from pretraining import checkpoint as ckpt
+from pretraining.config import ConfigError, TrainConfig, apply_overrides, differing_keys, to_dict
+from pretraining.data import DataError, LabeledDataset, PretrainingLoader, SampleSpec, open_labeled_dataset
+from pretraining.masking import curriculum_weights
+from pretraining.models import create_model
+from pretraining.monitor import Monitor, reconstruction_figure
+from pretraining.recipes import RECIPES, get_recipe
+
+CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"  # what the config does not fix: data path, world size, learning rate, dataset size
+
+
+class RunError(RuntimeError):
+    """The run cannot start or continue; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Distributed:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs), or run alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank() if world_size > 1 else 0, world_size, device)
+
+
+def learning_rate(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: int) -> float:
+    """MAE's schedule at fractional epoch `epoch`: linear warm-up, then a half cosine to min_lr."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@dataclass
+class EpochEnd:
+    """What a hook gets after each epoch (e.g. a k-NN probe on frozen features every N epochs)."""
+
+    epoch: int  # the epoch just finished (0-based)
+    global_step: int
+    model: torch.nn.Module  # the bare model (not DDP, not compiled); call .encode_rgb(images)
+    dataset: LabeledDataset
+    monitor: Monitor  # log with monitor.scalars(global_step, {...}); disabled on ranks > 0
+    dist: Distributed
+
+
+Hook = Callable[[EpochEnd], None]
+
+
+def _check_run_dir(run_dir: Path, cfg: TrainConfig, run_info: dict) -> None:
+    """Refuse to continue a run in `run_dir` with another config or world size."""
+    config_file = run_dir / CONFIG_FILE
+    if config_file.exists():
+        keys = differing_keys(json.loads(config_file.read_text()), to_dict(cfg))
+        if keys:
+            raise RunError(f"{run_dir} holds a run with another config (differing: {', '.join(keys)}); use a new "
+                           "--output, or the run's own --config and --set to resume it.")
+    run_file = run_dir / RUN_FILE
+    if run_file.exists():
+        saved = json.loads(run_file.read_text())
+        if saved.get("world_size") != run_info["world_size"]:
+            raise RunError(f"{run_dir} was trained on {saved.get('world_size')} processes, not "
+                           f"{run_info['world_size']}: resume it with the same number of GPUs (the data order "
+                           "and learning rate depend on it), or start a new --output.")
+
+
+def _reduce(values: torch.Tensor, distributed: Distributed) -> torch.Tensor:
+    if distributed.world_size > 1:
+        dist.all_reduce(values)
+        values = values / distributed.world_size
+    return values
+
+
+def _param_hash(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _gather(obj, distributed: Distributed) -> list:
+    if distributed.world_size == 1:
+        return [obj]
+    out = [None] * distributed.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def train(cfg: TrainConfig, data: str, output: str, hooks: Sequence[Hook] = (), progress: bool = True) -> dict:
+    """Train (or resume) the run in `output` on the labeled dataset in `data`; returns its summary."""
+    distributed = setup_distributed()
+    try:
+        return _train(cfg, data, Path(output), hooks, progress, distributed)
+    finally:
+        if distributed.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], show_progress: bool,
+           distributed: Distributed) -> dict:
+    device, main = distributed.device, distributed.main
+    dataset = open_labeled_dataset(data)
+    global_batch = cfg.data.batch_size * distributed.world_size * cfg.accum_steps
+    peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * global_batch / 256
+    run_info = {"data": str(data), "world_size": distributed.world_size, "global_batch": global_batch,
+                "lr": peak_lr, "dataset_rows": dataset.num_rows,
+                "num_semantic_classes": dataset.metadata.num_semantic_classes}
+    _check_run_dir(run_dir, cfg, run_info)
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = create_model(cfg.model, num_semantic_classes=dataset.metadata.num_semantic_classes, **cfg.model_args)
+    model.to(device)
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=no_decay)
+    optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=cfg.optim.betas, fused=device.type == "cuda")
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)  # bf16 needs no scaling
+
+    global_step, position = 0, (0, 0)  # optimizer steps done; next (epoch, micro-step) to load
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest)
+        keys = differing_keys(json.loads(state["config"]), to_dict(cfg))
+        if keys:
+            raise RunError(f"checkpoint {latest} comes from another config (differing: {', '.join(keys)}); use "
+                           "a new --output, or the run's own --config and --set to resume it.")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        global_step, position = state["global_step"], (state["position"]["epoch"], state["position"]["step"])
+        ckpt.set_rng_state(state["rng"][distributed.rank])
+        if main:
+            tqdm.write(f"resuming from {latest}: optimizer step {global_step}, epoch {position[0]}, batch {position[1]}",
+                       file=sys.stderr)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        (run_dir / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
+
+    mcfg = model.cfg
+    spec = SampleSpec(img_size=mcfg.img_size, patch_size=mcfg.patch_size, modalities=mcfg.modalities,
+                      masking=mcfg.masking, augment=cfg.data.augment, ignore_value=dataset.metadata.ignore_value,
+                      seed=cfg.seed, epochs=cfg.epochs)
+    loader = PretrainingLoader(dataset, spec, cfg.data, distributed.rank, distributed.world_size, position,
+                               cfg.accum_steps, pin_memory=device.type == "cuda")
+    steps_per_epoch = loader.steps_per_epoch  # micro-steps; may differ by one from epoch to epoch
+    train_model = torch.compile(model) if cfg.compile else model
+    if distributed.world_size > 1:
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    monitor = Monitor(run_dir, enabled=main)
+    samples_log = (open(run_dir / f"samples-rank{distributed.rank}.jsonl", "a") if cfg.log_samples else None)
+    bar = tqdm(total=cfg.epochs * steps_per_epoch // cfg.accum_steps, initial=global_step, unit="step",
+               disable=not (main and show_progress), dynamic_ncols=True)
+
+    def save(epoch: int, step: int) -> None:
+        states = _gather(ckpt.rng_state(), distributed)
+        if main:
+            weights = curriculum_weights(epoch / cfg.epochs, mcfg.masking.curriculum)
+            ckpt.save_checkpoint({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "schedule": {"lr": optimizer.param_groups[0]["lr"], "peak_lr": peak_lr},
+                "curriculum": {"progress": epoch / cfg.epochs, "weights": list(weights)},
+                "position": {"epoch": epoch, "step": step}, "global_step": global_step, "rng": states,
+                "config": json.dumps(to_dict(cfg)), "run": json.dumps(run_info),
+            }, run_dir, global_step, cfg.keep_checkpoints)
+
+    model.train()
+    totals, window = None, {"samples": 0, "wait": 0.0, "start": time.perf_counter(), "steps": 0}
+    last, saved_at = {}, global_step
+    epoch_steps = {}
+    waited_from = time.perf_counter()
+    for batch in loader:
+        epoch, step = batch.epoch, batch.step
+        if epoch not in epoch_steps:
+            epoch_steps[epoch] = loader.stream.plan(epoch).steps
+        inputs = batch.to(device)
+        window["wait"] += time.perf_counter() - waited_from
+        micro = step % cfg.accum_steps
+        if micro == 0:
+            lr = learning_rate(epoch + step / epoch_steps[epoch], peak_lr, cfg.optim.min_lr,
+                               cfg.optim.warmup_epochs, cfg.epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        last_micro = micro == cfg.accum_steps - 1
+        sync = contextlib.nullcontext() if last_micro or distributed.world_size == 1 else train_model.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                out = train_model(inputs)
+            scaler.scale(out.loss / cfg.accum_steps).backward()
+
+        names = ["loss", *out.terms]
+        values = _reduce(torch.stack([out.loss.detach().float(), *[t.detach().float() for t in out.terms.values()]]),
+                         distributed).tolist()
+        if not all(math.isfinite(v) for v in values):
+            terms = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values))
+            raise RunError(f"the loss is not finite at optimizer step {global_step + 1} (epoch {epoch}, batch {step}): "
+                           f"{terms}. The run stopped; lower optim.lr or use precision=fp32, then rerun to resume "
+                           "from the last checkpoint.")
+        totals = [a + b for a, b in zip(totals, values)] if totals else values
+        window["samples"] += inputs["rgb"].shape[0] * distributed.world_size
+        if samples_log is not None:
+            samples_log.write(json.dumps({"epoch": epoch, "step": step, "index": inputs["index"].tolist(),
+                                          "loss": dict(zip(names, values))}) + "\n")
+        if not last_micro:
+            waited_from = time.perf_counter()
+            continue
+
+        if cfg.optim.clip_grad is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        global_step += 1
+        window["steps"] += 1
+        position = (epoch, step + 1) if step + 1 < epoch_steps[epoch] else (epoch + 1, 0)
+        last = {n: v / cfg.accum_steps for n, v in zip(names, totals)}
+        totals = None
+        bar.update(1)
+        bar.set_postfix(epoch=epoch, loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+
+        if global_step % cfg.log_every == 0:
+            elapsed = time.perf_counter() - window["start"]
+            weights = curriculum_weights(epoch / cfg.epochs, mcfg.masking.curriculum)
+            monitor.scalars(global_step, {
+                **{f"loss/{n}": v for n, v in last.items()}, "lr": lr,
+                "curriculum/semantic": weights[0], "curriculum/instance": weights[1], "curriculum/random": weights[2],
+                "perf/images_per_s": window["samples"] / elapsed, "perf/data_wait_share": window["wait"] / elapsed,
+                "epoch": epoch + (step + 1) / epoch_steps[epoch]})
+            window = {"samples": 0, "wait": 0.0, "start": time.perf_counter(), "steps": 0}
+        if main and cfg.figure_every and global_step % cfg.figure_every == 0:
+            recon = model.reconstruct(inputs, out)
+            monitor.figure(global_step, reconstruction_figure(inputs, recon, model.visible_mask(out)))
+        if global_step % cfg.checkpoint_every == 0:
+            save(*position)
+            saved_at = global_step
+        if position[1] == 0:  # an epoch just ended
+            for hook in hooks:
+                hook(EpochEnd(epoch, global_step, model, dataset, monitor, distributed))
+        waited_from = time.perf_counter()
+
+    bar.close()
+    if saved_at != global_step:
+        save(*position)
+    hashes = _gather(_param_hash(model), distributed)
+    summary = {"global_step": global_step, "position": list(position), "last": last, "param_sha256": hashes}
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if samples_log is not None:
+        samples_log.close()
+    monitor.close()
+    if len(set(hashes)) > 1:
+        raise RunError("ranks ended with different parameters; DDP lost synchronisation (report this as a bug).")
+    return summary
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pretraining.train",
+        description="Pretrain C2FMAE (or the MAE / MultiMAE baselines) on a labeled dataset folder. Rerun the same "
+                    "command to resume from the newest checkpoint in --output. Multi-GPU: launch with torchrun "
+                    "(see docs/training.md).")
+    parser.add_argument("--data", required=True, help="labeled dataset folder (the labeling stage's output)")
+    parser.add_argument("--config", default="tiny", choices=sorted(RECIPES), metavar="NAME",
+                        help=f"named recipe: {', '.join(RECIPES)} (default: tiny)")
+    parser.add_argument("--output", required=True, help="run folder: config, checkpoints, logs, figures")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set data.batch_size=128 --set model_args.img_size=96")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = apply_overrides(get_recipe(args.config), args.set)
+        summary = train(cfg, args.data, args.output, progress=not args.no_progress)
+    except (ConfigError, DataError, RunError, ckpt.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {summary['global_step']} optimizer steps, last loss {summary['last'].get('loss', float('nan')):.4f}; "
+              f"run folder {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

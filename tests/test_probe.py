@@ -1,0 +1,300 @@
+"""Frozen-feature probes (k-NN, linear), the evaluation data sources, and the probe CLI end to end."""
+
+import importlib.util
+import types
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import save_for_hf
+
+from dataset_card import layout, shards, synthetic
+from dataset_card.schema import build_features, rows_to_table
+from dataset_card.synthetic import write_synthetic_dataset
+from pretraining import probe
+from pretraining.eval_data import EvalDataError, hash_split, load_eval_data, probe_loaders
+from pretraining.evaluate import main
+
+
+def blobs(n_per_class: int, num_classes: int, dim: int, spread: float, noise_seed: int):
+    """Gaussian clusters around fixed random unit centres: (features (N, D), labels (N,))."""
+    centres = torch.nn.functional.normalize(torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(0)),
+                                            dim=1)
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    noise = torch.randn(len(labels), dim, generator=torch.Generator().manual_seed(noise_seed))
+    return centres[labels] + spread * noise, labels
+
+
+# --- k-NN ---------------------------------------------------------------------------------------------
+
+
+def test_knn_votes_by_cosine_similarity():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    val = torch.tensor([[10.0, 1.0], [0.1, 5.0]])  # scale must not matter: cosine similarity
+    scores = probe.knn_scores(train, labels, val, num_classes=2, k=1)
+    assert scores.argmax(1).tolist() == [0, 1]
+    assert probe.knn_accuracy(train, labels, val, torch.tensor([0, 1]), k=1) == 100.0
+    assert probe.knn_accuracy(train, labels, val, torch.tensor([1, 0]), k=1) == 0.0
+
+
+def test_knn_weights_near_neighbours_above_far_ones():
+    # Two far neighbours of class 1 against one very close neighbour of class 0.
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-0.2, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    val = torch.tensor([[1.0, 0.05]])
+    assert probe.knn_scores(train, labels, val, 2, k=3).argmax().item() == 0
+
+
+def test_knn_accuracy_on_clusters_is_high_and_pure():
+    train_x, train_y = blobs(30, 5, 16, 0.1, noise_seed=1)
+    val_x, val_y = blobs(10, 5, 16, 0.1, noise_seed=2)
+    before = train_x.clone()
+    assert probe.knn_accuracy(train_x, train_y, val_x, val_y) == 100.0
+    assert torch.equal(train_x, before)
+    shuffled = train_y[torch.randperm(len(train_y), generator=torch.Generator().manual_seed(1))]
+    assert probe.knn_accuracy(train_x, shuffled, val_x, val_y) < 60.0
+
+
+def test_topk_accuracy_counts_hits_in_the_first_k():
+    scores = torch.tensor([[0.1, 0.5, 0.4], [0.7, 0.2, 0.1], [0.2, 0.3, 0.5]])
+    assert probe.topk_accuracy(scores, torch.tensor([2, 0, 0]), ks=(1, 2)) == pytest.approx([100 / 3, 200 / 3])
+    assert probe.topk_accuracy(scores, torch.tensor([2, 0, 0]), ks=(1, 5))[1] == 100.0  # k capped at C
+
+
+# --- linear probe -------------------------------------------------------------------------------------
+
+
+def test_linear_probe_learns_separable_classes_deterministically():
+    train_x, train_y = blobs(40, 4, 16, 0.2, noise_seed=1)
+    val_x, val_y = blobs(20, 4, 16, 0.2, noise_seed=2)
+    acc = probe.linear_probe_accuracy(train_x, train_y, val_x, val_y)
+    assert acc > 95.0
+    shuffled = train_y[torch.randperm(len(train_y), generator=torch.Generator().manual_seed(1))]
+    assert probe.linear_probe_accuracy(train_x, shuffled, val_x, val_y) < 60.0
+    assert probe.linear_probe_accuracy(train_x, train_y, val_x, val_y) == acc
+    head = probe.train_linear_probe(train_x, train_y, 4, probe.linear_probe_tiny(), torch.device("cpu"))
+    assert not head[0].affine  # MAE's BatchNorm without affine before the linear layer
+
+
+def test_gather_is_the_identity_on_one_process():
+    x = torch.arange(6).reshape(3, 2)
+    assert torch.equal(probe.gather_strided(x, 3, torch.device("cpu")), x)
+
+
+# --- evaluation data ----------------------------------------------------------------------------------
+
+
+def test_hash_split_is_order_free_disjoint_and_near_the_fraction():
+    keys = [f"n{i // 50:04d}/{i:06d}" for i in range(2000)]
+    train, val = hash_split(keys, 0.1)
+    assert len(set(train) | set(val)) == 2000 and not set(train) & set(val)
+    assert 150 < len(val) < 250
+    reordered = keys[::-1]
+    _, val_reordered = hash_split(reordered, 0.1)
+    assert {reordered[i] for i in val_reordered} == {keys[i] for i in val}
+
+
+def test_labeled_folder_gives_labels_masks_and_a_held_out_split(tmp_path):
+    write_synthetic_dataset(str(tmp_path), num_images=20, num_shards=3, size=(24, 32), seed=0)
+    data = load_eval_data(str(tmp_path), val_fraction=0.3)
+    assert data.layout == "labeled" and data.class_names == ("few_shapes", "many_shapes")
+    assert data.num_semantic_classes == 4 and len(data.train) + len(data.val) == 20
+    table = datasets.load_dataset(str(tmp_path), split="train")
+    by_id = {row["image_id"]: row["label"] for row in table.select_columns(["image_id", "label"])}
+    sample = data.val.load(0)
+    assert sample.image.shape == (24, 32, 3) and sample.mask.shape == (24, 32)
+    assert set(np.unique(sample.mask)) <= {0, 1, 2, 3}
+    assert sorted(by_id.values()).count(sample.label) > 0
+
+
+def _write_images(folder, classes, per_class, colour_of):
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((8, 8, 3), colour_of(c), np.uint8)).save(folder / c / f"{i}.png")
+
+
+def test_imagefolder_with_and_without_a_val_folder(tmp_path):
+    _write_images(tmp_path / "flat", ["cat", "dog"], 10, lambda c: 10 if c == "cat" else 240)
+    data = load_eval_data(str(tmp_path / "flat"), val_fraction=0.3)
+    assert data.layout == "imagefolder" and data.class_names == ("cat", "dog")
+    assert len(data.train) + len(data.val) == 20
+    for split in (data.train, data.val):
+        for i in range(len(split)):
+            s = split.load(i)
+            assert (s.image.mean() < 128) == (s.label == 0)  # label follows the folder
+    _write_images(tmp_path / "inet" / "train", ["a", "b"], 3, lambda c: 0)
+    _write_images(tmp_path / "inet" / "val", ["a", "b"], 2, lambda c: 0)
+    data = load_eval_data(str(tmp_path / "inet"))
+    assert (len(data.train), len(data.val)) == (6, 4)
+
+
+def test_datasets_folder_with_its_own_validation_split(tmp_path):
+    def split(n, seed):
+        rng = np.random.default_rng(seed)
+        return datasets.Dataset.from_dict(
+            {"img": [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(n)],
+             "label": [i % 3 for i in range(n)]},
+            features=datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y", "z"])}))
+
+    datasets.DatasetDict({"train": split(6, 0), "validation": split(3, 1)}).save_to_disk(str(tmp_path / "ds"))
+    data = load_eval_data(str(tmp_path / "ds"))
+    assert data.layout == "datasets" and data.class_names == ("x", "y", "z")
+    assert (len(data.train), len(data.val)) == (6, 3)
+    assert data.val.load(2).label == 2 and data.val.load(2).image.shape == (8, 8, 3)
+
+
+def test_unreadable_data_paths_fail_with_a_sentence(tmp_path):
+    with pytest.raises(EvalDataError, match="not a folder"):
+        load_eval_data(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvalDataError, match="not a labeled folder, ImageFolder"):
+        load_eval_data(str(tmp_path / "empty"))
+
+
+# --- the CLI --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    """An ImageFolder whose class is the dominant colour, and a tiny random encoder folder."""
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    base = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+    for name, colour in base.items():
+        (root / "data" / name).mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "data" / name / f"{i}.png")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=2, embed_dim=32,
+                              num_heads=2)
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
+    save_for_hf(model, str(root / "encoder"), safe_serialization=True)
+    return root
+
+
+@pytest.mark.parametrize("command", ["knn", "linear-probe"])
+def test_probe_cli_prints_top1_and_writes_metrics(colours, tmp_path, capsys, command):
+    metrics = main([command, "--model", f"local-dir:{colours / 'encoder'}", "--data", str(colours / "data"),
+                    "--config", "tiny", "--val-fraction", "0.3", "--output", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"{command}: top-1" in out and "3 classes" in out
+    assert metrics["train_samples"] + metrics["val_samples"] == 36
+    assert metrics["top1"] > 60.0  # colour is visible even to a random encoder
+    assert (tmp_path / f"{'knn' if command == 'knn' else 'linear'}.json").is_file()
+
+
+def test_probe_cli_errors_are_one_line(colours, tmp_path):
+    for argv, hint in [(["--model", "vit_tiny_patch16_224", "--data", str(colours / "data")], "--random-init"),
+                       (["--model", f"local-dir:{colours / 'encoder'}", "--data", str(tmp_path)], "not a labeled"),
+                       (["--model", f"local-dir:{colours / 'encoder'}", "--data", str(colours / "data"),
+                         "--set", "k=many"], "k must be an integer")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["knn", *argv])
+        message = str(exit_info.value.code)
+        assert message.startswith("error: ") and "\n" not in message and hint in message
+
+
+def test_periodic_probe_hook_for_the_pretraining_loop(colours):
+    train, val = probe_loaders(str(colours / "data"), 32, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, batch_size=8,
+                               val_fraction=0.3, max_train=20)
+    assert len(train.dataset) == 20 and {y for _, y in train.dataset} == {0, 1, 2}  # spread over classes
+    model = timm.create_model(f"local-dir:{colours / 'encoder'}", pretrained=True).eval()
+    encode = lambda x: model.forward_features(x)[:, 0]  # noqa: E731 (the class token, as encode_rgb gives it)
+    knn = probe.periodic_probe(encode, train, val, torch.device("cpu"), kind="knn", k=5)
+    linear = probe.periodic_probe(encode, train, val, torch.device("cpu"), kind="linear")
+    assert knn > 60.0 and linear > 60.0
+
+
+def test_probe_hook_logs_every_n_epochs_on_rank_0(colours):
+    class Encoder(torch.nn.Module):  # what the pretraining model offers: encode_rgb -> (B, 1 + N, D)
+        def __init__(self):
+            super().__init__()
+            self.vit = timm.create_model(f"local-dir:{colours / 'encoder'}", pretrained=True)
+
+        def encode_rgb(self, images):
+            return self.vit.forward_features(images)
+
+    logged = []
+    monitor = types.SimpleNamespace(scalars=lambda step, values: logged.append((step, values)))
+    model = Encoder().train()
+    hook = probe.probe_hook(str(colours / "data"), 32, probe.PeriodicProbeConfig(every=2, k=5, val_fraction=0.3))
+    for epoch, rank in [(0, 0), (1, 1), (1, 0), (2, 0)]:
+        dist = types.SimpleNamespace(rank=rank, device=torch.device("cpu"))
+        hook(types.SimpleNamespace(epoch=epoch, global_step=10 * (epoch + 1), model=model, monitor=monitor, dist=dist))
+    assert [step for step, _ in logged] == [20]  # after the 2nd epoch, on rank 0 only
+    assert 60.0 < logged[0][1]["probe/knn_top1"] <= 100.0
+    assert model.training  # handed back in training mode
+
+
+# --- pretrained beats random ----------------------------------------------------------------------------
+
+COLOURS = {1: (200, 40, 40), 2: (40, 180, 60), 3: (50, 70, 210)}
+
+
+def write_colour_task(root, num_images: int, seed: int, size: int = 64) -> None:
+    """A labeled folder (through the contract) whose image class is the semantic class of its one or two
+    small shapes (red ellipse / green rectangle / blue ellipse) on a background of any colour: the mean
+    colour, all a random encoder's pooled features carry, says little about the class."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    metadata = layout.DatasetMetadata(("red", "green", "blue"), synthetic.SEMANTIC_CLASSES)
+    features = build_features(metadata.class_names, metadata.semantic_class_names)
+    rows = []
+    for i in range(num_images):
+        label = int(rng.integers(0, 3))
+        rgb = (rng.integers(0, 256, size=3) + rng.normal(0, 12, (size, size, 3))).clip(0, 255)
+        semantic, masks = np.zeros((size, size), np.uint8), []
+        for _ in range(int(rng.integers(1, 3))):
+            (cy, cx), (ry, rx) = rng.uniform(0.2, 0.8, 2) * size, rng.uniform(0.08, 0.15, 2) * size
+            box = (abs(yy - cy) < ry) & (abs(xx - cx) < rx)
+            mask = box if label == 1 else ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+            rgb[mask] = np.array(COLOURS[label + 1]) + rng.normal(0, 8, (int(mask.sum()), 3))
+            semantic[mask] = label + 1
+            masks.append(mask)
+        rows.append(synthetic.synthetic_row(f"{metadata.class_names[label]}/{i:06d}", label,
+                                            rgb.clip(0, 255).astype(np.uint8), semantic, masks)[0])
+    fs, base = shards.filesystem(str(root))
+    shards.commit_shard(fs, base, 0, 1, rows_to_table(rows, features),
+                        pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA), layout.ShardStats(shard=0))
+    shards.write_bytes(fs, f"{base}/{layout.METADATA_FILE}", metadata.to_json().encode())
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors gain nothing from a second thread, and a busy machine makes its spin-waits costly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("pretraining.train") is None
+                    or importlib.util.find_spec("pretraining.export") is None,
+                    reason="needs the pretraining loop and export (pretraining.train, pretraining.export)")
+def test_pretrained_tiny_encoder_beats_random_init_by_5_points(tmp_path, one_thread):
+    from pretraining import export, train
+
+    write_colour_task(tmp_path / "pretrain", 256, seed=0)
+    write_colour_task(tmp_path / "probe", 600, seed=1)
+    # ~300 optimizer steps of a 4-block, 64-wide C2FMAE at 64 px: seconds of CPU per epoch.
+    small = ["model_args.embed_dim=64", "model_args.depth=4", "model_args.num_heads=4", "model_args.decoder_dim=64",
+             "model_args.decoder_heads=4", "epochs=19", "figure_every=0", "checkpoint_every=1000"]
+    assert train.main(["--data", str(tmp_path / "pretrain"), "--config", "tiny", "--output", str(tmp_path / "run"),
+                       "--no-progress", *[a for kv in small for a in ("--set", kv)]]) == 0
+    assert export.main([str(tmp_path / "run"), "--to", "timm", "--output", str(tmp_path / "timm")]) == 0
+
+    probe_args = ["linear-probe", "--model", f"local-dir:{tmp_path / 'timm'}", "--data", str(tmp_path / "probe"),
+                  "--config", "tiny", "--val-fraction", "0.3"]
+    pretrained = main(probe_args)
+    random_init = main([*probe_args, "--random-init"])
+    assert pretrained["val_samples"] > 150  # a held-out split large enough for 5 points to mean something
+    assert pretrained["top1"] >= random_init["top1"] + 5.0, (pretrained["top1"], random_init["top1"])

@@ -1,0 +1,256 @@
+"""Training entrypoint: config overrides, schedule, checkpoints, exact resume after SIGKILL, refusals,
+non-finite losses, logs and figures, and a learning check on synthetic shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dataset_card.synthetic import write_synthetic_dataset
+from pretraining import checkpoint as ckpt
+from pretraining.adapters import downsample_labels
+from pretraining.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    differing_keys,
+    from_dict,
+    to_dict,
+)
+from pretraining.data import PretrainingLoader, SampleSpec, open_labeled_dataset
+from pretraining.export import load_run_model
+from pretraining.losses import patchify
+from pretraining.models import MODELS
+from pretraining.recipes import RECIPES, get_recipe, tiny
+from pretraining.train import RunError, learning_rate, main, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny run: 64 rows / batch 8 = 8 optimizer steps per epoch, 16 in all; checkpoints at 3, 6, ..., 15, 16.
+FAST = ("epochs=2", "data.batch_size=8", "checkpoint_every=3", "log_every=2", "figure_every=5",
+        "keep_checkpoints=2")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_synthetic_dataset(str(root), num_images=64, num_shards=4, size=(64, 80), seed=0)
+    return str(root)
+
+
+def _command(data: str, output: Path, sets=FAST) -> list[str]:
+    return [sys.executable, "-m", "pretraining.train", "--data", data, "--config", "tiny", "--output", str(output),
+            "--no-progress", *[arg for s in sets for arg in ("--set", s)]]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+# Config -------------------------------------------------------------------------------------------
+
+
+def test_overrides_parse_check_and_round_trip():
+    cfg = apply_overrides(tiny(), ["data.batch_size=32", "optim.betas=(0.8, 0.9)", "model_args.img_size=96",
+                                   "compile=true", "optim.lr=None", "optim.base_lr=1"])
+    assert cfg.data.batch_size == 32 and cfg.optim.betas == (0.8, 0.9) and cfg.compile is True
+    assert cfg.model_args["img_size"] == 96 and cfg.optim.lr is None and cfg.optim.base_lr == 1.0
+    assert from_dict(TrainConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
+    assert differing_keys(to_dict(cfg), to_dict(tiny())) == ["data.batch_size", "model_args.img_size",
+                                                             "optim.base_lr", "optim.betas", "optim.lr"]
+    assert differing_keys(to_dict(cfg), to_dict(dataclasses.replace(cfg, log_every=1))) == []  # may change
+    for bad, match in [("data.batchsize=3", "no field 'batchsize'"), ("data.batch_size=big", "expected a int"),
+                       ("data=3", "is a group"), ("epochs", "key=value"), ("epochs=0", "at least 1"),
+                       ("precision=fp8", "bf16, fp16 or fp32")]:
+        with pytest.raises(ConfigError, match=match):
+            apply_overrides(tiny(), [bad])
+
+
+def test_recipes_name_registered_models_and_mae_optimisation():
+    assert set(RECIPES) == {"tiny", "c2fmae_base_400ep", "c2fmae_base_1600ep", "mae_base", "multimae_base",
+                            "c2fmae_large"}
+    for name in RECIPES:
+        cfg = get_recipe(name)
+        assert cfg.name == name and cfg.model in MODELS
+        assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.05
+    base = get_recipe("c2fmae_base_400ep")
+    assert base.optim.base_lr == 1.5e-4 and base.optim.warmup_epochs == 40 and base.epochs == 400
+    assert get_recipe("c2fmae_base_1600ep").epochs == 1600
+    with pytest.raises(ConfigError, match="unknown config"):
+        get_recipe("huge")
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine():
+    lr = lambda e: learning_rate(e, 1.0, 0.1, warmup_epochs=40, epochs=400)  # noqa: E731
+    assert lr(0) == 0 and lr(20) == pytest.approx(0.5) and lr(40) == pytest.approx(1.0)
+    assert lr(220) == pytest.approx(0.55) and lr(400) == pytest.approx(0.1)
+    assert all(lr(e) >= lr(e + 1) for e in range(40, 400))
+
+
+# Checkpoints ----------------------------------------------------------------------------------------
+
+
+def test_checkpoints_are_atomic_keep_the_last_k_and_restore_rng(tmp_path):
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint({"w": torch.full((2,), float(step)), "rng": ckpt.rng_state()}, tmp_path, step, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000003.pt", "step-00000004.pt"]
+    assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary file left behind
+    (tmp_path / "checkpoints" / ".step-00000005.pt.tmp").write_bytes(b"half a checkpoint")  # killed mid-write
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert torch.equal(state["w"], torch.full((2,), 4.0))
+    ckpt.set_rng_state(state["rng"])
+    a = torch.rand(3)
+    ckpt.set_rng_state(state["rng"])
+    assert torch.equal(a, torch.rand(3))
+    (tmp_path / "checkpoints" / "step-00000009.pt").write_bytes(b"junk")
+    with pytest.raises(ckpt.CheckpointError, match="delete it"):
+        ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+
+
+# End to end -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory):
+    """An uninterrupted tiny run (a subprocess, as a user would start it)."""
+    output = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    done = subprocess.run(_command(data_dir, output), env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return output
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_exactly_the_uninterrupted_parameters(data_dir, finished_run, tmp_path):
+    output = tmp_path / "killed"
+    proc = subprocess.Popen(_command(data_dir, output), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not ckpt.list_checkpoints(output):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    written = ckpt.list_checkpoints(output)
+    assert written and not (output / "summary.json").exists()  # killed after a checkpoint, before the end
+
+    resumed = subprocess.run(_command(data_dir, output), env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    step = int(re.search(r"resuming from .*: optimizer step (\d+)", resumed.stderr).group(1))
+    assert step > 0
+    final = [ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["model"] for run in (finished_run, output)]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (finished_run, output)]
+    assert summaries[0]["global_step"] == summaries[1]["global_step"] == 16
+    assert summaries[0]["param_sha256"] == summaries[1]["param_sha256"]
+
+
+@pytest.mark.slow
+def test_run_writes_config_scalars_and_reconstruction_figures(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert json.loads((finished_run / "config.json").read_text())["data"]["batch_size"] == 8
+    assert json.loads((finished_run / "run.json").read_text())["num_semantic_classes"] == 4
+    events = EventAccumulator(str(finished_run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss/loss", "loss/semantic", "loss/instance", "loss/rgb", "lr", "curriculum/semantic",
+            "curriculum/instance", "curriculum/random", "perf/images_per_s", "perf/data_wait_share"} <= tags
+    assert [e.step for e in events.Scalars("loss/rgb")] == list(range(2, 17, 2))
+    share = [e.value for e in events.Scalars("perf/data_wait_share")]
+    assert all(0 <= s <= 1 for s in share)
+    assert sorted(p.name for p in (finished_run / "figures").glob("*.png")) == ["step-00000005.png",
+                                                                                "step-00000010.png",
+                                                                                "step-00000015.png"]
+    assert events.Tags()["images"] == ["reconstruction"]
+    assert [p.name for p in ckpt.list_checkpoints(finished_run)] == ["step-00000015.pt", "step-00000016.pt"]
+
+
+@pytest.mark.slow
+def test_rerun_with_another_config_is_refused(data_dir, finished_run, capsys):
+    assert main(["--data", data_dir, "--output", str(finished_run), "--no-progress",
+                 *[a for s in (*FAST, "optim.lr=0.5") for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err
+    assert "another config" in err and "optim.lr" in err and "Traceback" not in err
+    assert main(["--data", str(finished_run), "--output", str(finished_run / "x")]) == 2
+    assert "metadata.json" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_the_run_naming_step_and_terms(data_dir, tmp_path, monkeypatch):
+    import pretraining.train as train_module
+
+    def poisoned(name, **kwargs):
+        model = MODELS[name](**kwargs)
+        calls = {"n": 0}
+        original = model.loss_term
+
+        def loss_term(modality, *args):
+            calls["n"] += modality == "instance"
+            value = original(modality, *args)
+            return value * float("nan") if modality == "instance" and calls["n"] == 3 else value
+
+        model.loss_term = loss_term
+        return model
+
+    monkeypatch.setattr(train_module, "create_model", poisoned)
+    cfg = apply_overrides(tiny(), FAST)
+    with pytest.raises(RunError, match=r"not finite at optimizer step 3 \(epoch 0, batch 2\).*instance=nan"):
+        train(cfg, data_dir, str(tmp_path / "run"), progress=False)
+    assert not ckpt.list_checkpoints(tmp_path / "run")  # nothing saved after step 2
+
+
+# Learning ------------------------------------------------------------------------------------------
+
+
+def masked_semantic_accuracy(model, data: str, batches: int = 8) -> tuple[float, float]:
+    """(accuracy, majority-class baseline) of the semantic prediction on masked label pixels, random masking."""
+    dataset = open_labeled_dataset(data)
+    mcfg = model.cfg
+    spec = SampleSpec(mcfg.img_size, mcfg.patch_size, mcfg.modalities,
+                      dataclasses.replace(mcfg.masking, strategy="random"), tiny().data.augment,
+                      dataset.metadata.ignore_value, seed=123, epochs=1)
+    loader = PretrainingLoader(dataset, spec, dataclasses.replace(tiny().data, batch_size=16, num_workers=0))
+    correct = total = 0
+    counts = torch.zeros(dataset.metadata.num_semantic_classes)
+    p = mcfg.patch_size // mcfg.semantic_downsample
+    with torch.no_grad():
+        for batch, _ in zip(loader, range(batches)):
+            inputs = batch.to(torch.device("cpu"))
+            out = model(inputs)
+            masked = ~model.visible_mask(out)["semantic"]  # (B, N)
+            target = patchify(downsample_labels(inputs["semantic"], mcfg.semantic_downsample)[:, None], p)
+            pred = out.predictions["semantic"].reshape(*target.shape, -1).argmax(-1)  # (B, N, p*p)
+            keep = masked[..., None] & (target >= 0)
+            correct += int((pred == target)[keep].sum())
+            total += int(keep.sum())
+            counts += torch.bincount(target[keep], minlength=len(counts))
+    return correct / total, float(counts.max() / counts.sum())
+
+
+@pytest.mark.slow
+def test_tiny_run_learns_semantics_of_masked_patches(tmp_path):
+    data = str(tmp_path / "shapes")
+    write_synthetic_dataset(data, num_images=192, num_shards=3, size=(64, 64), seed=5)
+    cfg = apply_overrides(tiny(), ["epochs=6", "log_samples=true", "figure_every=0", "checkpoint_every=1000"])
+    train(cfg, data, str(tmp_path / "run"), progress=False)
+    losses = [json.loads(line)["loss"]["loss"] for line in open(tmp_path / "run" / "samples-rank0.jsonl")]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    model, _ = load_run_model(tmp_path / "run")
+    accuracy, baseline = masked_semantic_accuracy(model, data)
+    print(f"masked-patch semantic accuracy {accuracy:.3f}, majority-class baseline {baseline:.3f}")
+    assert accuracy > baseline + 0.1
