@@ -224,7 +224,7 @@ def masked_semantic_accuracy(model, data: str, batches: int = 8) -> tuple[float,
     spec = SampleSpec(mcfg.img_size, mcfg.patch_size, mcfg.modalities,
                       dataclasses.replace(mcfg.masking, strategy="random"), tiny().data.augment,
                       dataset.metadata.ignore_value, seed=123, epochs=1)
-    loader = PretrainingLoader(dataset, spec, dataclasses.replace(tiny().data, batch_size=16, num_workers=0))
+    loader = PretrainingLoader(dataset, spec, dataclasses.replace(tiny().data, batch_size=32, num_workers=0))
     correct = total = 0
     counts = torch.zeros(dataset.metadata.num_semantic_classes)
     p = mcfg.patch_size // mcfg.semantic_downsample
@@ -245,12 +245,18 @@ def masked_semantic_accuracy(model, data: str, batches: int = 8) -> tuple[float,
 @pytest.mark.slow
 def test_tiny_run_learns_semantics_of_masked_patches(tmp_path):
     data = str(tmp_path / "shapes")
-    write_synthetic_dataset(data, num_images=192, num_shards=3, size=(64, 64), seed=5)
-    cfg = apply_overrides(tiny(), ["epochs=6", "log_samples=true", "figure_every=0", "checkpoint_every=1000"])
-    train(cfg, data, str(tmp_path / "run"), progress=False)
+    write_synthetic_dataset(data, num_images=640, num_shards=10, size=(64, 64), seed=5)
+    # Random masking from the start: the curriculum's guided phases hide whole regions in every
+    # modality, which a 200-step run cannot learn to fill; this checks that the pipeline learns.
+    cfg = apply_overrides(tiny(), ["model_args.masking=random", "log_samples=true", "figure_every=0",
+                                   "checkpoint_every=1000"])
+    summary = train(cfg, data, str(tmp_path / "run"), progress=False)
+    assert summary["global_step"] == 200
     losses = [json.loads(line)["loss"]["loss"] for line in open(tmp_path / "run" / "samples-rank0.jsonl")]
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     model, _ = load_run_model(tmp_path / "run")
     accuracy, baseline = masked_semantic_accuracy(model, data)
-    print(f"masked-patch semantic accuracy {accuracy:.3f}, majority-class baseline {baseline:.3f}")
-    assert accuracy > baseline + 0.1
+    print(f"loss {first:.3f} -> {last:.3f}; masked-patch semantic accuracy {accuracy:.3f}, "
+          f"majority-class baseline {baseline:.3f}")
+    assert last < 0.75 * first
+    assert accuracy > baseline + 0.05
