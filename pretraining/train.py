@@ -107,6 +107,13 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, run_info: dict) -> None:
                            "and learning rate depend on it), or start a new --output.")
 
 
+def _write_json(path: Path, data: dict) -> None:
+    """Write atomically: other ranks may be reading the file to check their config against it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def _reduce(values: torch.Tensor, distributed: Distributed) -> torch.Tensor:
     if distributed.world_size > 1:
         dist.all_reduce(values)
@@ -178,8 +185,8 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
                        file=sys.stderr)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-        (run_dir / RUN_FILE).write_text(json.dumps(run_info, indent=2) + "\n")
+        _write_json(run_dir / CONFIG_FILE, to_dict(cfg))
+        _write_json(run_dir / RUN_FILE, run_info)
 
     mcfg = model.cfg
     spec = SampleSpec(img_size=mcfg.img_size, patch_size=mcfg.patch_size, modalities=mcfg.modalities,
@@ -209,7 +216,7 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
             }, run_dir, global_step, cfg.keep_checkpoints)
 
     model.train()
-    totals, window = None, {"samples": 0, "wait": 0.0, "start": time.perf_counter(), "steps": 0}
+    totals, window = None, {"samples": 0, "wait": 0.0, "start": time.perf_counter()}
     last, saved_at = {}, global_step
     epoch_steps = {}
     waited_from = time.perf_counter()
@@ -256,7 +263,6 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         global_step += 1
-        window["steps"] += 1
         position = (epoch, step + 1) if step + 1 < epoch_steps[epoch] else (epoch + 1, 0)
         last = {n: v / cfg.accum_steps for n, v in zip(names, totals)}
         totals = None
@@ -271,7 +277,7 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
                 "curriculum/semantic": weights[0], "curriculum/instance": weights[1], "curriculum/random": weights[2],
                 "perf/images_per_s": window["samples"] / elapsed, "perf/data_wait_share": window["wait"] / elapsed,
                 "epoch": epoch + (step + 1) / epoch_steps[epoch]})
-            window = {"samples": 0, "wait": 0.0, "start": time.perf_counter(), "steps": 0}
+            window = {"samples": 0, "wait": 0.0, "start": time.perf_counter()}
         if main and cfg.figure_every and global_step % cfg.figure_every == 0:
             recon = model.reconstruct(inputs, out)
             monitor.figure(global_step, reconstruction_figure(inputs, recon, model.visible_mask(out)))
@@ -289,7 +295,7 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
     hashes = _gather(_param_hash(model), distributed)
     summary = {"global_step": global_step, "position": list(position), "last": last, "param_sha256": hashes}
     if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _write_json(run_dir / "summary.json", summary)
     if samples_log is not None:
         samples_log.close()
     monitor.close()

@@ -68,9 +68,9 @@ def _env() -> dict:
 
 
 def test_overrides_parse_check_and_round_trip():
-    cfg = apply_overrides(tiny(), ["data.batch_size=32", "optim.betas=(0.8, 0.9)", "model_args.img_size=96",
+    cfg = apply_overrides(tiny(), ["data.batch_size=12", "optim.betas=(0.8, 0.9)", "model_args.img_size=96",
                                    "compile=true", "optim.lr=None", "optim.base_lr=1"])
-    assert cfg.data.batch_size == 32 and cfg.optim.betas == (0.8, 0.9) and cfg.compile is True
+    assert cfg.data.batch_size == 12 and cfg.optim.betas == (0.8, 0.9) and cfg.compile is True
     assert cfg.model_args["img_size"] == 96 and cfg.optim.lr is None and cfg.optim.base_lr == 1.0
     assert from_dict(TrainConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
     assert differing_keys(to_dict(cfg), to_dict(tiny())) == ["data.batch_size", "model_args.img_size",
@@ -214,6 +214,25 @@ def test_non_finite_loss_stops_the_run_naming_step_and_terms(data_dir, tmp_path,
     assert not ckpt.list_checkpoints(tmp_path / "run")  # nothing saved after step 2
 
 
+def test_gradient_accumulation_matches_one_step_over_the_joined_batch(data_dir, tmp_path):
+    # Every sample keeps 4 tokens per modality, so each micro-batch's loss has the same normaliser.
+    sets = ["epochs=1", "data.num_workers=0", "log_samples=true", "figure_every=0", "checkpoint_every=1000",
+            "model_args.masking=random", "model_args.num_visible=12", "model_args.dirichlet_alpha=1000000.0"]
+    runs = {}
+    for name, extra in [("accum", ["data.batch_size=4", "accum_steps=2"]), ("whole", ["data.batch_size=8"])]:
+        assert train(apply_overrides(tiny(), [*sets, *extra]), data_dir, str(tmp_path / name),
+                     progress=False)["global_step"] == 8
+        lines = (tmp_path / name / "samples-rank0.jsonl").read_text().splitlines()
+        runs[name] = [json.loads(line) for line in lines]
+    assert len(runs["accum"]) == 2 * len(runs["whole"]) == 16
+    for k, whole in enumerate(runs["whole"]):
+        micro = runs["accum"][2 * k:2 * k + 2]
+        assert set(whole["index"]) == set(micro[0]["index"]) | set(micro[1]["index"])
+        # Step k's loss is computed with the weights after k updates: equal losses mean equal updates.
+        # (Final weights are not compared: Adam turns float noise in near-zero gradients into +-lr steps.)
+        assert abs(whole["loss"]["loss"] - (micro[0]["loss"]["loss"] + micro[1]["loss"]["loss"]) / 2) < 1e-5
+
+
 # Learning ------------------------------------------------------------------------------------------
 
 
@@ -224,7 +243,7 @@ def masked_semantic_accuracy(model, data: str, batches: int = 8) -> tuple[float,
     spec = SampleSpec(mcfg.img_size, mcfg.patch_size, mcfg.modalities,
                       dataclasses.replace(mcfg.masking, strategy="random"), tiny().data.augment,
                       dataset.metadata.ignore_value, seed=123, epochs=1)
-    loader = PretrainingLoader(dataset, spec, dataclasses.replace(tiny().data, batch_size=16, num_workers=0))
+    loader = PretrainingLoader(dataset, spec, dataclasses.replace(tiny().data, batch_size=32, num_workers=0))
     correct = total = 0
     counts = torch.zeros(dataset.metadata.num_semantic_classes)
     p = mcfg.patch_size // mcfg.semantic_downsample
@@ -245,12 +264,18 @@ def masked_semantic_accuracy(model, data: str, batches: int = 8) -> tuple[float,
 @pytest.mark.slow
 def test_tiny_run_learns_semantics_of_masked_patches(tmp_path):
     data = str(tmp_path / "shapes")
-    write_synthetic_dataset(data, num_images=192, num_shards=3, size=(64, 64), seed=5)
-    cfg = apply_overrides(tiny(), ["epochs=6", "log_samples=true", "figure_every=0", "checkpoint_every=1000"])
-    train(cfg, data, str(tmp_path / "run"), progress=False)
+    write_synthetic_dataset(data, num_images=640, num_shards=10, size=(64, 64), seed=5)
+    # Random masking from the start: the curriculum's guided phases hide whole regions in every
+    # modality, which a 200-step run cannot learn to fill; this checks that the pipeline learns.
+    cfg = apply_overrides(tiny(), ["model_args.masking=random", "log_samples=true", "figure_every=0",
+                                   "checkpoint_every=1000"])
+    summary = train(cfg, data, str(tmp_path / "run"), progress=False)
+    assert summary["global_step"] == 200
     losses = [json.loads(line)["loss"]["loss"] for line in open(tmp_path / "run" / "samples-rank0.jsonl")]
-    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     model, _ = load_run_model(tmp_path / "run")
     accuracy, baseline = masked_semantic_accuracy(model, data)
-    print(f"masked-patch semantic accuracy {accuracy:.3f}, majority-class baseline {baseline:.3f}")
-    assert accuracy > baseline + 0.1
+    print(f"loss {first:.3f} -> {last:.3f}; masked-patch semantic accuracy {accuracy:.3f}, "
+          f"majority-class baseline {baseline:.3f}")
+    assert last < 0.75 * first
+    assert accuracy > baseline + 0.05
