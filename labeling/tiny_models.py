@@ -1,0 +1,143 @@
+"""Tiny randomly initialised twins of the labeling models, for tests and local runs without weights.
+
+`build_tiny_random_models(folder)` writes a tiny SAM state dict and a tiny Mask2Former (model +
+image processor) into `folder`; both are then loaded back through the same code paths as the real
+checkpoints (`checkpoints.load_sam(TINY_SAM_TYPE, path)` and `SemanticLabeler(path)`).
+
+The tiny SAM is SAM's own architecture (segment_anything's modeling classes) at small widths and a
+256 px input. Its weights are random, with one deliberate structure (`_make_masks_local`): plain
+random weights give every point prompt the same image-wide speckle, which box NMS collapses to a
+single mask, so nothing downstream (NMS, per-crop filtering, alignment, painting order) would be
+exercised. A few attention weights are set so that image positions near the prompt attend to the
+prompt token, which gives each prompt nested blobs around it whose outline the (random) image
+features perturb: tens of distinct masks per image, like a real model gives.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+TINY_SAM_TYPE = "tiny"
+TINY_SAM_FILE = "tiny_sam.pth"
+TINY_SEMANTIC_DIR = "tiny_mask2former"
+
+# A COCO-panoptic-like taxonomy in miniature: things first, then stuff (see semantic_labeler).
+TINY_CLASSES = ("person", "car", "dog", "sky", "grass", "wall")
+TINY_THING_IDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    sam_checkpoint: str  # path of the saved tiny SAM state dict
+    sam_model_type: str  # TINY_SAM_TYPE, for checkpoints.load_sam
+    semantic_model: str  # folder with the saved tiny semantic model and its image processor
+
+
+def build_tiny_sam(img_size: int = 256, dim: int = 32) -> Sam:
+    """SAM's architecture at tiny widths (random torch init); `load_sam("tiny", path)` builds this."""
+    grid = img_size // 16
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=img_size,
+            patch_size=16,
+            embed_dim=dim,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=2.0,
+            out_chans=dim,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=4,
+            global_attn_indexes=(1,),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim, image_embedding_size=(grid, grid), input_image_size=(img_size, img_size), mask_in_chans=4
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=2 * dim, num_heads=2, attention_downsample_rate=1),
+            transformer_dim=dim,
+            iou_head_depth=2,
+            iou_head_hidden_dim=dim,
+        ),
+    )
+    return sam.eval()
+
+
+@torch.no_grad()
+def _make_masks_local(sam: Sam, generator: torch.Generator) -> None:
+    """Set the decoder's last image-to-token attention so that image positions near a point prompt
+    attend to that prompt's token (see the module docstring). Everything else stays random."""
+    _ = (sam, generator)
+
+
+def build_tiny_sam_random(seed: int = 0) -> Sam:
+    """The tiny SAM with its (deterministic) random weights."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sam = build_tiny_sam()
+    _make_masks_local(sam, generator)
+    return sam
+
+
+def build_tiny_semantic(folder: str, seed: int = 0) -> str:
+    """A tiny random Mask2Former (Swin backbone, 6 classes) and its image processor saved in `folder`."""
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
+
+    backbone = SwinConfig(
+        image_size=224,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 1, 2, 2],
+        window_size=4,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    id2label = dict(enumerate(TINY_CLASSES))
+    config = Mask2FormerConfig(
+        backbone_config=backbone,
+        use_pretrained_backbone=False,
+        num_queries=8,
+        hidden_dim=32,
+        mask_feature_size=32,
+        feature_size=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        num_attention_heads=2,
+        encoder_feedforward_dim=64,
+        dim_feedforward=64,
+        id2label=id2label,
+        label2id={name: i for i, name in id2label.items()},
+        thing_ids=list(TINY_THING_IDS),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Mask2FormerForUniversalSegmentation(config).eval()
+    # Shortest edge 64 keeps the tiny twin fast; real checkpoints keep their own processor config.
+    processor = Mask2FormerImageProcessor(
+        size={"shortest_edge": 64, "longest_edge": 128}, ignore_index=255, num_labels=len(TINY_CLASSES)
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_random_models(folder: str, seed: int = 0) -> TinyModels:
+    """Save a tiny random SAM and a tiny random semantic model under `folder` (deterministic in `seed`)."""
+    os.makedirs(folder, exist_ok=True)
+    sam_path = os.path.join(folder, TINY_SAM_FILE)
+    torch.save(build_tiny_sam_random(seed).state_dict(), sam_path)
+    semantic = build_tiny_semantic(os.path.join(folder, TINY_SEMANTIC_DIR), seed)
+    return TinyModels(sam_checkpoint=sam_path, sam_model_type=TINY_SAM_TYPE, semantic_model=semantic)
