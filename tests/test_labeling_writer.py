@@ -1,0 +1,193 @@
+"""Stages without models or Ray: decode, post-processing, shard assembly and commit, journaled retries,
+and the manifest's resume rules."""
+
+import io
+import json
+import posixpath
+
+import cv2
+import datasets
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from dataset_card import codecs, layout, shards
+from dataset_card.schema import arrow_schema
+from dataset_card.synthetic import SEMANTIC_CLASSES
+from labeling import failures, manifest, writer
+from labeling.postprocess import PostprocessConfig, postprocess_stage, staged_schema, upsample_masks
+from labeling.preprocess import decode, model_size
+
+CLASS_NAMES = ("class_a", "class_b")
+SEMANTIC_NAMES = [c.name for c in SEMANTIC_CLASSES]
+SCHEMA = staged_schema(CLASS_NAMES, SEMANTIC_NAMES)
+CONTRACT = arrow_schema(CLASS_NAMES, SEMANTIC_NAMES)
+POST = PostprocessConfig(num_semantic_classes=len(SEMANTIC_CLASSES), ignore_value=255, min_instance_area=4)
+
+
+def jpeg(h: int, w: int, seed: int) -> bytes:
+    rgb = np.random.default_rng(seed).integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def model_row(index: int, h: int = 40, w: int = 60, scale: int = 2, failed: str = "") -> dict:
+    """A row as the semantic predictor emits it: fake model outputs at 1/scale of the image size."""
+    mh, mw = h // scale, w // scale
+    whole = np.zeros((mh, mw), bool)
+    whole[2:mh - 2, 3:mw - 3] = True
+    part = np.zeros((mh, mw), bool)
+    part[4:9, 5:12] = True
+    masks = [{"rle": codecs.encode_rle(m), "bbox": [0, 0, 1, 1], "area": int(m.sum()), "predicted_iou": 0.9,
+              "stability_score": 0.97} for m in (part, whole)]
+    semantic = np.zeros((mh // 2, mw // 2), np.uint16)
+    semantic[:, mw // 4:] = 2
+    return {
+        "index": index, "shard": index // 3, "path": f"class_a/img{index}.jpg", "image_id": f"class_a/img{index}",
+        "label": 0, "image_path": f"class_a/img{index}.jpg",
+        "error_stage": failures.MODEL if failed else "", "error_type": failed,
+        "error_message": "boom" if failed else "",
+        "image_bytes": jpeg(h, w, index), "width": w, "height": h, "pixels_h": mh, "pixels_w": mw,
+        "instances_json": json.dumps(masks), "semantic": semantic.tobytes(),
+        "semantic_h": semantic.shape[0], "semantic_w": semantic.shape[1],
+        "time_read": 0.1, "time_instance": 0.2, "time_semantic": 0.3,
+    }
+
+
+def staged(indices, failed=()) -> pa.Table:
+    rows = [model_row(i, failed=failures.MODEL_FAILED if i in failed else "") for i in indices]
+    return postprocess_stage(pa.Table.from_pylist(rows), POST, SCHEMA)
+
+
+def test_model_size_and_decode_refuse_too_many_pixels():
+    assert model_size(300, 400, 1024) == (300, 400)
+    assert model_size(8000, 4000, 1024) == (1024, 512)
+    assert model_size(1, 5000, 1024) == (1, 1024)
+    pixels, w, h = decode(jpeg(30, 50, 0), max_pixels=10_000, max_side=20)
+    assert (w, h) == (50, 30) and pixels.shape == (12, 20, 3)
+    with pytest.raises(codecs.DecodeError, match="too large") as err:
+        decode(jpeg(30, 50, 0), max_pixels=1000, max_side=20)
+    assert failures.from_exception(failures.DECODE, err.value).error_type == failures.TOO_LARGE
+
+
+def test_upsampled_masks_equal_a_full_resize():
+    rng = np.random.default_rng(0)
+    for (h, w), (big_h, big_w) in [((40, 60), (97, 143)), ((30, 50), (300, 500)), ((2, 3), (5, 7))]:
+        for _ in range(10):
+            m = np.zeros((h, w), bool)
+            y, x = rng.integers(0, h), rng.integers(0, w)
+            m[y : y + rng.integers(1, h + 1), x : x + rng.integers(1, w + 1)] = True
+            m &= rng.random((h, w)) < 0.7
+            if not m.any():
+                continue
+            got = codecs.decode_rle(upsample_masks([{"rle": codecs.encode_rle(m)}], big_h, big_w, chunk_rows=37)[0]["rle"])
+            want = cv2.resize(m.astype(np.float32), (big_w, big_h), interpolation=cv2.INTER_LINEAR) > 0.5
+            assert (got != want).sum() <= 2  # float rounding exactly at 0.5 only
+
+
+def test_postprocess_gives_full_size_contract_rows():
+    table = staged([0, 1], failed={1})
+    ok, bad = table.to_pylist()
+    assert ok["width"] == 60 and ok["height"] == 40
+    semantic = codecs.decode_mask(ok["semantic_mask"]["bytes"])
+    assert semantic.shape == (40, 60) and set(np.unique(semantic)) == {0, 2}
+    painted = codecs.decode_mask(ok["instance_mask"]["bytes"])
+    np.testing.assert_array_equal(painted, codecs.paint(ok["instances"], 40, 60))
+    assert [inst["area"] for inst in ok["instances"]] == [16 * 24 * 4, 5 * 7 * 4]  # 2x upsampled boxes
+    assert ok["stat_instances"] == 2 and 0 < ok["stat_coverage"] < 1
+    assert sum(ok["stat_semantic_counts"]) == 40 * 60
+    assert ok["image"]["bytes"] == jpeg(40, 60, 0) and ok["image"]["path"] == "class_a/img0.jpg"
+    assert bad["image"] is None and bad["error_type"] == failures.MODEL_FAILED and bad["stat_instances"] == 0
+
+
+def test_assembler_dedupes_and_completes_shards_in_any_order():
+    assembler = writer.ShardAssembler({0: [0, 1, 2], 1: [3, 4]})
+    first = staged([4, 0])
+    assert assembler.add(first) == []
+    assert assembler.add(staged([0, 3])) == [1]  # index 0 again (a retried task) is ignored
+    assert assembler.missing() == {0: {1, 2}, 1: set()}
+    assert [r["index"] for r in assembler.take(1).to_pylist()] == [3, 4]
+    assert assembler.add(staged([2, 1, 4])) == [0]  # 4 belongs to a shard already taken
+    assert [r["index"] for r in assembler.take(0).to_pylist()] == [0, 1, 2]
+    assert len(assembler) == 0
+
+
+def test_committed_shards_load_typed_and_failed_inputs_are_in_errors(tmp_path):
+    fs, root = shards.filesystem(str(tmp_path))
+    result = writer.commit(fs, root, 0, 2, staged([0, 1, 2], failed={1}), CONTRACT)
+    assert result.rows == 2 and result.errors_by_type == {failures.MODEL_FAILED: 1} and result.instances == 4
+    empty = writer.commit(fs, root, 1, 2, staged([3, 4], failed={3, 4}), CONTRACT)  # every image failed
+    assert empty.rows == 0
+    ds = datasets.load_dataset(str(tmp_path), data_files={"train": layout.DATA_GLOB}, split="train")
+    assert ds.num_rows == 2 and ds.features["label"].names == list(CLASS_NAMES)
+    assert ds["image_id"] == ["class_a/img0", "class_a/img2"]
+    errors = pa.concat_tables([writer.read_errors(fs, root, s, 2) for s in (0, 1)]).to_pylist()
+    assert [(e["image_id"], e["stage"], e["error_type"]) for e in errors] == [
+        (f"class_a/img{i}", failures.MODEL, failures.MODEL_FAILED) for i in (1, 3, 4)]
+    stats = layout.ShardStats.from_json((tmp_path / layout.stats_path(0, 2)).read_text())
+    assert stats.rows == 2 and stats.errors == 1 and stats.instances == 4
+    assert sum(stats.semantic_pixels.values()) == 2 * 40 * 60
+    assert not list(tmp_path.rglob(".*"))  # no temporary file is left behind
+
+
+def test_retry_rewrite_merges_in_input_order_and_survives_a_crash_between_renames(tmp_path):
+    fs, root = shards.filesystem(str(tmp_path))
+    writer.commit(fs, root, 0, 1, staged([0, 1, 2, 3], failed={1, 2}), CONTRACT)
+    shard_inputs = pa.table({"path": [f"class_a/img{i}.jpg" for i in range(4)],
+                             "image_id": [f"class_a/img{i}" for i in range(4)], "index": list(range(4))})
+
+    class CrashOnSecondRename:
+        """The local filesystem, killed after the first rename of the rewrite."""
+
+        def __init__(self, inner):
+            self.inner, self.moves = inner, 0
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def move(self, src, dst):
+            if self.moves:
+                raise KeyboardInterrupt("killed between renames")
+            self.moves += 1
+            self.inner.move(src, dst)
+
+    with pytest.raises(KeyboardInterrupt):
+        writer.commit_retried(CrashOnSecondRename(fs), root, 0, 1, staged([1, 2], failed={2}), CONTRACT, shard_inputs)
+    assert writer.recover(fs, root) == 1  # the journal finishes the renames
+    assert writer.recover(fs, root) == 0
+    data = datasets.load_dataset(str(tmp_path), data_files={"train": layout.DATA_GLOB}, split="train")
+    assert data["image_id"] == ["class_a/img0", "class_a/img1", "class_a/img3"]
+    errors = writer.read_errors(fs, root, 0, 1).column("image_id").to_pylist()
+    assert errors == ["class_a/img2"]
+    stats = layout.ShardStats.from_json((tmp_path / layout.stats_path(0, 1)).read_text())
+    assert (stats.rows, stats.errors) == (3, 1)
+    assert not list(tmp_path.rglob(".*.rewrite"))
+
+
+def test_manifest_resume_rules(tmp_path):
+    fs, root = shards.filesystem(str(tmp_path / "out"))
+    args = {"input": "/data/in", "shard_size": 10, "limit": None}
+    models = {"instance": {"name": "sam", "sha256": "a"}, "semantic": {"name": "m2f", "sha256": None}}
+    first = manifest.build(25, "hash", 10, args, models, {"read_batch_size": 16})
+    assert first["num_shards"] == 3 and first["code_version"] == manifest.code_version()
+    assert manifest.prepare(fs, root, first, overwrite=False, output="out") is False
+    again = manifest.build(25, "hash", 10, args, models, {"read_batch_size": 64})  # execution may change
+    assert manifest.prepare(fs, root, again, overwrite=False, output="out") is True
+    changed = manifest.build(25, "hash", 10, {**args, "limit": 5}, {**models, "instance": {"name": "sam",
+                                                                                          "sha256": "b"}})
+    with pytest.raises(manifest.ResumeRefused, match=r"arguments.limit: None -> 5.*models.instance.sha256"):
+        manifest.prepare(fs, root, changed, overwrite=False, output="out")
+    (tmp_path / "out" / "data").mkdir()
+    (tmp_path / "out" / "data" / "train-00000-of-00003.parquet").write_bytes(b"x")
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert manifest.prepare(fs, root, changed, overwrite=True, output="out") is False
+    assert not (tmp_path / "out" / "data").exists() and (tmp_path / "out" / "notes.txt").exists()
+    assert manifest.read(fs, root)["arguments"]["limit"] == 5
+    (tmp_path / "out" / "manifest.json").unlink()
+    (tmp_path / "out" / "data").mkdir()
+    (tmp_path / "out" / "data" / "train-00000-of-00001.parquet").write_bytes(b"x")
+    with pytest.raises(manifest.ResumeRefused, match="no manifest.json"):
+        manifest.prepare(fs, root, first, overwrite=False, output="out")
+    assert posixpath.basename(manifest.OWNED[0]) == "data"
