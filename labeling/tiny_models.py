@@ -71,19 +71,81 @@ def build_tiny_sam(img_size: int = 256, dim: int = 32) -> Sam:
 
 
 @torch.no_grad()
-def _make_masks_local(sam: Sam, generator: torch.Generator) -> None:
-    """Set the decoder's last image-to-token attention so that image positions near a point prompt
-    attend to that prompt's token (see the module docstring). Everything else stays random."""
-    _ = (sam, generator)
+def _make_masks_local(sam: Sam) -> None:
+    """Set the few decoder weights that turn a point prompt into nested blobs around the point.
+
+    Decoder tokens are [iou, mask x4, point, padding point]. The point token carries a marker
+    +L in channel M, the padding token -L. In the last image-to-token attention, an image position
+    scores the point token by the similarity of their random Fourier position encodings (7
+    frequencies per head, scaled by beta) minus a bar b*L that the padding token does not pay, so
+    positions close to the point attend to it and the rest to the padding token. The attended
+    marker (minus delta) is written into channel 0 of the image features, which the upscaling
+    passes through linearly (constant channels keep its LayerNorm from saturating), and each mask
+    token thresholds it at its own level: three nested masks. The random image features enter the
+    position scores and channel 0, so outlines follow the image; IoU predictions stay random.
+    """
+    D, M = sam.mask_decoder.transformer_dim, sam.mask_decoder.transformer_dim - 1
+    beta, bar, marker, content, delta, gain, sharpness, up_const = 3.0, 1.0, 8.0, 0.6, 1.0, 2.0, 8.0, 4.0
+    levels = (0.5, 1.0, 1.5)  # per multimask output: small threshold = large mask
+    transformer = sam.mask_decoder.transformer
+    first = transformer.layers[0].self_attn  # layer 0 has no residual here: keep every token itself
+    for linear, scale in ((first.q_proj, 2.0), (first.k_proj, 2.0), (first.v_proj, 1.0), (first.out_proj, 1.0)):
+        linear.weight.copy_(torch.eye(D) * scale)
+        linear.bias.zero_()
+    sam.prompt_encoder.point_embeddings[1].weight.zero_()
+    sam.prompt_encoder.point_embeddings[1].weight[0, M] = marker
+    sam.prompt_encoder.not_a_point_embed.weight[0, M] = -marker
+    transformer.layers[0].norm4.weight.fill_(content)  # image-feature scale entering the last layer
+
+    attn = transformer.layers[-1].cross_attn_image_to_token  # 2 heads of D // 2 channels
+    heads, per_head = attn.num_heads, attn.internal_dim // attn.num_heads
+    freqs = (per_head - 2) // 2
+    q, k, q_bias = torch.zeros(attn.internal_dim, D), torch.zeros(attn.internal_dim, D), torch.zeros(attn.internal_dim)
+    for h in range(heads):
+        for i in range(freqs):
+            f, row = freqs * h + i, per_head * h + i
+            for w in (q, k):
+                w[row, f] = beta  # sin(f) of the position encoding
+                w[row + freqs, D // 2 + f] = beta  # cos(f)
+        q_bias[per_head * h + 2 * freqs] = -bar
+        k[per_head * h + 2 * freqs, M] = 1.0
+    attn.q_proj.weight.copy_(q)
+    attn.q_proj.bias.copy_(q_bias)
+    attn.k_proj.weight.copy_(k)
+    attn.k_proj.bias.zero_()
+    attn.v_proj.weight.zero_()
+    attn.v_proj.weight[:, M] = 1.0
+    attn.v_proj.bias.fill_(-delta)
+    attn.out_proj.weight.zero_()
+    attn.out_proj.weight[0, :] = gain / attn.internal_dim
+    attn.out_proj.bias.zero_()
+
+    conv1, norm, _, conv2, _ = sam.mask_decoder.output_upscaling
+    conv1.weight.zero_()
+    conv1.weight[0, 0] = 1.0  # same kernel at all 2x2 sub-positions: nearest upsampling, no checkerboard
+    conv1.bias.zero_()
+    conv1.bias[1], conv1.bias[2] = up_const, -up_const  # LayerNorm2d sees a near-constant spread
+    norm.weight.fill_(1.0)
+    norm.weight[0] = up_const / 1.75  # undo its scaling of channel 0
+    norm.bias.zero_()
+    conv2.weight.zero_()
+    conv2.weight[0, 0] = 1.0
+    conv2.bias.zero_()
+    conv2.bias[1] = 1.0  # a constant feature, GELU(1) = 0.8413, that the mask tokens use as their bias
+    for i, mlp in enumerate(sam.mask_decoder.output_hypernetworks_mlps):
+        last = mlp.layers[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias[0] = sharpness
+        last.bias[1] = -sharpness * levels[max(i - 1, 0)] / 0.8413
 
 
 def build_tiny_sam_random(seed: int = 0) -> Sam:
-    """The tiny SAM with its (deterministic) random weights."""
-    generator = torch.Generator().manual_seed(seed)
+    """The tiny SAM with its (deterministic) random weights and local masks (`_make_masks_local`)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sam = build_tiny_sam()
-    _make_masks_local(sam, generator)
+    _make_masks_local(sam)
     return sam
 
 
