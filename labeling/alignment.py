@@ -37,6 +37,33 @@ def tight_box(rle: Mapping) -> tuple[int, int, int, int]:
     return y, x, y + h, x + w
 
 
+def crop_rle(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> dict:
+    """The full-size COCO RLE of a mask given as a crop at (y0, x0): {"size": [H, W], "counts": str}.
+
+    Costs O(H x crop width), not O(H x W): column-major runs of the box's columns, padded with the
+    zero runs of the columns left and right of it.
+    """
+    h, w = crop.shape
+    columns = np.zeros((height, w), np.uint8, order="F")
+    columns[y0 : y0 + h] = crop
+    flat = columns.ravel(order="F")
+    if not flat.any():
+        return {"size": [height, width], "counts": _as_str(mask_utils.encode(np.zeros((height, width), np.uint8,
+                                                                                      order="F"))["counts"])}
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    if flat[0]:
+        runs.insert(0, 0)  # RLE starts with a run of zeros
+    runs[0] += x0 * height
+    right = (width - x0 - w) * height
+    if not flat[-1]:
+        runs[-1] += right
+    elif right:
+        runs.append(right)
+    rle = mask_utils.frPyObjects({"counts": runs, "size": [height, width]}, height, width)
+    return {"size": [height, width], "counts": _as_str(rle["counts"])}
+
+
 def number_by_area(masks: Sequence[Mapping], min_area: int = 1) -> list[tuple[int, Mapping, int]]:
     """[(id, mask, area)] for the masks of at least `min_area` pixels (never empty ones), numbered
     1..K by area, largest first (ties keep input order), at most MAX_INSTANCES of them."""
@@ -78,7 +105,8 @@ def align(
     """Automatic masks + semantic map -> (contract `instances`, (H, W) uint16 `instance_mask`).
 
     masks: dicts with "rle" ({"size": [H, W], "counts"}), "predicted_iou", "stability_score"
-        (extra keys are ignored); all at the semantic map's size.
+        (extra keys are ignored); all at the semantic map's size. A mask may also carry its pixels
+        as "crop": (y0, x0, (h, w) bool) holding all of them; it is then used instead of a decode.
     semantic: (H, W) integer class map (the ignore value marks "no class").
     Returns instances with dense ids 1..K in painting order, and the map that equals
     `codecs.paint(instances, H, W)`.
@@ -89,8 +117,12 @@ def align(
     for new_id, mask, area in number_by_area(masks, min_area):
         if [int(s) for s in mask["rle"]["size"]] != [height, width]:
             raise ValueError(f"a mask has RLE size {list(mask['rle']['size'])}, the semantic map is {[height, width]}")
-        y0, x0, y1, x1 = tight_box(mask["rle"])
-        inside = codecs.decode_rle(mask["rle"])[y0:y1, x0:x1]  # the one decode of this RLE
+        if "crop" in mask:  # pixels already at hand (see `crop_rle`): no decode at all
+            y0, x0, inside = mask["crop"]
+            y1, x1 = y0 + inside.shape[0], x0 + inside.shape[1]
+        else:
+            y0, x0, y1, x1 = tight_box(mask["rle"])
+            inside = codecs.decode_rle(mask["rle"])[y0:y1, x0:x1]  # the one decode of this RLE
         category, purity = majority_class(semantic[y0:y1, x0:x1][inside], ignore_value)
         instance_map[y0:y1, x0:x1][inside] = new_id
         instances.append({

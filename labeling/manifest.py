@@ -26,6 +26,10 @@ COMPARED = ("schema_version", "num_inputs", "inputs_hash", "num_shards", "shard_
             "code_version")
 
 
+# Model parameters that change speed, not labels (beyond float rounding): free to change on resume.
+SPEED_PARAMS = ("batch_size", "points_per_batch", "encoder_batch_size")
+
+
 class ResumeRefused(ValueError):
     """The output folder holds a different run; the message says what differs and what to do."""
 
@@ -80,6 +84,9 @@ def differences(old: Mapping, new: Mapping) -> list[str]:
     b = _flatten({k: new.get(k) for k in COMPARED})
     # JSON round trip so tuples and lists, ints and floats compare as they are stored.
     a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
+    for flat in (a, b):
+        for key in [k for k in flat if k.startswith("models.") and k.rsplit(".", 1)[-1] in SPEED_PARAMS]:
+            del flat[key]
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 

@@ -30,6 +30,9 @@ TINY_RANDOM_WARNING = (
     "(for offline smoke runs and tests only)")
 
 
+_TINY_BUILT: dict = {}  # seed -> TinyModels built in this process
+
+
 class ModelLoadError(RuntimeError):
     """A model or checkpoint cannot be found or loaded; the message says what to do."""
 
@@ -52,11 +55,13 @@ class ModelChoice:
         """For tiny-random: build the twins in a temporary folder (removed at exit) and point at them."""
         if self.preset != "tiny-random" or self.sam_checkpoint:
             return self
-        from labeling.tiny_models import build_tiny_random_models
+        if self.seed not in _TINY_BUILT:  # once per process (and seed)
+            from labeling.tiny_models import build_tiny_random_models
 
-        folder = tempfile.mkdtemp(prefix="tiny-random-models-")
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        tiny = build_tiny_random_models(folder, seed=self.seed)
+            folder = tempfile.mkdtemp(prefix="tiny-random-models-")
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            _TINY_BUILT[self.seed] = build_tiny_random_models(folder, seed=self.seed)
+        tiny = _TINY_BUILT[self.seed]
         return dataclasses.replace(self, sam_type=tiny.sam_model_type, sam_checkpoint=tiny.sam_checkpoint,
                                    semantic_model=tiny.semantic_model)
 

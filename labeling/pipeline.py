@@ -20,6 +20,7 @@ import math
 import posixpath
 import sys
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -71,23 +72,33 @@ class LabelingConfig:
     actor_cpus: float = 1.0
     task_cpus: float = 1.0
     listing_workers: int = 32
+    address: str | None = None  # Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)
+    num_cpus: int | None = None  # of a local Ray
+    object_store_memory: int | None = None  # of a local Ray
     overwrite: bool = False
     retry_errors: bool = False
     progress: bool = True
 
     def arguments(self) -> dict:
+        """What shapes the output (manifest "arguments"). Where inputs and output live is not in it:
+        a moved dataset resumes, and `inputs_hash` pins what the inputs are."""
         names = [f.name for f in dataclasses.fields(self)]
-        return {n: getattr(self, n) for n in names[: names.index("read_batch_size")] if n != "output"}
+        return {n: getattr(self, n) for n in names[: names.index("read_batch_size")] if n not in _LOCATIONS}
 
     def execution(self) -> dict:
         names = [f.name for f in dataclasses.fields(self)]
-        return {n: getattr(self, n) for n in names[names.index("read_batch_size"):]}
+        return {n: getattr(self, n) for n in names[names.index("read_batch_size"):] + list(_LOCATIONS)}
+
+
+_LOCATIONS = ("input", "output", "file_list")
 
 
 # What `--models` implies where the user did not say: real models at SAM's size, twins at theirs.
 PRESET_DEFAULTS = {
     "default": {"model_max_side": 1024, "instance": {}},
-    "tiny-random": {"model_max_side": 256, "instance": {"points_per_side": 8}},
+    # The twins' random scores are low: keep what their structure gives (tens of masks per image).
+    "tiny-random": {"model_max_side": 256,
+                    "instance": {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.8}},
 }
 
 
@@ -178,12 +189,19 @@ def actor_counts(cfg: LabelingConfig) -> tuple[float, int, int]:
 def build_dataset(work: pa.Table, listed: inputs.Inputs, cfg: LabelingConfig, choice: ModelChoice,
                   post: PostprocessConfig, schema: pa.Schema, block_rows: int) -> ray.data.Dataset:
     """The lazy Ray Data pipeline over `work` (WORK_SCHEMA rows), yielding `schema` batches."""
-    per_actor, n_instance, n_semantic = actor_counts(cfg)
-    threads = max(1, int(cfg.actor_cpus))
     blocks = [work.slice(i, block_rows) for i in range(0, work.num_rows, block_rows)]
     retries = {"max_retries": 3}  # a crash-looping input must not retry forever (Ray Data's default)
     actor_retries = {"max_restarts": -1, "max_task_retries": 3}
     ds = ray.data.from_arrow(blocks)
+    with warnings.catch_warnings():
+        # Bounded retries go through `ray_remote_args`, deprecated in Ray 2.60 with no replacement yet.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        return _stages(ds, listed, cfg, choice, post, schema, retries, actor_retries)
+
+
+def _stages(ds, listed, cfg, choice, post, schema, retries, actor_retries):
+    per_actor, n_instance, n_semantic = actor_counts(cfg)
+    threads = max(1, int(cfg.actor_cpus))
     ds = ds.map_batches(read_stage, batch_size=cfg.read_batch_size, batch_format="pyarrow", num_cpus=cfg.task_cpus,
                         fn_kwargs={"source": listed.source, "max_pixels": cfg.max_pixels,
                                    "max_side": model_max_side(cfg)}, **retries)
@@ -267,12 +285,9 @@ def _configure_ray_data() -> None:
 def run_labeling(cfg: LabelingConfig, log=print) -> dict:
     """Label `cfg.input` into `cfg.output` (resuming a compatible earlier run); returns stats.json."""
     start = time.perf_counter()
-    if not ray.is_initialized():
-        cluster.connect()
-    cluster.check_shared(cfg.input, "--input", probe_write=False)
-    cluster.check_shared(cfg.output, "--output", probe_write=True)
     if cfg.models == "tiny-random":
         log(TINY_RANDOM_WARNING)
+    # Inputs and models first: a bad path or a missing checkpoint fails before Ray starts.
     listed = inputs.list_inputs(cfg.input, cfg.input_format, cfg.file_list, cfg.image_column, cfg.label_column,
                                 cfg.split, cfg.listing_workers)
     if cfg.limit is not None:
@@ -281,6 +296,9 @@ def run_labeling(cfg: LabelingConfig, log=print) -> dict:
     local_choice = choice.materialize()  # tiny twins built once here; actors build their own
     models = local_choice.describe()
     semantic_classes = local_choice.semantic_classes()
+    cluster.connect(cfg.address, cfg.num_cpus, cfg.object_store_memory)
+    cluster.check_shared(cfg.input, "--input", probe_write=False)
+    cluster.check_shared(cfg.output, "--output", probe_write=True)
     metadata = layout.DatasetMetadata(listed.class_names, semantic_classes,
                                       semantic_source=models["semantic"]["checkpoint"])
     fs, root = shards.filesystem(cfg.output)

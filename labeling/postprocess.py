@@ -69,15 +69,24 @@ def _target_span(lo: int, hi: int, scale: float, limit: int) -> tuple[int, int]:
     return a, b
 
 
-def upsample_masks(masks: Sequence[Mapping], height: int, width: int, chunk_rows: int = 1024) -> list[dict]:
+def _tighten(crop: np.ndarray, y0: int, x0: int) -> tuple[int, int, np.ndarray]:
+    rows, cols = np.flatnonzero(crop.any(axis=1)), np.flatnonzero(crop.any(axis=0))
+    if rows.size == 0:
+        return y0, x0, crop[:0, :0]
+    return y0 + int(rows[0]), x0 + int(cols[0]), crop[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+def upsample_masks(masks: Sequence[Mapping], height: int, width: int, chunk_rows: int = 1024,
+                   crop_budget: int = 256 * 2**20) -> list[dict]:
     """Masks at the models' size -> the same masks at (height, width), each resized inside its box.
 
     Bilinear on the box (plus a one-pixel margin) as 0/1 floats, thresholded at 0.5, `chunk_rows`
     output rows at a time: inside the box this equals resizing the whole mask (cv2.resize,
-    INTER_LINEAR), at the cost of the box only.
+    INTER_LINEAR), at the cost of the box only. The RLE is written from the box too
+    (`alignment.crop_rle`). The first `crop_budget` bytes of full-size boxes are kept as "crop",
+    so alignment need not decode those masks again; the rest it decodes.
     """
-    out = []
-    buffer = None  # one (height, width) Fortran buffer, reused for every RLE encode
+    out, kept = [], 0
     for mask in masks:
         src_h, src_w = (int(s) for s in mask["rle"]["size"])
         if (src_h, src_w) == (height, width):
@@ -90,20 +99,24 @@ def upsample_masks(masks: Sequence[Mapping], height: int, width: int, chunk_rows
         ty0, ty1 = _target_span(y0, y1, sy, height)
         tx0, tx1 = _target_span(x0, x1, sx, width)
         cy0, cy1, cx0, cx1 = max(0, y0 - 1), min(src_h, y1 + 1), max(0, x0 - 1), min(src_w, x1 + 1)
-        crop = codecs.decode_rle(mask["rle"])[cy0:cy1, cx0:cx1].astype(np.float32)
-        if buffer is None:
-            buffer = np.zeros((height, width), np.uint8, order="F")
+        small = codecs.decode_rle(mask["rle"])[cy0:cy1, cx0:cx1].astype(np.float32)
+        big = np.empty((ty1 - ty0, tx1 - tx0), bool)
         for top in range(ty0, ty1, chunk_rows):
             rows = min(chunk_rows, ty1 - top)
-            # Output (u, v) -> crop ((tx0 + u + 0.5) / sx - 0.5 - cx0, (top + v + 0.5) / sy - 0.5 - cy0).
+            # Output (u, v) -> small ((tx0 + u + 0.5) / sx - 0.5 - cx0, (top + v + 0.5) / sy - 0.5 - cy0).
             warp = np.array([[1 / sx, 0, (tx0 + 0.5) / sx - 0.5 - cx0],
                              [0, 1 / sy, (top + 0.5) / sy - 0.5 - cy0]], np.float64)
-            big = cv2.warpAffine(crop, warp, (tx1 - tx0, rows),
-                                 flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
-            buffer[top : top + rows, tx0:tx1] = big > 0.5
+            chunk = cv2.warpAffine(small, warp, (tx1 - tx0, rows),
+                                   flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+            big[top - ty0 : top - ty0 + rows] = chunk > 0.5
+        by0, bx0, crop = _tighten(big, ty0, tx0)
+        if crop.size == 0:
+            continue
         resized = dict(mask)
-        resized["rle"] = codecs.encode_rle(buffer)
-        buffer[ty0:ty1, tx0:tx1] = 0
+        resized["rle"] = alignment.crop_rle(crop, by0, bx0, height, width)
+        if kept + crop.size <= crop_budget:
+            resized["crop"] = (by0, bx0, crop)
+            kept += crop.size
         out.append(resized)
     return out
 

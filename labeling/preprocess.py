@@ -9,6 +9,7 @@ A row that fails here keeps its place in the batch with its failure recorded (`l
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 
 import cv2
@@ -85,7 +86,8 @@ def read_stage(batch: pa.Table, source, max_pixels: int, max_side: int) -> pa.Ta
     """WORK_SCHEMA batch -> DECODED_SCHEMA batch; `source.read(paths)` fetches original bytes."""
     start = time.perf_counter()
     cv2.setNumThreads(1)  # one thread per task: Ray runs as many tasks as there are CPUs
-    Image.MAX_IMAGE_PIXELS = max_pixels + 1  # our own limit, checked from the header, decides
+    Image.MAX_IMAGE_PIXELS = max_pixels  # our own limit, checked from the header, decides:
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL only warns below 2x of it
     rows = batch.to_pylist()
     todo = [r for r in rows if not r["error_type"]]
     contents: Sequence = source.read([r["path"] for r in todo]) if todo else []

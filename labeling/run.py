@@ -108,7 +108,8 @@ def config_from_args(args: argparse.Namespace):
         model_batch_size=args.model_batch_size, postprocess_batch_size=args.postprocess_batch_size,
         instance_actors=args.instance_actors, semantic_actors=args.semantic_actors,
         gpus_per_actor=args.gpus_per_actor, actor_cpus=args.actor_cpus, task_cpus=args.task_cpus,
-        listing_workers=args.listing_workers, overwrite=args.overwrite, retry_errors=args.retry_errors,
+        listing_workers=args.listing_workers, address=args.address, num_cpus=args.num_cpus,
+        object_store_memory=args.object_store_memory, overwrite=args.overwrite, retry_errors=args.retry_errors,
         progress=not args.no_progress,
     )
 
@@ -123,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_from_args(args)
-        cluster.connect(args.address, args.num_cpus, args.object_store_memory)
         run_labeling(cfg, log=lambda message: print(message, flush=True))
     except (InputError, ResumeRefused, ModelLoadError, cluster.ClusterError) as err:
         print(f"error: {err}", file=sys.stderr)

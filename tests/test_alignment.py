@@ -111,3 +111,32 @@ def test_no_masks_gives_an_empty_map():
 def test_mask_of_another_size_is_refused():
     with pytest.raises(ValueError, match="RLE size"):
         alignment.align([auto_mask(np.ones((4, 4), bool))], np.zeros((5, 4), np.uint8))
+
+
+def test_crop_rle_equals_encoding_the_full_mask():
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        h, w = int(rng.integers(1, 25)), int(rng.integers(1, 25))
+        y0, x0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+        crop = rng.random((int(rng.integers(1, h - y0 + 1)), int(rng.integers(1, w - x0 + 1)))) < rng.random()
+        full = np.zeros((h, w), bool)
+        full[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] = crop
+        assert alignment.crop_rle(crop, y0, x0, h, w) == codecs.encode_rle(full)
+
+
+def test_masks_given_as_crops_align_like_decoded_ones():
+    rng = np.random.default_rng(2)
+    h, w = 30, 40
+    semantic = rng.integers(0, 4, size=(h, w)).astype(np.uint8)
+    masks, with_crops = [], []
+    for _ in range(12):
+        m = np.zeros((h, w), bool)
+        y0, x0 = int(rng.integers(0, h - 5)), int(rng.integers(0, w - 5))
+        m[y0 : y0 + int(rng.integers(1, 12)), x0 : x0 + int(rng.integers(1, 15))] = True
+        masks.append(auto_mask(m))
+        y1, x1, y2, x2 = alignment.tight_box(masks[-1]["rle"])
+        with_crops.append({**masks[-1], "crop": (y1, x1, m[y1:y2, x1:x2])})
+    plain, plain_map = alignment.align(masks, semantic)
+    cropped, cropped_map = alignment.align(with_crops, semantic)
+    assert plain == cropped
+    np.testing.assert_array_equal(plain_map, cropped_map)
