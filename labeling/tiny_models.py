@@ -71,7 +71,7 @@ def build_tiny_sam(img_size: int = 256, dim: int = 32) -> Sam:
 
 
 @torch.no_grad()
-def _make_masks_local(sam: Sam) -> None:
+def _make_masks_local(sam: Sam, beta: float = 2.0, bar: float = 0.5, marker: float = 8.0, content: float = 0.6) -> None:
     """Set the few decoder weights that turn a point prompt into nested blobs around the point.
 
     Decoder tokens are [iou, mask x4, point, padding point]. The point token carries a marker
@@ -82,10 +82,10 @@ def _make_masks_local(sam: Sam) -> None:
     marker (minus delta) is written into channel 0 of the image features, which the upscaling
     passes through linearly (constant channels keep its LayerNorm from saturating), and each mask
     token thresholds it at its own level: three nested masks. The random image features enter the
-    position scores and channel 0, so outlines follow the image; IoU predictions stay random.
+    position scores and channel 0, so outlines follow the image.
     """
     D, M = sam.mask_decoder.transformer_dim, sam.mask_decoder.transformer_dim - 1
-    beta, bar, marker, content, delta, gain, sharpness, up_const = 3.0, 1.0, 8.0, 0.6, 1.0, 2.0, 8.0, 4.0
+    delta, gain, sharpness, up_const = 1.0, 2.0, 8.0, 4.0
     levels = (0.5, 1.0, 1.5)  # per multimask output: small threshold = large mask
     transformer = sam.mask_decoder.transformer
     first = transformer.layers[0].self_attn  # layer 0 has no residual here: keep every token itself
@@ -138,6 +138,9 @@ def _make_masks_local(sam: Sam) -> None:
         last.bias.zero_()
         last.bias[0] = sharpness
         last.bias[1] = -sharpness * levels[max(i - 1, 0)] / 0.8413
+    # Predicted IoU: a per-output level (the largest mask most confident) plus the random head's
+    # variation (about +-0.1), so that an IoU threshold keeps some outputs of a point and not others.
+    sam.mask_decoder.iou_prediction_head.layers[-1].bias.add_(torch.tensor([0.8, 0.9, 0.7, 0.5]))
 
 
 def build_tiny_sam_random(seed: int = 0) -> Sam:

@@ -1,0 +1,216 @@
+"""Exact SAM mask upsampling inside windows, and RLE straight from a window.
+
+SAM's stock generator upsamples every low-resolution mask (256 x 256 for SAM) twice over the whole
+canvas: bilinearly to the encoder's square input (1024 x 1024), crops away the padding, then
+bilinearly to the image size. Each output pixel is therefore a fixed convex combination of at most
+4 x 4 low-resolution values. `axis_taps` precomputes, per axis, those (index, weight) pairs with
+PyTorch's own `align_corners=False` arithmetic, and `upsample_windows` evaluates the composition only
+inside a window per mask: the same values up to float rounding, without the 1024 x 1024
+intermediate or the full canvas. Because the result is a convex combination of its taps, a pixel
+can exceed a threshold only where one of its low-resolution taps does; `windows_above` turns that
+into a window that provably holds every such pixel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+
+def _linear_taps(in_len: int, out_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's bilinear (align_corners=False) source indices (out_len, 2) and weights (out_len, 2)."""
+    dst = torch.arange(out_len, dtype=torch.int64)
+    if in_len == out_len:
+        return torch.stack([dst, dst], 1), torch.tensor([[1.0, 0.0]]).expand(out_len, 2).clone()
+    ratio = torch.tensor(in_len, dtype=torch.float32) / out_len  # float32 as in the CPU/CUDA kernels
+    src = (ratio * (dst.float() + 0.5) - 0.5).clamp_min(0)
+    i0 = src.long().clamp_max(in_len - 1)
+    lam1 = (src - i0.float()).clamp(0, 1)
+    i1 = i0 + (i0 < in_len - 1).long()
+    return torch.stack([i0, i1], 1), torch.stack([1 - lam1, lam1], 1)
+
+
+def axis_taps(low_len: int, model_len: int, input_len: int, out_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Composite taps of SAM's two-stage upsampling along one axis.
+
+    low_len (mask decoder output, 256 for SAM) -> model_len (encoder input, 1024) -> crop to
+    input_len (the resized image inside the padded input) -> out_len (the image).
+    Returns indices (out_len, 4) into the low-resolution axis, non-decreasing along both dims, and
+    float32 weights (out_len, 4).
+    """
+    i1, w1 = _linear_taps(low_len, model_len)  # (model_len, 2)
+    i2, w2 = _linear_taps(input_len, out_len)  # (out_len, 2) into [0, input_len)
+    index = i1[i2].reshape(out_len, 4)  # [stage-1 taps of i2[:, 0], stage-1 taps of i2[:, 1]]
+    weight = (w2[:, :, None] * w1[i2]).reshape(out_len, 4)
+    return index, weight
+
+
+def windows_above(low: torch.Tensor, threshold: float, taps_y: torch.Tensor, taps_x: torch.Tensor) -> torch.Tensor:
+    """Per mask, the output window [r0, c0, r1, c1) outside which the upsampled mask is <= threshold.
+
+    low: (N, h, w) low-resolution logits; taps_*: index tensors from `axis_taps`.
+    Returns (N, 4) int64; an empty window (r1 == r0) where no low-resolution value exceeds it.
+    """
+    above = low > threshold
+    rows, cols = above.any(2), above.any(1)  # (N, h), (N, w)
+    out = []
+    for any_, taps in ((rows, taps_y), (cols, taps_x)):
+        n_low = any_.shape[1]
+        ar = torch.arange(n_low, device=low.device)
+        first = torch.where(any_, ar, n_low).amin(1)  # (N,) first low index above, n_low if none
+        last = torch.where(any_, ar, -1).amax(1)
+        # An output position can see index range [taps.min, taps.max]; both bounds are monotone.
+        start = torch.searchsorted(taps[:, -1].contiguous(), first.contiguous())
+        stop = torch.searchsorted(taps[:, 0].contiguous(), last.contiguous(), right=True)
+        stop = torch.where(last < 0, start, stop.clamp_min(start))
+        out.append((start, stop))
+    (r0, r1), (c0, c1) = out
+    return torch.stack([r0, c0, r1, c1], 1)
+
+
+def upsample_windows(low: torch.Tensor, taps_y: tuple[torch.Tensor, torch.Tensor],
+                     taps_x: tuple[torch.Tensor, torch.Tensor], windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upsampled logits of each mask inside its window, padded to the largest window.
+
+    low: (N, h, w) float32; taps_*: (index, weight) from `axis_taps`; windows: (N, 4) [r0, c0, r1, c1).
+    Returns values (N, H, W) and a validity mask (N, H, W) bool, H, W the largest window sides.
+    """
+    n, h_low, _ = low.shape
+    r0, c0 = windows[:, 0], windows[:, 1]
+    heights, widths = windows[:, 2] - r0, windows[:, 3] - c0
+    H, W = int(heights.max().clamp_min(1)), int(widths.max().clamp_min(1))
+    ar_h, ar_w = torch.arange(H, device=low.device), torch.arange(W, device=low.device)
+    rows = (r0[:, None] + ar_h).clamp_max(taps_y[0].shape[0] - 1)  # (N, H)
+    cols = (c0[:, None] + ar_w).clamp_max(taps_x[0].shape[0] - 1)  # (N, W)
+    iy, wy = taps_y[0][rows], taps_y[1][rows]  # (N, H, 4)
+    ix, wx = taps_x[0][cols], taps_x[1][cols]  # (N, W, 4)
+    # Whole-row copies (index_select) instead of per-element gathers: along x on the transposed
+    # masks, then along y.
+    w_low = low.shape[2]
+    low_t = low.transpose(1, 2).reshape(n * w_low, h_low)
+    base = torch.arange(n, device=low.device)[:, None]
+    across = torch.zeros(n, W, h_low, device=low.device, dtype=torch.float32)
+    for t in range(4):
+        across += wx[:, :, t, None] * low_t.index_select(0, (base * w_low + ix[:, :, t]).flatten()).view(n, W, h_low)
+    across = across.transpose(1, 2).reshape(n * h_low, W)
+    values = torch.zeros(n, H, W, device=low.device, dtype=torch.float32)
+    for t in range(4):
+        values += wy[:, :, t, None] * across.index_select(0, (base * h_low + iy[:, :, t]).flatten()).view(n, H, W)
+    valid = (ar_h[None, :, None] < heights[:, None, None]) & (ar_w[None, None, :] < widths[:, None, None])
+    return values, valid
+
+
+def _tiles(index: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output tiles along one axis: first output index, and the low-resolution range [lo, hi] that
+    the tile's taps read (monotone taps: the first output's lowest tap, the last output's highest)."""
+    n_out = index.shape[0]
+    starts = torch.arange(0, n_out, tile, device=index.device)
+    ends = (starts + tile).clamp_max(n_out) - 1
+    return starts, index[starts, 0], index[ends, -1]
+
+
+def tile_stats(low: torch.Tensor, taps_y: tuple[torch.Tensor, torch.Tensor], taps_x: tuple[torch.Tensor, torch.Tensor],
+               thresholds: Sequence[float], box_threshold: float, tile: int = 16,
+               max_pixels: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact pixel counts above each threshold and the box above `box_threshold` of every upsampled
+    mask, evaluating only output tiles whose low-resolution taps exceed the smallest threshold.
+
+    low: (N, h, w) float32 logits; taps_*: (index, weight) from `axis_taps`.
+    Returns counts (len(thresholds), N) int64 and boxes (N, 4) XYXY int64 (inclusive max, zeros
+    when nothing is above `box_threshold`, as segment_anything's batched_mask_to_box).
+    """
+    n, h, w = low.shape
+    device = low.device
+    (iy_all, wy_all), (ix_all, wx_all) = taps_y, taps_x
+    start_y, lo_y, hi_y = _tiles(iy_all, tile)
+    start_x, lo_x, hi_x = _tiles(ix_all, tile)
+    floor = min(min(thresholds), box_threshold)
+    above = torch.zeros(n, h + 1, w + 1, dtype=torch.int32, device=device)  # integral image of low > floor
+    above[:, 1:, 1:] = (low > floor).int().cumsum(1).cumsum(2)
+    a, b = above[:, hi_y + 1], above[:, lo_y]  # (N, Ty, w + 1)
+    inside = a[:, :, hi_x + 1] - b[:, :, hi_x + 1] - a[:, :, lo_x] + b[:, :, lo_x]  # (N, Ty, Tx)
+    mask_i, tile_y, tile_x = torch.nonzero(inside > 0, as_tuple=True)
+    band = int((hi_y - lo_y).max()) + 1  # low rows a tile reads
+    counts = torch.zeros(len(thresholds), n, dtype=torch.int64, device=device)
+    big = torch.iinfo(torch.int64).max
+    top = torch.full((n,), big, dtype=torch.int64, device=device)
+    left = torch.full((n,), big, dtype=torch.int64, device=device)
+    bottom = torch.full((n,), -1, dtype=torch.int64, device=device)
+    right = torch.full((n,), -1, dtype=torch.int64, device=device)
+    ar_t, ar_band = torch.arange(tile, device=device), torch.arange(band, device=device)
+    flat = low.reshape(n * h, w)
+    step = max(1, max_pixels // (tile * tile))
+    for s in range(0, len(mask_i), step):
+        m, ty, tx = mask_i[s : s + step], tile_y[s : s + step], tile_x[s : s + step]
+        k = len(m)
+        rows, cols = start_y[ty][:, None] + ar_t, start_x[tx][:, None] + ar_t  # (K, tile)
+        valid_r, valid_c = rows < iy_all.shape[0], cols < ix_all.shape[0]
+        rows, cols = rows.clamp_max(iy_all.shape[0] - 1), cols.clamp_max(ix_all.shape[0] - 1)
+        band_rows = (lo_y[ty][:, None] + ar_band).clamp_max(h - 1)  # (K, band)
+        strip = flat.index_select(0, (m[:, None] * h + band_rows).flatten()).view(k, band, w)
+        ix, wx = ix_all[cols], wx_all[cols]  # (K, tile, 4)
+        across = torch.zeros(k, band, tile, device=device)
+        for t in range(4):
+            across += wx[:, None, :, t] * torch.gather(strip, 2, ix[:, None, :, t].expand(k, band, tile))
+        iy, wy = iy_all[rows] - lo_y[ty][:, None, None], wy_all[rows]  # (K, tile, 4), rows relative to the band
+        values = torch.zeros(k, tile, tile, device=device)
+        for t in range(4):
+            values += wy[:, :, t, None] * torch.gather(across, 1, iy[:, :, t, None].expand(k, tile, tile))
+        valid = valid_r[:, :, None] & valid_c[:, None, :]
+        for j, threshold in enumerate(thresholds):
+            counts[j].index_add_(0, m, ((values > threshold) & valid).flatten(1).sum(1))
+        positive = (values > box_threshold) & valid
+        any_r, any_c = positive.any(2), positive.any(1)  # (K, tile)
+        has = any_r.any(1)
+        tile_top = torch.where(any_r, rows, big).amin(1)
+        tile_bottom = torch.where(any_r, rows, -1).amax(1)
+        tile_left = torch.where(any_c, cols, big).amin(1)
+        tile_right = torch.where(any_c, cols, -1).amax(1)
+        top.scatter_reduce_(0, m[has], tile_top[has], "amin")
+        bottom.scatter_reduce_(0, m[has], tile_bottom[has], "amax")
+        left.scatter_reduce_(0, m[has], tile_left[has], "amin")
+        right.scatter_reduce_(0, m[has], tile_right[has], "amax")
+    boxes = torch.stack([left, top, right, bottom], 1)
+    return counts, torch.where((bottom >= 0)[:, None], boxes, torch.zeros_like(boxes))
+
+
+def boxes_in_windows(binary: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """XYXY boxes (inclusive max, [0, 0, 0, 0] when empty, as segment_anything's batched_mask_to_box)
+    of binary masks (N, H, W) given in windows (N, 4) [r0, c0, r1, c1) of the canvas."""
+    n, H, W = binary.shape
+    rows, cols = binary.any(2), binary.any(1)
+    ar_h, ar_w = torch.arange(H, device=binary.device), torch.arange(W, device=binary.device)
+    top = torch.where(rows, ar_h, H).amin(1)
+    bottom = torch.where(rows, ar_h, -1).amax(1)
+    left = torch.where(cols, ar_w, W).amin(1)
+    right = torch.where(cols, ar_w, -1).amax(1)
+    boxes = torch.stack([left + windows[:, 1], top + windows[:, 0], right + windows[:, 1], bottom + windows[:, 0]], 1)
+    return torch.where(rows.any(1)[:, None], boxes, torch.zeros_like(boxes))
+
+
+def window_rle(binary: torch.Tensor, r0: int, c0: int, height: int, width: int) -> dict:
+    """COCO RLE ({"size": [h, w], "counts": str}) of a canvas that is zero outside the window
+    binary (H, W) placed at row r0, column c0; never materialises the canvas."""
+    h, w = binary.shape
+    if h == 0 or w == 0 or not bool(binary.any()):
+        counts = [height * width]
+    else:
+        padded = torch.zeros(w, h + 2, dtype=torch.int8, device=binary.device)  # column-major, zero rows at ends
+        padded[:, 1:-1] = binary.T.to(torch.int8)
+        flat = padded.flatten()
+        change = torch.nonzero(flat[1:] != flat[:-1]).squeeze(1) + 1  # first position of each new run
+        col, row = change // (h + 2), change % (h + 2)
+        position = (c0 + col) * height + (r0 - 1 + row)  # index in the column-major canvas
+        position = position.cpu().numpy()
+        # A run that reaches the bottom of a full-height window continues at the top of the next
+        # column: its end and the next start share an index and cancel.
+        same = position[1:] == position[:-1]
+        position = position[~(np.append(same, False) | np.insert(same, 0, False))]
+        position = position[position < height * width]  # a run that ends with the canvas needs no end
+        bounds = np.concatenate([[0], position, [height * width]])
+        counts = np.diff(bounds).tolist()
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    return {"size": [height, width], "counts": rle["counts"].decode("utf-8")}

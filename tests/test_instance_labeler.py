@@ -1,0 +1,216 @@
+"""The fast instance labeler gives the stock generator's masks (same model, same parameters)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import cv2
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from pycocotools import mask as mask_utils
+from segment_anything import SamAutomaticMaskGenerator
+
+from labeling.instance_labeler import InstanceLabeler, InstanceLabelerConfig
+from labeling.mask_postprocess import axis_taps, upsample_windows, window_rle, windows_above
+from labeling.tiny_models import build_tiny_sam_random
+
+# Chosen so that the stock generator keeps >= 20 masks per image with the tiny twin (asserted), while
+# both the IoU and the stability filter still reject candidates.
+PARAMS = dict(points_per_side=10, pred_iou_thresh=0.65, stability_score_thresh=0.8, box_nms_thresh=0.7)
+MIN_STOCK_MASKS = 20
+SIDE = 160
+
+
+def _resize_long(image, side):
+    h, w = image.shape[:2]
+    scale = side / max(h, w)
+    return cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+
+
+def make_images(side=SIDE):
+    """16 distinct RGB images: 7 photos at <= `side` px plus crops, flips, rotations and resizes."""
+    names = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel")
+    base = [_resize_long(getattr(skimage.data, n)()[..., :3], side) for n in names]
+    astronaut, chelsea, coffee, rocket, hubble, ihc, wheel = base
+    q = side // 8
+    variants = [
+        astronaut[q : 7 * q, q : 5 * q],  # tall
+        chelsea[:, ::-1],
+        coffee[q : 5 * q, :],  # wide
+        rocket[::-1],
+        hubble[q : 6 * q, 2 * q : 7 * q],
+        np.rot90(ihc),
+        cv2.resize(wheel, (side, 3 * q), interpolation=cv2.INTER_AREA),
+        cv2.resize(astronaut, (72, 72), interpolation=cv2.INTER_AREA),
+        np.repeat(cv2.cvtColor(coffee, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)[::-1, ::-1],
+    ]
+    out = [np.ascontiguousarray(im) for im in base + variants]
+    assert len({im.tobytes() for im in out}) == 16
+    return out
+
+
+@pytest.fixture(scope="module")
+def images():
+    return make_images()
+
+
+@pytest.fixture(scope="module")
+def sam():
+    torch.manual_seed(0)
+    return build_tiny_sam_random()
+
+
+@pytest.fixture(scope="module")
+def stock(sam, images):
+    """The reference: a fresh stock generator per image (no state carried between images)."""
+    out = []
+    for image in images:
+        generator = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **PARAMS)
+        out.append(generator.generate(image))
+    return out
+
+
+def _rles(records, key):
+    return [dict(r[key], counts=r[key]["counts"].encode("utf-8")) for r in records]
+
+
+def _match(reference, ours):
+    """Greedy one-to-one matching by mask IoU; returns the matched IoUs (one per matched pair)."""
+    if not reference or not ours:
+        return np.zeros(0)
+    iou = mask_utils.iou(_rles(reference, "segmentation"), _rles(ours, "rle"), [0] * len(ours))
+    matched, used = [], set()
+    for i, j in sorted(np.ndindex(iou.shape), key=lambda ij: -iou[ij]):
+        if i in {p[0] for p in matched} or j in used:
+            continue
+        matched.append((i, j))
+        used.add(j)
+    return np.array([iou[p] for p in matched])
+
+
+def test_fp32_batch1_equals_stock(sam, images, stock):
+    labeler = InstanceLabeler(sam, InstanceLabelerConfig(**PARAMS, encoder_batch_size=1))
+    ours = [labeler([image])[0] for image in images]
+    for image, ref, out in zip(images, stock, ours):
+        assert len(ref) >= MIN_STOCK_MASKS, f"stock kept only {len(ref)} masks on a {image.shape} image"
+        assert len(out) == len(ref)
+        ious = _match(ref, out)
+        assert len(ious) == len(ref) and ious.min() >= 0.999
+        # Same order, scores and boxes: the filters and NMS made the same decisions.
+        np.testing.assert_allclose([r["predicted_iou"] for r in out], [r["predicted_iou"] for r in ref], atol=1e-5)
+        np.testing.assert_allclose([r["stability_score"] for r in out], [r["stability_score"] for r in ref], atol=1e-3)
+        np.testing.assert_allclose([r["bbox"] for r in out], [r["bbox"] for r in ref], atol=1.0)
+
+
+def test_batched_bf16_close_to_stock(sam, images, stock):
+    """Several images per encoder call under bf16 autocast (on CPU here, as on a GPU)."""
+    cfg = InstanceLabelerConfig(**PARAMS, encoder_batch_size=4, points_per_batch=256, bf16=True, bf16_on_cpu=True)
+    ours = InstanceLabeler(sam, cfg)(images)
+    ious = np.concatenate([_match(ref, out) for ref, out in zip(stock, ours)])
+    total_ref, total_ours = sum(map(len, stock)), sum(map(len, ours))
+    assert abs(total_ours - total_ref) <= 0.02 * total_ref
+    assert np.median(ious) >= 0.99
+
+
+def test_crops_and_small_regions_equal_stock(sam, images):
+    """Crop layers (cross-crop NMS, edge filter, uncrop) and the cv2 small-region cleanup."""
+    params = dict(PARAMS, points_per_side=8, crop_n_layers=1, min_mask_region_area=30)
+    labeler = InstanceLabeler(sam, InstanceLabelerConfig(**params))
+    for image in (images[1], images[9]):
+        ref = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **params).generate(image)
+        out = labeler([image])[0]
+        assert len(ref) >= MIN_STOCK_MASKS and len(out) == len(ref)
+        assert _match(ref, out).min() >= 0.999
+        assert [r["area"] for r in out] == [r["area"] for r in ref]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 97), (97, 3), (17, 9)])
+def test_tiny_and_thin_images_equal_stock(sam, shape):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
+    params = dict(PARAMS, points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    ref = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **params).generate(image)
+    out = InstanceLabeler(sam, InstanceLabelerConfig(**params))([image])[0]
+    assert [r["rle"] for r in out] == [r["segmentation"] for r in ref]
+    assert all(r["rle"]["size"] == list(shape) for r in out)
+
+
+def test_records_are_consistent(sam, images):
+    image = images[2]
+    records = InstanceLabeler(sam, InstanceLabelerConfig(**PARAMS))([image])[0]
+    assert records
+    for r in records:
+        assert set(r) == {"rle", "bbox", "area", "predicted_iou", "stability_score"}
+        mask = mask_utils.decode(dict(r["rle"], counts=r["rle"]["counts"].encode()))
+        assert mask.shape == image.shape[:2] and int(mask.sum()) == r["area"]
+        ys, xs = np.nonzero(mask)
+        assert r["bbox"] == [float(xs.min()), float(ys.min()), float(xs.max() - xs.min()), float(ys.max() - ys.min())]
+        assert r["predicted_iou"] > PARAMS["pred_iou_thresh"] and r["stability_score"] >= PARAMS["stability_score_thresh"]
+    json.dumps(records)  # plain Python types only
+
+
+def test_bad_image_is_one_sentence(sam):
+    with pytest.raises(ValueError, match="uint8"):
+        InstanceLabeler(sam, InstanceLabelerConfig(**PARAMS))([np.zeros((8, 8), np.float32)])
+
+
+@pytest.mark.parametrize("sizes", [(64, 256, 171, 256, 342, 512), (64, 256, 256, 2, 300, 3), (256, 1024, 1024, 683, 300, 200)])
+def test_windowed_upsampling_is_stock_upsampling(sizes):
+    """Values, windows and RLE of the window path against F.interpolate twice over the canvas."""
+    low_len, model_len, input_h, input_w, height, width = sizes
+    generator = torch.Generator().manual_seed(0)
+    low = torch.randn(4, low_len, low_len, generator=generator) * 4
+    full = torch.nn.functional.interpolate(low[:, None], (model_len, model_len), mode="bilinear", align_corners=False)
+    full = torch.nn.functional.interpolate(full[..., :input_h, :input_w], (height, width), mode="bilinear",
+                                           align_corners=False)[:, 0]
+    taps_y, taps_x = axis_taps(low_len, model_len, input_h, height), axis_taps(low_len, model_len, input_w, width)
+    for threshold in (-1.0, 0.0, 2.0):
+        windows = windows_above(low, threshold, taps_y[0], taps_x[0])
+        values, valid = upsample_windows(low, taps_y, taps_x, windows)
+        for n in range(len(low)):
+            r0, c0, r1, c1 = windows[n].tolist()
+            inside = torch.zeros(height, width, dtype=torch.bool)
+            inside[r0:r1, c0:c1] = True
+            assert not ((full[n] > threshold) & ~inside).any()
+            torch.testing.assert_close(values[n, : r1 - r0, : c1 - c0], full[n, r0:r1, c0:c1], atol=1e-4, rtol=0)
+            binary = ((values[n] > threshold) & valid[n])[: r1 - r0, : c1 - c0]
+            reference = mask_utils.encode(np.asfortranarray((full[n] > threshold).numpy().astype(np.uint8)))
+            assert window_rle(binary, r0, c0, height, width)["counts"] == reference["counts"].decode()
+
+
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import json, resource, sys, tempfile
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    from labeling.tiny_models import build_tiny_random_models
+    from labeling.checkpoints import load_sam
+    from labeling.instance_labeler import InstanceLabeler, InstanceLabelerConfig
+    from labeling.semantic_labeler import SemanticLabeler
+    tiny = build_tiny_random_models(tempfile.mkdtemp())
+    side = 8000
+    y, x = np.mgrid[0:side:8, 0:side:8]  # a smooth picture, built small and enlarged
+    small = np.stack([(x // 3) % 256, (y // 5) % 256, ((x + y) // 7) % 256], -1).astype(np.uint8)
+    image = np.kron(small, np.ones((8, 8, 1), np.uint8))
+    del small, x, y
+    sam = load_sam(tiny.sam_model_type, tiny.sam_checkpoint)
+    cfg = InstanceLabelerConfig(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.5)
+    masks = InstanceLabeler(sam, cfg)([image])[0]
+    classes = SemanticLabeler(tiny.semantic_model)([image])[0]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"masks": len(masks), "sizes": [m["rle"]["size"] for m in masks[:1]],
+                      "semantic": list(classes.shape), "peak": peak}))
+""")
+
+
+@pytest.mark.slow
+def test_8000px_image_stays_under_4gb():
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["masks"] > 0 and result["sizes"] == [[8000, 8000]]
+    assert result["peak"] < 4 * 1024**3, f"peak RSS {result['peak'] / 1024**3:.2f} GiB"
