@@ -56,7 +56,11 @@ class ModelChoice:
         if self.preset != "tiny-random" or self.sam_checkpoint:
             return self
         if self.seed not in _TINY_BUILT:  # once per process (and seed)
+            import transformers
+
             from labeling.tiny_models import build_tiny_random_models
+
+            transformers.utils.logging.disable_progress_bar()
 
             folder = tempfile.mkdtemp(prefix="tiny-random-models-")
             atexit.register(shutil.rmtree, folder, ignore_errors=True)
@@ -66,10 +70,9 @@ class ModelChoice:
                                    semantic_model=tiny.semantic_model)
 
     def instance_config(self):
-        from labeling.predictors import instance_labeler_module
+        from labeling.instance_labeler import InstanceLabelerConfig
 
-        module = instance_labeler_module()
-        return module.InstanceLabelerConfig(**self.instance_params)
+        return InstanceLabelerConfig(**self.instance_params)
 
     def semantic_config(self):
         from labeling.semantic_labeler import SemanticLabelerConfig
@@ -79,14 +82,14 @@ class ModelChoice:
     def instance_labeler(self, device: str):
         """The loaded instance labeler (call on the actor that runs it)."""
         from labeling.checkpoints import CheckpointError, load_sam
-        from labeling.predictors import instance_labeler_module
+        from labeling.instance_labeler import InstanceLabeler
 
         choice = self.materialize()
         try:
             sam = load_sam(choice.sam_type, choice.sam_checkpoint)
         except CheckpointError as err:
             raise ModelLoadError(str(err)) from err
-        return instance_labeler_module().InstanceLabeler(sam, self.instance_config(), device)
+        return InstanceLabeler(sam, self.instance_config(), device)
 
     def semantic_labeler(self, device: str):
         from labeling.semantic_labeler import SemanticLabeler

@@ -98,7 +98,7 @@ PRESET_DEFAULTS = {
     "default": {"model_max_side": 1024, "instance": {}},
     # The twins' random scores are low: keep what their structure gives (tens of masks per image).
     "tiny-random": {"model_max_side": 256,
-                    "instance": {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.8}},
+                    "instance": {"points_per_side": 8, "pred_iou_thresh": 0.65, "stability_score_thresh": 0.8}},
 }
 
 

@@ -19,11 +19,9 @@ Everything at full resolution (upsampling, alignment, painting, PNG) happens lat
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -37,50 +35,6 @@ MODELS_SCHEMA = pa.schema(
     + [("semantic", pa.binary()), ("semantic_h", pa.int32()), ("semantic_w", pa.int32()),
        ("time_semantic", pa.float64())]
 )
-
-
-def instance_labeler_module():
-    """`labeling.instance_labeler` (the labelers' InstanceLabeler and its config).
-
-    Until that module exists on this branch, segment_anything's stock automatic mask generator
-    stands in for it (`_StockInstanceLabeler`, same interface and output format).
-    """
-    try:
-        from labeling import instance_labeler
-    except ImportError:
-        import types
-
-        return types.SimpleNamespace(InstanceLabelerConfig=StockInstanceConfig, InstanceLabeler=_StockInstanceLabeler)
-    return instance_labeler
-
-
-@dataclass(frozen=True)
-class StockInstanceConfig:
-    """The agreed InstanceLabelerConfig fields (the stand-in ignores encoder_batch_size and bf16)."""
-
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    min_mask_region_area: int = 0
-    encoder_batch_size: int = 1
-    bf16: bool = False
-
-
-class _StockInstanceLabeler:
-    """segment_anything's SamAutomaticMaskGenerator, one image at a time, COCO RLE output."""
-
-    def __init__(self, sam, cfg: StockInstanceConfig, device: str):
-        from segment_anything import SamAutomaticMaskGenerator
-
-        params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("encoder_batch_size", "bf16")}
-        self.generator = SamAutomaticMaskGenerator(sam.to(device), output_mode="coco_rle", **params)
-
-    def __call__(self, images: list[np.ndarray]) -> list[list[dict]]:
-        return [self.generator.generate(image) for image in images]
 
 
 def run_each(fn: Callable[[list], list], items: Sequence) -> list:
@@ -117,7 +71,11 @@ def _device(num_gpus: float) -> str:
     return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
-def _set_threads(threads: int | None) -> None:
+def _quiet_loading(threads: int | None) -> None:
+    """Torch threads for this actor, and no per-actor download/loading progress bars in the logs."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     if threads:
         import torch
 
@@ -160,7 +118,7 @@ class InstancePredictor:
     """Automatic instance masks (SAM) for DECODED_SCHEMA batches -> INSTANCE_SCHEMA batches."""
 
     def __init__(self, choice, num_gpus: float = 0.0, threads: int | None = None):
-        _set_threads(threads)
+        _quiet_loading(threads)
         self.labeler = choice.instance_labeler(_device(num_gpus))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -177,7 +135,7 @@ class SemanticPredictor:
     """Low-resolution semantic class maps for INSTANCE_SCHEMA batches -> MODELS_SCHEMA batches."""
 
     def __init__(self, choice, num_gpus: float = 0.0, threads: int | None = None):
-        _set_threads(threads)
+        _quiet_loading(threads)
         self.labeler = choice.semantic_labeler(_device(num_gpus))
 
     def __call__(self, batch: pa.Table) -> pa.Table:

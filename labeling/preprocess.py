@@ -111,5 +111,5 @@ def read_stage(batch: pa.Table, source, max_pixels: int, max_side: int) -> pa.Ta
 
 
 def model_pixels(row: dict) -> np.ndarray:
-    """The (h, w, 3) uint8 pixels of a decoded row (a view of its bytes)."""
-    return np.frombuffer(row["pixels"], np.uint8).reshape(row["pixels_h"], row["pixels_w"], 3)
+    """The (h, w, 3) uint8 pixels of a decoded row, as a writable array (models may wrap it in a tensor)."""
+    return np.frombuffer(bytearray(row["pixels"]), np.uint8).reshape(row["pixels_h"], row["pixels_w"], 3)

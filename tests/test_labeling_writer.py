@@ -191,3 +191,16 @@ def test_manifest_resume_rules(tmp_path):
     with pytest.raises(manifest.ResumeRefused, match="no manifest.json"):
         manifest.prepare(fs, root, first, overwrite=False, output="out")
     assert posixpath.basename(manifest.OWNED[0]) == "data"
+
+
+def test_instance_count_check_warns_once_when_real_models_find_almost_nothing(capsys):
+    from labeling.summary import InstanceCountCheck
+
+    check = InstanceCountCheck(enabled=True, min_images=10)
+    assert check.add(writer.ShardResult(0, rows=6, instances=3)) is None  # too early to judge
+    message = check.add(writer.ShardResult(1, rows=6, instances=2))
+    assert message and "0.42 instances per image" in message and "WARNING" in capsys.readouterr().err
+    assert check.add(writer.ShardResult(2, rows=6, instances=0)) is None  # once
+    fine = InstanceCountCheck(enabled=True, min_images=10)
+    assert fine.add(writer.ShardResult(0, rows=12, instances=40)) is None
+    assert InstanceCountCheck(enabled=False).add(writer.ShardResult(0, rows=500, instances=0)) is None
