@@ -66,11 +66,11 @@ class LabelingConfig:
     read_batch_size: int = 16
     model_batch_size: int = 8
     postprocess_batch_size: int = 8
-    instance_actors: int | None = None
+    instance_actors: int | None = None  # None: see cluster.plan_layout
     semantic_actors: int | None = None
     gpus_per_actor: float | None = None
-    actor_cpus: float = 1.0
-    task_cpus: float = 1.0
+    actor_cpus: float | None = None
+    task_cpus: float | None = None
     listing_workers: int = 32
     address: str | None = None  # Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)
     num_cpus: int | None = None  # of a local Ray
@@ -175,46 +175,36 @@ def work_table(listed: inputs.Inputs, indices: list[int], shard_size: int) -> pa
     }).cast(WORK_SCHEMA)
 
 
-def actor_counts(cfg: LabelingConfig) -> tuple[float, int, int]:
-    """(GPUs per model actor, instance actors, semantic actors) for this cluster."""
-    gpus = cluster.total_gpus()
-    per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else 0.0)
-    slots = max(1, int(gpus // per_actor)) if per_actor > 0 else 1
-    # SAM's automatic masks cost several times the semantic model: most GPUs go to it.
-    instance = cfg.instance_actors or max(1, slots - slots // 4)
-    semantic = cfg.semantic_actors or max(1, slots // 4)
-    return per_actor, instance, semantic
+def resource_layout(cfg: LabelingConfig) -> cluster.Layout:
+    return cluster.current_layout(gpus_per_actor=cfg.gpus_per_actor, instance_actors=cfg.instance_actors,
+                                  semantic_actors=cfg.semantic_actors, actor_cpus=cfg.actor_cpus,
+                                  task_cpus=cfg.task_cpus)
 
 
 def build_dataset(work: pa.Table, listed: inputs.Inputs, cfg: LabelingConfig, choice: ModelChoice,
                   post: PostprocessConfig, schema: pa.Schema, block_rows: int) -> ray.data.Dataset:
     """The lazy Ray Data pipeline over `work` (WORK_SCHEMA rows), yielding `schema` batches."""
     blocks = [work.slice(i, block_rows) for i in range(0, work.num_rows, block_rows)]
-    retries = {"max_retries": 3}  # a crash-looping input must not retry forever (Ray Data's default)
-    actor_retries = {"max_restarts": -1, "max_task_retries": 3}
-    ds = ray.data.from_arrow(blocks)
     with warnings.catch_warnings():
         # Bounded retries go through `ray_remote_args`, deprecated in Ray 2.60 with no replacement yet.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        return _stages(ds, listed, cfg, choice, post, schema, retries, actor_retries)
+        return _stages(ray.data.from_arrow(blocks), listed, cfg, choice, post, schema, resource_layout(cfg))
 
 
-def _stages(ds, listed, cfg, choice, post, schema, retries, actor_retries):
-    per_actor, n_instance, n_semantic = actor_counts(cfg)
-    threads = max(1, int(cfg.actor_cpus))
-    ds = ds.map_batches(read_stage, batch_size=cfg.read_batch_size, batch_format="pyarrow", num_cpus=cfg.task_cpus,
+def _stages(ds, listed, cfg, choice, post, schema, plan: cluster.Layout) -> ray.data.Dataset:
+    retries = {"max_retries": 3}  # a crash-looping input must not retry forever (Ray Data's default)
+    actor_retries = {"max_restarts": -1, "max_task_retries": 3}
+    model_args = {"choice": choice, "num_gpus": plan.gpus_per_actor, "threads": plan.threads}
+    ds = ds.map_batches(read_stage, batch_size=cfg.read_batch_size, batch_format="pyarrow", num_cpus=plan.task_cpus,
                         fn_kwargs={"source": listed.source, "max_pixels": cfg.max_pixels,
                                    "max_side": model_max_side(cfg)}, **retries)
-    ds = ds.map_batches(InstancePredictor, batch_size=cfg.model_batch_size, batch_format="pyarrow",
-                        fn_constructor_kwargs={"choice": choice, "num_gpus": per_actor, "threads": threads},
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_instance),
-                        num_gpus=per_actor, num_cpus=cfg.actor_cpus, **actor_retries)
-    ds = ds.map_batches(SemanticPredictor, batch_size=cfg.model_batch_size, batch_format="pyarrow",
-                        fn_constructor_kwargs={"choice": choice, "num_gpus": per_actor, "threads": threads},
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_semantic),
-                        num_gpus=per_actor, num_cpus=cfg.actor_cpus, **actor_retries)
+    for predictor, count in ((InstancePredictor, plan.instance_actors), (SemanticPredictor, plan.semantic_actors)):
+        # Fixed-size pools: every actor has loaded its model before the first image is read.
+        ds = ds.map_batches(predictor, batch_size=cfg.model_batch_size, batch_format="pyarrow",
+                            fn_constructor_kwargs=model_args, compute=ray.data.ActorPoolStrategy(size=count),
+                            num_gpus=plan.gpus_per_actor, num_cpus=plan.actor_cpus, **actor_retries)
     return ds.map_batches(postprocess_stage, batch_size=cfg.postprocess_batch_size, batch_format="pyarrow",
-                          num_cpus=cfg.task_cpus, fn_kwargs={"cfg": post, "schema": schema}, **retries)
+                          num_cpus=plan.task_cpus, fn_kwargs={"cfg": post, "schema": schema}, **retries)
 
 
 def lost_rows(work: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -265,8 +255,14 @@ class Committer:
         return new
 
 
-def _drive(ds: ray.data.Dataset, assembler: writer.ShardAssembler, committer: Committer, bar) -> None:
+def _drive(ds: ray.data.Dataset, assembler: writer.ShardAssembler, committer: Committer, bar,
+           first_read: list[float]) -> None:
+    """Feed the pipeline's batches to the assembler, committing shards as they complete.
+    `first_read` collects the wall clock of the earliest read (when labeling proper began)."""
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        started = pc.min(batch.column("started_at")).as_py()
+        if started:
+            first_read.append(started)
         for shard in assembler.add(batch):
             committer.submit(shard, assembler.take(shard))
         bar.update(batch.num_rows)
@@ -275,8 +271,14 @@ def _drive(ds: ray.data.Dataset, assembler: writer.ShardAssembler, committer: Co
             bar.set_postfix_str(f"shards {len(committer.results)}/{committer.plan.num_shards - len(committer.plan.committed)}")
 
 
+# Model actors must start within this time (a cluster without the GPUs asked for fails clearly
+# instead of waiting forever); no image is read before they are ready.
+ACTOR_START_TIMEOUT_S = 1800
+
+
 def _configure_ray_data() -> None:
     ctx = ray.data.DataContext.get_current()
+    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
     ctx.max_errored_blocks = -1  # a block Ray gives up on is retried alone, then recorded: never fatal
     ctx.enable_progress_bars = False  # the driver shows one bar in images, and shard commits
     ctx.print_on_execution_start = False
@@ -284,7 +286,7 @@ def _configure_ray_data() -> None:
 
 def run_labeling(cfg: LabelingConfig, log=print) -> dict:
     """Label `cfg.input` into `cfg.output` (resuming a compatible earlier run); returns stats.json."""
-    start = time.perf_counter()
+    start, wall_start = time.perf_counter(), time.time()
     if cfg.models == "tiny-random":
         log(TINY_RANDOM_WARNING)
     # Inputs and models first: a bad path or a missing checkpoint fails before Ray starts.
@@ -299,6 +301,7 @@ def run_labeling(cfg: LabelingConfig, log=print) -> dict:
     cluster.connect(cfg.address, cfg.num_cpus, cfg.object_store_memory)
     cluster.check_shared(cfg.input, "--input", probe_write=False)
     cluster.check_shared(cfg.output, "--output", probe_write=True)
+    resources = resource_layout(cfg)  # refuses a layout whose actors cannot all start
     metadata = layout.DatasetMetadata(listed.class_names, semantic_classes,
                                       semantic_source=models["semantic"]["checkpoint"])
     fs, root = shards.filesystem(cfg.output)
@@ -312,6 +315,8 @@ def run_labeling(cfg: LabelingConfig, log=print) -> dict:
         + (f"; resuming: {len(plan.committed)} shards already committed" if resumed else "")
         + (f"; finished {recovered} interrupted retry rewrites" if recovered else "")
         + (f"; retrying {sum(map(len, plan.retry.values()))} failed inputs" if plan.retry else ""))
+    log(f"model actors: {resources.instance_actors} SAM + {resources.semantic_actors} semantic, "
+        f"{resources.gpus_per_actor:g} GPU and {resources.actor_cpus:g} CPU each")
 
     contract = arrow_schema(metadata.class_names, metadata.semantic_class_names)
     schema = staged_schema(metadata.class_names, metadata.semantic_class_names)
@@ -319,6 +324,7 @@ def run_labeling(cfg: LabelingConfig, log=print) -> dict:
     check = summary.InstanceCountCheck(enabled=cfg.models == "default")
     committer = Committer(fs, root, plan, contract, listed, check)
     indices = plan.indices()
+    first_read: list[float] = []
     if indices:
         _configure_ray_data()
         assembler = writer.ShardAssembler({**plan.new, **plan.retry})
@@ -327,12 +333,14 @@ def run_labeling(cfg: LabelingConfig, log=print) -> dict:
         bar = tqdm(total=len(indices), unit="img", desc="labeling", disable=not cfg.progress, file=sys.stderr,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
         with bar:
-            _drive(build_dataset(work, listed, cfg, choice, post, schema, block_rows), assembler, committer, bar)
+            _drive(build_dataset(work, listed, cfg, choice, post, schema, block_rows), assembler, committer, bar,
+                   first_read)
             missing = sorted(i for owed in assembler.missing().values() for i in owed)
             if missing:  # blocks Ray gave up on: each input once more, alone
                 log(f"{len(missing)} inputs came back from no worker; labeling them again one at a time")
                 retry_work = work_table(listed, missing, cfg.shard_size)
-                _drive(build_dataset(retry_work, listed, cfg, choice, post, schema, 1), assembler, committer, bar)
+                _drive(build_dataset(retry_work, listed, cfg, choice, post, schema, 1), assembler, committer, bar,
+                       first_read)
             missing = sorted(i for owed in assembler.missing().values() for i in owed)
             if missing:
                 for shard in assembler.add(lost_rows(work_table(listed, missing, cfg.shard_size), schema)):
@@ -342,9 +350,12 @@ def run_labeling(cfg: LabelingConfig, log=print) -> dict:
 
     committed = shards.committed_shards(fs, root, plan.num_shards)
     total = summary.folder_stats(fs, root, committed, plan.num_shards)
-    per_actor = actor_counts(cfg)[0] if indices else 0.0
-    stats = summary.run_stats(total, len(listed), committer.results, time.perf_counter() - start,
-                              committer.seconds, per_actor, summary.read_previous(fs, root))
+    per_actor = resources.gpus_per_actor if indices else 0.0
+    wall = time.perf_counter() - start
+    # Start-up: listing, model checks, Ray and model actors; labeling: from the first read to the end.
+    startup = min(first_read) - wall_start if first_read else wall
+    stats = summary.run_stats(total, len(listed), committer.results, wall, committer.seconds, per_actor,
+                              summary.read_previous(fs, root), startup_s=startup)
     summary.write(fs, root, stats)
     write_card(cfg.output, root, metadata, has_errors=total.errors > 0, log=log)
     log(summary.closing_line(stats))

@@ -43,7 +43,8 @@ ROUTING_FIELDS = [("index", pa.int64()), ("shard", pa.int64()), ("path", pa.stri
 def staged_schema(class_names: Sequence[str], semantic_class_names: Sequence[str]) -> pa.Schema:
     """The postprocess output: contract columns (null when the row failed) + routing, stats, times."""
     contract = arrow_schema(class_names, semantic_class_names)
-    fields = list(contract) + ROUTING_FIELDS + STAT_FIELDS + [(t, pa.float64()) for t in TIME_COLUMNS]
+    fields = (list(contract) + ROUTING_FIELDS + STAT_FIELDS + [(t, pa.float64()) for t in TIME_COLUMNS]
+              + [("started_at", pa.float64())])
     return pa.schema(fields)
 
 
@@ -172,7 +173,7 @@ def postprocess_stage(batch: pa.Table, cfg: PostprocessConfig, schema: pa.Schema
             except Exception as err:  # one odd image fails alone
                 row.update(failures.from_exception(failures.POSTPROCESS, err).as_row())
         labeled.update({k: row[k] for k in ("index", "shard", "path", "image_id", "label", *failures.COLUMNS)})
-        labeled.update({t: row.get(t) or 0.0 for t in TIME_COLUMNS})
+        labeled.update({t: row.get(t) or 0.0 for t in (*TIME_COLUMNS, "started_at")})
         labeled["time_postprocess"] = time.perf_counter() - start
         out.append(labeled)
     return pa.Table.from_pylist(out, schema=schema)

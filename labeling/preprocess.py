@@ -42,6 +42,7 @@ DECODED_SCHEMA = pa.schema(list(WORK_SCHEMA) + [
     ("pixels_h", pa.int32()),
     ("pixels_w", pa.int32()),
     ("time_read", pa.float64()),
+    ("started_at", pa.float64()),  # wall clock when this row's read began (the run's labeling start is the min)
 ])
 
 
@@ -84,7 +85,7 @@ def _empty(row: dict) -> dict:
 
 def read_stage(batch: pa.Table, source, max_pixels: int, max_side: int) -> pa.Table:
     """WORK_SCHEMA batch -> DECODED_SCHEMA batch; `source.read(paths)` fetches original bytes."""
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     cv2.setNumThreads(1)  # one thread per task: Ray runs as many tasks as there are CPUs
     Image.MAX_IMAGE_PIXELS = max_pixels  # our own limit, checked from the header, decides:
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL only warns below 2x of it
@@ -106,7 +107,7 @@ def read_stage(batch: pa.Table, source, max_pixels: int, max_side: int) -> pa.Ta
                    pixels_h=pixels.shape[0], pixels_w=pixels.shape[1])
     per_row = (time.perf_counter() - start) / max(1, len(rows))
     for row in rows:
-        row["time_read"] = per_row
+        row["time_read"], row["started_at"] = per_row, started_at
     return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
 
 

@@ -79,13 +79,16 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--object-store-memory", type=int, default=None,
                      help="object store bytes of a locally started Ray (default: Ray's)")
     run.add_argument("--gpus-per-actor", type=float, default=None,
-                     help="GPUs per model actor (default 1 when the cluster has GPUs, else 0: CPU)")
+                     help="GPUs per model actor (default 1; 0.5 on a one-GPU cluster, so both models share it; "
+                          "0 without GPUs: models run on CPUs)")
     run.add_argument("--instance-actors", type=positive_int, default=None,
-                     help="most SAM actors (default: 3/4 of the GPU slots, at least 1)")
+                     help="SAM actors (default: 3/4 of the GPU slots; without GPUs one per CPU)")
     run.add_argument("--semantic-actors", type=positive_int, default=None,
-                     help="most semantic-model actors (default: 1/4 of the GPU slots, at least 1)")
-    run.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs reserved per model actor (default 1)")
-    run.add_argument("--task-cpus", type=float, default=1.0, help="CPUs per read / post-process task (default 1)")
+                     help="semantic-model actors (default: 1/4 of the GPU slots, or of the CPUs; at least 1)")
+    run.add_argument("--actor-cpus", type=float, default=None,
+                     help="CPUs Ray reserves per model actor (default 1 with GPUs, 0.5 without)")
+    run.add_argument("--task-cpus", type=float, default=None,
+                     help="CPUs per read / post-process task (default 1 with GPUs, 0.25 without)")
     run.add_argument("--read-batch-size", type=positive_int, default=16, help="images per read/decode batch")
     run.add_argument("--model-batch-size", type=positive_int, default=8, help="images per model call")
     run.add_argument("--postprocess-batch-size", type=positive_int, default=8, help="images per post-process batch")

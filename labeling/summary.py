@@ -30,8 +30,13 @@ def folder_stats(fs: pafs.FileSystem, root: str, committed: Iterable[int], num_s
 
 
 def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[ShardResult], wall_time_s: float,
-              commit_time_s: float, gpus_per_actor: float, previous: Mapping | None = None) -> dict:
-    """stats.json: totals over the folder; wall time, images/s and stage times of this run."""
+              commit_time_s: float, gpus_per_actor: float, previous: Mapping | None = None,
+              startup_s: float = 0.0) -> dict:
+    """stats.json: totals over the folder; wall time, images/s and stage times of this run.
+
+    startup_s: the part of the wall time before the first image was read (listing, model checks,
+    starting Ray and the model actors); `labeling_s` is the rest.
+    """
     results = list(results)
     processed = sum(r.rows + sum(r.errors_by_type.values()) for r in results)
     stage: dict[str, float] = {}
@@ -42,7 +47,8 @@ def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[Shard
     model_s = stage.get("instance", 0.0) + stage.get("semantic", 0.0)
     runs = list((previous or {}).get("previous_runs", []))
     if previous:
-        runs.append({k: previous.get(k) for k in ("processed", "wall_time_s", "images_per_s", "gpu_hours")})
+        runs.append({k: previous.get(k) for k in ("processed", "wall_time_s", "startup_s", "images_per_s",
+                                                  "gpu_hours")})
     return {
         "inputs": num_inputs,
         "written": total.rows,
@@ -51,6 +57,8 @@ def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[Shard
         "instances": total.instances,
         "processed": processed,
         "wall_time_s": round(wall_time_s, 3),
+        "startup_s": round(startup_s, 3),
+        "labeling_s": round(wall_time_s - startup_s, 3),
         "images_per_s": round(processed / wall_time_s, 3) if wall_time_s > 0 else 0.0,
         "stage_time_s": {k: round(v, 3) for k, v in stage.items()},
         "gpu_hours": round(model_s * gpus_per_actor / 3600.0, 6),

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "labeling" / "run.py")]
-SMALL_FLAGS = ["--models", "tiny-random", "--actor-cpus", "0.5", "--task-cpus", "0.5", "--read-batch-size", "2",
+SMALL_FLAGS = ["--models", "tiny-random", "--instance-actors", "1", "--semantic-actors", "1", "--actor-cpus", "0.5", "--task-cpus", "0.5", "--read-batch-size", "2",
                "--model-batch-size", "2", "--postprocess-batch-size", "2", "--no-progress"]
 
 

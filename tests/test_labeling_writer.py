@@ -204,3 +204,19 @@ def test_instance_count_check_warns_once_when_real_models_find_almost_nothing(ca
     fine = InstanceCountCheck(enabled=True, min_images=10)
     assert fine.add(writer.ShardResult(0, rows=12, instances=40)) is None
     assert InstanceCountCheck(enabled=False).add(writer.ShardResult(0, rows=500, instances=0)) is None
+
+
+def test_resource_layout_fits_the_cluster_or_says_what_to_change():
+    from labeling.cluster import ClusterError, plan_layout
+
+    eight = plan_layout(cpus=64, gpus=8)
+    assert (eight.gpus_per_actor, eight.instance_actors, eight.semantic_actors) == (1.0, 6, 2)
+    one = plan_layout(cpus=8, gpus=1)  # both models share the only GPU
+    assert (one.gpus_per_actor, one.instance_actors, one.semantic_actors) == (0.5, 1, 1)
+    laptop = plan_layout(cpus=2, gpus=0)
+    assert (laptop.gpus_per_actor, laptop.instance_actors, laptop.semantic_actors, laptop.threads) == (0, 2, 1, 1)
+    assert (laptop.instance_actors + laptop.semantic_actors) * laptop.actor_cpus + laptop.task_cpus <= 2
+    with pytest.raises(ClusterError, match="--gpus-per-actor"):
+        plan_layout(cpus=8, gpus=1, gpus_per_actor=1.0)
+    with pytest.raises(ClusterError, match="--actor-cpus"):
+        plan_layout(cpus=2, gpus=0, actor_cpus=1.0)
