@@ -49,6 +49,14 @@ def _exists(path: str) -> bool:
     return os.path.exists(path)
 
 
+def nodes_see(nodes: list[dict], path: str) -> list[bool]:
+    """Whether each node finds `path` on its own filesystem (one tiny task pinned to each)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return ray.get([_exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                    .remote(path) for n in nodes])
+
+
 def check_shared(path: str, flag: str, probe_write: bool) -> None:
     """Raise ClusterError unless every alive node sees the local `path` (URLs are always shared).
 
@@ -63,11 +71,8 @@ def check_shared(path: str, flag: str, probe_write: bool) -> None:
         os.makedirs(target, exist_ok=True)
         open(probe, "w").close()
     try:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        refs = [_exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(probe) for n in nodes]
-        blind = [n.get("NodeManagerAddress", n["NodeID"]) for n, seen in zip(nodes, ray.get(refs)) if not seen]
+        blind = [n.get("NodeManagerAddress", n["NodeID"]) for n, seen in zip(nodes, nodes_see(nodes, probe))
+                 if not seen]
     finally:
         if probe_write:
             os.remove(probe)

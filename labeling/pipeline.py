@@ -338,8 +338,9 @@ def run_labeling(cfg: LabelingConfig, log=print) -> dict:
             missing = sorted(i for owed in assembler.missing().values() for i in owed)
             if missing:  # blocks Ray gave up on: each input once more, alone
                 log(f"{len(missing)} inputs came back from no worker; labeling them again one at a time")
+                alone = dataclasses.replace(cfg, read_batch_size=1, model_batch_size=1, postprocess_batch_size=1)
                 retry_work = work_table(listed, missing, cfg.shard_size)
-                _drive(build_dataset(retry_work, listed, cfg, choice, post, schema, 1), assembler, committer, bar,
+                _drive(build_dataset(retry_work, listed, alone, choice, post, schema, 1), assembler, committer, bar,
                        first_read)
             missing = sorted(i for owed in assembler.missing().values() for i in owed)
             if missing:

@@ -1,5 +1,6 @@
 """The Ray pipeline end to end with the tiny random models (one session-wide local Ray):
-skimage photos and a zoo of odd inputs, --retry-errors, --limit and refused resumes."""
+skimage photos and a zoo of odd inputs, --retry-errors, a Parquet export with --limit, and
+refused resumes."""
 
 import io
 import json
@@ -203,14 +204,24 @@ def test_retry_errors_relabels_only_failed_inputs(zoo_run, tmp_path):
     assert changed == [layout.data_path(3, 5).split("/")[1], layout.data_path(4, 5).split("/")[1]]
 
 
-def test_limit_and_refused_resume(tmp_path, ray_session):
-    images, output = tmp_path / "train", tmp_path / "out"
-    write_photos(images, PHOTOS[:5], cls="x")
-    cfg = LabelingConfig(input=str(images), output=str(output), shard_size=2, limit=3, **SMALL)
+def test_parquet_export_with_limit_and_refused_resume(tmp_path, ray_session):
+    """An ImageNet-style Parquet export (Image + ClassLabel columns) as the input; --limit; resume rules."""
+    folder, export, output = tmp_path / "photos", tmp_path / "export", tmp_path / "out"
+    write_photos(folder, PHOTOS[:5], cls="x")
+    files = sorted((folder / "x").iterdir())
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    table = datasets.Dataset.from_dict({"image": [{"bytes": f.read_bytes(), "path": f"x/{f.name}"} for f in files],
+                                        "label": [i % 2 for i in range(len(files))]}, features=features)
+    (export / "data").mkdir(parents=True)
+    table.to_parquet(str(export / "data" / "train-00000-of-00001.parquet"), batch_size=2)
+    cfg = LabelingConfig(input=str(export), output=str(output), shard_size=2, limit=3, **SMALL)
     stats = run_labeling(cfg, log=lambda m: None)
     rows, errors = read_output(output)
-    first_three = sorted(p.name for p in (images / "x").iterdir())[:3]
-    assert sorted(r["image"]["path"] for r in rows) == [f"x/{n}" for n in first_three] and not errors
+    assert [r["image"]["path"] for r in rows] == [f"x/{f.name}" for f in files[:3]] and not errors
+    assert [r["image_id"] for r in rows] == [f"x/{f.stem}" for f in files[:3]]
+    assert [r["label"] for r in rows] == [0, 1, 0]
+    assert rows[1]["image"]["bytes"] == files[1].read_bytes()
+    assert load(output).features["label"].names == ["cat", "dog"]
     assert stats["inputs"] == 3 and len(list((output / "data").iterdir())) == 2
     with pytest.raises(manifest.ResumeRefused, match="arguments.limit: 3 -> 4"):
         run_labeling(LabelingConfig(**{**cfg.__dict__, "limit": 4}), log=lambda m: None)

@@ -220,3 +220,23 @@ def test_resource_layout_fits_the_cluster_or_says_what_to_change():
         plan_layout(cpus=8, gpus=1, gpus_per_actor=1.0)
     with pytest.raises(ClusterError, match="--actor-cpus"):
         plan_layout(cpus=2, gpus=0, actor_cpus=1.0)
+
+
+def test_node_local_paths_are_refused_on_a_multi_node_cluster(tmp_path, monkeypatch):
+    from labeling import cluster
+
+    nodes = [{"NodeID": "a", "NodeManagerAddress": "10.0.0.1"}, {"NodeID": "b", "NodeManagerAddress": "10.0.0.2"}]
+    monkeypatch.setattr(cluster, "alive_nodes", lambda: nodes)
+    probed = []
+
+    def only_the_head_sees_it(found_nodes, path):
+        probed.append(path)
+        return [True, False]
+
+    monkeypatch.setattr(cluster, "nodes_see", only_the_head_sees_it)
+    with pytest.raises(cluster.ClusterError, match=r"--output .* local to this node: nodes 10.0.0.2 .* s3://"):
+        cluster.check_shared(str(tmp_path / "out"), "--output", probe_write=True)
+    assert probed and not list((tmp_path / "out").iterdir())  # the probe file is removed again
+    monkeypatch.setattr(cluster, "nodes_see", lambda found_nodes, path: [True, True])
+    cluster.check_shared(str(tmp_path / "out"), "--output", probe_write=True)  # a shared mount passes
+    cluster.check_shared("s3://bucket/out", "--output", probe_write=True)  # URLs are shared by definition
