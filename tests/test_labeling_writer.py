@@ -240,3 +240,35 @@ def test_node_local_paths_are_refused_on_a_multi_node_cluster(tmp_path, monkeypa
     monkeypatch.setattr(cluster, "nodes_see", lambda found_nodes, path: [True, True])
     cluster.check_shared(str(tmp_path / "out"), "--output", probe_write=True)  # a shared mount passes
     cluster.check_shared("s3://bucket/out", "--output", probe_write=True)  # URLs are shared by definition
+
+
+def test_a_failing_batch_is_retried_image_by_image_and_failures_become_rows():
+    from labeling.predictors import INSTANCE_SCHEMA, InstancePredictor, run_each
+    from labeling.preprocess import DECODED_SCHEMA
+
+    def labeler(images):
+        if any(image.shape[0] == 13 for image in images):  # one poisonous size
+            raise RuntimeError("CUDA out of memory (pretend)")
+        return [[{"rle": codecs.encode_rle(np.ones(image.shape[:2], bool)), "bbox": [0, 0, 1, 1], "area": 1,
+                  "predicted_iou": 0.9, "stability_score": 0.9}] for image in images]
+
+    results = run_each(labeler, [np.zeros((5, 5, 3), np.uint8), np.zeros((13, 5, 3), np.uint8)])
+    assert isinstance(results[0], list) and isinstance(results[1], RuntimeError)
+
+    predictor = InstancePredictor.__new__(InstancePredictor)  # the actor class, with a fake model
+    predictor.labeler = labeler
+    rows = []
+    for i, (h, listed_failure) in enumerate([(5, ""), (13, ""), (7, failures.UNDECODABLE)]):
+        pixels = np.zeros((h, 4, 3), np.uint8)
+        rows.append({"index": i, "shard": 0, "path": f"p{i}", "image_id": f"p{i}", "label": 0, "image_path": f"p{i}",
+                     "error_stage": failures.DECODE if listed_failure else "", "error_type": listed_failure,
+                     "error_message": "bad" if listed_failure else "", "image_bytes": b"x", "width": 4,
+                     "height": h, "pixels": pixels.tobytes(), "pixels_h": h, "pixels_w": 4, "time_read": 0.0,
+                     "started_at": 0.0})
+    out = predictor(pa.Table.from_pylist(rows, schema=DECODED_SCHEMA))
+    assert out.schema.equals(INSTANCE_SCHEMA)
+    good, poisoned, undecodable = out.to_pylist()
+    assert len(json.loads(good["instances_json"])) == 1 and good["error_type"] == ""
+    assert (poisoned["error_stage"], poisoned["error_type"]) == (failures.MODEL, failures.MODEL_FAILED)
+    assert "out of memory" in poisoned["error_message"] and poisoned["instances_json"] == "[]"
+    assert (undecodable["error_stage"], undecodable["error_type"]) == (failures.DECODE, failures.UNDECODABLE)
