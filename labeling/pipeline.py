@@ -249,6 +249,8 @@ class Committer:
         done = [f for f in self.pending if wait or f.done()]
         self.pending = [f for f in self.pending if f not in done]
         new = [f.result() for f in done]
+        if wait:
+            self.pool.shutdown()
         self.results.extend(new)
         for result in new:
             self.check.add(result)
@@ -266,9 +268,8 @@ def _drive(ds: ray.data.Dataset, assembler: writer.ShardAssembler, committer: Co
         for shard in assembler.add(batch):
             committer.submit(shard, assembler.take(shard))
         bar.update(batch.num_rows)
-        committed = committer.collect()
-        if committed:
-            bar.set_postfix_str(f"shards {len(committer.results)}/{committer.plan.num_shards - len(committer.plan.committed)}")
+        if committer.collect():
+            bar.set_postfix_str(f"shards {len(committer.results)}")
 
 
 # Model actors must start within this time (a cluster without the GPUs asked for fails clearly
@@ -282,6 +283,35 @@ def _configure_ray_data() -> None:
     ctx.max_errored_blocks = -1  # a block Ray gives up on is retried alone, then recorded: never fatal
     ctx.enable_progress_bars = False  # the driver shows one bar in images, and shard commits
     ctx.print_on_execution_start = False
+
+
+def _label(indices: list[int], plan: Plan, listed: inputs.Inputs, cfg: LabelingConfig, choice: ModelChoice,
+           post: PostprocessConfig, schema: pa.Schema, committer: Committer, log) -> list[float]:
+    """Run `indices` through the pipeline and commit their shards; returns the reads' start times."""
+    _configure_ray_data()
+    assembler = writer.ShardAssembler({**plan.new, **plan.retry})
+    first_read: list[float] = []
+    bar = tqdm(total=len(indices), unit="img", desc="labeling", disable=not cfg.progress, file=sys.stderr,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    with bar:
+        block_rows = max(1, min(256, math.ceil(len(indices) / 64)))
+        work = work_table(listed, indices, cfg.shard_size)
+        _drive(build_dataset(work, listed, cfg, choice, post, schema, block_rows), assembler, committer, bar,
+               first_read)
+        missing = sorted(i for owed in assembler.missing().values() for i in owed)
+        if missing:  # blocks Ray gave up on: each input once more, alone
+            log(f"{len(missing)} inputs came back from no worker; labeling them again one at a time")
+            alone = dataclasses.replace(cfg, read_batch_size=1, model_batch_size=1, postprocess_batch_size=1)
+            work = work_table(listed, missing, cfg.shard_size)
+            _drive(build_dataset(work, listed, alone, choice, post, schema, 1), assembler, committer, bar,
+                   first_read)
+        missing = sorted(i for owed in assembler.missing().values() for i in owed)
+        if missing:
+            for shard in assembler.add(lost_rows(work_table(listed, missing, cfg.shard_size), schema)):
+                committer.submit(shard, assembler.take(shard))
+        committer.collect(wait=True)
+        bar.set_postfix_str(f"shards {len(committer.results)}")
+    return first_read
 
 
 def run_labeling(cfg: LabelingConfig, log=print) -> dict:
@@ -324,30 +354,8 @@ def run_labeling(cfg: LabelingConfig, log=print) -> dict:
     check = summary.InstanceCountCheck(enabled=cfg.models == "default")
     committer = Committer(fs, root, plan, contract, listed, check)
     indices = plan.indices()
-    first_read: list[float] = []
-    if indices:
-        _configure_ray_data()
-        assembler = writer.ShardAssembler({**plan.new, **plan.retry})
-        work = work_table(listed, indices, cfg.shard_size)
-        block_rows = max(1, min(256, math.ceil(len(indices) / 64)))
-        bar = tqdm(total=len(indices), unit="img", desc="labeling", disable=not cfg.progress, file=sys.stderr,
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        with bar:
-            _drive(build_dataset(work, listed, cfg, choice, post, schema, block_rows), assembler, committer, bar,
-                   first_read)
-            missing = sorted(i for owed in assembler.missing().values() for i in owed)
-            if missing:  # blocks Ray gave up on: each input once more, alone
-                log(f"{len(missing)} inputs came back from no worker; labeling them again one at a time")
-                alone = dataclasses.replace(cfg, read_batch_size=1, model_batch_size=1, postprocess_batch_size=1)
-                retry_work = work_table(listed, missing, cfg.shard_size)
-                _drive(build_dataset(retry_work, listed, alone, choice, post, schema, 1), assembler, committer, bar,
-                       first_read)
-            missing = sorted(i for owed in assembler.missing().values() for i in owed)
-            if missing:
-                for shard in assembler.add(lost_rows(work_table(listed, missing, cfg.shard_size), schema)):
-                    committer.submit(shard, assembler.take(shard))
-            committer.collect(wait=True)
-        check.judge(final=True)
+    first_read = _label(indices, plan, listed, cfg, choice, post, schema, committer, log) if indices else []
+    check.judge(final=True)
 
     committed = shards.committed_shards(fs, root, plan.num_shards)
     total = summary.folder_stats(fs, root, committed, plan.num_shards)
