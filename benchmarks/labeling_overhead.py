@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
           + ("" if share >= 0.5 else " (under one half: the models are too small to measure overhead against)"))
     ratio = bare[sizes[1]]["seconds"] / pipe[sizes[1]]["seconds"]
     scaling = (pipe[sizes[1]]["seconds"] / sizes[1]) / (pipe[sizes[0]]["seconds"] / sizes[0])
+    shutil.rmtree(work_dir, ignore_errors=True)
     print(f"pipeline_over_bare={ratio:.3f} scaling={scaling:.3f}")
     return 0
 
