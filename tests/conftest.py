@@ -23,3 +23,20 @@ def pytest_collection_modifyitems(config, items):
 def _datasets_cache(tmp_path_factory, monkeypatch):
     """Each test gets its own `datasets` cache so no test reads another's prepared split."""
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets_cache")))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (starting Ray takes seconds): 2 CPUs, a small object store.
+
+    Its workers import this checkout (PYTHONPATH), not an installed copy.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(address="local", num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,138 @@
+"""Label an image folder (or a Parquet / datasets table) into Parquet shards with Ray.
+
+    python labeling/run.py --input /data/imagenet/train --output /data/imagenet-c2f
+    ray job submit --working-dir . -- python labeling/run.py --input ... --output s3://bucket/imagenet-c2f
+
+Without a cluster address it starts Ray on this machine; as a Ray job, with --address or with
+RAY_ADDRESS it joins that cluster. Rerunning the same command resumes: committed shards are
+skipped. Rerunning with other arguments, models or code is refused unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: import this checkout's packages, not labeling/*.py
+    _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[0] = _ROOT
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python labeling/run.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--input", required=True,
+                    help="ImageFolder root (<root>/<class>/<image>), Parquet file or folder, or datasets.save_to_disk "
+                         "folder; a local/shared path or a URL pyarrow understands (s3://, gs://)")
+    io.add_argument("--output", required=True,
+                    help="output folder (local/shared path or URL): data/, errors/, stats/, manifest.json, stats.json, "
+                         "metadata.json, README.md")
+    io.add_argument("--models", required=True, choices=("default", "tiny-random"),
+                    help="default: SAM vit_h + facebook/mask2former-swin-large-coco-panoptic; tiny-random: small "
+                         "random twins for offline smoke runs (meaningless labels)")
+    io.add_argument("--shard-size", type=positive_int, default=1000,
+                    help="images per output shard; a shard is the unit of work and of commit (default 1000)")
+    io.add_argument("--limit", type=positive_int, default=None, help="label only the first N inputs (trial runs)")
+    io.add_argument("--overwrite", action="store_true",
+                    help="delete an earlier run's files in --output and start over (needed when arguments changed)")
+    io.add_argument("--retry-errors", action="store_true",
+                    help="also re-attempt the inputs listed in the errors tables of committed shards")
+    io.add_argument("--max-pixels", type=positive_int, default=100_000_000,
+                    help="images with more pixels go to the errors table as too_large (default 1e8)")
+    io.add_argument("--input-format", default="auto", choices=("auto", "imagefolder", "parquet", "arrow"),
+                    help="what --input is (default: detected)")
+    io.add_argument("--file-list", default=None,
+                    help="text file of image paths relative to --input (<class>/<file> per line), instead of listing")
+    io.add_argument("--image-column", default="image", help="image column of a table input (default image)")
+    io.add_argument("--label-column", default="label", help="label column of a table input (default label)")
+    io.add_argument("--split", default="train", help="split of a table input (default train)")
+
+    models = p.add_argument_group("models (part of the output: changing them needs --overwrite)")
+    models.add_argument("--sam-type", default=None, help="SAM model type: vit_h (default), vit_l, vit_b")
+    models.add_argument("--sam-checkpoint", default=None,
+                        help="path of the SAM checkpoint (default: the official file for --sam-type, cached)")
+    models.add_argument("--semantic-model", default=None,
+                        help="transformers segmentation model: hub id or local folder "
+                             "(default facebook/mask2former-swin-large-coco-panoptic)")
+    models.add_argument("--model-max-side", type=positive_int, default=None,
+                        help="images are shrunk to this longest side for the models (default 1024; 256 for tiny)")
+    models.add_argument("--points-per-side", type=positive_int, default=None,
+                        help="SAM automatic-mask point grid per side (default: the labeler's; 8 for tiny)")
+    models.add_argument("--pred-iou-thresh", type=float, default=None, help="SAM predicted-IoU threshold")
+    models.add_argument("--stability-score-thresh", type=float, default=None, help="SAM stability threshold")
+    models.add_argument("--min-instance-area", type=int, default=16,
+                        help="instances smaller than this many pixels (at full size) are dropped (default 16)")
+
+    run = p.add_argument_group("execution (may change when resuming)")
+    run.add_argument("--address", default=None,
+                     help="Ray cluster to join (default: $RAY_ADDRESS, set for Ray jobs; else start Ray locally)")
+    run.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray (default: all)")
+    run.add_argument("--object-store-memory", type=int, default=None,
+                     help="object store bytes of a locally started Ray (default: Ray's)")
+    run.add_argument("--gpus-per-actor", type=float, default=None,
+                     help="GPUs per model actor (default 1; 0.5 on a one-GPU cluster, so both models share it; "
+                          "0 without GPUs: models run on CPUs)")
+    run.add_argument("--instance-actors", type=positive_int, default=None,
+                     help="SAM actors (default: 3/4 of the GPU slots; without GPUs one per CPU)")
+    run.add_argument("--semantic-actors", type=positive_int, default=None,
+                     help="semantic-model actors (default: 1/4 of the GPU slots, or of the CPUs; at least 1)")
+    run.add_argument("--actor-cpus", type=float, default=None,
+                     help="CPUs Ray reserves per model actor (default 1 with GPUs, 0.5 without)")
+    run.add_argument("--task-cpus", type=float, default=None,
+                     help="CPUs per read / post-process task (default 1 with GPUs, 0.25 without)")
+    run.add_argument("--read-batch-size", type=positive_int, default=16, help="images per read/decode batch")
+    run.add_argument("--model-batch-size", type=positive_int, default=8, help="images per model call")
+    run.add_argument("--postprocess-batch-size", type=positive_int, default=8, help="images per post-process batch")
+    run.add_argument("--listing-workers", type=positive_int, default=32, help="threads listing class folders")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    from labeling.pipeline import LabelingConfig
+
+    return LabelingConfig(
+        input=args.input, output=args.output, models=args.models, shard_size=args.shard_size, limit=args.limit,
+        max_pixels=args.max_pixels, input_format=args.input_format, file_list=args.file_list,
+        image_column=args.image_column, label_column=args.label_column, split=args.split,
+        sam_type=args.sam_type, sam_checkpoint=args.sam_checkpoint, semantic_model=args.semantic_model,
+        model_max_side=args.model_max_side, points_per_side=args.points_per_side,
+        pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
+        min_instance_area=args.min_instance_area, read_batch_size=args.read_batch_size,
+        model_batch_size=args.model_batch_size, postprocess_batch_size=args.postprocess_batch_size,
+        instance_actors=args.instance_actors, semantic_actors=args.semantic_actors,
+        gpus_per_actor=args.gpus_per_actor, actor_cpus=args.actor_cpus, task_cpus=args.task_cpus,
+        listing_workers=args.listing_workers, address=args.address, num_cpus=args.num_cpus,
+        object_store_memory=args.object_store_memory, overwrite=args.overwrite, retry_errors=args.retry_errors,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from labeling import cluster
+    from labeling.inputs import InputError
+    from labeling.manifest import ResumeRefused
+    from labeling.model_choice import ModelLoadError
+    from labeling.pipeline import run_labeling
+
+    try:
+        cfg = config_from_args(args)
+        run_labeling(cfg, log=lambda message: print(message, flush=True))
+    except (InputError, ResumeRefused, ModelLoadError, cluster.ClusterError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The Ray pipeline end to end with the tiny random models (one session-wide local Ray):
+skimage photos and a zoo of odd inputs, --retry-errors, a Parquet export with --limit, and
+refused resumes."""
+
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dataset_card import codecs, layout
+from dataset_card.schema import validate_features
+from labeling import failures, manifest
+from labeling.pipeline import LabelingConfig, run_labeling
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
+
+# Small Ray resources so read, two actor pools and post-processing all fit on 2 CPUs.
+SMALL = {"models": "tiny-random", "instance_actors": 1, "semantic_actors": 1, "actor_cpus": 0.5, "task_cpus": 0.5,
+         "model_batch_size": 4,
+         "read_batch_size": 4, "postprocess_batch_size": 4, "progress": False}
+
+
+def encode(rgb: np.ndarray | Image.Image, fmt: str, **kw) -> bytes:
+    img = rgb if isinstance(rgb, Image.Image) else Image.fromarray(rgb)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    rgb = getattr(skimage.data, name)()
+    return np.repeat(rgb[:, :, None], 3, axis=2) if rgb.ndim == 2 else rgb[:, :, :3]
+
+
+def write_photos(root: Path, names=PHOTOS, cls: str = "a_photos") -> None:
+    """The skimage colour photos as an ImageFolder class (one as WebP, one as BMP)."""
+    (root / cls).mkdir(parents=True, exist_ok=True)
+    formats = {0: ("webp", "WEBP"), 1: ("bmp", "BMP")}
+    for i, name in enumerate(names):
+        ext, fmt = formats.get(i, ("jpg", "JPEG"))
+        (root / cls / f"{name}.{ext}").write_bytes(encode(photo(name), fmt))
+
+
+def write_zoo(root: Path) -> dict[str, tuple[str, str] | None]:
+    """Odd inputs -> expected (stage, error_type), or None when they must be labeled."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, size=(37, 53, 3), dtype=np.uint8)
+    jpeg = encode(rgb, "JPEG")
+    files = {
+        "b_odd/cmyk.jpg": (encode(Image.fromarray(rgb).convert("CMYK"), "JPEG"), None),
+        "b_odd/gray.png": (encode(rgb[:, :, 0], "PNG"), None),
+        "b_odd/gray16.png": (encode(Image.fromarray(rgb[:, :, 0].astype(np.uint16) * 257), "PNG"), None),
+        "b_odd/palette.png": (encode(Image.fromarray(rgb).convert("P"), "PNG"), None),
+        "b_odd/rgba.png": (encode(Image.fromarray(np.dstack([rgb, rgb[:, :, :1]])), "PNG"), None),
+        "b_odd/one_pixel.png": (encode(rgb[:1, :1], "PNG"), None),
+        "c_bad/empty.jpg": (b"", (failures.DECODE, failures.EMPTY_FILE)),
+        "c_bad/huge.png": (encode(np.zeros((1000, 1200, 3), np.uint8), "PNG"), (failures.DECODE, failures.TOO_LARGE)),
+        "c_bad/notes.png": (b"these are notes, not a picture\n" * 20, (failures.DECODE, failures.UNDECODABLE)),
+        "c_bad/truncated.jpg": (jpeg[: len(jpeg) // 2], (failures.DECODE, failures.UNDECODABLE)),
+        "d_dup/z.jpg": (jpeg, None),
+        "d_dup/z.png": (encode(rgb, "PNG"), (failures.LIST, failures.DUPLICATE_ID)),
+    }
+    expected = {}
+    for rel, (data, outcome) in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+        expected[rel] = outcome
+    return expected
+
+
+def load(output: Path) -> datasets.Dataset:
+    """load_dataset with a fresh cache: a copied folder keeps its files' mtimes, which the cache keys on."""
+    return datasets.load_dataset(str(output), split="train", cache_dir=tempfile.mkdtemp(prefix="hf-cache-"))
+
+
+def read_output(output: Path):
+    rows = load(output).with_format("arrow")[:].to_pylist()
+    error_files = sorted((output / "errors").glob("errors-*.parquet"))
+    errors = [e for f in error_files for e in pq.read_table(f).to_pylist()]
+    return rows, errors
+
+
+def assert_exactly_once(output: Path, input_root: Path) -> tuple[list[dict], list[dict]]:
+    """Every listed input is in the data or in the errors table, once; nothing else is."""
+    rows, errors = read_output(output)
+    paths = sorted(str(p.relative_to(input_root)) for p in input_root.rglob("*") if p.is_file())
+    seen = [r["image"]["path"] for r in rows] + [e["path"] for e in errors]
+    assert sorted(seen) == paths
+    assert not [p for p in output.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".rewrite")]
+    return rows, errors
+
+
+def check_rows(rows: list[dict]) -> None:
+    for row in rows:
+        h, w = row["height"], row["width"]
+        semantic = codecs.decode_mask(row["semantic_mask"]["bytes"])
+        instance_map = codecs.decode_mask(row["instance_mask"]["bytes"])
+        assert semantic.shape == (h, w) and instance_map.shape == (h, w)
+        assert codecs.decode_image(row["image"]["bytes"]).shape == (h, w, 3)
+        np.testing.assert_array_equal(instance_map, codecs.paint(row["instances"], h, w))
+        assert all(inst["rle"]["size"] == [h, w] for inst in row["instances"])
+        assert [inst["id"] for inst in row["instances"]] == list(range(1, len(row["instances"]) + 1))
+
+
+@pytest.fixture(scope="module")
+def zoo_run(tmp_path_factory, ray_session):
+    root = tmp_path_factory.mktemp("zoo")
+    images, output = root / "train", root / "out"
+    write_photos(images)
+    expected = write_zoo(images)
+    cfg = LabelingConfig(input=str(images), output=str(output), shard_size=4, max_pixels=1_000_000, **SMALL)
+    stats = run_labeling(cfg, log=lambda m: None)
+    return cfg, images, output, expected, stats
+
+
+def test_end_to_end_photos_load_typed_and_aligned(zoo_run):
+    cfg, images, output, _, stats = zoo_run
+    rows, _ = assert_exactly_once(output, images)
+    ds = load(output)
+    validate_features(ds.features)
+    assert ds.features["label"].names == ["a_photos", "b_odd", "c_bad", "d_dup"]
+    photos = [r for r in rows if r["image_id"].startswith("a_photos/")]
+    assert [r["image_id"] for r in photos] == sorted(f"a_photos/{n}" for n in PHOTOS)
+    assert {r["label"] for r in photos} == {0}
+    astronaut = next(r for r in photos if r["image_id"] == "a_photos/astronaut")
+    assert (astronaut["width"], astronaut["height"]) == (512, 512)
+    assert astronaut["image"]["bytes"] == (images / "a_photos" / "astronaut.webp").read_bytes()  # never re-encoded
+    check_rows(rows)
+    assert sum(len(r["instances"]) for r in photos) >= len(photos)  # the twins give masks, not nothing
+    metadata = layout.DatasetMetadata.from_json((output / "metadata.json").read_text())
+    assert metadata.class_names == ("a_photos", "b_odd", "c_bad", "d_dup") and metadata.num_semantic_classes == 6
+    for row in rows:
+        semantic = codecs.decode_mask(row["semantic_mask"]["bytes"])
+        assert semantic.max() < metadata.num_semantic_classes
+        for inst in row["instances"]:
+            assert 0 <= inst["category_id"] < 6 and 0 < inst["category_purity"] <= 1
+            assert inst["area"] >= 16 and 0 <= inst["visible_area"] <= inst["area"]
+    saved = json.loads((output / "manifest.json").read_text())
+    assert saved["num_inputs"] == 18 and saved["num_shards"] == 5 and saved["shard_size"] == 4
+    assert saved["models"]["instance"]["checkpoint"] == "tiny-random"
+    assert saved["code_version"] == manifest.code_version()
+    on_disk = json.loads((output / "stats.json").read_text())
+    assert on_disk == stats
+    assert (stats["inputs"], stats["written"], stats["failed"]) == (18, 13, 5)
+    assert stats["instances"] == sum(len(r["instances"]) for r in rows)
+    assert set(stats["stage_time_s"]) >= {"read", "instance", "semantic", "postprocess", "commit"}
+    assert stats["images_per_s"] > 0
+    shard_stats = [layout.ShardStats.from_json(p.read_text()) for p in sorted((output / "stats").glob("*.json"))]
+    assert sum(s.rows for s in shard_stats) == 13 and sum(s.instances for s in shard_stats) == stats["instances"]
+    assert "data/train-*.parquet" in (output / "README.md").read_text()
+
+
+def test_bad_inputs_are_labeled_or_recorded_with_stage_and_reason(zoo_run):
+    _, images, output, expected, stats = zoo_run
+    rows, errors = read_output(output)
+    by_path = {r["image"]["path"]: r for r in rows}
+    recorded = {e["path"]: (e["stage"], e["error_type"]) for e in errors}
+    for rel, outcome in expected.items():
+        if outcome is None:
+            assert rel in by_path, f"{rel} should be labeled"
+        else:
+            assert recorded.get(rel) == outcome, rel
+    assert all(e["message"] for e in errors)
+    assert (by_path["b_odd/one_pixel.png"]["width"], by_path["b_odd/one_pixel.png"]["height"]) == (1, 1)
+    for name in ("cmyk.jpg", "gray.png", "gray16.png", "palette.png", "rgba.png"):
+        assert (by_path[f"b_odd/{name}"]["width"], by_path[f"b_odd/{name}"]["height"]) == (53, 37)
+    assert stats["failed_by_type"] == {failures.DUPLICATE_ID: 1, failures.EMPTY_FILE: 1, failures.TOO_LARGE: 1,
+                                       failures.UNDECODABLE: 2}
+    # Shard 3 holds only failures: it still commits, with zero rows and no row group.
+    empty_shard = output / layout.data_path(3, 5)
+    assert pq.ParquetFile(empty_shard).metadata.num_rows == 0
+    assert pq.ParquetFile(empty_shard).metadata.num_row_groups == 0
+
+
+def test_retry_errors_relabels_only_failed_inputs(zoo_run, tmp_path):
+    cfg, images, output, _, _ = zoo_run
+    images2, output2 = tmp_path / "train", tmp_path / "out"
+    shutil.copytree(images, images2)
+    shutil.copytree(output, output2)
+    fixed = encode(np.full((20, 30, 3), 120, np.uint8), "PNG")
+    (images2 / "c_bad" / "notes.png").write_bytes(fixed)  # the user fixed one file
+    before = {p.name: p.stat().st_mtime_ns for p in (output2 / "data").iterdir()}
+    cfg2 = LabelingConfig(**{**cfg.__dict__, "input": str(images2), "output": str(output2), "retry_errors": True})
+    stats = run_labeling(cfg2, log=lambda m: None)
+    rows, errors = assert_exactly_once(output2, images2)
+    check_rows(rows)
+    assert "c_bad/notes.png" in {r["image"]["path"] for r in rows}
+    assert "c_bad/notes.png" not in {e["path"] for e in errors}
+    assert (stats["written"], stats["failed"]) == (14, 4)
+    after = {p.name: p.stat().st_mtime_ns for p in (output2 / "data").iterdir()}
+    changed = sorted(name for name in after if after[name] != before[name])
+    # Only shards that had failures are rewritten: 3 (all bad) and 4 (the duplicate id).
+    assert changed == [layout.data_path(3, 5).split("/")[1], layout.data_path(4, 5).split("/")[1]]
+
+
+def test_parquet_export_with_limit_and_refused_resume(tmp_path, ray_session):
+    """An ImageNet-style Parquet export (Image + ClassLabel columns) as the input; --limit; resume rules."""
+    folder, export, output = tmp_path / "photos", tmp_path / "export", tmp_path / "out"
+    write_photos(folder, PHOTOS[:5], cls="x")
+    files = sorted((folder / "x").iterdir())
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    table = datasets.Dataset.from_dict({"image": [{"bytes": f.read_bytes(), "path": f"x/{f.name}"} for f in files],
+                                        "label": [i % 2 for i in range(len(files))]}, features=features)
+    (export / "data").mkdir(parents=True)
+    table.to_parquet(str(export / "data" / "train-00000-of-00001.parquet"), batch_size=2)
+    cfg = LabelingConfig(input=str(export), output=str(output), shard_size=2, limit=3, **SMALL)
+    stats = run_labeling(cfg, log=lambda m: None)
+    rows, errors = read_output(output)
+    assert [r["image"]["path"] for r in rows] == [f"x/{f.name}" for f in files[:3]] and not errors
+    assert [r["image_id"] for r in rows] == [f"x/{f.stem}" for f in files[:3]]
+    assert [r["label"] for r in rows] == [0, 1, 0]
+    assert rows[1]["image"]["bytes"] == files[1].read_bytes()
+    assert load(output).features["label"].names == ["cat", "dog"]
+    assert stats["inputs"] == 3 and len(list((output / "data").iterdir())) == 2
+    with pytest.raises(manifest.ResumeRefused, match="arguments.limit: 3 -> 4"):
+        run_labeling(LabelingConfig(**{**cfg.__dict__, "limit": 4}), log=lambda m: None)
+    with pytest.raises(manifest.ResumeRefused, match="arguments.shard_size: 2 -> 3"):
+        run_labeling(LabelingConfig(**{**cfg.__dict__, "shard_size": 3}), log=lambda m: None)
+    messages = []
+    again = run_labeling(LabelingConfig(**{**cfg.__dict__, "model_batch_size": 2}), log=messages.append)
+    assert any("resuming: 2 shards already committed" in m for m in messages)  # batch sizes may change
+    assert again["processed"] == 0 and again["written"] == 3

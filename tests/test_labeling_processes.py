@@ -1,0 +1,219 @@
+"""`labeling/run.py` as users run it, in subprocesses: killed with SIGKILL mid-run and rerun
+(exactly once), submitted as a Ray job to a private head, labeling an 8000x8000 image under 4 GB,
+and failing offline with one sentence. Each subprocess gets its own process group, and only that
+group is ever stopped."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from test_labeling_pipeline import assert_exactly_once, check_rows, encode
+
+from labeling.pipeline import run_labeling
+from labeling.run import config_from_args, parser
+
+pytestmark = [pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(ROOT / "labeling" / "run.py")]
+SMALL_FLAGS = ["--models", "tiny-random", "--instance-actors", "1", "--semantic-actors", "1", "--actor-cpus", "0.5",
+               "--task-cpus", "0.5", "--read-batch-size", "2", "--model-batch-size", "2",
+               "--postprocess-batch-size", "2", "--no-progress"]
+
+
+def env(**extra) -> dict:
+    out = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", RAY_ADDRESS="")
+    out.update(extra)
+    return out
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """End `proc`'s own process group (never anything else), politely then firmly."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            time.sleep(0.5)  # let the group's other members go too
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def random_images(root: Path, count: int, classes: int = 2) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        folder = root / f"class_{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"img_{i:03d}.jpg").write_bytes(encode(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8), "JPEG"))
+
+
+def committed(output: Path) -> list[str]:
+    return sorted(p.name for p in (output / "data").glob("train-*.parquet")) if (output / "data").exists() else []
+
+
+@pytest.mark.ray
+def test_sigkill_mid_run_then_rerun_labels_every_input_exactly_once(tmp_path, ray_session):
+    images, output = tmp_path / "train", tmp_path / "out"
+    random_images(images, 48)  # after start-up, labeling takes seconds: enough shards to land a kill between
+    flags = ["--input", str(images), "--output", str(output), "--shard-size", "4"] + SMALL_FLAGS
+    proc = subprocess.Popen(RUN + flags + ["--num-cpus", "2", "--object-store-memory", str(200 * 2**20)], env=env(),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not committed(output) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        stop_group(proc)
+    at_kill = committed(output)
+    assert 1 <= len(at_kill) < 12, f"the kill must land after the first commit and before the last: {at_kill}"
+    # The same command again (in this process, on the session's Ray: it saves starting another).
+    messages = []
+    run_labeling(config_from_args(parser().parse_args(flags)), log=messages.append)
+    assert any(f"resuming: {len(at_kill)} shards already committed" in m for m in messages)
+    assert len(committed(output)) == 12
+    rows, errors = assert_exactly_once(output, images)
+    assert len(rows) == 48 and not errors
+    assert len({r["image_id"] for r in rows}) == 48
+    check_rows(rows)
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.ray
+def test_ray_job_submit_against_a_private_head(tmp_path):
+    images, output = tmp_path / "train", tmp_path / "out"
+    random_images(images, 6)
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    gcs, dashboard, client, agent, agent_grpc, node, objects, metrics, runtime_env = free_ports(9)
+    workers = free_ports(1)[0]
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # A private token for this private head; the job must work from its uploaded working dir alone.
+    head_env = env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex,
+                   PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    head_env.pop("PYTHONPATH")
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--node-manager-port={node}", f"--object-manager-port={objects}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={runtime_env}", f"--min-worker-port={workers}",
+         f"--max-worker-port={workers + 60}", f"--temp-dir={temp_dir}", "--num-cpus=2",
+         f"--object-store-memory={200 * 2**20}"],
+        env=head_env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2).close()
+                break
+            except urllib.error.HTTPError:  # it answers (token authentication may refuse us): it is up
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("the private Ray head did not come up in 120 s")
+        job = subprocess.run(
+            [ray_bin, "job", "submit", f"--address={address}", f"--working-dir={ROOT}", "--",
+             "python", "labeling/run.py", "--input", str(images), "--output", str(output), "--shard-size", "4"]
+            + SMALL_FLAGS, env=head_env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+        assert "labeled 6 of 6 inputs, 0 failed" in job.stdout, job.stdout[-4000:] + job.stderr[-2000:]
+    finally:
+        stop_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    rows, errors = assert_exactly_once(output, images)
+    assert len(rows) == 6 and not errors
+    check_rows(rows)
+
+
+LABEL_ONE_IMAGE = """
+import json, resource, sys
+import pyarrow as pa
+from labeling.inputs import FolderSource
+from labeling.pipeline import LabelingConfig, model_choice, model_max_side
+from labeling.postprocess import PostprocessConfig, postprocess_stage, staged_schema
+from labeling.predictors import InstancePredictor, SemanticPredictor
+from labeling.preprocess import WORK_SCHEMA, read_stage
+
+folder, name = sys.argv[1], sys.argv[2]
+cfg = LabelingConfig(input=folder, output="unused", models="tiny-random")
+choice = model_choice(cfg)
+instance, semantic = InstancePredictor(choice, threads=2), SemanticPredictor(choice, threads=2)
+classes = choice.materialize().semantic_classes()
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+work = pa.Table.from_pylist([{"index": 0, "shard": 0, "path": name, "image_id": name, "label": 0,
+                              "image_path": name, "error_stage": "", "error_type": "", "error_message": ""}],
+                            schema=WORK_SCHEMA)
+batch = read_stage(work, FolderSource(folder), max_pixels=100_000_000, max_side=model_max_side(cfg))
+batch = semantic(instance(batch))
+post = PostprocessConfig(len(classes), 255, cfg.min_instance_area)
+row = postprocess_stage(batch, post, staged_schema(["c"], [c.name for c in classes])).to_pylist()[0]
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_kb": peak, "after_models_kb": baseline, "error": row["error_message"],
+                  "instances": row["stat_instances"], "size": [row["width"], row["height"]]}))
+"""
+
+
+def test_an_8000_by_8000_image_labels_under_4_gb(tmp_path):
+    rng = np.random.default_rng(0)
+    field = cv2.resize(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8), (8000, 8000),
+                       interpolation=cv2.INTER_CUBIC)
+    ok, data = cv2.imencode(".jpg", field, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    del field
+    (tmp_path / "big.jpg").write_bytes(data.tobytes())
+    done = subprocess.run([sys.executable, "-c", LABEL_ONE_IMAGE, str(tmp_path), "big.jpg"], env=env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["error"] == "" and result["size"] == [8000, 8000]
+    assert result["instances"] > 0  # masks were really upsampled to full size
+    assert result["peak_kb"] < 4 * 2**20, f"peak RSS {result['peak_kb'] / 2**20:.2f} GB"
+
+
+def test_default_models_offline_fail_with_one_sentence(tmp_path):
+    random_images(tmp_path / "train", 2)
+    done = subprocess.run(RUN + ["--input", str(tmp_path / "train"), "--output", str(tmp_path / "out"),
+                                 "--models", "default", "--no-progress"],
+                          env=env(TORCH_HOME=str(tmp_path / "torch"), HF_HOME=str(tmp_path / "hf")),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "vit_h" in last and "put it at" in last
+
+
+def test_help_explains_every_flag():
+    done = subprocess.run(RUN + ["--help"], env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    for flag in ("--input", "--output", "--models", "--shard-size", "--limit", "--overwrite", "--retry-errors",
+                 "--max-pixels", "--gpus-per-actor", "--instance-actors", "--model-batch-size"):
+        assert flag in done.stdout
