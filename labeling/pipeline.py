@@ -372,18 +372,15 @@ def run_labeling(cfg: LabelingConfig, log=print) -> dict:
 
 
 def write_card(output: str, root: str, metadata: layout.DatasetMetadata, has_errors: bool, log=print) -> None:
-    """The full dataset card when `dataset_card.build` is installed, else the minimal one."""
+    """The full dataset card; the minimal one if building it fails (the labels are done either way)."""
+    from dataset_card.build import build_card
+
     try:
-        from dataset_card.build import build_card
-    except ImportError:
-        build_card = None
-    if build_card is not None:
-        try:
-            build_card(output)
-            return
-        except Exception as err:  # the labels are done; a card failure must not hide that
-            log(f"the full dataset card failed ({type(err).__name__}: {err}); writing the minimal card instead. "
-                f"Rebuild it later with: python -m dataset_card build {output}")
+        build_card(output)
+        return
+    except Exception as err:  # the labels are done; a card failure must not hide that
+        log(f"the full dataset card failed ({type(err).__name__}: {err}); writing the minimal card instead. "
+            f"Rebuild it later with: python -m dataset_card build {output}")
     fs, _ = shards.filesystem(output)
     card = minimal_card(metadata, has_errors)
     shards.write_bytes(fs, posixpath.join(root, layout.CARD_FILE), str(card).encode())

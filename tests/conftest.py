@@ -1,9 +1,13 @@
 import os
+import tempfile
 
 # Tests never touch the network: `datasets` and `huggingface_hub` must work from local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# `datasets` reads its cache location once, at import: point it at a fresh folder for this session
+# so no run reads splits another left behind (tests that rewrite a folder pass their own cache_dir).
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="c2fmae-test-datasets-"))
 
 import pytest  # noqa: E402
 
@@ -17,12 +21,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture(autouse=True)
-def _datasets_cache(tmp_path_factory, monkeypatch):
-    """Each test gets its own `datasets` cache so no test reads another's prepared split."""
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets_cache")))
 
 
 @pytest.fixture(scope="session")
