@@ -55,13 +55,23 @@ class Distributed:
         return self.rank == 0
 
 
-def setup_distributed() -> Distributed:
-    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs), or run alone."""
+def setup_distributed(loader_workers: int = 0) -> Distributed:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs), or run alone.
+
+    On a CPU (unless OMP_NUM_THREADS is set), also size torch's thread pool to the cores left by
+    `loader_workers` per process.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # The loader's workers take a core each; this process's threads share the rest with the other
+        # local ranks (oversubscribed OpenMP threads spin and slow everything down).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (cores - local * loader_workers) // local))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(dist.get_rank() if world_size > 1 else 0, world_size, device)
@@ -139,7 +149,7 @@ def _gather(obj, distributed: Distributed) -> list:
 
 def train(cfg: TrainConfig, data: str, output: str, hooks: Sequence[Hook] = (), progress: bool = True) -> dict:
     """Train (or resume) the run in `output` on the labeled dataset in `data`; returns its summary."""
-    distributed = setup_distributed()
+    distributed = setup_distributed(cfg.data.num_workers)
     try:
         return _train(cfg, data, Path(output), hooks, progress, distributed)
     finally:
