@@ -125,3 +125,35 @@ def write_synthetic_dataset(root: str, num_images: int = 32, num_shards: int = 2
     shards.write_bytes(fs, posixpath.join(base, layout.MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
     write_minimal_card(base, metadata)
     return metadata
+
+
+def write_colour_task(root: str, num_images: int, seed: int, size: int = 64) -> layout.DatasetMetadata:
+    """A labeled folder whose image class is the semantic class of its one or two small shapes
+    (red ellipse / green rectangle / blue ellipse) on a background of any colour.
+
+    The background's mean colour, which is most of what a random encoder's pooled features carry,
+    says little about the class, so a probe only does well on features that learned the shapes.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    metadata = layout.DatasetMetadata(("red", "green", "blue"), SEMANTIC_CLASSES, semantic_source="synthetic shapes")
+    features = build_features(metadata.class_names, metadata.semantic_class_names)
+    rows = []
+    for i in range(num_images):
+        label = int(rng.integers(0, 3))
+        rgb = (rng.integers(0, 256, size=3) + rng.normal(0, 12, (size, size, 3))).clip(0, 255)
+        semantic, masks = np.zeros((size, size), np.uint8), []
+        for _ in range(int(rng.integers(1, 3))):
+            (cy, cx), (ry, rx) = rng.uniform(0.2, 0.8, 2) * size, rng.uniform(0.08, 0.15, 2) * size
+            box = (abs(yy - cy) < ry) & (abs(xx - cx) < rx)
+            mask = box if label == 1 else ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+            rgb[mask] = np.array(_COLOURS[label + 1]) + rng.normal(0, 8, (int(mask.sum()), 3))
+            semantic[mask] = label + 1
+            masks.append(mask)
+        rows.append(synthetic_row(f"{metadata.class_names[label]}/{i:06d}", label,
+                                  rgb.clip(0, 255).astype(np.uint8), semantic, masks)[0])
+    fs, base = shards.filesystem(root)
+    shards.commit_shard(fs, base, 0, 1, rows_to_table(rows, features),
+                        pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA), layout.ShardStats(shard=0))
+    shards.write_bytes(fs, posixpath.join(base, layout.METADATA_FILE), metadata.to_json().encode())
+    return metadata

@@ -5,7 +5,6 @@ import types
 
 import datasets
 import numpy as np
-import pyarrow as pa
 import pytest
 import timm
 import torch
@@ -13,9 +12,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import save_for_hf
 
-from dataset_card import layout, shards, synthetic
-from dataset_card.schema import build_features, rows_to_table
-from dataset_card.synthetic import write_synthetic_dataset
+from dataset_card.synthetic import write_colour_task, write_synthetic_dataset
 from pretraining import probe
 from pretraining.eval_data import EvalDataError, hash_split, load_eval_data, probe_loaders
 from pretraining.evaluate import main
@@ -235,37 +232,6 @@ def test_probe_hook_logs_every_n_epochs_on_rank_0(colours):
 
 
 # --- pretrained beats random ----------------------------------------------------------------------------
-
-COLOURS = {1: (200, 40, 40), 2: (40, 180, 60), 3: (50, 70, 210)}
-
-
-def write_colour_task(root, num_images: int, seed: int, size: int = 64) -> None:
-    """A labeled folder (through the contract) whose image class is the semantic class of its one or two
-    small shapes (red ellipse / green rectangle / blue ellipse) on a background of any colour: the mean
-    colour, all a random encoder's pooled features carry, says little about the class."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    metadata = layout.DatasetMetadata(("red", "green", "blue"), synthetic.SEMANTIC_CLASSES)
-    features = build_features(metadata.class_names, metadata.semantic_class_names)
-    rows = []
-    for i in range(num_images):
-        label = int(rng.integers(0, 3))
-        rgb = (rng.integers(0, 256, size=3) + rng.normal(0, 12, (size, size, 3))).clip(0, 255)
-        semantic, masks = np.zeros((size, size), np.uint8), []
-        for _ in range(int(rng.integers(1, 3))):
-            (cy, cx), (ry, rx) = rng.uniform(0.2, 0.8, 2) * size, rng.uniform(0.08, 0.15, 2) * size
-            box = (abs(yy - cy) < ry) & (abs(xx - cx) < rx)
-            mask = box if label == 1 else ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
-            rgb[mask] = np.array(COLOURS[label + 1]) + rng.normal(0, 8, (int(mask.sum()), 3))
-            semantic[mask] = label + 1
-            masks.append(mask)
-        rows.append(synthetic.synthetic_row(f"{metadata.class_names[label]}/{i:06d}", label,
-                                            rgb.clip(0, 255).astype(np.uint8), semantic, masks)[0])
-    fs, base = shards.filesystem(str(root))
-    shards.commit_shard(fs, base, 0, 1, rows_to_table(rows, features),
-                        pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA), layout.ShardStats(shard=0))
-    shards.write_bytes(fs, f"{base}/{layout.METADATA_FILE}", metadata.to_json().encode())
-
 
 @pytest.fixture
 def one_thread():
