@@ -180,7 +180,10 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
     _check_run_dir(run_dir, cfg, run_info)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = create_model(cfg.model, num_semantic_classes=dataset.metadata.num_semantic_classes, **cfg.model_args)
+    try:
+        model = create_model(cfg.model, num_semantic_classes=dataset.metadata.num_semantic_classes, **cfg.model_args)
+    except (TypeError, ValueError) as err:  # an unknown or inconsistent model_args override
+        raise ConfigError(f"model {cfg.model} with model_args {cfg.model_args}: {err}") from err
     model.to(device)
     no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=no_decay)

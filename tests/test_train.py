@@ -193,6 +193,8 @@ def test_rerun_with_another_config_is_refused(data_dir, finished_run, capsys):
     assert "another config" in err and "optim.lr" in err and "Traceback" not in err
     assert main(["--data", str(finished_run), "--output", str(finished_run / "x")]) == 2
     assert "metadata.json" in capsys.readouterr().err
+    assert main(["--data", data_dir, "--output", str(finished_run / "y"), "--set", "model_args.imgsize=3"]) == 2
+    assert "Unknown model option(s) ['imgsize']" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_the_run_naming_step_and_terms(data_dir, tmp_path, monkeypatch):
