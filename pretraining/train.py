@@ -124,6 +124,17 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _open_samples_log(path: Path, position: tuple[int, int]):
+    """The per-step sample log, without the lines a killed run wrote after the checkpoint resumed from."""
+    kept = []
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if line and tuple(json.loads(line)[k] for k in ("epoch", "step")) < position]
+    log = open(path, "w", buffering=1)  # line-buffered: a killed run keeps what it logged
+    log.writelines(line + "\n" for line in kept)
+    return log
+
+
 def _reduce(values: torch.Tensor, distributed: Distributed) -> torch.Tensor:
     if distributed.world_size > 1:
         dist.all_reduce(values)
@@ -169,7 +180,10 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
     _check_run_dir(run_dir, cfg, run_info)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = create_model(cfg.model, num_semantic_classes=dataset.metadata.num_semantic_classes, **cfg.model_args)
+    try:
+        model = create_model(cfg.model, num_semantic_classes=dataset.metadata.num_semantic_classes, **cfg.model_args)
+    except (TypeError, ValueError) as err:  # an unknown or inconsistent model_args override
+        raise ConfigError(f"model {cfg.model} with model_args {cfg.model_args}: {err}") from err
     model.to(device)
     no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=no_decay)
@@ -204,12 +218,12 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
                       seed=cfg.seed, epochs=cfg.epochs)
     loader = PretrainingLoader(dataset, spec, cfg.data, distributed.rank, distributed.world_size, position,
                                cfg.accum_steps, pin_memory=device.type == "cuda")
-    steps_per_epoch = loader.steps_per_epoch  # micro-steps; may differ by one from epoch to epoch
+    steps_per_epoch = loader.steps_per_epoch  # micro-steps of epoch 0; later epochs may differ slightly
     train_model = torch.compile(model) if cfg.compile else model
     if distributed.world_size > 1:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     monitor = Monitor(run_dir, enabled=main)
-    samples_log = (open(run_dir / f"samples-rank{distributed.rank}.jsonl", "a") if cfg.log_samples else None)
+    samples_log = _open_samples_log(run_dir / f"samples-rank{distributed.rank}.jsonl", position) if cfg.log_samples else None
     bar = tqdm(total=cfg.epochs * steps_per_epoch // cfg.accum_steps, initial=global_step, unit="step",
                disable=not (main and show_progress), dynamic_ncols=True)
 

@@ -37,7 +37,7 @@ from pretraining.train import RunError, learning_rate, main, train
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny run: 64 rows / batch 8 = 8 optimizer steps per epoch, 16 in all; checkpoints at 3, 6, ..., 15, 16.
 FAST = ("epochs=2", "data.batch_size=8", "checkpoint_every=3", "log_every=2", "figure_every=5",
-        "keep_checkpoints=2")
+        "keep_checkpoints=2", "log_samples=true")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -155,6 +155,10 @@ def test_sigkilled_run_resumes_to_exactly_the_uninterrupted_parameters(data_dir,
     final = [ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["model"] for run in (finished_run, output)]
     assert final[0].keys() == final[1].keys()
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    # The same samples and bit-identical losses at every step (the killed run's lines after its
+    # checkpoint were replaced by the resumed run's).
+    logs = [(run / "samples-rank0.jsonl").read_text().splitlines() for run in (finished_run, output)]
+    assert len(logs[0]) == 16 and logs[0] == logs[1]
     summaries = [json.loads((run / "summary.json").read_text()) for run in (finished_run, output)]
     assert summaries[0]["global_step"] == summaries[1]["global_step"] == 16
     assert summaries[0]["param_sha256"] == summaries[1]["param_sha256"]
@@ -189,6 +193,8 @@ def test_rerun_with_another_config_is_refused(data_dir, finished_run, capsys):
     assert "another config" in err and "optim.lr" in err and "Traceback" not in err
     assert main(["--data", str(finished_run), "--output", str(finished_run / "x")]) == 2
     assert "metadata.json" in capsys.readouterr().err
+    assert main(["--data", data_dir, "--output", str(finished_run / "y"), "--set", "model_args.imgsize=3"]) == 2
+    assert "Unknown model option(s) ['imgsize']" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_the_run_naming_step_and_terms(data_dir, tmp_path, monkeypatch):
