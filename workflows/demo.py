@@ -164,10 +164,10 @@ def summary(out: Path, times: dict[str, float], real: bool) -> None:
     print(f"{'total':<10} {sum(times.values()):>8.1f}")
     print("=" * 100)
     if not real:
-        print("Labels come from tiny random models: they are meaningless and exist to show the mechanics.\n"
-              "Ten photos (and crops) with such labels are too few to learn anything, so the probe runs on a\n"
-              "synthetic task (shapes whose colour-class a probe must find) and its numbers show the mechanics,\n"
-              "not the method; tests/test_probe.py shows pretraining on that task beating random init.")
+        print("The labels come from tiny random models: they are meaningless and show the mechanics only.\n"
+              "Nine photos are too few for a held-out classification, so the probe runs on a synthetic task\n"
+              "(the class is the kind of a small coloured shape on a random background): read its numbers as a\n"
+              "smoke signal that the exported encoder works downstream, not as evidence about the method.")
     print(f"""
 Where to look:
   dataset card      {out / 'labels' / 'README.md'}
