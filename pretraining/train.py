@@ -341,6 +341,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set data.batch_size=128 --set model_args.img_size=96")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--probe-data", metavar="PATH",
+                        help="a labeled folder with image classes to score a frozen-feature probe on while training "
+                             "(a held-out split by hashed id), logged to TensorBoard as probe/<kind>_top1")
+    parser.add_argument("--probe-every", type=int, default=10, metavar="N", help="epochs between probes (default 10)")
+    parser.add_argument("--probe-kind", choices=("knn", "linear"), default="knn", help="k-NN (default) or linear probe")
     return parser.parse_args(argv)
 
 
@@ -348,7 +353,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = apply_overrides(get_recipe(args.config), args.set)
-        summary = train(cfg, args.data, args.output, progress=not args.no_progress)
+        hooks = []
+        if args.probe_data:
+            from pretraining.probe import PeriodicProbeConfig, probe_hook
+
+            if args.probe_every < 1:
+                raise ConfigError(f"--probe-every must be at least 1, got {args.probe_every}.")
+            hooks.append(probe_hook(args.probe_data, cfg=PeriodicProbeConfig(every=args.probe_every,
+                                                                           kind=args.probe_kind)))
+        summary = train(cfg, args.data, args.output, hooks=hooks, progress=not args.no_progress)
     except (ConfigError, DataError, RunError, ckpt.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -285,3 +285,22 @@ def test_tiny_run_learns_semantics_of_masked_patches(tmp_path):
           f"majority-class baseline {baseline:.3f}")
     assert last < 0.75 * first
     assert accuracy > baseline + 0.05
+
+
+def test_cli_probe_every_n_epochs_logs_to_tensorboard(tmp_path):
+    """`--probe-data` wires the periodic k-NN probe into the loop and logs it as probe/knn_top1."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dataset_card.synthetic import write_colour_task
+    from pretraining import train as train_module
+
+    write_colour_task(str(tmp_path / "data"), 64, seed=0)
+    write_colour_task(str(tmp_path / "probe"), 60, seed=1)
+    code = train_module.main(["--data", str(tmp_path / "data"), "--config", "tiny", "--output", str(tmp_path / "run"),
+                              "--set", "epochs=2", "--set", "figure_every=0", "--no-progress",
+                              "--probe-data", str(tmp_path / "probe"), "--probe-every", "1"])
+    assert code == 0
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    scores = events.Scalars("probe/knn_top1")
+    assert len(scores) == 2 and all(0.0 <= s.value <= 100.0 for s in scores)
