@@ -38,7 +38,7 @@ ERRORS_SCHEMA = pa.schema(
         ("image_id", pa.string()),
         ("path", pa.string()),
         ("label", pa.int64()),
-        ("stage", pa.string()),  # list, read, decode, model, postprocess, write
+        ("stage", pa.string()),  # list, read, decode, model, postprocess, write, worker
         ("error_type", pa.string()),  # short machine-readable reason, e.g. "too_large", "decode"
         ("message", pa.string()),  # the human sentence
     ]

@@ -22,12 +22,22 @@ ROW_GROUP_SIZE = 64
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URL such as s3://bucket/prefix."""
+    """(filesystem, path inside it) for a local path or a URL such as s3://bucket/prefix.
+
+    pyarrow's own filesystems first; any other URL fsspec understands (memory://, az://, ...)
+    goes through fsspec.
+    """
     if "://" not in uri:
         import os
 
         uri = os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def _atomic_write(fs: pafs.FileSystem, path: str, write) -> None:

@@ -218,3 +218,13 @@ def test_layout_imports_without_datasets():
             "from dataset_card import layout, schema\n"
             "assert schema.semantic_ignore_value(133) == 255 and layout.SemanticClass(0, 'a', True)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_commit_protocol_works_on_fsspec_only_urls():
+    """A URL pyarrow has no filesystem for (here fsspec's memory://) goes through fsspec."""
+    fs, base = shards.filesystem("memory://c2fmae-test/out")
+    features = build_features(CLASS_NAMES, ["a"])
+    empty_errors = pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA)
+    shards.commit_shard(fs, base, 0, 1, rows_to_table([], features), empty_errors, layout.ShardStats(0))
+    assert shards.committed_shards(fs, base, 1) == {0}
+    assert layout.ShardStats.from_json(shards.read_bytes(fs, f"{base}/{layout.stats_path(0, 1)}").decode()).shard == 0
