@@ -28,14 +28,7 @@ from pretraining.data import (
 from pretraining.instances import instance_representation
 from pretraining.masking import MaskingConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Per-sample work is many small ops: one thread is faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread beats two here
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from pretraining.models import create_model
 from pretraining.recipes import tiny
 from pretraining.train import train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread beats two here
 
 
 @pytest.fixture(scope="module")

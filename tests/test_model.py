@@ -15,13 +15,7 @@ NUM_CLASSES = 6
 SMALL = dict(img_size=64, depth=2, decoder_depth=1)  # 4x4 tokens per modality: fast tests
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two spinning threads run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread beats two here
 
 
 def make_batch(size: int, batch_size: int = 2) -> dict[str, torch.Tensor]:

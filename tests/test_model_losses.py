@@ -4,14 +4,7 @@ import torch
 from pretraining.instances import instance_representation
 from pretraining.losses import instance_loss, patchify, rgb_loss, semantic_loss, unpatchify
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two spinning threads run ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread beats two here
 
 
 def _gen() -> torch.Generator:

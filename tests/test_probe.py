@@ -233,15 +233,6 @@ def test_probe_hook_logs_every_n_epochs_on_rank_0(colours):
 
 # --- pretrained beats random ----------------------------------------------------------------------------
 
-@pytest.fixture
-def one_thread():
-    """Small tensors gain nothing from a second thread, and a busy machine makes its spin-waits costly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("pretraining.train") is None
                     or importlib.util.find_spec("pretraining.export") is None,

@@ -40,12 +40,7 @@ FAST = ("epochs=2", "data.batch_size=8", "checkpoint_every=3", "log_every=2", "f
         "keep_checkpoints=2", "log_samples=true")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread beats two here
 
 
 @pytest.fixture(scope="module")
