@@ -8,6 +8,7 @@ it (a Ray retry, a rerun) replaces the same files with the same content, never a
 
 from __future__ import annotations
 
+import os
 import posixpath
 
 import pyarrow as pa
@@ -21,15 +22,14 @@ from dataset_card import layout
 ROW_GROUP_SIZE = 64
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URL such as s3://bucket/prefix.
 
     pyarrow's own filesystems first; any other URL fsspec understands (memory://, az://, ...)
     goes through fsspec.
     """
+    uri = os.fspath(uri)
     if "://" not in uri:
-        import os
-
         uri = os.path.abspath(uri)
     try:
         return pafs.FileSystem.from_uri(uri)
