@@ -268,7 +268,7 @@ def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform,
         semantic_t = semantic_t.masked_fill(semantic_t == spec.ignore_value, -1)
         # Label maps travel in the smallest dtype that holds them; Batch.to makes them int64.
         sample["semantic"] = semantic_t.to(torch.int16 if spec.ignore_value < 2**15 else torch.int32)  # (S, S)
-        sample["instance"] = instance_representation(instance_t)  # (3, S, S)
+        # The (3, S, S) instance representation is computed from these by Batch.to, batched on the device.
         sample["instance_ids"] = instance_t.to(torch.int32)  # (S, S), ids < 2**16
         # Patch labels only for a guided strategy that can be drawn (the same draws as always passing them).
         semantic_used, instance_used = _guided_in_use(spec.masking, weights)
@@ -383,7 +383,8 @@ class Batch:
 
     def to(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The batch dict of INTERFACES.md on `device`. Chunks are moved in their compact dtypes and
-        joined there; RGB is normalised and label maps widened to int64 on the device (cheap on a GPU)."""
+        joined there; RGB is normalised, label maps widened to int64 and the instance representation
+        computed from the id maps on the device (cheap on a GPU, and off the loader workers)."""
         moved = [{k: v.to(device, non_blocking=True) for k, v in c.items()} for c in self.chunks]
         batch = {k: torch.cat([c[k] for c in moved]) for k in moved[0]}
         mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
@@ -392,6 +393,8 @@ class Batch:
         for key in ("semantic", "instance_ids"):
             if key in batch:
                 batch[key] = batch[key].long()
+        if "instance_ids" in batch:
+            batch["instance"] = instance_representation(batch["instance_ids"])  # (B, 3, S, S)
         return batch
 
 

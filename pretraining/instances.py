@@ -3,8 +3,8 @@
 Instance ids carry no meaning across images (id 3 is a dog here and a cup there), so the model
 never sees them. `instance_representation` turns an id map into what an id map *means*: where the
 object boundaries are, and for each pixel where its object's centre is. Renumbering the ids leaves
-the output unchanged. It is a pure function of CPU tensors, run in the data loader after cropping
-(the crop changes boundaries and centres). See docs/model.md for the alternatives considered.
+the output unchanged. It is a pure function, computed after cropping (the crop changes boundaries
+and centres): the trainer runs it batched on the device from the loader's cropped id maps. See docs/model.md for the alternatives considered.
 """
 
 from __future__ import annotations
@@ -18,52 +18,59 @@ NUM_CHANNELS = 3  # boundary, dy, dx
 def instance_boundaries(instance_map: torch.Tensor) -> torch.Tensor:
     """Pixels of an instance that touch a different id (another instance or no instance).
 
-    instance_map: (H, W) int64, 0 = no instance.  Returns (H, W) bool.
+    instance_map: (..., H, W) integer ids, 0 = no instance.  Returns (..., H, W) bool.
     The image border is not a boundary: the object may continue outside the crop.
     """
-    ids = instance_map
+    *lead, H, W = instance_map.shape
+    ids = instance_map.reshape(-1, 1, H, W)
     # Compare with the 4 neighbours; replicate padding makes the image border never differ.
-    padded = F.pad(ids[None, None].float(), (1, 1, 1, 1), mode="replicate")[0, 0]  # (H+2, W+2)
-    centre = padded[1:-1, 1:-1]
+    padded = F.pad(ids.float(), (1, 1, 1, 1), mode="replicate")[:, 0]  # (B, H+2, W+2), ids < 2**24 exact
+    centre = padded[:, 1:-1, 1:-1]
     differs = (
-        (padded[:-2, 1:-1] != centre)
-        | (padded[2:, 1:-1] != centre)
-        | (padded[1:-1, :-2] != centre)
-        | (padded[1:-1, 2:] != centre)
+        (padded[:, :-2, 1:-1] != centre)
+        | (padded[:, 2:, 1:-1] != centre)
+        | (padded[:, 1:-1, :-2] != centre)
+        | (padded[:, 1:-1, 2:] != centre)
     )
-    return differs & (ids != 0)
+    return (differs & (ids[:, 0] != 0)).reshape(*lead, H, W)
 
 
 def instance_offsets(instance_map: torch.Tensor) -> torch.Tensor:
     """Offset from each pixel to the centre of mass of its instance, in units of the image size.
 
-    instance_map: (H, W) int64, 0 = no instance.  Returns (2, H, W) float32 (dy / H, dx / W),
-    each in [-1, 1]; zero where the id is 0.
+    instance_map: (..., H, W) integer ids, 0 = no instance.  Returns (..., 2, H, W) float32
+    (dy / H, dx / W), each in [-1, 1]; zero where the id is 0. Each map in a batch is its own image.
     """
-    H, W = instance_map.shape
-    _, dense = torch.unique(instance_map, return_inverse=True)  # (H, W) ids -> 0..K-1
+    *lead, H, W = instance_map.shape
+    ids = instance_map.reshape(-1, H * W).long()  # (B, H*W)
+    B = ids.shape[0]
+    # One key per (image, id), so one bincount serves the whole batch.
+    key = ids + torch.arange(B, device=ids.device)[:, None] * (int(ids.max()) + 1 if ids.numel() else 1)
+    _, dense = torch.unique(key, return_inverse=True)  # (B, H*W) keys -> 0..K-1
     dense = dense.flatten()
-    grid = [torch.arange(n, dtype=torch.float32, device=instance_map.device) for n in (H, W)]
-    ys, xs = torch.meshgrid(*grid, indexing="ij")  # (H, W) each
+    grid = [torch.arange(n, dtype=torch.float32, device=ids.device) for n in (H, W)]
+    ys, xs = (t.flatten().repeat(B) for t in torch.meshgrid(*grid, indexing="ij"))  # (B*H*W,) each
     count = torch.bincount(dense).float()  # (K,)
-    cy = torch.bincount(dense, weights=ys.flatten()) / count  # (K,) centre row of each id
-    cx = torch.bincount(dense, weights=xs.flatten()) / count  # (K,)
-    dy = (cy[dense] - ys.flatten()) / H  # (H*W,)
-    dx = (cx[dense] - xs.flatten()) / W
-    offsets = torch.stack([dy, dx]).view(2, H, W).float()
-    return offsets * (instance_map != 0)
+    cy = torch.bincount(dense, weights=ys) / count  # (K,) centre row of each (image, id)
+    cx = torch.bincount(dense, weights=xs) / count  # (K,)
+    dy = (cy[dense] - ys) / H  # (B*H*W,)
+    dx = (cx[dense] - xs) / W
+    offsets = torch.stack([dy, dx]).float().view(2, B, H, W).transpose(0, 1)  # (B, 2, H, W)
+    return (offsets * (ids.view(B, 1, H, W) != 0)).reshape(*lead, 2, H, W)
 
 
 def instance_representation(instance_map: torch.Tensor) -> torch.Tensor:
-    """Dense permutation-invariant encoding of an instance id map.
+    """Dense permutation-invariant encoding of an instance id map, or of a batch of them.
 
-    instance_map: (H, W) integer ids, 0 = no instance.
-    Returns (3, H, W) float32: channel 0 the boundary map in {0, 1}; channels 1-2 the offset
-    (dy / H, dx / W) from each pixel to its instance's centre of mass, in [-1, 1]. All zero where
-    the id is 0.
+    instance_map: (H, W) or (B, H, W) integer ids, 0 = no instance.
+    Returns (3, H, W) or (B, 3, H, W) float32: channel 0 the boundary map in {0, 1}; channels 1-2
+    the offset (dy / H, dx / W) from each pixel to its instance's centre of mass, in [-1, 1]. All
+    zero where the id is 0. The batched form computes each map exactly as the single one does; the
+    trainer uses it on the device, so data-loader workers only crop the id map.
     """
-    if instance_map.dim() != 2:
-        raise ValueError(f"instance_representation takes one (H, W) id map, got shape {tuple(instance_map.shape)}.")
+    if instance_map.dim() not in (2, 3):
+        raise ValueError(f"instance_representation takes an (H, W) id map or a (B, H, W) batch, "
+                         f"got shape {tuple(instance_map.shape)}.")
     instance_map = instance_map.long()
-    boundary = instance_boundaries(instance_map).float()[None]  # (1, H, W)
-    return torch.cat([boundary, instance_offsets(instance_map)])  # (3, H, W)
+    boundary = instance_boundaries(instance_map).float().unsqueeze(-3)  # (..., 1, H, W)
+    return torch.cat([boundary, instance_offsets(instance_map)], dim=-3)  # (..., 3, H, W)

@@ -44,3 +44,13 @@ def test_boundaries_and_offsets_of_a_square():
     assert torch.allclose(rep[1, 2, 3], torch.tensor((4.5 - 2) / 20))
     assert torch.allclose(rep[2, 2, 3], torch.tensor((5.5 - 3) / 30))
     assert torch.allclose(rep[1:, 2:8, 3:9].sum(dim=(1, 2)), torch.zeros(2), atol=1e-5)
+
+
+def test_batched_equals_one_map_at_a_time():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randint(0, 5, (3, 12, 10), generator=g)
+    maps[1] = 0  # an image without instances
+    batched = instance_representation(maps)
+    assert batched.shape == (3, 3, 12, 10)
+    for b in range(3):
+        assert torch.equal(batched[b], instance_representation(maps[b]))
