@@ -100,18 +100,19 @@ def encode_rle(mask: np.ndarray) -> dict:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
-def decode_rle(rle: Mapping) -> np.ndarray:
+def decode_rle(rle: Mapping, check: bool = True) -> np.ndarray:
     """{"size": [h, w], "counts": str | bytes} -> (H, W) bool mask.
 
     Raises DecodeError for counts that do not cover exactly h*w pixels: pycocotools would return
-    uninitialised memory for them without a word.
+    uninitialised memory for them without a word. The check re-encodes the mask; `check=False`
+    skips it for RLEs this process just encoded itself (the labeler's hot path).
     """
     counts = rle["counts"]
     if isinstance(counts, str):
         counts = counts.encode("ascii")
     size = [int(s) for s in rle["size"]]
     decoded = mask_utils.decode({"size": size, "counts": counts})
-    if decoded.size and (decoded.max() > 1 or mask_utils.encode(decoded)["counts"] != counts):
+    if check and decoded.size and (decoded.max() > 1 or mask_utils.encode(decoded)["counts"] != counts):
         raise DecodeError(f"corrupt RLE: its runs do not describe a {size[0]}x{size[1]} mask")
     return decoded.astype(bool)
 

@@ -122,7 +122,7 @@ def align(
             y1, x1 = y0 + inside.shape[0], x0 + inside.shape[1]
         else:
             y0, x0, y1, x1 = tight_box(mask["rle"])
-            inside = codecs.decode_rle(mask["rle"])[y0:y1, x0:x1]  # the one decode of this RLE
+            inside = codecs.decode_rle(mask["rle"], check=False)[y0:y1, x0:x1]  # the one decode of this RLE
         category, purity = majority_class(semantic[y0:y1, x0:x1][inside], ignore_value)
         instance_map[y0:y1, x0:x1][inside] = new_id
         instances.append({

@@ -100,7 +100,7 @@ def upsample_masks(masks: Sequence[Mapping], height: int, width: int, chunk_rows
         ty0, ty1 = _target_span(y0, y1, sy, height)
         tx0, tx1 = _target_span(x0, x1, sx, width)
         cy0, cy1, cx0, cx1 = max(0, y0 - 1), min(src_h, y1 + 1), max(0, x0 - 1), min(src_w, x1 + 1)
-        small = codecs.decode_rle(mask["rle"])[cy0:cy1, cx0:cx1].astype(np.float32)
+        small = codecs.decode_rle(mask["rle"], check=False)[cy0:cy1, cx0:cx1].astype(np.float32)
         big = np.empty((ty1 - ty0, tx1 - tx0), bool)
         for top in range(ty0, ty1, chunk_rows):
             rows = min(chunk_rows, ty1 - top)
