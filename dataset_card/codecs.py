@@ -86,12 +86,19 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_mask(data: bytes) -> np.ndarray:
-    """Single-channel PNG bytes -> (H, W) int64 map (8- or 16-bit, values unchanged)."""
+def decode_mask(data: bytes, dtype: type | None = np.int64) -> np.ndarray:
+    """Single-channel PNG bytes -> (H, W) map (8- or 16-bit, values unchanged), as `dtype`.
+
+    dtype None keeps the stored width (uint8 or uint16) in native byte order: the training loader
+    crops before it widens.
+    """
     img = _open(data)
     if img.mode not in ("L", "I;16", "I;16L", "I;16B", "I", "P"):
         raise DecodeError(f"a mask must be a single-channel PNG, got mode {img.mode}")
-    return np.asarray(img).astype(np.int64)
+    values = np.asarray(img)
+    if dtype is None:
+        return values if values.dtype.isnative else values.astype(values.dtype.newbyteorder("="))
+    return values.astype(dtype)
 
 
 def encode_rle(mask: np.ndarray) -> dict:

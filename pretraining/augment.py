@@ -41,12 +41,17 @@ class JointCropFlip:
         self.hflip = cfg.hflip
 
     def __call__(self, image: tv_tensors.Image, *masks: tv_tensors.Mask) -> list[torch.Tensor]:
-        """Draws from torch's global generator (the caller seeds it)."""
+        """Draws from torch's global generator (the caller seeds it). Masks come in any integer dtype
+        (uint8 / uint16 as decoded) and leave as int32: they are cropped first, then widened and
+        resized together as one (K, h, w) Mask, so no full-size map is ever widened."""
         p = self.crop.make_params([image])  # top, left, height, width
         flip = bool(torch.rand(1) < self.hflip)
         box = (p["top"], p["left"], p["height"], p["width"])
         out = [F.resized_crop(image, *box, self.size, antialias=True)]
-        out += [F.resize(F.crop(m, *box), self.size, interpolation=v2.InterpolationMode.NEAREST_EXACT) for m in masks]
+        if masks:
+            cropped = torch.stack([F.crop(m, *box).as_subclass(torch.Tensor).to(torch.int32) for m in masks])
+            resized = F.resize(tv_tensors.Mask(cropped), self.size, interpolation=v2.InterpolationMode.NEAREST_EXACT)
+            out += list(resized)  # K x (S, S)
         return [(F.horizontal_flip(x) if flip else x).as_subclass(torch.Tensor) for x in out]
 
 
@@ -69,11 +74,12 @@ def augment(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Crop and flip the three maps identically.
 
-    rgb (H, W, 3) uint8, semantic / instance (H, W) int64 or None ->
-    rgb (3, S, S) uint8, semantic (S, S) int64 or None, instance (S, S) int64 or None.
+    rgb (H, W, 3) uint8, semantic / instance (H, W) integer maps (any dtype up to 32 bits) or None ->
+    rgb (3, S, S) uint8, semantic (S, S) int32 or None, instance (S, S) int32 or None.
     """
     image = tv_tensors.Image(torch.from_numpy(np.require(rgb, requirements=("C", "W"))).permute(2, 0, 1))
-    masks = [tv_tensors.Mask(torch.from_numpy(m)) for m in (semantic, instance) if m is not None]
+    masks = [tv_tensors.Mask(torch.from_numpy(np.require(m, requirements="W"))) for m in (semantic, instance)
+             if m is not None]
     # The crop sampler draws from the global CPU generator; fork it so the caller's stream (the
     # model's, when the loader runs in the main process) is untouched, and seed it per sample. (Not
     # torch.manual_seed: it also queues a CUDA seeding call, which records a stack trace each time.)

@@ -253,7 +253,9 @@ def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform,
     rgb = codecs.decode_image(row["image"])
     semantic = instance = None
     if spec.reads_masks:
-        semantic, instance = codecs.decode_mask(row["semantic_mask"]), codecs.decode_mask(row["instance_mask"])
+        # As stored (uint8 / uint16): the crop comes before any widening.
+        semantic = codecs.decode_mask(row["semantic_mask"], dtype=None)
+        instance = codecs.decode_mask(row["instance_mask"], dtype=None)
         if semantic.shape != rgb.shape[:2] or instance.shape != rgb.shape[:2]:
             raise DataError(f"sample {index}: image is {rgb.shape[:2]} but its masks are {semantic.shape} and "
                             f"{instance.shape}; the shard breaks the contract, relabel it.")
@@ -269,7 +271,7 @@ def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform,
         # Label maps travel in the smallest dtype that holds them; Batch.to makes them int64.
         sample["semantic"] = semantic_t.to(torch.int16 if spec.ignore_value < 2**15 else torch.int32)  # (S, S)
         # The (3, S, S) instance representation is computed from these by Batch.to, batched on the device.
-        sample["instance_ids"] = instance_t.to(torch.int32)  # (S, S), ids < 2**16
+        sample["instance_ids"] = instance_t  # (S, S) int32, ids < 2**16
         # Patch labels only for a guided strategy that can be drawn (the same draws as always passing them).
         semantic_used, instance_used = _guided_in_use(spec.masking, weights)
         semantic_patches = patch_majority(semantic_t, spec.patch_size) if semantic_used else None  # (N,)

@@ -46,16 +46,18 @@ def instance_offsets(instance_map: torch.Tensor) -> torch.Tensor:
     B = ids.shape[0]
     # One key per (image, id), so one bincount serves the whole batch.
     key = ids + torch.arange(B, device=ids.device)[:, None] * (int(ids.max()) + 1 if ids.numel() else 1)
-    _, dense = torch.unique(key, return_inverse=True)  # (B, H*W) keys -> 0..K-1
-    dense = dense.flatten()
-    grid = [torch.arange(n, dtype=torch.float32, device=ids.device) for n in (H, W)]
-    ys, xs = (t.flatten().repeat(B) for t in torch.meshgrid(*grid, indexing="ij"))  # (B*H*W,) each
-    count = torch.bincount(dense).float()  # (K,)
-    cy = torch.bincount(dense, weights=ys) / count  # (K,) centre row of each (image, id)
-    cx = torch.bincount(dense, weights=xs) / count  # (K,)
-    dy = (cy[dense] - ys) / H  # (B*H*W,)
-    dx = (cx[dense] - xs) / W
-    offsets = torch.stack([dy, dx]).float().view(2, B, H, W).transpose(0, 1)  # (B, 2, H, W)
+    if key.numel() and int(key.max()) < 4 * key.numel():  # small ids (the usual case): keys index bins directly
+        dense = key.flatten()
+    else:  # ids up to 2**16 in a big batch: renumber the keys first (a sort; slower, bounded memory)
+        dense = torch.unique(key, return_inverse=True)[1].flatten()  # (B*H*W,) in 0..K-1
+    ys = torch.arange(H, dtype=torch.float32, device=ids.device).view(1, H, 1)
+    xs = torch.arange(W, dtype=torch.float32, device=ids.device).view(1, 1, W)
+    count = torch.bincount(dense).clamp(min=1)  # (K,); keys of no pixel get 0 / 1, never read
+    cy = torch.bincount(dense, weights=ys.expand(B, H, W).flatten()) / count  # (K,) centre row of each (image, id)
+    cx = torch.bincount(dense, weights=xs.expand(B, H, W).flatten()) / count  # (K,)
+    dy = (torch.take(cy.float(), dense).view(B, H, W) - ys) / H  # (B, H, W)
+    dx = (torch.take(cx.float(), dense).view(B, H, W) - xs) / W
+    offsets = torch.stack([dy, dx], dim=1)  # (B, 2, H, W)
     return (offsets * (ids.view(B, 1, H, W) != 0)).reshape(*lead, 2, H, W)
 
 

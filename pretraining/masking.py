@@ -84,16 +84,22 @@ def curriculum_weights(progress: float, cfg: CurriculumConfig) -> tuple[float, f
 def patch_majority(label_map: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Most frequent label of each patch (ties go to the smaller label).
 
-    label_map: (H, W) int64, H and W multiples of patch_size.  Returns (h * w,) int64, row-major.
+    label_map: (H, W) integer labels, H and W multiples of patch_size.  Returns (h * w,) int64, row-major.
     """
     H, W = label_map.shape
     if H % patch_size or W % patch_size:
         raise ValueError(f"Label map of size {H}x{W} is not a multiple of the patch size {patch_size}.")
     h, w, P = H // patch_size, W // patch_size, patch_size
-    patches = label_map.reshape(h, P, w, P).permute(0, 2, 1, 3).reshape(h * w, P * P)  # (N, P*P)
-    values, dense = torch.unique(patches, return_inverse=True)  # dense: (N, P*P) in 0..K-1
-    counts = torch.zeros(h * w, len(values), dtype=torch.int32, device=label_map.device)
-    counts.scatter_add_(1, dense, torch.ones_like(dense, dtype=torch.int32))  # (N, K)
+    patches = label_map.long().reshape(h, P, w, P).permute(0, 2, 1, 3).reshape(h * w, P * P)  # (N, P*P)
+    low = int(patches.min())
+    K = int(patches.max()) - low + 1  # label range
+    if K * h * w <= 1 << 22:  # a (N, K) count table fits: count by direct indexing (no sort)
+        values, dense = torch.arange(low, low + K, device=label_map.device), patches - low
+    else:  # a wide id range: renumber the labels that occur first (a sort)
+        values, dense = torch.unique(patches, return_inverse=True)  # dense: (N, P*P) in 0..K-1
+        K = len(values)
+    rows = torch.arange(h * w, device=label_map.device)[:, None] * K
+    counts = torch.bincount((rows + dense).flatten(), minlength=h * w * K).view(h * w, K)  # (N, K)
     return values[counts.argmax(dim=1)]  # argmax picks the first maximum: the smallest label
 
 

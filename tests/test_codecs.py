@@ -72,6 +72,25 @@ def test_mask_png_round_trip(dtype, top):
     np.testing.assert_array_equal(out, mask.astype(np.int64))
 
 
+@pytest.mark.parametrize("dtype, top", [(np.uint8, 254), (np.uint16, 65535)])
+def test_mask_png_decodes_as_stored(dtype, top):
+    """dtype=None (the training loader's path) keeps the stored width and the values."""
+    mask = np.random.default_rng(1).integers(0, top + 1, (13, 17)).astype(dtype)
+    out = codecs.decode_mask(codecs.encode_mask_png(mask), dtype=None)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, mask)
+
+
+def test_mask_png_as_stored_reads_palette_indices_and_names_bad_modes():
+    palette = Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4)).convert("P")
+    np.testing.assert_array_equal(codecs.decode_mask(_encode(palette, "PNG"), dtype=None),
+                                  np.asarray(palette))  # the palette indices, as PIL reads them
+    with pytest.raises(codecs.DecodeError, match="single-channel"):
+        codecs.decode_mask(_encode(Image.fromarray(np.zeros((3, 4, 3), np.uint8)), "PNG"), dtype=None)
+    with pytest.raises(codecs.DecodeError):
+        codecs.decode_mask(b"\x89PNG\r\n\x1a\ntruncated", dtype=None)
+
+
 def test_mask_png_rejects_out_of_range():
     with pytest.raises(ValueError, match="65535"):
         codecs.encode_mask_png(np.full((2, 2), 70000))

@@ -8,6 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from dataset_card import layout
 from dataset_card.synthetic import write_synthetic_dataset
@@ -191,6 +193,28 @@ def test_joint_augmentation_keeps_maps_aligned():
         assert torch.equal(always[1], no_flip[1].flip(-1)) and torch.equal(always[0], no_flip[0].flip(-1))
         flipped += torch.equal(sem, always[1]) and not torch.equal(sem, no_flip[1])
     assert 3 < flipped < 17
+
+
+def test_masks_crop_as_torchvision_resizes_each_mask_alone():
+    """The stacked, crop-first mask path gives exactly what v2 gives each int64 Mask on its own."""
+    rng = np.random.default_rng(1)
+    semantic = rng.integers(0, 150, (45, 70)).astype(np.uint8)
+    instance = rng.integers(0, 3000, (45, 70)).astype(np.uint16)
+    rgb = rng.integers(0, 256, (45, 70, 3)).astype(np.uint8)
+    transform = joint_transform(24, AugmentConfig())
+    for seed in range(10):
+        _, sem, inst = augment(rgb, semantic, instance, transform, seed)
+        assert sem.dtype == inst.dtype == torch.int32
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            params = transform.crop.make_params([torch.zeros(3, 45, 70)])
+            flip = bool(torch.rand(1) < transform.hflip)
+        for mine, source in ((sem, semantic), (inst, instance)):
+            mask = tv_tensors.Mask(torch.from_numpy(source.astype(np.int64)))
+            ref = v2.functional.resize(v2.functional.crop(mask, params["top"], params["left"], params["height"],
+                                                          params["width"]),
+                                       [24, 24], interpolation=v2.InterpolationMode.NEAREST_EXACT)
+            assert torch.equal(mine.long(), ref.flip(-1) if flip else ref)
 
 
 def test_samples_depend_on_seed_epoch_and_index_only(dataset_dir):

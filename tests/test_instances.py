@@ -54,3 +54,10 @@ def test_batched_equals_one_map_at_a_time():
     assert batched.shape == (3, 3, 12, 10)
     for b in range(3):
         assert torch.equal(batched[b], instance_representation(maps[b]))
+
+
+def test_wide_ids_take_the_renumbering_path_with_the_same_result():
+    g = torch.Generator().manual_seed(1)
+    maps = torch.randint(0, 5, (3, 12, 10), generator=g)
+    # ids up to 36000 in a 360-pixel batch: too sparse to index bins directly, so they are renumbered.
+    assert torch.equal(instance_representation(maps * 9000), instance_representation(maps))

@@ -42,6 +42,12 @@ def test_patch_majority():
         patch_majority(labels[:30], 16)
 
 
+def test_patch_majority_wide_label_range_matches_narrow():
+    labels = torch.randint(0, 4, (32, 48), generator=_gen(2))
+    # Ids up to 60000 are renumbered before counting; the majority is the same label, scaled.
+    assert torch.equal(patch_majority(labels * 20000, 16), patch_majority(labels, 16) * 20000)
+
+
 def test_split_budget_is_exact_and_respects_capacity():
     for seed in range(20):
         p = torch.distributions.Dirichlet(torch.ones(3)).sample() if seed else torch.tensor([1.0, 0, 0])
