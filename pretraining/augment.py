@@ -50,9 +50,9 @@ class JointCropFlip:
         out = [F.resized_crop(image, *box, self.size, antialias=True)]
         if masks:
             cropped = torch.stack([F.crop(m, *box).as_subclass(torch.Tensor).to(torch.int32) for m in masks])
-            resized = F.resize(tv_tensors.Mask(cropped), self.size, interpolation=v2.InterpolationMode.NEAREST_EXACT)
-            out += list(resized)  # K x (S, S)
-        return [(F.horizontal_flip(x) if flip else x).as_subclass(torch.Tensor) for x in out]
+            out.append(F.resize(tv_tensors.Mask(cropped), self.size, interpolation=v2.InterpolationMode.NEAREST_EXACT))
+        out = [(F.horizontal_flip(x) if flip else x).as_subclass(torch.Tensor) for x in out]
+        return out[:1] + list(out[1].unbind()) if masks else out  # image, then K x (S, S)
 
 
 def joint_transform(img_size: int, cfg: AugmentConfig) -> JointCropFlip:

@@ -49,8 +49,9 @@ from pretraining.masking import (
     SEMANTIC,
     MaskingConfig,
     curriculum_weights,
+    draw_masking,
     patch_majority,
-    sample_visible,
+    visible_tokens,
 )
 
 
@@ -245,7 +246,9 @@ class SampleSpec:
 
 def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform,
                 weights: Sequence[float]) -> dict[str, torch.Tensor]:
-    """One raw row (encoded bytes + label) -> the sample dict of the batch format in INTERFACES.md.
+    """One raw row (encoded bytes + label) -> one sample of a loader chunk: rgb (3, S, S) uint8, label,
+    index, semantic (S, S) and instance_ids (S, S) (models that read masks), and the masking draws
+    (strategy, proportions (M,), keys (M + 2, N)). `Batch.to` finishes the batch on the device.
 
     `weights` are the curriculum's (w_sem, w_inst, w_rand) for this epoch.
     """
@@ -265,22 +268,15 @@ def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform,
         "label": torch.tensor(row["label"], dtype=torch.int64),
         "index": torch.tensor(index, dtype=torch.int64),
     }
-    semantic_patches = instance_patches = None
     if spec.reads_masks:
-        semantic_t = semantic_t.masked_fill(semantic_t == spec.ignore_value, -1)
-        # Label maps travel in the smallest dtype that holds them; Batch.to makes them int64.
+        # Label maps travel in the smallest dtype that holds them (the ignore value is the largest
+        # semantic value); Batch.to makes them int64 and the ignore value -1.
         sample["semantic"] = semantic_t.to(torch.int16 if spec.ignore_value < 2**15 else torch.int32)  # (S, S)
         # The (3, S, S) instance representation is computed from these by Batch.to, batched on the device.
         sample["instance_ids"] = instance_t  # (S, S) int32, ids < 2**16
-        # Patch labels only for a guided strategy that can be drawn (the same draws as always passing them).
-        semantic_used, instance_used = _guided_in_use(spec.masking, weights)
-        semantic_patches = patch_majority(semantic_t, spec.patch_size) if semantic_used else None  # (N,)
-        instance_patches = patch_majority(instance_t, spec.patch_size) if instance_used else None
-    generator = torch.Generator().manual_seed(masking_seed)
-    visible, strategy = sample_visible(weights, semantic_patches, instance_patches, spec.masking,
-                                       len(spec.modalities), generator)
-    sample["visible"] = visible  # (V,)
-    sample["strategy"] = torch.tensor(strategy, dtype=torch.int64)
+    # The masking's random numbers; Batch.to turns them into visible tokens, batched on the device.
+    draws = draw_masking(np.random.default_rng(masking_seed), weights, spec.masking, len(spec.modalities))
+    sample.update({k: torch.from_numpy(np.asarray(v)) for k, v in draws.items()})  # strategy, proportions, keys
     return sample
 
 
@@ -382,11 +378,15 @@ class Batch:
     epoch: int
     step: int
     chunks: list[dict[str, torch.Tensor]]
+    spec: SampleSpec
 
     def to(self, device: torch.device) -> dict[str, torch.Tensor]:
         """The batch dict of INTERFACES.md on `device`. Chunks are moved in their compact dtypes and
-        joined there; RGB is normalised, label maps widened to int64 and the instance representation
-        computed from the id maps on the device (cheap on a GPU, and off the loader workers)."""
+        joined there; then, batched on the device (cheap on a GPU, and off the loader workers): RGB is
+        normalised, label maps widened to int64, the instance representation computed from the id
+        maps, and the masking draws turned into visible tokens (with patch-majority labels for the
+        guided strategies this epoch can draw)."""
+        spec = self.spec
         moved = [{k: v.to(device, non_blocking=True) for k, v in c.items()} for c in self.chunks]
         batch = {k: torch.cat([c[k] for c in moved]) for k in moved[0]}
         mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
@@ -395,8 +395,17 @@ class Batch:
         for key in ("semantic", "instance_ids"):
             if key in batch:
                 batch[key] = batch[key].long()
+        if "semantic" in batch:
+            batch["semantic"] = batch["semantic"].masked_fill(batch["semantic"] == spec.ignore_value, -1)  # (B, S, S)
         if "instance_ids" in batch:
             batch["instance"] = instance_representation(batch["instance_ids"])  # (B, 3, S, S)
+        weights = curriculum_weights(self.epoch / spec.epochs, spec.masking.curriculum)
+        semantic_used, instance_used = _guided_in_use(spec.masking, weights)
+        semantic = patch_majority(batch["semantic"], spec.patch_size) if semantic_used and spec.reads_masks else None
+        instance = (patch_majority(batch["instance_ids"], spec.patch_size)
+                    if instance_used and spec.reads_masks else None)  # (B, N) each
+        batch["visible"], batch["strategy"] = visible_tokens(batch.pop("strategy"), batch.pop("proportions"),
+                                                             batch.pop("keys"), semantic, instance, spec.masking)
         return batch
 
 
@@ -427,4 +436,4 @@ class PretrainingLoader:
             epoch, step = chunks[0][0], chunks[0][1]
             if any((e, s) != (epoch, step) for e, s, _ in chunks):
                 raise RuntimeError(f"loader workers fell out of step at epoch {epoch} step {step}")
-            yield Batch(epoch, step, [c for _, _, c in chunks])
+            yield Batch(epoch, step, [c for _, _, c in chunks], self.stream.spec)

@@ -26,10 +26,25 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.T
     return x.reshape(B, channels, h * P, h * P)
 
 
-def _mean_over(values: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """values: (B, N) per-patch losses, masked: (B, N) bool -> mean over masked patches."""
-    weights = masked.to(values.dtype)
-    return (values * weights).sum() / weights.sum().clamp(min=1)
+REDUCTIONS = ("sample", "token")
+
+
+def _mean_over(values: torch.Tensor, weights: torch.Tensor, reduction: str) -> torch.Tensor:
+    """values: (B, K) per-item losses, weights: (B, K) 0/1 (which items count) -> a scalar.
+
+    "sample": the mean over the batch of each sample's mean over its counted items (MultiMAE's
+    reduction; a sample with nothing counted adds 0). Every sample weighs the same whatever the
+    Dirichlet split or ignore pixels left it, so the mean of equal-sized micro-batches or ranks is
+    exactly the mean over their union: DDP and gradient accumulation match one big batch.
+    "token": one mean over all counted items of the batch (equal to "sample" when every sample
+    counts the same number, as in MAE).
+    """
+    weights = weights.to(values.dtype)
+    if reduction == "sample":
+        return ((values * weights).sum(1) / weights.sum(1).clamp(min=1)).mean()
+    if reduction == "token":
+        return (values * weights).sum() / weights.sum().clamp(min=1)
+    raise ValueError(f"Unknown loss reduction {reduction!r}; use one of {REDUCTIONS}.")
 
 
 def normalise_patches(target: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,7 +56,7 @@ def normalise_patches(target: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Te
 
 
 def rgb_loss(pred: torch.Tensor, images: torch.Tensor, masked: torch.Tensor, patch_size: int,
-             norm_pix: bool = True) -> torch.Tensor:
+             norm_pix: bool = True, reduction: str = "sample") -> torch.Tensor:
     """MSE on (optionally per-patch normalised) pixels of masked patches.
 
     pred: (B, N, P*P*3), images: (B, 3, H, W), masked: (B, N) bool.
@@ -49,11 +64,11 @@ def rgb_loss(pred: torch.Tensor, images: torch.Tensor, masked: torch.Tensor, pat
     target = patchify(images, patch_size)  # (B, N, P*P*3)
     if norm_pix:
         target = normalise_patches(target)[0]
-    return _mean_over((pred - target).pow(2).mean(dim=-1), masked)
+    return _mean_over((pred - target).pow(2).mean(dim=-1), masked, reduction)
 
 
 def semantic_loss(pred: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor, patch_size: int,
-                  num_classes: int) -> torch.Tensor:
+                  num_classes: int, reduction: str = "sample") -> torch.Tensor:
     """Cross-entropy over the label pixels of masked patches; ignore pixels (-1) are skipped.
 
     pred: (B, N, p*p*C) logits for p = patch size at label resolution; labels: (B, h*p, w*p) int64
@@ -61,13 +76,14 @@ def semantic_loss(pred: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor
     """
     B, N, _ = pred.shape
     target = patchify(labels[:, None], patch_size)  # (B, N, p*p)
-    target = torch.where(masked[..., None], target, -1)  # only masked patches count
-    logits = pred.reshape(B, N, -1, num_classes)  # (B, N, p*p, C)
-    total = F.cross_entropy(logits.reshape(-1, num_classes), target.reshape(-1), ignore_index=-1, reduction="sum")
-    return total / (target >= 0).sum().clamp(min=1)
+    target = torch.where(masked[..., None], target, -1).reshape(B, -1)  # (B, N*p*p); only masked patches count
+    logits = pred.reshape(B * target.shape[1], num_classes)
+    per_pixel = F.cross_entropy(logits, target.flatten(), ignore_index=-1, reduction="none").view(B, -1)
+    return _mean_over(per_pixel, target >= 0, reduction)
 
 
-def instance_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, patch_size: int) -> torch.Tensor:
+def instance_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, patch_size: int,
+                  reduction: str = "sample") -> torch.Tensor:
     """Binary cross-entropy on the boundary channel plus L1 on the centre offsets, masked patches only.
 
     pred: (B, N, P*P*3) (channel 0 boundary logits, 1-2 offsets), target: (B, 3, H, W) from
@@ -78,4 +94,4 @@ def instance_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor
     target = patchify(target, patch_size).reshape(B, N, -1, 3)
     boundary = F.binary_cross_entropy_with_logits(pred[..., 0], target[..., 0], reduction="none").mean(-1)  # (B, N)
     offsets = (pred[..., 1:] - target[..., 1:]).abs().mean(dim=(-2, -1))  # (B, N)
-    return _mean_over(boundary + offsets, masked)
+    return _mean_over(boundary + offsets, masked, reduction)

@@ -5,8 +5,11 @@ Tokens of all modalities form one sequence in `MODALITIES` order, each modality 
 `num_positions` patch positions (14 x 14 = 196 at 224 px, patch 16); token `m * N + p` is
 position `p` of modality `m`. Every sample keeps exactly `num_visible` tokens, so batches stack.
 
-All sampling functions are pure and take an explicit `torch.Generator`: the data loader calls
-`sample_visible` once per sample with a generator seeded from (seed, epoch, index).
+Masking runs in two halves. `draw_masking` draws every random number one sample's masking needs
+from that sample's own `numpy.random.Generator` (the loader seeds it from (seed, epoch, index)), in
+a loader worker: a few microseconds. `visible_tokens` turns a batch of draws and patch labels into
+visible tokens with batched tensor ops and no host sync, on the device. So the masks are a function
+of each sample's seed, wherever it is drawn, and the loader workers do no per-sample mask work.
 """
 
 from __future__ import annotations
@@ -84,136 +87,134 @@ def curriculum_weights(progress: float, cfg: CurriculumConfig) -> tuple[float, f
 def patch_majority(label_map: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Most frequent label of each patch (ties go to the smaller label).
 
-    label_map: (H, W) integer labels, H and W multiples of patch_size.  Returns (h * w,) int64, row-major.
+    label_map: (..., H, W) integer labels, H and W multiples of patch_size.
+    Returns (..., h * w) int64, patches row-major.
     """
-    H, W = label_map.shape
+    *lead, H, W = label_map.shape
     if H % patch_size or W % patch_size:
         raise ValueError(f"Label map of size {H}x{W} is not a multiple of the patch size {patch_size}.")
     h, w, P = H // patch_size, W // patch_size, patch_size
-    patches = label_map.long().reshape(h, P, w, P).permute(0, 2, 1, 3).reshape(h * w, P * P)  # (N, P*P)
-    low = int(patches.min())
-    K = int(patches.max()) - low + 1  # label range
-    if K * h * w <= 1 << 22:  # a (N, K) count table fits: count by direct indexing (no sort)
-        values, dense = torch.arange(low, low + K, device=label_map.device), patches - low
+    rows = label_map.reshape(-1, h, P, w, P).transpose(2, 3).reshape(-1, P * P).long()  # (R, P*P), R patches
+    R = rows.shape[0]
+    low = int(rows.min()) if R else 0
+    K = int(rows.max()) - low + 1 if R else 1  # label range
+    if R * K <= 1 << 24:  # an (R, K) count table fits: count by direct indexing (no sort)
+        values, dense = torch.arange(low, low + K, device=label_map.device), rows - low
     else:  # a wide id range: renumber the labels that occur first (a sort)
-        values, dense = torch.unique(patches, return_inverse=True)  # dense: (N, P*P) in 0..K-1
+        values, dense = torch.unique(rows, return_inverse=True)  # dense: (R, P*P) in 0..K-1
         K = len(values)
-    rows = torch.arange(h * w, device=label_map.device)[:, None] * K
-    counts = torch.bincount((rows + dense).flatten(), minlength=h * w * K).view(h * w, K)  # (N, K)
-    return values[counts.argmax(dim=1)]  # argmax picks the first maximum: the smallest label
+    offsets = torch.arange(R, device=label_map.device)[:, None] * K
+    counts = torch.bincount((offsets + dense).flatten(), minlength=R * K).view(R, K)  # (R, K)
+    return values[counts.argmax(dim=1)].view(*lead, h * w)  # argmax takes the first maximum: the smallest label
 
 
-def dirichlet_proportions(num_modalities: int, alpha: float, generator: torch.Generator) -> torch.Tensor:
-    """One Dirichlet(alpha, ..., alpha) draw, (M,) float64. torch's sampler takes no generator, so
-    the draw goes through numpy seeded from `generator`."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return torch.from_numpy(np.random.default_rng(seed).dirichlet([alpha] * num_modalities))
+def draw_masking(rng: np.random.Generator, weights: Sequence[float], cfg: MaskingConfig,
+                 num_modalities: int) -> dict[str, np.ndarray]:
+    """Every random number one sample's masking uses (the first half of masking; see the module doc).
+
+    weights: (w_sem, w_inst, w_rand), used when cfg.strategy is "progressive" (otherwise that
+    strategy is forced). Returns
+      strategy    () int64, the strategy asked for (`visible_tokens` may fall back to random);
+      proportions (M,) float64, a Dirichlet(alpha) split of the visible budget over modalities;
+      keys        (M + 2, N) float32 uniforms: row 0 orders the regions, row 1 the positions inside a
+                  region, row 2 + m the positions of modality m.
+    """
+    if cfg.strategy == "progressive":
+        p = np.asarray(weights, dtype=np.float64)
+        strategy = int(rng.choice(len(STRATEGIES), p=p / p.sum()))
+    else:
+        strategy = STRATEGIES.index(cfg.strategy)
+    return {
+        "strategy": np.int64(strategy),
+        "proportions": rng.dirichlet([cfg.dirichlet_alpha] * num_modalities),
+        "keys": rng.random((num_modalities + 2, cfg.num_positions), dtype=np.float32),
+    }
 
 
-def split_budget(total: int, capacity: Sequence[int], proportions: torch.Tensor) -> torch.Tensor:
+def split_budget(total: int, capacity: torch.Tensor, proportions: torch.Tensor) -> torch.Tensor:
     """Split `total` tokens over modalities near `proportions`, exactly, and at most `capacity` each.
 
-    capacity: (M,) tokens each modality can give; proportions: (M,) summing to 1. Returns (M,) int64.
+    capacity: (B,) tokens each modality of a sample can give (the same for all its modalities), with
+    M * capacity >= total; proportions: (B, M), rows summing to 1. Returns (B, M) int64 rows summing to
+    `total`: largest remainders first; what a full modality cannot take goes to the modalities with
+    the fewest tokens (ties to the lower modality), filled up level by level.
     """
-    capacity = torch.as_tensor(capacity, dtype=torch.int64)
-    if int(capacity.sum()) < total:
-        raise ValueError(f"Cannot keep {total} visible tokens out of {int(capacity.sum())} available.")
+    B, M = proportions.shape
+    arange = torch.arange(M, device=proportions.device).expand(B, M)
     share = proportions.double() * total
-    counts = share.floor().long()
-    remainder = total - int(counts.sum())
-    counts[torch.argsort(share - counts, descending=True)[:remainder]] += 1  # largest remainders
-    counts = torch.minimum(counts, capacity)
-    while int(counts.sum()) < total:  # give what a full modality could not take to the one with most room
-        counts[int(torch.argmax(capacity - counts))] += 1
+    counts = share.floor().long()  # (B, M)
+    order = torch.argsort(share - counts, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, arange)  # rank of each remainder, largest first
+    counts = counts + (rank < total - counts.sum(1, keepdim=True)).long()
+    cap = capacity.long().view(B, 1)
+    counts = torch.minimum(counts, cap)
+    # Water-fill what the cap took off: raise the lowest counts to the highest common level that
+    # fits (levels never pass `total`), then one token more to each modality at that level, in order.
+    levels = torch.arange(total + 1, device=counts.device).view(1, -1, 1)  # (1, L, 1)
+    filled = torch.minimum(cap[:, :, None], torch.maximum(counts[:, None, :], levels)).sum(2)  # (B, L)
+    level = (filled <= total).sum(1, keepdim=True) - 1  # (B, 1); filled is non-decreasing in the level
+    counts = torch.minimum(cap, torch.maximum(counts, level))
+    at_level = (counts == level) & (counts < cap)
+    counts = counts + (at_level & (at_level.cumsum(1) <= total - counts.sum(1, keepdim=True))).long()
     return counts
 
 
-def random_visible(
-    num_visible: int,
-    num_modalities: int,
-    num_positions: int,
-    alpha: float,
-    generator: torch.Generator,
-    available: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """MultiMAE's random masking: a Dirichlet split of the budget, uniform positions per modality.
+def guided_masked(labels: torch.Tensor, first_label: torch.Tensor, region_keys: torch.Tensor,
+                  within_keys: torch.Tensor, num_masked: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask whole regions (positions sharing a patch label) in random order, batched.
 
-    available: optional (N,) bool, positions that may be visible (the same in every modality).
-    Returns (num_visible,) int64 sorted indices into the (M * N,) token sequence.
+    labels: (B, N) int64 patch labels; labels below `first_label` (B,) belong to no region (use a
+    first label above every label for a sample that is not guided). region_keys / within_keys: (B, N)
+    uniforms. A region's key is the key at its first position, so regions come in uniformly random
+    order; regions are masked in that order until `num_masked` positions are, the last one partly
+    (its positions in `within_keys` order).
+    Returns (masked (B, N) bool, True = masked in every modality; guided (B,) bool, False where the
+    sample has fewer than two regions: then nothing is masked and the caller falls back to random).
     """
-    if available is None:
-        available = torch.ones(num_positions, dtype=torch.bool)
-    free = torch.nonzero(available).flatten()  # (F,)
-    proportions = dirichlet_proportions(num_modalities, alpha, generator)
-    counts = split_budget(num_visible, [len(free)] * num_modalities, proportions)
-    picks = [m * num_positions + free[torch.randperm(len(free), generator=generator)[: int(k)]]
-             for m, k in enumerate(counts)]
-    return torch.sort(torch.cat(picks)).values
+    B, N = labels.shape
+    positions = torch.arange(N, device=labels.device)
+    in_region = labels >= first_label[:, None]  # (B, N)
+    same = (labels[:, :, None] == labels[:, None, :]) & in_region[:, None, :]  # (B, N, N)
+    first = same.to(torch.uint8).argmax(dim=2)  # (B, N) first position of each position's region
+    guided = (in_region & (first == positions)).sum(1) >= 2  # (B,) regions per sample
+    key = torch.where(in_region, region_keys.gather(1, first), 2.0)  # (B, N); no region sorts last
+    by_within = torch.argsort(within_keys, dim=1, stable=True)
+    order = by_within.gather(1, torch.argsort(key.gather(1, by_within), dim=1, stable=True))  # (B, N)
+    rank = torch.empty_like(order).scatter_(1, order, positions.expand(B, N))  # position -> place in order
+    return (rank < num_masked) & in_region & guided[:, None], guided
 
 
-def guided_masked_positions(
-    patch_labels: torch.Tensor,
-    mask_ratio: float,
-    max_masked: int,
-    first_label: int,
-    generator: torch.Generator,
-) -> torch.Tensor | None:
-    """Mask whole regions (positions sharing a patch-majority label) in random order.
+def visible_tokens(strategy: torch.Tensor, proportions: torch.Tensor, keys: torch.Tensor,
+                   semantic_patches: torch.Tensor | None, instance_patches: torch.Tensor | None,
+                   cfg: MaskingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visible tokens of a batch from its draws (the second half of masking; see the module doc).
 
-    patch_labels: (N,) int64; labels below `first_label` belong to no region. Regions are masked
-    until round(mask_ratio * N) positions (at most `max_masked`) are masked, the last one partially.
-    Returns (N,) bool, True = masked in every modality; None when there are fewer than two regions.
+    strategy (B,), proportions (B, M), keys (B, M + 2, N): `draw_masking`'s outputs, stacked.
+    semantic_patches / instance_patches: (B, N) patch-majority labels, or None (not read). A guided
+    strategy without labels or with fewer than two regions falls back to random.
+    Returns ((B, cfg.num_visible) int64 sorted indices into the (M * N,) sequence, strategy (B,) as used).
     """
-    regions = torch.unique(patch_labels[patch_labels >= first_label])
-    if len(regions) < 2:
-        return None
-    N = len(patch_labels)
-    target = min(round(mask_ratio * N), max_masked)
-    masked = torch.zeros(N, dtype=torch.bool)
-    for label in regions[torch.randperm(len(regions), generator=generator)]:
-        room = target - int(masked.sum())
-        if room <= 0:
-            break
-        positions = torch.nonzero(patch_labels == label).flatten()
-        if len(positions) > room:  # the last region: a random part of it
-            positions = positions[torch.randperm(len(positions), generator=generator)[:room]]
-        masked[positions] = True
-    return masked
-
-
-def sample_visible(
-    weights: Sequence[float],
-    semantic_patches: torch.Tensor | None,
-    instance_patches: torch.Tensor | None,
-    cfg: MaskingConfig,
-    num_modalities: int,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, int]:
-    """Visible tokens of one sample and the strategy that chose them.
-
-    weights: (w_sem, w_inst, w_rand), used when cfg.strategy is "progressive" (otherwise that
-    strategy is forced). semantic_patches / instance_patches: (N,) patch-majority labels, or None
-    (RGB-only models). A guided strategy without labels or with fewer than two regions falls back
-    to random, and the returned id says so (2).
-    Returns ((cfg.num_visible,) int64 sorted indices into the (M * N,) sequence, strategy id).
-    """
-    N = cfg.num_positions
-    if cfg.strategy == "progressive":
-        strategy = int(torch.multinomial(torch.tensor(weights, dtype=torch.float), 1, generator=generator))
-    else:
-        strategy = STRATEGIES.index(cfg.strategy)
-    labels = {SEMANTIC: semantic_patches, INSTANCE: instance_patches}.get(strategy)
-    masked = None
-    if labels is not None:
-        if len(labels) != N:
-            raise ValueError(f"Got {len(labels)} patch labels for {N} positions per modality.")
-        max_masked = N - math.ceil(cfg.num_visible / num_modalities)  # leave room for the visible budget
-        masked = guided_masked_positions(labels, cfg.guided_mask_ratio, max_masked,
-                                         _FIRST_REGION_LABEL[strategy], generator)
-    if masked is None:
-        strategy = RANDOM
-        masked = torch.zeros(N, dtype=torch.bool)
-    visible = random_visible(cfg.num_visible, num_modalities, N, cfg.dirichlet_alpha, generator, ~masked)
+    B, M = proportions.shape
+    N, V = cfg.num_positions, cfg.num_visible
+    if V > M * N or keys.shape[1:] != (M + 2, N):
+        raise ValueError(f"Cannot keep {V} of {M} x {N} tokens with keys of shape {tuple(keys.shape)}.")
+    labels = torch.zeros(B, N, dtype=torch.int64, device=keys.device)
+    first_label = torch.full((B,), 2**62, dtype=torch.int64, device=keys.device)  # no region: not guided
+    for guide, patches in ((SEMANTIC, semantic_patches), (INSTANCE, instance_patches)):
+        if patches is not None:
+            chosen = strategy == guide
+            labels = torch.where(chosen[:, None], patches.long(), labels)
+            first_label = torch.where(chosen, _FIRST_REGION_LABEL[guide], first_label)
+    num_masked = min(round(cfg.guided_mask_ratio * N), N - math.ceil(V / M))  # leave room for the budget
+    masked, guided = guided_masked(labels, first_label, keys[:, 0], keys[:, 1], num_masked)
+    strategy = torch.where(guided, strategy, RANDOM)
+    counts = split_budget(V, N - masked.sum(1), proportions)  # (B, M), each within the free positions
+    position_keys = keys[:, 2:].masked_fill(masked[:, None], 2.0)  # (B, M, N); masked positions last
+    order = torch.argsort(position_keys, dim=2)
+    rank = torch.empty_like(order).scatter_(2, order, torch.arange(N, device=keys.device).expand(B, M, N))
+    chosen = (rank < counts[:, :, None]).view(B, M * N)  # exactly V per sample
+    # The chosen indices in increasing order, without a host sync (nonzero would need one).
+    visible = torch.argsort((~chosen).to(torch.uint8), dim=1, stable=True)[:, :V]
     return visible, strategy
 
 

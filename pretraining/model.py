@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,9 +24,10 @@ from pretraining.masking import (
     MODALITIES,
     MaskingConfig,
     curriculum_weights,
+    draw_masking,
     patch_majority,
-    sample_visible,
     visible_to_masked,
+    visible_tokens,
 )
 
 
@@ -46,6 +48,7 @@ class ModelConfig:
     decoder_depth: int = 2  # transformer blocks per stage (after its cross-attention block)
     decoder_heads: int = 8
     norm_pix_loss: bool = True
+    loss_reduction: str = "sample"  # sample | token: how masked patches are averaged (losses._mean_over)
     lambda_semantic: float = 1.0
     lambda_instance: float = 1.0
     lambda_rgb: float = 1.0
@@ -55,6 +58,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.decoder not in ("cascaded", "parallel", "mae"):
             raise ValueError(f"Unknown decoder {self.decoder!r}; use cascaded, parallel or mae.")
+        if self.loss_reduction not in losses.REDUCTIONS:
+            raise ValueError(f"Unknown loss_reduction {self.loss_reduction!r}; use one of {losses.REDUCTIONS}.")
         if self.decoder == "mae" and self.modalities != ("rgb",):
             raise ValueError("The MAE decoder reconstructs RGB only; use modalities=('rgb',).")
         if "rgb" not in self.modalities or self.modalities != tuple(m for m in MODALITIES if m in self.modalities):
@@ -108,20 +113,16 @@ class MaskedAutoencoder(nn.Module):
         """Visible tokens per sample as the data loader would draw them: ((B, V), strategy (B,))."""
         cfg, M = self.cfg, len(self.cfg.modalities)
         weights = curriculum_weights(progress, cfg.masking.curriculum)
-        B = batch["rgb"].shape[0]
-        rows, strategies = [], []
-        guided = cfg.masking.strategy != "random"  # labels may guide masking even of an RGB-only model
-        for b in range(B):
-            semantic = instance = None
-            if guided and "semantic" in batch:
-                semantic = patch_majority(batch["semantic"][b].cpu(), cfg.patch_size)
-            if guided and "instance_ids" in batch:
-                instance = patch_majority(batch["instance_ids"][b].cpu(), cfg.patch_size)
-            visible, strategy = sample_visible(weights, semantic, instance, cfg.masking, M, generator)
-            rows.append(visible)
-            strategies.append(strategy)
         device = batch["rgb"].device
-        return torch.stack(rows).to(device), torch.tensor(strategies, device=device)
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        draws = [draw_masking(rng, weights, cfg.masking, M) for _ in range(batch["rgb"].shape[0])]
+        strategy, proportions, keys = (torch.from_numpy(np.stack([d[k] for d in draws])).to(device)
+                                       for k in ("strategy", "proportions", "keys"))
+        guided = cfg.masking.strategy != "random"  # labels may guide masking even of an RGB-only model
+        semantic = patch_majority(batch["semantic"], cfg.patch_size) if guided and "semantic" in batch else None
+        instance = (patch_majority(batch["instance_ids"], cfg.patch_size)
+                    if guided and "instance_ids" in batch else None)
+        return visible_tokens(strategy, proportions, keys, semantic, instance, cfg.masking)
 
     def visible_mask(self, out: PretrainOutput) -> dict[str, torch.Tensor]:
         """Modality -> (B, N) bool, True where the encoder saw the patch."""
@@ -164,12 +165,13 @@ class MaskedAutoencoder(nn.Module):
                   masked: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         if modality == "rgb":
-            return losses.rgb_loss(pred, batch["rgb"], masked, cfg.patch_size, cfg.norm_pix_loss)
+            return losses.rgb_loss(pred, batch["rgb"], masked, cfg.patch_size, cfg.norm_pix_loss,
+                                   cfg.loss_reduction)
         if modality == "instance":
-            return losses.instance_loss(pred, batch["instance"], masked, cfg.patch_size)
+            return losses.instance_loss(pred, batch["instance"], masked, cfg.patch_size, cfg.loss_reduction)
         labels = downsample_labels(batch["semantic"], cfg.semantic_downsample)  # (B, H/4, W/4)
         return losses.semantic_loss(pred, labels, masked, cfg.patch_size // cfg.semantic_downsample,
-                                    cfg.num_semantic_classes)
+                                    cfg.num_semantic_classes, cfg.loss_reduction)
 
     # Figures and export ------------------------------------------------------------------------
 

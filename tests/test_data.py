@@ -15,12 +15,14 @@ from dataset_card import layout
 from dataset_card.synthetic import write_synthetic_dataset
 from pretraining.augment import AugmentConfig, augment, joint_transform
 from pretraining.data import (
+    Batch,
     DataConfig,
     DataError,
     PretrainingLoader,
     SampleSpec,
     Unit,
     chunk_sizes,
+    collate,
     deal_units,
     make_sample,
     open_labeled_dataset,
@@ -157,8 +159,11 @@ def test_ignore_value_becomes_minus_one():
     spec = _spec(img_size=16, masking=MaskingConfig(num_visible=3, num_positions=4),
                  augment=AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0))
     sample = make_sample(row, 7, 0, spec, joint_transform(16, spec.augment), (0.0, 0.0, 1.0))
-    assert set(sample["semantic"].unique().tolist()) == {-1, 2}
-    assert int(sample["index"]) == 7 and int(sample["label"]) == 1
+    assert sample["semantic"].dtype == torch.int16  # compact between processes, as stored
+    batch = Batch(0, 0, [collate([sample])], spec).to(torch.device("cpu"))
+    assert set(batch["semantic"].unique().tolist()) == {-1, 2}
+    assert int(batch["index"]) == 7 and int(batch["label"]) == 1
+    assert batch["visible"].shape == (1, 3) and int(batch["strategy"]) == 2  # random: (0, 0, 1) weights
 
 
 def _png(array: np.ndarray) -> bytes:

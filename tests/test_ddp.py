@@ -14,10 +14,11 @@ import pytest
 from dataset_card.synthetic import write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-# Every sample keeps 4 tokens of each modality (a near-equal Dirichlet split of 12), so each rank's
-# loss normalisers (masked patches) are equal and the mean of the rank means is the global mean.
-COMMON = ("epochs=2", "log_samples=true", "checkpoint_every=1000", "figure_every=0", "log_every=4",
-          "model_args.masking=random", "model_args.num_visible=12", "model_args.dirichlet_alpha=1000000.0")
+# The default masking (progressive curriculum, per-sample Dirichlet splits): ranks mask different
+# numbers of patches, and the per-sample loss reduction keeps the mean of rank means the global mean.
+# The two runs agree to float rounding (1e-7 at the first step); Adam amplifies that rounding in
+# proportion to the learning rate, so the test trains at a tenth of the tiny recipe's.
+COMMON = ("epochs=2", "log_samples=true", "checkpoint_every=1000", "figure_every=0", "log_every=4", "optim.lr=2e-4")
 
 
 def _train_args(data: str, output: Path, *sets: str) -> list[str]:

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -8,13 +9,13 @@ from pretraining.masking import (
     CurriculumConfig,
     MaskingConfig,
     curriculum_weights,
+    draw_masking,
     gather_tokens,
     patch_majority,
-    random_visible,
-    sample_visible,
     scatter_tokens,
     split_budget,
     visible_to_masked,
+    visible_tokens,
 )
 
 N = 196
@@ -28,6 +29,19 @@ def _regions(num_regions: int, seed: int = 0) -> torch.Tensor:
     """(N,) patch labels: `num_regions` horizontal bands of a 14x14 grid, shuffled label values."""
     bands = torch.arange(14).repeat_interleave(14) * num_regions // 14  # (N,) in 0..num_regions-1
     return torch.randperm(100, generator=_gen(seed))[:num_regions][bands] + 1
+
+
+def _draws(weights, cfg, batch, seed=0, num_modalities=3):
+    """`draw_masking` for `batch` samples, stacked: (strategy (B,), proportions (B, M), keys (B, M + 2, N))."""
+    rng = np.random.default_rng(seed)
+    draws = [draw_masking(rng, weights, cfg, num_modalities) for _ in range(batch)]
+    return tuple(torch.from_numpy(np.stack([d[k] for d in draws])) for k in ("strategy", "proportions", "keys"))
+
+
+def _visible(weights, semantic, instance, cfg, batch=1, seed=0, num_modalities=3):
+    """Visible tokens of `batch` samples that share the (N,) patch labels given."""
+    labels = [None if x is None else x.expand(batch, -1) for x in (semantic, instance)]
+    return visible_tokens(*_draws(weights, cfg, batch, seed, num_modalities), *labels, cfg)
 
 
 def test_patch_majority():
@@ -48,39 +62,55 @@ def test_patch_majority_wide_label_range_matches_narrow():
     assert torch.equal(patch_majority(labels * 20000, 16), patch_majority(labels, 16) * 20000)
 
 
-def test_split_budget_is_exact_and_respects_capacity():
-    for seed in range(20):
-        p = torch.distributions.Dirichlet(torch.ones(3)).sample() if seed else torch.tensor([1.0, 0, 0])
-        counts = split_budget(98, [49, 49, 49], p)
-        assert counts.sum() == 98 and (counts <= 49).all() and (counts >= 0).all()
+def _greedy_split(total, capacity, proportions):
+    """The reference: largest remainders, then one token at a time to the modality with most room."""
+    share = proportions.double() * total
+    counts = share.floor().long()
+    counts[torch.argsort(share - counts, descending=True, stable=True)[: total - int(counts.sum())]] += 1
+    counts = torch.minimum(counts, torch.tensor(capacity))
+    while int(counts.sum()) < total:
+        counts[int(torch.argmax(capacity - counts))] += 1
+    return counts
+
+
+def test_split_budget_is_exact_respects_capacity_and_equals_the_greedy_reference():
+    g = _gen(0)
+    proportions = torch.distributions.Dirichlet(torch.full((3,), 0.3)).sample((200,))
+    proportions[0] = torch.tensor([1.0, 0.0, 0.0])
+    capacity = torch.randint(33, 197, (200,), generator=g)  # 3 x capacity >= 98
+    counts = split_budget(98, capacity, proportions)
+    assert counts.sum(1).eq(98).all() and (counts <= capacity[:, None]).all() and (counts >= 0).all()
+    for b in range(200):
+        assert counts[b].tolist() == _greedy_split(98, int(capacity[b]), proportions[b]).tolist()
 
 
 @pytest.mark.parametrize("num_modalities,num_visible", [(3, 98), (1, 49)])
 def test_random_exact_counts_sorted_unique(num_modalities, num_visible):
-    gen = _gen()
-    per_modality = []
-    for _ in range(50):
-        vis = random_visible(num_visible, num_modalities, N, 1.0, gen)
-        assert vis.shape == (num_visible,)
-        assert torch.equal(vis, vis.unique())  # sorted, no repeats
-        assert 0 <= vis.min() and vis.max() < num_modalities * N
-        per_modality.append(torch.bincount(vis // N, minlength=num_modalities))
-    # The Dirichlet split varies per sample.
-    assert num_modalities == 1 or len({tuple(c.tolist()) for c in per_modality}) > 10
+    cfg = MaskingConfig(strategy="random", num_visible=num_visible)
+    visible, used = _visible((0, 0, 1), None, None, cfg, batch=50, num_modalities=num_modalities)
+    assert visible.shape == (50, num_visible) and used.eq(RANDOM).all()
+    assert torch.all(visible[:, 1:] > visible[:, :-1])  # sorted, no repeats
+    assert 0 <= visible.min() and visible.max() < num_modalities * N
+    per_modality = {tuple(torch.bincount(v // N, minlength=num_modalities).tolist()) for v in visible}
+    assert num_modalities == 1 or len(per_modality) > 10  # the Dirichlet split varies per sample
 
 
-def test_same_generator_seed_same_mask():
+def test_same_draws_same_mask_and_a_sample_ignores_its_batch():
     cfg = MaskingConfig()
-    sem, inst = _regions(5), _regions(7, seed=1)
-    a = sample_visible((0.3, 0.3, 0.4), sem, inst, cfg, 3, _gen(3))
-    b = sample_visible((0.3, 0.3, 0.4), sem, inst, cfg, 3, _gen(3))
-    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    sem, inst = _regions(5).expand(8, -1), _regions(7, seed=1).expand(8, -1)
+    strategy, proportions, keys = _draws((0.3, 0.3, 0.4), cfg, batch=8, seed=3)
+    visible, used = visible_tokens(strategy, proportions, keys, sem, inst, cfg)
+    again = visible_tokens(strategy, proportions, keys, sem, inst, cfg)
+    assert torch.equal(visible, again[0]) and torch.equal(used, again[1])
+    for b in range(8):  # each sample alone gives the same tokens as in the batch
+        one = visible_tokens(strategy[b:b + 1], proportions[b:b + 1], keys[b:b + 1], sem[:1], inst[:1], cfg)
+        assert torch.equal(one[0][0], visible[b]) and int(one[1]) == int(used[b])
 
 
 def test_restore_round_trip():
     gen = _gen()
     B, D = 4, 8
-    visible = torch.stack([random_visible(98, 3, N, 1.0, gen) for _ in range(B)])  # (B, V)
+    visible, _ = _visible((0, 0, 1), None, None, MaskingConfig(strategy="random"), batch=B)  # (B, V)
     x = torch.randn(B, 3 * N, D, generator=gen)
     fill = torch.full((D,), -7.0)
     x_vis = gather_tokens(x, visible)  # (B, V, D)
@@ -97,43 +127,42 @@ def test_guided_masks_whole_regions_in_every_modality(strategy):
     for seed in range(10):
         labels = _regions(7, seed)  # bands of 28 positions: 5 whole + a part of one reach 147 (75%)
         sem, inst = (labels, None) if strategy == "semantic" else (None, labels)
-        visible, used = sample_visible((1, 0, 0), sem, inst, cfg, 3, _gen(seed))
-        assert used == (SEMANTIC if strategy == "semantic" else INSTANCE)
-        assert visible.shape == (98,)
+        visible, used = _visible((1, 0, 0), sem, inst, cfg, seed=seed)
+        assert int(used) == (SEMANTIC if strategy == "semantic" else INSTANCE)
+        assert visible.shape == (1, 98)
         seen = torch.zeros(N, dtype=torch.bool)
-        seen[visible % N] = True  # positions visible in at least one modality
+        seen[visible[0] % N] = True  # positions visible in at least one modality
         assert (~seen).sum() >= 147  # the guided share is masked in every modality
         fully_masked = [int(r) for r in labels.unique() if not seen[labels == r].any()]
         assert len(fully_masked) >= 5  # whole regions when the target allows
 
 
-def test_guided_last_region_partial_and_ignored_labels_are_no_region():
+def test_guided_last_region_partial_ignored_labels_are_no_region_and_the_order_is_uniform():
     labels = _regions(2)  # two regions of 98: the target 147 takes one whole, half the other
     labels[:14] = -1  # semantic ignore: never a region
     cfg = MaskingConfig(strategy="semantic", num_visible=30)
-    for seed in range(5):
-        visible, used = sample_visible((1, 0, 0), labels, None, cfg, 3, _gen(seed))
-        assert used == SEMANTIC
-        seen = torch.zeros(N, dtype=torch.bool)
-        seen[visible % N] = True
-        # One of the two regions is completely hidden.
-        assert any(not seen[labels == r].any() for r in labels.unique() if r >= 0)
+    visible, used = _visible((1, 0, 0), labels, None, cfg, batch=400)
+    assert used.eq(SEMANTIC).all()
+    seen = torch.zeros(400, N, dtype=torch.bool).scatter_(1, visible % N, True)
+    regions = [r for r in labels.unique().tolist() if r >= 0]
+    hidden = torch.stack([~seen[:, labels == r].any(1) for r in regions], 1)  # (400, 2) region fully masked
+    assert hidden.sum(1).eq(1).all()  # one of the two regions is completely hidden, the other partly
+    assert 150 < int(hidden[:, 0].sum()) < 250  # and which one is a fair coin
 
 
 @pytest.mark.parametrize("labels", [None, torch.full((N,), 4), torch.zeros(N, dtype=torch.long)])
 def test_guided_falls_back_to_random(labels):
     cfg = MaskingConfig(strategy="instance")
-    visible, used = sample_visible((0, 1, 0), labels, labels, cfg, 3, _gen())
-    assert used == RANDOM and visible.shape == (98,)
+    visible, used = _visible((0, 1, 0), labels, labels, cfg)
+    assert int(used) == RANDOM and visible.shape == (1, 98)
 
 
 def test_progressive_draws_by_weight():
     cfg = MaskingConfig()
     sem, inst = _regions(5), _regions(7, seed=1)
-    gen = _gen()
-    used = [sample_visible((0.5, 0.5, 0.0), sem, inst, cfg, 3, gen)[1] for _ in range(200)]
-    assert RANDOM not in used and 70 < used.count(SEMANTIC) < 130
-    assert {sample_visible((0, 0, 1), sem, inst, cfg, 3, gen)[1] for _ in range(10)} == {RANDOM}
+    _, used = _visible((0.5, 0.5, 0.0), sem, inst, cfg, batch=200)
+    assert not used.eq(RANDOM).any() and 70 < int(used.eq(SEMANTIC).sum()) < 130
+    assert _visible((0, 0, 1), sem, inst, cfg, batch=10)[1].eq(RANDOM).all()
 
 
 def test_curriculum_endpoints_and_monotone():

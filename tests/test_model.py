@@ -8,7 +8,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from pretraining.decoders import CascadedDecoder, ParallelDecoder
 from pretraining.instances import instance_representation
-from pretraining.masking import RANDOM, SEMANTIC, random_visible
+from pretraining.masking import RANDOM, SEMANTIC
 from pretraining.models import MODELS, create_model
 
 NUM_CLASSES = 6
@@ -52,10 +52,9 @@ def test_factory_output_shapes(name, batch224):
     else:
         model = create_model(name, num_semantic_classes=NUM_CLASSES)
     cfg = model.cfg
-    M, N, V = len(cfg.modalities), 196, cfg.masking.num_visible
+    N, V = 196, cfg.masking.num_visible
     assert V == (49 if name.startswith("mae") else 98)
-    gen = torch.Generator().manual_seed(0)
-    visible = torch.stack([random_visible(V, M, N, 1.0, gen)])
+    visible, _ = model.sample_visible(batch224, torch.Generator().manual_seed(0))
     batch = {**batch224, "visible": visible}
     if on_meta:
         batch = {k: v.to("meta") for k, v in batch.items()}

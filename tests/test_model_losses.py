@@ -56,3 +56,28 @@ def test_perfect_predictions_and_ignore_pixels():
     pred = patchify(rep[None], 8).reshape(1, 4, 64, 3).clone()
     pred[..., 0] = (pred[..., 0] * 2 - 1) * 30  # boundary as confident logits
     assert instance_loss(pred.flatten(2), rep[None], masked, 8) < 1e-6
+
+
+def test_sample_reduction_makes_the_mean_of_halves_the_mean_of_the_whole():
+    """What DDP and gradient accumulation rely on: with per-sample means, two equal halves of a batch
+    average to the whole batch's loss even when the halves mask different numbers of patches."""
+    g = _gen()
+    images = torch.randn(4, 3, 32, 32, generator=g)
+    labels = torch.randint(-1, 5, (4, 8, 8), generator=g)  # ignore pixels too
+    rep = instance_representation(torch.randint(0, 4, (4, 32, 32), generator=g))
+    masked = torch.zeros(4, 16, dtype=torch.bool)
+    masked[0, :2], masked[1, :3], masked[2, :12], masked[3, :15] = True, True, True, True  # 5 vs 27 masked
+    preds = {"rgb": torch.randn(4, 16, 192, generator=g), "semantic": torch.randn(4, 16, 4 * 5, generator=g),
+             "instance": torch.randn(4, 16, 192, generator=g)}
+
+    def terms(rows, reduction):
+        return torch.stack([rgb_loss(preds["rgb"][rows], images[rows], masked[rows], 8, reduction=reduction),
+                            semantic_loss(preds["semantic"][rows], labels[rows], masked[rows], 2, 5, reduction),
+                            instance_loss(preds["instance"][rows], rep[rows], masked[rows], 8, reduction)])
+
+    halves, whole = (terms(slice(0, 2), "sample") + terms(slice(2, 4), "sample")) / 2, terms(slice(0, 4), "sample")
+    assert torch.allclose(halves, whole, rtol=1e-6)
+    token_halves = (terms(slice(0, 2), "token") + terms(slice(2, 4), "token")) / 2
+    assert not torch.allclose(token_halves, terms(slice(0, 4), "token"), rtol=1e-3)  # the mean of means drifts
+    with pytest.raises(ValueError, match="loss reduction"):
+        terms(slice(0, 4), "pixel")

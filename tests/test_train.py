@@ -216,9 +216,9 @@ def test_non_finite_loss_stops_the_run_naming_step_and_terms(data_dir, tmp_path,
 
 
 def test_gradient_accumulation_matches_one_step_over_the_joined_batch(data_dir, tmp_path):
-    # Every sample keeps 4 tokens per modality, so each micro-batch's loss has the same normaliser.
-    sets = ["epochs=1", "data.num_workers=0", "log_samples=true", "figure_every=0", "checkpoint_every=1000",
-            "model_args.masking=random", "model_args.num_visible=12", "model_args.dirichlet_alpha=1000000.0"]
+    # Default masking: samples differ in masked counts; the per-sample loss reduction still makes the
+    # mean of equal micro-batches the mean of the joined batch.
+    sets = ["epochs=1", "data.num_workers=0", "log_samples=true", "figure_every=0", "checkpoint_every=1000"]
     runs = {}
     for name, extra in [("accum", ["data.batch_size=4", "accum_steps=2"]), ("whole", ["data.batch_size=8"])]:
         assert train(apply_overrides(tiny(), [*sets, *extra]), data_dir, str(tmp_path / name),
