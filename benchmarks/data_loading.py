@@ -11,7 +11,8 @@ patch-majority labels, visible tokens) and the RGB normalisation run in `Batch.t
 device, batched.
 
 Rows: `rgb_only` and `c2fmae` time what each loader hands the training loop (samples/s); the
-ratio of the two is the last line, `loader_over_rgb_only=<ratio>`. `c2fmae+to` also runs
+median over `--rounds` rounds (the arms' order rotating, so none always runs first on a busy
+machine) of their ratio is the last line, `loader_over_rgb_only=<ratio>`. `c2fmae+to` also runs
 `Batch.to(--device)` on every batch in the main process, as training does: on a GPU that work runs
 there, but on a CPU-only machine it takes cores from the workers, so this row is the worst case
 and is printed beside the others. Each loader sees every sample at most once (no sample timed
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -100,12 +102,14 @@ def time_loader(batches, batch_size: int, warmup: int, limit: int) -> tuple[int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="a labeled folder (default: write a synthetic one)")
-    parser.add_argument("--num-images", type=int, default=768, help="synthetic images to write without --data")
+    parser.add_argument("--num-images", type=int, default=1536, help="synthetic images to write without --data")
     parser.add_argument("--image-size", type=int, nargs=2, default=(375, 500), help="synthetic image H W")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--img-size", type=int, default=224, help="crop size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches at the start")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times each loader is timed, in rotating order; the ratio is the median over rounds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where Batch.to runs for the c2fmae+to row (default: cuda when there is one)")
     args = parser.parse_args()
@@ -146,18 +150,28 @@ def main() -> None:
             return PretrainingLoader(dataset, spec, DataConfig(batch_size=args.batch_size, num_workers=args.workers,
                                                                 shuffle_buffer=256))
 
-        results = {"rgb_only": time_loader(rgb, args.batch_size, args.warmup, limit),
-                   "c2fmae": time_loader(c2fmae_loader(), args.batch_size, args.warmup, limit),
-                   "c2fmae+to": time_loader(on_device(c2fmae_loader()), args.batch_size, args.warmup, limit)}
+        arms = {"rgb_only": lambda: rgb,
+                "c2fmae": c2fmae_loader,
+                "c2fmae+to": lambda: on_device(c2fmae_loader())}
+        rounds = []  # one {arm: (samples, seconds)} per round; the arms' order rotates between rounds
+        for r in range(args.rounds):
+            names = list(arms)[r % len(arms):] + list(arms)[:r % len(arms)]
+            rounds.append({name: time_loader(arms[name](), args.batch_size, args.warmup, limit) for name in names})
 
-    print(f"{'loader':<10} {'workers':>7} {'batch':>5} {'crop':>4} {'samples':>7} {'seconds':>8} {'samples/s':>9} "
-          f"{'ratio':>6}")
-    rates = {name: samples / seconds for name, (samples, seconds) in results.items()}
-    for name, (samples, seconds) in results.items():
-        print(f"{name:<10} {args.workers:>7} {args.batch_size:>5} {args.img_size:>4} {samples:>7} {seconds:>8.2f} "
-              f"{rates[name]:>9.1f} {rates[name] / rates['rgb_only']:>6.3f}")
-    print(f"c2fmae+to runs Batch.to on {device} in the main process; the ratio below leaves it to the device.")
-    print(f"loader_over_rgb_only={rates['c2fmae'] / rates['rgb_only']:.3f}")
+    print(f"{'round':>5} {'loader':<10} {'workers':>7} {'batch':>5} {'crop':>4} {'samples':>7} {'seconds':>8} "
+          f"{'samples/s':>9} {'ratio':>6}")
+    ratios = []
+    for r, results in enumerate(rounds):
+        rates = {name: samples / seconds for name, (samples, seconds) in results.items()}
+        for name in arms:
+            samples, seconds = results[name]
+            print(f"{r:>5} {name:<10} {args.workers:>7} {args.batch_size:>5} {args.img_size:>4} {samples:>7} "
+                  f"{seconds:>8.2f} {rates[name]:>9.1f} {rates[name] / rates['rgb_only']:>6.3f}")
+        ratios.append({name: rates[name] / rates["rgb_only"] for name in arms})
+    print(f"c2fmae+to runs Batch.to on {device} in the main process (median ratio "
+          f"{statistics.median(r['c2fmae+to'] for r in ratios):.3f}); the ratio below leaves it to the device. "
+          f"Median over {len(ratios)} rounds:")
+    print(f"loader_over_rgb_only={statistics.median(r['c2fmae'] for r in ratios):.3f}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ COLUMN_DOCS = {
     "width": "width in pixels as decoded (EXIF orientation not applied, so the masks align with the stored pixels)",
     "height": "height in pixels, likewise",
     "semantic_mask": "single-channel PNG at the image's size; pixel = semantic class id, {ignore} = no class",
-    "instance_mask": "16-bit PNG at the image's size; 0 = no instance, k = the instance with `id` k (smaller masks on top)",
+    "instance_mask": "8-bit PNG (16-bit when an image has 256 or more instances) at the image's size; 0 = no instance, k = the instance with `id` k (smaller masks on top)",
     "instances": "every kept automatic mask, fields below",
 }
 INSTANCE_DOCS = {

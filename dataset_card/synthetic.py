@@ -91,7 +91,7 @@ def synthetic_row(image_id: str, label: int, rgb: np.ndarray, semantic: np.ndarr
         "width": w,
         "height": h,
         "semantic_mask": {"bytes": codecs.encode_mask_png(semantic), "path": None},
-        "instance_mask": {"bytes": codecs.encode_mask_png(painted), "path": None},
+        "instance_mask": {"bytes": codecs.encode_instance_png(painted), "path": None},
         "instances": instances,
     }
     return row, painted

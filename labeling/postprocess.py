@@ -145,7 +145,7 @@ def label_row(row: Mapping, cfg: PostprocessConfig) -> dict:
         "width": width,
         "height": height,
         "semantic_mask": {"bytes": codecs.encode_mask_png(semantic), "path": None},
-        "instance_mask": {"bytes": codecs.encode_mask_png(instance_map), "path": None},
+        "instance_mask": {"bytes": codecs.encode_instance_png(instance_map), "path": None},
         "instances": instances,
         "stat_instances": len(instances),
         "stat_coverage": float(np.count_nonzero(instance_map)) / float(height * width),

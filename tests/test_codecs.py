@@ -91,6 +91,16 @@ def test_mask_png_as_stored_reads_palette_indices_and_names_bad_modes():
         codecs.decode_mask(b"\x89PNG\r\n\x1a\ntruncated", dtype=None)
 
 
+def test_instance_png_is_8_bit_below_256_ids_and_16_bit_above():
+    ids = np.zeros((6, 7), np.uint16)
+    ids[1:3, 2:5] = 255
+    for top, depth in ((255, 8), (256, 16)):
+        ids[4, 4] = top
+        data = codecs.encode_instance_png(ids)
+        assert data[24] == depth  # the IHDR bit depth
+        np.testing.assert_array_equal(codecs.decode_mask(data), ids.astype(np.int64))
+
+
 def test_mask_png_rejects_out_of_range():
     with pytest.raises(ValueError, match="65535"):
         codecs.encode_mask_png(np.full((2, 2), 70000))
