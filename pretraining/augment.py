@@ -1,9 +1,14 @@
 """Joint augmentation: one random resized crop and flip applied identically to RGB and both label maps.
 
-One crop box and flip (drawn by torchvision `transforms.v2`'s RandomResizedCrop sampler) is applied
-to the image and both `tv_tensors.Mask`s with v2's functional ops: the image resized bilinearly
-(antialiased), the masks with nearest neighbour, so class and instance ids are never blended. The instance representation is computed by the caller *after*
-this crop, so boundaries and centres of mass describe what the model sees.
+One crop box and flip, drawn by torchvision `transforms.v2`'s RandomResizedCrop sampler, is applied
+to the image with v2's functional ops (bilinear, antialiased) and to the label maps with nearest
+neighbour, so class and instance ids are never blended. The instance representation is computed
+by the caller *after* this crop, so boundaries and centres of mass describe what the model sees.
+
+The label maps are resized by gathering rows and columns at the source indices of torch's
+`nearest-exact` mode (what v2 does with `InterpolationMode.NEAREST_EXACT`; a test pins the two
+equal). Reason: v2 resizes an integer `Mask` by casting it to float and back, five times the cost
+of a gather, and the loader does this for two maps on every sample.
 
 Randomness is a function of a per-sample seed (derived from (seed, epoch, sample index)), never of
 the process that runs it: the same sample gets the same crop on any rank, worker or resume.
@@ -27,6 +32,15 @@ class AugmentConfig:
     hflip: float = 0.5  # probability of a horizontal flip
 
 
+def nearest_exact_index(start: int, length: int, size: int) -> np.ndarray:
+    """Source pixel of each of `size` output pixels when [start, start + length) is resized to `size`
+    with torch's `nearest-exact` mode: the pixel whose centre is nearest, computed in ATen's
+    precision (float32 scale, the product rounded to float32 before the floor). (size,) int64."""
+    scale = np.float64(np.float32(length) / np.float32(size))
+    source = np.floor(((np.arange(size) + 0.5) * scale).astype(np.float32)).astype(np.int64)
+    return start + np.minimum(source, length - 1)
+
+
 class JointCropFlip:
     """A random resized crop and horizontal flip, drawn once and applied to an image and its masks.
 
@@ -40,19 +54,18 @@ class JointCropFlip:
         self.crop = v2.RandomResizedCrop(img_size, scale=cfg.scale, ratio=cfg.ratio)
         self.hflip = cfg.hflip
 
-    def __call__(self, image: tv_tensors.Image, *masks: tv_tensors.Mask) -> list[torch.Tensor]:
-        """Draws from torch's global generator (the caller seeds it). Masks come in any integer dtype
-        (uint8 / uint16 as decoded) and leave as int32: they are cropped first, then widened and
-        resized together as one (K, h, w) Mask, so no full-size map is ever widened."""
+    def __call__(self, image: tv_tensors.Image, *masks: np.ndarray) -> tuple[torch.Tensor, list[np.ndarray]]:
+        """image (3, H, W), masks (H, W) of any dtype -> image (3, S, S), masks (S, S) of their dtype.
+
+        Draws from torch's global generator (the caller seeds it)."""
         p = self.crop.make_params([image])  # top, left, height, width
         flip = bool(torch.rand(1) < self.hflip)
-        box = (p["top"], p["left"], p["height"], p["width"])
-        out = [F.resized_crop(image, *box, self.size, antialias=True)]
-        if masks:
-            cropped = torch.stack([F.crop(m, *box).as_subclass(torch.Tensor).to(torch.int32) for m in masks])
-            out.append(F.resize(tv_tensors.Mask(cropped), self.size, interpolation=v2.InterpolationMode.NEAREST_EXACT))
-        out = [(F.horizontal_flip(x) if flip else x).as_subclass(torch.Tensor) for x in out]
-        return out[:1] + list(out[1].unbind()) if masks else out  # image, then K x (S, S)
+        out = F.resized_crop(image, p["top"], p["left"], p["height"], p["width"], self.size, antialias=True)
+        rows = nearest_exact_index(p["top"], p["height"], self.size[0])
+        cols = nearest_exact_index(p["left"], p["width"], self.size[1])
+        if flip:
+            out, cols = F.horizontal_flip(out), cols[::-1]
+        return out.as_subclass(torch.Tensor), [m.take(rows, axis=0).take(cols, axis=1) for m in masks]
 
 
 def joint_transform(img_size: int, cfg: AugmentConfig) -> JointCropFlip:
@@ -78,14 +91,14 @@ def augment(
     rgb (3, S, S) uint8, semantic (S, S) int32 or None, instance (S, S) int32 or None.
     """
     image = tv_tensors.Image(torch.from_numpy(np.require(rgb, requirements=("C", "W"))).permute(2, 0, 1))
-    masks = [tv_tensors.Mask(torch.from_numpy(np.require(m, requirements="W"))) for m in (semantic, instance)
-             if m is not None]
+    masks = [m for m in (semantic, instance) if m is not None]
     # The crop sampler draws from the global CPU generator; fork it so the caller's stream (the
     # model's, when the loader runs in the main process) is untouched, and seed it per sample. (Not
     # torch.manual_seed: it also queues a CUDA seeding call, which records a stack trace each time.)
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
-        image, *masks = transform(image, *masks)
+        image, masks = transform(image, *masks)
+    masks = [torch.from_numpy(m.astype(np.int32)) for m in masks]  # widened only at the crop's size
     semantic_out = masks.pop(0) if semantic is not None else None
     instance_out = masks.pop(0) if instance is not None else None
     return image, semantic_out, instance_out

@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 
 from dataset_card import layout
 from dataset_card.synthetic import write_synthetic_dataset
-from pretraining.augment import AugmentConfig, augment, joint_transform
+from pretraining.augment import AugmentConfig, augment, joint_transform, nearest_exact_index
 from pretraining.data import (
     Batch,
     DataConfig,
@@ -198,6 +198,16 @@ def test_joint_augmentation_keeps_maps_aligned():
         assert torch.equal(always[1], no_flip[1].flip(-1)) and torch.equal(always[0], no_flip[0].flip(-1))
         flipped += torch.equal(sem, always[1]) and not torch.equal(sem, no_flip[1])
     assert 3 < flipped < 17
+
+
+def test_nearest_exact_index_equals_torch_for_every_length():
+    """The mask gather uses exactly the source pixels torch's nearest-exact resize picks."""
+    for size in (16, 32, 224, 384):
+        for length in range(1, 700):
+            coords = torch.arange(length, dtype=torch.float32).view(1, length, 1)  # (1, length, 1): row numbers
+            ref = v2.functional.resize(tv_tensors.Mask(coords), [size, 1],
+                                       interpolation=v2.InterpolationMode.NEAREST_EXACT)
+            assert np.array_equal(nearest_exact_index(5, length, size), ref.flatten().long().numpy() + 5), (size, length)
 
 
 def test_masks_crop_as_torchvision_resizes_each_mask_alone():
