@@ -14,10 +14,11 @@ number of steps (DDP never waits on a rank that ran dry). The samples of a globa
 depend only on (seed, epoch, S, per-stream chunk): 2 ranks x 0 workers x batch b see exactly
 the samples of 1 rank x 2 workers x batch 2b.
 
-Per sample. Decode with the contract's codecs, crop and flip the three maps jointly, map the
-semantic ignore value to -1, compute the instance representation after the crop, the patch-majority
-labels, and the visible tokens. Augmentation and masking are seeded by (seed, epoch, global sample
-index), so a sample looks the same whichever rank or worker draws it, and after a resume.
+Per sample, in the workers: decode with the contract's codecs, crop and flip the three maps
+jointly, and draw the masking's random numbers. Per batch, on the device (`Batch.to`): map the
+semantic ignore value to -1, compute the instance representation from the cropped id maps, the
+patch-majority labels and the visible tokens. Augmentation and masking are seeded by (seed, epoch,
+global sample index), so a sample looks the same whichever rank or worker draws it, and after a resume.
 
 Resuming at (epoch, step) recomputes the epoch's order from the seed and skips the first `step`
 chunks of each stream without reading or decoding them: the shuffle buffer runs over row positions
