@@ -40,9 +40,15 @@ from torchvision.transforms import v2
 
 from dataset_card import codecs, shards
 from dataset_card.synthetic import write_synthetic_dataset
-from pretraining.augment import AugmentConfig
-from pretraining.data import DataConfig, LabeledDataset, PretrainingLoader, SampleSpec, open_labeled_dataset
-from pretraining.masking import MODALITIES, MaskingConfig
+from pretraining.data.augment import AugmentConfig
+from pretraining.data.loader import (
+    DataConfig,
+    LabeledDataset,
+    PretrainingLoader,
+    SampleSpec,
+    open_labeled_dataset,
+)
+from pretraining.models.masking import MODALITIES, MaskingConfig
 
 
 class RgbOnly(IterableDataset):

@@ -27,10 +27,10 @@ import torch
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 
-from labeling.checkpoints import load_sam
-from labeling.instance_labeler import InstanceLabeler, InstanceLabelerConfig
-from labeling.semantic_labeler import DEFAULT_SEMANTIC_MODEL, SemanticLabeler, SemanticLabelerConfig
-from labeling.tiny_models import build_tiny_random_models
+from labeling.labelers.checkpoints import load_sam
+from labeling.labelers.instance import InstanceLabeler, InstanceLabelerConfig
+from labeling.labelers.semantic import DEFAULT_SEMANTIC_MODEL, SemanticLabeler, SemanticLabelerConfig
+from labeling.labelers.tiny_models import build_tiny_random_models
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel",
           "motorcycle_left")

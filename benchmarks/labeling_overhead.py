@@ -6,7 +6,7 @@ Two arms label the same ImageFolder (crops of the skimage colour photos) at N an
   bare      one process: read + decode -> SAM twin -> semantic twin -> upsample/align/paint/PNG ->
             shard commit (Parquet), batch by batch, with the pipeline's own stage functions;
             torch uses `--cpus` threads.
-  pipeline  `labeling.pipeline.run_labeling` on a local Ray with `--cpus` CPUs and its default
+  pipeline  `labeling.pipeline.driver.run_labeling` on a local Ray with `--cpus` CPUs and its default
             CPU layout (`cluster.plan_layout`): one single-threaded SAM actor per CPU, one
             semantic actor, single-threaded CPU tasks. Both arms get the same `--cpus` cores; the
             bare arm's torch runs `--cpus` threads, the pipeline's one per process.
@@ -62,10 +62,10 @@ def bare_loop(listed, n: int, cfg, instance, semantic, output: str) -> dict:
 
     from dataset_card import shards
     from dataset_card.schema import arrow_schema
-    from labeling import manifest, writer
-    from labeling.pipeline import model_max_side, work_table
-    from labeling.postprocess import PostprocessConfig, postprocess_stage, staged_schema
-    from labeling.preprocess import read_stage
+    from labeling.pipeline import manifest, writer
+    from labeling.pipeline.driver import model_max_side, work_table
+    from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema
+    from labeling.pipeline.preprocess import read_stage
 
     classes = instance_classes = semantic.labeler.classes
     post = PostprocessConfig(len(classes), semantic.labeler.ignore_value, cfg.min_instance_area)
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from labeling.pipeline import LabelingConfig, model_choice, run_labeling
-    from labeling.predictors import InstancePredictor, SemanticPredictor
+    from labeling.pipeline.driver import LabelingConfig, model_choice, run_labeling
+    from labeling.pipeline.predictors import InstancePredictor, SemanticPredictor
 
     work_dir = Path(tempfile.mkdtemp(prefix="labeling-overhead-"))
     images = work_dir / "train"
@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                           read_batch_size=args.batch_size, model_batch_size=args.batch_size,
                           postprocess_batch_size=args.batch_size, progress=False)
 
-    from labeling import inputs
+    from labeling.inputs.kinds import list_inputs
 
-    listed = inputs.list_inputs(str(images))
+    listed = list_inputs(str(images))
     choice = model_choice(base)
     start = time.perf_counter()
     instance = InstancePredictor(choice, threads=args.cpus)

@@ -17,9 +17,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretraining.instances import instance_representation
-from pretraining.model import MaskedAutoencoder
-from pretraining.models import create_model
+from pretraining.models.autoencoder import MaskedAutoencoder
+from pretraining.models.factory import create_model
+from pretraining.models.instances import instance_representation
 
 FAMILIES = {"c2fmae": "c2fmae_vit_{}_patch16", "multimae": "multimae_vit_{}_patch16",
             "mae": "mae_vit_{}_patch16_dec512d8b"}

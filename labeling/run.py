@@ -98,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from labeling.pipeline import LabelingConfig
+    from labeling.pipeline.driver import LabelingConfig
 
     return LabelingConfig(
         input=args.input, output=args.output, models=args.models, shard_size=args.shard_size, limit=args.limit,
@@ -119,11 +119,11 @@ def config_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from labeling import cluster
-    from labeling.inputs import InputError
-    from labeling.manifest import ResumeRefused
-    from labeling.model_choice import ModelLoadError
-    from labeling.pipeline import run_labeling
+    from labeling.inputs.input_list import InputError
+    from labeling.labelers.model_choice import ModelLoadError
+    from labeling.pipeline import cluster
+    from labeling.pipeline.driver import run_labeling
+    from labeling.pipeline.manifest import ResumeRefused
 
     try:
         cfg = config_from_args(args)

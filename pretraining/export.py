@@ -24,10 +24,10 @@ import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from pretraining import checkpoint as ckpt
-from pretraining.config import ConfigError, TrainConfig, from_dict
-from pretraining.models import create_model
+from pretraining.models.factory import create_model
 from pretraining.train import CONFIG_FILE, RUN_FILE
+from pretraining.training import checkpoint as ckpt
+from pretraining.training.config import ConfigError, TrainConfig, from_dict
 
 
 class ExportError(RuntimeError):

@@ -28,13 +28,19 @@ from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pretraining import checkpoint as ckpt
-from pretraining.config import ConfigError, TrainConfig, apply_overrides, differing_keys, to_dict
-from pretraining.data import DataError, LabeledDataset, PretrainingLoader, SampleSpec, open_labeled_dataset
-from pretraining.masking import curriculum_weights
-from pretraining.models import create_model
-from pretraining.monitor import Monitor, reconstruction_figure
-from pretraining.recipes import RECIPES, get_recipe
+from pretraining.data.loader import (
+    DataError,
+    LabeledDataset,
+    PretrainingLoader,
+    SampleSpec,
+    open_labeled_dataset,
+)
+from pretraining.models.factory import create_model
+from pretraining.models.masking import curriculum_weights
+from pretraining.training import checkpoint as ckpt
+from pretraining.training.config import ConfigError, TrainConfig, apply_overrides, differing_keys, to_dict
+from pretraining.training.monitor import Monitor, reconstruction_figure
+from pretraining.training.recipes import RECIPES, get_recipe
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"  # what the config does not fix: data path, world size, learning rate, dataset size
@@ -355,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = apply_overrides(get_recipe(args.config), args.set)
         hooks = []
         if args.probe_data:
-            from pretraining.probe import PeriodicProbeConfig, probe_hook
+            from pretraining.evaluation.probe import PeriodicProbeConfig, probe_hook
 
             if args.probe_every < 1:
                 raise ConfigError(f"--probe-every must be at least 1, got {args.probe_every}.")

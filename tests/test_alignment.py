@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dataset_card import codecs
-from labeling import alignment
+from labeling.labelers import alignment
 
 
 def auto_mask(mask: np.ndarray, iou: float = 0.9, stability: float = 0.95) -> dict:

@@ -8,9 +8,9 @@ import urllib.error
 import pytest
 import torch
 
-from labeling import checkpoints
-from labeling.checkpoints import CheckpointError, load_sam, official_checkpoint
-from labeling.tiny_models import TINY_SAM_TYPE, build_tiny_sam, build_tiny_sam_random
+from labeling.labelers import checkpoints
+from labeling.labelers.checkpoints import CheckpointError, load_sam, official_checkpoint
+from labeling.labelers.tiny_models import TINY_SAM_TYPE, build_tiny_sam, build_tiny_sam_random
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from torchvision.transforms import v2
 
 from dataset_card import layout
 from dataset_card.synthetic import write_synthetic_dataset
-from pretraining.augment import AugmentConfig, augment, joint_transform, nearest_exact_index
-from pretraining.data import (
+from pretraining.data.augment import AugmentConfig, augment, joint_transform, nearest_exact_index
+from pretraining.data.loader import (
     Batch,
     DataConfig,
     DataError,
@@ -29,8 +29,8 @@ from pretraining.data import (
     shuffle_buffer_order,
     split_rows,
 )
-from pretraining.instances import instance_representation
-from pretraining.masking import MaskingConfig
+from pretraining.models.instances import instance_representation
+from pretraining.models.masking import MaskingConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread beats two here
 

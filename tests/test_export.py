@@ -14,11 +14,11 @@ from skimage import data as skdata
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from dataset_card.synthetic import write_synthetic_dataset
-from pretraining.config import apply_overrides
 from pretraining.export import export_timm, load_run_model, main
-from pretraining.models import create_model
-from pretraining.recipes import tiny
+from pretraining.models.factory import create_model
 from pretraining.train import train
+from pretraining.training.config import apply_overrides
+from pretraining.training.recipes import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread beats two here
 

@@ -14,9 +14,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transf
 from timm.models import save_for_hf
 
 from dataset_card.synthetic import write_synthetic_dataset
-from pretraining import finetune
-from pretraining.evaluate import UserError, load_timm_model, main
-from pretraining.vitdet import ConversionError, save_vitdet_checkpoint, timm_to_vitdet
+from pretraining.evaluation import finetune
+from pretraining.evaluation.cli import UserError, load_timm_model, main
+from pretraining.evaluation.vitdet import ConversionError, save_vitdet_checkpoint, timm_to_vitdet
 
 ARGS = dict(depth=2, embed_dim=32, num_heads=2)
 

@@ -15,9 +15,9 @@ import torch
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 
-from labeling.instance_labeler import InstanceLabeler, InstanceLabelerConfig
-from labeling.mask_postprocess import axis_taps, upsample_windows, window_rle, windows_above
-from labeling.tiny_models import build_tiny_sam_random
+from labeling.labelers.instance import InstanceLabeler, InstanceLabelerConfig
+from labeling.labelers.mask_postprocess import axis_taps, upsample_windows, window_rle, windows_above
+from labeling.labelers.tiny_models import build_tiny_sam_random
 
 # Chosen so that the stock generator keeps >= 20 masks per image with the tiny twin (asserted), while
 # both the IoU and the stability filter still reject candidates.
@@ -197,10 +197,10 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys, tempfile
     import numpy as np, torch
     torch.set_num_threads(1)
-    from labeling.tiny_models import build_tiny_random_models
-    from labeling.checkpoints import load_sam
-    from labeling.instance_labeler import InstanceLabeler, InstanceLabelerConfig
-    from labeling.semantic_labeler import SemanticLabeler
+    from labeling.labelers.tiny_models import build_tiny_random_models
+    from labeling.labelers.checkpoints import load_sam
+    from labeling.labelers.instance import InstanceLabeler, InstanceLabelerConfig
+    from labeling.labelers.semantic import SemanticLabeler
     tiny = build_tiny_random_models(tempfile.mkdtemp())
     side = 8000
     y, x = np.mgrid[0:side:8, 0:side:8]  # a smooth picture, built small and enlarged

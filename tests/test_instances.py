@@ -1,6 +1,6 @@
 import torch
 
-from pretraining.instances import instance_representation
+from pretraining.models.instances import instance_representation
 
 
 def _two_squares() -> torch.Tensor:

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from labeling import failures
-from labeling.inputs import InputError, detect_format, list_image_folder, list_inputs, read_file_list
+from labeling.inputs.folder import list_image_folder, read_file_list
+from labeling.inputs.input_list import InputError
+from labeling.inputs.kinds import detect_format, list_inputs
+from labeling.pipeline import failures
 
 
 def png_bytes(value: int, size=(5, 4)) -> bytes:

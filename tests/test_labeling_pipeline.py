@@ -16,8 +16,8 @@ from PIL import Image
 
 from dataset_card import codecs, layout
 from dataset_card.schema import validate_features
-from labeling import failures, manifest
-from labeling.pipeline import LabelingConfig, run_labeling
+from labeling.pipeline import failures, manifest
+from labeling.pipeline.driver import LabelingConfig, run_labeling
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

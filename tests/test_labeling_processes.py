@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from test_labeling_pipeline import assert_exactly_once, check_rows, encode
 
-from labeling.pipeline import run_labeling
+from labeling.pipeline.driver import run_labeling
 from labeling.run import config_from_args, parser
 
 pytestmark = [pytest.mark.slow]
@@ -156,11 +156,11 @@ def test_ray_job_submit_against_a_private_head(tmp_path):
 LABEL_ONE_IMAGE = """
 import json, resource, sys
 import pyarrow as pa
-from labeling.inputs import FolderSource
-from labeling.pipeline import LabelingConfig, model_choice, model_max_side
-from labeling.postprocess import PostprocessConfig, postprocess_stage, staged_schema
-from labeling.predictors import InstancePredictor, SemanticPredictor
-from labeling.preprocess import WORK_SCHEMA, read_stage
+from labeling.inputs.folder import FolderSource
+from labeling.pipeline.driver import LabelingConfig, model_choice, model_max_side
+from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema
+from labeling.pipeline.predictors import InstancePredictor, SemanticPredictor
+from labeling.pipeline.preprocess import WORK_SCHEMA, read_stage
 
 folder, name = sys.argv[1], sys.argv[2]
 cfg = LabelingConfig(input=folder, output="unused", models="tiny-random")

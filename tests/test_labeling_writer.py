@@ -15,9 +15,9 @@ from PIL import Image
 from dataset_card import codecs, layout, shards
 from dataset_card.schema import arrow_schema
 from dataset_card.synthetic import SEMANTIC_CLASSES
-from labeling import failures, manifest, writer
-from labeling.postprocess import PostprocessConfig, postprocess_stage, staged_schema, upsample_masks
-from labeling.preprocess import decode, model_size
+from labeling.pipeline import failures, manifest, writer
+from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema, upsample_masks
+from labeling.pipeline.preprocess import decode, model_size
 
 CLASS_NAMES = ("class_a", "class_b")
 SEMANTIC_NAMES = [c.name for c in SEMANTIC_CLASSES]
@@ -194,7 +194,7 @@ def test_manifest_resume_rules(tmp_path):
 
 
 def test_instance_count_check_warns_once_when_real_models_find_almost_nothing(capsys):
-    from labeling.summary import InstanceCountCheck
+    from labeling.pipeline.summary import InstanceCountCheck
 
     check = InstanceCountCheck(enabled=True, min_images=10)
     assert check.add(writer.ShardResult(0, rows=6, instances=3)) is None  # too early to judge
@@ -207,7 +207,7 @@ def test_instance_count_check_warns_once_when_real_models_find_almost_nothing(ca
 
 
 def test_resource_layout_fits_the_cluster_or_says_what_to_change():
-    from labeling.cluster import ClusterError, plan_layout
+    from labeling.pipeline.cluster import ClusterError, plan_layout
 
     eight = plan_layout(cpus=64, gpus=8)
     assert (eight.gpus_per_actor, eight.instance_actors, eight.semantic_actors) == (1.0, 6, 2)
@@ -223,7 +223,7 @@ def test_resource_layout_fits_the_cluster_or_says_what_to_change():
 
 
 def test_node_local_paths_are_refused_on_a_multi_node_cluster(tmp_path, monkeypatch):
-    from labeling import cluster
+    from labeling.pipeline import cluster
 
     nodes = [{"NodeID": "a", "NodeManagerAddress": "10.0.0.1"}, {"NodeID": "b", "NodeManagerAddress": "10.0.0.2"}]
     monkeypatch.setattr(cluster, "alive_nodes", lambda: nodes)
@@ -243,8 +243,8 @@ def test_node_local_paths_are_refused_on_a_multi_node_cluster(tmp_path, monkeypa
 
 
 def test_a_failing_batch_is_retried_image_by_image_and_failures_become_rows():
-    from labeling.predictors import INSTANCE_SCHEMA, InstancePredictor, run_each
-    from labeling.preprocess import DECODED_SCHEMA
+    from labeling.pipeline.predictors import INSTANCE_SCHEMA, InstancePredictor, run_each
+    from labeling.pipeline.preprocess import DECODED_SCHEMA
 
     def labeler(images):
         if any(image.shape[0] == 13 for image in images):  # one poisonous size

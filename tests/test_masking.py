@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretraining.masking import (
+from pretraining.models.masking import (
     INSTANCE,
     RANDOM,
     SEMANTIC,

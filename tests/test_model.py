@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from skimage import data, measure
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from pretraining.decoders import CascadedDecoder, ParallelDecoder
-from pretraining.instances import instance_representation
-from pretraining.masking import RANDOM, SEMANTIC
-from pretraining.models import MODELS, create_model
+from pretraining.models.decoders import CascadedDecoder, ParallelDecoder
+from pretraining.models.factory import MODELS, create_model
+from pretraining.models.instances import instance_representation
+from pretraining.models.masking import RANDOM, SEMANTIC
 
 NUM_CLASSES = 6
 SMALL = dict(img_size=64, depth=2, decoder_depth=1)  # 4x4 tokens per modality: fast tests

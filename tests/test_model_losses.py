@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pretraining.instances import instance_representation
-from pretraining.losses import instance_loss, patchify, rgb_loss, semantic_loss, unpatchify
+from pretraining.models.instances import instance_representation
+from pretraining.models.losses import instance_loss, patchify, rgb_loss, semantic_loss, unpatchify
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread beats two here
 

@@ -13,9 +13,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import save_for_hf
 
 from dataset_card.synthetic import write_colour_task, write_synthetic_dataset
-from pretraining import probe
-from pretraining.eval_data import EvalDataError, hash_split, load_eval_data, probe_loaders
-from pretraining.evaluate import main
+from pretraining.evaluation import probe
+from pretraining.evaluation.cli import main
+from pretraining.evaluation.folders import EvalDataError, hash_split, load_eval_data, probe_loaders
 
 
 def blobs(n_per_class: int, num_classes: int, dim: int, spread: float, noise_seed: int):

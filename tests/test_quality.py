@@ -10,8 +10,8 @@ from PIL import Image
 from dataset_card import codecs, layout, shards
 from dataset_card.schema import build_features, rows_to_table
 from dataset_card.synthetic import synthetic_row
-from labeling import evaluate, quality
-from labeling import ground_truth as gt_io
+from labeling.quality import ground_truth as gt_io
+from labeling.quality import metrics, report
 
 OURS = (layout.SemanticClass(0, "wall-other-merged", False), layout.SemanticClass(1, "person", True),
         layout.SemanticClass(2, "car", True))
@@ -71,28 +71,28 @@ def ground_truth(tmp_path):
 def test_perfect_prediction_scores_one(tmp_path, ground_truth):
     instances, panoptic = ground_truth
     pred = _write_pred(tmp_path / "pred", [PERSON, CAR], _semantic(PERSON, CAR))
-    report = evaluate.evaluate(str(pred), str(instances), panoptic)
-    assert report["instances"]["AR@100"] == pytest.approx(1.0)
-    assert report["instances"]["AR@1"] == pytest.approx(0.5)  # one detection cannot recall two objects
-    assert report["semantic"]["mIoU"] == pytest.approx(1.0)
-    assert report["alignment"]["accuracy"] == pytest.approx(1.0)
-    assert report["images_scored"] == 1
+    scores = report.evaluate(str(pred), str(instances), panoptic)
+    assert scores["instances"]["AR@100"] == pytest.approx(1.0)
+    assert scores["instances"]["AR@1"] == pytest.approx(0.5)  # one detection cannot recall two objects
+    assert scores["semantic"]["mIoU"] == pytest.approx(1.0)
+    assert scores["alignment"]["accuracy"] == pytest.approx(1.0)
+    assert scores["images_scored"] == 1
 
 
 def test_missing_and_shifted_masks_lower_scores_by_the_expected_amount(tmp_path, ground_truth):
     instances, panoptic = ground_truth
     missing = _write_pred(tmp_path / "missing", [CAR], _semantic(PERSON, CAR))
-    assert evaluate.evaluate(str(missing), str(instances))["instances"]["AR@100"] == pytest.approx(0.5)
+    assert report.evaluate(str(missing), str(instances))["instances"]["AR@100"] == pytest.approx(0.5)
 
     shifted_person = np.roll(PERSON, 2, axis=1)  # IoU 80 / 120 = 0.667: recalled at 4 of 10 thresholds
     shifted = _write_pred(tmp_path / "shifted", [shifted_person, CAR], _semantic(shifted_person, CAR))
-    report = evaluate.evaluate(str(shifted), str(instances), panoptic)
-    assert report["instances"]["AR@100"] == pytest.approx((1.0 + 0.4) / 2)
+    scores = report.evaluate(str(shifted), str(instances), panoptic)
+    assert scores["instances"]["AR@100"] == pytest.approx((1.0 + 0.4) / 2)
     # semantic: the person keeps 80 of its 100 px and takes 20 of the wall's; the wall takes 20 back
     wall = H * W - PERSON.sum() - CAR.sum()
     wall_iou = (wall - 20) / (wall + 20)
-    assert report["semantic"]["mIoU"] == pytest.approx((80 / 120 + 1.0 + wall_iou) / 3)
-    assert report["semantic"]["per_class_iou"]["person"] == pytest.approx(80 / 120)
+    assert scores["semantic"]["mIoU"] == pytest.approx((80 / 120 + 1.0 + wall_iou) / 3)
+    assert scores["semantic"]["per_class_iou"]["person"] == pytest.approx(80 / 120)
 
 
 def test_wrong_category_breaks_alignment(tmp_path, ground_truth):
@@ -100,14 +100,14 @@ def test_wrong_category_breaks_alignment(tmp_path, ground_truth):
     sem = _semantic(PERSON, CAR)
     sem[PERSON] = 2  # the person's pixels are labeled car: its instance gets category car
     pred = _write_pred(tmp_path / "pred", [PERSON, CAR], sem)
-    assert evaluate.evaluate(str(pred), str(instances))["alignment"]["accuracy"] == pytest.approx(0.5)
+    assert report.evaluate(str(pred), str(instances))["alignment"]["accuracy"] == pytest.approx(0.5)
 
 
 def test_confusion_matrix_by_hand():
     gt = np.array([[0, 0, 1], [1, 255, 2]])
     pred = np.array([[0, 1, 1], [1, 0, 7]])  # 7 is outside the taxonomy: always wrong
-    cm = quality.confusion_matrix(gt, pred, 3, ignore_value=255)
-    scores = quality.semantic_scores(cm)
+    cm = metrics.confusion_matrix(gt, pred, 3, ignore_value=255)
+    scores = metrics.semantic_scores(cm)
     # class 0: tp 1, gt 2, pred 1 -> 1/2; class 1: tp 2, gt 2, pred 3 -> 2/3; class 2: tp 0, gt 1 -> 0
     assert scores.per_class_iou == pytest.approx({0: 0.5, 1: 2 / 3, 2: 0.0})
     assert scores.miou == pytest.approx((0.5 + 2 / 3 + 0) / 3)
@@ -131,14 +131,14 @@ def test_file_name_mismatch_is_reported(tmp_path, ground_truth):
     instances.write_text(json.dumps(data))
     pred = _write_pred(tmp_path / "pred", [PERSON, CAR], _semantic(PERSON, CAR))
     with pytest.raises(gt_io.GroundTruthError, match="no labeled image matches a ground-truth file name"):
-        evaluate.evaluate(str(pred), str(instances))
+        report.evaluate(str(pred), str(instances))
 
 
 def test_cli_writes_quality_json_and_prints_table(tmp_path, ground_truth, capsys):
     instances, _ = ground_truth
     pred = _write_pred(tmp_path / "pred", [PERSON, CAR], _semantic(PERSON, CAR))
-    assert evaluate.main(["--pred", str(pred), "--gt", str(instances)]) == 0
+    assert report.main(["--pred", str(pred), "--gt", str(instances)]) == 0
     assert "instances AR@100" in capsys.readouterr().out
     assert json.loads((pred / "quality.json").read_text())["instances"]["AR@100"] == pytest.approx(1.0)
-    assert evaluate.main(["--pred", str(tmp_path / "nowhere"), "--gt", str(instances)]) == 2
+    assert report.main(["--pred", str(tmp_path / "nowhere"), "--gt", str(instances)]) == 2
     assert "error:" in capsys.readouterr().err

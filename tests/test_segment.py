@@ -14,10 +14,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import save_for_hf
 
 from dataset_card.synthetic import write_synthetic_dataset
-from pretraining import segment
-from pretraining.eval_data import EvalDataError, class_ids, load_eval_data
-from pretraining.evaluate import main
-from pretraining.segment import (
+from pretraining.evaluation import segment
+from pretraining.evaluation.cli import main
+from pretraining.evaluation.folders import EvalDataError, class_ids, load_eval_data
+from pretraining.evaluation.segment import (
     SegmentationProbe,
     class_iou,
     confusion_matrix,

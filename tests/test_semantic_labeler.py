@@ -11,13 +11,13 @@ import torch
 from transformers import Mask2FormerConfig
 from transformers.models.mask2former.image_processing_mask2former import Mask2FormerImageProcessor
 
-from labeling.semantic_labeler import (
+from labeling.labelers.semantic import (
     SemanticLabeler,
     SemanticLabelerConfig,
     class_taxonomy,
     universal_class_map,
 )
-from labeling.tiny_models import TINY_CLASSES, TINY_THING_IDS, build_tiny_random_models
+from labeling.labelers.tiny_models import TINY_CLASSES, TINY_THING_IDS, build_tiny_random_models
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +124,12 @@ _IMPORT_SCRIPT = textwrap.dedent("""
     sys.modules["ray"] = None  # importing either now raises ImportError, as on a box without them
     sys.modules["datasets"] = None
     import numpy as np
-    import labeling.checkpoints, labeling.instance_labeler, labeling.semantic_labeler, labeling.tiny_models
+    import labeling.labelers.checkpoints, labeling.labelers.instance, labeling.labelers.semantic, labeling.labelers.tiny_models
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench", "benchmarks/instance_labeler.py")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    from labeling.semantic_labeler import SemanticLabeler
-    tiny = labeling.tiny_models.build_tiny_random_models(tempfile.mkdtemp())
+    from labeling.labelers.semantic import SemanticLabeler
+    tiny = labeling.labelers.tiny_models.build_tiny_random_models(tempfile.mkdtemp())
     labeler = SemanticLabeler(tiny.semantic_model)
     print(labeler.classes[0], labeler.ignore_value, labeler([np.zeros((32, 48, 3), np.uint8)])[0].shape)
 """)

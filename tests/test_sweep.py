@@ -8,7 +8,7 @@ from PIL import Image
 
 from dataset_card import codecs
 from dataset_card.synthetic import shapes_image
-from labeling import sweep
+from labeling.quality import sweep
 
 
 def test_parse_setting_and_errors():

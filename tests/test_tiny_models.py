@@ -8,8 +8,8 @@ import pytest
 import torch
 from segment_anything import SamAutomaticMaskGenerator
 
-from labeling.checkpoints import load_sam
-from labeling.tiny_models import (
+from labeling.labelers.checkpoints import load_sam
+from labeling.labelers.tiny_models import (
     TINY_CLASSES,
     TINY_SAM_TYPE,
     TINY_THING_IDS,

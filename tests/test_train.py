@@ -17,9 +17,14 @@ import pytest
 import torch
 
 from dataset_card.synthetic import write_synthetic_dataset
-from pretraining import checkpoint as ckpt
-from pretraining.adapters import downsample_labels
-from pretraining.config import (
+from pretraining.data.loader import PretrainingLoader, SampleSpec, open_labeled_dataset
+from pretraining.export import load_run_model
+from pretraining.models.adapters import downsample_labels
+from pretraining.models.factory import MODELS
+from pretraining.models.losses import patchify
+from pretraining.train import RunError, learning_rate, main, train
+from pretraining.training import checkpoint as ckpt
+from pretraining.training.config import (
     ConfigError,
     TrainConfig,
     apply_overrides,
@@ -27,12 +32,7 @@ from pretraining.config import (
     from_dict,
     to_dict,
 )
-from pretraining.data import PretrainingLoader, SampleSpec, open_labeled_dataset
-from pretraining.export import load_run_model
-from pretraining.losses import patchify
-from pretraining.models import MODELS
-from pretraining.recipes import RECIPES, get_recipe, tiny
-from pretraining.train import RunError, learning_rate, main, train
+from pretraining.training.recipes import RECIPES, get_recipe, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny run: 64 rows / batch 8 = 8 optimizer steps per epoch, 16 in all; checkpoints at 3, 6, ..., 15, 16.

@@ -1,0 +1,171 @@
+"""`--models`: which instance and semantic models label, how they are loaded, and how the manifest names them.
+
+- "default": SAM vit_h (the official checkpoint by name, or `--sam-checkpoint PATH`) and
+  "facebook/mask2former-swin-large-coco-panoptic" (a hub id or a local folder).
+- "tiny-random": small randomly initialised twins (`labeling.labelers.tiny_models`), saved to a temporary
+  folder and loaded back by path through the same loading code real checkpoints use. Their labels
+  are meaningless; they exist for offline smoke runs, tests and benchmarks.
+
+A `ModelChoice` is small and picklable: Ray sends it to every model actor, which builds its
+labeler from it once (`instance_labeler` / `semantic_labeler`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+from dataset_card.layout import SemanticClass
+
+DEFAULT_SAM_TYPE = "vit_h"
+DEFAULT_SEMANTIC_MODEL = "facebook/mask2former-swin-large-coco-panoptic"
+PRESETS = ("default", "tiny-random")
+TINY_RANDOM_WARNING = (
+    "--models tiny-random: randomly initialised tiny models; the labels are MEANINGLESS "
+    "(for offline smoke runs and tests only)")
+
+
+_TINY_BUILT: dict = {}  # seed -> TinyModels built in this process
+
+
+class ModelLoadError(RuntimeError):
+    """A model or checkpoint cannot be found or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    preset: str = "default"
+    sam_type: str = DEFAULT_SAM_TYPE
+    sam_checkpoint: str | None = None  # None: the official file for `sam_type`, downloaded once
+    semantic_model: str = DEFAULT_SEMANTIC_MODEL  # hub id or local folder
+    instance_params: dict = field(default_factory=dict)  # InstanceLabelerConfig overrides
+    semantic_params: dict = field(default_factory=dict)  # SemanticLabelerConfig overrides
+    seed: int = 0  # tiny-random only
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ModelLoadError(f"unknown --models {self.preset!r}; use one of {', '.join(PRESETS)}")
+
+    def materialize(self) -> ModelChoice:
+        """For tiny-random: build the twins in a temporary folder (removed at exit) and point at them."""
+        if self.preset != "tiny-random" or self.sam_checkpoint:
+            return self
+        if self.seed not in _TINY_BUILT:  # once per process (and seed)
+            import transformers
+
+            from labeling.labelers.tiny_models import build_tiny_random_models
+
+            transformers.utils.logging.disable_progress_bar()
+
+            folder = tempfile.mkdtemp(prefix="tiny-random-models-")
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            _TINY_BUILT[self.seed] = build_tiny_random_models(folder, seed=self.seed)
+        tiny = _TINY_BUILT[self.seed]
+        return dataclasses.replace(self, sam_type=tiny.sam_model_type, sam_checkpoint=tiny.sam_checkpoint,
+                                   semantic_model=tiny.semantic_model)
+
+    def instance_config(self):
+        from labeling.labelers.instance import InstanceLabelerConfig
+
+        return InstanceLabelerConfig(**self.instance_params)
+
+    def semantic_config(self):
+        from labeling.labelers.semantic import SemanticLabelerConfig
+
+        return SemanticLabelerConfig(**self.semantic_params)
+
+    def instance_labeler(self, device: str):
+        """The loaded instance labeler (call on the actor that runs it)."""
+        from labeling.labelers.checkpoints import CheckpointError, load_sam
+        from labeling.labelers.instance import InstanceLabeler
+
+        choice = self.materialize()
+        try:
+            sam = load_sam(choice.sam_type, choice.sam_checkpoint)
+        except CheckpointError as err:
+            raise ModelLoadError(str(err)) from err
+        return InstanceLabeler(sam, self.instance_config(), device)
+
+    def semantic_labeler(self, device: str):
+        from labeling.labelers.semantic import SemanticLabeler
+
+        choice = self.materialize()
+        try:
+            return SemanticLabeler(choice.semantic_model, self.semantic_config(), device)
+        except RuntimeError as err:
+            raise ModelLoadError(str(err)) from err
+
+    def semantic_classes(self) -> tuple[SemanticClass, ...]:
+        """The semantic taxonomy, from the model's config alone (no weights are loaded)."""
+        from transformers import AutoConfig
+
+        from labeling.labelers.semantic import class_taxonomy
+
+        choice = self.materialize()
+        try:
+            config = AutoConfig.from_pretrained(choice.semantic_model)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(
+                f"Could not load the semantic model {choice.semantic_model!r} ({type(err).__name__}); pass a "
+                "local folder with config.json, weights and preprocessor_config.json as --semantic-model, "
+                "or a hub id while online.") from err
+        return class_taxonomy(config)
+
+    def describe(self) -> dict:
+        """manifest.json's "models": names, checkpoints, content hashes and labeler parameters.
+
+        Resolves (and, for named SAM checkpoints while online, downloads) the weights, so a missing
+        checkpoint fails here, before any work starts.
+        """
+        from labeling.labelers.checkpoints import (
+            OFFICIAL_CHECKPOINTS,
+            CheckpointError,
+            file_sha256,
+            official_checkpoint,
+        )
+
+        choice = self.materialize()
+        tiny = self.preset == "tiny-random"
+        if choice.sam_checkpoint is None:
+            try:
+                checkpoint = official_checkpoint(choice.sam_type)
+            except CheckpointError as err:
+                raise ModelLoadError(str(err)) from err
+            sam_sha = OFFICIAL_CHECKPOINTS[choice.sam_type][1]  # verified when it was downloaded
+        else:
+            if not os.path.isfile(choice.sam_checkpoint):
+                raise ModelLoadError(f"SAM checkpoint {choice.sam_checkpoint} does not exist; check --sam-checkpoint")
+            checkpoint, sam_sha = choice.sam_checkpoint, file_sha256(choice.sam_checkpoint)
+        semantic_sha = _folder_sha256(choice.semantic_model) if os.path.isdir(choice.semantic_model) else None
+        return {
+            "instance": {
+                "name": f"sam_{choice.sam_type}" + (f" (tiny-random, seed {self.seed})" if tiny else ""),
+                "checkpoint": "tiny-random" if tiny else checkpoint,
+                "sha256": sam_sha,
+                "params": dataclasses.asdict(self.instance_config()),
+            },
+            "semantic": {
+                "name": "tiny-random mask2former" if tiny else choice.semantic_model,
+                "checkpoint": "tiny-random" if tiny else choice.semantic_model,
+                "sha256": semantic_sha,
+                "params": dataclasses.asdict(self.semantic_config()),
+            },
+        }
+
+
+def _folder_sha256(folder: str) -> str:
+    """sha256 over a local model folder's files (names and contents), e.g. config + safetensors."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not name.startswith("."):
+            digest.update(name.encode() + b"\n")
+            with open(path, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,135 @@
+"""The Ray cluster a run uses: join one (a Ray job, `--address`, `RAY_ADDRESS`) or start a local one,
+and refuse paths that only one node of a multi-node cluster can see.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+
+import ray
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot run this job as asked; the message says what to change."""
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None) -> str:
+    """Join the cluster at `address` or $RAY_ADDRESS (set for Ray jobs), else start Ray on this machine.
+
+    A plain `ray.init()` would also join the last cluster `ray start` made on this machine; a run
+    without an address starts its own instead. Returns "joined", "local" or "existing".
+    """
+    if ray.is_initialized():
+        return "existing"
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return "joined"
+    pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})  # workers import this checkout
+    return "local"
+
+
+def alive_nodes() -> list[dict]:
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+@ray.remote(num_cpus=0)
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def nodes_see(nodes: list[dict], path: str) -> list[bool]:
+    """Whether each node finds `path` on its own filesystem (one tiny task pinned to each)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return ray.get([_exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                    .remote(path) for n in nodes])
+
+
+def check_shared(path: str, flag: str, probe_write: bool) -> None:
+    """Raise ClusterError unless every alive node sees the local `path` (URLs are always shared).
+
+    probe_write: create a probe file under `path` first (for outputs), and look for it on every node.
+    """
+    nodes = alive_nodes()
+    if is_url(path) or len(nodes) < 2:
+        return
+    target = os.path.abspath(path.removeprefix("file://"))
+    probe = posixpath.join(target, f".probe-{uuid.uuid4().hex}") if probe_write else target
+    if probe_write:
+        os.makedirs(target, exist_ok=True)
+        open(probe, "w").close()
+    try:
+        blind = [n.get("NodeManagerAddress", n["NodeID"]) for n, seen in zip(nodes, nodes_see(nodes, probe))
+                 if not seen]
+    finally:
+        if probe_write:
+            os.remove(probe)
+    if blind:
+        raise ClusterError(
+            f"{flag} {path} is local to this node: nodes {', '.join(blind)} of this {len(nodes)}-node cluster cannot "
+            "see it. Use a filesystem every node mounts at the same path, or a URL such as s3://bucket/prefix.")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the model actors and CPU tasks of a run use the cluster."""
+
+    gpus_per_actor: float
+    instance_actors: int
+    semantic_actors: int
+    actor_cpus: float  # CPUs Ray reserves per model actor
+    task_cpus: float  # CPUs per read / post-process task
+    threads: int  # torch threads per model actor
+
+
+def plan_layout(cpus: float, gpus: float, gpus_per_actor: float | None = None, instance_actors: int | None = None,
+                semantic_actors: int | None = None, actor_cpus: float | None = None,
+                task_cpus: float | None = None) -> Layout:
+    """Actor counts and resources for a cluster of `cpus` CPUs and `gpus` GPUs; given values win.
+
+    GPUs: one model actor per GPU (two per GPU, half each, on a one-GPU machine), a quarter of
+    them semantic (SAM's automatic masks cost several times the semantic model). CPUs only: one
+    single-threaded SAM actor per CPU and one semantic actor per four, each reserving half a CPU
+    (the semantic actors idle most of the time), so CPU tasks always find room.
+    Raises ClusterError when the actors cannot all start.
+    """
+    if gpus > 0 or (gpus_per_actor or 0) > 0:
+        per_actor = gpus_per_actor if gpus_per_actor is not None else (1.0 if gpus >= 2 else 0.5)
+        slots = int(gpus / per_actor + 1e-9) if per_actor > 0 else 0
+        semantic = semantic_actors or max(1, slots // 4)
+        instance = instance_actors or max(1, slots - semantic)
+        actor = actor_cpus if actor_cpus is not None else 1.0
+        task = task_cpus if task_cpus is not None else 1.0
+        if per_actor > 0 and (instance + semantic) * per_actor > gpus + 1e-9:
+            raise ClusterError(
+                f"{instance} SAM and {semantic} semantic actors at {per_actor} GPU each need "
+                f"{(instance + semantic) * per_actor:g} GPUs but the cluster has {gpus:g}: lower --gpus-per-actor "
+                "(e.g. 0.5 puts both models on one GPU) or the actor counts")
+    else:
+        per_actor = 0.0
+        semantic = semantic_actors or max(1, int(cpus) // 4)
+        instance = instance_actors or max(1, int(cpus))
+        actor = actor_cpus if actor_cpus is not None else 0.5
+        task = task_cpus if task_cpus is not None else 0.25
+    if (instance + semantic) * actor + task > cpus + 1e-9:
+        raise ClusterError(
+            f"{instance} SAM and {semantic} semantic actors at {actor:g} CPU each leave no room for a "
+            f"{task:g}-CPU task on a cluster of {cpus:g} CPUs: lower --actor-cpus, --task-cpus or the actor counts")
+    return Layout(per_actor, instance, semantic, actor, task, max(1, int(actor)))
+
+
+def current_layout(**overrides) -> Layout:
+    resources = ray.cluster_resources()
+    return plan_layout(float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0)), **overrides)

@@ -1,0 +1,118 @@
+"""The run summary: stats.json (counts over the whole output folder, speed of this run), the closing
+line printed to the user, and the loud warning when real models find almost no instances.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import sys
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow.fs as pafs
+
+from dataset_card import layout, shards
+from labeling.pipeline.writer import ShardResult
+
+# With real models ImageNet images have tens of instances; under one on average means a wrong
+# checkpoint or thresholds. Judged once this many images are committed (or the run ends).
+LOW_INSTANCE_MIN_IMAGES = 200
+LOW_INSTANCE_MEAN = 1.0
+
+
+def folder_stats(fs: pafs.FileSystem, root: str, committed: Iterable[int], num_shards: int) -> layout.ShardStats:
+    """Per-shard statistics of the committed shards, summed (no mask is decoded)."""
+    def read(shard: int) -> layout.ShardStats:
+        path = posixpath.join(root, layout.stats_path(shard, num_shards))
+        return layout.ShardStats.from_json(shards.read_bytes(fs, path).decode())
+
+    total = layout.ShardStats(shard=-1)
+    with ThreadPoolExecutor(16) as pool:  # thousands of small files on an object store
+        for stats in pool.map(read, sorted(committed)):
+            total = total.merge(stats)
+    return total
+
+
+def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[ShardResult], wall_time_s: float,
+              commit_time_s: float, gpus_per_actor: float, previous: Mapping | None = None,
+              startup_s: float = 0.0) -> dict:
+    """stats.json: totals over the folder; wall time, images/s and stage times of this run.
+
+    startup_s: the part of the wall time before the first image was read (listing, model checks,
+    starting Ray and the model actors); `labeling_s` is the rest.
+    """
+    results = list(results)
+    processed = sum(r.rows + sum(r.errors_by_type.values()) for r in results)
+    stage: dict[str, float] = {}
+    for r in results:
+        for name, seconds in r.stage_time_s.items():
+            stage[name] = stage.get(name, 0.0) + seconds
+    stage["commit"] = commit_time_s
+    model_s = stage.get("instance", 0.0) + stage.get("semantic", 0.0)
+    runs = list((previous or {}).get("previous_runs", []))
+    if previous:
+        runs.append({k: previous.get(k) for k in ("processed", "wall_time_s", "startup_s", "images_per_s",
+                                                  "gpu_hours")})
+    return {
+        "inputs": num_inputs,
+        "written": total.rows,
+        "failed": total.errors,
+        "failed_by_type": dict(sorted(total.errors_by_type.items())),
+        "instances": total.instances,
+        "processed": processed,
+        "wall_time_s": round(wall_time_s, 3),
+        "startup_s": round(startup_s, 3),
+        "labeling_s": round(wall_time_s - startup_s, 3),
+        "images_per_s": round(processed / wall_time_s, 3) if wall_time_s > 0 else 0.0,
+        "stage_time_s": {k: round(v, 3) for k, v in stage.items()},
+        "gpu_hours": round(model_s * gpus_per_actor / 3600.0, 6),
+        "previous_runs": runs,
+    }
+
+
+def read_previous(fs: pafs.FileSystem, root: str) -> dict | None:
+    path = posixpath.join(root, layout.RUN_STATS_FILE)
+    return json.loads(shards.read_bytes(fs, path).decode()) if shards.exists(fs, path) else None
+
+
+def write(fs: pafs.FileSystem, root: str, stats: Mapping) -> None:
+    shards.write_bytes(fs, posixpath.join(root, layout.RUN_STATS_FILE), json.dumps(stats, indent=2).encode())
+
+
+def closing_line(stats: Mapping) -> str:
+    """"labeled W of N inputs, F failed (too_large 2, undecodable 1) in 12.3 s (4.1 images/s this run)"."""
+    reasons = ", ".join(f"{k} {v}" for k, v in stats["failed_by_type"].items())
+    failed = f"{stats['failed']} failed" + (f" ({reasons})" if reasons else "")
+    return (f"labeled {stats['written']} of {stats['inputs']} inputs, {failed}; this run processed "
+            f"{stats['processed']} in {stats['wall_time_s']:.1f} s ({stats['images_per_s']:.2f} images/s)")
+
+
+class InstanceCountCheck:
+    """Warns once, loudly, if the first committed images average under one instance per image."""
+
+    def __init__(self, enabled: bool, min_images: int = LOW_INSTANCE_MIN_IMAGES):
+        self.enabled, self.min_images = enabled, min_images
+        self.rows = self.instances = 0
+        self.done = False
+
+    def add(self, result: ShardResult, final: bool = False) -> str | None:
+        if self.done or not self.enabled:
+            return None
+        self.rows += result.rows
+        self.instances += result.instances
+        return self.judge(final)
+
+    def judge(self, final: bool = False) -> str | None:
+        if self.done or not self.enabled or self.rows == 0 or (self.rows < self.min_images and not final):
+            return None
+        self.done = True
+        mean = self.instances / self.rows
+        if mean >= LOW_INSTANCE_MEAN:
+            return None
+        message = (f"WARNING: the first {self.rows} labeled images average {mean:.2f} instances per image (fewer "
+                   "than one): the SAM checkpoint or the thresholds (--pred-iou-thresh, --stability-score-thresh, "
+                   "--min-instance-area) are probably wrong. Stop the run and check them.")
+        bar = "!" * 100
+        print(f"\n{bar}\n{message}\n{bar}\n", file=sys.stderr, flush=True)
+        return message

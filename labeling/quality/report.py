@@ -1,0 +1,166 @@
+"""Score a labeled folder against human ground truth, before spending GPU-hours on ImageNet.
+
+  python -m labeling.evaluate --pred OUTPUT --gt instances_val2017.json \\
+      --gt-panoptic-json panoptic_val2017.json --gt-semantic panoptic_val2017/
+
+Instances: class-agnostic COCOeval (AR@1/10/100, by size, AP). Semantic: mIoU, pixel accuracy,
+per-class IoU (our taxonomy mapped to the ground truth's by name, or by --class-map). Alignment:
+the share of ground-truth objects whose best-matching instance carries the right class.
+Prints a table and writes OUTPUT/quality.json, which the dataset card shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from dataset_card import codecs, layout
+from labeling.quality import ground_truth as gt_io
+from labeling.quality import metrics
+
+QUALITY_FILE = "quality.json"
+
+
+def _dense_lookup(mapping: dict[int, int], size: int, fill: int) -> np.ndarray:
+    lookup = np.full(size, fill, np.int64)
+    for k, v in mapping.items():
+        if 0 <= k < size:
+            lookup[k] = v
+    return lookup
+
+
+def evaluate(pred_root: str, gt_instances: str | None = None, semantic_gt: gt_io.SemanticGroundTruth | None = None,
+             class_map: dict[int, int] | None = None, limit: int | None = None) -> dict:
+    """All the scores the given ground truth allows, as the dict written to quality.json."""
+    if gt_instances is None and semantic_gt is None:
+        raise gt_io.GroundTruthError("give instance ground truth (--gt) and/or semantic ground truth (--gt-semantic)")
+    metadata = layout.DatasetMetadata.from_json(Path(pred_root, layout.METADATA_FILE).read_text())
+    pred_classes = {c.id: c.name for c in metadata.semantic_classes}
+    coco = gt_io.load_coco(gt_instances) if gt_instances else None
+    coco_ids = gt_io.coco_ids_by_file_name(coco) if coco else {}
+    coco_map = (gt_io.taxonomy_mapping(pred_classes, {c["id"]: c["name"] for c in coco.cats.values()}, class_map)
+                if coco else {})
+
+    if semantic_gt is not None:
+        sem_map = gt_io.taxonomy_mapping(pred_classes, semantic_gt.classes, class_map)
+        gt_order = sorted(semantic_gt.classes)
+        dense = {g: i for i, g in enumerate(gt_order)}
+        # our id -> dense ground-truth index; unmapped ids become -1 (always wrong)
+        pred_lookup = _dense_lookup({k: dense[v] for k, v in sem_map.items() if v in dense}, 1 << 16, -1)
+        gt_lookup = {g: i for i, g in enumerate(gt_order)}
+        cm = np.zeros((len(gt_order), len(gt_order) + 1), np.int64)
+
+    predictions, hits, objects, scored, unmatched = {}, 0, 0, 0, 0
+    rows = gt_io.labeled_rows(pred_root, with_semantic=semantic_gt is not None)
+    for row in tqdm(rows, desc="scoring", unit="img"):
+        if limit is not None and scored >= limit:
+            break
+        matched = False
+        img_id = coco_ids.get(row.file_name)
+        if img_id is not None:
+            matched = True
+            predictions[img_id] = row.instances
+            anns = coco.loadAnns(coco.getAnnIds(imgIds=[img_id], iscrowd=False))
+            gt_objects = [(coco.annToRLE(a), a["category_id"]) for a in anns]
+            n_hit, n_obj = metrics.alignment_hits(gt_objects, row.instances, coco_map)
+            hits, objects = hits + n_hit, objects + n_obj
+        if semantic_gt is not None:
+            path = semantic_gt.find(row.file_name)
+            if path is not None:
+                matched = True
+                gt_map = semantic_gt.read(path)
+                pred_map = codecs.decode_mask(row.semantic_png)
+                if gt_map.shape != pred_map.shape:
+                    raise gt_io.GroundTruthError(
+                        f"{path} is {gt_map.shape[1]}x{gt_map.shape[0]} but {row.image_id} was labeled at "
+                        f"{pred_map.shape[1]}x{pred_map.shape[0]}: the ground truth must match the images"
+                    )
+                gt_dense = _map_ids(gt_map, gt_lookup)
+                cm += metrics.confusion_matrix(gt_dense, pred_lookup[pred_map], len(gt_order), ignore_value=-1)
+        scored += matched
+        unmatched += not matched
+    if scored == 0:
+        raise gt_io.GroundTruthError(
+            "no labeled image matches a ground-truth file name: the labels' input files must be the "
+            "ground truth's images (e.g. labeling/run.py --input on COCO val2017)"
+        )
+
+    report: dict = {"images_scored": scored, "images_without_ground_truth": unmatched}
+    if coco is not None:
+        report["instances"] = metrics.instance_scores(coco, predictions)
+        report["alignment"] = {"accuracy": hits / objects if objects else float("nan"), "objects": objects}
+    if semantic_gt is not None:
+        scores = metrics.semantic_scores(cm)
+        report["semantic"] = {
+            "mIoU": scores.miou,
+            "pixel_accuracy": scores.pixel_accuracy,
+            "per_class_iou": {semantic_gt.classes[gt_order[i]]: v for i, v in scores.per_class_iou.items()},
+        }
+    return report
+
+
+def _map_ids(ids: np.ndarray, lookup: dict[int, int]) -> np.ndarray:
+    """Ground-truth ids -> dense indices (-1 for ids outside the taxonomy, e.g. the ignore value)."""
+    values, inverse = np.unique(ids, return_inverse=True)
+    dense = np.array([lookup.get(int(v), -1) for v in values], np.int64)
+    return dense[inverse].reshape(ids.shape)
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'metric':<28} {'value':>8}", "-" * 37]
+
+    def add(name, value):
+        lines.append(f"{name:<28} {'n/a' if value is None or (isinstance(value, float) and math.isnan(value)) else f'{value:8.4f}':>8}")
+
+    for name in ("AR@1", "AR@10", "AR@100", "AR_small@100", "AR_medium@100", "AR_large@100", "AP"):
+        if "instances" in report:
+            add(f"instances {name}", report["instances"][name])
+    if "alignment" in report:
+        add("alignment accuracy", report["alignment"]["accuracy"])
+    if "semantic" in report:
+        add("semantic mIoU", report["semantic"]["mIoU"])
+        add("semantic pixel accuracy", report["semantic"]["pixel_accuracy"])
+    lines.append(f"{'images scored':<28} {report['images_scored']:>8d}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m labeling.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pred", required=True, help="a labeled output folder (written by labeling/run.py)")
+    parser.add_argument("--gt", "--gt-instances", dest="gt_instances",
+                        help="COCO instances JSON (e.g. annotations/instances_val2017.json)")
+    parser.add_argument("--gt-semantic", help="folder of ground-truth PNGs named like the images (<stem>.png)")
+    parser.add_argument("--gt-panoptic-json", help="COCO panoptic JSON: --gt-semantic then holds its panoptic PNGs")
+    parser.add_argument("--gt-classes", help="JSON {id: name} of the label PNGs' taxonomy (label-PNG ground truth)")
+    parser.add_argument("--gt-ignore", type=int, default=255, help="unlabeled value in label PNGs (ADE20K: 0)")
+    parser.add_argument("--class-map", help="JSON {our_semantic_id: gt_id}; default: match class names")
+    parser.add_argument("--limit", type=int, help="score only the first N matched images")
+    args = parser.parse_args(argv)
+    try:
+        semantic = None
+        if args.gt_semantic:
+            if args.gt_panoptic_json:
+                semantic = gt_io.coco_panoptic(args.gt_semantic, args.gt_panoptic_json)
+            elif args.gt_classes:
+                semantic = gt_io.label_folder(args.gt_semantic, args.gt_classes, args.gt_ignore)
+            else:
+                parser.error("--gt-semantic needs --gt-panoptic-json (COCO panoptic) or --gt-classes (label PNGs)")
+        class_map = None
+        if args.class_map:
+            class_map = {int(k): int(v) for k, v in json.loads(Path(args.class_map).read_text()).items()}
+        report = evaluate(args.pred, args.gt_instances, semantic, class_map, args.limit)
+    except (gt_io.GroundTruthError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    Path(args.pred, QUALITY_FILE).write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    print(f"wrote {Path(args.pred, QUALITY_FILE)}")
+    return 0
+

@@ -1,0 +1,440 @@
+"""The pretraining data loader: the labeled dataset's Parquet row groups -> augmented, masked batches.
+
+Reading. The labeled folder is read in place with pyarrow (no `datasets` cache copy): only the
+columns training needs, validated against the contract first. The unit of reading is a
+(file, row group); a dataset with fewer units than loader streams has its row groups split into
+row ranges so every stream gets one.
+
+Order. There are S = ranks x max(1, workers) *streams*; stream s = rank * W + worker. Each epoch a
+permutation seeded by (seed, epoch) deals the U units over the streams, balancing their rows;
+each stream passes its rows through a shuffle buffer seeded by (seed, epoch, s). Step k of a rank
+takes a fixed-size chunk from each of its workers' streams, and every stream is cut to the steps
+the shortest one can fill (the remainder is dropped), so every rank and worker runs the same
+number of steps (DDP never waits on a rank that ran dry). The samples of a global step
+depend only on (seed, epoch, S, per-stream chunk): 2 ranks x 0 workers x batch b see exactly
+the samples of 1 rank x 2 workers x batch 2b.
+
+Per sample, in the workers: decode with the contract's codecs, crop and flip the three maps
+jointly, and draw the masking's random numbers. Per batch, on the device (`Batch.to`): map the
+semantic ignore value to -1, compute the instance representation from the cropped id maps, the
+patch-majority labels and the visible tokens. Augmentation and masking are seeded by (seed, epoch,
+global sample index), so a sample looks the same whichever rank or worker draws it, and after a resume.
+
+Resuming at (epoch, step) recomputes the epoch's order from the seed and skips the first `step`
+chunks of each stream without reading or decoding them: the shuffle buffer runs over row positions
+only, and a row group is read when its first remaining row is due.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import posixpath
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dataset_card import codecs, layout, shards
+from dataset_card.schema import TRAINING_COLUMNS, SchemaError, validate_schema
+from pretraining.data.augment import AugmentConfig, augment, joint_transform, sample_seeds
+from pretraining.models.instances import instance_representation
+from pretraining.models.masking import (
+    INSTANCE,
+    SEMANTIC,
+    MaskingConfig,
+    curriculum_weights,
+    draw_masking,
+    patch_majority,
+    visible_tokens,
+)
+
+
+class DataError(ValueError):
+    """The dataset on disk cannot be used for training (missing, empty, wrong schema, too small)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    batch_size: int = 64  # samples per rank per micro-step
+    num_workers: int = 8  # DataLoader workers per rank; 0 = load in the training process
+    shuffle_buffer: int = 1024  # rows held by each stream's shuffle buffer
+    prefetch_factor: int = 2  # chunks each worker prepares ahead
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset on disk
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Rows [start, stop) of one row group: what a stream reads at once."""
+
+    file: int  # position in LabeledDataset.files
+    row_group: int
+    start: int
+    stop: int
+    first_index: int  # global sample index of row `start`
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class LabeledDataset:
+    """A labeled folder, validated: its data files, row groups and metadata."""
+
+    root: str  # local path or URI (s3://...), as given
+    files: tuple[str, ...]  # paths inside the filesystem of `root`
+    units: tuple[Unit, ...]  # one per row group, in file order
+    metadata: layout.DatasetMetadata
+
+    @property
+    def num_rows(self) -> int:
+        return sum(u.num_rows for u in self.units)
+
+
+def open_labeled_dataset(root: str) -> LabeledDataset:
+    """Find and validate the data files of a labeled folder (schema of every file, metadata.json)."""
+    fs, base = shards.filesystem(root)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        raise DataError(f"--data {root} is not a folder: point it at the output folder of the labeling stage.")
+    meta_path = posixpath.join(base, layout.METADATA_FILE)
+    if not shards.exists(fs, meta_path):
+        raise DataError(f"{root} has no {layout.METADATA_FILE}: it is not a labeled dataset folder "
+                        "(run the labeling stage, or point --data at its output folder).")
+    try:
+        metadata = layout.DatasetMetadata.from_json(shards.read_bytes(fs, meta_path).decode(), source=meta_path)
+    except SchemaError as err:
+        raise DataError(str(err)) from err
+    selector = pafs.FileSelector(posixpath.join(base, layout.DATA_DIR), allow_not_found=True)
+    files = sorted(info.path for info in fs.get_file_info(selector)
+                   if posixpath.basename(info.path).startswith("train-") and info.path.endswith(".parquet"))
+    if not files:
+        raise DataError(f"{root} has no data files ({layout.DATA_GLOB}): the labeling run wrote no shard yet.")
+    units, first_index = [], 0
+    for f, path in enumerate(files):
+        parquet = pq.ParquetFile(path, filesystem=fs)
+        try:
+            validate_schema(parquet.schema_arrow, columns=TRAINING_COLUMNS, source=path)
+        except SchemaError as err:
+            raise DataError(str(err)) from err
+        for g in range(parquet.metadata.num_row_groups):
+            rows = parquet.metadata.row_group(g).num_rows
+            units.append(Unit(f, g, 0, rows, first_index))
+            first_index += rows
+    if first_index == 0:
+        raise DataError(f"{root} has data files but no rows: every shard of the labeling run failed.")
+    return LabeledDataset(root, tuple(files), tuple(units), metadata)
+
+
+def split_rows(units: Sequence[Unit], parts: int) -> list[Unit]:
+    """Split every unit into `parts` row ranges of near-equal size (empty ranges dropped)."""
+    out = []
+    for u in units:
+        bounds = np.linspace(u.start, u.stop, parts + 1).round().astype(int)
+        out += [Unit(u.file, u.row_group, int(a), int(b), u.first_index + int(a) - u.start)
+                for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The order of an epoch (pure functions of seeds and counts)
+
+
+def chunk_sizes(batch_size: int, workers: int) -> list[int]:
+    """Samples each of a rank's `workers` streams contributes to one step: near-equal, summing to batch_size."""
+    return [batch_size // workers + (w < batch_size % workers) for w in range(workers)]
+
+
+def deal_units(units: Sequence[Unit], num_streams: int, seed: int, epoch: int) -> list[list[Unit]]:
+    """Deal a seeded permutation of the units over streams, each to the stream with fewest rows so far.
+
+    Rows per stream then differ by less than one unit, whatever the unit sizes (the last row group
+    of a file is short), so little is dropped when every stream is cut to the shortest one.
+    """
+    if len(units) < num_streams:
+        units = split_rows(units, -(-num_streams // len(units)))
+    if len(units) < num_streams:
+        raise DataError(f"the dataset has {len(units)} rows but the loader has {num_streams} streams "
+                        "(ranks x workers): use fewer workers or more data.")
+    perm = np.random.default_rng([seed, epoch]).permutation(len(units))
+    streams: list[list[Unit]] = [[] for _ in range(num_streams)]
+    load = [(0, s) for s in range(num_streams)]  # (rows so far, stream): a heap, ties to the lower stream
+    for i in perm:
+        rows, s = heapq.heappop(load)
+        streams[s].append(units[i])
+        heapq.heappush(load, (rows + units[i].num_rows, s))
+    return streams
+
+
+def shuffle_buffer_order(num_rows: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
+    """The order a streaming shuffle buffer emits rows 0..num_rows-1 that arrive in order.
+
+    Once the buffer holds `buffer_size` rows, each arriving row replaces a uniformly chosen
+    buffered one, which is emitted; the rest leave in random order at the end. (num_rows,) int64.
+    """
+    if buffer_size <= 1:
+        return np.arange(num_rows)
+    size = min(buffer_size, num_rows)
+    buffer = list(range(size))
+    slots = rng.integers(0, size, num_rows - size).tolist()
+    out = []
+    for row, slot in zip(range(size, num_rows), slots):
+        out.append(buffer[slot])
+        buffer[slot] = row
+    out += rng.permutation(buffer).tolist()
+    return np.asarray(out, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    streams: list[list[Unit]]  # units of each stream, in reading order
+    steps: int  # steps every rank runs this epoch
+
+
+def plan_epoch(units: Sequence[Unit], seed: int, epoch: int, world_size: int, workers: int, batch_size: int,
+               step_multiple: int = 1) -> EpochPlan:
+    """Deal the units over world_size * workers streams and count the steps all of them can fill.
+
+    `steps` is rounded down to a multiple of `step_multiple` (gradient accumulation), so an epoch
+    never ends inside an optimizer step.
+    """
+    streams = deal_units(units, world_size * workers, seed, epoch)
+    chunks = chunk_sizes(batch_size, workers)
+    steps = min(sum(u.num_rows for u in stream) // chunks[s % workers] for s, stream in enumerate(streams))
+    steps -= steps % step_multiple
+    if steps == 0:
+        total = sum(u.num_rows for u in units)
+        raise DataError(f"{total} rows cannot fill one step of {batch_size} samples x {world_size} ranks "
+                        f"x {step_multiple} accumulation steps: lower data.batch_size or use more data.")
+    return EpochPlan(streams, steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# One sample
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Everything that turns a decoded row into a training sample (all of it from the model and config)."""
+
+    img_size: int
+    patch_size: int
+    modalities: tuple[str, ...]
+    masking: MaskingConfig
+    augment: AugmentConfig
+    ignore_value: int
+    seed: int
+    epochs: int
+
+    @property
+    def reads_masks(self) -> bool:
+        return len(self.modalities) > 1
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return TRAINING_COLUMNS if self.reads_masks else ("image", "label")
+
+
+def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform,
+                weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """One raw row (encoded bytes + label) -> one sample of a loader chunk: rgb (3, S, S) uint8, label,
+    index, semantic (S, S) and instance_ids (S, S) (models that read masks), and the masking draws
+    (strategy, proportions (M,), keys (M + 2, N)). `Batch.to` finishes the batch on the device.
+
+    `weights` are the curriculum's (w_sem, w_inst, w_rand) for this epoch.
+    """
+    augment_seed, masking_seed = sample_seeds(spec.seed, epoch, index)
+    rgb = codecs.decode_image(row["image"])
+    semantic = instance = None
+    if spec.reads_masks:
+        # As stored (uint8 / uint16): the crop comes before any widening.
+        semantic = codecs.decode_mask(row["semantic_mask"], dtype=None)
+        instance = codecs.decode_mask(row["instance_mask"], dtype=None)
+        if semantic.shape != rgb.shape[:2] or instance.shape != rgb.shape[:2]:
+            raise DataError(f"sample {index}: image is {rgb.shape[:2]} but its masks are {semantic.shape} and "
+                            f"{instance.shape}; the shard breaks the contract, relabel it.")
+    image, semantic_t, instance_t = augment(rgb, semantic, instance, transform, augment_seed)
+    sample = {
+        "rgb": image,  # (3, S, S) uint8: normalised by Batch.to on the device (4x fewer bytes between processes)
+        "label": torch.tensor(row["label"], dtype=torch.int64),
+        "index": torch.tensor(index, dtype=torch.int64),
+    }
+    if spec.reads_masks:
+        # Label maps travel in the smallest dtype that holds them (the ignore value is the largest
+        # semantic value); Batch.to makes them int64 and the ignore value -1.
+        sample["semantic"] = semantic_t.to(torch.int16 if spec.ignore_value < 2**15 else torch.int32)  # (S, S)
+        # The (3, S, S) instance representation is computed from these by Batch.to, batched on the device.
+        sample["instance_ids"] = instance_t  # (S, S) int32, ids < 2**16
+    # The masking's random numbers; Batch.to turns them into visible tokens, batched on the device.
+    draws = draw_masking(np.random.default_rng(masking_seed), weights, spec.masking, len(spec.modalities))
+    sample.update({k: torch.from_numpy(np.asarray(v)) for k, v in draws.items()})  # strategy, proportions, keys
+    return sample
+
+
+def _guided_in_use(masking: MaskingConfig, weights: Sequence[float]) -> tuple[bool, bool]:
+    """Whether semantic- / instance-guided masking can be chosen (forced, or a non-zero curriculum weight)."""
+    if masking.strategy == "progressive":
+        return weights[SEMANTIC] > 0, weights[INSTANCE] > 0
+    return masking.strategy == "semantic", masking.strategy == "instance"
+
+
+def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams and the loader
+
+
+class _RowReader:
+    """Reads row groups on demand and keeps only the rows still to be emitted (memory ~ one shuffle buffer)."""
+
+    def __init__(self, dataset: LabeledDataset, columns: Sequence[str]):
+        self.dataset, self.columns = dataset, list(columns)
+        self.fs = shards.filesystem(dataset.root)[0]
+        self.files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+
+    def read(self, unit: Unit) -> list[dict]:
+        if unit.file not in self.files:
+            self.files[unit.file] = pq.ParquetFile(self.dataset.files[unit.file], filesystem=self.fs)
+            if len(self.files) > 4:
+                self.files.popitem(last=False)
+        table = self.files[unit.file].read_row_group(unit.row_group, columns=self.columns)
+        table = table.slice(unit.start, unit.num_rows)
+        columns = {}
+        for name in self.columns:
+            column = table.column(name).combine_chunks()
+            columns[name] = column.field("bytes").to_pylist() if name != "label" else column.to_pylist()
+        return [{name: values[i] for name, values in columns.items()} for i in range(unit.num_rows)]
+
+
+class PretrainingStream(IterableDataset):
+    """Yields (epoch, step, chunk) for this rank's worker streams from `start` to the last epoch.
+
+    Each DataLoader worker serves one stream and yields one chunk per step, so the DataLoader's
+    round robin over workers hands the training loop the W chunks of a step in a row.
+    """
+
+    def __init__(self, dataset: LabeledDataset, spec: SampleSpec, batch_size: int, shuffle_buffer: int,
+                 rank: int, world_size: int, num_workers: int, start: tuple[int, int] = (0, 0),
+                 step_multiple: int = 1):
+        self.dataset, self.spec = dataset, spec
+        self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
+        self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
+        self.start, self.step_multiple = start, step_multiple
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return plan_epoch(self.dataset.units, self.spec.seed, epoch, self.world_size, self.workers,
+                          self.batch_size, self.step_multiple)
+
+    def __iter__(self) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        reader = _RowReader(self.dataset, self.spec.columns)
+        transform = joint_transform(self.spec.img_size, self.spec.augment)
+        start_epoch, start_step = self.start
+        for epoch in range(start_epoch, self.spec.epochs):
+            first = start_step if epoch == start_epoch else 0
+            yield from self._epoch(epoch, worker, first, reader, transform)
+
+    def _epoch(self, epoch: int, worker: int, first_step: int, reader: _RowReader, transform):
+        plan = self.plan(epoch)
+        stream = self.rank * self.workers + worker
+        units = plan.streams[stream]
+        chunk = chunk_sizes(self.batch_size, self.workers)[worker]
+        starts = np.cumsum([0] + [u.num_rows for u in units])  # (len(units)+1,) first flat row of each unit
+        rng = np.random.default_rng([self.spec.seed, epoch, stream])
+        order = shuffle_buffer_order(int(starts[-1]), self.shuffle_buffer, rng)[: plan.steps * chunk]
+        due = np.full(int(starts[-1]), -1)  # flat row -> its position in `order` (-1: dropped)
+        due[order] = np.arange(len(order))
+        weights = curriculum_weights(epoch / self.spec.epochs, self.spec.masking.curriculum)
+        pending: dict[int, dict] = {}
+        for step in range(first_step, plan.steps):
+            samples = []
+            for position in range(step * chunk, (step + 1) * chunk):
+                flat = int(order[position])
+                u = bisect.bisect_right(starts, flat) - 1
+                if flat not in pending:  # first row of this unit still due: read the unit
+                    for offset, row in enumerate(reader.read(units[u])):
+                        if due[starts[u] + offset] >= position:
+                            pending[int(starts[u]) + offset] = row
+                row = pending.pop(flat)
+                index = units[u].first_index + flat - int(starts[u])
+                samples.append(make_sample(row, index, epoch, self.spec, transform, weights))
+            yield epoch, step, collate(samples)
+
+
+@dataclass
+class Batch:
+    epoch: int
+    step: int
+    chunks: list[dict[str, torch.Tensor]]
+    spec: SampleSpec
+
+    def to(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The batch dict of INTERFACES.md on `device`. Chunks are moved in their compact dtypes and
+        joined there; then, batched on the device (cheap on a GPU, and off the loader workers): RGB is
+        normalised, label maps widened to int64, the instance representation computed from the id
+        maps, and the masking draws turned into visible tokens (with patch-majority labels for the
+        guided strategies this epoch can draw)."""
+        spec = self.spec
+        moved = [{k: v.to(device, non_blocking=True) for k, v in c.items()} for c in self.chunks]
+        batch = {k: torch.cat([c[k] for c in moved]) for k in moved[0]}
+        mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
+        batch["rgb"] = (batch["rgb"].float() / 255 - mean) / std  # (B, 3, S, S)
+        for key in ("semantic", "instance_ids"):
+            if key in batch:
+                batch[key] = batch[key].long()
+        if "semantic" in batch:
+            batch["semantic"] = batch["semantic"].masked_fill(batch["semantic"] == spec.ignore_value, -1)  # (B, S, S)
+        if "instance_ids" in batch:
+            batch["instance"] = instance_representation(batch["instance_ids"])  # (B, 3, S, S)
+        weights = curriculum_weights(self.epoch / spec.epochs, spec.masking.curriculum)
+        semantic_used, instance_used = _guided_in_use(spec.masking, weights)
+        semantic = patch_majority(batch["semantic"], spec.patch_size) if semantic_used and spec.reads_masks else None
+        instance = (patch_majority(batch["instance_ids"], spec.patch_size)
+                    if instance_used and spec.reads_masks else None)  # (B, N) each
+        batch["visible"], batch["strategy"] = visible_tokens(batch.pop("strategy"), batch.pop("proportions"),
+                                                             batch.pop("keys"), semantic, instance, spec.masking)
+        return batch
+
+
+class PretrainingLoader:
+    """Batches of one rank: joins the W worker chunks of each step. Iterate once for the whole run."""
+
+    def __init__(self, dataset: LabeledDataset, spec: SampleSpec, cfg: DataConfig, rank: int = 0,
+                 world_size: int = 1, start: tuple[int, int] = (0, 0), step_multiple: int = 1,
+                 pin_memory: bool = False):
+        self.stream = PretrainingStream(dataset, spec, cfg.batch_size, cfg.shuffle_buffer, rank, world_size,
+                                        cfg.num_workers, start, step_multiple)
+        self.steps_per_epoch = self.stream.plan(0).steps  # checked here, in the main process: errors are clear
+        self.workers = self.stream.workers
+        extra = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
+        # A private generator: creating the iterator must not draw from the global RNG (exact resumes).
+        self.loader = DataLoader(self.stream, batch_size=None, num_workers=cfg.num_workers,
+                                 pin_memory=pin_memory, generator=torch.Generator(), **extra)
+
+    def __iter__(self) -> Iterator[Batch]:
+        items = iter(self.loader)
+        while True:
+            chunks = []
+            for _ in range(self.workers):
+                try:
+                    chunks.append(next(items))
+                except StopIteration:
+                    return
+            epoch, step = chunks[0][0], chunks[0][1]
+            if any((e, s) != (epoch, step) for e, s, _ in chunks):
+                raise RuntimeError(f"loader workers fell out of step at epoch {epoch} step {step}")
+            yield Batch(epoch, step, [c for _, _, c in chunks], self.stream.spec)

@@ -1,0 +1,299 @@
+"""Downstream evaluation of a pretrained encoder: `python -m pretraining.evaluate COMMAND --help`.
+
+  linear-probe  MAE's linear probe on frozen features (top-1 / top-5 on a held-out split)
+  knn           weighted k-NN on frozen features (top-1 / top-5)
+  finetune      end-to-end fine-tuning with MAE's recipe (resumable; single device or torchrun)
+  segment       segmentation probe on patch features, scored by mIoU (resumable)
+  vitdet        convert the encoder to a detectron2 ViTDet backbone checkpoint
+
+The encoder is a timm model: `--model local-dir:DIR` (a folder with config.json + model.safetensors, as
+`python -m pretraining.export --to timm` writes), or a timm architecture with `--checkpoint FILE`
+(safetensors or a torch file), or an architecture with `--random-init` (the baseline). Each command
+takes `--config NAME` (a recipe) and `--set key=value` overrides, and prints its metric. Under
+`torchrun --nproc_per_node N -m pretraining.evaluate ...` the work is spread over N GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch.utils.data import DataLoader
+
+from dataset_card.schema import SchemaError
+from pretraining.evaluation import finetune, probe, segment, vitdet
+from pretraining.evaluation.folders import ClassificationSet, EvalDataError, Subset, load_eval_data
+
+# What a pretraining export may lack or carry beyond a classifier of the same architecture.
+MAY_BE_MISSING = ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias")
+MAY_BE_UNEXPECTED = ("head.weight", "head.bias", "norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias")
+
+
+class UserError(Exception):
+    """A mistake in the command line or the files it names; printed as one sentence."""
+
+
+def load_timm_model(spec: str, checkpoint: str | None = None, random_init: bool = False, **kwargs) -> nn.Module:
+    """A timm ViT from `spec` (`local-dir:DIR`, a folder, or an architecture name) with its weights.
+
+    `kwargs` go to `timm.create_model` (num_classes, global_pool, drop_path_rate, img_size, ...). The
+    position embedding is resampled to `img_size`; a missing head / fc_norm is freshly initialised.
+    """
+    folder = spec.removeprefix("local-dir:") if spec.startswith("local-dir:") or os.path.isdir(spec) else None
+    if folder is not None:
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise UserError(f"{folder} has no config.json; pass a folder written by `python -m pretraining.export "
+                            f"--to timm`, or an architecture name with --checkpoint")
+        weights = next((os.path.join(folder, f) for f in ("model.safetensors", "pytorch_model.bin")
+                        if os.path.isfile(os.path.join(folder, f))), None)
+        if weights is None and not random_init:
+            raise UserError(f"{folder} has no model.safetensors; re-run the export")
+        name, overlay = f"local-dir:{folder}", {}
+        weights = None if random_init else (checkpoint or weights)
+    else:
+        if not timm.is_model(spec):
+            raise UserError(f"{spec!r} is neither a folder nor a timm architecture; pass local-dir:DIR or a name "
+                            f"such as vit_base_patch16_224")
+        if checkpoint is None and not random_init:
+            raise UserError(f"--model {spec} names an architecture only; add --checkpoint FILE with its weights, "
+                            f"or --random-init for a randomly initialised baseline")
+        # Our pretraining normalises with ImageNet statistics and MAE evaluates at crop 224/256.
+        name, weights = spec, None if random_init else checkpoint
+        overlay = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "crop_pct": 0.875,
+                   "interpolation": "bicubic"}
+    try:
+        model = timm.create_model(name, pretrained=False, pretrained_cfg_overlay=overlay or None, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise UserError(f"timm cannot build {spec} with {kwargs} ({err})") from err
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a timm ViT checkpoint into `model`, resampling pos_embed and dropping a mismatched head;
+    anything else that does not fit is a UserError naming the first offending key."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; pass the file the export wrote")
+    try:
+        state = timm.models.load_state_dict(path, weights_only=True)
+    except Exception as err:  # safetensors / pickle errors have many types
+        raise UserError(f"cannot read weights from {path} ({type(err).__name__}: {err})") from err
+    state = checkpoint_filter_fn(state, model)
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not (k.startswith("head.") and (k not in own or own[k].shape != v.shape))}
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise UserError(f"{path} does not fit {model.default_cfg.get('architecture', type(model).__name__)}: "
+                        f"{bad[0]} is {tuple(state[bad[0]].shape)}, the model's is {tuple(own[bad[0]].shape)}; "
+                        f"pass the architecture the weights were trained with")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in MAY_BE_MISSING]
+    unexpected = [k for k in unexpected if k not in MAY_BE_UNEXPECTED]
+    if missing or unexpected:
+        first = f"lacks {missing[0]}" if missing else f"has {unexpected[0]} that the model does not"
+        raise UserError(f"{path} {first} ({len(missing)} missing, {len(unexpected)} unexpected keys); pass the "
+                        f"architecture the weights were trained with")
+
+
+def setup_device(name: str | None) -> torch.device:
+    """Join the torchrun process group when there is one; return this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and name != "cpu"
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device(name or "cpu")
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """`key=value` strings -> a copy of the frozen dataclass `cfg`, values parsed by the field's type."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        current = getattr(cfg, key)
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                value = text.lower() in ("true", "1")
+            else:
+                value = type(current)(text)
+        except ValueError as err:
+            kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(current), "a string")
+            raise UserError(f"--set {item!r}: {key} must be {kind}") from err
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes)
+
+
+def resolve_config(recipes: dict, args):
+    if args.config not in recipes:
+        raise UserError(f"--config {args.config!r} is not a recipe here; choose one of {', '.join(recipes)}")
+    return apply_overrides(recipes[args.config](), args.set)
+
+
+def _data(args, classification: bool):
+    data = load_eval_data(args.data, args.val_fraction, args.num_classes, args.ignore_value, args.image_column,
+                          args.label_column, args.mask_column)
+    if classification and not data.class_names:
+        raise UserError(f"{args.data} has no image-level labels; classification needs labeled images")
+    if not classification and not data.num_semantic_classes:
+        raise UserError(f"{args.data} has no semantic masks; segmentation needs a dataset with masks")
+    return data
+
+
+def _write(output: str | None, name: str, cfg, metrics: dict) -> None:
+    if output and (not dist.is_initialized() or dist.get_rank() == 0):
+        os.makedirs(output, exist_ok=True)
+        with open(os.path.join(output, f"{name}.json"), "w") as f:
+            json.dump({"config": dataclasses.asdict(cfg), "metrics": metrics}, f, indent=2)
+
+
+def run_probe(args, kind: str) -> dict:
+    cfg = resolve_config(probe.KNN_RECIPES if kind == "knn" else probe.LINEAR_PROBE_RECIPES, args)
+    device = setup_device(args.device)
+    data = _data(args, classification=True)
+    torch.manual_seed(0)  # a --random-init baseline is the same encoder in every run
+    pool_args = {"global_pool": "avg", "fc_norm": False} if cfg.pool == "avg" else {"global_pool": "token"}
+    model = load_timm_model(args.model, args.checkpoint, args.random_init, num_classes=0, **pool_args,
+                            **({"img_size": args.img_size} if args.img_size else {})).to(device).eval()
+    transform = create_transform(**finetune.model_data_config(model), is_training=False)
+    rank, world = finetune.rank_world()
+    batch = cfg.batch_size if kind == "knn" else cfg.extract_batch_size
+    features = []
+    for split in (data.train, data.val):
+        part = ClassificationSet(Subset(split, range(rank, len(split), world)), transform)
+        loader = DataLoader(part, batch, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+        feats, labels = probe.extract_features(model, loader, device, progress=rank == 0)
+        features += [probe.gather_strided(feats, len(split), device), probe.gather_strided(labels, len(split), device)]
+    train_x, train_y, val_x, val_y = features
+    num_classes = len(data.class_names)
+    if kind == "knn":
+        scores = probe.knn_scores(train_x.to(device), train_y, val_x, num_classes, cfg.k, cfg.temperature)
+    else:
+        head = probe.train_linear_probe(train_x, train_y, num_classes, cfg, device, progress=rank == 0)
+        scores = probe.head_scores(head, val_x, device)
+    top1, top5 = probe.topk_accuracy(scores, val_y)
+    metrics = {"top1": top1, "top5": top5, "train_samples": len(train_y), "val_samples": len(val_y),
+               "classes": num_classes}
+    _write(args.output, kind, cfg, metrics)
+    return metrics
+
+
+def run_finetune(args) -> dict:
+    cfg = resolve_config(finetune.RECIPES, args)
+    device = setup_device(args.device)
+    data = _data(args, classification=True)
+    torch.manual_seed(cfg.seed)  # the new head (and a --random-init encoder) start the same in every run
+    model = load_timm_model(args.model, args.checkpoint, args.random_init, num_classes=len(data.class_names),
+                            global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path, img_size=cfg.img_size)
+    return finetune.finetune(model, data, cfg, args.output, device)
+
+
+def run_segment(args) -> dict:
+    cfg = resolve_config(segment.RECIPES, args)
+    device = setup_device(args.device)
+    data = _data(args, classification=False)
+    torch.manual_seed(cfg.seed)
+    encoder = load_timm_model(args.model, args.checkpoint, args.random_init, num_classes=0, img_size=cfg.crop_size,
+                              **({"drop_path_rate": 0.1} if cfg.finetune_encoder else {}))
+    model = segment.SegmentationProbe(encoder, data.num_semantic_classes, cfg.layers, frozen=not cfg.finetune_encoder)
+    return segment.train_segmentation(model, data, cfg, args.output, device)
+
+
+def run_vitdet(args) -> dict:
+    model = load_timm_model(args.model, args.checkpoint, args.random_init, num_classes=0)
+    count = vitdet.save_vitdet_checkpoint(model.state_dict(), args.output)
+    return {"tensors": count, "path": args.output}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pretraining.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_args(p):
+        p.add_argument("--model", required=True, help="local-dir:DIR (timm export folder) or a timm architecture")
+        p.add_argument("--checkpoint", help="weights for an architecture name (.safetensors, .pth)")
+        p.add_argument("--random-init", action="store_true", help="random weights: the baseline to beat")
+
+    def run_args(p, recipes, default, output_required):
+        model_args(p)
+        p.add_argument("--data", required=True, help="labeled folder, ImageFolder, ADE20K folder or datasets folder")
+        p.add_argument("--config", default=default, help=f"recipe: {', '.join(recipes)} (default {default})")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+        p.add_argument("--output", required=output_required, help="run folder (checkpoint, logs, metrics)")
+        p.add_argument("--val-fraction", type=float, default=0.1,
+                       help="share held out by hashing sample ids when the data has no validation split")
+        p.add_argument("--num-classes", type=int, help="semantic classes of a generic datasets folder")
+        p.add_argument("--ignore-value", type=int, help="mask value meaning 'no class' (generic datasets; 255)")
+        p.add_argument("--image-column", help="image column of a datasets folder (default: image)")
+        p.add_argument("--label-column", help="class label column of a datasets folder (default: label)")
+        p.add_argument("--mask-column", help="semantic mask column of a datasets folder")
+        p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+    p = sub.add_parser("linear-probe", help="MAE linear probe on frozen features",
+                       description="MAE's linear probe (BatchNorm + linear head, LARS) on cached frozen features; "
+                                   "prints top-1 / top-5 on the held-out split.")
+    run_args(p, probe.LINEAR_PROBE_RECIPES, "mae", False)
+    p.add_argument("--img-size", type=int, help="input size (default: the model's)")
+    p = sub.add_parser("knn", help="weighted k-NN on frozen features",
+                       description="DINO's weighted k-NN on frozen features; prints top-1 / top-5 on the held-out split.")
+    run_args(p, probe.KNN_RECIPES, "mae", False)
+    p.add_argument("--img-size", type=int, help="input size (default: the model's)")
+    run_args(sub.add_parser("finetune", help="end-to-end fine-tuning (MAE recipe)",
+                            description="End-to-end fine-tuning with MAE's recipe; rerun the same command to resume "
+                                        "from OUTPUT/checkpoint.pt."), finetune.RECIPES, "vit_base", True)
+    run_args(sub.add_parser("segment", help="segmentation probe scored by mIoU",
+                            description="A light head on the encoder's patch tokens, trained on semantic masks and "
+                                        "scored by mIoU; rerun the same command to resume."), segment.RECIPES, "linear",
+             True)
+    p = sub.add_parser("vitdet", help="write a detectron2 ViTDet backbone checkpoint",
+                       description="Rename the encoder's weights to detectron2 ViTDet's backbone keys "
+                                   "(train.init_checkpoint=OUTPUT); see docs/evaluation.md.")
+    model_args(p)
+    p.add_argument("--output", required=True, help="the .pth file to write")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("linear-probe", "knn"):
+            metrics = run_probe(args, "knn" if args.command == "knn" else "linear")
+            line = f"{args.command}: top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  " \
+                   f"({metrics['train_samples']} train / {metrics['val_samples']} held out, {metrics['classes']} classes)"
+        elif args.command == "finetune":
+            metrics = run_finetune(args)
+            line = f"finetune: top-1 {metrics['top1']:.2f}  top-5 {metrics['top5']:.2f}  (best top-1 " \
+                   f"{metrics['best_top1']:.2f}, {metrics['epochs']} epochs)"
+        elif args.command == "segment":
+            metrics = run_segment(args)
+            line = f"segment: mIoU {metrics['mIoU']:.2f}  pixel accuracy {metrics['pixel_accuracy']:.2f}"
+        else:
+            metrics = run_vitdet(args)
+            line = f"vitdet: wrote {metrics['tensors']} backbone tensors to {metrics['path']}"
+    except (UserError, EvalDataError, SchemaError, finetune.RunError, vitdet.ConversionError) as err:
+        sys.exit(f"error: {err}")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(line, flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return metrics
+

@@ -1,0 +1,235 @@
+"""One masked autoencoder for C2FMAE, MultiMAE and MAE: forward = encode -> decode -> loss.
+
+The three are configurations of `MaskedAutoencoder` (see pretraining/models/factory.py):
+- C2FMAE: modalities (semantic, instance, rgb), decoder "cascaded", masking "progressive".
+- MultiMAE: the same modalities, decoder "parallel", masking "random".
+- MAE: modalities (rgb,), decoder "mae", masking "random" with 49 of 196 tokens visible.
+So each of the paper's ideas is one switch: `decoder` (cascaded | parallel) and `masking.strategy`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretraining.models import losses
+from pretraining.models.adapters import downsample_labels
+from pretraining.models.decoders import CascadedDecoder, MAEDecoder, ParallelDecoder
+from pretraining.models.encoder import Encoder
+from pretraining.models.masking import (
+    MODALITIES,
+    MaskingConfig,
+    curriculum_weights,
+    draw_masking,
+    patch_majority,
+    visible_to_masked,
+    visible_tokens,
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    modalities: tuple[str, ...] = MODALITIES  # coarse to fine; the cascade follows this order
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_semantic_classes: int = 133  # from DatasetMetadata.num_semantic_classes
+    semantic_class_dim: int = 64  # MultiMAE's class embedding width
+    semantic_downsample: int = 4  # semantic labels enter and are predicted at 1/4 resolution
+    decoder: str = "cascaded"  # cascaded | parallel | mae
+    decoder_dim: int = 256
+    decoder_depth: int = 2  # transformer blocks per stage (after its cross-attention block)
+    decoder_heads: int = 8
+    norm_pix_loss: bool = True
+    loss_reduction: str = "sample"  # sample | token: how masked patches are averaged (losses._mean_over)
+    lambda_semantic: float = 1.0
+    lambda_instance: float = 1.0
+    lambda_rgb: float = 1.0
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    timm_arch: str = "vit_base_patch16_224"
+
+    def __post_init__(self):
+        if self.decoder not in ("cascaded", "parallel", "mae"):
+            raise ValueError(f"Unknown decoder {self.decoder!r}; use cascaded, parallel or mae.")
+        if self.loss_reduction not in losses.REDUCTIONS:
+            raise ValueError(f"Unknown loss_reduction {self.loss_reduction!r}; use one of {losses.REDUCTIONS}.")
+        if self.decoder == "mae" and self.modalities != ("rgb",):
+            raise ValueError("The MAE decoder reconstructs RGB only; use modalities=('rgb',).")
+        if "rgb" not in self.modalities or self.modalities != tuple(m for m in MODALITIES if m in self.modalities):
+            raise ValueError(f"modalities must include rgb and follow the order {MODALITIES}, got {self.modalities}.")
+        if self.masking.num_positions != self.num_positions:
+            raise ValueError(f"masking.num_positions is {self.masking.num_positions} but {self.img_size} px images "
+                             f"with patch {self.patch_size} have {self.num_positions}.")
+
+    @property
+    def num_positions(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    def patch_dim(self, modality: str) -> int:
+        """Values predicted per patch: pixels x channels, or label pixels x classes for semantics."""
+        if modality == "semantic":
+            return (self.patch_size // self.semantic_downsample) ** 2 * self.num_semantic_classes
+        return self.patch_size**2 * 3  # rgb, and the 3-channel instance representation
+
+
+@dataclass
+class PretrainOutput:
+    loss: torch.Tensor  # scalar, the weighted sum
+    terms: dict[str, torch.Tensor]  # modality -> unweighted loss
+    predictions: dict[str, torch.Tensor]  # modality -> (B, N, patch_dim)
+    visible: torch.Tensor  # (B, V)
+    strategy: torch.Tensor  # (B,) masking strategy per sample (0 semantic, 1 instance, 2 random)
+
+
+class MaskedAutoencoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        grid = cfg.img_size // cfg.patch_size
+        self.encoder = Encoder(cfg.modalities, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth,
+                               cfg.num_heads, cfg.mlp_ratio, cfg.num_semantic_classes, cfg.semantic_class_dim,
+                               cfg.semantic_downsample)
+        if cfg.decoder == "mae":
+            self.decoder = MAEDecoder(cfg.embed_dim, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
+                                      cfg.patch_dim("rgb"), grid, cfg.mlp_ratio)
+        else:
+            decoder_cls = CascadedDecoder if cfg.decoder == "cascaded" else ParallelDecoder
+            self.decoder = decoder_cls(cfg.modalities, cfg.embed_dim, cfg.decoder_dim, cfg.decoder_depth,
+                                       cfg.decoder_heads, {m: cfg.patch_dim(m) for m in cfg.modalities}, grid,
+                                       cfg.mlp_ratio)
+        self.apply(_init_weights)
+
+    # Masking -----------------------------------------------------------------------------------
+
+    def sample_visible(self, batch: dict[str, torch.Tensor], generator: torch.Generator,
+                       progress: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visible tokens per sample as the data loader would draw them: ((B, V), strategy (B,))."""
+        cfg, M = self.cfg, len(self.cfg.modalities)
+        weights = curriculum_weights(progress, cfg.masking.curriculum)
+        device = batch["rgb"].device
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        draws = [draw_masking(rng, weights, cfg.masking, M) for _ in range(batch["rgb"].shape[0])]
+        strategy, proportions, keys = (torch.from_numpy(np.stack([d[k] for d in draws])).to(device)
+                                       for k in ("strategy", "proportions", "keys"))
+        guided = cfg.masking.strategy != "random"  # labels may guide masking even of an RGB-only model
+        semantic = patch_majority(batch["semantic"], cfg.patch_size) if guided and "semantic" in batch else None
+        instance = (patch_majority(batch["instance_ids"], cfg.patch_size)
+                    if guided and "instance_ids" in batch else None)
+        return visible_tokens(strategy, proportions, keys, semantic, instance, cfg.masking)
+
+    def visible_mask(self, out: PretrainOutput) -> dict[str, torch.Tensor]:
+        """Modality -> (B, N) bool, True where the encoder saw the patch."""
+        return self._visible_by_modality(out.visible)
+
+    def _visible_by_modality(self, visible: torch.Tensor) -> dict[str, torch.Tensor]:
+        N = self.cfg.num_positions
+        masked = visible_to_masked(visible, len(self.cfg.modalities) * N)  # (B, M * N)
+        return {m: ~masked[:, i * N:(i + 1) * N] for i, m in enumerate(self.cfg.modalities)}
+
+    # Forward -----------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
+                progress: float = 0.0) -> PretrainOutput:
+        """batch: the loader's dict (layout in docs/model.md). Without "visible", masks are drawn here with
+        `generator` (seeded from torch's global generator when None) at curriculum `progress`."""
+        missing = [m for m in self.cfg.modalities if m not in batch]
+        if missing:
+            raise ValueError(f"The batch lacks {missing}; this model reads {list(self.cfg.modalities)}, "
+                             "so build batches for it with the pretraining data loader (layout in docs/model.md).")
+        if "visible" in batch:
+            visible = batch["visible"]
+            strategy = batch.get("strategy", torch.full((visible.shape[0],), -1, device=visible.device))
+        else:
+            if generator is None:
+                generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+            visible, strategy = self.sample_visible(batch, generator, progress)
+        x = self.encoder({m: batch[m] for m in self.cfg.modalities}, visible)  # (B, 1 + V, D)
+        predictions = self.decoder(x, visible)  # modality -> (B, N, patch_dim)
+        masked = {m: ~v for m, v in self._visible_by_modality(visible).items()}  # modality -> (B, N)
+        terms = {m: self.loss_term(m, predictions[m], batch, masked[m]) for m in self.cfg.modalities}
+        loss = sum(self.loss_weight(m) * terms[m] for m in self.cfg.modalities)
+        return PretrainOutput(loss, terms, predictions, visible, strategy)
+
+    def loss_weight(self, modality: str) -> float:
+        return {"semantic": self.cfg.lambda_semantic, "instance": self.cfg.lambda_instance,
+                "rgb": self.cfg.lambda_rgb}[modality]
+
+    def loss_term(self, modality: str, pred: torch.Tensor, batch: dict[str, torch.Tensor],
+                  masked: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if modality == "rgb":
+            return losses.rgb_loss(pred, batch["rgb"], masked, cfg.patch_size, cfg.norm_pix_loss,
+                                   cfg.loss_reduction)
+        if modality == "instance":
+            return losses.instance_loss(pred, batch["instance"], masked, cfg.patch_size, cfg.loss_reduction)
+        labels = downsample_labels(batch["semantic"], cfg.semantic_downsample)  # (B, H/4, W/4)
+        return losses.semantic_loss(pred, labels, masked, cfg.patch_size // cfg.semantic_downsample,
+                                    cfg.num_semantic_classes, cfg.loss_reduction)
+
+    # Figures and export ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reconstruct(self, batch: dict[str, torch.Tensor], out: PretrainOutput) -> dict[str, torch.Tensor]:
+        """Full-size images: visible patches from the input, masked patches predicted.
+
+        "rgb" (B, 3, H, W) in normalised-image space (per-patch normalised predictions mapped back
+        with the input patch's mean and std, as MAE's figures do); "semantic" (B, H, W) class ids;
+        "instance" (B, 3, H, W) with the boundary channel as a probability.
+        """
+        cfg, P = self.cfg, self.cfg.patch_size
+        visible = self.visible_mask(out)
+        images = {}
+        for m in cfg.modalities:
+            pred, keep = out.predictions[m].float(), visible[m][..., None]  # (B, N, K), (B, N, 1)
+            if m == "rgb":
+                target = losses.patchify(batch["rgb"].float(), P)
+                if cfg.norm_pix_loss:
+                    _, mean, std = losses.normalise_patches(target)
+                    pred = pred * std + mean
+                images[m] = losses.unpatchify(torch.where(keep, target, pred), P, 3)
+            elif m == "instance":
+                pred = pred.reshape(*pred.shape[:2], -1, 3)
+                pred = torch.cat([pred[..., :1].sigmoid(), pred[..., 1:]], dim=-1).flatten(2)
+                images[m] = losses.unpatchify(torch.where(keep, losses.patchify(batch[m].float(), P), pred), P, 3)
+            else:
+                p = P // cfg.semantic_downsample
+                ids = pred.reshape(*pred.shape[:2], -1, cfg.num_semantic_classes).argmax(-1)  # (B, N, p*p)
+                labels = downsample_labels(batch["semantic"], cfg.semantic_downsample)[:, None]
+                ids = torch.where(keep, losses.patchify(labels, p), ids)
+                small = losses.unpatchify(ids, p, 1).float()  # (B, 1, H/4, W/4)
+                images[m] = F.interpolate(small, scale_factor=cfg.semantic_downsample, mode="nearest")[:, 0].long()
+        return images
+
+    def encode_rgb(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1 + N, D), equal to timm's forward_features of the exported model."""
+        return self.encoder.encode_rgb(images)
+
+    def timm_state_dict(self) -> dict[str, torch.Tensor]:
+        """The RGB path as `timm.create_model(cfg.timm_arch, num_classes=0)`'s state dict."""
+        return self.encoder.timm_state_dict()
+
+
+def _init_weights(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform linear and patch projections, small normal tokens."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):  # patch projections, treated as the linear layer they are
+        nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+    for name, param in module.named_parameters(recurse=False):
+        if name in ("cls_token", "mask_token", "modality_embed"):
+            nn.init.normal_(param, std=0.02)
