@@ -7,6 +7,7 @@ import types
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
@@ -111,6 +112,19 @@ def test_labeled_folder_gives_labels_masks_and_a_held_out_split(tmp_path):
     assert sample.image.shape == (24, 32, 3) and sample.mask.shape == (24, 32)
     assert set(np.unique(sample.mask)) <= {0, 1, 2, 3}
     assert sorted(by_id.values()).count(sample.label) > 0
+
+
+def test_labeled_folder_reads_each_row_group_once_in_a_shuffled_pass(tmp_path, monkeypatch):
+    write_synthetic_dataset(str(tmp_path), num_images=20, num_shards=3, size=(16, 16), seed=0)
+    data = load_eval_data(str(tmp_path), val_fraction=0.3)
+    expected = [data.train.load(i).label for i in range(len(data.train))]
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, *a, **k: reads.append(a) or real(self, *a, **k))
+    fresh = load_eval_data(str(tmp_path), val_fraction=0.3).train
+    order = np.random.default_rng(0).permutation(len(fresh))
+    assert [fresh.load(int(i)).label for i in order] == [expected[i] for i in order]
+    assert len(reads) == 3  # three shards of one row group each: every row group read once
 
 
 def _write_images(folder, classes, per_class, colour_of):
