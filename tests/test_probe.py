@@ -1,10 +1,13 @@
-"""Frozen-feature probes (k-NN, linear), the evaluation data sources, and the probe CLI end to end."""
+"""Probes: MAE's linear probe, the cached-feature k-NN / linear probes, the evaluation data sources, the CLI."""
 
+import dataclasses
 import importlib.util
+import json
 import types
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
@@ -13,9 +16,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import save_for_hf
 
 from dataset_card.synthetic import write_colour_task, write_synthetic_dataset
-from pretraining.evaluation import probe
-from pretraining.evaluation.cli import main
+from pretraining.evaluation import linear_probe, probe
+from pretraining.evaluation.cli import load_timm_model, main
 from pretraining.evaluation.folders import EvalDataError, hash_split, load_eval_data, probe_loaders
+from pretraining.evaluation.transforms import linear_probe_transform
 
 
 def blobs(n_per_class: int, num_classes: int, dim: int, spread: float, noise_seed: int):
@@ -110,6 +114,19 @@ def test_labeled_folder_gives_labels_masks_and_a_held_out_split(tmp_path):
     assert sorted(by_id.values()).count(sample.label) > 0
 
 
+def test_labeled_folder_reads_each_row_group_once_in_a_shuffled_pass(tmp_path, monkeypatch):
+    write_synthetic_dataset(str(tmp_path), num_images=20, num_shards=3, size=(16, 16), seed=0)
+    data = load_eval_data(str(tmp_path), val_fraction=0.3)
+    expected = [data.train.load(i).label for i in range(len(data.train))]
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, *a, **k: reads.append(a) or real(self, *a, **k))
+    fresh = load_eval_data(str(tmp_path), val_fraction=0.3).train
+    order = np.random.default_rng(0).permutation(len(fresh))
+    assert [fresh.load(int(i)).label for i in order] == [expected[i] for i in order]
+    assert len(reads) == 3  # three shards of one row group each: every row group read once
+
+
 def _write_images(folder, classes, per_class, colour_of):
     for c in classes:
         (folder / c).mkdir(parents=True, exist_ok=True)
@@ -177,15 +194,81 @@ def colours(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("command", ["knn", "linear-probe"])
-def test_probe_cli_prints_top1_and_writes_metrics(colours, tmp_path, capsys, command):
+@pytest.mark.parametrize("command, config", [("knn", "tiny"), ("linear-probe", "tiny"),
+                                             ("linear-probe", "cached_tiny")])
+def test_probe_cli_prints_top1_and_writes_metrics(colours, tmp_path, capsys, command, config):
     metrics = main([command, "--model", f"local-dir:{colours / 'encoder'}", "--data", str(colours / "data"),
-                    "--config", "tiny", "--val-fraction", "0.3", "--output", str(tmp_path)])
+                    "--config", config, "--val-fraction", "0.3", "--output", str(tmp_path)])
     out = capsys.readouterr().out
     assert f"{command}: top-1" in out and "3 classes" in out
     assert metrics["train_samples"] + metrics["val_samples"] == 36
     assert metrics["top1"] > 60.0  # colour is visible even to a random encoder
-    assert (tmp_path / f"{'knn' if command == 'knn' else 'linear'}.json").is_file()
+    written = json.loads((tmp_path / f"{'knn' if command == 'knn' else 'linear'}.json").read_text())
+    assert written["metrics"]["top1"] == metrics["top1"]
+
+
+# --- MAE's linear-probe protocol --------------------------------------------------------------------
+
+
+def test_linear_probe_augmentation_crops_and_flips_without_touching_colours():
+    transform = linear_probe_transform(16, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    plain = Image.fromarray(np.full((40, 40, 3), (200, 30, 30), np.uint8))
+    colour = (torch.tensor([200, 30, 30]) / 255 - torch.tensor(IMAGENET_DEFAULT_MEAN)) / torch.tensor(IMAGENET_DEFAULT_STD)
+    torch.manual_seed(0)
+    out = transform(plain)
+    assert out.shape == (3, 16, 16)
+    torch.testing.assert_close(out, colour[:, None, None].expand(3, 16, 16).float(), atol=1e-2, rtol=0)  # no jitter
+    halves = Image.fromarray(np.concatenate([np.zeros((40, 20, 3), np.uint8), np.full((40, 20, 3), 255, np.uint8)], 1))
+    views = {tuple((transform(halves)[0] > 0).float().mean(0).round().tolist()) for _ in range(10)}
+    assert len(views) > 1  # a new crop / flip at every draw
+
+
+def mae_probe(colours, cfg):
+    torch.manual_seed(cfg.seed)
+    encoder = load_timm_model(f"local-dir:{colours / 'encoder'}", num_classes=0, global_pool="token")
+    return linear_probe.FrozenEncoderProbe(encoder, 3)
+
+
+def test_mae_probe_trains_only_its_head_and_beats_an_untrained_one(colours, one_thread):
+    data = load_eval_data(str(colours / "data"), val_fraction=0.3)
+    cfg = linear_probe.tiny()
+    untrained = linear_probe.train_frozen_probe(mae_probe(colours, cfg), data, dataclasses.replace(cfg, epochs=0),
+                                                None, torch.device("cpu"), progress=False)
+    model = mae_probe(colours, cfg)
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    head_before = model.head[1].weight.clone()
+    trained = linear_probe.train_frozen_probe(model, data, cfg, None, torch.device("cpu"), progress=False)
+    assert trained["top1"] >= untrained["top1"] + 30.0, (trained, untrained)
+    assert all(torch.equal(v, encoder_before[k]) for k, v in model.encoder.state_dict().items())
+    assert not torch.equal(model.head[1].weight, head_before)
+    assert not model.head[0].affine and not model.encoder.training  # MAE's head; the encoder stays in eval mode
+
+
+def test_mae_probe_resumes_to_the_same_head(colours, tmp_path, monkeypatch, one_thread):
+    data = load_eval_data(str(colours / "data"), val_fraction=0.3)
+    cfg = dataclasses.replace(linear_probe.tiny(), epochs=4)
+    straight = linear_probe.train_frozen_probe(mae_probe(colours, cfg), data, cfg, str(tmp_path / "straight"),
+                                               torch.device("cpu"), progress=False)
+    real_save, saves = linear_probe.save_checkpoint, []
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        saves.append(state["epoch"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # killed after the 2nd epoch's checkpoint
+
+    monkeypatch.setattr(linear_probe, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        linear_probe.train_frozen_probe(mae_probe(colours, cfg), data, cfg, str(tmp_path / "resumed"),
+                                        torch.device("cpu"), progress=False)
+    monkeypatch.setattr(linear_probe, "save_checkpoint", real_save)
+    resumed = linear_probe.train_frozen_probe(mae_probe(colours, cfg), data, cfg, str(tmp_path / "resumed"),
+                                              torch.device("cpu"), progress=False)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 4
+    assert all(torch.equal(a["head"][k], b["head"][k]) for k in a["head"])
+    assert resumed == straight
 
 
 def test_probe_cli_errors_are_one_line(colours, tmp_path):
@@ -249,8 +332,9 @@ def test_pretrained_tiny_encoder_beats_random_init_by_5_points(tmp_path, one_thr
                        "--no-progress", *[a for kv in small for a in ("--set", kv)]]) == 0
     assert export.main([str(tmp_path / "run"), "--to", "timm", "--output", str(tmp_path / "timm")]) == 0
 
+    # The cached-feature probe: deterministic, and on 64 px images not blurred by random crops.
     probe_args = ["linear-probe", "--model", f"local-dir:{tmp_path / 'timm'}", "--data", str(tmp_path / "probe"),
-                  "--config", "tiny", "--val-fraction", "0.3"]
+                  "--config", "cached_tiny", "--val-fraction", "0.3"]
     pretrained = main(probe_args)
     random_init = main([*probe_args, "--random-init"])
     assert pretrained["val_samples"] > 150  # a held-out split large enough for 5 points to mean something

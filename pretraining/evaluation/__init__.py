@@ -1,3 +1,8 @@
-"""Downstream evaluation of an exported encoder (`python -m pretraining.evaluate`): `cli`, the data
-it reads (`folders`), and one module per protocol: `probe` (k-NN, linear), `finetune`, `segment`,
-`vitdet` (weights for detectron2)."""
+"""Downstream evaluation of an exported encoder (`python -m pretraining.evaluate`).
+
+`cli` parses and runs; one module per protocol: `finetune`, `linear_probe` (MAE's protocol),
+`probe` (the cached-feature k-NN / linear probes), `segment` (+ `segmenters`: UperNet, the linear
+probe), `detect` (+ `maskrcnn`: ViTDet's Mask R-CNN), `vitdet` (weights for detectron2); shared
+parts: `loop` (the resumable iteration loop, layer-wise lr decay), `transforms` (augmentations),
+the data readers `folders` and `coco`, and `synthetic_layouts` (tiny ADE20K / COCO folders).
+"""

@@ -7,7 +7,9 @@
   dataset contract's codecs;
 - ADE20K as distributed (`ADEChallengeData2016/{images,annotations}/{training,validation}`);
 - an ImageFolder (`ROOT/CLASS/*.jpg`, or `ROOT/{train,val}/CLASS/*.jpg` as ImageNet is laid out);
-- anything else `datasets` reads (`save_to_disk` output, or a folder `load_dataset` understands).
+- anything else `datasets` reads (`save_to_disk` output, or a folder `load_dataset` understands),
+  and `hub:REPO[@REVISION]` from the Hub (`scene_parse_150` read as ADE20K).
+COCO's instance annotations are `coco.py`'s.
 
 Where the data has no held-out split, a fixed fraction is held out by hashing each sample's key
 (image id or path), so the split does not depend on sharding, file order or a seed.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,13 +29,14 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from dataset_card import codecs, layout
 from dataset_card.schema import SchemaError, validate_schema
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 ADE20K_CLASSES = 150
+ADE20K_ON_HUB = "scene_parse_150"  # the Hub's ADEChallengeData2016 (image, annotation in ADE20K's convention)
+HUB_PREFIX = "hub:"
 
 
 class EvalDataError(ValueError):
@@ -90,27 +94,39 @@ class Subset:
 
 
 class ParquetSource:
-    """Rows of our labeled folder, read one Parquet row group at a time (the last one is cached,
-    so a sequential pass reads each row group once)."""
+    """Rows of our labeled folder, read one Parquet row group at a time. The last row groups read
+    stay in memory up to `cache_bytes` per process (least recently used first out), so a sequential
+    pass reads each row group once and a shuffled pass over a small folder (a probe's, ADE20K-sized)
+    reads it once per process, not once per sample."""
 
     COLUMNS = ("image", "label", "semantic_mask")
 
-    def __init__(self, files: Sequence[str], rows: np.ndarray, labels: np.ndarray, ignore_value: int):
+    def __init__(self, files: Sequence[str], rows: np.ndarray, labels: np.ndarray, ignore_value: int,
+                 cache_bytes: int = 256 * 2**20):
         self.files, self.rows, self.labels, self.ignore_value = list(files), rows, labels, ignore_value
-        self._cached: tuple[tuple[int, int], list[dict]] | None = None
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[tuple[int, int], tuple[list[dict], int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getstate__(self):  # DataLoader workers start with an empty cache
-        return {**self.__dict__, "_cached": None}
+        return {**self.__dict__, "_cache": OrderedDict()}
+
+    def _row_group(self, file: int, group: int) -> list[dict]:
+        key = (file, group)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key][0]
+        table = pq.ParquetFile(self.files[file]).read_row_group(group, columns=list(self.COLUMNS))
+        self._cache[key] = (table.to_pylist(), table.nbytes)
+        while len(self._cache) > 1 and sum(n for _, n in self._cache.values()) > self.cache_bytes:
+            self._cache.popitem(last=False)
+        return self._cache[key][0]
 
     def load(self, index: int) -> Sample:
         file, group, offset = (int(v) for v in self.rows[index])
-        if self._cached is None or self._cached[0] != (file, group):
-            table = pq.ParquetFile(self.files[file]).read_row_group(group, columns=list(self.COLUMNS))
-            self._cached = ((file, group), table.to_pylist())
-        row = self._cached[1][offset]
+        row = self._row_group(file, group)[offset]
         mask = codecs.decode_mask(row["semantic_mask"]["bytes"])
         return Sample(codecs.decode_image(row["image"]["bytes"]), int(row["label"]),
                       class_ids(mask, self.ignore_value))
@@ -138,9 +154,9 @@ class DatasetsSource:
     """Rows of a `datasets.Dataset`; image columns are read as bytes and decoded by our codecs."""
 
     def __init__(self, ds, image_column: str, label_column: str | None, mask_column: str | None,
-                 ignore_value: int | None):
+                 ignore_value: int | None, reduce_zero_label: bool = False):
         self.ds, self.image_column, self.label_column = ds, image_column, label_column
-        self.mask_column, self.ignore_value = mask_column, ignore_value
+        self.mask_column, self.ignore_value, self.reduce_zero_label = mask_column, ignore_value, reduce_zero_label
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -150,7 +166,8 @@ class DatasetsSource:
         label = -1 if self.label_column is None else int(row[self.label_column])
         mask = None
         if self.mask_column is not None:
-            mask = class_ids(_decode_cell(row[self.mask_column], codecs.decode_mask), self.ignore_value)
+            mask = class_ids(_decode_cell(row[self.mask_column], codecs.decode_mask), self.ignore_value,
+                             self.reduce_zero_label)
         return Sample(_decode_cell(row[self.image_column], codecs.decode_image), label, mask)
 
 
@@ -168,12 +185,19 @@ def _decode_cell(cell: dict, decode):
 
 def load_eval_data(path: str, val_fraction: float = 0.1, num_semantic_classes: int | None = None,
                    ignore_value: int | None = None, image_column: str | None = None,
-                   label_column: str | None = None, mask_column: str | None = None) -> EvalData:
+                   label_column: str | None = None, mask_column: str | None = None,
+                   reduce_zero_label: bool = False) -> EvalData:
     """Find out what `path` holds and return its train and held-out splits (see the module docstring).
 
-    `num_semantic_classes` / `ignore_value` / the column names are needed only for a generic
-    `datasets` folder, where nothing else says which column or value means what.
+    `num_semantic_classes` / `ignore_value` / `reduce_zero_label` / the column names are needed
+    only for a generic `datasets` folder, where nothing else says which column or value means what.
+    `hub:REPO[@REVISION]` loads a dataset from the Hugging Face Hub (online only).
     """
+    columns = (image_column, label_column, mask_column)
+    if path.startswith(HUB_PREFIX):
+        data = _hub(path[len(HUB_PREFIX):], val_fraction, num_semantic_classes, ignore_value, reduce_zero_label,
+                    *columns)
+        return _non_empty(data, path)
     if not os.path.isdir(path):
         raise EvalDataError(f"{path} is not a folder; pass a labeled folder, an ImageFolder, ADE20K or a "
                             f"`datasets` folder")
@@ -186,8 +210,12 @@ def load_eval_data(path: str, val_fraction: float = 0.1, num_semantic_classes: i
     elif _class_folders(path) or _class_folders(os.path.join(path, "train")):
         data = _imagefolder(path, val_fraction)
     else:
-        data = _datasets(path, val_fraction, num_semantic_classes, ignore_value, image_column, label_column,
-                         mask_column)
+        data = _datasets(_load_local(path), path, val_fraction, num_semantic_classes, ignore_value,
+                         reduce_zero_label, *columns)
+    return _non_empty(data, path)
+
+
+def _non_empty(data: EvalData, path: str) -> EvalData:
     if len(data.train) == 0 or len(data.val) == 0:
         raise EvalDataError(f"{path} gives {len(data.train)} training and {len(data.val)} held-out samples; "
                             f"add images or change --val-fraction so both are non-empty")
@@ -280,18 +308,49 @@ def _imagefolder(path: str, val_fraction: float) -> EvalData:
     return EvalData(Subset(source, train), Subset(source, val), tuple(classes), 0, "imagefolder")
 
 
-def _datasets(path: str, val_fraction: float, num_semantic_classes: int | None, ignore_value: int | None,
-              image_column: str | None, label_column: str | None, mask_column: str | None) -> EvalData:
+def _load_local(path: str):
     import datasets
 
     try:
         if os.path.isfile(os.path.join(path, "dataset_dict.json")) or os.path.isfile(os.path.join(path, "state.json")):
-            loaded = datasets.load_from_disk(path)
-        else:
-            loaded = datasets.load_dataset(path)
+            return datasets.load_from_disk(path)
+        return datasets.load_dataset(path)
     except Exception as err:  # datasets raises many types for "not a dataset"
         raise EvalDataError(f"{path} is not a labeled folder, ImageFolder, ADE20K or a folder `datasets` can "
-                            f"read ({type(err).__name__}: {err})") from err
+                            f"read ({type(err).__name__}: {_first_line(err)})") from err
+
+
+def _hub(spec: str, val_fraction: float, num_semantic_classes: int | None, ignore_value: int | None,
+         reduce_zero_label: bool, image_column: str | None, label_column: str | None,
+         mask_column: str | None) -> EvalData:
+    """A Hub dataset; one named like the Hub's `scene_parse_150` is read in ADE20K's convention."""
+    import datasets
+
+    repo, _, revision = spec.partition("@")
+    try:
+        loaded = datasets.load_dataset(repo, revision=revision or None)
+    except Exception as err:  # offline, unknown repo, a loading script `datasets` no longer runs, ...
+        raise EvalDataError(f"cannot load {repo!r} from the Hugging Face Hub ({type(err).__name__}: "
+                            f"{_first_line(err)}); check the name and that this machine is online, or download "
+                            f"the data (ADE20K: ADEChallengeData2016) and pass its folder") from err
+    if repo.rsplit("/", 1)[-1] == ADE20K_ON_HUB:  # ADEChallengeData2016 as image + annotation columns
+        return _datasets(loaded, f"hub:{spec}", val_fraction, ADE20K_CLASSES, None, True, image_column or "image",
+                         label_column or "", mask_column or "annotation")
+    return _datasets(loaded, f"hub:{spec}", val_fraction, num_semantic_classes, ignore_value, reduce_zero_label,
+                     image_column, label_column, mask_column)
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def _datasets(loaded, path: str, val_fraction: float, num_semantic_classes: int | None, ignore_value: int | None,
+              reduce_zero_label: bool, image_column: str | None, label_column: str | None,
+              mask_column: str | None) -> EvalData:
+    """Train / held-out sources over a loaded `datasets.Dataset` or `DatasetDict`; an empty
+    `label_column` means "no image-level labels"."""
+    import datasets
+
     splits = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
     train_name = "train" if "train" in splits else next(iter(splits))
     val_name = next((s for s in ("validation", "val", "test") if s in splits and s != train_name), None)
@@ -302,7 +361,8 @@ def _datasets(path: str, val_fraction: float, num_semantic_classes: int | None, 
         raise EvalDataError(f"{path} has no image column {image_column!r}; name it with --image-column "
                             f"(columns: {', '.join(features)})")
     labels = [n for n, f in features.items() if isinstance(f, datasets.ClassLabel)]
-    label_column = label_column or ("label" if "label" in labels else (labels[0] if labels else None))
+    if label_column != "":
+        label_column = label_column or ("label" if "label" in labels else (labels[0] if labels else None))
     if mask_column is None:
         mask_column = next((n for n in ("semantic_mask", "annotation", "segmentation", "mask", "label")
                             if n in images and n != image_column), None)
@@ -315,8 +375,8 @@ def _datasets(path: str, val_fraction: float, num_semantic_classes: int | None, 
         casts = {c: datasets.Image(decode=False) for c in (image_column, mask_column) if c is not None}
         for column, feature in casts.items():
             ds = ds.cast_column(column, feature)
-        return DatasetsSource(ds, image_column, label_column, mask_column,
-                              255 if ignore_value is None else ignore_value)
+        return DatasetsSource(ds, image_column, label_column or None, mask_column,
+                              255 if ignore_value is None else ignore_value, reduce_zero_label)
 
     if val_name is not None:
         train, val = source(splits[train_name]), source(splits[val_name])
@@ -358,21 +418,6 @@ class SegmentationSet(torch.utils.data.Dataset):
             raise EvalDataError("this data has no semantic masks; segmentation needs a dataset with masks")
         image = tv_tensors.Image(torch.from_numpy(sample.image.copy()).permute(2, 0, 1))
         return self.transform(image, tv_tensors.Mask(torch.from_numpy(sample.mask.copy())))
-
-
-def segmentation_transform(crop_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
-                           scale: tuple[float, float] = (0.5, 2.0)):
-    """Training: random rescale (short side crop_size x `scale`), random crop padded with ignore, flip.
-    Evaluation: the full image, only normalised (sliding-window inference handles its size)."""
-    normalise = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    if not train:
-        return v2.Compose(normalise)
-    return v2.Compose([
-        v2.RandomResize(int(crop_size * scale[0]), int(crop_size * scale[1]) + 1),
-        v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: -1}),
-        v2.RandomHorizontalFlip(),
-        *normalise,
-    ])
 
 
 def evenly_spaced(source: Source, count: int | None) -> Source:

@@ -1,10 +1,11 @@
-"""Frozen-feature classification probes: weighted k-NN and MAE's linear probe.
+"""Cached-feature classification probes, the fast options: weighted k-NN and a linear probe.
 
 Features are extracted once with the evaluation transform and cached (N, D); both probes then
-run on the cached matrices, so a probe takes minutes instead of 90 epochs of encoder forwards
-(docs/evaluation.md gives the reason and the one difference from MAE's recipe that follows).
-`knn_accuracy` and `linear_probe_accuracy` are pure functions of feature matrices: the
-pretraining loop calls them every N epochs on a held-out split.
+run on the cached matrices, so a probe takes minutes instead of 90 epochs of encoder forwards.
+The linear probe here has MAE's head and optimiser but no augmentation, so its numbers sit near,
+not on, MAE's; `linear_probe.py` is MAE's protocol itself (`linear-probe --config mae`), and this
+one is `linear-probe --config cached`. `knn_accuracy` and `linear_probe_accuracy` are pure
+functions of feature matrices: the pretraining loop calls them every N epochs on a held-out split.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class KnnConfig:
 
 @dataclass(frozen=True)
 class LinearProbeConfig:
-    """MAE's linear probe (BatchNorm without affine, then a linear layer; LARS; cosine after warm-up)."""
+    """The cached-feature linear probe: MAE's head (BatchNorm without affine, then a linear layer),
+    LARS, cosine after warm-up, on features of un-augmented images."""
 
     epochs: int = 90
     batch_size: int = 16384
@@ -70,7 +72,8 @@ def linear_probe_tiny() -> LinearProbeConfig:
 
 
 KNN_RECIPES = {"mae": knn_mae, "tiny": knn_tiny}
-LINEAR_PROBE_RECIPES = {"mae": linear_probe_mae, "tiny": linear_probe_tiny}
+CACHED_LINEAR_PROBE_RECIPES = {"cached": linear_probe_mae, "cached_tiny": linear_probe_tiny}
+LINEAR_PROBE_RECIPES = {"mae": linear_probe_mae, "tiny": linear_probe_tiny}  # the same, under the old names
 
 
 @torch.no_grad()
@@ -155,6 +158,17 @@ def linear_head(dim: int, num_classes: int) -> nn.Sequential:
     return head
 
 
+def head_optimizer(head: nn.Sequential, name: str, lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """LARS as MAE's (the weight matrix always adapted by the trust ratio, the bias never), or SGD."""
+    if name == "lars":
+        return Lars([{"params": [head[1].weight], "always_adapt": True}, {"params": [head[1].bias]}],
+                    lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'lars' or 'sgd', got {name!r}")
+
+
 def train_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
                        cfg: LinearProbeConfig, device: torch.device, progress: bool = False) -> nn.Sequential:
     """Train `linear_head` on cached features (N, D) with LARS (or SGD), linear warm-up then cosine
@@ -164,15 +178,7 @@ def train_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, nu
     head = linear_head(train_feats.shape[1], num_classes).to(device)
     batch = min(cfg.batch_size, len(train_feats))
     steps_per_epoch = max(1, len(train_feats) // batch)  # drop the last partial batch, as MAE does
-    lr = cfg.base_lr * batch / 256
-    if cfg.optimizer == "lars":
-        # LARS adapts the weight matrix always (MAE's LARS excludes only 1-d parameters: the bias).
-        optimizer = Lars([{"params": [head[1].weight], "always_adapt": True}, {"params": [head[1].bias]}],
-                         lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
-        raise ValueError(f"optimizer must be 'lars' or 'sgd', got {cfg.optimizer!r}")
+    optimizer = head_optimizer(head, cfg.optimizer, cfg.base_lr * batch / 256, cfg.momentum, cfg.weight_decay)
     warmup = cfg.warmup_epochs * steps_per_epoch
     scheduler = CosineLRScheduler(optimizer, t_initial=max(1, cfg.epochs * steps_per_epoch - warmup), lr_min=0.0,
                                   warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)

@@ -1,10 +1,14 @@
-"""Semantic segmentation probe: a light head on a ViT's patch features, scored by mIoU.
+"""Semantic segmentation of an exported encoder, scored by mIoU: MAE's ADE20K protocol by default.
 
-The head is BatchNorm + a 1x1 convolution over the concatenated patch tokens of the encoder's last
-`layers` blocks, upsampled bilinearly to the image (the linear probe of dense features). The encoder
-stays frozen, or is fine-tuned with layer-wise lr decay (`finetune_encoder`). Evaluation slides
-crop-sized windows over each image resized to a short side of `crop_size` and scores the prediction
-at the label's own resolution. Runs are resumable: the run directory holds `checkpoint.pt`.
+Two heads share one resumable, iteration-based loop (`loop.py`) and one evaluation:
+- `--config upernet` (the default): MAE's ADE20K protocol, BEiT's UperNet on four blocks of the
+  fine-tuned encoder, 512 crops, 160k iterations of batch 16, AdamW, layer-wise lr decay 0.65,
+  poly schedule (`segmenters.UperNetSegmenter`);
+- `--config linear`: the fast probe, BatchNorm + 1x1 convolution on the frozen encoder's last four
+  blocks, 40k iterations (`segmenters.LinearSegmenter`).
+Evaluation resizes each image to a short side of `crop_size`, averages the logits of crop-sized
+windows at stride 2/3 crop (single scale, as mmsegmentation's `slide` mode), and scores the
+prediction at the label's own resolution; the confusion matrix is summed over the split and ranks.
 """
 
 from __future__ import annotations
@@ -18,60 +22,95 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from pretraining.evaluation.finetune import (
-    CHECKPOINT,
-    RunError,
-    load_checkpoint,
-    model_data_config,
-    rank_world,
-    save_checkpoint,
-    seed_epoch,
-)
-from pretraining.evaluation.folders import EvalData, SegmentationSet, Subset, segmentation_transform
+from pretraining.evaluation.finetune import RunError, model_data_config, rank_world
+from pretraining.evaluation.folders import EvalData, SegmentationSet, Subset
+from pretraining.evaluation.loop import layer_decay_groups, train_iterations
+from pretraining.evaluation.segmenters import LinearSegmenter, UperNetSegmenter, parse_blocks
+from pretraining.evaluation.transforms import segmentation_transform
 
 
 @dataclass(frozen=True)
 class SegmentConfig:
+    """Defaults: MAE's ADE20K recipe (mmsegmentation's `upernet_mae` config for ViT-B)."""
+
+    head: str = "upernet"  # "upernet" (MAE's protocol) or "linear" (the fast probe)
+    blocks: str = "3,5,7,11"  # encoder blocks feeding the head; negative counts from the end
     crop_size: int = 512
-    iterations: int = 40000
+    iterations: int = 160000
     batch_size: int = 16  # global
-    lr: float = 1e-3
+    lr: float = 1e-4
     min_lr: float = 0.0
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.05
     warmup_iters: int = 1500
-    layers: int = 4  # patch tokens of the last `layers` blocks, concatenated
-    finetune_encoder: bool = False
+    schedule: str = "poly"  # "poly" (power 1, as mmsegmentation) or "cosine"
+    finetune_encoder: bool = True
     layer_decay: float = 0.65  # only with finetune_encoder
+    drop_path: float = 0.1  # only with finetune_encoder
+    channels: int = 768  # UperNet width
+    aux_channels: int = 256  # auxiliary FCN head width
+    aux_weight: float = 0.4
+    dropout: float = 0.1  # before the classifiers
     scale_min: float = 0.5  # random rescale of the short side, relative to crop_size
     scale_max: float = 2.0
-    checkpoint_every: int = 1000
+    cat_max_ratio: float = 0.75  # re-draw crops that one class fills beyond this share (1: off)
+    photometric: bool = True  # mmsegmentation's PhotoMetricDistortion
+    checkpoint_every: int = 2000
     eval_every: int = 0  # also score mIoU every N iterations (a multiple of checkpoint_every); 0: only at the end
     seed: int = 0
     num_workers: int = 8
 
 
-def segment_linear() -> SegmentConfig:
-    """Frozen encoder, linear head: ADE20K at 512 px, 40k iterations of batch 16."""
+def segment_upernet() -> SegmentConfig:
+    """MAE's ADE20K protocol (ViT-B): UperNet, 512 crops, 160k x 16, AdamW 1e-4, layer decay 0.65."""
     return SegmentConfig()
 
 
-def segment_finetune() -> SegmentConfig:
-    """Encoder fine-tuned with layer decay 0.65 under the same light head."""
-    return SegmentConfig(lr=1e-4, weight_decay=0.05, finetune_encoder=True)
+def segment_linear() -> SegmentConfig:
+    """The fast probe: frozen encoder, BatchNorm + 1x1 conv on its last 4 blocks, 40k x 16."""
+    return SegmentConfig(head="linear", blocks="-4,-3,-2,-1", iterations=40000, lr=1e-3, weight_decay=1e-4,
+                         schedule="cosine", finetune_encoder=False, drop_path=0.0, cat_max_ratio=1.0,
+                         photometric=False, checkpoint_every=1000)
 
 
 def segment_tiny() -> SegmentConfig:
-    return SegmentConfig(crop_size=64, iterations=60, batch_size=8, lr=1e-2, warmup_iters=5, layers=2,
-                         checkpoint_every=30, num_workers=0)
+    """CPU twin of `upernet`: 64 px crops, 40 iterations of batch 8, a 32-wide UperNet."""
+    return SegmentConfig(blocks="0,0,1,1", crop_size=64, iterations=40, batch_size=8, lr=1e-3, warmup_iters=5,
+                         channels=32, aux_channels=16, checkpoint_every=20, num_workers=0)
 
 
-RECIPES = {"linear": segment_linear, "finetune": segment_finetune, "tiny": segment_tiny}
+def segment_linear_tiny() -> SegmentConfig:
+    return SegmentConfig(**{**asdict(segment_linear()), "blocks": "-2,-1", "crop_size": 64, "iterations": 40,
+                            "batch_size": 8, "lr": 1e-2, "warmup_iters": 5, "checkpoint_every": 20,
+                            "num_workers": 0})
+
+
+RECIPES = {"upernet": segment_upernet, "linear": segment_linear, "tiny": segment_tiny,
+           "linear_tiny": segment_linear_tiny}
+
+
+def build_segmenter(encoder: nn.Module, num_classes: int, cfg: SegmentConfig) -> nn.Module:
+    """The head `cfg.head` on `encoder` (a timm ViT built with drop path cfg.drop_path)."""
+    try:
+        blocks = parse_blocks(cfg.blocks, len(encoder.blocks))
+    except ValueError as err:
+        raise RunError(str(err)) from err
+    if cfg.head == "upernet":
+        if len(blocks) != 4:
+            raise RunError(f"UperNet takes 4 blocks (strides 4, 8, 16, 32); --set blocks={cfg.blocks} names "
+                           f"{len(blocks)}")
+        model = UperNetSegmenter(encoder, num_classes, blocks, cfg.channels, cfg.aux_channels, cfg.aux_weight,
+                                 cfg.dropout)
+        if not cfg.finetune_encoder:
+            model.encoder.requires_grad_(False)
+        return model
+    if cfg.head == "linear":
+        return LinearSegmenter(encoder, num_classes, blocks, frozen=not cfg.finetune_encoder)
+    raise RunError(f"--set head={cfg.head!r}: choose upernet or linear")
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -103,35 +142,6 @@ def mean_iou(conf: torch.Tensor) -> float:
 
 def pixel_accuracy(conf: torch.Tensor) -> float:
     return 100.0 * conf.diag().sum().item() / max(conf.sum().item(), 1)
-
-
-class SegmentationProbe(nn.Module):
-    """images (B, 3, H, W) -> logits (B, C, H, W) from a timm ViT's patch tokens."""
-
-    def __init__(self, encoder: nn.Module, num_classes: int, layers: int = 4, frozen: bool = True):
-        super().__init__()
-        self.encoder, self.layers, self.frozen = encoder, layers, frozen
-        dim = encoder.embed_dim * layers
-        self.head = nn.Sequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, num_classes, kernel_size=1))
-        if frozen:
-            self.encoder.requires_grad_(False)
-        for unused in ("fc_norm", "head"):  # a fine-tuned classifier's pooling norm and head play no part here
-            if isinstance(getattr(encoder, unused, None), nn.Module):
-                getattr(encoder, unused).requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen:
-            self.encoder.eval()  # no drop path or dropout in a frozen encoder
-        return self
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) -> logits (B, C, H, W)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            feats = self.encoder.forward_intermediates(images, indices=self.layers, norm=True, output_fmt="NCHW",
-                                                       intermediates_only=True)  # layers x (B, D, h, w)
-        logits = self.head(torch.cat(feats, dim=1))  # (B, C, h, w)
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
@@ -174,97 +184,59 @@ def evaluate_segmentation(model: nn.Module, loader: DataLoader, num_classes: int
     return conf.cpu()
 
 
-def _batches(n: int, batch: int, seed: int, rank: int, world: int, start: int, stop: int) -> list[list[int]]:
-    """This rank's batches for iterations [start, stop): epoch e is a permutation seeded by seed + e,
-    cut into world x batch slices (the last partial one dropped)."""
-    per_epoch = n // (batch * world)
-    out, perms = [], {}
-    for it in range(start, stop):
-        epoch, pos = divmod(it, per_epoch)
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        first = (pos * world + rank) * batch
-        out.append(perms[epoch][first:first + batch])
-    return out
+def _scheduler(optimizer, cfg: SegmentConfig):
+    if cfg.schedule == "poly":  # mmsegmentation: linear warm-up from 1e-6 x lr, then (1 - t / T) ** 1
+        return PolyLRScheduler(optimizer, t_initial=max(1, cfg.iterations), power=1.0, lr_min=cfg.min_lr,
+                               warmup_t=cfg.warmup_iters, warmup_lr_init=cfg.lr * 1e-6, t_in_epochs=False)
+    if cfg.schedule == "cosine":
+        return CosineLRScheduler(optimizer, t_initial=max(1, cfg.iterations - cfg.warmup_iters), lr_min=cfg.min_lr,
+                                 warmup_t=cfg.warmup_iters, warmup_lr_init=0.0, warmup_prefix=True,
+                                 t_in_epochs=False)
+    raise RunError(f"--set schedule={cfg.schedule!r}: choose poly or cosine")
 
 
-def train_segmentation(probe: SegmentationProbe, data: EvalData, cfg: SegmentConfig, output: str,
-                       device: torch.device, progress: bool = True) -> dict:
-    """Train `probe` on data.train for cfg.iterations, resuming from `output`; return mIoU metrics on data.val."""
+def optimizer_groups(model: nn.Module, weight_decay: float, layer_decay: float | None) -> list[dict]:
+    """AdamW groups: the head at the full lr, the encoder with BEiT's layer-wise decay
+    (`loop.layer_decay_groups`), or frozen when `layer_decay` is None."""
+    groups = param_groups_weight_decay(model.head, weight_decay)
+    return groups if layer_decay is None else groups + layer_decay_groups(model.encoder, weight_decay, layer_decay)
+
+
+def train_segmentation(model: nn.Module, data: EvalData, cfg: SegmentConfig, output: str, device: torch.device,
+                       progress: bool = True) -> dict:
+    """Train `model` (a segmenter: `.encoder`, `.head`) on data.train for cfg.iterations, resuming
+    from `output`; return mIoU metrics on data.val (also written to output/metrics.json)."""
     rank, world = rank_world()
-    if cfg.batch_size % world:
-        raise RunError(f"batch_size {cfg.batch_size} is not divisible by the {world} devices")
-    local_batch, num_classes = cfg.batch_size // world, data.num_semantic_classes
-    if len(data.train) < cfg.batch_size:
-        raise RunError(f"{len(data.train)} training images make no batch of {cfg.batch_size}; lower --set batch_size")
-    data_config = model_data_config(probe.encoder)
+    num_classes = data.num_semantic_classes
+    data_config = model_data_config(model.encoder)
     mean, std = data_config["mean"], data_config["std"]
-    train_set = SegmentationSet(data.train, segmentation_transform(cfg.crop_size, mean, std, train=True,
-                                                                   scale=(cfg.scale_min, cfg.scale_max)))
+    train_set = SegmentationSet(data.train, segmentation_transform(
+        cfg.crop_size, mean, std, train=True, scale=(cfg.scale_min, cfg.scale_max), cat_max_ratio=cfg.cat_max_ratio,
+        photometric=cfg.photometric))
     val_set = SegmentationSet(Subset(data.val, range(rank, len(data.val), world)),
                               segmentation_transform(cfg.crop_size, mean, std, train=False))
     val_loader = DataLoader(val_set, batch_size=1, num_workers=cfg.num_workers)
 
-    probe.to(device)
-    groups = param_groups_weight_decay(probe.head, cfg.weight_decay)
-    if cfg.finetune_encoder:
-        groups += param_groups_layer_decay(probe.encoder, cfg.weight_decay, probe.encoder.no_weight_decay(),
-                                           layer_decay=cfg.layer_decay)
+    if world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # 2 images per GPU: statistics over the batch
+    model.to(device)
+    groups = optimizer_groups(model, cfg.weight_decay, cfg.layer_decay if cfg.finetune_encoder else None)
     optimizer = create_optimizer_v2(groups, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, cfg.iterations - cfg.warmup_iters), lr_min=cfg.min_lr,
-                                  warmup_t=cfg.warmup_iters, warmup_lr_init=0.0, warmup_prefix=True,
-                                  t_in_epochs=False)
-    os.makedirs(output, exist_ok=True)
     config = {**asdict(cfg), "num_classes": num_classes, "train_samples": len(data.train)}
-    start = 0
-    state = load_checkpoint(os.path.join(output, CHECKPOINT), config)
-    if state is not None:
-        probe.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["iteration"]
-    net = nn.parallel.DistributedDataParallel(probe) if world > 1 else probe
-    writer = SummaryWriter(os.path.join(output, "tb")) if rank == 0 else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(total=cfg.iterations, initial=start, desc="segmentation", disable=not (progress and rank == 0))
-    it = start
-    while it < cfg.iterations:
-        # Iterations between checkpoints are one chunk with its own seeds: a resumed run repeats them.
-        stop = min(cfg.iterations, (it // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
-        seed_epoch(cfg.seed, it, rank)
-        generator = torch.Generator().manual_seed(cfg.seed + it)
-        loader = DataLoader(train_set, batch_sampler=_batches(len(train_set), local_batch, cfg.seed, rank, world, it,
-                                                              stop), num_workers=cfg.num_workers, generator=generator)
-        net.train()
-        for images, masks in loader:
-            scheduler.step_update(it)
-            with autocast:
-                loss = F.cross_entropy(net(images.to(device)), masks.to(device), ignore_index=-1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            it += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if writer is not None and it % 10 == 0:
-                writer.add_scalar("train/loss", loss.item(), it)
-        if cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
-            conf = evaluate_segmentation(probe, val_loader, num_classes, cfg.crop_size, device)
-            if writer is not None:
-                writer.add_scalar("val/mIoU", mean_iou(conf), it)
-        if rank == 0:
-            save_checkpoint(os.path.join(output, CHECKPOINT), {"model": probe.state_dict(),
-                                                               "optimizer": optimizer.state_dict(), "iteration": it,
-                                                               "config": config})
-        if world > 1:
-            dist.barrier()
-    bar.close()
-    conf = evaluate_segmentation(probe, val_loader, num_classes, cfg.crop_size, device, progress and rank == 0)
+
+    def evaluate() -> dict[str, float]:
+        return {"mIoU": mean_iou(evaluate_segmentation(model, val_loader, num_classes, cfg.crop_size, device))}
+
+    train_iterations(model, optimizer, _scheduler(optimizer, cfg), train_set,
+                     lambda net, batch: net(batch[0].to(device, non_blocking=True), batch[1].to(device)),
+                     iterations=cfg.iterations, batch_size=cfg.batch_size, checkpoint_every=cfg.checkpoint_every,
+                     output=output, config=config, device=device, seed=cfg.seed, num_workers=cfg.num_workers,
+                     eval_every=cfg.eval_every, evaluate=evaluate, name="segmentation", progress=progress)
+    conf = evaluate_segmentation(model, val_loader, num_classes, cfg.crop_size, device, progress and rank == 0)
     result = {"mIoU": mean_iou(conf), "pixel_accuracy": pixel_accuracy(conf),
               "class_iou": [None if math.isnan(v) else 100.0 * v for v in class_iou(conf).tolist()],
               "iterations": cfg.iterations}
     if rank == 0:
-        writer.add_scalar("val/mIoU", result["mIoU"], cfg.iterations)
-        writer.close()
         with open(os.path.join(output, "metrics.json"), "w") as f:
             json.dump(result, f, indent=2)
     return result
