@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
         write_colour_task(str(probe_data), 300, seed=1)
     probe = [py, "-m", "pretraining.evaluate", "linear-probe", "--model", f"local-dir:{timm_dir}",
-             "--data", str(probe_data), "--config", "tiny", "--val-fraction", "0.3"]
+             "--data", str(probe_data), "--config", "cached_tiny", "--val-fraction", "0.3"]
     times["probe"] = run("probe", [*probe, "--output", str(out / "probe")], log)
     times["probe (random init)"] = run("probe (random init)", [*probe, "--random-init",
                                                                 "--output", str(out / "probe_random")], log)
