@@ -242,7 +242,7 @@ def objects_section(summary: RunSummary) -> str:
              f"≥ {invariants.MIN_MEAN_AGREEMENT:.0%}"),
             (f"painted instances ≥ {invariants.NESTED_SHARE:.0%} inside a painted one of their class",
              percent(stats.painted_nested / stats.painted), f"≤ {invariants.MAX_NESTED:.0%}"),
-            (f"... inside a painted one of any class", percent(stats.painted_nested_any / stats.painted), "-"),
+            ("... inside a painted one of any class", percent(stats.painted_nested_any / stats.painted), "-"),
         ]
         checked = "required (`python -m dataset_card validate` checks it)" if rule.paint == "objects" else \
             "required of the `objects` rule (not this one)"

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from dataset_card import layout, shards
 from dataset_card.card import minimal_card
-from dataset_card.schema import arrow_schema
 from dataset_card.painting import DEFAULT_RULE, PaintingRule, rule_named
+from dataset_card.schema import arrow_schema
 from labeling.inputs.input_list import InputError, Inputs
 from labeling.inputs.kinds import list_inputs
 from labeling.labelers.model_choice import TINY_RANDOM_WARNING, ModelChoice
