@@ -37,8 +37,8 @@ def parser() -> argparse.ArgumentParser:
                     help="output folder (local/shared path or URL): data/, errors/, stats/, manifest.json, stats.json, "
                          "metadata.json, README.md")
     io.add_argument("--models", required=True, choices=("default", "tiny-random"),
-                    help="default: SAM vit_h + facebook/mask2former-swin-large-coco-panoptic; tiny-random: small "
-                         "random twins for offline smoke runs (meaningless labels)")
+                    help="default: SAM vit_h (with SA-1B's mask filters) + facebook/mask2former-swin-large-coco-panoptic; "
+                         "tiny-random: small random twins for offline smoke runs (meaningless labels)")
     io.add_argument("--shard-size", type=positive_int, default=1000,
                     help="images per output shard; a shard is the unit of work and of commit (default 1000)")
     io.add_argument("--limit", type=positive_int, default=None, help="label only the first N inputs (trial runs)")

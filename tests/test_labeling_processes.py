@@ -215,5 +215,6 @@ def test_help_explains_every_flag():
     done = subprocess.run(RUN + ["--help"], env=env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
     for flag in ("--input", "--output", "--models", "--shard-size", "--limit", "--overwrite", "--retry-errors",
-                 "--max-pixels", "--gpus-per-actor", "--instance-actors", "--model-batch-size"):
+                 "--max-pixels", "--gpus-per-actor", "--instance-actors", "--model-batch-size", "--semantic-revision",
+                 "--semantic-shortest-edge", "--painting-rule", "--min-purity"):
         assert flag in done.stdout
