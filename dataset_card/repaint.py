@@ -153,6 +153,10 @@ def repaint(output: str, rule: str | None = None, min_purity: float | None = Non
         manifest["repaints"] = [*manifest.get("repaints", []), record]
         manifest["schema_version"] = SCHEMA_VERSION
         manifest["painting"] = rule.to_dict()
+        if isinstance(manifest.get("arguments"), dict):  # a labeling run resuming here must paint alike
+            default = painting.RULES[rule.name].min_purity
+            manifest["arguments"].update(painting_rule=rule.name,
+                                         min_purity=None if rule.min_purity == default else rule.min_purity)
         shards.write_bytes(fs, posixpath.join(root, layout.MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
     from dataset_card.build import build_card
 

@@ -265,7 +265,9 @@ semantic = np.array(row["semantic_mask"])         # (H, W) class ids, {ignore} =
 instance_map = np.array(row["instance_mask"])     # (H, W) 0 = none, k = instances[k-1]
 label = ds.features["label"].int2str(row["label"])
 
-# Each instance's full mask (also the parts hidden under smaller masks) from its RLE:
+# Every mask is kept, with what it is: "object" (in the map), "part" (of object `parent`), "stuff", "dropped".
+objects = [i for i in row["instances"] if i["level"] == "object"]
+# Each instance's full mask (also the parts and regions the map does not show) from its RLE:
 inst = row["instances"][0]
 mask = mask_utils.decode({{"size": inst["rle"]["size"], "counts": inst["rle"]["counts"].encode()}})  # (H, W) uint8
 assert mask.shape == (row["height"], row["width"])

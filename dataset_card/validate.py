@@ -292,7 +292,8 @@ def validate(output: str, full: bool = False, sample: int = 256, seed: int = 0, 
     try:
         metadata = read_metadata(fs, root, output)
     except (OutputError, SchemaError) as err:
-        report.violations.append(Violation(layout.METADATA_FILE, str(err).replace(posixpath.join(root, ""), "")))
+        message = str(err).replace(posixpath.join(root, ""), "").removeprefix(f"{layout.METADATA_FILE} ")
+        report.violations.append(Violation(layout.METADATA_FILE, message))
         return report
     manifest = read_json(fs, posixpath.join(root, layout.MANIFEST_FILE)) or {}
     if not manifest:

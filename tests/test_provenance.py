@@ -16,6 +16,9 @@ from labeling.pipeline import manifest
 REPO = "test-org/tiny-mask2former"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
+# Small tensors: one torch thread is faster than two fighting on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -24,6 +24,9 @@ from labeling.labelers.semantic import (
 )
 from labeling.labelers.tiny_models import TINY_CLASSES, TINY_THING_IDS, build_tiny_random_models
 
+# Small tensors: one torch thread is faster than two fighting on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
