@@ -85,3 +85,59 @@ def map_figures(instances: Sequence[Mapping], semantic: np.ndarray, instance_map
         out.nested_any = [k for k, row in zip(known, nested) if row.any()]
         out.nested = [k for k, row in zip(known, nested & same_class) if row.any()]
     return out
+
+
+@dataclass
+class Figures:
+    """The alignment invariants' figures over the rows checked (sums of `MapFigures`)."""
+
+    rows: int = 0
+    painted: int = 0
+    not_thing: int = 0
+    disagreeing: int = 0
+    agreement_sum: float = 0.0
+    nested: int = 0
+    nested_any: int = 0
+
+    def add(self, figures: MapFigures) -> None:
+        self.rows += 1
+        self.painted += figures.painted
+        self.not_thing += len(figures.not_thing)
+        self.disagreeing += len(figures.disagreeing)
+        self.agreement_sum += sum(figures.agreement.values())
+        self.nested += len(figures.nested)
+        self.nested_any += len(figures.nested_any)
+
+    def merge(self, other: Figures) -> None:
+        for name in ("rows", "painted", "not_thing", "disagreeing", "agreement_sum", "nested", "nested_any"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def mean_agreement(self) -> float:
+        return self.agreement_sum / self.painted if self.painted else float("nan")
+
+    def share(self, count: int) -> float:
+        return count / self.painted if self.painted else 0.0
+
+    def __str__(self) -> str:
+        if not self.painted:
+            return f"no painted instance in the {self.rows:,} rows checked"
+        return (f"{self.painted:,} painted instances in {self.rows:,} rows: {self.share(self.not_thing):.1%} not a "
+                f"thing-class instance, {self.share(self.disagreeing):.1%} under {MIN_AGREEMENT:.0%} of "
+                f"their class, mean agreement {self.mean_agreement:.2%}, {self.share(self.nested):.1%} nested "
+                f">= {NESTED_SHARE:.0%} in a same-class painted instance "
+                f"({self.share(self.nested_any):.1%} in one of any class)")
+
+    def problems(self, objects: bool) -> list[str]:
+        """The folder-level invariants these figures break (checked for a rule that paints objects)."""
+        if not objects or not self.painted:
+            return []
+        where, out = f"{self.rows:,} rows checked", []
+        if self.mean_agreement < MIN_MEAN_AGREEMENT:
+            out.append(f"painted instances lie on average {self.mean_agreement:.2%} on their class in the {where}, "
+                       f"under the {MIN_MEAN_AGREEMENT:.0%} the painting rule guarantees: repaint the folder")
+        if self.share(self.nested) > MAX_NESTED:
+            out.append(f"{self.share(self.nested):.1%} of the painted instances in the {where} lie >= "
+                       f"{NESTED_SHARE:.0%} inside a painted instance of their class (at most {MAX_NESTED:.0%} "
+                       "allowed): the map paints parts, not objects")
+        return out

@@ -196,7 +196,8 @@ def statistics(summary: RunSummary, shares: Sequence[ClassShare], assets: Mappin
                "image on average.\n\n"
                + _histogram("instances", bin_labels(layout.INSTANCE_COUNT_EDGES), stats.instances_per_image, "images")
                + _picture(assets, "instances_per_image.png", "Histogram of instances per image"))
-    out.append("### Mask coverage\n\nShare of each image's pixels under at least one instance mask.\n\n"
+    out.append("### Mask coverage\n\nShare of each image's pixels that `instance_mask` assigns to an instance "
+               f"(under the painting rule `{summary.metadata.painting.name}`).\n\n"
                + _histogram("covered", bin_labels(layout.FRACTION_EDGES, True), stats.coverage, "images")
                + _picture(assets, "coverage.png", "Histogram of instance mask coverage"))
     rows = [(s.name, s.id, "-" if s.isthing is None else "thing" if s.isthing else "stuff",

@@ -55,48 +55,6 @@ class Violation:
 
 
 @dataclass
-class Figures:
-    """The alignment invariants' figures over the rows checked (sums of `invariants.MapFigures`)."""
-
-    rows: int = 0
-    painted: int = 0
-    not_thing: int = 0
-    disagreeing: int = 0
-    agreement_sum: float = 0.0
-    nested: int = 0
-    nested_any: int = 0
-
-    def add(self, figures: invariants.MapFigures) -> None:
-        self.rows += 1
-        self.painted += figures.painted
-        self.not_thing += len(figures.not_thing)
-        self.disagreeing += len(figures.disagreeing)
-        self.agreement_sum += sum(figures.agreement.values())
-        self.nested += len(figures.nested)
-        self.nested_any += len(figures.nested_any)
-
-    def merge(self, other: Figures) -> None:
-        for name in ("rows", "painted", "not_thing", "disagreeing", "agreement_sum", "nested", "nested_any"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    @property
-    def mean_agreement(self) -> float:
-        return self.agreement_sum / self.painted if self.painted else float("nan")
-
-    def share(self, count: int) -> float:
-        return count / self.painted if self.painted else 0.0
-
-    def __str__(self) -> str:
-        if not self.painted:
-            return f"no painted instance in the {self.rows:,} rows checked"
-        return (f"{self.painted:,} painted instances in {self.rows:,} rows: {self.share(self.not_thing):.1%} not a "
-                f"thing-class instance, {self.share(self.disagreeing):.1%} under {invariants.MIN_AGREEMENT:.0%} of "
-                f"their class, mean agreement {self.mean_agreement:.2%}, {self.share(self.nested):.1%} nested "
-                f">= {invariants.NESTED_SHARE:.0%} in a same-class painted instance "
-                f"({self.share(self.nested_any):.1%} in one of any class)")
-
-
-@dataclass
 class Report:
     output: str
     violations: list[Violation] = field(default_factory=list)
@@ -105,7 +63,7 @@ class Report:
     rows: int = 0
     errors: int = 0
     checked_rows: int = 0
-    figures: Figures = field(default_factory=Figures)
+    figures: invariants.Figures = field(default_factory=invariants.Figures)
     rule: str = ""
 
     @property
@@ -234,10 +192,10 @@ def row_check(row: dict, metadata: layout.DatasetMetadata) -> tuple[list[str], i
 
 
 def check_rows(output: str, path: str, rows: Sequence[int] | None,
-               metadata: layout.DatasetMetadata) -> tuple[list[Violation], Figures]:
+               metadata: layout.DatasetMetadata) -> tuple[list[Violation], invariants.Figures]:
     """Decode and check `rows` of one data file (all rows when None), one row group at a time."""
     fs, root = shards.filesystem(output)
-    out, figures = [], Figures()
+    out, figures = [], invariants.Figures()
     with fs.open_input_file(posixpath.join(root, path)) as f:
         parquet = pq.ParquetFile(f)
         start = 0
@@ -348,25 +306,9 @@ def validate(output: str, full: bool = False, sample: int = 256, seed: int = 0, 
         report.violations += found
         report.figures.merge(figures)
     report.rule = metadata.painting.name
-    check_invariants(report, metadata.painting)
+    report.violations += [Violation(layout.DATA_DIR, message)
+                          for message in report.figures.problems(metadata.painting.paint == "objects")]
     return report
-
-
-def check_invariants(report: Report, rule: painting.PaintingRule) -> None:
-    """The folder-level alignment invariants over the rows checked (a rule that paints objects only)."""
-    figures = report.figures
-    if rule.paint != "objects" or not figures.painted:
-        return
-    where = f"{figures.rows:,} rows checked"
-    if figures.mean_agreement < invariants.MIN_MEAN_AGREEMENT:
-        report.violations.append(Violation(layout.DATA_DIR, (
-            f"painted instances lie on average {figures.mean_agreement:.2%} on their class in the {where}, under "
-            f"the {invariants.MIN_MEAN_AGREEMENT:.0%} the painting rule guarantees: repaint the folder")))
-    if figures.share(figures.nested) > invariants.MAX_NESTED:
-        report.violations.append(Violation(layout.DATA_DIR, (
-            f"{figures.share(figures.nested):.1%} of the painted instances in the {where} lie "
-            f">= {invariants.NESTED_SHARE:.0%} inside a painted instance of their class (at most "
-            f"{invariants.MAX_NESTED:.0%} allowed): the map paints parts, not objects")))
 
 
 def row_counts(fs: pafs.FileSystem, root: str, paths: Sequence[str], metadata: layout.DatasetMetadata,

@@ -238,9 +238,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from labeling.labelers.tiny_models import build_tiny_random_models
     from labeling.labelers.checkpoints import load_sam
-    from segment_anything.utils.amg import remove_small_regions
-
-from labeling.labelers.instance import InstanceLabeler, InstanceLabelerConfig, cleanup_window
+    from labeling.labelers.instance import InstanceLabeler, InstanceLabelerConfig
     from labeling.labelers.semantic import SemanticLabeler
     tiny = build_tiny_random_models(tempfile.mkdtemp())
     side = 8000

@@ -179,3 +179,11 @@ def test_random_scenes_keep_every_invariant_and_repaint_alike():
                                       instance_map)
         assert again == instances
     assert min(totals.values()) > 20, totals  # every level occurs often
+
+
+def test_folder_level_invariants_are_judged_on_the_sums():
+    figures = invariants.Figures(rows=10, painted=100, agreement_sum=97.0, nested=6, nested_any=9)
+    problems = figures.problems(objects=True)
+    assert len(problems) == 2 and "97.00%" in problems[0] and "6.0%" in problems[1]
+    assert figures.problems(objects=False) == []  # the parts rule promises none of it
+    assert invariants.Figures(rows=1, painted=20, agreement_sum=20.0, nested=1).problems(objects=True) == []
