@@ -111,8 +111,16 @@ class ModelChoice:
     def pinned(self) -> ModelChoice:
         """This choice with the semantic model's hub revision resolved to its commit hash, so every
         actor loads the same weights even if the repository changes during the run (and the
-        manifest can name them). A local folder is returned as is (its content hash names it)."""
+        manifest can name them). A local folder is returned as is (its content hash names it).
+        A named SAM checkpoint is fetched first, so a missing one is the first error a user sees."""
+        from labeling.labelers.checkpoints import CheckpointError, official_checkpoint
+
         choice = self.materialize()
+        if choice.sam_checkpoint is None:
+            try:
+                official_checkpoint(choice.sam_type)
+            except CheckpointError as err:
+                raise ModelLoadError(str(err)) from err
         if os.path.isdir(choice.semantic_model):
             if self.semantic_revision:
                 raise ModelLoadError(f"--semantic-revision {self.semantic_revision} was given, but "
