@@ -53,7 +53,8 @@ def test_unknown_revisions_and_revisions_of_folders_are_one_sentence(hub_cache, 
         resolve_hub_revision(REPO, "v9")
     assert "at revision v9" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ModelLoadError, match="is a local folder, which has no revisions"):
-        ModelChoice(semantic_model=tiny.semantic_model, semantic_revision="main").pinned()
+        ModelChoice(sam_type="tiny", sam_checkpoint=tiny.sam_checkpoint, semantic_model=tiny.semantic_model,
+                    semantic_revision="main").pinned()
 
 
 def test_the_manifest_records_library_versions():
