@@ -68,7 +68,8 @@ def bare_loop(listed, n: int, cfg, instance, semantic, output: str) -> dict:
     from labeling.pipeline.preprocess import read_stage
 
     classes = instance_classes = semantic.labeler.classes
-    post = PostprocessConfig(len(classes), semantic.labeler.ignore_value, cfg.min_instance_area)
+    post = PostprocessConfig(len(classes), semantic.labeler.ignore_value, cfg.min_instance_area,
+                             tuple(c.id for c in classes if c.isthing))
     names = [c.name for c in instance_classes]
     schema, contract = staged_schema(listed.class_names, names), arrow_schema(listed.class_names, names)
     num_shards = manifest.num_shards(n, cfg.shard_size)

@@ -4,6 +4,9 @@
                           histograms (OUTPUT/assets/), from the files the labeling run left
   validate OUTPUT         check OUTPUT against the dataset contract; exits 1 and names the file
                           and row of each problem (add --full to decode every row, not a sample)
+  repaint OUTPUT          recompute instance_mask and the instances' level / parent from the stored
+                          instances and semantic maps under a painting rule (--rule objects|parts),
+                          shard by shard, resumable; turns a schema v1 folder into v2; no model runs
   check OUTPUT            write a small synthetic dataset through the contract, load it back with
                           `datasets.load_dataset`, and validate it (a self-test of the install)
 
@@ -23,18 +26,23 @@ def check(output: str) -> int:
     import datasets
     import numpy as np
 
-    from dataset_card import codecs
+    from dataset_card import codecs, painting, shards
     from dataset_card.schema import SCHEMA_VERSION, validate_features
+    from dataset_card.summary import read_metadata
     from dataset_card.synthetic import write_synthetic_dataset
 
     write_synthetic_dataset(output, num_images=16, num_shards=2)
     ds = datasets.load_dataset(output, split="train")
     validate_features(ds.features, source=output)
     rows = ds.with_format("arrow")[:].to_pylist()
+    metadata = read_metadata(*shards.filesystem(output))
     for row in rows:
-        painted = codecs.paint(row["instances"], row["height"], row["width"])
+        semantic = codecs.decode_mask(row["semantic_mask"]["bytes"])
+        painted = painting.paint_instances(row["instances"], semantic, metadata.thing_ids, metadata.painting,
+                                           metadata.num_semantic_classes)
         if not np.array_equal(painted, codecs.decode_mask(row["instance_mask"]["bytes"])):
-            print(f"instance_mask != paint(instances) for {row['image_id']}", file=sys.stderr)
+            print(f"instance_mask is not what rule {metadata.painting.name!r} paints for {row['image_id']}",
+                  file=sys.stderr)
             return 1
     from dataset_card.build import build_card
     from dataset_card.validate import validate as run
@@ -73,6 +81,17 @@ def validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def repaint(args: argparse.Namespace) -> int:
+    from dataset_card.repaint import repaint as run
+
+    result = run(args.output, args.rule, args.min_purity, workers=args.workers, progress=sys.stderr.isatty(),
+                 log=print)
+    print(f"repainted {len(result.repainted)} shards ({result.rows:,} rows) under rule {result.rule.name!r}"
+          + (f", {len(result.skipped)} already were" if result.skipped else "")
+          + f"; {args.output} is dataset schema v2 and its card is rebuilt")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dataset_card", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,6 +113,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="rows to decode and check, spread over all shards, at least one each (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     p.add_argument("--workers", type=int, default=1, help="processes that decode rows (default 1)")
+    p = sub.add_parser("repaint", help="recompute instance_mask under a painting rule, without the models")
+    p.add_argument("output", help="output folder of a labeling run (schema v1 or v2)")
+    p.add_argument("--rule", choices=("objects", "parts"), default=None,
+                   help="objects (thing objects clipped to their class; the default for a v1 folder) or parts "
+                        "(every mask, smaller on top: v1's map); default: the folder's own rule")
+    p.add_argument("--min-purity", type=float, default=None,
+                   help="share of its class under which a thing mask is dropped, not an object (default 0.75)")
+    p.add_argument("--workers", type=int, default=1, help="processes that repaint shards (default 1)")
     p = sub.add_parser("check", help="self-test: write, load and validate a synthetic dataset")
     p.add_argument("output", help="folder to write the synthetic dataset into")
     args = parser.parse_args(argv)
@@ -102,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             return build(args)
         if args.command == "validate":
             return validate(args)
+        if args.command == "repaint":
+            return repaint(args)
         return check(args.output)
-    except (OutputError, SchemaError) as err:
+    except (OutputError, SchemaError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

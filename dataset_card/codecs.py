@@ -5,13 +5,14 @@
 - Masks: single-channel PNG bytes written here (`datasets.Image` would store a uint16 array as
   TIFF), decoded through numpy as int64 (torchvision reads 16-bit PNGs as int16).
 - Instances: COCO RLE as pycocotools writes it, with `counts` as a str.
-- `paint`: the one painting order that turns `instances` into `instance_mask`.
+- `tight_box` / `crop_rle`: a mask's box, and its full-size RLE from the crop of that box.
+The painting rules that turn `instances` into `instance_mask` are `dataset_card.painting`.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -138,24 +139,43 @@ def rle_area(rle: Mapping) -> int:
     return int(mask_utils.area({"size": [int(s) for s in rle["size"]], "counts": counts}))
 
 
-def painting_order(instances: Iterable[Mapping]) -> list[Mapping]:
-    """Instances in the order they are painted: by `id` ascending, later ones on top.
+def _counts(rle: Mapping) -> dict:
+    counts = rle["counts"]
+    return {"size": [int(s) for s in rle["size"]], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
-    Writers number instances 1..K by area, largest first, so smaller masks (parts) are painted
-    over the larger ones that contain them (wholes) and stay visible in `instance_mask`.
+
+def tight_box(rle: Mapping) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1), the half-open pixel box holding every pixel of the mask (zeros if empty)."""
+    x, y, w, h = (int(round(v)) for v in mask_utils.toBbox(_counts(rle)))
+    return y, x, y + h, x + w
+
+
+def crop_rle(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> dict:
+    """The full-size COCO RLE of a mask given as a crop at (y0, x0): {"size": [H, W], "counts": str}.
+
+    Costs O(H x crop width), not O(H x W): column-major runs of the box's columns, padded with the
+    zero runs of the columns left and right of it.
     """
-    return sorted(instances, key=lambda inst: int(inst["id"]))
+    h, w = crop.shape
+    columns = np.zeros((height, w), np.uint8, order="F")
+    columns[y0 : y0 + h] = crop
+    flat = columns.ravel(order="F")
+    if not flat.any():
+        return {"size": [height, width], "counts": _text(mask_utils.encode(np.zeros((height, width), np.uint8,
+                                                                                      order="F"))["counts"])}
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    if flat[0]:
+        runs.insert(0, 0)  # RLE starts with a run of zeros
+    runs[0] += x0 * height
+    right = (width - x0 - w) * height
+    if not flat[-1]:
+        runs[-1] += right
+    elif right:
+        runs.append(right)
+    rle = mask_utils.frPyObjects({"counts": runs, "size": [height, width]}, height, width)
+    return {"size": [height, width], "counts": _text(rle["counts"])}
 
 
-def paint(instances: Iterable[Mapping], height: int, width: int) -> np.ndarray:
-    """Instances -> (H, W) uint16 instance map: 0 = none, k = the instance with id k.
-
-    This is the definition of `instance_mask`: a shard is valid only if its map equals this.
-    """
-    out = np.zeros((height, width), dtype=np.uint16)
-    for inst in painting_order(instances):
-        mask = decode_rle(inst["rle"])
-        if mask.shape != (height, width):
-            raise ValueError(f"instance {inst['id']} has RLE size {mask.shape}, image is {(height, width)}")
-        out[mask] = int(inst["id"])
-    return out
+def _text(counts) -> str:
+    return counts.decode("ascii") if isinstance(counts, bytes) else str(counts)

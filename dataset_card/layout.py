@@ -4,7 +4,7 @@ OUTPUT/
   data/train-SSSSS-of-NNNNN.parquet    rows (the commit point of a shard)
   errors/errors-SSSSS-of-NNNNN.parquet failed inputs of that shard (written before its data file)
   stats/stats-SSSSS-of-NNNNN.json      per-shard statistics (written before its data file)
-  metadata.json                        schema version, class names, semantic taxonomy, ignore value
+  metadata.json                        schema version, class names, semantic taxonomy, ignore value, painting rule
   manifest.json                        inputs and their hash, arguments, models, code version
   stats.json                           run summary (counts, failures by reason, wall time, images/s)
   README.md                            the dataset card
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import pyarrow as pa
 
-from dataset_card.schema import SCHEMA_VERSION, SchemaError, semantic_ignore_value
+from dataset_card.painting import DEFAULT_RULE, RULES, PaintingRule
+from dataset_card.schema import SCHEMA_VERSION, SchemaError, semantic_ignore_value, version_problem
 
 DATA_DIR = "data"
 ERRORS_DIR = "errors"
@@ -82,7 +83,7 @@ class DatasetMetadata:
     semantic_classes: tuple[SemanticClass, ...]
     semantic_source: str = ""  # the semantic model's name or path
     schema_version: int = SCHEMA_VERSION
-    painting_order: str = "id ascending; ids numbered by area, largest first (smaller masks on top)"
+    painting: PaintingRule = RULES[DEFAULT_RULE]  # how `instance_mask` follows from `instances`
 
     @property
     def semantic_class_names(self) -> list[str]:
@@ -96,30 +97,43 @@ class DatasetMetadata:
     def ignore_value(self) -> int:
         return semantic_ignore_value(self.num_semantic_classes)
 
+    @property
+    def thing_ids(self) -> frozenset[int]:
+        return frozenset(c.id for c in self.semantic_classes if c.isthing)
+
     def to_json(self) -> str:
         data = asdict(self)
         data["ignore_value"] = self.ignore_value
         return json.dumps(data, indent=2)
 
     @classmethod
-    def from_json(cls, text: str, source: str = METADATA_FILE) -> DatasetMetadata:
+    def from_json(cls, text: str, source: str = METADATA_FILE, output: str | None = None,
+                  accept: tuple[int, ...] = (SCHEMA_VERSION,)) -> DatasetMetadata:
+        """Parse metadata.json; a version outside `accept` raises one sentence naming both versions
+        and the fix. `output` is the labeled folder the fix names (default: the folder of `source`).
+        `accept` is for the upgrade (`python -m dataset_card repaint`), which also reads version 1,
+        whose file has no painting rule (its map was the "parts" rule's)."""
         data = json.loads(text)
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise SchemaError(
-                f"{source} has dataset schema version {version}, but this code reads version {SCHEMA_VERSION}"
-            )
+        if version not in accept:
+            folder = output if output is not None else posixpath.dirname(source)
+            raise SchemaError(version_problem(version, source, folder) or f"{source}: version {version} not accepted")
         try:
             classes = tuple(SemanticClass(int(c["id"]), str(c["name"]), bool(c["isthing"]))
                             for c in data["semantic_classes"])
+            painting = (PaintingRule.from_dict(data["painting"]) if "painting" in data
+                        else RULES["parts"] if version == 1 else None)
+            if painting is None:
+                raise KeyError("painting")
             return cls(
                 class_names=tuple(data["class_names"]),
                 semantic_classes=classes,
                 semantic_source=data.get("semantic_source", ""),
-                painting_order=data.get("painting_order", cls.painting_order),
+                schema_version=int(version),
+                painting=painting,
             )
-        except (KeyError, TypeError) as err:
-            raise SchemaError(f"{source} lacks {err} required by dataset schema v{SCHEMA_VERSION}") from err
+        except (KeyError, TypeError, ValueError) as err:
+            raise SchemaError(f"{source} lacks or mistypes {err} required by dataset schema v{version}") from err
 
 
 def _histogram(values: Sequence[float], edges: Sequence[float]) -> list[int]:
@@ -157,11 +171,29 @@ class ShardStats:
     pixels: int = 0
     covered_fraction_sum: float = 0.0  # exact means beside the histograms
     purity_sum: float = 0.0
+    # Schema v2: what the instances are, and the alignment invariants' figures (dataset_card.invariants).
+    levels: dict[str, int] = field(default_factory=dict)  # level -> instances
+    painted: int = 0  # instances with pixels in `instance_mask`
+    painted_not_thing: int = 0  # ... that are no thing-class instance (invariant 1)
+    painted_disagreeing: int = 0  # ... under MIN_AGREEMENT of whose pixels are of their class (invariant 2)
+    agreement_sum: float = 0.0  # the sum of those shares, for their mean
+    painted_nested: int = 0  # ... lying >= 90% inside a same-class painted instance (invariant 3)
+    painted_nested_any: int = 0  # ... inside a painted instance of any class
 
     def add_row(self, num_instances: int, covered_fraction: float, purities: Sequence[float],
-                semantic_counts: dict[int, int]) -> None:
+                semantic_counts: dict[int, int], levels: Mapping[str, int] | None = None, figures=None) -> None:
         """One labeled image: its instance count, share of pixels under any instance, instance
-        purities, and pixel count per semantic class (ignore value included under its own id)."""
+        purities, and pixel count per semantic class (ignore value included under its own id);
+        `levels` counts its instances by level, `figures` is its `invariants.MapFigures`."""
+        for level, n in (levels or {}).items():
+            self.levels[level] = self.levels.get(level, 0) + int(n)
+        if figures is not None:
+            self.painted += figures.painted
+            self.painted_not_thing += len(figures.not_thing)
+            self.painted_disagreeing += len(figures.disagreeing)
+            self.agreement_sum += float(sum(figures.agreement.values()))
+            self.painted_nested += len(figures.nested)
+            self.painted_nested_any += len(figures.nested_any)
         self.rows += 1
         self.instances += num_instances
         _add(self.instances_per_image, _histogram([num_instances], INSTANCE_COUNT_EDGES))
@@ -181,11 +213,13 @@ class ShardStats:
 
     def merge(self, other: ShardStats) -> ShardStats:
         out = ShardStats(shard=-1)
-        for name in ("rows", "errors", "instances", "pixels", "covered_fraction_sum", "purity_sum"):
+        for name in ("rows", "errors", "instances", "pixels", "covered_fraction_sum", "purity_sum", "painted",
+                     "painted_not_thing", "painted_disagreeing", "agreement_sum", "painted_nested",
+                     "painted_nested_any"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for name in ("instances_per_image", "coverage", "purity"):
             setattr(out, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
-        for name in ("errors_by_type", "semantic_pixels", "semantic_images"):
+        for name in ("errors_by_type", "semantic_pixels", "semantic_images", "levels"):
             merged = dict(getattr(self, name))
             for k, v in getattr(other, name).items():
                 merged[k] = merged.get(k, 0) + v

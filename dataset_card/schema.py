@@ -1,4 +1,4 @@
-"""The dataset contract, version 1: the only thing `labeling/` and `pretraining/` share.
+"""The dataset contract, version 2: the only thing `labeling/` and `pretraining/` share.
 
 Both stages import the column names, the `datasets` features and the validator from here. A
 writer builds rows that match `build_features`; a reader calls `validate_schema` on what it
@@ -9,6 +9,7 @@ when the two disagree.
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,10 @@ if TYPE_CHECKING:
 # `datasets` is imported inside the functions that need it, so that the constants here and
 # `layout.py` import on a GPU box without it (the labelers run there).
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Older versions that `python -m dataset_card repaint OUTPUT` turns into this one without a model
+# (version 2 added the `level` and `parent` instance fields and the aligned, object-level map).
+UPGRADABLE_VERSIONS = (1,)
 
 # Key under which the writer stores {"schema_version": ...} in each Parquet file's metadata,
 # beside the "huggingface" key that `datasets` reads its features from.
@@ -59,7 +63,9 @@ def semantic_mask_dtype(num_semantic_classes: int) -> str:
 
 
 def instance_struct() -> dict:
-    """One automatic mask: its RLE, box, quality scores and the semantic class it was aligned to."""
+    """One automatic mask: its RLE, box, quality scores, the semantic class it was aligned to, and
+    what it is under the painting rule (`level`: object | part | stuff | dropped; `parent`: the id
+    of the object a part belongs to, else 0)."""
     import datasets
 
     return {
@@ -75,6 +81,8 @@ def instance_struct() -> dict:
         "stability_score": datasets.Value("float32"),
         "category_id": datasets.Value("int32"),
         "category_purity": datasets.Value("float32"),
+        "level": datasets.Value("string"),
+        "parent": datasets.Value("int32"),
     }
 
 
@@ -106,12 +114,52 @@ def build_features(class_names: Sequence[str], semantic_class_names: Sequence[st
     )
 
 
-def arrow_schema(class_names: Sequence[str], semantic_class_names: Sequence[str]) -> pa.Schema:
+def file_metadata(painting: dict | None = None) -> bytes:
+    """The value of a shard file's SCHEMA_METADATA_KEY: the schema version and the painting rule
+    its `instance_mask` follows (a `painting.PaintingRule` as a dict), so each file says what it is."""
+    value: dict = {"schema_version": SCHEMA_VERSION}
+    if painting is not None:
+        value["painting"] = dict(painting)
+    return json.dumps(value, sort_keys=True).encode()
+
+
+def read_file_metadata(schema: pa.Schema) -> dict:
+    """A shard schema's SCHEMA_METADATA_KEY value ({} when absent)."""
+    raw = (schema.metadata or {}).get(SCHEMA_METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def arrow_schema(class_names: Sequence[str], semantic_class_names: Sequence[str],
+                 painting: dict | None = None) -> pa.Schema:
     """The Arrow schema a shard is written with: the features plus both metadata keys."""
     schema = build_features(class_names, semantic_class_names).arrow_schema
     metadata = dict(schema.metadata or {})
-    metadata[SCHEMA_METADATA_KEY] = json.dumps({"schema_version": SCHEMA_VERSION}).encode()
+    metadata[SCHEMA_METADATA_KEY] = file_metadata(painting)
     return schema.with_metadata(metadata)
+
+
+def version_problem(found, source: str = "", output: str = "") -> str | None:
+    """None when `found` is this code's schema version, else the one sentence that says so: both
+    versions and the fix (`python -m dataset_card repaint OUTPUT` for an upgradable version).
+
+    source: the file that said `found`; output: the labeled folder it belongs to (for the fix).
+    """
+    if found == SCHEMA_VERSION:
+        return None
+    where = f"{source} has" if source else "found"
+    head = f"{where} dataset schema version {found}, but this code reads version {SCHEMA_VERSION}"
+    if found in UPGRADABLE_VERSIONS:
+        return (f"{head}: upgrade the folder in place, without running a model, with "
+                f"`python -m dataset_card repaint {output or 'OUTPUT'}`")
+    if isinstance(found, int) and found > SCHEMA_VERSION:
+        return f"{head}: install the version of this project that wrote it"
+    return f"{head}: relabel the images with labeling/run.py"
+
+
+def _folder_of(source: str) -> str:
+    """The labeled folder of a shard path such as OUT/data/train-00000-of-00001.parquet ("" if unknown)."""
+    head, name = posixpath.split(source)
+    return posixpath.dirname(head) if name.startswith("train-") and posixpath.basename(head) == "data" else ""
 
 
 def _expected_types() -> dict[str, pa.DataType]:
@@ -136,7 +184,7 @@ def _where(source: str) -> str:
 
 def validate_schema(schema: pa.Schema, columns: Sequence[str] = COLUMNS, source: str = "",
                     require_version: bool = True) -> None:
-    """Raise `SchemaError` unless `schema` (a shard's Arrow schema) holds `columns` as version 1 types.
+    """Raise `SchemaError` unless `schema` (a shard's Arrow schema) holds `columns` in this version's types.
 
     `columns` lets a reader check only what it reads (pretraining passes `TRAINING_COLUMNS`).
     `source` (a file name) is put into the message. Every shard file carries its schema version;
@@ -149,12 +197,10 @@ def validate_schema(schema: pa.Schema, columns: Sequence[str] = COLUMNS, source:
             f"through dataset schema v{SCHEMA_VERSION} (labeling/run.py writes them)"
         )
     if SCHEMA_METADATA_KEY in meta:
-        found = json.loads(meta[SCHEMA_METADATA_KEY]).get("schema_version")
-        if found != SCHEMA_VERSION:
-            raise SchemaError(
-                f"dataset schema version {found}{_where(source)} but this code reads version "
-                f"{SCHEMA_VERSION}: relabel the data or install the matching version of this project"
-            )
+        problem = version_problem(json.loads(meta[SCHEMA_METADATA_KEY]).get("schema_version"), source,
+                                  _folder_of(source))
+        if problem:
+            raise SchemaError(problem)
     import datasets
 
     expected = _expected_types()
@@ -187,10 +233,10 @@ def validate_features(features: datasets.Features, columns: Sequence[str] = COLU
     validate_schema(features.arrow_schema, columns, source, require_version=False)
 
 
-def rows_to_table(rows: Sequence[dict], features: datasets.Features) -> pa.Table:
+def rows_to_table(rows: Sequence[dict], features: datasets.Features, painting: dict | None = None) -> pa.Table:
     """Python rows (images and masks as {"bytes", "path"} dicts) -> an Arrow table in the contract schema."""
     schema = features.arrow_schema
     metadata = dict(schema.metadata or {})
-    metadata[SCHEMA_METADATA_KEY] = json.dumps({"schema_version": SCHEMA_VERSION}).encode()
+    metadata[SCHEMA_METADATA_KEY] = file_metadata(painting)
     schema = schema.with_metadata(metadata)
     return pa.Table.from_pylist([features.encode_example(row) for row in rows], schema=schema)

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import datasets
 
-from dataset_card import layout
+from dataset_card import invariants, layout
 from dataset_card.card import CardConfig
 from dataset_card.schema import COLUMNS, SCHEMA_VERSION, build_features, semantic_mask_dtype
 from dataset_card.summary import ClassShare, RunSummary, bin_labels
@@ -23,19 +23,21 @@ COLUMN_DOCS = {
     "width": "width in pixels as decoded (EXIF orientation not applied, so the masks align with the stored pixels)",
     "height": "height in pixels, likewise",
     "semantic_mask": "single-channel PNG at the image's size; pixel = semantic class id, {ignore} = no class",
-    "instance_mask": "8-bit PNG (16-bit when an image has 256 or more instances) at the image's size; 0 = no instance, k = the instance with `id` k (smaller masks on top)",
+    "instance_mask": "8-bit PNG (16-bit when an image has 256 or more instances) at the image's size; 0 = no instance, k = the instance with `id` k; what it shows follows from `instances` and `semantic_mask` by the painting rule (below)",
     "instances": "every kept automatic mask, fields below",
 }
 INSTANCE_DOCS = {
-    "id": "1..K, numbered by area, largest first; painted in id order into `instance_mask`",
+    "id": "1..K, numbered by area, largest first (the painting order: later ids on top)",
     "rle": "`{size: [h, w], counts: str}`, COCO compressed RLE (pycocotools) of the full mask",
     "bbox": "`[x, y, w, h]` in pixels",
     "area": "pixels of the full mask",
-    "visible_area": "pixels it keeps in `instance_mask` after smaller masks are painted over it",
+    "visible_area": "its pixels in `instance_mask` (0 when the rule does not paint it)",
     "score": "the instance model's predicted IoU",
     "stability_score": "IoU of the mask thresholded at two offsets of the logits",
     "category_id": "majority semantic class under the mask",
     "category_purity": "that class's share of the mask's pixels",
+    "level": "`object` (a thing, painted), `part` (inside a larger object of its class), `stuff` (a stuff class: a region, not an object) or `dropped` (a thing class under the rule's purity, or no class)",
+    "parent": "for a part, the `id` of its object; else 0",
 }
 
 
@@ -80,7 +82,8 @@ def overview(summary: RunSummary, config: CardConfig, assets: Mapping[str, str])
         f"{summary.rows:,} images with machine-generated labels at three granularities: the image-level class "
         f"({len(md.class_names):,} classes), a semantic segmentation map over {md.num_semantic_classes} classes "
         f"({things} things, {md.num_semantic_classes - things} stuff), and every automatic instance mask "
-        f"({stats.instances:,} in all{per_image}) both as COCO RLE and painted into an instance id map. "
+        f"({stats.instances:,} in all{per_image}) as COCO RLE, each marked object, part, stuff or dropped, with the "
+        f"objects painted into an instance id map ({painting_phrase(md.painting)}). "
         f"Instances come from {instance}, semantic classes from {semantic}, aligned per pixel; "
         f"no person checked them.{failed}\n\n"
         "They are the multi-granular inputs (semantic -> instance -> RGB) that C2FMAE pretraining reads."
@@ -95,8 +98,9 @@ def production(summary: RunSummary) -> str:
     models = manifest.get("models") or {}
     out = ["## How it was produced"]
     if models:
-        out.append(table(["role", "model", "checkpoint", "sha256"],
+        out.append(table(["role", "model", "checkpoint", "revision", "sha256"],
                          [(role, f"`{m.get('name', '?')}`", f"`{m.get('checkpoint') or '-'}`",
+                           f"`{m['revision']}`" if m.get("revision") else "-",
                            f"`{m['sha256']}`" if m.get("sha256") else "-") for role, m in models.items()]))
         params = [(role, f"`{k}`", json.dumps(v)) for role, m in models.items()
                   for k, v in sorted((m.get("params") or {}).items())]
@@ -117,6 +121,11 @@ def production(summary: RunSummary) -> str:
         facts.append(("throughput", f"{run['images_per_s']:.3g} images/s"))
     for stage, seconds in (run.get("stage_time_s") or {}).items():
         facts.append((f"time in stage `{stage}`", duration(seconds)))
+    for name, version in (manifest.get("software") or {}).items():
+        facts.append((f"`{name}`", version or "not installed"))
+    for record in manifest.get("repaints") or []:
+        facts.append(("repainted", f"{record.get('created', '?')}: rule `{(record.get('rule') or {}).get('name')}` "
+                                   f"(from schema v{record.get('from_schema_version')})"))
     out.append(table(["", ""], facts))
     if manifest.get("arguments"):
         out.append("<details><summary>Labeling arguments</summary>\n\n```json\n"
@@ -148,13 +157,16 @@ def schema(summary: RunSummary) -> str:
         (f"`{layout.DATA_GLOB}`", "the rows (config `default`)"),
         (f"`{layout.ERRORS_GLOB}`", "inputs that failed, with stage, reason and message (config `errors`)"),
         ("`stats/*.json`", "per-shard statistics this card is computed from"),
-        (f"`{layout.METADATA_FILE}`", "schema version, class names, semantic taxonomy, ignore value, painting order"),
-        (f"`{layout.MANIFEST_FILE}`", "inputs, arguments, models and their hashes, code version"),
+        (f"`{layout.METADATA_FILE}`", "schema version, class names, semantic taxonomy, ignore value, painting rule"),
+        (f"`{layout.MANIFEST_FILE}`", "inputs, arguments, models, their hashes and hub revision, library versions, "
+                                      "code version, repaints"),
     ])
     return (
         f"## Schema (version {SCHEMA_VERSION})\n\n{columns}\n\nEach element of `instances`:\n\n{instance_fields}\n\n"
-        f"`semantic_mask` is {semantic_mask_dtype(md.num_semantic_classes).replace('uint', '')}-bit; "
-        f"painting order: {md.painting_order}.\n\n"
+        f"`semantic_mask` is {semantic_mask_dtype(md.num_semantic_classes).replace('uint', '')}-bit. "
+        f"Painting rule `{md.painting.name}`: {md.painting.description} (purity threshold "
+        f"{md.painting.min_purity:g}, part containment {md.painting.containment:g}; `python -m dataset_card repaint` "
+        "repaints the folder under another rule without the models).\n\n"
         f"<details><summary>Semantic taxonomy ({md.num_semantic_classes} classes, ignore value "
         f"{md.ignore_value})</summary>\n\n{taxonomy}\n\n</details>\n\nFiles:\n\n{files}"
     )
@@ -184,7 +196,8 @@ def statistics(summary: RunSummary, shares: Sequence[ClassShare], assets: Mappin
                "image on average.\n\n"
                + _histogram("instances", bin_labels(layout.INSTANCE_COUNT_EDGES), stats.instances_per_image, "images")
                + _picture(assets, "instances_per_image.png", "Histogram of instances per image"))
-    out.append("### Mask coverage\n\nShare of each image's pixels under at least one instance mask.\n\n"
+    out.append("### Mask coverage\n\nShare of each image's pixels that `instance_mask` assigns to an instance "
+               f"(under the painting rule `{summary.metadata.painting.name}`).\n\n"
                + _histogram("covered", bin_labels(layout.FRACTION_EDGES, True), stats.coverage, "images")
                + _picture(assets, "coverage.png", "Histogram of instance mask coverage"))
     rows = [(s.name, s.id, "-" if s.isthing is None else "thing" if s.isthing else "stuff",
@@ -193,12 +206,48 @@ def statistics(summary: RunSummary, shares: Sequence[ClassShare], assets: Mappin
                f"{len(rows)} covering most pixels:\n\n"
                + table(["class", "id", "kind", "pixels", "images containing it"], rows)
                + _picture(assets, "semantic_classes.png", "Pixel share of the top semantic classes"))
+    out.append(objects_section(summary))
     pure = sum(stats.purity[-1:]) / max(sum(stats.purity), 1)
     out.append("### Instance purity\n\nThe share of an instance's pixels that belong to its majority semantic class "
                f"(`category_purity`): how well the two label sources agree. {percent(pure)} of instances are at "
                "least 90% pure.\n\n"
                + _histogram("purity", bin_labels(layout.FRACTION_EDGES, True), stats.purity, "instances")
                + _picture(assets, "purity.png", "Histogram of instance purity"))
+    return "\n\n".join(out)
+
+
+def painting_phrase(rule) -> str:
+    return ("each object clipped to its semantic class region" if rule.paint == "objects"
+            else "every mask, smaller ones on top")
+
+
+def objects_section(summary: RunSummary) -> str:
+    """What the instances are (levels) and the alignment invariants' figures, from the shard statistics."""
+    stats, rule = summary.stats, summary.metadata.painting
+    out = ["### Objects, parts and alignment"]
+    total = sum(stats.levels.values())
+    if not total:
+        return out[0] + ("\n\nThe shard statistics carry no levels (written before schema v2): `python -m "
+                         "dataset_card repaint` recomputes them.")
+    out.append(f"What each of the {total:,} instances is under the painting rule `{rule.name}`:\n\n"
+               + table(["level", "instances", "share"], [(f"`{level}`", f"{n:,}", percent(n / total))
+                                                          for level, n in stats.levels.items()]))
+    if stats.painted:
+        mean = stats.agreement_sum / stats.painted
+        rows = [
+            ("painted instances", f"{stats.painted:,} ({stats.painted / max(stats.rows, 1):.1f} per image)", ""),
+            ("painted ids that are no thing-class instance", percent(stats.painted_not_thing / stats.painted), "0"),
+            (f"painted instances under {invariants.MIN_AGREEMENT:.0%} on their class",
+             percent(stats.painted_disagreeing / stats.painted), "0"),
+            ("mean share of a painted instance's pixels on its class", percent(mean),
+             f"≥ {invariants.MIN_MEAN_AGREEMENT:.0%}"),
+            (f"painted instances ≥ {invariants.NESTED_SHARE:.0%} inside a painted one of their class",
+             percent(stats.painted_nested / stats.painted), f"≤ {invariants.MAX_NESTED:.0%}"),
+            ("... inside a painted one of any class", percent(stats.painted_nested_any / stats.painted), "-"),
+        ]
+        checked = "required (`python -m dataset_card validate` checks it)" if rule.paint == "objects" else \
+            "required of the `objects` rule (not this one)"
+        out.append("The alignment invariants, over every labeled image:\n\n" + table(["", "measured", checked], rows))
     return "\n\n".join(out)
 
 
@@ -217,7 +266,9 @@ semantic = np.array(row["semantic_mask"])         # (H, W) class ids, {ignore} =
 instance_map = np.array(row["instance_mask"])     # (H, W) 0 = none, k = instances[k-1]
 label = ds.features["label"].int2str(row["label"])
 
-# Each instance's full mask (also the parts hidden under smaller masks) from its RLE:
+# Every mask is kept, with what it is: "object" (in the map), "part" (of object `parent`), "stuff", "dropped".
+objects = [i for i in row["instances"] if i["level"] == "object"]
+# Each instance's full mask (also the parts and regions the map does not show) from its RLE:
 inst = row["instances"][0]
 mask = mask_utils.decode({{"size": inst["rle"]["size"], "counts": inst["rle"]["counts"].encode()}})  # (H, W) uint8
 assert mask.shape == (row["height"], row["width"])

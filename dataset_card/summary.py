@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dataset_card import layout, shards
+from dataset_card.schema import SCHEMA_VERSION
 
 QUALITY_FILE = "quality.json"
 
@@ -58,11 +59,14 @@ def read_json(fs: pafs.FileSystem, path: str, required: bool = False) -> dict | 
         raise OutputError(f"{path} is not valid JSON ({err}); rewrite it or rerun the labeling") from err
 
 
-def read_metadata(fs: pafs.FileSystem, root: str) -> layout.DatasetMetadata:
+def read_metadata(fs: pafs.FileSystem, root: str, output: str | None = None,
+                  accept: tuple[int, ...] = (SCHEMA_VERSION,)) -> layout.DatasetMetadata:
+    """metadata.json of the folder `root`; `output` is how the user named it (for messages)."""
     path = posixpath.join(root, layout.METADATA_FILE)
     if not shards.exists(fs, path):
         raise OutputError(f"{path} does not exist: is this the output folder of a labeling run?")
-    return layout.DatasetMetadata.from_json(shards.read_bytes(fs, path).decode(), source=path)
+    return layout.DatasetMetadata.from_json(shards.read_bytes(fs, path).decode(), source=path,
+                                            output=output if output is not None else root, accept=accept)
 
 
 def parquet_rows(fs: pafs.FileSystem, path: str) -> int:
@@ -75,7 +79,7 @@ def read_summary(output: str) -> RunSummary:
     fs, root = shards.filesystem(output)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise OutputError(f"{output} is not a folder (or does not exist): pass the output folder of a labeling run")
-    metadata = read_metadata(fs, root)
+    metadata = read_metadata(fs, root, output)
     data_files = tuple(posixpath.join(layout.DATA_DIR, n) for n in list_files(fs, root, layout.DATA_DIR)
                        if n.startswith("train-") and n.endswith(".parquet"))
     error_files = [posixpath.join(layout.ERRORS_DIR, n) for n in list_files(fs, root, layout.ERRORS_DIR)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+from collections.abc import Collection
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from dataset_card import codecs, layout, shards
+from dataset_card import codecs, invariants, layout, painting, shards
 from dataset_card.card import write_minimal_card
 from dataset_card.schema import build_features, rows_to_table
 
@@ -52,8 +53,8 @@ def shapes_image(rng: np.random.Generator, height: int, width: int, max_shapes: 
     return rgb.clip(0, 255).astype(np.uint8), semantic, shapes
 
 
-def instances_from_masks(masks: list[np.ndarray], semantic: np.ndarray) -> list[dict]:
-    """Contract `instances` for bool masks: ids 1..K by area (largest first), aligned to `semantic`."""
+def _aligned(masks: list[np.ndarray], semantic: np.ndarray, things: Collection[int] | None,
+             rule: painting.PaintingRule | None) -> tuple[list[dict], np.ndarray]:
     order = sorted(range(len(masks)), key=lambda i: -int(masks[i].sum()))
     instances = []
     for new_id, i in enumerate(order, start=1):
@@ -69,21 +70,34 @@ def instances_from_masks(masks: list[np.ndarray], semantic: np.ndarray) -> list[
             "score": 1.0,
             "stability_score": 1.0,
             "category_id": int(classes[counts.argmax()]),
-            "category_purity": float(counts.max() / counts.sum()),
+            "category_purity": float(np.float32(counts.max() / counts.sum())),
+            "level": "",
+            "parent": 0,
         })
-    painted = codecs.paint(instances, *semantic.shape)
-    for inst in instances:
-        inst["visible_area"] = int((painted == inst["id"]).sum())
-    return instances
+    if things is None:  # the masks are whole objects: every class one of them is aligned to is a thing
+        things = {inst["category_id"] for inst in instances}
+    painted = painting.paint_instances(instances, semantic, things, rule or painting.RULES[painting.DEFAULT_RULE])
+    return instances, painted
 
 
-def synthetic_row(image_id: str, label: int, rgb: np.ndarray, semantic: np.ndarray, masks: list[np.ndarray]):
-    """One contract row (PNG image) and its statistics inputs."""
+def instances_from_masks(masks: list[np.ndarray], semantic: np.ndarray, things: Collection[int] | None = None,
+                         rule: painting.PaintingRule | None = None) -> list[dict]:
+    """Contract `instances` for bool masks: ids 1..K by area (largest first), aligned to `semantic`,
+    with `level`, `parent` and `visible_area` under `rule` (default: the default rule, objects).
+
+    things: the taxonomy's thing class ids; None treats every class a mask is aligned to as a thing
+    (these masks are whole objects). Pass them when a mask may land on a stuff class.
+    """
+    return _aligned(masks, semantic, things, rule)[0]
+
+
+def synthetic_row(image_id: str, label: int, rgb: np.ndarray, semantic: np.ndarray, masks: list[np.ndarray],
+                  things: Collection[int] | None = None, rule: painting.PaintingRule | None = None):
+    """One contract row (PNG image) and its painted instance map (`things`, `rule`: as `instances_from_masks`)."""
     h, w = semantic.shape
-    instances = instances_from_masks(masks, semantic)
+    instances, painted = _aligned(masks, semantic, things, rule)
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
-    painted = codecs.paint(instances, h, w)
     row = {
         "image_id": image_id,
         "label": label,
@@ -95,6 +109,16 @@ def synthetic_row(image_id: str, label: int, rgb: np.ndarray, semantic: np.ndarr
         "instances": instances,
     }
     return row, painted
+
+
+def row_statistics(stats: layout.ShardStats, row: dict, semantic: np.ndarray, painted: np.ndarray,
+                   things: Collection[int]) -> None:
+    """Add one synthetic row to its shard's statistics, as the labeler does for a labeled one."""
+    classes, counts = np.unique(semantic, return_counts=True)
+    stats.add_row(len(row["instances"]), float((painted > 0).mean()),
+                  [inst["category_purity"] for inst in row["instances"]], dict(zip(classes.tolist(), counts.tolist())),
+                  painting.level_counts(row["instances"]),
+                  invariants.map_figures(row["instances"], semantic, painted, things))
 
 
 def write_synthetic_dataset(root: str, num_images: int = 32, num_shards: int = 2, size: tuple[int, int] = (64, 80),
@@ -111,14 +135,12 @@ def write_synthetic_dataset(root: str, num_images: int = 32, num_shards: int = 2
             rgb, semantic, shapes = shapes_image(rng, *size)
             label = int(len(shapes) >= 3)
             row, painted = synthetic_row(f"{CLASS_NAMES[label]}/{i:06d}", label, rgb, semantic,
-                                         [m for _, m in shapes])
+                                         [m for _, m in shapes], metadata.thing_ids, metadata.painting)
             rows.append(row)
-            classes, counts = np.unique(semantic, return_counts=True)
-            stats.add_row(len(shapes), float((painted > 0).mean()),
-                          [inst["category_purity"] for inst in row["instances"]],
-                          dict(zip(classes.tolist(), counts.tolist())))
+            row_statistics(stats, row, semantic, painted, metadata.thing_ids)
         errors = pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA)
-        shards.commit_shard(fs, base, s, num_shards, rows_to_table(rows, features), errors, stats)
+        shards.commit_shard(fs, base, s, num_shards, rows_to_table(rows, features, metadata.painting.to_dict()),
+                            errors, stats)
     shards.write_bytes(fs, posixpath.join(base, layout.METADATA_FILE), metadata.to_json().encode())
     manifest = {"schema_version": metadata.schema_version, "num_inputs": num_images, "num_shards": num_shards,
                 "source": "dataset_card.synthetic", "seed": seed}
@@ -151,9 +173,9 @@ def write_colour_task(root: str, num_images: int, seed: int, size: int = 64) -> 
             semantic[mask] = label + 1
             masks.append(mask)
         rows.append(synthetic_row(f"{metadata.class_names[label]}/{i:06d}", label,
-                                  rgb.clip(0, 255).astype(np.uint8), semantic, masks)[0])
+                                  rgb.clip(0, 255).astype(np.uint8), semantic, masks, metadata.thing_ids)[0])
     fs, base = shards.filesystem(root)
-    shards.commit_shard(fs, base, 0, 1, rows_to_table(rows, features),
+    shards.commit_shard(fs, base, 0, 1, rows_to_table(rows, features, metadata.painting.to_dict()),
                         pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA), layout.ShardStats(shard=0))
     shards.write_bytes(fs, posixpath.join(base, layout.METADATA_FILE), metadata.to_json().encode())
     return metadata

@@ -7,8 +7,14 @@ What is checked (all streamed per shard and row group; only `image_id` strings a
 - every data file that `load_dataset` would read is readable Parquet in the contract schema,
   with the class names of `metadata.json`, and its row count matches its statistics;
 - labeled rows + failed inputs = the manifest's input count, and no `image_id` repeats;
+- each data file's painting rule (in its Parquet metadata) is the one `metadata.json` names;
 - on a seeded sample of rows from every shard (every row with `full=True`): the image, both maps
-  and every RLE decode to the image size, ids are 1..K, and `instance_mask == paint(instances)`.
+  and every RLE decode to the image size, ids are 1..K, `instance_mask` is what the painting rule
+  paints from `instances` and `semantic_mask` (`dataset_card.painting`), and each instance's
+  `level`, `parent` and `visible_area` are what the rule says;
+- for a rule that paints objects, the alignment invariants of `dataset_card.invariants`: every
+  painted id a thing-class instance, each painted instance >= 95% of its class (98% on average over
+  the rows checked), at most 5% of painted instances nested in a same-class painted instance.
 """
 
 from __future__ import annotations
@@ -27,8 +33,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from dataset_card import codecs, layout, shards
-from dataset_card.schema import SCHEMA_METADATA_KEY, SCHEMA_VERSION, SchemaError, validate_schema
+from dataset_card import codecs, invariants, layout, painting, shards
+from dataset_card.schema import (
+    SCHEMA_METADATA_KEY,
+    SchemaError,
+    read_file_metadata,
+    validate_schema,
+    version_problem,
+)
 from dataset_card.summary import OutputError, list_files, read_json, read_metadata
 
 
@@ -51,6 +63,8 @@ class Report:
     rows: int = 0
     errors: int = 0
     checked_rows: int = 0
+    figures: invariants.Figures = field(default_factory=invariants.Figures)
+    rule: str = ""
 
     @property
     def ok(self) -> bool:
@@ -64,6 +78,8 @@ class Report:
         head = (f"{self.output}: valid" if self.ok else f"{self.output}: {len(self.violations)} problem(s)")
         head += (f" ({self.rows:,} rows in {self.shards} shards, {self.errors:,} failed inputs; "
                  f"decoded and checked {self.checked_rows:,} rows)")
+        if self.rule:
+            head += f"\npainting rule {self.rule!r}: {self.figures}"
         return "\n".join([head, *lines])
 
 
@@ -102,6 +118,12 @@ def missing(found: dict[int, str], indices: Iterable[int], path_of, what: str, r
 
 def row_problems(row: dict, metadata: layout.DatasetMetadata) -> list[str]:
     """Every way one decoded row breaks the contract (an empty list when it is valid)."""
+    return row_check(row, metadata)[0]
+
+
+def row_check(row: dict, metadata: layout.DatasetMetadata) -> tuple[list[str], invariants.MapFigures | None]:
+    """(problems, invariant figures) of one decoded row; figures are None when its maps or RLEs
+    are too broken to compute them."""
     h, w = row["height"], row["width"]
     out = []
     if not 0 <= row["label"] < len(metadata.class_names):
@@ -147,21 +169,33 @@ def row_problems(row: dict, metadata: layout.DatasetMetadata) -> list[str]:
         elif int(mask.sum()) != inst["area"]:
             out.append(f"instance {inst['id']}: area is {inst['area']} but its RLE covers {int(mask.sum())} pixels")
     instance_map = maps.get("instance_mask")
-    if rles_ok and instance_map is not None and ids == list(range(1, len(ids) + 1)):
-        painted = codecs.paint(instances, h, w)
-        if not np.array_equal(painted, instance_map):
-            out.append(f"instance_mask differs from paint(instances) at {int((painted != instance_map).sum())} pixels")
-        visible = np.bincount(painted.ravel(), minlength=len(ids) + 1)
-        wrong = [inst["id"] for inst in instances if visible[inst["id"]] != inst["visible_area"]]
+    if not (rles_ok and instance_map is not None and semantic is not None and ids == list(range(1, len(ids) + 1))):
+        return out, None
+    rule = metadata.painting
+    fresh = [dict(inst) for inst in instances]
+    painted = painting.paint_instances(fresh, semantic, metadata.thing_ids, rule, metadata.num_semantic_classes)
+    if not np.array_equal(painted, instance_map):
+        out.append(f"instance_mask differs from what painting rule {rule.name!r} paints from instances and "
+                   f"semantic_mask at {int((painted != instance_map).sum())} pixels")
+    for name in ("level", "parent", "visible_area"):
+        wrong = [inst["id"] for inst, again in zip(instances, fresh) if inst[name] != again[name]]
         if wrong:
-            out.append(f"visible_area of instances {wrong[:10]} differs from their pixels in paint(instances)")
-    return out
+            out.append(f"{name} of instances {wrong[:10]} differs from what painting rule {rule.name!r} gives")
+    figures = invariants.map_figures(instances, semantic, instance_map, metadata.thing_ids)
+    if rule.paint == "objects":
+        if figures.not_thing:
+            out.append(f"painted ids {figures.not_thing[:10]} are not instances of a thing class")
+        if figures.disagreeing:
+            shares = ", ".join(f"{k}: {figures.agreement[k]:.1%}" for k in figures.disagreeing[:10])
+            out.append(f"painted instances lie under {invariants.MIN_AGREEMENT:.0%} on their class ({shares})")
+    return out, figures
 
 
-def check_rows(output: str, path: str, rows: Sequence[int] | None, metadata: layout.DatasetMetadata) -> list[Violation]:
+def check_rows(output: str, path: str, rows: Sequence[int] | None,
+               metadata: layout.DatasetMetadata) -> tuple[list[Violation], invariants.Figures]:
     """Decode and check `rows` of one data file (all rows when None), one row group at a time."""
     fs, root = shards.filesystem(output)
-    out = []
+    out, figures = [], invariants.Figures()
     with fs.open_input_file(posixpath.join(root, path)) as f:
         parquet = pq.ParquetFile(f)
         start = 0
@@ -171,9 +205,12 @@ def check_rows(output: str, path: str, rows: Sequence[int] | None, metadata: lay
             if wanted:
                 table = parquet.read_row_group(g).take(wanted)
                 for local, row in zip(wanted, table.to_pylist()):
-                    out += [Violation(path, msg, start + local) for msg in row_problems(row, metadata)]
+                    problems, found = row_check(row, metadata)
+                    out += [Violation(path, msg, start + local) for msg in problems]
+                    if found is not None:
+                        figures.add(found)
             start += n
-    return out
+    return out, figures
 
 
 def sample_plan(rows_per_file: dict[str, int], sample: int, seed: int) -> dict[str, list[int]]:
@@ -211,16 +248,17 @@ def validate(output: str, full: bool = False, sample: int = 256, seed: int = 0, 
         raise OutputError(f"{output} is not a folder (or does not exist): pass the output folder of a labeling run")
     report = Report(output)
     try:
-        metadata = read_metadata(fs, root)
+        metadata = read_metadata(fs, root, output)
     except (OutputError, SchemaError) as err:
-        report.violations.append(Violation(layout.METADATA_FILE, str(err).replace(posixpath.join(root, ""), "")))
+        message = str(err).replace(posixpath.join(root, ""), "").removeprefix(f"{layout.METADATA_FILE} ")
+        report.violations.append(Violation(layout.METADATA_FILE, message))
         return report
     manifest = read_json(fs, posixpath.join(root, layout.MANIFEST_FILE)) or {}
     if not manifest:
         report.violations.append(Violation(layout.MANIFEST_FILE, "is missing: the counts cannot be checked"))
-    elif manifest.get("schema_version") != SCHEMA_VERSION:
-        report.violations.append(Violation(layout.MANIFEST_FILE, f"has dataset schema version "
-                                           f"{manifest.get('schema_version')}, this code reads {SCHEMA_VERSION}"))
+    elif version_problem(manifest.get("schema_version"), layout.MANIFEST_FILE, output):
+        report.violations.append(Violation(layout.MANIFEST_FILE, version_problem(
+            manifest.get("schema_version"), "it", output)))
     data_names = list_files(fs, root, layout.DATA_DIR)
     num_shards = manifest.get("num_shards")
     if num_shards is None:  # infer the run's total from the names, so the other checks still run
@@ -243,7 +281,7 @@ def validate(output: str, full: bool = False, sample: int = 256, seed: int = 0, 
     glob = posixpath.basename(layout.DATA_GLOB)
     strays = [f"{layout.DATA_DIR}/{n}" for n in data_names if fnmatch.fnmatch(n, glob)]
     loaded = [data[i] for i in sorted(data)] + [p for p in strays if p not in data.values()]
-    rows_in, readable = row_counts(fs, root, loaded, metadata, report, progress)
+    rows_in, readable = row_counts(fs, root, loaded, metadata, report, progress, output)
     report.rows = sum(rows_in.values())
     error_ids = read_errors(fs, root, errors, report)
     check_stats(fs, root, data, errors, stats, rows_in, error_ids, report)
@@ -264,13 +302,17 @@ def validate(output: str, full: bool = False, sample: int = 256, seed: int = 0, 
     else:
         results = (check_rows(output, p, r, metadata) for p, r in zip(*args))
         results = list(tqdm(results, total=len(plan), desc="rows", disable=not progress))
-    for found in results:
+    for found, figures in results:
         report.violations += found
+        report.figures.merge(figures)
+    report.rule = metadata.painting.name
+    report.violations += [Violation(layout.DATA_DIR, message)
+                          for message in report.figures.problems(metadata.painting.paint == "objects")]
     return report
 
 
 def row_counts(fs: pafs.FileSystem, root: str, paths: Sequence[str], metadata: layout.DatasetMetadata,
-               report: Report, progress: bool) -> tuple[dict[str, int], dict[str, int]]:
+               report: Report, progress: bool, output: str = "") -> tuple[dict[str, int], dict[str, int]]:
     """Path -> row count of the files in `paths` that open as Parquet, and of those among them in
     the contract schema (only those are read further); a violation for each other file."""
     counts, valid = {}, {}
@@ -283,7 +325,7 @@ def row_counts(fs: pafs.FileSystem, root: str, paths: Sequence[str], metadata: l
             report.violations.append(Violation(path, f"cannot be read as Parquet: {err}"))
             continue
         counts[path] = num_rows
-        problem = schema_problem(schema, metadata)
+        problem = schema_problem(schema, metadata, output)
         if problem:
             report.violations.append(Violation(path, problem))
         else:
@@ -326,14 +368,25 @@ def check_stats(fs: pafs.FileSystem, root: str, data: dict[int, str], errors: di
                                                      f"holds {failed_in.get(errors[i], 0)}"))
 
 
-def schema_problem(schema: pa.Schema, metadata: layout.DatasetMetadata) -> str | None:
+def schema_problem(schema: pa.Schema, metadata: layout.DatasetMetadata, output: str = "") -> str | None:
     """Why a data file's schema is not the contract's (None when it is)."""
     if SCHEMA_METADATA_KEY not in (schema.metadata or {}):
         return f"carries no dataset schema version in its Parquet metadata (key {SCHEMA_METADATA_KEY.decode()!r})"
+    found = read_file_metadata(schema)
+    problem = version_problem(found.get("schema_version"), "it", output)
+    if problem:
+        return problem
     try:
         validate_schema(schema)
     except SchemaError as err:
         return str(err)
+    rule = found.get("painting")
+    if rule is not None and rule.get("name") != metadata.painting.name:
+        return (f"was painted under rule {rule.get('name')!r} but metadata.json names {metadata.painting.name!r}: "
+                f"finish the repaint (`python -m dataset_card repaint {output or 'OUTPUT'} --rule "
+                f"{metadata.painting.name}`)")
+    if rule is not None and painting.PaintingRule.from_dict(rule) != metadata.painting:
+        return f"was painted with other thresholds than metadata.json's rule {metadata.painting.name!r}: repaint it"
     names = datasets.Features.from_arrow_schema(schema)["label"].names
     if tuple(names) != metadata.class_names:
         return f"its label names ({len(names)}) differ from the {len(metadata.class_names)} class names of metadata.json"

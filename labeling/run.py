@@ -37,8 +37,8 @@ def parser() -> argparse.ArgumentParser:
                     help="output folder (local/shared path or URL): data/, errors/, stats/, manifest.json, stats.json, "
                          "metadata.json, README.md")
     io.add_argument("--models", required=True, choices=("default", "tiny-random"),
-                    help="default: SAM vit_h + facebook/mask2former-swin-large-coco-panoptic; tiny-random: small "
-                         "random twins for offline smoke runs (meaningless labels)")
+                    help="default: SAM vit_h (with SA-1B's mask filters) + facebook/mask2former-swin-large-coco-panoptic; "
+                         "tiny-random: small random twins for offline smoke runs (meaningless labels)")
     io.add_argument("--shard-size", type=positive_int, default=1000,
                     help="images per output shard; a shard is the unit of work and of commit (default 1000)")
     io.add_argument("--limit", type=positive_int, default=None, help="label only the first N inputs (trial runs)")
@@ -63,6 +63,11 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--semantic-model", default=None,
                         help="transformers segmentation model: hub id or local folder "
                              "(default facebook/mask2former-swin-large-coco-panoptic)")
+    models.add_argument("--semantic-revision", default=None,
+                        help="hub branch, tag or commit of --semantic-model (default: its default branch); the "
+                             "manifest records the commit it resolved to, which every model actor loads")
+    models.add_argument("--semantic-shortest-edge", type=positive_int, default=None,
+                        help="shorter side of the semantic model's input, aspect kept (default 640; 128 for tiny)")
     models.add_argument("--model-max-side", type=positive_int, default=None,
                         help="images are shrunk to this longest side for the models (default 1024; 256 for tiny)")
     models.add_argument("--points-per-side", type=positive_int, default=None,
@@ -71,6 +76,12 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--stability-score-thresh", type=float, default=None, help="SAM stability threshold")
     models.add_argument("--min-instance-area", type=int, default=16,
                         help="instances smaller than this many pixels (at full size) are dropped (default 16)")
+    models.add_argument("--painting-rule", default="objects", choices=("objects", "parts"),
+                        help="what instance_mask shows: objects (default: thing objects clipped to their semantic "
+                             "class) or parts (every mask, smaller on top: schema v1's map); python -m dataset_card "
+                             "repaint changes it later without the models")
+    models.add_argument("--min-purity", type=float, default=None,
+                        help="a thing mask with less of its class than this is dropped, not an object (default 0.75)")
 
     run = p.add_argument_group("execution (may change when resuming)")
     run.add_argument("--address", default=None,
@@ -105,9 +116,11 @@ def config_from_args(args: argparse.Namespace):
         max_pixels=args.max_pixels, input_format=args.input_format, file_list=args.file_list,
         image_column=args.image_column, label_column=args.label_column, split=args.split,
         sam_type=args.sam_type, sam_checkpoint=args.sam_checkpoint, semantic_model=args.semantic_model,
+        semantic_revision=args.semantic_revision, semantic_shortest_edge=args.semantic_shortest_edge,
         model_max_side=args.model_max_side, points_per_side=args.points_per_side,
         pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
-        min_instance_area=args.min_instance_area, read_batch_size=args.read_batch_size,
+        min_instance_area=args.min_instance_area, painting_rule=args.painting_rule, min_purity=args.min_purity,
+        read_batch_size=args.read_batch_size,
         model_batch_size=args.model_batch_size, postprocess_batch_size=args.postprocess_batch_size,
         instance_actors=args.instance_actors, semantic_actors=args.semantic_actors,
         gpus_per_actor=args.gpus_per_actor, actor_cpus=args.actor_cpus, task_cpus=args.task_cpus,

@@ -1,10 +1,26 @@
-"""Alignment of automatic masks with a semantic map, on hand-made masks whose answers are known."""
+"""Alignment of automatic masks with a semantic map, on hand-made masks whose answers are known.
+
+Most tests paint with the "parts" rule (every mask, smaller on top), which shows each mask's
+numbering and category; the object-level rule itself is tested in test_painting.py.
+"""
 
 import numpy as np
 import pytest
 
-from dataset_card import codecs
+from dataset_card import codecs, painting
 from labeling.labelers import alignment
+
+PARTS = painting.RULES["parts"]
+
+
+def align(masks, semantic, min_area=1, ignore_value=255, rule=PARTS, things=range(8), num_classes=8):
+    """`alignment.align` with a taxonomy where every class id below 8 is a thing."""
+    return alignment.align(masks, semantic, things=set(things), num_classes=num_classes, rule=rule,
+                           min_area=min_area, ignore_value=ignore_value)
+
+
+def paint(instances, semantic, rule=PARTS, things=range(8)):
+    return painting.paint_instances([dict(i) for i in instances], semantic, set(things), rule, 8)
 
 
 def auto_mask(mask: np.ndarray, iou: float = 0.9, stability: float = 0.95) -> dict:
@@ -24,7 +40,7 @@ def test_nested_masks_parts_on_top_and_categories():
     whole = box(h, w, 2, 2, 18, 28)  # 16 x 26 = 416 px, 208 of class 0 and 208 of class 3
     part = box(h, w, 4, 20, 10, 26)  # 36 px, all class 3
     semantic[0, 0] = 7  # outside every mask: votes for nothing
-    instances, painted = alignment.align([auto_mask(part, 0.5), auto_mask(whole, 0.8)], semantic)
+    instances, painted = align([auto_mask(part, 0.5), auto_mask(whole, 0.8)], semantic)
     assert [inst["id"] for inst in instances] == [1, 2]
     big, small = instances
     assert big["area"] == 416 and small["area"] == 36
@@ -34,7 +50,7 @@ def test_nested_masks_parts_on_top_and_categories():
     assert small["category_id"] == 3 and small["category_purity"] == 1.0
     assert big["bbox"] == [2.0, 2.0, 26.0, 16.0] and small["bbox"] == [20.0, 4.0, 6.0, 6.0]
     assert painted.dtype == np.uint16
-    np.testing.assert_array_equal(painted, codecs.paint(instances, h, w))
+    np.testing.assert_array_equal(painted, paint(instances, semantic))
     assert (painted[part] == 2).all() and (painted[whole & ~part] == 1).all() and (painted[~whole] == 0).all()
 
 
@@ -42,7 +58,7 @@ def test_whole_covered_by_its_parts_stays_in_list_but_not_in_map():
     h, w = 10, 10
     left, right = box(h, w, 0, 0, 10, 5), box(h, w, 0, 5, 10, 10)
     whole = left | right
-    instances, painted = alignment.align([auto_mask(left), auto_mask(whole), auto_mask(right)],
+    instances, painted = align([auto_mask(left), auto_mask(whole), auto_mask(right)],
                                          np.zeros((h, w), np.uint8))
     assert [inst["area"] for inst in instances] == [100, 50, 50]
     assert instances[0]["visible_area"] == 0
@@ -54,7 +70,7 @@ def test_whole_covered_by_its_parts_stays_in_list_but_not_in_map():
 def test_min_area_drops_small_and_empty_masks_and_ids_stay_dense():
     h, w = 12, 12
     masks = [box(h, w, 0, 0, 2, 2), box(h, w, 0, 0, 0, 0), box(h, w, 3, 3, 9, 9), box(h, w, 5, 5, 8, 8)]
-    instances, painted = alignment.align([auto_mask(m) for m in masks], np.zeros((h, w), np.uint8), min_area=5)
+    instances, painted = align([auto_mask(m) for m in masks], np.zeros((h, w), np.uint8), min_area=5)
     assert [inst["id"] for inst in instances] == [1, 2]
     assert [inst["area"] for inst in instances] == [36, 9]
     assert painted[0, 0] == 0 and painted.max() == 2
@@ -64,10 +80,10 @@ def test_ignore_pixels_do_not_vote_but_count_in_purity():
     h, w = 4, 10
     semantic = np.full((h, w), 255, np.uint8)
     semantic[:, :3] = 4  # 12 of the mask's 40 pixels are class 4, the rest ignore
-    instances, _ = alignment.align([auto_mask(np.ones((h, w), bool))], semantic, ignore_value=255)
+    instances, _ = align([auto_mask(np.ones((h, w), bool))], semantic, ignore_value=255)
     assert instances[0]["category_id"] == 4
     assert instances[0]["category_purity"] == pytest.approx(12 / 40)
-    only_ignore, _ = alignment.align([auto_mask(box(h, w, 0, 5, 4, 10))], semantic, ignore_value=255)
+    only_ignore, _ = align([auto_mask(box(h, w, 0, 5, 4, 10))], semantic, ignore_value=255)
     assert only_ignore[0]["category_id"] == 255 and only_ignore[0]["category_purity"] == 1.0
 
 
@@ -75,7 +91,8 @@ def test_sixteen_bit_semantic_map_with_65535_ignore():
     h, w = 6, 6
     semantic = np.full((h, w), 65535, np.uint16)
     semantic[:2] = 300
-    instances, _ = alignment.align([auto_mask(np.ones((h, w), bool))], semantic, ignore_value=65535)
+    instances, _ = align([auto_mask(np.ones((h, w), bool))], semantic, ignore_value=65535, things=[300],
+                         num_classes=400)
     assert instances[0]["category_id"] == 300 and instances[0]["category_purity"] == pytest.approx(1 / 3)
 
 
@@ -88,8 +105,8 @@ def test_random_masks_match_paint_and_brute_force_majority():
         y0, x0 = rng.integers(0, h - 1), rng.integers(0, w - 1)
         m = box(h, w, y0, x0, y0 + rng.integers(1, 15), x0 + rng.integers(1, 20)) & (rng.random((h, w)) < 0.8)
         masks.append(m)
-    instances, painted = alignment.align([auto_mask(m) for m in masks], semantic, min_area=3)
-    np.testing.assert_array_equal(painted, codecs.paint(instances, h, w))
+    instances, painted = align([auto_mask(m) for m in masks], semantic, min_area=3)
+    np.testing.assert_array_equal(painted, paint(instances, semantic))
     areas = [inst["area"] for inst in instances]
     assert areas == sorted(areas, reverse=True) and min(areas) >= 3
     assert [inst["id"] for inst in instances] == list(range(1, len(instances) + 1))
@@ -104,13 +121,13 @@ def test_random_masks_match_paint_and_brute_force_majority():
 
 
 def test_no_masks_gives_an_empty_map():
-    instances, painted = alignment.align([], np.zeros((3, 4), np.uint8))
+    instances, painted = align([], np.zeros((3, 4), np.uint8))
     assert instances == [] and painted.shape == (3, 4) and not painted.any()
 
 
 def test_mask_of_another_size_is_refused():
     with pytest.raises(ValueError, match="RLE size"):
-        alignment.align([auto_mask(np.ones((4, 4), bool))], np.zeros((5, 4), np.uint8))
+        align([auto_mask(np.ones((4, 4), bool))], np.zeros((5, 4), np.uint8))
 
 
 def test_crop_rle_equals_encoding_the_full_mask():
@@ -121,7 +138,7 @@ def test_crop_rle_equals_encoding_the_full_mask():
         crop = rng.random((int(rng.integers(1, h - y0 + 1)), int(rng.integers(1, w - x0 + 1)))) < rng.random()
         full = np.zeros((h, w), bool)
         full[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] = crop
-        assert alignment.crop_rle(crop, y0, x0, h, w) == codecs.encode_rle(full)
+        assert codecs.crop_rle(crop, y0, x0, h, w) == codecs.encode_rle(full)
 
 
 def test_masks_given_as_crops_align_like_decoded_ones():
@@ -134,9 +151,14 @@ def test_masks_given_as_crops_align_like_decoded_ones():
         y0, x0 = int(rng.integers(0, h - 5)), int(rng.integers(0, w - 5))
         m[y0 : y0 + int(rng.integers(1, 12)), x0 : x0 + int(rng.integers(1, 15))] = True
         masks.append(auto_mask(m))
-        y1, x1, y2, x2 = alignment.tight_box(masks[-1]["rle"])
+        y1, x1, y2, x2 = codecs.tight_box(masks[-1]["rle"])
         with_crops.append({**masks[-1], "crop": (y1, x1, m[y1:y2, x1:x2])})
-    plain, plain_map = alignment.align(masks, semantic)
-    cropped, cropped_map = alignment.align(with_crops, semantic)
+    for rule in (PARTS, painting.RULES["objects"]):
+        plain, plain_map = align(masks, semantic, rule=rule, things=[1, 2])
+        cropped, cropped_map = align(with_crops, semantic, rule=rule, things=[1, 2])
+        assert plain == cropped
+        np.testing.assert_array_equal(plain_map, cropped_map)
+    plain, plain_map = align(masks, semantic)
+    cropped, cropped_map = align(with_crops, semantic)
     assert plain == cropped
     np.testing.assert_array_equal(plain_map, cropped_map)

@@ -115,13 +115,13 @@ def test_rle_round_trip_and_area():
     assert codecs.rle_area(rle) == mask.sum()
 
 
-def test_paint_puts_later_ids_on_top():
-    big = np.ones((4, 4), bool)
-    small = np.zeros((4, 4), bool)
-    small[1:3, 1:3] = True
-    instances = [{"id": 2, "rle": codecs.encode_rle(small)}, {"id": 1, "rle": codecs.encode_rle(big)}]
-    out = codecs.paint(instances, 4, 4)
-    assert (out[1:3, 1:3] == 2).all() and (out == 1).sum() == 12
+def test_crop_rle_and_tight_box():
+    mask = np.zeros((9, 7), bool)
+    mask[2:5, 3:6] = True
+    rle = codecs.encode_rle(mask)
+    assert codecs.tight_box(rle) == (2, 3, 5, 6)
+    assert codecs.crop_rle(mask[2:5, 3:6], 2, 3, 9, 7) == rle
+    assert codecs.tight_box(codecs.encode_rle(np.zeros((4, 4), bool))) == (0, 0, 0, 0)
 
 
 def test_corrupt_rle_raises_instead_of_returning_garbage():

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataset_card import codecs, layout, shards
+from dataset_card import codecs, layout, painting, shards
 from dataset_card.card import write_minimal_card
 from dataset_card.schema import (
     COLUMNS,
@@ -40,19 +40,24 @@ def many_instances_row():
     big[:20, :30] = True  # overlaps many small ones: painted underneath them
     masks.append(big)
     rgb = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
-    return synthetic_row("n01440764/many", 0, rgb, semantic, masks)
+    # The "parts" rule paints every mask, so this map holds all 301 ids.
+    return synthetic_row("n01440764/many", 0, rgb, semantic, masks, THINGS, painting.RULES["parts"])
+
+
+THINGS = {c.id for c in SEMANTIC_CLASSES if c.isthing}
 
 
 @pytest.fixture
 def shard_folder(tmp_path):
-    metadata = layout.DatasetMetadata(tuple(CLASS_NAMES), SEMANTIC_CLASSES)
+    metadata = layout.DatasetMetadata(tuple(CLASS_NAMES), SEMANTIC_CLASSES, painting=painting.RULES["parts"])
     features = build_features(CLASS_NAMES, metadata.semantic_class_names)
     row, painted = many_instances_row()
     rng = np.random.default_rng(1)
     from dataset_card.synthetic import shapes_image
 
     rgb, semantic, shapes = shapes_image(rng, 48, 64)
-    row2, _ = synthetic_row("n01443537/shapes", 1, rgb, semantic, [m for _, m in shapes])
+    row2, _ = synthetic_row("n01443537/shapes", 1, rgb, semantic, [m for _, m in shapes], THINGS,
+                            painting.RULES["parts"])
     fs, base = shards.filesystem(str(tmp_path))
     empty_errors = pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA)
     shards.commit_shard(fs, base, 0, 2, rows_to_table([row, row2], features), empty_errors, layout.ShardStats(0))
@@ -80,7 +85,9 @@ def test_load_dataset_gives_typed_columns_and_masks_round_trip(shard_folder):
     h, w = row["height"], row["width"]
     for inst in row["instances"]:
         assert codecs.decode_rle(inst["rle"]).shape == (h, w)
-    np.testing.assert_array_equal(instance_map, codecs.paint(row["instances"], h, w))
+    semantic = codecs.decode_mask(row["semantic_mask"]["bytes"])
+    again = painting.paint_instances([dict(i) for i in row["instances"]], semantic, THINGS, painting.RULES["parts"])
+    np.testing.assert_array_equal(instance_map, again)
     assert codecs.decode_image(row["image"]["bytes"]).shape == (h, w, 3)
     # The big mask is painted first (id 1, largest) and stays in the list even where covered.
     first = min(row["instances"], key=lambda i: i["id"])
@@ -96,7 +103,7 @@ def test_parquet_metadata_carries_schema_version(shard_folder):
 
 def _versioned(schema: pa.Schema) -> pa.Schema:
     """The schema as a shard file carries it: with the schema-version key."""
-    return schema.with_metadata({**(schema.metadata or {}), b"c2fmae": b'{"schema_version": 1}'})
+    return schema.with_metadata({**(schema.metadata or {}), b"c2fmae": json.dumps({"schema_version": SCHEMA_VERSION})})
 
 
 def _retyped(name: str) -> datasets.Features:
@@ -139,8 +146,11 @@ def test_validator_rejects_retyped_column_written_to_parquet(tmp_path, name):
 
 def test_validator_rejects_other_schema_version():
     schema = build_features(CLASS_NAMES, ["a"]).arrow_schema.with_metadata({b"c2fmae": b'{"schema_version": 99}'})
-    with pytest.raises(SchemaError, match="version 99.*version 1"):
+    with pytest.raises(SchemaError, match=f"version 99.*version {SCHEMA_VERSION}.*install"):
         validate_schema(schema)
+    old = schema.with_metadata({b"c2fmae": b'{"schema_version": 1}'})
+    with pytest.raises(SchemaError, match=r"version 1, but this code reads version 2.*dataset_card repaint OUT`"):
+        validate_schema(old, source="OUT/data/train-00000-of-00001.parquet")
 
 
 def test_validator_checks_only_requested_columns():
@@ -155,8 +165,8 @@ def test_metadata_round_trip_and_version_check():
     back = layout.DatasetMetadata.from_json(metadata.to_json())
     assert back == metadata
     assert back.ignore_value == 255 and json.loads(metadata.to_json())["ignore_value"] == 255
-    bad = json.loads(metadata.to_json()) | {"schema_version": 2}
-    with pytest.raises(SchemaError, match="version 2"):
+    bad = json.loads(metadata.to_json()) | {"schema_version": 3}
+    with pytest.raises(SchemaError, match="version 3"):
         layout.DatasetMetadata.from_json(json.dumps(bad))
 
 

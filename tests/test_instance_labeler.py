@@ -14,8 +14,9 @@ import skimage.data
 import torch
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.utils.amg import remove_small_regions
 
-from labeling.labelers.instance import InstanceLabeler, InstanceLabelerConfig
+from labeling.labelers.instance import InstanceLabeler, InstanceLabelerConfig, cleanup_window
 from labeling.labelers.mask_postprocess import axis_taps, upsample_windows, window_rle, windows_above
 from labeling.labelers.tiny_models import build_tiny_sam_random
 
@@ -137,6 +138,44 @@ def test_crops_and_small_regions_equal_stock(sam, images):
         assert len(ref) >= MIN_STOCK_MASKS and len(out) == len(ref)
         assert _match(ref, out).min() >= 0.999
         assert [r["area"] for r in out] == [r["area"] for r in ref]
+
+
+def test_cleanup_in_a_window_equals_the_whole_image():
+    """Holes and islands computed inside `cleanup_window` are segment_anything's on the whole image,
+    for masks touching the image's edges, thin ones and speckled ones."""
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        h, w = (int(v) for v in rng.integers(5, 60, 2))
+        mask = rng.random((h, w)) < rng.uniform(0.2, 0.8)
+        if trial % 2:
+            mask = cv2.dilate(mask.astype(np.uint8), np.ones((2, 2), np.uint8)).astype(bool)
+        if trial % 3 == 0:
+            mask[: rng.integers(0, h)] = False
+        if not mask.any():
+            continue
+        area = int(rng.integers(2, 30))
+        whole, holes = remove_small_regions(mask, area, "holes")
+        whole, islands = remove_small_regions(whole, area, "islands")
+        ys, xs = np.nonzero(mask)
+        y0, x0, y1, x1 = cleanup_window((ys.min(), xs.min(), ys.max() + 1, xs.max() + 1), h, w, area)
+        window, w_holes = remove_small_regions(mask[y0:y1, x0:x1], area, "holes")
+        window, w_islands = remove_small_regions(window, area, "islands")
+        inside = np.zeros_like(mask)
+        inside[y0:y1, x0:x1] = window
+        np.testing.assert_array_equal(inside, whole)
+        assert (w_holes or w_islands) == (holes or islands)
+
+
+def test_masks_covering_too_much_of_the_image_are_dropped(sam, images):
+    """SA-1B's filter the default preset sets at 95% (its cleanup is the stock one, tested above)."""
+    params = dict(PARAMS, points_per_side=5, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    image = images[14]  # 72 x 72
+    plain = InstanceLabeler(sam, InstanceLabelerConfig(**params))([image])[0]
+    total = image.shape[0] * image.shape[1]
+    limit = sorted(r["area"] for r in plain)[-3] / total  # the twin's masks are small: drop its 3 largest
+    filtered = InstanceLabeler(sam, InstanceLabelerConfig(**params, max_mask_fraction=limit))([image])[0]
+    kept = [r["rle"] for r in plain if r["area"] < limit * total]
+    assert kept == [r["rle"] for r in filtered] and len(filtered) <= len(plain) - 3
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 97), (97, 3), (17, 9)])

@@ -16,6 +16,7 @@ from PIL import Image
 
 from dataset_card import codecs, layout
 from dataset_card.schema import validate_features
+from dataset_card.validate import row_problems, validate
 from labeling.pipeline import failures, manifest
 from labeling.pipeline.driver import LabelingConfig, run_labeling
 
@@ -101,14 +102,15 @@ def assert_exactly_once(output: Path, input_root: Path) -> tuple[list[dict], lis
     return rows, errors
 
 
-def check_rows(rows: list[dict]) -> None:
+def check_rows(rows: list[dict], output: Path) -> None:
+    metadata = layout.DatasetMetadata.from_json((output / layout.METADATA_FILE).read_text())
     for row in rows:
         h, w = row["height"], row["width"]
         semantic = codecs.decode_mask(row["semantic_mask"]["bytes"])
         instance_map = codecs.decode_mask(row["instance_mask"]["bytes"])
         assert semantic.shape == (h, w) and instance_map.shape == (h, w)
         assert codecs.decode_image(row["image"]["bytes"]).shape == (h, w, 3)
-        np.testing.assert_array_equal(instance_map, codecs.paint(row["instances"], h, w))
+        assert row_problems(row, metadata) == []  # the map is the painting rule's, the invariants hold
         assert all(inst["rle"]["size"] == [h, w] for inst in row["instances"])
         assert [inst["id"] for inst in row["instances"]] == list(range(1, len(row["instances"]) + 1))
 
@@ -136,7 +138,7 @@ def test_end_to_end_photos_load_typed_and_aligned(zoo_run):
     astronaut = next(r for r in photos if r["image_id"] == "a_photos/astronaut")
     assert (astronaut["width"], astronaut["height"]) == (512, 512)
     assert astronaut["image"]["bytes"] == (images / "a_photos" / "astronaut.webp").read_bytes()  # never re-encoded
-    check_rows(rows)
+    check_rows(rows, output)
     assert sum(len(r["instances"]) for r in photos) >= len(photos)  # the twins give masks, not nothing
     metadata = layout.DatasetMetadata.from_json((output / "metadata.json").read_text())
     assert metadata.class_names == ("a_photos", "b_odd", "c_bad", "d_dup") and metadata.num_semantic_classes == 6
@@ -150,6 +152,21 @@ def test_end_to_end_photos_load_typed_and_aligned(zoo_run):
     assert saved["num_inputs"] == 18 and saved["num_shards"] == 5 and saved["shard_size"] == 4
     assert saved["models"]["instance"]["checkpoint"] == "tiny-random"
     assert saved["code_version"] == manifest.code_version()
+    assert saved["software"]["torch"] and saved["software"]["transformers"] and saved["software"]["pycocotools"]
+    assert saved["models"]["semantic"]["revision"] is None  # a local folder: its sha256 names it
+    assert saved["models"]["semantic"]["params"]["shortest_edge"] == 128
+    assert metadata.painting.name == "objects"
+    report = validate(str(output), full=True)
+    # The zoo's duplicate id (d_dup/z.jpg labeled, d_dup/z.png failed as its duplicate) is the one
+    # complaint, about the errors table, not the labels.
+    assert [v.message for v in report.violations] == [
+        "image_id 'd_dup/z' is listed as failed but also has a labeled row"], report.format()
+    assert report.figures.painted > 0 and report.figures.nested == 0 and report.figures.mean_agreement == 1.0
+    levels = {}
+    for row in rows:
+        for inst in row["instances"]:
+            levels[inst["level"]] = levels.get(inst["level"], 0) + 1
+    assert set(levels) >= {"object", "stuff"}, levels
     on_disk = json.loads((output / "stats.json").read_text())
     assert on_disk == stats
     assert (stats["inputs"], stats["written"], stats["failed"]) == (18, 13, 5)
@@ -194,7 +211,7 @@ def test_retry_errors_relabels_only_failed_inputs(zoo_run, tmp_path):
     cfg2 = LabelingConfig(**{**cfg.__dict__, "input": str(images2), "output": str(output2), "retry_errors": True})
     stats = run_labeling(cfg2, log=lambda m: None)
     rows, errors = assert_exactly_once(output2, images2)
-    check_rows(rows)
+    check_rows(rows, output2)
     assert "c_bad/notes.png" in {r["image"]["path"] for r in rows}
     assert "c_bad/notes.png" not in {e["path"] for e in errors}
     assert (stats["written"], stats["failed"]) == (14, 4)

@@ -91,7 +91,7 @@ def test_sigkill_mid_run_then_rerun_labels_every_input_exactly_once(tmp_path, ra
     rows, errors = assert_exactly_once(output, images)
     assert len(rows) == 48 and not errors
     assert len({r["image_id"] for r in rows}) == 48
-    check_rows(rows)
+    check_rows(rows, output)
 
 
 def free_ports(count: int) -> list[int]:
@@ -150,7 +150,7 @@ def test_ray_job_submit_against_a_private_head(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
     rows, errors = assert_exactly_once(output, images)
     assert len(rows) == 6 and not errors
-    check_rows(rows)
+    check_rows(rows, output)
 
 
 LABEL_ONE_IMAGE = """
@@ -173,7 +173,7 @@ work = pa.Table.from_pylist([{"index": 0, "shard": 0, "path": name, "image_id": 
                             schema=WORK_SCHEMA)
 batch = read_stage(work, FolderSource(folder), max_pixels=100_000_000, max_side=model_max_side(cfg))
 batch = semantic(instance(batch))
-post = PostprocessConfig(len(classes), 255, cfg.min_instance_area)
+post = PostprocessConfig(len(classes), 255, cfg.min_instance_area, tuple(c.id for c in classes if c.isthing))
 row = postprocess_stage(batch, post, staged_schema(["c"], [c.name for c in classes])).to_pylist()[0]
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"peak_kb": peak, "after_models_kb": baseline, "error": row["error_message"],
@@ -215,5 +215,6 @@ def test_help_explains_every_flag():
     done = subprocess.run(RUN + ["--help"], env=env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
     for flag in ("--input", "--output", "--models", "--shard-size", "--limit", "--overwrite", "--retry-errors",
-                 "--max-pixels", "--gpus-per-actor", "--instance-actors", "--model-batch-size"):
+                 "--max-pixels", "--gpus-per-actor", "--instance-actors", "--model-batch-size", "--semantic-revision",
+                 "--semantic-shortest-edge", "--painting-rule", "--min-purity"):
         assert flag in done.stdout

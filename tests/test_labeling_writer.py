@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from dataset_card import codecs, layout, shards
+from dataset_card import codecs, layout, painting, shards
 from dataset_card.schema import arrow_schema
 from dataset_card.synthetic import SEMANTIC_CLASSES
 from labeling.pipeline import failures, manifest, writer
@@ -23,7 +23,9 @@ CLASS_NAMES = ("class_a", "class_b")
 SEMANTIC_NAMES = [c.name for c in SEMANTIC_CLASSES]
 SCHEMA = staged_schema(CLASS_NAMES, SEMANTIC_NAMES)
 CONTRACT = arrow_schema(CLASS_NAMES, SEMANTIC_NAMES)
-POST = PostprocessConfig(num_semantic_classes=len(SEMANTIC_CLASSES), ignore_value=255, min_instance_area=4)
+THINGS = tuple(c.id for c in SEMANTIC_CLASSES if c.isthing)
+POST = PostprocessConfig(num_semantic_classes=len(SEMANTIC_CLASSES), ignore_value=255, min_instance_area=4,
+                         thing_ids=THINGS)
 
 
 def jpeg(h: int, w: int, seed: int) -> bytes:
@@ -34,7 +36,8 @@ def jpeg(h: int, w: int, seed: int) -> bytes:
 
 
 def model_row(index: int, h: int = 40, w: int = 60, scale: int = 2, failed: str = "") -> dict:
-    """A row as the semantic predictor emits it: fake model outputs at 1/scale of the image size."""
+    """A row as the semantic predictor emits it: fake instance masks at 1/scale of the image size, a
+    whole thing (class 2, but for a strip of background) and a part of it; the class map at full size."""
     mh, mw = h // scale, w // scale
     whole = np.zeros((mh, mw), bool)
     whole[2:mh - 2, 3:mw - 3] = True
@@ -42,8 +45,8 @@ def model_row(index: int, h: int = 40, w: int = 60, scale: int = 2, failed: str 
     part[4:9, 5:12] = True
     masks = [{"rle": codecs.encode_rle(m), "bbox": [0, 0, 1, 1], "area": int(m.sum()), "predicted_iou": 0.9,
               "stability_score": 0.97} for m in (part, whole)]
-    semantic = np.zeros((mh // 2, mw // 2), np.uint16)
-    semantic[:, mw // 4:] = 2
+    semantic = np.full((h, w), 2, np.uint8)
+    semantic[:, :8] = 0
     return {
         "index": index, "shard": index // 3, "path": f"class_a/img{index}.jpg", "image_id": f"class_a/img{index}",
         "label": 0, "image_path": f"class_a/img{index}.jpg",
@@ -94,8 +97,14 @@ def test_postprocess_gives_full_size_contract_rows():
     semantic = codecs.decode_mask(ok["semantic_mask"]["bytes"])
     assert semantic.shape == (40, 60) and set(np.unique(semantic)) == {0, 2}
     painted = codecs.decode_mask(ok["instance_mask"]["bytes"])
-    np.testing.assert_array_equal(painted, codecs.paint(ok["instances"], 40, 60))
+    again = painting.paint_instances([dict(i) for i in ok["instances"]], semantic, THINGS, painting.RULES["objects"])
+    np.testing.assert_array_equal(painted, again)
     assert [inst["area"] for inst in ok["instances"]] == [16 * 24 * 4, 5 * 7 * 4]  # 2x upsampled boxes
+    assert [(i["level"], i["parent"]) for i in ok["instances"]] == [("object", 0), ("part", 1)]
+    whole = codecs.decode_rle(ok["instances"][0]["rle"])
+    np.testing.assert_array_equal(painted == 1, whole & (semantic == 2))  # the object, clipped to its class
+    assert json.loads(ok["stat_levels"]) == {"object": 1, "part": 1, "stuff": 0, "dropped": 0}
+    assert json.loads(ok["stat_figures"])["painted"] == 1
     assert ok["stat_instances"] == 2 and 0 < ok["stat_coverage"] < 1
     assert sum(ok["stat_semantic_counts"]) == 40 * 60
     assert ok["image"]["bytes"] == jpeg(40, 60, 0) and ok["image"]["path"] == "class_a/img0.jpg"
@@ -128,6 +137,8 @@ def test_committed_shards_load_typed_and_failed_inputs_are_in_errors(tmp_path):
         (f"class_a/img{i}", failures.MODEL, failures.MODEL_FAILED) for i in (1, 3, 4)]
     stats = layout.ShardStats.from_json((tmp_path / layout.stats_path(0, 2)).read_text())
     assert stats.rows == 2 and stats.errors == 1 and stats.instances == 4
+    assert stats.levels == {"object": 2, "part": 2, "stuff": 0, "dropped": 0} and stats.painted == 2
+    assert stats.agreement_sum == 2.0 and stats.painted_nested == stats.painted_not_thing == 0
     assert sum(stats.semantic_pixels.values()) == 2 * 40 * 60
     assert not list(tmp_path.rglob(".*"))  # no temporary file is left behind
 

@@ -15,7 +15,9 @@ from labeling.quality import metrics, report
 
 OURS = (layout.SemanticClass(0, "wall-other-merged", False), layout.SemanticClass(1, "person", True),
         layout.SemanticClass(2, "car", True))
-GT_CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 199, "name": "wall-other"}]
+GT_CATEGORIES = [{"id": 1, "name": "person", "isthing": 1}, {"id": 3, "name": "car", "isthing": 1},
+                 {"id": 199, "name": "wall-other", "isthing": 0}]
+THINGS = {c.id for c in OURS if c.isthing}
 H, W = 40, 60
 
 
@@ -36,7 +38,7 @@ def _semantic(person, car):
 
 def _write_pred(root, masks, semantic):
     metadata = layout.DatasetMetadata(("c",), OURS)
-    row, _ = synthetic_row("c/img0", 0, np.zeros((H, W, 3), np.uint8), semantic, masks)
+    row, _ = synthetic_row("c/img0", 0, np.zeros((H, W, 3), np.uint8), semantic, masks, THINGS)
     fs, base = shards.filesystem(str(root))
     shards.commit_shard(fs, base, 0, 1, rows_to_table([row], build_features(["c"], metadata.semantic_class_names)),
                         pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA), layout.ShardStats(0))
@@ -77,6 +79,32 @@ def test_perfect_prediction_scores_one(tmp_path, ground_truth):
     assert scores["semantic"]["mIoU"] == pytest.approx(1.0)
     assert scores["alignment"]["accuracy"] == pytest.approx(1.0)
     assert scores["images_scored"] == 1
+    assert scores["panoptic"] == {group: {"PQ": 1.0, "SQ": 1.0, "RQ": 1.0, "classes": n}
+                                  for group, n in (("all", 3), ("things", 2), ("stuff", 1))}
+
+
+def test_panoptic_quality_of_aligned_labels_by_hand(tmp_path, ground_truth):
+    instances, panoptic = ground_truth
+    # The car is in the semantic map but no instance covers it: void in the prediction (no
+    # instance-less things), so the ground-truth car is a false negative. The person is shifted by
+    # two columns: IoU 80 / 120, still a match.
+    shifted_person = np.roll(PERSON, 2, axis=1)
+    pred = _write_pred(tmp_path / "pred", [shifted_person], _semantic(shifted_person, CAR))
+    scores = report.evaluate(str(pred), str(instances), panoptic)["panoptic"]
+    wall = H * W - PERSON.sum() - CAR.sum()
+    # The wall's prediction excludes the void car pixels and 20 px the person took; it gains 20 back.
+    wall_iou = (wall - 20) / (wall + 20)
+    # panopticapi's means: SQ is 0 for a class without a true positive (the car), over classes that occur
+    assert scores["things"] == pytest.approx({"PQ": (80 / 120) / 2, "SQ": (80 / 120) / 2, "RQ": 0.5, "classes": 2})
+    assert scores["stuff"] == pytest.approx({"PQ": wall_iou, "SQ": wall_iou, "RQ": 1.0, "classes": 1})
+    assert scores["all"]["PQ"] == pytest.approx((80 / 120 + 0.0 + wall_iou) / 3)
+
+
+def test_panoptic_crowd_regions_are_void():
+    categories = np.array([[1, 1, 199, 199]])
+    segments = np.array([[5, 5, 0, 6]])
+    target = metrics.panoptic_target(categories, segments, {5}, void=200)
+    assert target[..., 0].tolist() == [[200, 200, 200, 199]]
 
 
 def test_missing_and_shifted_masks_lower_scores_by_the_expected_amount(tmp_path, ground_truth):

@@ -1,23 +1,31 @@
-"""Semantic labeler: taxonomy from the config, argmax at the model's resolution, batching, imports."""
+"""Semantic labeler: taxonomy from the config, aspect-preserving inputs with the real processor form,
+class maps at the image's size that agree with transformers' post-processing, batching, imports."""
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data
 import torch
+import torch.nn.functional as F
 from transformers import Mask2FormerConfig
-from transformers.models.mask2former.image_processing_mask2former import Mask2FormerImageProcessor
 
 from labeling.labelers.semantic import (
     SemanticLabeler,
     SemanticLabelerConfig,
+    class_map,
     class_taxonomy,
-    universal_class_map,
+    model_input_size,
 )
 from labeling.labelers.tiny_models import TINY_CLASSES, TINY_THING_IDS, build_tiny_random_models
+
+# Small tensors: one torch thread is faster than two fighting on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +36,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def labeler(tiny):
     torch.manual_seed(0)
-    return SemanticLabeler(tiny.semantic_model, SemanticLabelerConfig(batch_size=4))
+    return SemanticLabeler(tiny.semantic_model, SemanticLabelerConfig(batch_size=4, shortest_edge=128))
 
 
 def test_taxonomy_comes_from_the_config(labeler):
@@ -49,57 +57,104 @@ def test_thing_rules():
         class_taxonomy(Mask2FormerConfig(id2label={0: "a", 2: "b"}))
 
 
-def test_universal_class_map_picks_the_query_class():
+def test_class_map_picks_the_query_class_and_leaves_weak_pixels_unlabeled():
     """Query 0 says class 2 on the left half, query 1 says class 4 on the right; query 2 is "no object"."""
     classes = torch.full((3, 6), -10.0)  # 5 classes + no-object
     classes[0, 2] = classes[1, 4] = classes[2, 5] = 10.0
     masks = torch.full((3, 4, 6), -10.0)
     masks[0, :, :3] = masks[1, :, 3:] = 10.0
     masks[2] = 10.0
-    out = universal_class_map(classes, masks, min_score=0.0, ignore_value=255)
-    assert out.dtype == torch.int64 and out.shape == (4, 6)
-    assert (out[:, :3] == 2).all() and (out[:, 3:] == 4).all()
+    out = class_map(masks, 8, 12, classes)  # twice the logits' size
+    assert out.dtype == np.uint8 and out.shape == (8, 12)
+    assert (out[:, :6] == 2).all() and (out[:, 6:] == 4).all()
     masks[1, :, 5] = -10.0  # nobody claims the last column
-    out = universal_class_map(classes, masks, min_score=0.5, ignore_value=255)
+    out = class_map(masks, 4, 6, classes, min_score=0.5, ignore_value=255)
     assert (out[:, 5] == 255).all() and (out[:, 3:5] == 4).all()
+    many = class_map(torch.randn(300, 2, 3), 4, 6)  # a 300-class semantic model: 16-bit map
+    assert many.dtype == np.uint16 and many.max() < 300
 
 
-def test_universal_class_map_matches_transformers_formula():
-    """Same per-pixel scores as transformers' Mask2Former semantic post-processing, without its resize."""
+def test_class_map_in_bands_equals_one_bilinear_upsampling():
+    """Bands of a few rows (a bounded memory) give F.interpolate's upsampling, then the argmax."""
     generator = torch.Generator().manual_seed(0)
-    classes = torch.randn(1, 10, 8, generator=generator)
-    masks = torch.randn(1, 10, 384, 384, generator=generator)
+    queries, masks = torch.randn(7, 5, generator=generator), torch.randn(7, 9, 13, generator=generator)
+    up = F.interpolate(masks[None], size=(37, 50), mode="bilinear", align_corners=False)[0]
+    expected = torch.einsum("qc,qhw->chw", queries.softmax(-1)[:, :-1], up.sigmoid()).argmax(0).numpy()
+    for budget in (1, 11 * 50 * 3, 1 << 25):  # one row per band, three rows, everything at once
+        assert (class_map(masks, 37, 50, queries, max_elements=budget) == expected).mean() > 0.999
+    logits = torch.randn(6, 9, 13, generator=generator)  # a semantic model's class logits
+    expected = F.interpolate(logits[None], size=(20, 8), mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+    assert (class_map(logits, 20, 8, max_elements=100) == expected).mean() > 0.999
 
-    class Out:
-        class_queries_logits, masks_queries_logits = classes, masks
 
-    reference = Mask2FormerImageProcessor().post_process_semantic_segmentation(Out())[0]
-    assert torch.equal(universal_class_map(classes[0], masks[0], 0.0, 255), reference)
+def test_model_input_size_keeps_the_aspect_ratio():
+    assert model_input_size(375, 500, 640, 1067, 32) == (640, 864)  # 853.3 -> nearest multiple of 32
+    assert model_input_size(500, 375, 640, 1067, 32) == (864, 640)
+    assert model_input_size(100, 1000, 640, 1067, 32) == (96, 1056)  # the longer side's limit rules
+    assert model_input_size(2, 700, 640, 1067, 32) == (32, 1056)  # never below one divisor step
 
 
-def test_maps_are_at_model_resolution_for_any_shape(labeler):
+def test_the_real_processor_form_still_gives_aspect_preserving_inputs(tiny, labeler):
+    """The tiny twin's processor config has the published checkpoints' fixed 384 x 384 form, which
+    would squash every image; the labeler's input keeps the image's aspect ratio instead."""
+    config = json.loads(Path(tiny.semantic_model, "preprocessor_config.json").read_text())
+    assert config["size"] == {"height": 384, "width": 384} and config["size_divisor"] == 32
+    seen = []
+    hook = labeler.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+        tuple(kwargs["pixel_values"].shape[-2:])), with_kwargs=True)
+    try:
+        for h, w in [(300, 451), (451, 300), (120, 700), (64, 64)]:
+            seen.clear()
+            out = labeler([np.zeros((h, w, 3), np.uint8)])[0]
+            (ih, iw), = seen
+            assert out.shape == (h, w)
+            assert abs(ih * w / h - iw) <= 32 or ih == 32, (h, w, ih, iw)  # aspect kept within one step
+            assert min(ih, iw) == 128 or max(ih, iw) >= 213  # the shorter side, unless the longer limit rules
+    finally:
+        hook.remove()
+
+
+def test_class_maps_agree_with_transformers_post_processing_on_non_square_images(labeler):
+    """Same model outputs: our map and `post_process_semantic_segmentation(outputs, target_sizes=[(H, W)])`."""
+    images = [skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket(), skimage.data.astronaut()[:300],
+              skimage.data.astronaut()[:, 100:250]]
+    agreement, classes = [], set()
+    for image in images:
+        h, w = image.shape[:2]
+        assert h != w
+        outputs = labeler.forward([image], labeler.input_size(h, w))
+        ours = labeler.class_map(outputs, 0, h, w)
+        theirs = labeler.processor.post_process_semantic_segmentation(outputs, target_sizes=[(h, w)])[0].numpy()
+        agreement.append((ours == theirs).mean())
+        classes |= set(np.unique(ours).tolist())
+        np.testing.assert_array_equal(labeler([image])[0], ours)  # what the labeler returns
+    assert min(agreement) >= 0.995, agreement
+    assert len(classes) >= 2  # the twin's maps have boundaries to disagree on
+
+
+def test_maps_are_at_the_requested_size_for_any_shape(labeler):
     rng = np.random.default_rng(0)
     shapes = [(100, 150), (150, 100), (1, 1), (2, 700), (64, 64), (300, 40)]
     images = [rng.integers(0, 255, (*s, 3), dtype=np.uint8) for s in shapes]
     maps = labeler(images)
     for (h, w), m in zip(shapes, maps):
-        assert m.dtype == np.int64 and m.ndim == 2
+        assert m.dtype == np.uint8 and m.shape == (h, w)
         assert ((m >= 0) & (m < len(TINY_CLASSES))).all()
-        # shorter side 64 px in, 1/4 resolution out: 16 rows or columns on the short side
-        assert min(m.shape) >= 1 and max(m.shape) <= 32
-        if min(h, w) >= 40 and max(h, w) / min(h, w) < 2:
-            assert abs(m.shape[0] / m.shape[1] - h / w) < 0.25 * h / w
-    assert maps[0].shape == (16, 24) and maps[1].shape == (24, 16)
+    # The pipeline's case: the models see a shrunk image, the map comes at the original size.
+    big = labeler([images[0]], sizes=[(400, 600)])[0]
+    assert big.shape == (400, 600)
+    with pytest.raises(ValueError, match="2 output sizes for 1 images"):
+        labeler([images[0]], sizes=[(1, 1), (2, 2)])
 
 
-def test_batching_crops_the_padding(labeler):
-    """An image batched with a same-size image equals its own run; with a larger one, same shape."""
+def test_an_images_map_does_not_depend_on_its_batch(labeler):
+    """Images are batched only with images of their input size, so nothing is padded."""
     rng = np.random.default_rng(1)
     a, b = (rng.integers(0, 255, (100, 150, 3), dtype=np.uint8) for _ in range(2))
     large = rng.integers(0, 255, (200, 180, 3), dtype=np.uint8)
     alone = labeler([a])[0]
-    assert np.array_equal(labeler([a, b])[0], alone)
-    assert labeler([large, a])[1].shape == alone.shape
+    np.testing.assert_array_equal(labeler([a, b])[0], alone)
+    np.testing.assert_array_equal(labeler([large, a, b])[1], alone)
 
 
 def test_bad_inputs_are_one_sentence(tiny, labeler, tmp_path):
@@ -125,6 +180,7 @@ _IMPORT_SCRIPT = textwrap.dedent("""
     sys.modules["datasets"] = None
     import numpy as np
     import labeling.labelers.checkpoints, labeling.labelers.instance, labeling.labelers.semantic, labeling.labelers.tiny_models
+    import labeling.labelers.model_choice, labeling.labelers.alignment
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench", "benchmarks/instance_labeler.py")
     spec.loader.exec_module(importlib.util.module_from_spec(spec))
@@ -132,6 +188,7 @@ _IMPORT_SCRIPT = textwrap.dedent("""
     tiny = labeling.labelers.tiny_models.build_tiny_random_models(tempfile.mkdtemp())
     labeler = SemanticLabeler(tiny.semantic_model)
     print(labeler.classes[0], labeler.ignore_value, labeler([np.zeros((32, 48, 3), np.uint8)])[0].shape)
+    print(labeling.labelers.model_choice.resolve_hub_revision)
 """)
 
 

@@ -150,11 +150,12 @@ def test_corrupt_rle_is_found_by_full_check_even_outside_the_sample(folder):
 
 
 def test_wrong_schema_version_in_a_shard(folder):
-    rewrite(folder / SHARD2, schema_version=2)
+    rewrite(folder / SHARD2, schema_version=1)
     report = validate(str(folder))
     (violation,) = report.violations  # its rows still count: no spurious count mismatch
     assert violation.file == SHARD2 and violation.row is None
-    assert "version 2" in violation.message and "reads version 1" in violation.message
+    assert "version 1" in violation.message and "reads version 2" in violation.message
+    assert f"python -m dataset_card repaint {folder}" in violation.message
 
 
 def test_wrong_schema_version_in_metadata(folder):
@@ -183,7 +184,7 @@ def test_row_problems_name_each_broken_invariant():
     assert row_problems(row, metadata) == []
 
     shifted = dict(row, instance_mask={"bytes": codecs.encode_mask_png(np.roll(painted, 3, axis=1)), "path": None})
-    assert any("differs from paint(instances)" in p for p in row_problems(shifted, metadata))
+    assert any("differs from what painting rule 'objects' paints" in p for p in row_problems(shifted, metadata))
     bad_semantic = semantic.copy()
     bad_semantic[0, 0] = 7  # 4 classes, ignore value 255
     assert any("outside the 4 classes" in p for p in row_problems(

@@ -1,9 +1,11 @@
 """Align automatic instance masks with a semantic map: the contract's `instances` and `instance_mask`.
 
-The painting order is the contract's (`dataset_card.codecs.paint`): ids 1..K by area, largest
-first, painted in id order, so a smaller mask (a part) lies on top of a larger one (its whole).
-Every RLE is decoded once, and everything after the decode happens inside the mask's tight box,
-so a huge image costs one full-size decode at a time and one full-size map, never a stack of masks.
+Masks are numbered 1..K by area, largest first, and each gets its semantic class here; what each
+mask is (`level`, `parent`) and what the map shows follow from the contract's painting rule
+(`dataset_card.painting`: by default, objects clipped to their class region). Every RLE is
+decoded at most twice (once here, once more when painted, unless its pixels came as a "crop"),
+and everything after a decode happens inside the mask's tight box, so a huge image costs one
+full-size decode at a time and one full-size map, never a stack of masks.
 
 Category: the majority semantic class under the mask, voting among real classes only (pixels with
 the ignore value do not vote); purity is that class's share of all the mask's pixels. A mask that
@@ -12,57 +14,14 @@ lies entirely on ignore pixels gets the ignore value as its category and purity 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
-import pycocotools.mask as mask_utils
 
-from dataset_card import codecs
+from dataset_card import codecs, painting
 
 # `instance_mask` is a 16-bit PNG; id 0 means "no instance".
 MAX_INSTANCES = 65535
-
-# Rows per slice when counting over a full-size map: bounds the temporary int64 copy bincount makes.
-_CHUNK_ROWS = 512
-
-
-def _counts(rle: Mapping) -> dict:
-    counts = rle["counts"]
-    return {"size": [int(s) for s in rle["size"]], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-
-
-def tight_box(rle: Mapping) -> tuple[int, int, int, int]:
-    """(y0, x0, y1, x1), the half-open pixel box holding every pixel of the mask (zeros if empty)."""
-    x, y, w, h = (int(round(v)) for v in mask_utils.toBbox(_counts(rle)))
-    return y, x, y + h, x + w
-
-
-def crop_rle(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> dict:
-    """The full-size COCO RLE of a mask given as a crop at (y0, x0): {"size": [H, W], "counts": str}.
-
-    Costs O(H x crop width), not O(H x W): column-major runs of the box's columns, padded with the
-    zero runs of the columns left and right of it.
-    """
-    h, w = crop.shape
-    columns = np.zeros((height, w), np.uint8, order="F")
-    columns[y0 : y0 + h] = crop
-    flat = columns.ravel(order="F")
-    if not flat.any():
-        return {"size": [height, width], "counts": _as_str(mask_utils.encode(np.zeros((height, width), np.uint8,
-                                                                                      order="F"))["counts"])}
-    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
-    if flat[0]:
-        runs.insert(0, 0)  # RLE starts with a run of zeros
-    runs[0] += x0 * height
-    right = (width - x0 - w) * height
-    if not flat[-1]:
-        runs[-1] += right
-    elif right:
-        runs.append(right)
-    rle = mask_utils.frPyObjects({"counts": runs, "size": [height, width]}, height, width)
-    return {"size": [height, width], "counts": _as_str(rle["counts"])}
-
 
 def number_by_area(masks: Sequence[Mapping], min_area: int = 1) -> list[tuple[int, Mapping, int]]:
     """[(id, mask, area)] for the masks of at least `min_area` pixels (never empty ones), numbered
@@ -89,42 +48,32 @@ def majority_class(labels: np.ndarray, ignore_value: int) -> tuple[int, float]:
     return category, float(counts[category]) / float(labels.size)
 
 
-def visible_areas(instance_map: np.ndarray, num_instances: int) -> np.ndarray:
-    """(K + 1,) pixel count of each id in an (H, W) instance map, counted in row slices."""
-    total = np.zeros(num_instances + 1, np.int64)
-    for y in range(0, instance_map.shape[0], _CHUNK_ROWS):
-        total += np.bincount(instance_map[y : y + _CHUNK_ROWS].ravel(), minlength=num_instances + 1)[
-            : num_instances + 1
-        ]
-    return total
-
-
-def align(
-    masks: Sequence[Mapping], semantic: np.ndarray, min_area: int = 1, ignore_value: int = 255
-) -> tuple[list[dict], np.ndarray]:
+def align(masks: Sequence[Mapping], semantic: np.ndarray, *, things: Collection[int], num_classes: int,
+          rule: painting.PaintingRule, min_area: int = 1, ignore_value: int = 255) -> tuple[list[dict], np.ndarray]:
     """Automatic masks + semantic map -> (contract `instances`, (H, W) uint16 `instance_mask`).
 
     masks: dicts with "rle" ({"size": [H, W], "counts"}), "predicted_iou", "stability_score"
         (extra keys are ignored); all at the semantic map's size. A mask may also carry its pixels
         as "crop": (y0, x0, (h, w) bool) holding all of them; it is then used instead of a decode.
     semantic: (H, W) integer class map (the ignore value marks "no class").
-    Returns instances with dense ids 1..K in painting order, and the map that equals
-    `codecs.paint(instances, H, W)`.
+    things: the thing class ids of the taxonomy of `num_classes` classes (the others are stuff).
+    Returns instances with dense ids 1..K by area, largest first, with `level` and `parent` set,
+    and the map `rule` paints from them (`painting.paint_instances`).
     """
     height, width = semantic.shape
-    instance_map = np.zeros((height, width), np.uint16)
-    instances = []
+    instances, crops = [], []
     for new_id, mask, area in number_by_area(masks, min_area):
         if [int(s) for s in mask["rle"]["size"]] != [height, width]:
             raise ValueError(f"a mask has RLE size {list(mask['rle']['size'])}, the semantic map is {[height, width]}")
         if "crop" in mask:  # pixels already at hand (see `crop_rle`): no decode at all
             y0, x0, inside = mask["crop"]
             y1, x1 = y0 + inside.shape[0], x0 + inside.shape[1]
+            crops.append(mask["crop"])
         else:
-            y0, x0, y1, x1 = tight_box(mask["rle"])
-            inside = codecs.decode_rle(mask["rle"], check=False)[y0:y1, x0:x1]  # the one decode of this RLE
+            y0, x0, y1, x1 = codecs.tight_box(mask["rle"])
+            inside = codecs.decode_rle(mask["rle"], check=False)[y0:y1, x0:x1]
+            crops.append(None)  # not kept: a huge image's masks would not fit in memory together
         category, purity = majority_class(semantic[y0:y1, x0:x1][inside], ignore_value)
-        instance_map[y0:y1, x0:x1][inside] = new_id
         instances.append({
             "id": new_id,
             "rle": {"size": [height, width], "counts": _as_str(mask["rle"]["counts"])},
@@ -134,11 +83,11 @@ def align(
             "score": float(mask.get("predicted_iou", 0.0)),
             "stability_score": float(mask.get("stability_score", 0.0)),
             "category_id": category,
-            "category_purity": purity,
+            "category_purity": float(np.float32(purity)),  # as stored (float32), so a repaint decides alike
+            "level": "",
+            "parent": 0,
         })
-    visible = visible_areas(instance_map, len(instances))
-    for inst in instances:
-        inst["visible_area"] = int(visible[inst["id"]])
+    instance_map = painting.paint_instances(instances, semantic, things, rule, num_classes, crops)
     return instances, instance_map
 
 

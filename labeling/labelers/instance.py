@@ -39,6 +39,7 @@ from segment_anything.utils.amg import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops.boxes import batched_nms, box_area
 
+from dataset_card import codecs
 from labeling.labelers.mask_postprocess import (
     axis_taps,
     tile_stats,
@@ -60,7 +61,8 @@ class InstanceLabelerConfig:
     crop_nms_thresh: float = 0.7
     crop_overlap_ratio: float = 512 / 1500
     crop_n_points_downscale_factor: int = 1
-    min_mask_region_area: int = 0
+    min_mask_region_area: int = 0  # holes and islands smaller than this are removed (SA-1B: 100)
+    max_mask_fraction: float | None = None  # masks covering this share of the image or more are dropped (SA-1B: 0.95)
     encoder_batch_size: int = 4  # crops per image-encoder call (1 reproduces the stock generator exactly)
     bf16: bool = True  # bf16 autocast for encoder and decoder, on CUDA only (unless bf16_on_cpu)
     bf16_on_cpu: bool = False  # tests use it to check the bf16 path without a GPU
@@ -225,6 +227,9 @@ class InstanceLabeler:
         if self.cfg.min_mask_region_area > 0 and records:
             records = remove_small_regions_records(records, self.cfg.min_mask_region_area,
                                                    max(self.cfg.box_nms_thresh, self.cfg.crop_nms_thresh))
+        if self.cfg.max_mask_fraction is not None:
+            limit = self.cfg.max_mask_fraction * image_size[0] * image_size[1]
+            records = [r for r in records if r["area"] < limit]
         return records
 
 
@@ -233,26 +238,46 @@ def _xyxy(bbox: list[float]) -> list[float]:
     return [x, y, x + w, y + h]
 
 
+def cleanup_window(box: tuple[int, int, int, int], height: int, width: int, min_area: int) -> tuple[int, int, int, int]:
+    """The window (y0, x0, y1, x1) around a mask's box (y0, x0, y1, x1) in which segment_anything's
+    small-region rule gives what it gives on the whole image: the box plus, on every side that is
+    not the image's edge, a margin of ceil(min_area / shorter box side) pixels (at least 1).
+
+    Why it is exact: outside its box a mask has no pixel, so each margin strip is one background
+    region of at least `min_area` pixels; a background region that reaches a margin is then large
+    in the window and (a superset of it) on the whole image alike, and every other region lies
+    whole inside the window, bounded by mask pixels or the image's edge, as on the whole image.
+    """
+    y0, x0, y1, x1 = box
+    k = max(1, -(-min_area // max(1, min(y1 - y0, x1 - x0))))
+    return max(0, y0 - k), max(0, x0 - k), min(height, y1 + k), min(width, x1 + k)
+
+
 def remove_small_regions_records(records: list[dict], min_area: int, nms_thresh: float) -> list[dict]:
     """Fill holes and drop islands smaller than `min_area` (segment_anything's cv2 rule), then NMS
-    preferring unchanged masks; one mask decoded at a time, so memory stays one mask."""
+    preferring unchanged masks, as the stock generator does; each mask is cleaned inside
+    `cleanup_window` (the same result as on the whole image), one at a time."""
     boxes, scores, changed = [], [], []
     for record in records:
         rle = dict(record["rle"], counts=record["rle"]["counts"].encode("utf-8"))
-        mask = mask_utils.decode(rle).astype(bool)
-        mask, holes = remove_small_regions(mask, min_area, mode="holes")
-        mask, islands = remove_small_regions(mask, min_area, mode="islands")
-        boxes.append(batched_mask_to_box(torch.as_tensor(mask)[None])[0])
+        height, width = (int(v) for v in rle["size"])
+        y0, x0, y1, x1 = cleanup_window(codecs.tight_box(record["rle"]), height, width, min_area)
+        window = mask_utils.decode(rle)[y0:y1, x0:x1].astype(bool)
+        window, holes = remove_small_regions(window, min_area, mode="holes")
+        window, islands = remove_small_regions(window, min_area, mode="islands")
+        box = batched_mask_to_box(torch.as_tensor(window)[None])[0]
+        boxes.append(box + torch.tensor([x0, y0, x0, y0]) if window.any() else box)
         scores.append(float(not (holes or islands)))
-        changed.append(mask if (holes or islands) else None)
+        changed.append((y0, x0, window) if (holes or islands) else None)
     boxes = torch.stack(boxes)
     keep = batched_nms(boxes.float(), torch.tensor(scores), torch.zeros(len(boxes)), iou_threshold=nms_thresh)
     out = []
     for i in keep.tolist():
         record = records[i]
         if changed[i] is not None:
-            rle = mask_utils.encode(np.asfortranarray(changed[i].astype(np.uint8)))
-            record = dict(record, rle={"size": list(rle["size"]), "counts": rle["counts"].decode("utf-8")},
-                          bbox=[float(v) for v in box_xyxy_to_xywh(boxes[i]).tolist()], area=int(changed[i].sum()))
+            y0, x0, window = changed[i]
+            height, width = (int(v) for v in record["rle"]["size"])
+            record = dict(record, rle=codecs.crop_rle(window, y0, x0, height, width),
+                          bbox=[float(v) for v in box_xyxy_to_xywh(boxes[i]).tolist()], area=int(window.sum()))
         out.append(record)
     return out

@@ -20,7 +20,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 
-def _linear_taps(in_len: int, out_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_taps(in_len: int, out_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch's bilinear (align_corners=False) source indices (out_len, 2) and weights (out_len, 2)."""
     dst = torch.arange(out_len, dtype=torch.int64)
     if in_len == out_len:
@@ -41,8 +41,8 @@ def axis_taps(low_len: int, model_len: int, input_len: int, out_len: int) -> tup
     Returns indices (out_len, 4) into the low-resolution axis, non-decreasing along both dims, and
     float32 weights (out_len, 4).
     """
-    i1, w1 = _linear_taps(low_len, model_len)  # (model_len, 2)
-    i2, w2 = _linear_taps(input_len, out_len)  # (out_len, 2) into [0, input_len)
+    i1, w1 = linear_taps(low_len, model_len)  # (model_len, 2)
+    i2, w2 = linear_taps(input_len, out_len)  # (out_len, 2) into [0, input_len)
     index = i1[i2].reshape(out_len, 4)  # [stage-1 taps of i2[:, 0], stage-1 taps of i2[:, 1]]
     weight = (w2[:, :, None] * w1[i2]).reshape(out_len, 4)
     return index, weight

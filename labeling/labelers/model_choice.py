@@ -16,9 +16,11 @@ import atexit
 import dataclasses
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dataset_card.layout import SemanticClass
 
@@ -43,6 +45,7 @@ class ModelChoice:
     sam_type: str = DEFAULT_SAM_TYPE
     sam_checkpoint: str | None = None  # None: the official file for `sam_type`, downloaded once
     semantic_model: str = DEFAULT_SEMANTIC_MODEL  # hub id or local folder
+    semantic_revision: str | None = None  # hub branch, tag or commit (None: the default branch)
     instance_params: dict = field(default_factory=dict)  # InstanceLabelerConfig overrides
     semantic_params: dict = field(default_factory=dict)  # SemanticLabelerConfig overrides
     seed: int = 0  # tiny-random only
@@ -96,9 +99,35 @@ class ModelChoice:
 
         choice = self.materialize()
         try:
-            return SemanticLabeler(choice.semantic_model, self.semantic_config(), device)
+            return SemanticLabeler(choice.semantic_model, self.semantic_config(), device, choice.hub_revision)
         except RuntimeError as err:
             raise ModelLoadError(str(err)) from err
+
+    @property
+    def hub_revision(self) -> str | None:
+        """The revision to load the semantic model at: None for a local folder (it has none)."""
+        return None if os.path.isdir(self.semantic_model) else self.semantic_revision
+
+    def pinned(self) -> ModelChoice:
+        """This choice with the semantic model's hub revision resolved to its commit hash, so every
+        actor loads the same weights even if the repository changes during the run (and the
+        manifest can name them). A local folder is returned as is (its content hash names it).
+        A named SAM checkpoint is fetched first, so a missing one is the first error a user sees."""
+        from labeling.labelers.checkpoints import CheckpointError, official_checkpoint
+
+        choice = self.materialize()
+        if choice.sam_checkpoint is None:
+            try:
+                official_checkpoint(choice.sam_type)
+            except CheckpointError as err:
+                raise ModelLoadError(str(err)) from err
+        if os.path.isdir(choice.semantic_model):
+            if self.semantic_revision:
+                raise ModelLoadError(f"--semantic-revision {self.semantic_revision} was given, but "
+                                     f"{choice.semantic_model} is a local folder, which has no revisions: drop it")
+            return self
+        return dataclasses.replace(self, semantic_revision=resolve_hub_revision(choice.semantic_model,
+                                                                                self.semantic_revision))
 
     def semantic_classes(self) -> tuple[SemanticClass, ...]:
         """The semantic taxonomy, from the model's config alone (no weights are loaded)."""
@@ -108,7 +137,8 @@ class ModelChoice:
 
         choice = self.materialize()
         try:
-            config = AutoConfig.from_pretrained(choice.semantic_model)
+            config = AutoConfig.from_pretrained(choice.semantic_model, **({"revision": choice.hub_revision}
+                                                                          if choice.hub_revision else {}))
         except (OSError, ValueError) as err:
             raise ModelLoadError(
                 f"Could not load the semantic model {choice.semantic_model!r} ({type(err).__name__}); pass a "
@@ -117,7 +147,8 @@ class ModelChoice:
         return class_taxonomy(config)
 
     def describe(self) -> dict:
-        """manifest.json's "models": names, checkpoints, content hashes and labeler parameters.
+        """manifest.json's "models": names, checkpoints, content hashes, the semantic model's hub
+        revision (call on a `pinned` choice to record the commit), and labeler parameters.
 
         Resolves (and, for named SAM checkpoints while online, downloads) the weights, so a missing
         checkpoint fails here, before any work starts.
@@ -152,10 +183,31 @@ class ModelChoice:
             "semantic": {
                 "name": "tiny-random mask2former" if tiny else choice.semantic_model,
                 "checkpoint": "tiny-random" if tiny else choice.semantic_model,
+                "revision": choice.hub_revision,  # the commit, once pinned; None for a local folder
                 "sha256": semantic_sha,
                 "params": dataclasses.asdict(self.semantic_config()),
             },
         }
+
+
+def resolve_hub_revision(repo_id: str, revision: str | None = None) -> str:
+    """The commit hash that `revision` (a branch, tag or commit; None: the default branch) of the
+    hub model `repo_id` is at now, read from where its config.json resolves (the Hub, or the local
+    cache when offline). Fails with one sentence when neither has it."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(repo_id, "config.json", revision=revision)
+    except Exception as err:  # offline and not cached, unknown repo or revision, gated: all one answer
+        at = f" at revision {revision}" if revision else ""
+        raise ModelLoadError(
+            f"Could not resolve the semantic model {repo_id!r}{at} on the Hub ({type(err).__name__}); pass a hub id "
+            "and --semantic-revision that exist while online (or cached), or a local folder as --semantic-model."
+        ) from err
+    found = re.search(r"/snapshots/([0-9a-f]{40})/", Path(path).as_posix())
+    if found is None:
+        raise ModelLoadError(f"The Hub cache gave {path} for {repo_id!r}, which names no commit; clear that cache entry.")
+    return found.group(1)
 
 
 def _folder_sha256(folder: str) -> str:

@@ -1,19 +1,27 @@
-"""Semantic labeler: any `transformers` universal or semantic segmentation checkpoint -> class maps.
+"""Semantic labeler: any `transformers` universal or semantic segmentation checkpoint -> class maps
+at the image's own resolution.
 
-`SemanticLabeler(model_name_or_path, cfg, device)(images)` returns one int64 class map per image
-at the model's output resolution (the argmax is taken there); the pipeline resizes it to the
-image with nearest-neighbour. A 133-class score volume is never upsampled to the image size.
+`SemanticLabeler(model_name_or_path, cfg, device)(images, sizes)` returns, per image, an (H, W)
+class map in the contract's dtype (uint8 below 255 classes, else uint16) at `sizes[i]` (default:
+the image's size; the pipeline passes the original size of an image the models saw shrunk).
 
-Input resolution: the checkpoint's own image processor decides it (the default COCO-panoptic
-Mask2Former resizes the shorter side to 384 px, the longer side at most 384 * 1333 / 800, both
-rounded up to a multiple of 32; SegFormer resizes to 512 x 512). `cfg.shortest_edge` overrides the
-shorter side for processors that have one. Images larger than `cfg.max_input_side` are first
-shrunk with area averaging (cv2.INTER_AREA), which bounds memory for huge inputs.
-
-Universal models (Mask2Former, MaskFormer, EoMT; OneFormer with its text task input) predict
-queries; the per-pixel class score is sum_q p_q(c) * sigmoid(m_q), as in Mask2Former's semantic
-inference, computed on the valid (unpadded) part of the mask logits. Semantic models (SegFormer,
-UperNet, DPT, ...) give per-class logits directly.
+1. Model input (`model_input_size`): the image keeps its aspect ratio; its shorter side goes to
+   `cfg.shortest_edge` (640 by default, see docs/DESIGN.md), the longer side at most
+   `longest_edge`, both rounded to a multiple of the processor's `size_divisor` (32 for
+   Mask2Former). The checkpoint's processor config is not asked for a size: the published
+   Mask2Former configs say a fixed `{"height": 384, "width": 384}`, which squashes every image.
+   The processor still does the resize, rescale and normalisation at the size we give it.
+2. Images are batched only with images of the same input size, so nothing is padded and an
+   image's map does not depend on which images share its batch (up to float kernel choices).
+3. `class_map`, per image, on the device: the low-resolution outputs (1/4 of the input) are
+   upsampled bilinearly (PyTorch's `align_corners=False` arithmetic) straight to the output size,
+   a band of rows at a time, and turned into class scores there: for universal models
+   (Mask2Former, MaskFormer, EoMT; OneFormer with its "semantic" task input)
+   `sum_q softmax(class_q)[c] * sigmoid(mask_q)`, the combination of transformers'
+   `post_process_semantic_segmentation` and of Mask2Former's own inference, with the sigmoid after
+   the upsampling as both do; semantic models (SegFormer, UperNet, DPT, ...) give class logits
+   directly. Then argmax. Neither a (C, H, W) volume nor a (Q, H, W) one ever exists: an
+   8000 x 8000 map costs `upsample_chunk` values at once.
 
 The ignore value (255 for < 255 classes, else 65535) arises only where the best class score is
 below `cfg.min_score` (off by default: every pixel gets a class).
@@ -30,21 +38,26 @@ import numpy as np
 import torch
 
 from dataset_card.layout import SemanticClass  # imports without `datasets` (a GPU box may lack it)
-from dataset_card.schema import semantic_ignore_value
+from dataset_card.schema import semantic_ignore_value, semantic_mask_dtype
+from labeling.labelers.mask_postprocess import linear_taps
 
 DEFAULT_SEMANTIC_MODEL = "facebook/mask2former-swin-large-coco-panoptic"
 COCO_PANOPTIC_CLASSES, COCO_PANOPTIC_THINGS = 133, 80  # ids 0..79 are things, 80..132 stuff
 CITYSCAPES_CLASSES, CITYSCAPES_THINGS = 19, range(11, 19)  # person .. bicycle
+# Detectron2's test-time ratio of the longer to the shorter side limit (800 / 1333).
+LONGEST_PER_SHORTEST = 1333 / 800
 
 
 @dataclass(frozen=True)
 class SemanticLabelerConfig:
-    batch_size: int = 8  # images per forward pass
+    batch_size: int = 8  # images per forward pass (only images of one input size share a pass)
     half: bool = True  # float16 weights and inputs on a GPU (always float32 on CPU)
-    shortest_edge: int | None = None  # override the processor's shorter-side size
+    shortest_edge: int = 640  # the model input's shorter side (see docs/DESIGN.md for the choice)
+    longest_edge: int | None = None  # the longer side's limit; None: shortest_edge * 1333 / 800
+    size_divisor: int | None = None  # None: the processor's own (32 for Mask2Former), else 32
     max_input_side: int = 2048  # larger images are area-downscaled to this longer side first
     min_score: float = 0.0  # pixels whose best class score is below this get the ignore value
-    max_aspect: float = 8.0  # thinner images are zero-padded to this aspect ratio (the map is cropped back)
+    upsample_chunk: int = 1 << 25  # score elements (classes x rows x width) upsampled at once
 
 
 def class_taxonomy(config) -> tuple[SemanticClass, ...]:
@@ -69,24 +82,45 @@ def class_taxonomy(config) -> tuple[SemanticClass, ...]:
     return tuple(SemanticClass(i, id2label[i], i in things) for i in ids)
 
 
-def universal_class_map(
-    class_logits: torch.Tensor, mask_logits: torch.Tensor, min_score: float, ignore_value: int
-) -> torch.Tensor:
-    """Per-pixel class of one image from query predictions, at the mask logits' resolution.
+def model_input_size(height: int, width: int, shortest_edge: int, longest_edge: int,
+                     size_divisor: int) -> tuple[int, int]:
+    """(h, w) the model sees: aspect kept, shorter side `shortest_edge`, longer side at most
+    `longest_edge`, each rounded to the nearest multiple of `size_divisor` (at least one)."""
+    scale = min(shortest_edge / min(height, width), longest_edge / max(height, width))
+    return tuple(max(size_divisor, round(side * scale / size_divisor) * size_divisor) for side in (height, width))
 
-    class_logits: (Q, C+1) with the last column "no object"; mask_logits: (Q, h, w).
-    Returns (h, w) int64: argmax_c sum_q softmax(class)_qc * sigmoid(mask)_q.
+
+def class_map(low: torch.Tensor, height: int, width: int, query_classes: torch.Tensor | None = None,
+              min_score: float = 0.0, ignore_value: int = 255, max_elements: int = 1 << 25) -> np.ndarray:
+    """The (height, width) class map of one image from the model's low-resolution outputs.
+
+    low: (K, h, w) float, the mask logits of K queries (universal models; `query_classes` (K, C+1)
+    are their class logits, the last column "no object") or K = C class logits (semantic models).
+    Each band of output rows: `low` upsampled bilinearly (align_corners=False, as `F.interpolate`),
+    then for queries sum_q softmax(class)_qc * sigmoid(mask)_q (Mask2Former's semantic inference,
+    sigmoid after upsampling), then argmax. At most `max_elements` upsampled values exist at once.
+    Returns uint8 when C < 255, else uint16 (the contract's dtype).
     """
-    probs = class_logits.float().softmax(-1)[:, :-1]  # (Q, C)
-    scores = torch.einsum("qc,qhw->chw", probs, mask_logits.float().sigmoid())  # (C, h, w)
-    return _argmax(scores, min_score, ignore_value)
-
-
-def _argmax(scores: torch.Tensor, min_score: float, ignore_value: int) -> torch.Tensor:
-    best, classes = scores.max(0)  # (h, w)
-    if min_score > 0:
-        classes[best < min_score] = ignore_value
-    return classes.long()
+    channels, h, w = low.shape
+    device = low.device
+    probs = None if query_classes is None else query_classes.float().softmax(-1)[:, :-1].T.contiguous()  # (C, K)
+    num_classes = channels if probs is None else probs.shape[0]
+    iy, wy = (t.to(device) for t in linear_taps(h, height))  # (H, 2) source rows and their weights
+    ix, wx = (t.to(device) for t in linear_taps(w, width))  # (W, 2)
+    out = np.empty((height, width), semantic_mask_dtype(num_classes))
+    low = low.float()
+    rows = max(1, max_elements // max(1, (channels + num_classes) * max(width, w)))
+    for top in range(0, height, rows):
+        band = slice(top, min(height, top + rows))
+        across = low[:, iy[band, 0]] * wy[band, 0, None] + low[:, iy[band, 1]] * wy[band, 1, None]  # (K, r, w)
+        up = across[:, :, ix[:, 0]] * wx[:, 0] + across[:, :, ix[:, 1]] * wx[:, 1]  # (K, r, W)
+        if probs is not None:
+            up = (probs @ up.sigmoid().flatten(1)).view(num_classes, *up.shape[1:])  # (C, r, W)
+        best, classes = up.max(0)  # (r, W)
+        if min_score > 0:
+            classes[best < min_score] = ignore_value
+        out[band] = classes.to(torch.int32).cpu().numpy()
+    return out
 
 
 def _shrink(image: np.ndarray, max_side: int) -> np.ndarray:
@@ -98,18 +132,6 @@ def _shrink(image: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
-def _pad_to_aspect(image: np.ndarray, max_aspect: float) -> tuple[np.ndarray, tuple[float, float]]:
-    """Zero-pad the short side so that long / short <= max_aspect (processors would resize a 2 x 700
-    strip to a zero-height image); returns the image and the share of each axis that is real."""
-    h, w = image.shape[:2]
-    ph, pw = max(h, math.ceil(w / max_aspect)), max(w, math.ceil(h / max_aspect))
-    if (ph, pw) == (h, w):
-        return image, (1.0, 1.0)
-    padded = np.zeros((ph, pw, 3), np.uint8)
-    padded[:h, :w] = image
-    return padded, (h / ph, w / pw)
-
-
 def _check_image(image: np.ndarray, index: int) -> None:
     if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
         shape = getattr(image, "shape", None)
@@ -118,10 +140,13 @@ def _check_image(image: np.ndarray, index: int) -> None:
 
 
 class SemanticLabeler:
-    """Loads the model once; `labeler(images)` maps RGB uint8 images to class maps (see module doc)."""
+    """Loads the model once; `labeler(images, sizes)` maps RGB uint8 images to class maps (module doc).
+
+    `revision` pins a hub checkpoint (a branch, tag or commit); ignored for a local folder.
+    """
 
     def __init__(self, model_name_or_path: str = DEFAULT_SEMANTIC_MODEL, cfg: SemanticLabelerConfig | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", revision: str | None = None):
         from transformers import (
             AutoConfig,
             AutoImageProcessor,
@@ -134,14 +159,15 @@ class SemanticLabeler:
         self.cfg = cfg or SemanticLabelerConfig()
         self.device = torch.device(device)
         self.source = model_name_or_path
+        hub = {"revision": revision} if revision else {}
         try:
-            config = AutoConfig.from_pretrained(model_name_or_path)
+            config = AutoConfig.from_pretrained(model_name_or_path, **hub)
             self.universal = config.model_type in MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES
             auto = AutoModelForUniversalSegmentation if self.universal else AutoModelForSemanticSegmentation
-            model = auto.from_pretrained(model_name_or_path)
+            model = auto.from_pretrained(model_name_or_path, **hub)
             self.is_oneformer = config.model_type == "oneformer"
             loader = AutoProcessor if self.is_oneformer else AutoImageProcessor
-            self.processor = loader.from_pretrained(model_name_or_path)
+            self.processor = loader.from_pretrained(model_name_or_path, **hub)
         except (OSError, ValueError, KeyError) as err:
             raise RuntimeError(
                 f"Could not load the semantic model {model_name_or_path!r} ({type(err).__name__}: "
@@ -152,57 +178,53 @@ class SemanticLabeler:
         self.model = model.to(self.device, self.dtype).eval()
         self.classes = class_taxonomy(model.config)
         self.ignore_value = semantic_ignore_value(len(self.classes))
-        self._kwargs = {}
-        if self.cfg.shortest_edge is not None:
-            size = dict(getattr(self.processor, "size", None) or {})
-            if "shortest_edge" not in size:
-                raise ValueError(f"The image processor of {model_name_or_path} has no shorter-side size to override.")
-            scale = self.cfg.shortest_edge / size["shortest_edge"]
-            size = {"shortest_edge": self.cfg.shortest_edge, **{k: math.ceil(v * scale) for k, v in size.items()
-                                                                  if k == "longest_edge"}}
-            self._kwargs["size"] = size
+        image_processor = getattr(self.processor, "image_processor", self.processor)
+        self.size_divisor = int(self.cfg.size_divisor or getattr(image_processor, "size_divisor", None) or 32)
+        self.longest_edge = self.cfg.longest_edge or math.ceil(self.cfg.shortest_edge * LONGEST_PER_SHORTEST)
 
-    def __call__(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """The model input size of an (height, width) image (after the `max_input_side` shrink)."""
+        return model_input_size(height, width, self.cfg.shortest_edge, self.longest_edge, self.size_divisor)
+
+    def __call__(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None) -> list[np.ndarray]:
         for i, image in enumerate(images):
             _check_image(image, i)
-        out = []
-        for start in range(0, len(images), self.cfg.batch_size):
-            out.extend(self._batch(images[start : start + self.cfg.batch_size]))
+        sizes = [tuple(image.shape[:2]) for image in images] if sizes is None else [tuple(s) for s in sizes]
+        if len(sizes) != len(images):
+            raise ValueError(f"{len(sizes)} output sizes for {len(images)} images")
+        shrunk = [_shrink(image, self.cfg.max_input_side) for image in images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(shrunk):
+            groups.setdefault(self.input_size(*image.shape[:2]), []).append(i)
+        out: list[np.ndarray | None] = [None] * len(images)
+        for input_size, members in groups.items():
+            for start in range(0, len(members), self.cfg.batch_size):
+                batch = members[start : start + self.cfg.batch_size]
+                outputs = self.forward([shrunk[i] for i in batch], input_size)
+                for j, i in enumerate(batch):
+                    out[i] = self.class_map(outputs, j, *sizes[i])
         return out
 
     @torch.inference_mode()
-    def _batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        padded = [_pad_to_aspect(_shrink(image, self.cfg.max_input_side), self.cfg.max_aspect) for image in images]
-        tensors = [torch.from_numpy(image).permute(2, 0, 1) for image, _ in padded]  # (3, H, W) uint8
+    def forward(self, images: Sequence[np.ndarray], input_size: tuple[int, int]):
+        """The model's raw outputs for images resized to one `input_size` (h, w): no padding."""
+        tensors = [torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(self.device) for image in images]
         extra = {"task_inputs": ["semantic"] * len(images)} if self.is_oneformer else {}
-        inputs = self.processor(images=tensors, return_tensors="pt", input_data_format="channels_first", **extra,
-                                **self._kwargs)
+        inputs = self.processor(images=tensors, return_tensors="pt", input_data_format="channels_first",
+                                size={"height": input_size[0], "width": input_size[1]}, **extra)
         pixels = inputs["pixel_values"].to(self.device, self.dtype)
         kwargs = {}
         if "pixel_mask" in inputs and self.universal:
             kwargs["pixel_mask"] = inputs["pixel_mask"].to(self.device)
         if "task_inputs" in inputs:
             kwargs["task_inputs"] = inputs["task_inputs"].to(self.device)
-        outputs = self.model(pixel_values=pixels, **kwargs)
-        maps = []
-        for i in range(len(images)):
-            if self.universal:
-                masks = outputs.masks_queries_logits[i]
-                masks = masks[:, : self._valid(inputs, i, masks.shape[-2], 0), : self._valid(inputs, i, masks.shape[-1], 1)]
-                classes = universal_class_map(outputs.class_queries_logits[i], masks, self.cfg.min_score,
-                                              self.ignore_value)
-            else:
-                classes = _argmax(outputs.logits[i].float(), self.cfg.min_score, self.ignore_value)
-            (fh, fw), (h, w) = padded[i][1], classes.shape
-            maps.append(classes[: max(1, math.ceil(fh * h)), : max(1, math.ceil(fw * w))].cpu().numpy())
-        return maps
+        return self.model(pixel_values=pixels, **kwargs)
 
-    @staticmethod
-    def _valid(inputs, index: int, out_len: int, axis: int) -> int:
-        """Rows (axis 0) or columns (axis 1) of the output that cover the image rather than padding."""
-        if "pixel_mask" not in inputs:
-            return out_len
-        mask = inputs["pixel_mask"][index]
-        padded = mask.shape[axis]
-        valid = int(mask.any(dim=1 - axis).sum())
-        return max(1, math.ceil(valid * out_len / padded))
+    @torch.inference_mode()
+    def class_map(self, outputs, index: int, height: int, width: int) -> np.ndarray:
+        """Image `index` of a forward pass's outputs -> its (height, width) class map (`class_map`)."""
+        if self.universal:
+            return class_map(outputs.masks_queries_logits[index], height, width, outputs.class_queries_logits[index],
+                             self.cfg.min_score, self.ignore_value, self.cfg.upsample_chunk)
+        return class_map(outputs.logits[index], height, width, None, self.cfg.min_score, self.ignore_value,
+                         self.cfg.upsample_chunk)

@@ -190,9 +190,17 @@ def build_tiny_semantic(folder: str, seed: int = 0) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Mask2FormerForUniversalSegmentation(config).eval()
-    # Shortest edge 64 keeps the tiny twin fast; real checkpoints keep their own processor config.
+    with torch.no_grad():
+        # At the init std (0.02) every mask logit is near 0 and every query's class near uniform, so
+        # one class wins everywhere. Scaled up, queries claim different regions with different
+        # classes: maps with a few classes and real boundaries, like a trained model's.
+        model.model.pixel_level_module.decoder.mask_projection.weight.mul_(50.0)
+        model.class_predictor.weight.mul_(50.0)
+    # The processor config in the published checkpoints' form (facebook/mask2former-swin-*-coco-panoptic,
+    # -ade-semantic): a fixed 384 x 384 size, size_divisor 32. The labeler sizes inputs itself (keeping
+    # the aspect ratio), so tests exercise what a real checkpoint's config gives it.
     processor = Mask2FormerImageProcessor(
-        size={"shortest_edge": 64, "longest_edge": 128}, ignore_index=255, num_labels=len(TINY_CLASSES)
+        size={"height": 384, "width": 384}, size_divisor=32, ignore_index=255, num_labels=len(TINY_CLASSES)
     )
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

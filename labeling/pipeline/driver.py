@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from dataset_card import layout, shards
 from dataset_card.card import minimal_card
+from dataset_card.painting import DEFAULT_RULE, PaintingRule, rule_named
 from dataset_card.schema import arrow_schema
-from labeling.inputs.input_list import Inputs
+from labeling.inputs.input_list import InputError, Inputs
 from labeling.inputs.kinds import list_inputs
 from labeling.labelers.model_choice import TINY_RANDOM_WARNING, ModelChoice
 from labeling.pipeline import cluster, failures, manifest, summary, writer
@@ -59,11 +60,15 @@ class LabelingConfig:
     sam_type: str | None = None
     sam_checkpoint: str | None = None
     semantic_model: str | None = None
+    semantic_revision: str | None = None
+    semantic_shortest_edge: int | None = None
     model_max_side: int | None = None
     points_per_side: int | None = None
     pred_iou_thresh: float | None = None
     stability_score_thresh: float | None = None
     min_instance_area: int = 16
+    painting_rule: str = DEFAULT_RULE
+    min_purity: float | None = None
     # Execution only: may change between a run and its resume.
     read_batch_size: int = 16
     model_batch_size: int = 8
@@ -97,27 +102,44 @@ _LOCATIONS = ("input", "output", "file_list")
 
 # What `--models` implies where the user did not say: real models at SAM's size, twins at theirs.
 PRESET_DEFAULTS = {
-    "default": {"model_max_side": 1024, "instance": {}},
-    # The twins' random scores are low: keep what their structure gives (tens of masks per image).
+    # SA-1B's own mask filters (Kirillov et al. 2023): holes and islands under 100 px are cleaned,
+    # and masks covering 95% of the image or more (the image itself, not an object) are dropped.
+    "default": {"model_max_side": 1024, "instance": {"min_mask_region_area": 100, "max_mask_fraction": 0.95},
+                "semantic": {}},
+    # The twins' random scores are low: keep what their structure gives (tens of masks per image);
+    # their images are small (256 px), so is their semantic input.
     "tiny-random": {"model_max_side": 256,
-                    "instance": {"points_per_side": 8, "pred_iou_thresh": 0.65, "stability_score_thresh": 0.8}},
+                    "instance": {"points_per_side": 8, "pred_iou_thresh": 0.65, "stability_score_thresh": 0.8},
+                    "semantic": {"shortest_edge": 128}},
 }
 
 
 def model_choice(cfg: LabelingConfig) -> ModelChoice:
-    instance = dict(PRESET_DEFAULTS[cfg.models]["instance"])
+    preset = PRESET_DEFAULTS[cfg.models]
+    instance = dict(preset["instance"])
     for name in ("points_per_side", "pred_iou_thresh", "stability_score_thresh"):
         if getattr(cfg, name) is not None:
             instance[name] = getattr(cfg, name)
+    semantic = {**preset["semantic"], "batch_size": cfg.model_batch_size}
+    if cfg.semantic_shortest_edge is not None:
+        semantic["shortest_edge"] = cfg.semantic_shortest_edge
     base = ModelChoice(preset=cfg.models)
     return dataclasses.replace(
         base,
         sam_type=cfg.sam_type or base.sam_type,
         sam_checkpoint=cfg.sam_checkpoint,
         semantic_model=cfg.semantic_model or base.semantic_model,
+        semantic_revision=cfg.semantic_revision,
         instance_params=instance,
-        semantic_params={"batch_size": cfg.model_batch_size},
+        semantic_params=semantic,
     )
+
+
+def painting_rule(cfg: LabelingConfig) -> PaintingRule:
+    try:
+        return rule_named(cfg.painting_rule, min_purity=cfg.min_purity)
+    except ValueError as err:
+        raise InputError(f"{err}") from err
 
 
 def model_max_side(cfg: LabelingConfig) -> int:
@@ -326,7 +348,8 @@ def run_labeling(cfg: LabelingConfig, log=print) -> dict:
                                 cfg.split, cfg.listing_workers)
     if cfg.limit is not None:
         listed = listed.head(cfg.limit)
-    choice = model_choice(cfg)
+    rule = painting_rule(cfg)
+    choice = model_choice(cfg).pinned()  # a hub model at one commit for every actor
     local_choice = choice.materialize()  # tiny twins built once here; actors build their own
     models = local_choice.describe()
     semantic_classes = local_choice.semantic_classes()
@@ -335,7 +358,7 @@ def run_labeling(cfg: LabelingConfig, log=print) -> dict:
     cluster.check_shared(cfg.output, "--output", probe_write=True)
     resources = resource_layout(cfg)  # refuses a layout whose actors cannot all start
     metadata = layout.DatasetMetadata(listed.class_names, semantic_classes,
-                                      semantic_source=models["semantic"]["checkpoint"])
+                                      semantic_source=models["semantic"]["checkpoint"], painting=rule)
     fs, root = shards.filesystem(cfg.output)
     new_manifest = manifest.build(len(listed), listed.sha256(), cfg.shard_size, cfg.arguments(), models,
                                   cfg.execution())
@@ -350,9 +373,10 @@ def run_labeling(cfg: LabelingConfig, log=print) -> dict:
     log(f"model actors: {resources.instance_actors} SAM + {resources.semantic_actors} semantic, "
         f"{resources.gpus_per_actor:g} GPU and {resources.actor_cpus:g} CPU each")
 
-    contract = arrow_schema(metadata.class_names, metadata.semantic_class_names)
-    schema = staged_schema(metadata.class_names, metadata.semantic_class_names)
-    post = PostprocessConfig(len(semantic_classes), metadata.ignore_value, cfg.min_instance_area)
+    contract = arrow_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict())
+    schema = staged_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict())
+    post = PostprocessConfig(len(semantic_classes), metadata.ignore_value, cfg.min_instance_area,
+                             tuple(sorted(metadata.thing_ids)), rule)
     check = summary.InstanceCountCheck(enabled=cfg.models == "default")
     committer = Committer(fs, root, plan, contract, listed, check)
     indices = plan.indices()

@@ -23,7 +23,12 @@ from dataset_card.schema import SCHEMA_VERSION
 
 # Keys two manifests must agree on for a rerun to resume ("created" and "execution" may differ).
 COMPARED = ("schema_version", "num_inputs", "inputs_hash", "num_shards", "shard_size", "arguments", "models",
-            "code_version")
+            "code_version", "software")
+
+# Libraries whose release can change the labels (a resize's numerics, mask decoding, RLE): recorded,
+# and a rerun with other versions does not resume (its shards would not match the earlier ones).
+SOFTWARE = ("torch", "torchvision", "transformers", "segment-anything", "pycocotools", "opencv-python-headless",
+            "numpy", "pillow")
 
 
 # Model parameters that change speed, not labels (beyond float rounding): free to change on resume.
@@ -49,6 +54,19 @@ def code_version() -> str:
     return f"{version}+{digest.hexdigest()[:12]}"
 
 
+def software_versions() -> dict[str, str | None]:
+    """{distribution: installed version (None when absent)} of SOFTWARE, plus Python's."""
+    import platform
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in SOFTWARE:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
 def build(num_inputs: int, inputs_hash: str, shard_size: int, arguments: Mapping, models: Mapping,
           execution: Mapping | None = None) -> dict:
     return {
@@ -60,6 +78,7 @@ def build(num_inputs: int, inputs_hash: str, shard_size: int, arguments: Mapping
         "arguments": dict(arguments),
         "models": dict(models),
         "code_version": code_version(),
+        "software": software_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "execution": dict(execution or {}),
     }

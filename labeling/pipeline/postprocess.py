@@ -1,17 +1,19 @@
-"""The CPU post-processing stage: model outputs at model resolution -> one contract row at full size.
+"""The CPU post-processing stage: model outputs -> one contract row at full size.
 
-- semantic: the model's low-resolution class map is resized with nearest (pixel-centre aligned)
-  to the image size, in the contract's dtype (8-bit below 255 classes, else 16-bit).
+- semantic: the class map arrives at the image's size already (the semantic labeler upsamples its
+  scores on the device), in the contract's dtype (8-bit below 255 classes, else 16-bit).
 - instances: masks come already filtered (scores, stability, NMS) at the models' resolution; each
   is upsampled alone, inside its own box (bilinear on the box plus a one-pixel margin, then
   threshold), written into one reused full-size buffer and RLE-encoded. No stack of full-size
   masks ever exists, so an 8000x8000 image stays within a few hundred MB.
-- alignment and painting (`labeling.labelers.alignment`), PNG encoding (`dataset_card.codecs`), and the
-  per-row statistics the shard statistics are summed from.
+- alignment and painting (`labeling.labelers.alignment`, under the contract's painting rule), PNG
+  encoding (`dataset_card.codecs`), and the per-row statistics the shard statistics are summed
+  from, the alignment invariants' figures among them (`dataset_card.invariants`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -22,7 +24,8 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from dataset_card import codecs
+from dataset_card import codecs, invariants, painting
+from dataset_card.painting import DEFAULT_RULE, RULES, PaintingRule
 from dataset_card.schema import arrow_schema, semantic_mask_dtype
 from labeling.labelers import alignment
 from labeling.pipeline import failures
@@ -34,6 +37,8 @@ STAT_FIELDS = [
     ("stat_purities", pa.list_(pa.float32())),
     ("stat_semantic_ids", pa.list_(pa.int32())),
     ("stat_semantic_counts", pa.list_(pa.int64())),
+    ("stat_levels", pa.string()),  # JSON {level: instances}
+    ("stat_figures", pa.string()),  # JSON of the row's invariants.MapFigures
 ]
 TIME_COLUMNS = ("time_read", "time_instance", "time_semantic", "time_postprocess")
 ROUTING_FIELDS = [("index", pa.int64()), ("shard", pa.int64()), ("path", pa.string())] + [
@@ -41,9 +46,10 @@ ROUTING_FIELDS = [("index", pa.int64()), ("shard", pa.int64()), ("path", pa.stri
 ]
 
 
-def staged_schema(class_names: Sequence[str], semantic_class_names: Sequence[str]) -> pa.Schema:
+def staged_schema(class_names: Sequence[str], semantic_class_names: Sequence[str],
+                  painting: dict | None = None) -> pa.Schema:
     """The postprocess output: contract columns (null when the row failed) + routing, stats, times."""
-    contract = arrow_schema(class_names, semantic_class_names)
+    contract = arrow_schema(class_names, semantic_class_names, painting)
     fields = (list(contract) + ROUTING_FIELDS + STAT_FIELDS + [(t, pa.float64()) for t in TIME_COLUMNS]
               + [("started_at", pa.float64())])
     return pa.schema(fields)
@@ -54,14 +60,16 @@ class PostprocessConfig:
     num_semantic_classes: int
     ignore_value: int
     min_instance_area: int = 16  # pixels at full size; smaller masks are dropped
+    thing_ids: tuple[int, ...] = ()  # the taxonomy's thing classes
+    rule: PaintingRule = RULES[DEFAULT_RULE]  # the contract's painting rule (metadata.json)
 
 
-def resize_semantic(semantic: np.ndarray, height: int, width: int, dtype: str) -> np.ndarray:
-    """(h', w') class map -> (height, width) in `dtype`, nearest neighbour at pixel centres."""
-    semantic = semantic.astype(dtype, copy=False)
-    if semantic.shape == (height, width):
-        return semantic
-    return cv2.resize(semantic, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+def semantic_map(row: Mapping, num_semantic_classes: int) -> np.ndarray:
+    """The models-stage row's full-size class map (raw bytes in the contract's dtype)."""
+    height, width = int(row["height"]), int(row["width"])
+    if (row["semantic_h"], row["semantic_w"]) != (height, width):
+        raise ValueError(f"the semantic map is {row['semantic_w']}x{row['semantic_h']}, the image {width}x{height}")
+    return np.frombuffer(row["semantic"], semantic_mask_dtype(num_semantic_classes)).reshape(height, width)
 
 
 def _target_span(lo: int, hi: int, scale: float, limit: int) -> tuple[int, int]:
@@ -85,7 +93,7 @@ def upsample_masks(masks: Sequence[Mapping], height: int, width: int, chunk_rows
     Bilinear on the box (plus a one-pixel margin) as 0/1 floats, thresholded at 0.5, `chunk_rows`
     output rows at a time: inside the box this equals resizing the whole mask (cv2.resize,
     INTER_LINEAR), at the cost of the box only. The RLE is written from the box too
-    (`alignment.crop_rle`). The first `crop_budget` bytes of full-size boxes are kept as "crop",
+    (`codecs.crop_rle`). The first `crop_budget` bytes of full-size boxes are kept as "crop",
     so alignment need not decode those masks again; the rest it decodes.
     """
     out, kept = [], 0
@@ -94,7 +102,7 @@ def upsample_masks(masks: Sequence[Mapping], height: int, width: int, chunk_rows
         if (src_h, src_w) == (height, width):
             out.append(dict(mask))
             continue
-        y0, x0, y1, x1 = alignment.tight_box(mask["rle"])
+        y0, x0, y1, x1 = codecs.tight_box(mask["rle"])
         if y1 <= y0 or x1 <= x0:
             continue
         sy, sx = height / src_h, width / src_w
@@ -115,7 +123,7 @@ def upsample_masks(masks: Sequence[Mapping], height: int, width: int, chunk_rows
         if crop.size == 0:
             continue
         resized = dict(mask)
-        resized["rle"] = alignment.crop_rle(crop, by0, bx0, height, width)
+        resized["rle"] = codecs.crop_rle(crop, by0, bx0, height, width)
         if kept + crop.size <= crop_budget:
             resized["crop"] = (by0, bx0, crop)
             kept += crop.size
@@ -136,11 +144,13 @@ def class_pixel_counts(semantic: np.ndarray) -> dict[int, int]:
 def label_row(row: Mapping, cfg: PostprocessConfig) -> dict:
     """One models-stage row (`predictors.MODELS_SCHEMA`) -> contract columns + per-row statistics."""
     height, width = int(row["height"]), int(row["width"])
-    semantic_small = np.frombuffer(row["semantic"], np.uint16).reshape(row["semantic_h"], row["semantic_w"])
-    semantic = resize_semantic(semantic_small, height, width, semantic_mask_dtype(cfg.num_semantic_classes))
+    semantic = semantic_map(row, cfg.num_semantic_classes)
     masks = upsample_masks(json.loads(row["instances_json"]), height, width)
-    instances, instance_map = alignment.align(masks, semantic, cfg.min_instance_area, cfg.ignore_value)
+    instances, instance_map = alignment.align(masks, semantic, things=cfg.thing_ids,
+                                              num_classes=cfg.num_semantic_classes, rule=cfg.rule,
+                                              min_area=cfg.min_instance_area, ignore_value=cfg.ignore_value)
     counts = class_pixel_counts(semantic)
+    figures = invariants.map_figures(instances, semantic, instance_map, cfg.thing_ids)
     return {
         "image": {"bytes": row["image_bytes"], "path": row["image_path"]},
         "width": width,
@@ -153,12 +163,14 @@ def label_row(row: Mapping, cfg: PostprocessConfig) -> dict:
         "stat_purities": [inst["category_purity"] for inst in instances],
         "stat_semantic_ids": list(counts),
         "stat_semantic_counts": list(counts.values()),
+        "stat_levels": json.dumps(painting.level_counts(instances)),
+        "stat_figures": json.dumps(dataclasses.asdict(figures)),
     }
 
 
 _NULL_PAYLOAD = {"image": None, "width": None, "height": None, "semantic_mask": None, "instance_mask": None,
                  "instances": None, "stat_instances": 0, "stat_coverage": 0.0, "stat_purities": [],
-                 "stat_semantic_ids": [], "stat_semantic_counts": []}
+                 "stat_semantic_ids": [], "stat_semantic_counts": [], "stat_levels": "{}", "stat_figures": ""}
 
 
 def postprocess_stage(batch: pa.Table, cfg: PostprocessConfig, schema: pa.Schema) -> pa.Table:

@@ -8,12 +8,14 @@ Arrow batches. What it reads per row: `image_id`, the decoded pixels at model re
 - `InstancePredictor`: `instances_json`, a JSON list of masks in the labelers' format
   ({"rle": {"size": [h, w], "counts"}, "bbox", "area", "predicted_iou", "stability_score"}) at
   model resolution, already COCO-RLE encoded and filtered;
-- `SemanticPredictor`: `semantic`, the (semantic_h, semantic_w) class map at the model's output
-  resolution as raw uint16 bytes; it drops `pixels`, which nothing after it needs.
+- `SemanticPredictor`: `semantic`, the class map at the image's original size (`semantic_h`,
+  `semantic_w` = `height`, `width`) as raw bytes in the contract's dtype (uint8 below 255
+  classes, else uint16): the labeler upsamples its class scores on the device, where the argmax
+  is taken; it drops `pixels`, which nothing after it needs.
 
 A failure is recorded in the row's `error_*` columns instead of raised. When a whole batch
 fails, it is retried one image at a time, so one bad image cannot take the others with it.
-Everything at full resolution (upsampling, alignment, painting, PNG) happens later on CPUs
+The instance masks' upsampling, alignment, painting and PNG encoding happen later on CPUs
 (`labeling.pipeline.postprocess`).
 """
 
@@ -32,7 +34,7 @@ from labeling.pipeline.preprocess import DECODED_SCHEMA, model_pixels
 INSTANCE_SCHEMA = pa.schema(list(DECODED_SCHEMA) + [("instances_json", pa.string()), ("time_instance", pa.float64())])
 MODELS_SCHEMA = pa.schema(
     [f for f in INSTANCE_SCHEMA if f.name != "pixels"]
-    + [("semantic", pa.binary()), ("semantic_h", pa.int32()), ("semantic_w", pa.int32()),
+    + [("semantic", pa.large_binary()), ("semantic_h", pa.int32()), ("semantic_w", pa.int32()),
        ("time_semantic", pa.float64())]
 )
 
@@ -83,11 +85,13 @@ def _quiet_loading(threads: int | None) -> None:
 
 
 def _map_rows(batch: pa.Table, model: Callable[[list], list], fill: Callable[[dict, object], None],
-              empty: Callable[[dict], None], schema: pa.Schema, time_column: str) -> pa.Table:
+              empty: Callable[[dict], None], schema: pa.Schema, time_column: str,
+              item: Callable[[dict], object] = model_pixels) -> pa.Table:
+    """`model` on `item(row)` of every row that has not failed; `fill` / `empty` write the results."""
     start = time.perf_counter()
     rows = batch.to_pylist()
     todo = [r for r in rows if not r["error_type"]]
-    results = run_each(model, [model_pixels(r) for r in todo])
+    results = run_each(model, [item(r) for r in todo])
     for row in rows:
         empty(row)
     for row, result in zip(todo, results):
@@ -132,18 +136,24 @@ class InstancePredictor:
 
 
 class SemanticPredictor:
-    """Low-resolution semantic class maps for INSTANCE_SCHEMA batches -> MODELS_SCHEMA batches."""
+    """Full-size semantic class maps for INSTANCE_SCHEMA batches -> MODELS_SCHEMA batches."""
 
     def __init__(self, choice, num_gpus: float = 0.0, threads: int | None = None):
         _quiet_loading(threads)
         self.labeler = choice.semantic_labeler(_device(num_gpus))
 
+    def _label(self, items: list) -> list:
+        return self.labeler([pixels for pixels, _ in items], [size for _, size in items])
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         def fill(row, class_map: np.ndarray):
-            row.update(semantic=np.ascontiguousarray(class_map, np.uint16).tobytes(),
+            row.update(semantic=np.ascontiguousarray(class_map).tobytes(),
                        semantic_h=class_map.shape[0], semantic_w=class_map.shape[1])
 
         def empty(row):
             row.update(semantic=b"", semantic_h=0, semantic_w=0)
 
-        return _map_rows(batch, self.labeler, fill, empty, MODELS_SCHEMA, "time_semantic")
+        def item(row):  # the models' pixels and the original size the map is wanted at
+            return model_pixels(row), (int(row["height"]), int(row["width"]))
+
+        return _map_rows(batch, self._label, fill, empty, MODELS_SCHEMA, "time_semantic", item)

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dataset_card import layout, shards
+from dataset_card import invariants, layout, shards
 from dataset_card.schema import COLUMNS, validate_schema
 
 JOURNAL_DIR = ".journal"
@@ -100,9 +100,12 @@ def data_table(staged: pa.Table, contract: pa.Schema) -> pa.Table:
 def add_rows(stats: layout.ShardStats, staged: pa.Table) -> None:
     ok = staged.filter(pc.equal(staged.column("error_type"), ""))
     columns = ok.select(["stat_instances", "stat_coverage", "stat_purities", "stat_semantic_ids",
-                         "stat_semantic_counts"]).to_pydict()
-    for n, coverage, purities, ids, counts in zip(*columns.values()):
-        stats.add_row(n, coverage, purities, dict(zip(ids, counts)))
+                         "stat_semantic_counts", "stat_levels", "stat_figures"]).to_pydict()
+    for n, coverage, purities, ids, counts, levels, figures in zip(*columns.values()):
+        found = invariants.MapFigures(**json.loads(figures)) if figures else None
+        if found is not None:  # JSON turned the agreement keys into strings
+            found.agreement = {int(k): v for k, v in found.agreement.items()}
+        stats.add_row(n, coverage, purities, dict(zip(ids, counts)), json.loads(levels or "{}"), found)
 
 
 def _result(shard: int, staged: pa.Table, errors: pa.Table) -> ShardResult:

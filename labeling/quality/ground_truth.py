@@ -33,14 +33,16 @@ class LabeledRow:
     width: int
     instances: list
     semantic_png: bytes | None
+    instance_png: bytes | None = None
 
 
-def labeled_rows(pred_root: str, with_semantic: bool) -> Iterator[LabeledRow]:
+def labeled_rows(pred_root: str, with_semantic: bool, with_instance_map: bool = False) -> Iterator[LabeledRow]:
     """Stream our rows (only the columns scoring needs), shard by shard."""
     files = sorted(Path(pred_root, layout.DATA_DIR).glob("train-*.parquet"))
     if not files:
         raise GroundTruthError(f"no data files under {pred_root}/{layout.DATA_DIR}: is it a labeled output folder?")
-    columns = ["image_id", "image.path", "width", "height", "instances"] + (["semantic_mask"] if with_semantic else [])
+    columns = (["image_id", "image.path", "width", "height", "instances"] + (["semantic_mask"] if with_semantic else [])
+               + (["instance_mask"] if with_instance_map else []))
     for path in files:
         parquet = pq.ParquetFile(path)
         validate_schema(parquet.schema_arrow, columns=("image_id", "image", "width", "height", "instances"),
@@ -54,6 +56,7 @@ def labeled_rows(pred_root: str, with_semantic: bool) -> Iterator[LabeledRow]:
                     width=row["width"],
                     instances=row["instances"],
                     semantic_png=(row["semantic_mask"] or {}).get("bytes") if with_semantic else None,
+                    instance_png=(row["instance_mask"] or {}).get("bytes") if with_instance_map else None,
                 )
 
 
@@ -104,6 +107,8 @@ class SemanticGroundTruth:
     classes: dict[int, str]
     ignore_value: int
     panoptic_segments: dict[str, dict[int, int]] | None = None  # file stem -> segment id -> category
+    things: frozenset[int] = frozenset()  # panoptic thing categories (the rest of `classes` are stuff)
+    crowd: dict[str, frozenset[int]] | None = None  # file stem -> its crowd segments (void for PQ)
 
     def find(self, file_name: str) -> Path | None:
         path = self.folder / (Path(file_name).stem + ".png")
@@ -113,12 +118,17 @@ class SemanticGroundTruth:
         """(H, W) int64 ground-truth class ids, `ignore_value` where unlabeled."""
         if self.panoptic_segments is None:
             return codecs.decode_mask(path.read_bytes())
+        return self.read_panoptic(path)[0]
+
+    def read_panoptic(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """(categories, segment ids), both (H, W) int64, of a COCO panoptic PNG: unlabeled pixels
+        have category `ignore_value` and segment 0."""
         rgb = np.asarray(Image.open(path).convert("RGB")).astype(np.int64)
         ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
         out = np.full(ids.shape, self.ignore_value, np.int64)
-        for segment, category in self.panoptic_segments.get(path.stem, {}).items():
+        for segment, category in (self.panoptic_segments or {}).get(path.stem, {}).items():
             out[ids == segment] = category
-        return out
+        return out, ids
 
 
 def label_folder(folder: str, classes_json: str, ignore_value: int) -> SemanticGroundTruth:
@@ -137,12 +147,16 @@ def coco_panoptic(png_folder: str, panoptic_json: str) -> SemanticGroundTruth:
     try:
         data = json.loads(Path(panoptic_json).read_text())
         classes = {int(c["id"]): c["name"] for c in data["categories"]}
+        things = frozenset(int(c["id"]) for c in data["categories"] if c["isthing"])
         segments = {
             Path(ann["file_name"]).stem: {int(s["id"]): int(s["category_id"]) for s in ann["segments_info"]}
             for ann in data["annotations"]
         }
+        crowd = {Path(ann["file_name"]).stem: frozenset(int(s["id"]) for s in ann["segments_info"] if s.get("iscrowd"))
+                 for ann in data["annotations"]}
     except (OSError, ValueError, KeyError) as err:
         raise GroundTruthError(f"{panoptic_json} is not a COCO panoptic annotation file: {err}") from err
     if not Path(png_folder).is_dir():
         raise GroundTruthError(f"panoptic PNG folder {png_folder} does not exist")
-    return SemanticGroundTruth(Path(png_folder), classes, ignore_value=-1, panoptic_segments=segments)
+    return SemanticGroundTruth(Path(png_folder), classes, ignore_value=-1, panoptic_segments=segments, things=things,
+                               crowd=crowd)

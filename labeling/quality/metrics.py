@@ -1,5 +1,6 @@
 """Pseudo-label quality metrics (pure functions): class-agnostic instance AR/AP with COCOeval,
-semantic mIoU from a confusion matrix, and instance-semantic alignment.
+semantic mIoU from a confusion matrix, instance-semantic alignment, and panoptic quality
+(PQ / SQ / RQ, with torchmetrics' `PanopticQuality`, panopticapi's definition).
 
 Ground truth comes in through `labeling/quality/ground_truth.py`; this module only scores.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,3 +118,76 @@ def alignment_hits(gt_objects: Sequence[tuple[Mapping, int]], instances: Sequenc
         if ious[best, j] > 0 and category_of.get(int(instances[best]["category_id"])) == int(category):
             hits += 1
     return hits, len(gt_objects)
+
+
+def panoptic_prediction(semantic: np.ndarray, instance_map: np.ndarray, instances: Sequence[Mapping],
+                        to_gt: np.ndarray, gt_things: Collection[int], unmatched: int) -> np.ndarray:
+    """Our labels of one image as a panoptic map in the ground truth's taxonomy: (H, W, 2) int64 of
+    (category id, instance id).
+
+    semantic, instance_map: (H, W) our maps. to_gt: our class id -> ground-truth category id
+    (`unmatched` where ours has no counterpart), indexable by every value of `semantic`. Painted
+    instances are the thing segments (instance id = their `id`); the other pixels take their
+    semantic class as a stuff segment (instance id 0), except pixels of a ground-truth thing class
+    that no instance covers: a panoptic prediction has no instance-less things, so they join the
+    `unmatched` category (as do classes without a counterpart). Nothing is void: torchmetrics excuses
+    a ground-truth segment the prediction leaves mostly void, panopticapi counts it as missed.
+    """
+    category = to_gt[semantic.astype(np.int64)]
+    category[np.isin(category, list(gt_things)) & (instance_map == 0)] = unmatched
+    instance = np.zeros(semantic.shape, np.int64)
+    for inst in instances:
+        painted = instance_map == int(inst["id"])
+        if painted.any():
+            own = int(inst["category_id"])
+            category[painted] = to_gt[own] if 0 <= own < to_gt.size else unmatched
+            instance[painted] = int(inst["id"])
+    return np.stack([category, instance], axis=-1)
+
+
+def panoptic_target(categories: np.ndarray, segments: np.ndarray, void_segments: Collection[int],
+                    void: int) -> np.ndarray:
+    """A ground-truth panoptic map (H, W, 2) from its per-pixel categories and segment ids; pixels of
+    `void_segments` (crowd regions) and of segment 0 (unlabeled) are void, as panopticapi ignores them."""
+    category = categories.astype(np.int64).copy()
+    category[(segments == 0) | np.isin(segments, list(void_segments))] = void
+    return np.stack([category, segments.astype(np.int64)], axis=-1)
+
+
+class PanopticScores:
+    """PQ, SQ and RQ over images, for things, stuff and all classes (`update` per image, then `summary`).
+
+    `void` marks ground-truth pixels to ignore; `unmatched` is the extra prediction category of
+    `panoptic_prediction`: a stuff class for torchmetrics, left out of every mean.
+    """
+
+    def __init__(self, things: Collection[int], stuff: Collection[int]):
+        from torchmetrics.detection import PanopticQuality
+
+        self.things, self.stuff = set(map(int, things)), set(map(int, stuff)) - set(map(int, things))
+        self.void = max(self.things | self.stuff | {0}) + 1  # categories neither side uses
+        self.unmatched = self.void + 1
+        self.metric = PanopticQuality(self.things, self.stuff | {self.unmatched})
+
+    def update(self, prediction: np.ndarray, target: np.ndarray) -> None:
+        """prediction, target: (H, W, 2) from `panoptic_prediction` / `panoptic_target`."""
+        import torch
+
+        self.metric.update(torch.from_numpy(prediction)[None], torch.from_numpy(target)[None])
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """{"all" | "things" | "stuff": {"PQ", "SQ", "RQ", "classes"}}: means over the classes that
+        occur in the ground truth or the prediction (panopticapi's averaging)."""
+        m = self.metric
+        tp, fp, fn, iou = (t.double().numpy() for t in (m.true_positives, m.false_positives, m.false_negatives,
+                                                         m.iou_sum))
+        ids = {continuous: category for category, continuous in m.cat_id_to_continuous_id.items()}
+        out = {}
+        for name, members in (("all", self.things | self.stuff), ("things", self.things), ("stuff", self.stuff)):
+            rows = [c for c in range(len(ids)) if ids[c] in members and tp[c] + fp[c] + fn[c] > 0]
+            sq = np.array([iou[c] / tp[c] if tp[c] else 0.0 for c in rows])
+            rq = np.array([tp[c] / (tp[c] + 0.5 * fp[c] + 0.5 * fn[c]) for c in rows])
+            out[name] = {"PQ": float((sq * rq).mean()) if rows else float("nan"),
+                         "SQ": float(sq.mean()) if rows else float("nan"),
+                         "RQ": float(rq.mean()) if rows else float("nan"), "classes": len(rows)}
+        return out

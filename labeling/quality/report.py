@@ -5,7 +5,9 @@
 
 Instances: class-agnostic COCOeval (AR@1/10/100, by size, AP). Semantic: mIoU, pixel accuracy,
 per-class IoU (our taxonomy mapped to the ground truth's by name, or by --class-map). Alignment:
-the share of ground-truth objects whose best-matching instance carries the right class.
+the share of ground-truth objects whose best-matching instance carries the right class. Panoptic
+(with COCO panoptic ground truth): PQ, SQ and RQ of the aligned maps (painted instances as things,
+the semantic map as stuff) for things, stuff and all classes, torchmetrics' `PanopticQuality`.
 Prints a table and writes OUTPUT/quality.json, which the dataset card shows.
 """
 
@@ -55,9 +57,13 @@ def evaluate(pred_root: str, gt_instances: str | None = None, semantic_gt: gt_io
         pred_lookup = _dense_lookup({k: dense[v] for k, v in sem_map.items() if v in dense}, 1 << 16, -1)
         gt_lookup = {g: i for i, g in enumerate(gt_order)}
         cm = np.zeros((len(gt_order), len(gt_order) + 1), np.int64)
+    panoptic = semantic_gt is not None and semantic_gt.panoptic_segments is not None
+    if panoptic:
+        pq = metrics.PanopticScores(semantic_gt.things, set(semantic_gt.classes))
+        to_gt = _dense_lookup(sem_map, 1 << 16, pq.unmatched)  # our id -> ground-truth category id
 
     predictions, hits, objects, scored, unmatched = {}, 0, 0, 0, 0
-    rows = gt_io.labeled_rows(pred_root, with_semantic=semantic_gt is not None)
+    rows = gt_io.labeled_rows(pred_root, with_semantic=semantic_gt is not None, with_instance_map=panoptic)
     for row in tqdm(rows, desc="scoring", unit="img"):
         if limit is not None and scored >= limit:
             break
@@ -83,6 +89,13 @@ def evaluate(pred_root: str, gt_instances: str | None = None, semantic_gt: gt_io
                     )
                 gt_dense = _map_ids(gt_map, gt_lookup)
                 cm += metrics.confusion_matrix(gt_dense, pred_lookup[pred_map], len(gt_order), ignore_value=-1)
+                if panoptic:
+                    categories, segments = semantic_gt.read_panoptic(path)
+                    instance_map = codecs.decode_mask(row.instance_png)
+                    pq.update(metrics.panoptic_prediction(pred_map, instance_map, row.instances, to_gt,
+                                                          semantic_gt.things, pq.unmatched),
+                              metrics.panoptic_target(categories, segments,
+                                                      (semantic_gt.crowd or {}).get(path.stem, ()), pq.void))
         scored += matched
         unmatched += not matched
     if scored == 0:
@@ -102,6 +115,8 @@ def evaluate(pred_root: str, gt_instances: str | None = None, semantic_gt: gt_io
             "pixel_accuracy": scores.pixel_accuracy,
             "per_class_iou": {semantic_gt.classes[gt_order[i]]: v for i, v in scores.per_class_iou.items()},
         }
+    if panoptic:
+        report["panoptic"] = pq.summary()
     return report
 
 
@@ -126,6 +141,9 @@ def format_report(report: dict) -> str:
     if "semantic" in report:
         add("semantic mIoU", report["semantic"]["mIoU"])
         add("semantic pixel accuracy", report["semantic"]["pixel_accuracy"])
+    for group, scores in (report.get("panoptic") or {}).items():
+        for name in ("PQ", "SQ", "RQ"):
+            add(f"panoptic {name} ({group})", scores[name])
     lines.append(f"{'images scored':<28} {report['images_scored']:>8d}")
     return "\n".join(lines)
 

@@ -58,12 +58,14 @@ def _fmt(value) -> str:
 
 
 def table(rows: list[tuple[str, dict, dict]]) -> str:
-    lines = [f"{'setting':<48} {'img/s':>7} {'AR@100':>8} {'AR@10':>8} {'align':>8} {'mIoU':>8}", "-" * 92]
+    lines = [f"{'setting':<48} {'img/s':>7} {'AR@100':>8} {'AR@10':>8} {'align':>8} {'mIoU':>8} {'PQ':>8}",
+             "-" * 101]
     for name, stats, scores in rows:
         inst, sem = scores.get("instances", {}), scores.get("semantic", {})
+        pq = (scores.get("panoptic") or {}).get("all", {}).get("PQ")
         lines.append(f"{name:<48} {stats.get('images_per_s', float('nan')):>7.3f} {_fmt(inst.get('AR@100')):>8} "
                      f"{_fmt(inst.get('AR@10')):>8} {_fmt(scores.get('alignment', {}).get('accuracy')):>8} "
-                     f"{_fmt(sem.get('mIoU')):>8}")
+                     f"{_fmt(sem.get('mIoU')):>8} {_fmt(pq):>8}")
     return "\n".join(lines)
 
 

@@ -112,7 +112,8 @@ def open_labeled_dataset(root: str) -> LabeledDataset:
         raise DataError(f"{root} has no {layout.METADATA_FILE}: it is not a labeled dataset folder "
                         "(run the labeling stage, or point --data at its output folder).")
     try:
-        metadata = layout.DatasetMetadata.from_json(shards.read_bytes(fs, meta_path).decode(), source=meta_path)
+        metadata = layout.DatasetMetadata.from_json(shards.read_bytes(fs, meta_path).decode(), source=meta_path,
+                                                    output=root)  # a v1 folder: names both versions and the fix
     except SchemaError as err:
         raise DataError(str(err)) from err
     selector = pafs.FileSelector(posixpath.join(base, layout.DATA_DIR), allow_not_found=True)

@@ -224,7 +224,9 @@ def _non_empty(data: EvalData, path: str) -> EvalData:
 
 def _labeled(path: str, val_fraction: float) -> EvalData:
     with open(os.path.join(path, layout.METADATA_FILE)) as f:
-        metadata = layout.DatasetMetadata.from_json(f.read(), source=os.path.join(path, layout.METADATA_FILE))
+        # only images and image labels are read here, which both schema versions hold alike
+        metadata = layout.DatasetMetadata.from_json(f.read(), source=os.path.join(path, layout.METADATA_FILE),
+                                                    accept=(1, 2))
     files = sorted(os.path.join(path, layout.DATA_DIR, name) for name in os.listdir(os.path.join(path, layout.DATA_DIR))
                    if name.startswith("train-") and name.endswith(".parquet")) \
         if os.path.isdir(os.path.join(path, layout.DATA_DIR)) else []

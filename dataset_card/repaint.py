@@ -1,0 +1,165 @@
+"""`python -m dataset_card repaint OUTPUT [--rule NAME]`: repaint a labeled folder without its models.
+
+`instances` (every mask with its class and purity) and `semantic_mask` hold everything a painting
+rule needs, so `instance_mask` and the instances' `level`, `parent` and `visible_area` are
+recomputed from them, shard by shard, on CPUs: trying another rule on ImageNet costs CPU-hours,
+not a relabeling's GPU-days. A schema v1 folder comes out as v2 (v1's map was the "parts" rule's).
+
+Each shard is rewritten through the commit protocol (`shards.commit_shard`: its errors table as it
+was, its recomputed statistics, then its data file, each renamed into place), and each data file
+records the rule it was painted under, so a rerun skips the shards already done: the command is
+resumable, and a killed run leaves every shard either old or new, never half. `metadata.json`
+names the rule (and version 2) once every shard is done; then the manifest records the repaint
+and the card is rebuilt.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import posixpath
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from dataset_card import codecs, invariants, layout, painting, shards
+from dataset_card.schema import (
+    SCHEMA_VERSION,
+    UPGRADABLE_VERSIONS,
+    arrow_schema,
+    read_file_metadata,
+)
+from dataset_card.summary import OutputError, list_files, read_json, read_metadata
+
+
+@dataclass(frozen=True)
+class RepaintResult:
+    rule: painting.PaintingRule
+    from_version: int
+    repainted: tuple[int, ...]  # shard indices rewritten by this run
+    skipped: tuple[int, ...]  # already painted under the rule (an earlier, interrupted run)
+    rows: int  # rows rewritten by this run
+
+
+def repaint_row(row: dict, metadata: layout.DatasetMetadata, rule: painting.PaintingRule,
+                stats: layout.ShardStats) -> tuple[bytes, list[dict]]:
+    """One stored row -> (its new `instance_mask` PNG bytes, its `instances` with v2 fields);
+    adds the row to `stats`."""
+    semantic = codecs.decode_mask(row["semantic_mask"]["bytes"])
+    instances = [dict(inst, level=inst.get("level") or "", parent=inst.get("parent") or 0)
+                 for inst in row["instances"] or []]
+    things = metadata.thing_ids
+    instance_map = painting.paint_instances(instances, semantic, things, rule, metadata.num_semantic_classes)
+    classes, counts = np.unique(semantic, return_counts=True)
+    stats.add_row(len(instances), float(np.count_nonzero(instance_map)) / max(1, instance_map.size),
+                  [inst["category_purity"] for inst in instances], dict(zip(classes.tolist(), counts.tolist())),
+                  painting.level_counts(instances), invariants.map_figures(instances, semantic, instance_map, things))
+    return codecs.encode_instance_png(instance_map), instances
+
+
+def is_current(schema: pa.Schema, rule: painting.PaintingRule) -> bool:
+    """Whether a data file's schema says it is this version, painted under `rule`."""
+    found = read_file_metadata(schema)
+    return found.get("schema_version") == SCHEMA_VERSION and found.get("painting") == rule.to_dict()
+
+
+def repaint_shard(output: str, index: int, num_shards: int, metadata: layout.DatasetMetadata,
+                  rule: painting.PaintingRule) -> int:
+    """Rewrite shard `index` under `rule` (see the module doc); returns its row count."""
+    fs, root = shards.filesystem(output)
+    data_path = posixpath.join(root, layout.data_path(index, num_shards))
+    with fs.open_input_file(data_path) as f:
+        table = pq.read_table(f)
+    stats = layout.ShardStats(shard=index)
+    errors_path = posixpath.join(root, layout.errors_path(index, num_shards))
+    errors = layout.ERRORS_SCHEMA.empty_table()
+    if shards.exists(fs, errors_path):
+        with fs.open_input_file(errors_path) as f:
+            errors = pq.read_table(f).cast(layout.ERRORS_SCHEMA)
+    for error_type in errors.column("error_type").to_pylist():
+        stats.add_error(error_type)
+    maps, instances = [], []
+    for row in table.select(["semantic_mask", "instances"]).to_pylist():
+        png, insts = repaint_row(row, metadata, rule, stats)
+        maps.append({"bytes": png, "path": None})
+        instances.append(insts)
+    schema = arrow_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict())
+    columns = {name: table.column(name) for name in table.column_names}
+    columns["instance_mask"] = pa.array(maps, schema.field("instance_mask").type)
+    columns["instances"] = pa.array(instances, schema.field("instances").type)
+    new = pa.table([columns[f.name].cast(f.type) for f in schema], schema=schema)
+    shards.commit_shard(fs, root, index, num_shards, new, errors, stats)
+    return new.num_rows
+
+
+def _num_shards(fs, root: str, manifest: dict) -> int:
+    if manifest.get("num_shards") is not None:
+        return int(manifest["num_shards"])
+    totals = {int(n.split("-of-")[1].split(".")[0]) for n in list_files(fs, root, layout.DATA_DIR)
+              if n.startswith("train-") and "-of-" in n}
+    if len(totals) != 1:
+        raise OutputError(f"{root} has no manifest.json and its data files do not agree on a shard count: "
+                          "validate it first (python -m dataset_card validate)")
+    return totals.pop()
+
+
+def repaint(output: str, rule: str | None = None, min_purity: float | None = None, workers: int = 1,
+            progress: bool = False, log: Callable[[str], None] = lambda message: None) -> RepaintResult:
+    """Repaint every committed shard of `output` under the rule named `rule` (default: the folder's
+    own for a v2 folder, the default rule for a v1 one), its `min_purity` replaced if given; then
+    write metadata.json, the manifest and the card. Raises ValueError for an unknown rule or a bad
+    threshold, `OutputError` / `SchemaError` for a folder that is not a labeled one."""
+    fs, root = shards.filesystem(output)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise OutputError(f"{output} is not a folder (or does not exist): pass the output folder of a labeling run")
+    old = read_metadata(fs, root, output, accept=(SCHEMA_VERSION, *UPGRADABLE_VERSIONS))
+    own = old.painting if old.schema_version == SCHEMA_VERSION else painting.RULES[painting.DEFAULT_RULE]
+    if rule is None and min_purity is None:
+        rule = own
+    else:
+        rule = painting.rule_named(rule or own.name, min_purity=min_purity)
+    metadata = layout.DatasetMetadata(old.class_names, old.semantic_classes, old.semantic_source, SCHEMA_VERSION, rule)
+    manifest = read_json(fs, posixpath.join(root, layout.MANIFEST_FILE)) or {}
+    num_shards = _num_shards(fs, root, manifest)
+    todo, skipped = [], []
+    for index in sorted(shards.committed_shards(fs, root, num_shards)):
+        with fs.open_input_file(posixpath.join(root, layout.data_path(index, num_shards))) as f:
+            (skipped if is_current(pq.ParquetFile(f).schema_arrow, rule) else todo).append(index)
+    log(f"repainting {len(todo)} of {len(todo) + len(skipped)} shards under rule {rule.name!r} "
+        f"(dataset schema v{old.schema_version} -> v{SCHEMA_VERSION})")
+    bar = tqdm(total=len(todo), unit="shard", desc="repaint", disable=not progress)
+    rows = 0
+    with bar:
+        if workers > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                for n in pool.map(repaint_shard, [output] * len(todo), todo, [num_shards] * len(todo),
+                                  [metadata] * len(todo), [rule] * len(todo)):
+                    rows += n
+                    bar.update(1)
+        else:
+            for index in todo:
+                rows += repaint_shard(output, index, num_shards, metadata, rule)
+                bar.update(1)
+    shards.write_bytes(fs, posixpath.join(root, layout.METADATA_FILE), metadata.to_json().encode())
+    if manifest:
+        record = {"rule": rule.to_dict(), "from_schema_version": old.schema_version, "shards": len(todo),
+                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        manifest["repaints"] = [*manifest.get("repaints", []), record]
+        manifest["schema_version"] = SCHEMA_VERSION
+        manifest["painting"] = rule.to_dict()
+        if isinstance(manifest.get("arguments"), dict):  # a labeling run resuming here must paint alike
+            default = painting.RULES[rule.name].min_purity
+            manifest["arguments"].update(painting_rule=rule.name,
+                                         min_purity=None if rule.min_purity == default else rule.min_purity)
+        shards.write_bytes(fs, posixpath.join(root, layout.MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
+    from dataset_card.build import build_card
+
+    build_card(output)
+    return RepaintResult(rule, old.schema_version, tuple(todo), tuple(skipped), rows)
+
