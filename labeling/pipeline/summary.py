@@ -34,21 +34,33 @@ def folder_stats(fs: pafs.FileSystem, root: str, committed: Iterable[int], num_s
     return total
 
 
+def failures_in(fs: pafs.FileSystem, root: str, committed: Iterable[int], num_shards: int) -> dict[str, int]:
+    """Failed inputs by reason, counted in the committed shards' errors tables."""
+    from dataset_card.summary import errors_by_type
+
+    paths = [posixpath.join(root, layout.errors_path(s, num_shards)) for s in sorted(committed)]
+    return errors_by_type(fs, [p for p in paths if shards.exists(fs, p)])
+
+
 def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[ShardResult], wall_time_s: float,
               commit_time_s: float, gpus_per_actor: float, previous: Mapping | None = None,
-              startup_s: float = 0.0) -> dict:
+              startup_s: float = 0.0, failed_by_type: Mapping[str, int] | None = None, driver_bytes: int = 0,
+              listing_s: float = 0.0) -> dict:
     """stats.json: totals over the folder; wall time, images/s and stage times of this run.
 
     startup_s: the part of the wall time before the first image was read (listing, model checks,
-    starting Ray and the model actors); `labeling_s` is the rest.
+    starting Ray and the model actors); `labeling_s` is the rest. failed_by_type: the errors
+    tables' counts (the card's source too); by default the statistics files'. driver_bytes: what
+    the driver received from the cluster (the write stage's results and the commits' results).
     """
     results = list(results)
-    processed = sum(r.rows + sum(r.errors_by_type.values()) for r in results)
+    processed = sum(r.processed for r in results)
+    failed = dict(sorted((failed_by_type if failed_by_type is not None else total.errors_by_type).items()))
     stage: dict[str, float] = {}
     for r in results:
         for name, seconds in r.stage_time_s.items():
             stage[name] = stage.get(name, 0.0) + seconds
-    stage["commit"] = commit_time_s
+    stage["commit"] = stage.get("commit", 0.0) + commit_time_s
     model_s = stage.get("instance", 0.0) + stage.get("semantic", 0.0)
     runs = list((previous or {}).get("previous_runs", []))
     if previous:
@@ -57,14 +69,16 @@ def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[Shard
     return {
         "inputs": num_inputs,
         "written": total.rows,
-        "failed": total.errors,
-        "failed_by_type": dict(sorted(total.errors_by_type.items())),
+        "failed": sum(failed.values()),
+        "failed_by_type": failed,
         "instances": total.instances,
         "processed": processed,
         "wall_time_s": round(wall_time_s, 3),
         "startup_s": round(startup_s, 3),
         "labeling_s": round(wall_time_s - startup_s, 3),
         "images_per_s": round(processed / wall_time_s, 3) if wall_time_s > 0 else 0.0,
+        "listing_s": round(listing_s, 3),
+        "driver_bytes_per_image": round(driver_bytes / processed, 1) if processed else 0.0,
         "stage_time_s": {k: round(v, 3) for k, v in stage.items()},
         "gpu_hours": round(model_s * gpus_per_actor / 3600.0, 6),
         "previous_runs": runs,
@@ -80,12 +94,15 @@ def write(fs: pafs.FileSystem, root: str, stats: Mapping) -> None:
     shards.write_bytes(fs, posixpath.join(root, layout.RUN_STATS_FILE), json.dumps(stats, indent=2).encode())
 
 
-def closing_line(stats: Mapping) -> str:
-    """"labeled W of N inputs, F failed (too_large 2, undecodable 1) in 12.3 s (4.1 images/s this run)"."""
+def closing_line(stats: Mapping, output: str = "OUTPUT") -> str:
+    """"labeled W of N inputs, F failed (too_large 2, undecodable 1); this run processed P in 12.3 s
+    (4.1 images/s)", and where the failures are listed when there are any."""
     reasons = ", ".join(f"{k} {v}" for k, v in stats["failed_by_type"].items())
     failed = f"{stats['failed']} failed" + (f" ({reasons})" if reasons else "")
+    where = (f"; the failed inputs and why: {posixpath.join(output, layout.ERRORS_DIR)}/ "
+             f"(datasets.load_dataset({output!r}, 'errors'))" if stats["failed"] else "")
     return (f"labeled {stats['written']} of {stats['inputs']} inputs, {failed}; this run processed "
-            f"{stats['processed']} in {stats['wall_time_s']:.1f} s ({stats['images_per_s']:.2f} images/s)")
+            f"{stats['processed']} in {stats['wall_time_s']:.1f} s ({stats['images_per_s']:.2f} images/s){where}")
 
 
 class InstanceCountCheck:
