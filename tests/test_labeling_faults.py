@@ -213,3 +213,64 @@ def test_a_labels_only_row_finds_its_image_and_refuses_a_changed_one(tmp_path):
     (tmp_path / "cls" / "a.jpg").unlink()
     with pytest.raises(images.ImageReferenceError, match=r"image .*cls/a.jpg is missing"):
         images.row_images(table, source)
+
+
+def test_overwrite_refuses_while_a_live_run_holds_the_output(tmp_path):
+    from labeling.pipeline.driver import LabelingConfig, run_labeling
+
+    (tmp_path / "train" / "cls").mkdir(parents=True)
+    (tmp_path / "train" / "cls" / "a.png").write_bytes(b"not read: the run stops before")
+    output = tmp_path / "out"
+    (output / "data").mkdir(parents=True)
+    (output / "data" / "train-00000-of-00001.parquet").write_bytes(b"a live run's shard")
+    write_lease(str(output), run_id="live-run")  # held by this (live) process
+    cfg = LabelingConfig(input=str(tmp_path / "train"), output=str(output), models="tiny-random", overwrite=True,
+                         progress=False)
+    with pytest.raises(LeaseHeld, match="--overwrite cannot delete a folder a live run is writing"):
+        run_labeling(cfg, log=lambda m: None)
+    assert (output / "data" / "train-00000-of-00001.parquet").read_bytes() == b"a live run's shard"
+    assert holder_of(str(output)).run_id == "live-run"
+
+
+def test_a_failed_card_build_keeps_the_previous_full_card_and_says_so(tmp_path, monkeypatch):
+    import dataset_card.build
+    from dataset_card.build import build_card
+    from dataset_card.synthetic import write_synthetic_dataset
+    from labeling.pipeline.driver import write_card
+
+    metadata = write_synthetic_dataset(str(tmp_path), num_images=4, num_shards=1)
+    build_card(str(tmp_path))
+    full = (tmp_path / "README.md").read_text()
+
+    def broken(output):
+        raise shards.OutputWriteError(f"cannot write {output}/assets/gallery.png (No space left on device): free "
+                                      "space there")
+
+    monkeypatch.setattr(dataset_card.build, "build_card", broken)
+    messages = []
+    write_card(str(tmp_path), str(tmp_path), metadata, has_errors=False, log=messages.append)
+    assert (tmp_path / "README.md").read_text() == full  # never silently downgraded
+    assert messages == [f"warning: the dataset card could not be rebuilt (cannot write {tmp_path}/assets/gallery.png "
+                        "(No space left on device): free space there); the previous full card is kept and is out of "
+                        f"date: rebuild it with: python -m dataset_card build {tmp_path}"]
+    (tmp_path / "README.md").unlink()
+    write_card(str(tmp_path), str(tmp_path), metadata, has_errors=False, log=messages.append)
+    assert "minimal card" in messages[-1] and (tmp_path / "README.md").read_text().startswith("---")
+
+
+def test_validate_names_a_shard_deleted_by_hand_and_the_closing_line_names_the_errors_table(tmp_path):
+    from dataset_card.synthetic import write_synthetic_dataset
+    from dataset_card.validate import validate
+    from labeling.pipeline.summary import closing_line
+
+    write_synthetic_dataset(str(tmp_path), num_images=4, num_shards=2)
+    (tmp_path / layout.data_path(1, 2)).unlink()
+    messages = [v.message for v in validate(str(tmp_path)).violations if v.file == layout.data_path(1, 2)]
+    assert messages and messages[0].startswith("is missing, though its errors table or statistics are there: the "
+                                               "data file was deleted")
+    stats = {"written": 3, "inputs": 5, "failed": 2, "failed_by_type": {"undecodable": 2}, "processed": 5,
+             "wall_time_s": 1.0, "images_per_s": 5.0}
+    line = closing_line(stats, "/data/out")
+    assert line.startswith("labeled 3 of 5 inputs, 2 failed (undecodable 2)")
+    assert line.endswith("the failed inputs and why: /data/out/errors/ (datasets.load_dataset('/data/out', 'errors'))")
+    assert "errors/" not in closing_line({**stats, "failed": 0, "failed_by_type": {}}, "/data/out")

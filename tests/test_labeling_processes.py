@@ -286,5 +286,6 @@ def test_help_explains_every_flag():
     assert done.returncode == 0
     for flag in ("--input", "--output", "--models", "--shard-size", "--limit", "--overwrite", "--retry-errors",
                  "--max-pixels", "--gpus-per-actor", "--instance-actors", "--model-batch-size", "--semantic-revision",
-                 "--semantic-shortest-edge", "--painting-rule", "--min-purity"):
+                 "--semantic-shortest-edge", "--painting-rule", "--min-purity", "--image-storage",
+                 "--max-failure-rate", "--no-repair"):
         assert flag in done.stdout

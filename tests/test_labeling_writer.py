@@ -275,6 +275,8 @@ def test_manifest_resume_rules(tmp_path):
     resumed, used = manifest.prepare(fs, root, again, overwrite=False, output="out")
     assert resumed and used["num_shards"] == 3 and used["num_inputs"] == 40
     assert manifest.labels_hash(used) == manifest.labels_hash(first)
+    repainted = {**first, "arguments": {**args, "painting_rule": "parts"}}  # a repaint keeps shards trusted
+    assert manifest.labels_hash(repainted) == manifest.labels_hash(first)
     with pytest.raises(manifest.ResumeRefused, match="would make its shards hold about 67 images"):
         manifest.prepare(fs, root, manifest.build(200, "h", 10, args, models, {}, ("a", "b")), False, "out")
     with pytest.raises(manifest.ResumeRefused, match="classes.sha256"):

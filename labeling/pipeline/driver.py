@@ -22,8 +22,10 @@ import posixpath
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -164,15 +166,16 @@ def model_max_side(cfg: LabelingConfig) -> int:
 
 
 
-def work_table(listed: Inputs, indices: list[int], shard_of: dict[int, int]) -> pa.Table:
-    """WORK_SCHEMA rows for `indices` (listing failures already marked with stage "list")."""
+def work_table(listed: Inputs, indices: Sequence[int], shard_of: np.ndarray) -> pa.Table:
+    """WORK_SCHEMA rows for `indices` (listing failures already marked with stage "list");
+    `shard_of[i]` is input i's shard."""
     rows = listed.table.take(pa.array(indices, pa.int64()))
     index = pa.array(indices, pa.int64())
     listed_failure = pc.not_equal(rows.column("error_type"), "")
     stage = pc.if_else(listed_failure, failures.LIST, "")
     return pa.table({
         "index": index,
-        "shard": pa.array([shard_of[i] for i in indices], pa.int64()),
+        "shard": pa.array(shard_of[np.asarray(indices, np.int64)], pa.int64()),
         "path": rows.column("path"),
         "image_id": rows.column("image_id"),
         "label": rows.column("label"),
@@ -279,7 +282,9 @@ def _label(work_plan: plan.Plan, listed: Inputs, cfg: LabelingConfig, choice: Mo
            schema: pa.Schema, queue: commits.Commits, run_id: str, lease: Lease | None, log) -> _Progress:
     """Label the plan's inputs and commit its shards; returns what the driver saw."""
     indices = work_plan.indices()
-    shard_of = {i: s for s, state in work_plan.work.items() for i in state.todo}
+    shard_of = np.full(len(listed), -1, np.int64)  # 8 bytes an input, not a dict entry
+    for s, state in work_plan.work.items():
+        shard_of[np.asarray(state.todo, np.int64)] = s
     tracker = commits.ShardTracker(len(listed), {s: w.todo for s, w in work_plan.work.items() if w.todo})
     for s, state in sorted(work_plan.work.items()):
         if not state.todo:  # nothing to label: rewrite from what it holds (or commit it empty)

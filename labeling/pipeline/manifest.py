@@ -115,10 +115,16 @@ def _compared(manifest: Mapping) -> dict[str, object]:
     return json.loads(json.dumps(flat))  # tuples and lists, ints and floats compare as they are stored
 
 
+# What `python -m dataset_card repaint` changes in place (each data file names its own rule, which
+# `validate` checks): not part of the footers' hash, so a repainted folder's shards stay trusted.
+REPAINTED = ("arguments.painting_rule", "arguments.min_purity", "painting")
+
+
 def labels_hash(manifest: Mapping) -> str:
-    """sha256 of what shapes the labels (the compared part of the manifest): each data file's
-    footer carries it, so a shard made under other settings is recognised as such."""
-    return hashlib.sha256(json.dumps(_compared(manifest), sort_keys=True).encode()).hexdigest()
+    """sha256 of what shapes the labels (the compared part of the manifest but the painting rule):
+    each data file's footer carries it, so a shard made under other settings is recognised."""
+    compared = {k: v for k, v in _compared(manifest).items() if not k.startswith(REPAINTED)}
+    return hashlib.sha256(json.dumps(compared, sort_keys=True).encode()).hexdigest()
 
 
 def num_shards(num_inputs: int, shard_size: int) -> int:
