@@ -92,7 +92,8 @@ def _process_alive(pid: int, started: str | None) -> bool:
 
 class _Files:
     """Exclusive create, read, overwrite, rename and delete of small files: `os` for local paths,
-    fsspec for URLs."""
+    fsspec for URLs (pyarrow's filesystem wrapped for fsspec where fsspec has no driver; without an
+    exclusive mode, creation checks then writes)."""
 
     def __init__(self, output: str):
         self.local = "://" not in output or output.startswith("file://")
@@ -101,7 +102,15 @@ class _Files:
         else:
             import fsspec
 
-            self.fs, self.root = fsspec.core.url_to_fs(output)
+            try:
+                self.fs, self.root = fsspec.core.url_to_fs(output)
+            except (ImportError, ValueError):  # a URL only pyarrow speaks here (s3:// without s3fs)
+                from fsspec.implementations.arrow import ArrowFSWrapper
+
+                from dataset_card.shards import filesystem
+
+                arrow, self.root = filesystem(output)
+                self.fs = ArrowFSWrapper(arrow)
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name) if self.local else posixpath.join(self.root, name)

@@ -149,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     from labeling.inputs.input_list import InputError
     from labeling.labelers.model_choice import ModelLoadError
     from labeling.pipeline import cluster
-    from labeling.pipeline.driver import OutputInvalid, run_labeling
+    from labeling.pipeline.driver import run_labeling
     from labeling.pipeline.failures import FailureRateExceeded
     from labeling.pipeline.manifest import ResumeRefused
     from labeling.pipeline.plan import RepairRefused
+    from labeling.pipeline.summary import OutputInvalid
     from labeling.pipeline.writer import LeaseLost
 
     cfg = config_from_args(args)

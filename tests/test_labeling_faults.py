@@ -75,6 +75,10 @@ def test_a_lease_taken_over_is_noticed_by_its_renewal(tmp_path):
     lease.release()
     assert holder_of(out).run_id == "intruder"  # release deletes only its own lease
     assert Holder.from_json(Holder("r", "h", 1, "0", "s", 0.0, 1.0).to_json()).run_id == "r"
+    with Lease("memory://c2fmae-lease/out", "run-a"):  # object stores: fsspec's exclusive create
+        with pytest.raises(LeaseHeld):
+            Lease("memory://c2fmae-lease/out", "run-b").take()
+    assert holder_of("memory://c2fmae-lease/out") is None
 
 
 class FailingFs:
@@ -236,7 +240,7 @@ def test_a_failed_card_build_keeps_the_previous_full_card_and_says_so(tmp_path, 
     import dataset_card.build
     from dataset_card.build import build_card
     from dataset_card.synthetic import write_synthetic_dataset
-    from labeling.pipeline.driver import write_card
+    from labeling.pipeline.summary import write_card
 
     metadata = write_synthetic_dataset(str(tmp_path), num_images=4, num_shards=1)
     build_card(str(tmp_path))

@@ -32,7 +32,6 @@ import ray
 from tqdm.auto import tqdm
 
 from dataset_card import layout, shards
-from dataset_card.card import minimal_card
 from dataset_card.lease import Lease, new_run_id
 from dataset_card.painting import DEFAULT_RULE, PaintingRule, rule_named
 from dataset_card.schema import arrow_schema
@@ -50,10 +49,6 @@ DEFAULT_MAX_FAILURE_RATE = 0.1
 # Output bytes per image, for the free-space check (estimates from ImageNet-sized photos: the
 # JPEG ~110 KB plus two PNG maps and the RLEs ~40 KB; labels only ~40 KB).
 BYTES_PER_IMAGE = {"inline": 150_000, "reference": 40_000}
-
-
-class OutputInvalid(RuntimeError):
-    """The run finished but the folder fails validation; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -455,46 +450,7 @@ def _run(cfg: LabelingConfig, listed: Inputs, rule: PaintingRule, choice: ModelC
                               failed_by_type=summary.failures_in(fs, root, committed, work_plan.num_shards),
                               driver_bytes=driver_bytes, listing_s=listing_s)
     summary.write(fs, root, stats)
-    write_card(cfg.output, root, metadata, has_errors=stats["failed"] > 0, log=log)
-    verify_folder(cfg.output)
+    summary.write_card(cfg.output, root, metadata, has_errors=stats["failed"] > 0, log=log)
+    summary.verify_folder(cfg.output)
     log(summary.closing_line(stats, cfg.output))
     return stats
-
-
-def verify_folder(output: str) -> None:
-    """Raise OutputInvalid unless `output` passes `python -m dataset_card validate` (the fast form)."""
-    from dataset_card.validate import validate
-
-    report = validate(output)
-    if not report.ok:
-        raise OutputInvalid(f"the run ended but {output} fails validation:\n{report.format(limit=20)}\n"
-                            "Rerun the same command to repair the shards named above.")
-
-
-def _is_full_card(text: str) -> bool:
-    return text.startswith("---") and "\npretty_name:" in text.split("\n---", 1)[0]
-
-
-def write_card(output: str, root: str, metadata: layout.DatasetMetadata, has_errors: bool, log=print) -> None:
-    """The full dataset card. If building it fails, an earlier full card is kept (it is then out of
-    date, and the run says so), else the minimal card is written; the labels are done either way."""
-    from dataset_card.build import build_card
-
-    try:
-        build_card(output)
-        return
-    except Exception as err:  # the labels are done; a card failure must not hide that
-        reason = f"{type(err).__name__}: {err}" if not isinstance(err, shards.OutputWriteError) else str(err)
-    fs, _ = shards.filesystem(output)
-    path = posixpath.join(root, layout.CARD_FILE)
-    previous = shards.read_bytes(fs, path).decode(errors="replace") if shards.exists(fs, path) else ""
-    rebuild = f"rebuild it with: python -m dataset_card build {output}"
-    if _is_full_card(previous):
-        log(f"warning: the dataset card could not be rebuilt ({reason}); the previous full card is kept and is out "
-            f"of date: {rebuild}")
-        return
-    log(f"warning: the full dataset card failed ({reason}); writing the minimal card instead: {rebuild}")
-    try:
-        shards.write_bytes(fs, path, str(minimal_card(metadata, has_errors, image_reference=True)).encode())
-    except shards.OutputWriteError as err:
-        log(f"warning: no dataset card was written ({err})")

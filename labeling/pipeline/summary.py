@@ -1,5 +1,6 @@
-"""The run summary: stats.json (counts over the whole output folder, speed of this run), the closing
-line printed to the user, and the loud warning when real models find almost no instances.
+"""What a finished run says about itself: stats.json (counts over the whole output folder, speed of
+this run), the dataset card, the check of the folder before the closing line, the closing line
+printed to the user, and the loud warning when real models find almost no instances.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.fs as pafs
 
 from dataset_card import layout, shards
+from dataset_card.card import minimal_card
 from labeling.pipeline.writer import ShardResult
 
 # With real models ImageNet images have tens of instances; under one on average means a wrong
@@ -133,3 +135,46 @@ class InstanceCountCheck:
         bar = "!" * 100
         print(f"\n{bar}\n{message}\n{bar}\n", file=sys.stderr, flush=True)
         return message
+
+
+class OutputInvalid(RuntimeError):
+    """The run finished but the folder fails validation; the message says what to do."""
+
+
+def verify_folder(output: str) -> None:
+    """Raise OutputInvalid unless `output` passes `python -m dataset_card validate` (the fast form)."""
+    from dataset_card.validate import validate
+
+    report = validate(output)
+    if not report.ok:
+        raise OutputInvalid(f"the run ended but {output} fails validation:\n{report.format(limit=20)}\n"
+                            "Rerun the same command to repair the shards named above.")
+
+
+def _is_full_card(text: str) -> bool:
+    return text.startswith("---") and "\npretty_name:" in text.split("\n---", 1)[0]
+
+
+def write_card(output: str, root: str, metadata: layout.DatasetMetadata, has_errors: bool, log=print) -> None:
+    """The full dataset card. If building it fails, an earlier full card is kept (it is then out of
+    date, and the run says so), else the minimal card is written; the labels are done either way."""
+    from dataset_card.build import build_card
+
+    try:
+        build_card(output)
+        return
+    except Exception as err:  # the labels are done; a card failure must not hide that
+        reason = f"{type(err).__name__}: {err}" if not isinstance(err, shards.OutputWriteError) else str(err)
+    fs, _ = shards.filesystem(output)
+    path = posixpath.join(root, layout.CARD_FILE)
+    previous = shards.read_bytes(fs, path).decode(errors="replace") if shards.exists(fs, path) else ""
+    rebuild = f"rebuild it with: python -m dataset_card build {output}"
+    if _is_full_card(previous):
+        log(f"warning: the dataset card could not be rebuilt ({reason}); the previous full card is kept and is out "
+            f"of date: {rebuild}")
+        return
+    log(f"warning: the full dataset card failed ({reason}); writing the minimal card instead: {rebuild}")
+    try:
+        shards.write_bytes(fs, path, str(minimal_card(metadata, has_errors, image_reference=True)).encode())
+    except shards.OutputWriteError as err:
+        log(f"warning: no dataset card was written ({err})")
