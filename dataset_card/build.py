@@ -45,7 +45,8 @@ def build_card(output: str, cfg: BuildConfig = BuildConfig()) -> str:
     for name, png in pictures.items():
         shards.write_bytes(fs, posixpath.join(root, ASSETS_DIR, name), png)
     assets = {name: f"{ASSETS_DIR}/{name}" for name in pictures}
-    data = card.full_card_data(summary.metadata, summary.error_rows > 0, summary.rows, cfg.card)
+    data = card.full_card_data(summary.metadata, summary.error_rows > 0, summary.rows, cfg.card,
+                               summary.reference_columns)
     text = card.full_card(data, sections.body(summary, cfg.card, shares, assets, cfg.dataset))
     path = posixpath.join(root, layout.CARD_FILE)
     shards.write_bytes(fs, path, str(text).encode())

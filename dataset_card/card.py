@@ -54,10 +54,12 @@ def errors_features(class_names) -> datasets.Features:
     return features
 
 
-def card_data(metadata: layout.DatasetMetadata, has_errors: bool, **extra) -> DatasetCardData:
+def card_data(metadata: layout.DatasetMetadata, has_errors: bool, image_reference: bool = False,
+              **extra) -> DatasetCardData:
     """YAML header: the train split, the errors table as a second config (only when there are
-    errors: `datasets` refuses a split with no rows), and the typed features of each."""
-    features = build_features(metadata.class_names, metadata.semantic_class_names)
+    errors: `datasets` refuses a split with no rows), and the typed features of each.
+    `image_reference`: the data files carry `schema.REFERENCE_COLUMNS` (the labeler writes them)."""
+    features = build_features(metadata.class_names, metadata.semantic_class_names, image_reference)
     info = [{"config_name": "default", "features": features._to_yaml_list()}]
     configs = [{"config_name": "default", "data_files": [{"split": "train", "path": layout.DATA_GLOB}]}]
     if has_errors:
@@ -72,11 +74,12 @@ def card_data(metadata: layout.DatasetMetadata, has_errors: bool, **extra) -> Da
 
 
 def full_card_data(metadata: layout.DatasetMetadata, has_errors: bool, num_rows: int,
-                   config: CardConfig) -> DatasetCardData:
+                   config: CardConfig, image_reference: bool = False) -> DatasetCardData:
     """`card_data` plus the Hub metadata a reader filters by: name, licence, tasks, size, source."""
     return card_data(
         metadata,
         has_errors,
+        image_reference,
         pretty_name=config.pretty_name,
         license=config.license,
         license_name=config.license_name if config.license == "other" else None,
@@ -93,8 +96,9 @@ def full_card(data: DatasetCardData, body: str) -> DatasetCard:
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n")
 
 
-def minimal_card(metadata: layout.DatasetMetadata, has_errors: bool = False, body: str = "") -> DatasetCard:
-    data = card_data(metadata, has_errors)
+def minimal_card(metadata: layout.DatasetMetadata, has_errors: bool = False, body: str = "",
+                 image_reference: bool = False) -> DatasetCard:
+    data = card_data(metadata, has_errors, image_reference)
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body or '# Multi-granular labeled images'}\n")
 
 

@@ -106,8 +106,9 @@ def gallery_png(samples: Sequence[dict], metadata: layout.DatasetMetadata, max_l
     axes = fig.subplots(len(samples), 3, squeeze=False)
     pixels: dict[int, int] = {}
     for r, row in enumerate(samples):
-        rgb = codecs.decode_image(row["image"]["bytes"])
         semantic = codecs.decode_mask(row["semantic_mask"]["bytes"])
+        stored = row["image"]["bytes"]  # None in a labels-only release: the labels over grey
+        rgb = codecs.decode_image(stored) if stored is not None else np.full((*semantic.shape, 3), 128, np.uint8)
         instances = codecs.decode_mask(row["instance_mask"]["bytes"])
         ids, counts = np.unique(semantic[semantic < len(palette)], return_counts=True)
         for i, n in zip(ids.tolist(), counts.tolist()):

@@ -8,6 +8,8 @@ OUTPUT/
   manifest.json                        inputs and their hash, arguments, models, code version
   stats.json                           run summary (counts, failures by reason, wall time, images/s)
   README.md                            the dataset card
+  .lease.json                          who is writing the folder now (`dataset_card.lease`)
+  .parts/SSSSS/*.parquet               rows of a shard being labeled, before its commit
 Temporary files start with a dot, so no `load_dataset` pattern (`data/train-*`) can match them.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
@@ -30,6 +33,12 @@ METADATA_FILE = "metadata.json"
 MANIFEST_FILE = "manifest.json"
 RUN_STATS_FILE = "stats.json"
 CARD_FILE = "README.md"
+LEASE_FILE = ".lease.json"
+PARTS_DIR = ".parts"
+# How a row holds its image: "inline" (the original bytes) or "reference" (a labels-only release:
+# no bytes; the relative path, sha256 and length, see `dataset_card.images`). Each data file
+# names its storage in its Parquet metadata.
+IMAGE_STORAGES = ("inline", "reference")
 DATA_GLOB = f"{DATA_DIR}/train-*.parquet"
 ERRORS_GLOB = f"{ERRORS_DIR}/errors-*.parquet"
 
@@ -62,10 +71,17 @@ def stats_path(index: int, num_shards: int) -> str:
     return posixpath.join(STATS_DIR, f"stats-{_suffix(index, num_shards)}.json")
 
 
-def temporary_path(path: str) -> str:
-    """A dot-prefixed sibling of `path` to write to before the atomic rename."""
+def temporary_path(path: str, attempt: str | None = None) -> str:
+    """A dot-prefixed sibling of `path` to write to before the atomic rename, unique to one write
+    attempt (`attempt`, default a random tag): two writers of the same file (a retried task and
+    the one it replaced) never share a temporary file."""
     head, tail = posixpath.split(path)
-    return posixpath.join(head, f".{tail}.tmp")
+    return posixpath.join(head, f".{tail}.{attempt or uuid.uuid4().hex[:12]}.tmp")
+
+
+def parts_dir(index: int) -> str:
+    """Where workers leave shard `index`'s labeled rows until its commit merges them."""
+    return posixpath.join(PARTS_DIR, f"{index:05d}")
 
 
 @dataclass(frozen=True)

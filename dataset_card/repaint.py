@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from dataset_card import codecs, invariants, layout, painting, shards
 from dataset_card.schema import (
+    REFERENCE_COLUMNS,
     SCHEMA_VERSION,
     UPGRADABLE_VERSIONS,
     arrow_schema,
@@ -89,12 +90,15 @@ def repaint_shard(output: str, index: int, num_shards: int, metadata: layout.Dat
         png, insts = repaint_row(row, metadata, rule, stats)
         maps.append({"bytes": png, "path": None})
         instances.append(insts)
-    schema = arrow_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict())
+    schema = arrow_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict(),
+                          image_reference=REFERENCE_COLUMNS[0] in table.column_names)
     columns = {name: table.column(name) for name in table.column_names}
     columns["instance_mask"] = pa.array(maps, schema.field("instance_mask").type)
     columns["instances"] = pa.array(instances, schema.field("instances").type)
     new = pa.table([columns[f.name].cast(f.type) for f in schema], schema=schema)
-    shards.commit_shard(fs, root, index, num_shards, new, errors, stats)
+    # The labeler's footer (run, manifest, counts, image storage) still describes the shard.
+    footer = {k: v for k, v in read_file_metadata(table.schema).items() if k not in ("schema_version", "painting")}
+    shards.commit_shard(fs, root, index, num_shards, new, errors, stats, footer=footer)
     return new.num_rows
 
 

@@ -45,6 +45,14 @@ COLUMNS = (
 # What pretraining reads (never the `instances` list: it is large and the maps carry it).
 TRAINING_COLUMNS = ("image", "semantic_mask", "instance_mask", "label")
 
+# What identifies an image without its bytes: the sha256 of the original file and its length.
+# The labeler writes them in every row (readers treat them as optional: earlier v2 files lack
+# them). A labels-only release (`image_storage` "reference" in the file metadata) stores no image
+# bytes; `image.path` (relative to the labeled input folder) and these two columns let a reader
+# join the original files and check that they are the ones that were labeled
+# (`dataset_card.images`).
+REFERENCE_COLUMNS = ("image_sha256", "image_nbytes")
+
 
 class SchemaError(ValueError):
     """The data on disk does not match the dataset contract."""
@@ -86,13 +94,15 @@ def instance_struct() -> dict:
     }
 
 
-def build_features(class_names: Sequence[str], semantic_class_names: Sequence[str]) -> datasets.Features:
+def build_features(class_names: Sequence[str], semantic_class_names: Sequence[str],
+                   image_reference: bool = False) -> datasets.Features:
     """The `datasets.Features` of a labeled shard.
 
     `class_names` are the image-level labels (sorted input folder names, e.g. ImageNet synsets);
     `semantic_class_names` is the semantic taxonomy. It does not change any column type here
     (8- and 16-bit maps are both PNG bytes) but is taken so callers state the taxonomy they
-    write, and so a future version can type the maps by it.
+    write, and so a future version can type the maps by it. `image_reference` adds
+    `REFERENCE_COLUMNS` (what the labeler writes).
     """
     import datasets
 
@@ -100,6 +110,7 @@ def build_features(class_names: Sequence[str], semantic_class_names: Sequence[st
         raise SchemaError("class_names is empty: a dataset needs at least one image-level class")
     if not semantic_class_names:
         raise SchemaError("semantic_class_names is empty: the semantic taxonomy needs at least one class")
+    reference = {"image_sha256": datasets.Value("string"), "image_nbytes": datasets.Value("int64")}
     return datasets.Features(
         {
             "image_id": datasets.Value("string"),
@@ -110,6 +121,7 @@ def build_features(class_names: Sequence[str], semantic_class_names: Sequence[st
             "semantic_mask": datasets.Image(),
             "instance_mask": datasets.Image(),
             "instances": [instance_struct()],
+            **(reference if image_reference else {}),
         }
     )
 
@@ -130,9 +142,9 @@ def read_file_metadata(schema: pa.Schema) -> dict:
 
 
 def arrow_schema(class_names: Sequence[str], semantic_class_names: Sequence[str],
-                 painting: dict | None = None) -> pa.Schema:
+                 painting: dict | None = None, image_reference: bool = False) -> pa.Schema:
     """The Arrow schema a shard is written with: the features plus both metadata keys."""
-    schema = build_features(class_names, semantic_class_names).arrow_schema
+    schema = build_features(class_names, semantic_class_names, image_reference).arrow_schema
     metadata = dict(schema.metadata or {})
     metadata[SCHEMA_METADATA_KEY] = file_metadata(painting)
     return schema.with_metadata(metadata)
@@ -163,8 +175,8 @@ def _folder_of(source: str) -> str:
 
 
 def _expected_types() -> dict[str, pa.DataType]:
-    schema = build_features(["_"], ["_"]).arrow_schema
-    return {name: schema.field(name).type for name in COLUMNS}
+    schema = build_features(["_"], ["_"], image_reference=True).arrow_schema
+    return {name: schema.field(name).type for name in COLUMNS + REFERENCE_COLUMNS}
 
 
 def _feature_kinds() -> dict:
@@ -207,7 +219,8 @@ def validate_schema(schema: pa.Schema, columns: Sequence[str] = COLUMNS, source:
     # Feature kinds matter beyond Arrow types: a ClassLabel and a plain int64 share a type.
     features = datasets.Features.from_arrow_schema(schema)
     kinds = _feature_kinds()
-    for name in columns:
+    optional = [n for n in REFERENCE_COLUMNS if n not in columns and schema.get_field_index(n) >= 0]
+    for name in [*columns, *optional]:
         if name not in expected:
             raise SchemaError(f"column {name!r} is not part of dataset schema v{SCHEMA_VERSION}")
         if schema.get_field_index(name) < 0:

@@ -26,6 +26,11 @@ COLUMN_DOCS = {
     "instance_mask": "8-bit PNG (16-bit when an image has 256 or more instances) at the image's size; 0 = no instance, k = the instance with `id` k; what it shows follows from `instances` and `semantic_mask` by the painting rule (below)",
     "instances": "every kept automatic mask, fields below",
 }
+LABELS_ONLY = (
+    "**Labels only.** The rows hold no image bytes (`image.bytes` is null): `image.path` is each image's path "
+    "relative to the folder it was labeled from, `image_sha256` and `image_nbytes` its content hash and length. "
+    "Load with `.cast_column(\"image\", datasets.Image(decode=False))` and join your own copy of the images by path; "
+    "`python -m pretraining.train --images ROOT` does so and checks each file.\n\n")
 INSTANCE_DOCS = {
     "id": "1..K, numbered by area, largest first (the painting order: later ids on top)",
     "rle": "`{size: [h, w], counts: str}`, COCO compressed RLE (pycocotools) of the full mask",
@@ -167,7 +172,8 @@ def schema(summary: RunSummary) -> str:
         f"Painting rule `{md.painting.name}`: {md.painting.description} (purity threshold "
         f"{md.painting.min_purity:g}, part containment {md.painting.containment:g}; `python -m dataset_card repaint` "
         "repaints the folder under another rule without the models).\n\n"
-        f"<details><summary>Semantic taxonomy ({md.num_semantic_classes} classes, ignore value "
+        + (LABELS_ONLY if summary.image_storage == "reference" else "")
+        + f"<details><summary>Semantic taxonomy ({md.num_semantic_classes} classes, ignore value "
         f"{md.ignore_value})</summary>\n\n{taxonomy}\n\n</details>\n\nFiles:\n\n{files}"
     )
 
@@ -186,7 +192,7 @@ def statistics(summary: RunSummary, shares: Sequence[ClassShare], assets: Mappin
         ("labeled", f"{summary.rows:,}", percent(summary.rows / max(inputs, 1))),
         ("failed", f"{summary.error_rows:,}", percent(summary.error_rows / max(inputs, 1))),
     ]))
-    reasons = stats.errors_by_type or (summary.run_stats.get("failed_by_type") or {})
+    reasons = summary.errors_by_type  # from the errors tables, like the "failed" count above
     if reasons:
         out.append("Failures by reason:\n\n" + table(["reason", "images"], [
             (f"`{k}`", f"{v:,}") for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])]))

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dataset_card import layout, shards
-from dataset_card.schema import SCHEMA_VERSION
+from dataset_card.schema import REFERENCE_COLUMNS, SCHEMA_METADATA_KEY, SCHEMA_VERSION
 
 QUALITY_FILE = "quality.json"
 
@@ -35,6 +35,11 @@ class RunSummary:
     rows_per_file: tuple[int, ...]
     error_rows: int
     quality: dict | None = None  # quality.json, when an evaluation has been run
+    # Failed inputs by reason, counted in the errors tables themselves (the statistics files hold
+    # the same counts; `validate` checks that they agree).
+    errors_by_type: dict = field(default_factory=dict)
+    image_storage: str = "inline"  # "reference": a labels-only release (`dataset_card.images`)
+    reference_columns: bool = False  # the data files carry schema.REFERENCE_COLUMNS
 
     @property
     def rows(self) -> int:
@@ -74,6 +79,27 @@ def parquet_rows(fs: pafs.FileSystem, path: str) -> int:
         return pq.read_metadata(f).num_rows
 
 
+def errors_by_type(fs: pafs.FileSystem, paths: list[str]) -> dict[str, int]:
+    """Failed inputs per reason, read from the errors tables' `error_type` column."""
+    counts: dict[str, int] = {}
+    for path in paths:
+        with fs.open_input_file(path) as f:
+            for kind in pq.read_table(f, columns=["error_type"]).column(0).to_pylist():
+                counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def image_storage(fs: pafs.FileSystem, paths: list[str]) -> tuple[str, bool]:
+    """How the data files hold their images, and whether they carry REFERENCE_COLUMNS (the first
+    file speaks for the folder)."""
+    if not paths:
+        return "inline", False
+    with fs.open_input_file(paths[0]) as f:
+        schema = pq.read_schema(f)
+    storage = json.loads((schema.metadata or {}).get(SCHEMA_METADATA_KEY, b"{}")).get("image_storage", "inline")
+    return storage, all(schema.get_field_index(c) >= 0 for c in REFERENCE_COLUMNS)
+
+
 def read_summary(output: str) -> RunSummary:
     """Everything the card says, from the files around the rows of `output` (a path or URL)."""
     fs, root = shards.filesystem(output)
@@ -86,6 +112,7 @@ def read_summary(output: str) -> RunSummary:
                    if n.startswith("errors-") and n.endswith(".parquet")]
     stats_files = [posixpath.join(layout.STATS_DIR, n) for n in list_files(fs, root, layout.STATS_DIR)
                    if n.endswith(".json")]
+    storage, reference = image_storage(fs, [posixpath.join(root, f) for f in data_files])
     stats = layout.ShardStats()
     for name in stats_files:
         stats = stats.merge(layout.ShardStats.from_json(shards.read_bytes(fs, posixpath.join(root, name)).decode()))
@@ -99,6 +126,9 @@ def read_summary(output: str) -> RunSummary:
         rows_per_file=tuple(parquet_rows(fs, posixpath.join(root, f)) for f in data_files),
         error_rows=sum(parquet_rows(fs, posixpath.join(root, f)) for f in error_files),
         quality=read_json(fs, posixpath.join(root, QUALITY_FILE)),
+        errors_by_type=errors_by_type(fs, [posixpath.join(root, f) for f in error_files]),
+        image_storage=storage,
+        reference_columns=reference,
     )
 
 

@@ -43,6 +43,10 @@ from dataset_card.schema import (
 )
 from dataset_card.summary import OutputError, list_files, read_json, read_metadata
 
+# The errors table's reason for an input whose image_id an earlier input already has (that one is
+# labeled under the id; `labeling.pipeline.failures.DUPLICATE_ID`).
+DUPLICATE_ID = "duplicate_id"
+
 
 @dataclass(frozen=True)
 class Violation:
@@ -130,6 +134,10 @@ def row_check(row: dict, metadata: layout.DatasetMetadata) -> tuple[list[str], i
         out.append(f"label {row['label']} is outside the {len(metadata.class_names)} classes")
     maps = {}
     for column in ("image", "semantic_mask", "instance_mask"):
+        if column == "image" and row["image"]["bytes"] is None:  # a labels-only release: a reference
+            if not row["image"]["path"]:
+                out.append("image holds neither bytes nor a path")
+            continue
         try:
             data = row[column]["bytes"]
             maps[column] = codecs.decode_mask(data) if column != "image" else None
@@ -269,8 +277,13 @@ def validate(output: str, full: bool = False, sample: int = 256, seed: int = 0, 
     data = shard_files(fs, root, layout.DATA_DIR, "train", ".parquet", num_shards, report)
     errors = shard_files(fs, root, layout.ERRORS_DIR, "errors", ".parquet", num_shards, report)
     stats = shard_files(fs, root, layout.STATS_DIR, "stats", ".json", num_shards, report)
-    missing(data, range(num_shards), lambda i: layout.data_path(i, num_shards),
-            "this shard was never committed; rerun the labeling to finish it", report)
+    orphaned = set(errors) | set(stats)  # a shard's other files outlive a data file deleted by hand
+    for i in range(num_shards):
+        if i not in data:
+            report.violations.append(Violation(layout.data_path(i, num_shards), (
+                "is missing, though its errors table or statistics are there: the data file was deleted (or its "
+                "commit interrupted); rerun the labeling command to relabel this shard" if i in orphaned else
+                "is missing: this shard was never committed; rerun the labeling command to finish it")))
     missing(errors, data, lambda i: layout.errors_path(i, num_shards),
             "its data file exists, so the commit protocol wrote this first", report)
     missing(stats, data, lambda i: layout.stats_path(i, num_shards),
@@ -284,7 +297,7 @@ def validate(output: str, full: bool = False, sample: int = 256, seed: int = 0, 
     rows_in, readable = row_counts(fs, root, loaded, metadata, report, progress, output)
     report.rows = sum(rows_in.values())
     error_ids = read_errors(fs, root, errors, report)
-    check_stats(fs, root, data, errors, stats, rows_in, error_ids, report)
+    check_stats(fs, root, data, errors, stats, rows_in, report)
     if manifest.get("num_inputs") is not None and report.rows + report.errors != manifest["num_inputs"]:
         report.violations.append(Violation(layout.MANIFEST_FILE, (
             f"lists {manifest['num_inputs']:,} inputs, but the data files hold {report.rows:,} rows and the errors "
@@ -334,26 +347,42 @@ def row_counts(fs: pafs.FileSystem, root: str, paths: Sequence[str], metadata: l
 
 
 def read_errors(fs: pafs.FileSystem, root: str, errors: dict[int, str], report: Report) -> list[tuple[str, int, str]]:
-    """(path, row, image_id) of every failed input; counts them into `report.errors`."""
+    """(path, row, image_id) of every failed input but the duplicate ids (whose id another input's row
+    rightly holds); counts all of them into `report.errors`."""
     out = []
     for path in errors.values():
         try:
             with fs.open_input_file(posixpath.join(root, path)) as f:
-                ids = pq.read_table(f, columns=["image_id"]).column(0).to_pylist()
+                table = pq.read_table(f, columns=["image_id", "error_type"])
         except (OSError, KeyError, pa.ArrowException) as err:
             report.violations.append(Violation(path, f"cannot be read as an errors table: {err}"))
             continue
-        report.errors += len(ids)
-        out += [(path, i, image_id) for i, image_id in enumerate(ids)]
+        report.errors += table.num_rows
+        out += [(path, i, image_id) for i, (image_id, kind) in enumerate(zip(*table.to_pydict().values()))
+                if kind != DUPLICATE_ID]
     return out
 
 
 def check_stats(fs: pafs.FileSystem, root: str, data: dict[int, str], errors: dict[int, str], stats: dict[int, str],
-                rows_in: dict[str, int], error_ids: Sequence[tuple[str, int, str]], report: Report) -> None:
-    """Each shard's statistics count the rows and failures its data and errors files hold."""
+                rows_in: dict[str, int], report: Report) -> None:
+    """Each shard's statistics and the data file's footer count the rows and failures its data and
+    errors files hold."""
     failed_in: dict[str, int] = {}
-    for path, _, _ in error_ids:
-        failed_in[path] = failed_in.get(path, 0) + 1
+    for path in errors.values():
+        try:
+            failed_in[path] = shards.read_footer(fs, posixpath.join(root, path))[0]
+        except (OSError, pa.ArrowException):
+            pass  # read_errors reported it
+    for i, path in data.items():  # the shard's footer says what it holds (written by the labeler)
+        if path not in rows_in:
+            continue
+        footer = shards.read_footer(fs, posixpath.join(root, path))[1]
+        if "rows" in footer and footer["rows"] != rows_in[path]:
+            report.violations.append(Violation(path, f"its footer says {footer['rows']} rows but it holds "
+                                                     f"{rows_in[path]}: rerun the labeling command to relabel it"))
+        if "errors" in footer and i in errors and footer["errors"] != failed_in.get(errors[i]):
+            report.violations.append(Violation(errors[i], f"holds {failed_in.get(errors[i])} failed inputs but "
+                                                          f"{path}'s footer says {footer['errors']}"))
     for i, path in stats.items():
         try:
             counted = layout.ShardStats.from_json(shards.read_bytes(fs, posixpath.join(root, path)).decode())

@@ -5,7 +5,8 @@
 
 Without a cluster address it starts Ray on this machine; as a Ray job, with --address or with
 RAY_ADDRESS it joins that cluster. Rerunning the same command resumes: committed shards are
-skipped. Rerunning with other arguments, models or code is refused unless --overwrite.
+checked and skipped, and only new inputs are labeled. Rerunning with other arguments, models or
+code is refused unless --overwrite. One run at a time writes a folder (OUTPUT/.lease.json).
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ def parser() -> argparse.ArgumentParser:
                     help="delete an earlier run's files in --output and start over (needed when arguments changed)")
     io.add_argument("--retry-errors", action="store_true",
                     help="also re-attempt the inputs listed in the errors tables of committed shards")
+    io.add_argument("--no-repair", action="store_true",
+                    help="refuse, instead of repairing, committed shards that fail verification (unreadable, "
+                         "counts that disagree, a missing errors table)")
+    io.add_argument("--image-storage", default="inline", choices=("inline", "reference"),
+                    help="inline (default): rows hold the original image bytes, the folder is self-contained; "
+                         "reference: labels only (no image bytes; each row keeps the image's relative path, size and "
+                         "sha256), for publishing labels of images you may not redistribute; image folders only")
     io.add_argument("--max-pixels", type=positive_int, default=100_000_000,
                     help="images with more pixels go to the errors table as too_large (default 1e8)")
     io.add_argument("--input-format", default="auto", choices=("auto", "imagefolder", "parquet", "arrow"),
@@ -104,6 +112,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--model-batch-size", type=positive_int, default=8, help="images per model call")
     run.add_argument("--postprocess-batch-size", type=positive_int, default=8, help="images per post-process batch")
     run.add_argument("--listing-workers", type=positive_int, default=32, help="threads listing class folders")
+    run.add_argument("--max-failure-rate", type=float, default=0.1,
+                     help="stop (committed shards kept) when more than this share of the images in the most recent "
+                          "committed shards (2000 images) failed (default 0.1; 1 never stops)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -126,22 +137,35 @@ def config_from_args(args: argparse.Namespace):
         gpus_per_actor=args.gpus_per_actor, actor_cpus=args.actor_cpus, task_cpus=args.task_cpus,
         listing_workers=args.listing_workers, address=args.address, num_cpus=args.num_cpus,
         object_store_memory=args.object_store_memory, overwrite=args.overwrite, retry_errors=args.retry_errors,
-        progress=not args.no_progress,
+        progress=not args.no_progress, image_storage=args.image_storage, no_repair=args.no_repair,
+        max_failure_rate=args.max_failure_rate,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from dataset_card.lease import LeaseHeld
+    from dataset_card.shards import OutputWriteError
     from labeling.inputs.input_list import InputError
     from labeling.labelers.model_choice import ModelLoadError
     from labeling.pipeline import cluster
     from labeling.pipeline.driver import run_labeling
+    from labeling.pipeline.failures import FailureRateExceeded
     from labeling.pipeline.manifest import ResumeRefused
+    from labeling.pipeline.plan import RepairRefused
+    from labeling.pipeline.summary import OutputInvalid
+    from labeling.pipeline.writer import LeaseLost
 
+    cfg = config_from_args(args)
     try:
-        cfg = config_from_args(args)
         run_labeling(cfg, log=lambda message: print(message, flush=True))
-    except (InputError, ResumeRefused, ModelLoadError, cluster.ClusterError) as err:
+    except FailureRateExceeded as err:
+        print(f"error: stopped: {err}. The committed shards are kept; the failures and their reasons are in "
+              f"{cfg.output}/errors/. Fix the cause and rerun the same command to resume (or raise "
+              "--max-failure-rate).", file=sys.stderr)
+        return 2
+    except (InputError, ResumeRefused, RepairRefused, ModelLoadError, cluster.ClusterError, LeaseHeld, LeaseLost,
+            OutputWriteError, OutputInvalid) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -28,6 +28,7 @@ from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from dataset_card.images import ImageReferenceError
 from pretraining.data.loader import (
     DataError,
     LabeledDataset,
@@ -164,20 +165,22 @@ def _gather(obj, distributed: Distributed) -> list:
     return out
 
 
-def train(cfg: TrainConfig, data: str, output: str, hooks: Sequence[Hook] = (), progress: bool = True) -> dict:
-    """Train (or resume) the run in `output` on the labeled dataset in `data`; returns its summary."""
+def train(cfg: TrainConfig, data: str, output: str, hooks: Sequence[Hook] = (), progress: bool = True,
+          images: str | None = None) -> dict:
+    """Train (or resume) the run in `output` on the labeled dataset in `data`; returns its summary.
+    `images`: the image folder of a labels-only dataset (`--images`)."""
     distributed = setup_distributed(cfg.data.num_workers)
     try:
-        return _train(cfg, data, Path(output), hooks, progress, distributed)
+        return _train(cfg, data, Path(output), hooks, progress, distributed, images)
     finally:
         if distributed.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], show_progress: bool,
-           distributed: Distributed) -> dict:
+           distributed: Distributed, images: str | None = None) -> dict:
     device, main = distributed.device, distributed.main
-    dataset = open_labeled_dataset(data)
+    dataset = open_labeled_dataset(data, images)
     global_batch = cfg.data.batch_size * distributed.world_size * cfg.accum_steps
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * global_batch / 256
     run_info = {"data": str(data), "world_size": distributed.world_size, "global_batch": global_batch,
@@ -341,6 +344,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     "command to resume from the newest checkpoint in --output. Multi-GPU: launch with torchrun "
                     "(see docs/training.md).")
     parser.add_argument("--data", required=True, help="labeled dataset folder (the labeling stage's output)")
+    parser.add_argument("--images", metavar="ROOT", default=None,
+                        help="for a labels-only dataset (labeled with --image-storage reference): the folder it was "
+                             "labeled from; each row's image is read from ROOT/<image.path> and checked against its "
+                             "stored size and sha256")
     parser.add_argument("--config", default="tiny", choices=sorted(RECIPES), metavar="NAME",
                         help=f"named recipe: {', '.join(RECIPES)} (default: tiny)")
     parser.add_argument("--output", required=True, help="run folder: config, checkpoints, logs, figures")
@@ -367,9 +374,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"--probe-every must be at least 1, got {args.probe_every}.")
             hooks.append(probe_hook(args.probe_data, cfg=PeriodicProbeConfig(every=args.probe_every,
                                                                            kind=args.probe_kind)))
-        summary = train(cfg, args.data, args.output, hooks=hooks, progress=not args.no_progress)
+        summary = train(cfg, args.data, args.output, hooks=hooks, progress=not args.no_progress, images=args.images)
     except (ConfigError, DataError, RunError, ckpt.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ImageReferenceError as err:  # from a loader worker, its sentence is the message's last line
+        print(f"error: {str(err).strip().splitlines()[-1].split('ImageReferenceError: ')[-1]}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {summary['global_step']} optimizer steps, last loss {summary['last'].get('loss', float('nan')):.4f}; "

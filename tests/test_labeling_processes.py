@@ -4,6 +4,7 @@ and failing offline with one sentence. Each subprocess gets its own process grou
 group is ever stopped."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -83,15 +84,84 @@ def test_sigkill_mid_run_then_rerun_labels_every_input_exactly_once(tmp_path, ra
         stop_group(proc)
     at_kill = committed(output)
     assert 1 <= len(at_kill) < 12, f"the kill must land after the first commit and before the last: {at_kill}"
+    assert (output / ".lease.json").exists()  # the killed run could not give its lease back
     # The same command again (in this process, on the session's Ray: it saves starting another).
     messages = []
     run_labeling(config_from_args(parser().parse_args(flags)), log=messages.append)
+    assert any("taking over the lease" in m and "what it committed is kept" in m for m in messages)
     assert any(f"resuming: {len(at_kill)} shards already committed" in m for m in messages)
     assert len(committed(output)) == 12
     rows, errors = assert_exactly_once(output, images)
     assert len(rows) == 48 and not errors
     assert len({r["image_id"] for r in rows}) == 48
     check_rows(rows, output)
+
+
+# Lines a healthy run must not print: Ray's error-level core-worker lines and warnings that ask
+# nothing of the user.
+NOISE = re.compile(r"^\S*\[[^]]* E \d+ \d+\] core_worker\.cc|WARNING|UserWarning|minimum number of concurrent actors")
+
+
+@pytest.mark.ray
+def test_a_second_run_on_one_output_refuses_and_the_healthy_first_prints_no_noise(tmp_path):
+    images, output = tmp_path / "train", tmp_path / "out"
+    random_images(images, 16)
+    flags = ["--input", str(images), "--output", str(output), "--shard-size", "4"] + SMALL_FLAGS
+    first = subprocess.Popen(RUN + flags + ["--num-cpus", "2", "--object-store-memory", str(200 * 2**20)], env=env(),
+                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (output / ".lease.json").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        second = subprocess.run(RUN + flags, env=env(), capture_output=True, text=True, timeout=300)
+        out, err = first.communicate(timeout=400)
+    finally:
+        stop_group(first)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    refusal = second.stderr.strip().splitlines()[-1]
+    assert refusal.startswith(f"error: {output} is being written by another run (host {socket.gethostname()}, "
+                              f"pid {first.pid}, started ") and "stop it first" in refusal
+    assert first.returncode == 0 and "labeled 16 of 16 inputs, 0 failed" in out, err[-3000:]
+    rows, errors = assert_exactly_once(output, images)
+    assert len(rows) == 16 and not errors
+    noise = [line for line in err.splitlines() if NOISE.search(line)]
+    assert not noise, noise
+
+
+def tmpfs(path: Path, size: str) -> bool:
+    """Mount a small tmpfs at `path` where this process may (root in a container), else False."""
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.ray
+def test_a_full_disk_ends_in_one_sentence_leaves_no_temporary_file_and_the_rerun_finishes(tmp_path, ray_session):
+    from dataset_card.shards import OutputWriteError
+
+    images, disk = tmp_path / "train", tmp_path / "disk"
+    rng = np.random.default_rng(0)
+    (images / "noise").mkdir(parents=True)
+    for i in range(24):  # incompressible: each labeled row is ~100 KB
+        (images / "noise" / f"{i:02d}.png").write_bytes(encode(rng.integers(0, 255, (160, 200, 3), np.uint8), "PNG"))
+    if not tmpfs(disk, "1600k"):
+        pytest.skip("cannot mount a small tmpfs here (the simulated ENOSPC of test_labeling_faults still runs)")
+    try:
+        output = disk / "out"
+        cfg = config_from_args(parser().parse_args(["--input", str(images), "--output", str(output), "--shard-size",
+                                                    "2"] + SMALL_FLAGS))
+        with pytest.raises(OutputWriteError) as err:
+            run_labeling(cfg, log=lambda m: None)
+        text = str(err.value)
+        assert text.startswith(f"cannot write {output}/") and "(No space left on device): free space there" in text
+        assert not [p for p in output.rglob(".*") if p.name != ".lease.json" or p.parent != output]
+        assert not (output / ".lease.json").exists()
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        run_labeling(cfg, log=lambda m: None)  # the same command, after freeing space
+        rows, errors = assert_exactly_once(output, images)
+        assert len(rows) == 24 and not errors
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
 
 
 def free_ports(count: int) -> list[int]:
@@ -216,5 +286,6 @@ def test_help_explains_every_flag():
     assert done.returncode == 0
     for flag in ("--input", "--output", "--models", "--shard-size", "--limit", "--overwrite", "--retry-errors",
                  "--max-pixels", "--gpus-per-actor", "--instance-actors", "--model-batch-size", "--semantic-revision",
-                 "--semantic-shortest-edge", "--painting-rule", "--min-purity"):
+                 "--semantic-shortest-edge", "--painting-rule", "--min-purity", "--image-storage",
+                 "--max-failure-rate", "--no-repair"):
         assert flag in done.stdout

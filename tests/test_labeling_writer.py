@@ -1,5 +1,5 @@
-"""Stages without models or Ray: decode, post-processing, shard assembly and commit, journaled retries,
-and the manifest's resume rules."""
+"""Stages without models or Ray: decode, post-processing, parts and the commit that merges them,
+journaled updates, keyed shards and the verified resume, and the manifest's resume rules."""
 
 import io
 import json
@@ -9,20 +9,23 @@ import cv2
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dataset_card import codecs, layout, painting, shards
+from dataset_card import codecs, images, layout, painting, shards
 from dataset_card.schema import arrow_schema
 from dataset_card.synthetic import SEMANTIC_CLASSES
-from labeling.pipeline import failures, manifest, writer
+from labeling.inputs.input_list import Inputs, inputs_table
+from labeling.pipeline import commits, failures, manifest, plan, writer
 from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema, upsample_masks
 from labeling.pipeline.preprocess import decode, model_size
 
 CLASS_NAMES = ("class_a", "class_b")
 SEMANTIC_NAMES = [c.name for c in SEMANTIC_CLASSES]
 SCHEMA = staged_schema(CLASS_NAMES, SEMANTIC_NAMES)
-CONTRACT = arrow_schema(CLASS_NAMES, SEMANTIC_NAMES)
+CONTRACT = arrow_schema(CLASS_NAMES, SEMANTIC_NAMES, image_reference=True)
+FOOTER = {"run_id": "test-run", "manifest_sha256": "settings", "image_storage": "inline"}
 THINGS = tuple(c.id for c in SEMANTIC_CLASSES if c.isthing)
 POST = PostprocessConfig(num_semantic_classes=len(SEMANTIC_CLASSES), ignore_value=255, min_instance_area=4,
                          thing_ids=THINGS)
@@ -59,9 +62,34 @@ def model_row(index: int, h: int = 40, w: int = 60, scale: int = 2, failed: str 
     }
 
 
-def staged(indices, failed=()) -> pa.Table:
+def staged(indices, failed=(), shard=None) -> pa.Table:
     rows = [model_row(i, failed=failures.MODEL_FAILED if i in failed else "") for i in indices]
+    if shard is not None:
+        for row in rows:
+            row["shard"] = shard
     return postprocess_stage(pa.Table.from_pylist(rows), POST, SCHEMA)
+
+
+def listing(indices) -> Inputs:
+    """An input list whose input i is class_a/img{i}.jpg (indices in the list are positions)."""
+    entries = [(f"class_a/img{i}.jpg", f"class_a/img{i}", 0, f"class_a/img{i}.jpg") for i in indices]
+    return Inputs(None, CLASS_NAMES, inputs_table(entries))
+
+
+def job(output, indices, parts=(), todo=(), reuse=False, shard=0, num_shards=1, lost=None) -> writer.CommitJob:
+    """The commit of `shard` whose inputs are class_a/img{i} for i in `indices` (input index = i)."""
+    paths = [f"class_a/img{i}.jpg" for i in indices]
+    inputs = pa.table({"path": paths, "image_id": [f"class_a/img{i}" for i in indices], "label": [0] * len(indices),
+                       "index": pa.array(indices, pa.int64())})
+    return writer.CommitJob(str(output), shard, num_shards, inputs, plan.inputs_digest(paths), tuple(parts),
+                            tuple(todo), CONTRACT, FOOTER, THINGS, reuse=reuse, lost=lost, check_lease=False)
+
+
+def label_shard(output, indices, failed=(), shard=0, num_shards=1) -> writer.ShardResult:
+    """Write parts for `indices` and commit them as `shard`, as a run does."""
+    results = writer.write_parts(staged(indices, failed, shard), str(output), "test-run")
+    return writer.commit(job(output, indices, results.column("part").to_pylist(), indices, shard=shard,
+                             num_shards=num_shards))
 
 
 def test_model_size_and_decode_refuse_too_many_pixels():
@@ -111,43 +139,48 @@ def test_postprocess_gives_full_size_contract_rows():
     assert bad["image"] is None and bad["error_type"] == failures.MODEL_FAILED and bad["stat_instances"] == 0
 
 
-def test_assembler_dedupes_and_completes_shards_in_any_order():
-    assembler = writer.ShardAssembler({0: [0, 1, 2], 1: [3, 4]})
-    first = staged([4, 0])
-    assert assembler.add(first) == []
-    assert assembler.add(staged([0, 3])) == [1]  # index 0 again (a retried task) is ignored
-    assert assembler.missing() == {0: {1, 2}, 1: set()}
-    assert [r["index"] for r in assembler.take(1).to_pylist()] == [3, 4]
-    assert assembler.add(staged([2, 1, 4])) == [0]  # 4 belongs to a shard already taken
-    assert [r["index"] for r in assembler.take(0).to_pylist()] == [0, 1, 2]
-    assert len(assembler) == 0
+def test_workers_write_parts_and_the_commit_keeps_each_input_once(tmp_path):
+    first = writer.write_parts(staged([0, 1, 2], failed={1}, shard=0), str(tmp_path), "test-run")
+    again = writer.write_parts(staged([1, 2, 3, 4], failed={1}, shard=0), str(tmp_path), "test-run")  # a retry
+    # What the driver receives: part names and input indices, no image, mask or label data.
+    assert first.schema.equals(writer.PART_SCHEMA) and first.nbytes < 200
+    assert first.column("indices").to_pylist() == [[0, 1, 2]] and not any(first.column("error").to_pylist())
+    tracker = commits.ShardTracker(5, {0: [0, 1, 2, 3, 4]})
+    assert tracker.add(first) == [] and tracker.missing()[0].tolist() == [3, 4]
+    assert tracker.add(again) == [0]
+    parts, todo = tracker.take(0)
+    assert len(parts) == 2 and todo.tolist() == [0, 1, 2, 3, 4]
 
-
-def test_committed_shards_load_typed_and_failed_inputs_are_in_errors(tmp_path):
-    fs, root = shards.filesystem(str(tmp_path))
-    result = writer.commit(fs, root, 0, 2, staged([0, 1, 2], failed={1}), CONTRACT)
-    assert result.rows == 2 and result.errors_by_type == {failures.MODEL_FAILED: 1} and result.instances == 4
-    empty = writer.commit(fs, root, 1, 2, staged([3, 4], failed={3, 4}), CONTRACT)  # every image failed
-    assert empty.rows == 0
+    result = writer.commit(job(tmp_path, [0, 1, 2, 3, 4], parts, todo))
+    assert (result.rows, result.errors_by_type, result.instances) == (4, {failures.MODEL_FAILED: 1}, 8)
     ds = datasets.load_dataset(str(tmp_path), data_files={"train": layout.DATA_GLOB}, split="train")
-    assert ds.num_rows == 2 and ds.features["label"].names == list(CLASS_NAMES)
-    assert ds["image_id"] == ["class_a/img0", "class_a/img2"]
-    errors = pa.concat_tables([writer.read_errors(fs, root, s, 2) for s in (0, 1)]).to_pylist()
+    assert ds["image_id"] == [f"class_a/img{i}" for i in (0, 2, 3, 4)]
+    assert ds.features["label"].names == list(CLASS_NAMES)
+    assert ds[0]["image_sha256"] == images.digest(jpeg(40, 60, 0)) and ds[0]["image_nbytes"] == len(jpeg(40, 60, 0))
+    errors = writer.read_errors(fs := shards.filesystem(str(tmp_path))[0], str(tmp_path), 0, 1).to_pylist()
     assert [(e["image_id"], e["stage"], e["error_type"]) for e in errors] == [
-        (f"class_a/img{i}", failures.MODEL, failures.MODEL_FAILED) for i in (1, 3, 4)]
-    stats = layout.ShardStats.from_json((tmp_path / layout.stats_path(0, 2)).read_text())
-    assert stats.rows == 2 and stats.errors == 1 and stats.instances == 4
-    assert stats.levels == {"object": 2, "part": 2, "stuff": 0, "dropped": 0} and stats.painted == 2
-    assert stats.agreement_sum == 2.0 and stats.painted_nested == stats.painted_not_thing == 0
-    assert sum(stats.semantic_pixels.values()) == 2 * 40 * 60
-    assert not list(tmp_path.rglob(".*"))  # no temporary file is left behind
+        ("class_a/img1", failures.MODEL, failures.MODEL_FAILED)]
+    rows, footer = shards.read_footer(fs, str(tmp_path / layout.data_path(0, 1)))
+    assert footer["run_id"] == "test-run" and footer["manifest_sha256"] == "settings"
+    assert (footer["rows"], footer["errors"], footer["inputs"], rows) == (4, 1, 5, 4)
+    assert footer["inputs_sha256"] == plan.inputs_digest([f"class_a/img{i}.jpg" for i in range(5)])
+    stats = layout.ShardStats.from_json((tmp_path / layout.stats_path(0, 1)).read_text())
+    assert stats.rows == 4 and stats.errors == 1 and stats.instances == 8
+    assert stats.levels == {"object": 4, "part": 4, "stuff": 0, "dropped": 0} and stats.painted == 4
+    assert sum(stats.semantic_pixels.values()) == 4 * 40 * 60
+    columns = pq.ParquetFile(tmp_path / layout.data_path(0, 1)).metadata.row_group(0)
+    kinds = {columns.column(i).path_in_schema: columns.column(i).compression for i in range(columns.num_columns)}
+    assert kinds["image.bytes"] == kinds["semantic_mask.bytes"] == "UNCOMPRESSED" and kinds["label"] == "ZSTD"
+    assert not list((tmp_path / ".parts").iterdir())  # the shard's parts are gone (the run removes .parts)
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # so are temporary files
 
 
-def test_retry_rewrite_merges_in_input_order_and_survives_a_crash_between_renames(tmp_path):
+def test_an_update_reuses_rows_drops_gone_inputs_and_survives_a_crash_between_renames(tmp_path, monkeypatch):
+    label_shard(tmp_path, [0, 1, 2, 3], failed={1, 2})
+    # The rerun: input 3 is gone, input 5 is new, and failed input 2 is retried (now it labels).
+    parts = writer.write_parts(pa.concat_tables([staged([2], shard=0), staged([5], failed={5}, shard=0)]),
+                               str(tmp_path), "run-2").column("part").to_pylist()
     fs, root = shards.filesystem(str(tmp_path))
-    writer.commit(fs, root, 0, 1, staged([0, 1, 2, 3], failed={1, 2}), CONTRACT)
-    shard_inputs = pa.table({"path": [f"class_a/img{i}.jpg" for i in range(4)],
-                             "image_id": [f"class_a/img{i}" for i in range(4)], "index": list(range(4))})
 
     class CrashOnSecondRename:
         """The local filesystem, killed after the first rename of the rewrite."""
@@ -159,49 +192,118 @@ def test_retry_rewrite_merges_in_input_order_and_survives_a_crash_between_rename
             return getattr(self.inner, name)
 
         def move(self, src, dst):
-            if self.moves:
+            if src.endswith(".rewrite") and self.moves:
                 raise KeyboardInterrupt("killed between renames")
-            self.moves += 1
+            self.moves += src.endswith(".rewrite")
             self.inner.move(src, dst)
 
+    monkeypatch.setattr(writer.shards, "filesystem", lambda output: (CrashOnSecondRename(fs), root))
     with pytest.raises(KeyboardInterrupt):
-        writer.commit_retried(CrashOnSecondRename(fs), root, 0, 1, staged([1, 2], failed={2}), CONTRACT, shard_inputs)
+        writer.commit(job(tmp_path, [0, 1, 2, 5], parts, [2, 5], reuse=True))
+    monkeypatch.undo()
     assert writer.recover(fs, root) == 1  # the journal finishes the renames
     assert writer.recover(fs, root) == 0
     data = datasets.load_dataset(str(tmp_path), data_files={"train": layout.DATA_GLOB}, split="train")
-    assert data["image_id"] == ["class_a/img0", "class_a/img1", "class_a/img3"]
-    errors = writer.read_errors(fs, root, 0, 1).column("image_id").to_pylist()
-    assert errors == ["class_a/img2"]
+    assert data["image_id"] == ["class_a/img0", "class_a/img2"]
+    assert writer.read_errors(fs, root, 0, 1).column("image_id").to_pylist() == ["class_a/img1", "class_a/img5"]
     stats = layout.ShardStats.from_json((tmp_path / layout.stats_path(0, 1)).read_text())
-    assert (stats.rows, stats.errors) == (3, 1)
-    assert not list(tmp_path.rglob(".*.rewrite"))
+    assert (stats.rows, stats.errors, stats.instances) == (2, 2, 4)  # reused rows' statistics recomputed
+    _, footer = shards.read_footer(fs, f"{root}/{layout.data_path(0, 1)}")
+    assert (footer["rows"], footer["errors"], footer["inputs"]) == (2, 2, 4)
+    assert not list(tmp_path.rglob("*.rewrite"))
+
+
+def test_shards_are_hash_buckets_so_new_inputs_touch_only_their_shards():
+    listed = listing(range(1000))
+    before = plan.assign(listed, 8)
+    assert sum(len(s.indices) for s in before) == 1000 and min(len(s.indices) for s in before) > 90
+    assert all(list(s.indices) == sorted(s.indices) for s in before)  # input order inside a shard
+    assert [s.digest for s in plan.assign(listed, 8)] == [s.digest for s in before]  # deterministic
+    grown = listing([*range(1000), 5000, 5001, 5002])
+    after = plan.assign(grown, 8)
+    changed = [s.index for s, t in zip(before, after) if s.digest != t.digest]
+    ids = grown.table.column("image_id").to_pylist()
+    assert sorted(set(plan.shard_of(ids[-3:], 8).tolist())) == changed
+
+
+def test_resume_trusts_a_shard_only_when_its_files_agree_with_its_footer(tmp_path):
+    label_shard(tmp_path, [0, 1, 2, 3], failed={1})
+    fs, root = shards.filesystem(str(tmp_path))
+    listed = listing(range(4))
+    shard = plan.assign(listed, 1)[0]
+
+    def state(shard=shard, listed=listed, retry=False, settings="settings"):
+        return plan.inspect(fs, root, shard, 1, listed, settings, retry)
+
+    assert state() is None  # committed and verified
+    retried = state(retry=True)
+    assert (retried.todo, retried.reuse, retried.damaged, retried.reason) == ([1], True, False, "")
+    grown = listing(range(5))
+    changed = state(plan.assign(grown, 1)[0], grown)
+    assert changed.todo == [4] and changed.reason == "its inputs changed (1 new, 0 gone)" and not changed.damaged
+    assert "other settings" in state(settings="other").reason
+
+    errors_file = tmp_path / layout.errors_path(0, 1)
+    saved = errors_file.read_bytes()
+    errors_file.unlink()  # errors/ deleted by hand: the failed input is labeled again, the rows are kept
+    repaired = state()
+    assert (repaired.todo, repaired.reuse, repaired.damaged) == ([1], True, True)
+    assert repaired.reason == "its errors table is missing"
+    with pytest.raises(plan.RepairRefused, match="errors table is missing.*without --no-repair"):
+        plan.make_plan(fs, root, listed, 1, "settings", retry_errors=False, no_repair=True)
+    errors_file.write_bytes(saved)
+
+    data_file = tmp_path / layout.data_path(0, 1)
+    whole = data_file.read_bytes()
+    data_file.write_bytes(whole[: len(whole) // 2])  # truncated: relabeled from scratch
+    broken = state()
+    assert broken.todo == [0, 1, 2, 3] and not broken.reuse and broken.reason.startswith("its data file cannot be read")
+    data_file.unlink()
+    gone = state()
+    assert gone.todo == [0, 1, 2, 3] and "deleted by hand" in gone.reason
 
 
 def test_manifest_resume_rules(tmp_path):
     fs, root = shards.filesystem(str(tmp_path / "out"))
-    args = {"input": "/data/in", "shard_size": 10, "limit": None}
+    args = {"shard_size": 10, "limit": None}
     models = {"instance": {"name": "sam", "sha256": "a"}, "semantic": {"name": "m2f", "sha256": None}}
-    first = manifest.build(25, "hash", 10, args, models, {"read_batch_size": 16})
+    first = manifest.build(25, "hash", 10, args, models, {"read_batch_size": 16}, ("a", "b"))
     assert first["num_shards"] == 3 and first["code_version"] == manifest.code_version()
-    assert manifest.prepare(fs, root, first, overwrite=False, output="out") is False
-    again = manifest.build(25, "hash", 10, args, models, {"read_batch_size": 64})  # execution may change
-    assert manifest.prepare(fs, root, again, overwrite=False, output="out") is True
-    changed = manifest.build(25, "hash", 10, {**args, "limit": 5}, {**models, "instance": {"name": "sam",
-                                                                                          "sha256": "b"}})
-    with pytest.raises(manifest.ResumeRefused, match=r"arguments.limit: None -> 5.*models.instance.sha256"):
+    assert manifest.prepare(fs, root, first, overwrite=False, output="out") == (False, first)
+    # Speed settings, --limit and the inputs may change; the shard count stays the folder's.
+    again = manifest.build(40, "other", 10, {**args, "limit": 40}, models, {"read_batch_size": 64}, ("a", "b"))
+    resumed, used = manifest.prepare(fs, root, again, overwrite=False, output="out")
+    assert resumed and used["num_shards"] == 3 and used["num_inputs"] == 40
+    assert manifest.labels_hash(used) == manifest.labels_hash(first)
+    repainted = {**first, "arguments": {**args, "painting_rule": "parts"}}  # a repaint keeps shards trusted
+    assert manifest.labels_hash(repainted) == manifest.labels_hash(first)
+    with pytest.raises(manifest.ResumeRefused, match="would make its shards hold about 67 images"):
+        manifest.prepare(fs, root, manifest.build(200, "h", 10, args, models, {}, ("a", "b")), False, "out")
+    with pytest.raises(manifest.ResumeRefused, match="classes.sha256"):
+        manifest.prepare(fs, root, manifest.build(25, "h", 10, args, models, {}, ("a", "c")), False, "out")
+    changed = manifest.build(25, "hash", 10, args, {**models, "instance": {"name": "sam", "sha256": "b"}},
+                             {}, ("a", "b"))
+    with pytest.raises(manifest.ResumeRefused, match=r"models.instance.sha256: 'a' -> 'b'"):
         manifest.prepare(fs, root, changed, overwrite=False, output="out")
+    assert manifest.labels_hash(changed) != manifest.labels_hash(first)
     (tmp_path / "out" / "data").mkdir()
     (tmp_path / "out" / "data" / "train-00000-of-00003.parquet").write_bytes(b"x")
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    assert manifest.prepare(fs, root, changed, overwrite=True, output="out") is False
+    assert manifest.prepare(fs, root, changed, overwrite=True, output="out")[0] is False
     assert not (tmp_path / "out" / "data").exists() and (tmp_path / "out" / "notes.txt").exists()
-    assert manifest.read(fs, root)["arguments"]["limit"] == 5
+    assert manifest.read(fs, root)["models"]["instance"]["sha256"] == "b"
     (tmp_path / "out" / "manifest.json").unlink()
     (tmp_path / "out" / "data").mkdir()
     (tmp_path / "out" / "data" / "train-00000-of-00001.parquet").write_bytes(b"x")
     with pytest.raises(manifest.ResumeRefused, match="no manifest.json"):
         manifest.prepare(fs, root, first, overwrite=False, output="out")
     assert posixpath.basename(manifest.OWNED[0]) == "data"
+
+
+def test_the_code_hash_covers_only_code_that_shapes_labels():
+    covered = [entry.split("/")[-1] for entry in manifest.LABEL_CODE]
+    assert "postprocess.py" in covered and "painting.py" in covered and "labelers" in covered
+    assert not {"driver.py", "writer.py", "sections.py", "card.py", "summary.py"} & set(covered)
 
 
 def test_instance_count_check_warns_once_when_real_models_find_almost_nothing(capsys):

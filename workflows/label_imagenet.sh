@@ -7,7 +7,12 @@
 # the SAM ViT-H checkpoint (downloaded and hash-checked on first use into ~/.cache, or pass
 # --sam-checkpoint /shared/sam_vit_h_4b8939.pth) and the Mask2Former weights from the Hub
 # (or a local folder via --semantic-model). Rerun the same command after any failure: committed
-# shards are skipped, and every input ends up exactly once, in the data or in the errors table.
+# shards are checked (footer, counts, errors table) and kept, damaged ones repaired, and every
+# input ends up exactly once, in the data or in the errors table. One run writes OUTPUT at a time
+# (OUTPUT/.lease.json); a second is refused and names the first. Workers write the shards; the
+# driver only coordinates. To publish the labels (ImageNet's images may not be redistributed), add
+# --image-storage reference: rows keep each image's path, size and sha256, not its bytes, and
+# `python -m pretraining.train --images /data/imagenet/train` reads the images from there.
 #
 # Resources: one model actor per GPU slot (3/4 SAM, 1/4 Mask2Former by default), CPU tasks for
 # decoding, alignment and PNG/RLE encoding. Expected: 12-20 images/s per GPU for both models

@@ -35,6 +35,7 @@ class Inputs:
     class_names: tuple[str, ...]
     table: pa.Table  # INPUT_SCHEMA, row i = input index i, in sorted order
     skipped_files: int = 0  # files listed but not images (other extensions)
+    notes: tuple[str, ...] = ()  # what the listing skipped and why (links followed once), for the log
 
     def __len__(self) -> int:
         return self.table.num_rows

@@ -4,8 +4,12 @@ and refuse paths that only one node of a multi-node cluster can see.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import posixpath
+import sys
+import threading
 import uuid
 from dataclasses import dataclass
 
@@ -16,6 +20,57 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 class ClusterError(RuntimeError):
     """The cluster cannot run this job as asked; the message says what to change."""
+
+
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+# Ray Data starts every actor pool with its constructor arguments in the object store and restarts
+# allowed, and Ray's core worker then logs an error-level line for each actor (ray-project/ray#57733),
+# harmless here (the arguments live as long as the run). No setting silences that one line (the
+# C++ log level would hide every driver error, and announces itself on every process), so the
+# driver's stderr is filtered while the pipeline runs (`filtered_stderr`).
+KNOWN_FALSE_ALARMS = ("has constructor arguments in the object store and max_restarts > 0",)
+
+
+@contextlib.contextmanager
+def filtered_stderr(drop: tuple[str, ...] = KNOWN_FALSE_ALARMS):
+    """Within the block, lines written to this process's stderr (by Python or by Ray's C++ core)
+    that contain one of `drop` are removed; everything else passes through unchanged."""
+    try:
+        original = os.dup(2)
+    except OSError:  # no usable stderr: nothing to filter
+        yield
+        return
+    read_end, write_end = os.pipe()
+    sys.stderr.flush()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        pending = b""
+        while True:
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            out = b"".join(line + b"\n" for line in lines if not any(d.encode() in line for d in drop))
+            if pending and not pending.startswith(b"["):  # a progress bar's partial line: pass it on now
+                out, pending = out + pending, b""
+            if out:
+                os.write(original, out)
+        if pending:
+            os.write(original, pending)
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(original, 2)  # closes the pipe's last write end: the pump drains and stops
+        thread.join(timeout=5)
+        os.close(read_end)
+        os.close(original)
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None) -> str:
@@ -31,8 +86,16 @@ def connect(address: str | None = None, num_cpus: int | None = None, object_stor
         ray.init(address=address, log_to_driver=True)
         return "joined"
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})  # workers import this checkout
+    # A private local cluster gets Ray's default token authentication; Ray's warning that it chose
+    # it asks nothing of the user (RAY_AUTH_MODE still chooses otherwise).
+    auth_log = logging.getLogger(AUTH_LOGGER)
+    level = auth_log.level
+    auth_log.setLevel(logging.ERROR)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})  # workers import this checkout
+    finally:
+        auth_log.setLevel(level)
     return "local"
 
 

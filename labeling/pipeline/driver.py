@@ -1,45 +1,54 @@
-"""The labeling pipeline: an input list -> Ray Data stages -> committed shards.
+"""The labeling run: list inputs, take the output's lease, plan shards, run the Ray pipeline whose
+workers write, commit shards as they complete, verify the folder, close.
 
-    input paths ──► read + decode + shrink (CPU tasks) ──► InstancePredictor (actors, GPU)
-        ──► SemanticPredictor (actors, GPU) ──► upsample + align + paint + PNG (CPU tasks)
-        ──► driver: rows collected per shard ──► commit (errors, stats, data file)
+    input list ──► read + decode + shrink (CPU tasks) ──► InstancePredictor / SemanticPredictor (actors)
+        ──► upsample + align + paint + PNG (CPU tasks) ──► write parts (CPU tasks, `writer.write_parts`)
+        ──► driver: part results (shard, part, indices) ──► commit tasks (`writer.commit`)
 
-Shards, not Ray blocks, are the unit of work and of commit: the sorted inputs are cut into fixed
-shards of `shard_size`; only inputs of uncommitted shards (and, with `--retry-errors`, the failed
-inputs of committed ones) enter the pipeline; the driver gathers post-processed rows per shard by
-input index and commits a shard once all of its inputs are there, while later images are still
-being labeled. Inputs whose rows never come back (a block Ray gave up on, e.g. after a worker
-crash) get one more pass alone, then are recorded as failures: every input ends up exactly once,
-in the data or in the errors table.
+The driver never sees a labeled row: the write stage leaves rows in per-shard part files and
+returns tens of bytes per image; a shard's commit runs as a Ray task once every input it owes
+has arrived (`commits`). Shards are hash buckets of image ids (`plan`), checked before a rerun
+trusts them. Inputs whose rows never come back (a block Ray gave up on) get one more pass alone,
+then are recorded as failures: every input ends up exactly once, in the data or the errors table.
+Before its closing line the run checks the folder as `python -m dataset_card validate` does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import posixpath
 import sys
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from tqdm.auto import tqdm
 
 from dataset_card import layout, shards
-from dataset_card.card import minimal_card
+from dataset_card.lease import Lease, new_run_id
 from dataset_card.painting import DEFAULT_RULE, PaintingRule, rule_named
 from dataset_card.schema import arrow_schema
 from labeling.inputs.input_list import InputError, Inputs
 from labeling.inputs.kinds import list_inputs
 from labeling.labelers.model_choice import TINY_RANDOM_WARNING, ModelChoice
-from labeling.pipeline import cluster, failures, manifest, summary, writer
+from labeling.pipeline import cluster, commits, failures, manifest, plan, summary, writer
 from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema
 from labeling.pipeline.predictors import InstancePredictor, SemanticPredictor
 from labeling.pipeline.preprocess import WORK_SCHEMA, read_stage
+
+# Stop when more than this share of the most recent images failed (--max-failure-rate): ImageNet
+# has a handful of odd files in 1.28M, so a tenth failing is a systematic fault, not bad luck.
+DEFAULT_MAX_FAILURE_RATE = 0.1
+# Output bytes per image, for the free-space check (estimates from ImageNet-sized photos: the
+# JPEG ~110 KB plus two PNG maps and the RLEs ~40 KB; labels only ~40 KB).
+BYTES_PER_IMAGE = {"inline": 150_000, "reference": 40_000}
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,7 @@ class LabelingConfig:
     min_instance_area: int = 16
     painting_rule: str = DEFAULT_RULE
     min_purity: float | None = None
+    image_storage: str = "inline"  # or "reference": a labels-only release (no image bytes)
     # Execution only: may change between a run and its resume.
     read_batch_size: int = 16
     model_batch_size: int = 8
@@ -84,11 +94,14 @@ class LabelingConfig:
     object_store_memory: int | None = None  # of a local Ray
     overwrite: bool = False
     retry_errors: bool = False
+    no_repair: bool = False  # refuse, instead of repairing, committed shards that fail verification
+    max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE
+    failure_window: int = 2000  # images of the most recent committed shards the rate is judged over
     progress: bool = True
 
     def arguments(self) -> dict:
         """What shapes the output (manifest "arguments"). Where inputs and output live is not in it:
-        a moved dataset resumes, and `inputs_hash` pins what the inputs are."""
+        a moved dataset resumes, and each shard's footer pins what its inputs are."""
         names = [f.name for f in dataclasses.fields(self)]
         return {n: getattr(self, n) for n in names[: names.index("read_batch_size")] if n not in _LOCATIONS}
 
@@ -146,49 +159,18 @@ def model_max_side(cfg: LabelingConfig) -> int:
     return cfg.model_max_side or PRESET_DEFAULTS[cfg.models]["model_max_side"]
 
 
-@dataclass
-class Plan:
-    num_inputs: int
-    shard_size: int
-    num_shards: int
-    committed: set[int]
-    new: dict[int, list[int]] = field(default_factory=dict)  # shard -> all its inputs
-    retry: dict[int, list[int]] = field(default_factory=dict)  # committed shard -> its failed inputs
-
-    def bounds(self, shard: int) -> tuple[int, int]:
-        return shard * self.shard_size, min(self.num_inputs, (shard + 1) * self.shard_size)
-
-    def indices(self) -> list[int]:
-        return sorted(i for part in (self.new, self.retry) for indices in part.values() for i in indices)
 
 
-def plan_work(fs, root: str, listed: Inputs, shard_size: int, retry_errors: bool) -> Plan:
-    """Which inputs this run labels: all of each uncommitted shard, plus failed ones to retry."""
-    n = len(listed)
-    num_shards = manifest.num_shards(n, shard_size)
-    committed = shards.committed_shards(fs, root, num_shards)
-    plan = Plan(n, shard_size, num_shards, committed)
-    for shard in range(num_shards):
-        if shard not in committed:
-            plan.new[shard] = list(range(*plan.bounds(shard)))
-    if retry_errors and committed:
-        index_of = {p: i for i, p in enumerate(listed.table.column("path").to_pylist())}
-        for shard in sorted(committed):
-            failed = writer.read_errors(fs, root, shard, num_shards).column("path").to_pylist()
-            if failed:
-                plan.retry[shard] = sorted(index_of[p] for p in failed)
-    return plan
-
-
-def work_table(listed: Inputs, indices: list[int], shard_size: int) -> pa.Table:
-    """WORK_SCHEMA rows for `indices` (listing failures already marked with stage "list")."""
+def work_table(listed: Inputs, indices: Sequence[int], shard_of: np.ndarray) -> pa.Table:
+    """WORK_SCHEMA rows for `indices` (listing failures already marked with stage "list");
+    `shard_of[i]` is input i's shard."""
     rows = listed.table.take(pa.array(indices, pa.int64()))
     index = pa.array(indices, pa.int64())
     listed_failure = pc.not_equal(rows.column("error_type"), "")
     stage = pc.if_else(listed_failure, failures.LIST, "")
     return pa.table({
         "index": index,
-        "shard": pa.array([i // shard_size for i in indices], pa.int64()),
+        "shard": pa.array(shard_of[np.asarray(indices, np.int64)], pa.int64()),
         "path": rows.column("path"),
         "image_id": rows.column("image_id"),
         "label": rows.column("label"),
@@ -216,8 +198,7 @@ def build_dataset(work: pa.Table, listed: Inputs, cfg: LabelingConfig, choice: M
 
 
 def _stages(ds, listed, cfg, choice, post, schema, plan: cluster.Layout) -> ray.data.Dataset:
-    retries = {"max_retries": 3}  # a crash-looping input must not retry forever (Ray Data's default)
-    actor_retries = {"max_restarts": -1, "max_task_retries": 3}
+    retries, actor_retries = failures.TASK_RETRIES, failures.ACTOR_RETRIES  # the failure policy's
     model_args = {"choice": choice, "num_gpus": plan.gpus_per_actor, "threads": plan.threads}
     ds = ds.map_batches(read_stage, batch_size=cfg.read_batch_size, batch_format="pyarrow", num_cpus=plan.task_cpus,
                         fn_kwargs={"source": listed.source, "max_pixels": cfg.max_pixels,
@@ -231,182 +212,245 @@ def _stages(ds, listed, cfg, choice, post, schema, plan: cluster.Layout) -> ray.
                           num_cpus=plan.task_cpus, fn_kwargs={"cfg": post, "schema": schema}, **retries)
 
 
-def lost_rows(work: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Staged failure rows for inputs whose results never came back, even when labeled alone."""
-    failure = failures.Failure("worker", failures.WORKER_CRASH,
-                               "the worker labeling this image died on every attempt, even with the image alone")
-    rows = []
-    for row in work.to_pylist():
-        row.update(failure.as_row())
-        rows.append(row)
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-class Committer:
-    """Commits complete shards on background threads while the pipeline keeps running."""
-
-    def __init__(self, fs, root: str, plan: Plan, contract: pa.Schema, listed: Inputs, check):
-        self.fs, self.root, self.plan, self.contract, self.listed, self.check = fs, root, plan, contract, listed, check
-        self.pool = ThreadPoolExecutor(2)
-        self.pending: list[Future] = []
-        self.results: list[writer.ShardResult] = []
-        self.seconds = 0.0
-
-    def _commit(self, shard: int, staged: pa.Table) -> writer.ShardResult:
-        start = time.perf_counter()
-        if shard in self.plan.retry:
-            lo, hi = self.plan.bounds(shard)
-            shard_inputs = self.listed.table.slice(lo, hi - lo).select(["path", "image_id"]).append_column(
-                "index", pa.array(range(lo, hi), pa.int64()))
-            result = writer.commit_retried(self.fs, self.root, shard, self.plan.num_shards, staged, self.contract,
-                                           shard_inputs)
-        else:
-            result = writer.commit(self.fs, self.root, shard, self.plan.num_shards, staged, self.contract)
-        self.seconds += time.perf_counter() - start
-        return result
-
-    def submit(self, shard: int, staged: pa.Table) -> None:
-        self.pending.append(self.pool.submit(self._commit, shard, staged))
-
-    def collect(self, wait: bool = False) -> list[writer.ShardResult]:
-        """Results of finished commits (re-raising a failed one); all of them when `wait`."""
-        done = [f for f in self.pending if wait or f.done()]
-        self.pending = [f for f in self.pending if f not in done]
-        new = [f.result() for f in done]
-        if wait:
-            self.pool.shutdown()
-        self.results.extend(new)
-        for result in new:
-            self.check.add(result)
-        return new
-
-
-def _drive(ds: ray.data.Dataset, assembler: writer.ShardAssembler, committer: Committer, bar,
-           first_read: list[float]) -> None:
-    """Feed the pipeline's batches to the assembler, committing shards as they complete.
-    `first_read` collects the wall clock of the earliest read (when labeling proper began)."""
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        started = pc.min(batch.column("started_at")).as_py()
-        if started:
-            first_read.append(started)
-        for shard in assembler.add(batch):
-            committer.submit(shard, assembler.take(shard))
-        bar.update(batch.num_rows)
-        if committer.collect():
-            bar.set_postfix_str(f"shards {len(committer.results)}")
-
-
 # Model actors must start within this time (a cluster without the GPUs asked for fails clearly
 # instead of waiting forever); no image is read before they are ready.
 ACTOR_START_TIMEOUT_S = 1800
+# Ray Data messages that ask nothing of the user (we turn its bars off on purpose; small inputs
+# leave some actors of a fixed pool idle).
+_QUIET_LOGGERS = ("ray.data._internal.progress",)
+_QUIET_WARNINGS = ("The minimum number of concurrent actors",)
 
 
-def _configure_ray_data() -> None:
+def _configure_ray_data(max_errored_blocks: int) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    ctx.max_errored_blocks = -1  # a block Ray gives up on is retried alone, then recorded: never fatal
+    # A block Ray gives up on is labeled again alone, then recorded; more than the failure rate's
+    # share of blocks stops the run (a systematic crash, not bad luck).
+    ctx.max_errored_blocks = max_errored_blocks
     ctx.enable_progress_bars = False  # the driver shows one bar in images, and shard commits
     ctx.print_on_execution_start = False
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _label(indices: list[int], plan: Plan, listed: Inputs, cfg: LabelingConfig, choice: ModelChoice,
-           post: PostprocessConfig, schema: pa.Schema, committer: Committer, log) -> list[float]:
-    """Run `indices` through the pipeline and commit their shards; returns the reads' start times."""
-    _configure_ray_data()
-    assembler = writer.ShardAssembler({**plan.new, **plan.retry})
-    first_read: list[float] = []
-    bar = tqdm(total=len(indices), unit="img", desc="labeling", disable=not cfg.progress, file=sys.stderr,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    with bar:
-        block_rows = max(1, min(256, math.ceil(len(indices) / 64)))
-        work = work_table(listed, indices, cfg.shard_size)
-        _drive(build_dataset(work, listed, cfg, choice, post, schema, block_rows), assembler, committer, bar,
-               first_read)
-        missing = sorted(i for owed in assembler.missing().values() for i in owed)
+def _errored_blocks(rate: float, num_blocks: int) -> int:
+    return -1 if rate >= 1 else max(1, int(rate * num_blocks))
+
+
+@dataclass
+class _Progress:
+    bar: object
+    first_read: list[float]
+    driver_bytes: int = 0
+
+
+def _drive(ds: ray.data.Dataset, tracker: commits.ShardTracker, queue: commits.Commits, progress: _Progress,
+           lease: Lease | None) -> None:
+    """Feed the write stage's results to the tracker, committing shards as they complete."""
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        progress.driver_bytes += batch.nbytes
+        problems = [e for e in batch.column("error").to_pylist() if e]
+        if problems:
+            raise shards.OutputWriteError(problems[0])
+        started = [t for t in batch.column("started_at").to_pylist() if t]
+        if started:
+            progress.first_read.append(min(started))
+        for shard in tracker.add(batch):
+            queue.submit(shard, *tracker.take(shard))
+        progress.bar.update(int(pc.sum(pc.list_value_length(batch.column("indices"))).as_py() or 0))
+        if queue.poll():
+            progress.bar.set_postfix_str(f"shards {len(queue.results)}")
+        if lease is not None and lease.lost:
+            raise writer.LeaseLost(f"stopped: {lease.lost}; what this run committed is kept")
+
+
+def _pipeline(work: pa.Table, listed: Inputs, cfg: LabelingConfig, choice: ModelChoice, post: PostprocessConfig,
+              schema: pa.Schema, block_rows: int, run_id: str, task_cpus: float) -> ray.data.Dataset:
+    ds = build_dataset(work, listed, cfg, choice, post, schema, block_rows)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        return ds.map_batches(writer.write_parts, batch_size=None, batch_format="pyarrow", num_cpus=task_cpus,
+                              fn_kwargs={"output": cfg.output, "run_id": run_id}, **failures.TASK_RETRIES)
+
+
+def _label(work_plan: plan.Plan, listed: Inputs, cfg: LabelingConfig, choice: ModelChoice, post: PostprocessConfig,
+           schema: pa.Schema, queue: commits.Commits, run_id: str, lease: Lease | None, log) -> _Progress:
+    """Label the plan's inputs and commit its shards; returns what the driver saw."""
+    indices = work_plan.indices()
+    shard_of = np.full(len(listed), -1, np.int64)  # 8 bytes an input, not a dict entry
+    for s, state in work_plan.work.items():
+        shard_of[np.asarray(state.todo, np.int64)] = s
+    tracker = commits.ShardTracker(len(listed), {s: w.todo for s, w in work_plan.work.items() if w.todo})
+    for s, state in sorted(work_plan.work.items()):
+        if not state.todo:  # nothing to label: rewrite from what it holds (or commit it empty)
+            queue.submit(s, [], [])
+    progress = _Progress(tqdm(total=len(indices), unit="img", desc="labeling", disable=not cfg.progress,
+                              file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0), [])
+    if not indices:
+        queue.poll(wait=True)
+        return progress
+    layout_ = resource_layout(cfg)
+    block_rows = max(1, min(256, math.ceil(len(indices) / 64)))
+    _configure_ray_data(_errored_blocks(cfg.max_failure_rate, math.ceil(len(indices) / block_rows)))
+    with progress.bar, warnings.catch_warnings(), cluster.filtered_stderr():
+        for message in _QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        work = work_table(listed, indices, shard_of)
+        _drive(_pipeline(work, listed, cfg, choice, post, schema, block_rows, run_id, layout_.task_cpus),
+               tracker, queue, progress, lease)
+        missing = sorted(int(i) for owed in tracker.missing().values() for i in owed)
         if missing:  # blocks Ray gave up on: each input once more, alone
             log(f"{len(missing)} inputs came back from no worker; labeling them again one at a time")
             alone = dataclasses.replace(cfg, read_batch_size=1, model_batch_size=1, postprocess_batch_size=1)
-            work = work_table(listed, missing, cfg.shard_size)
-            _drive(build_dataset(work, listed, alone, choice, post, schema, 1), assembler, committer, bar,
-                   first_read)
-        missing = sorted(i for owed in assembler.missing().values() for i in owed)
-        if missing:
-            for shard in assembler.add(lost_rows(work_table(listed, missing, cfg.shard_size), schema)):
-                committer.submit(shard, assembler.take(shard))
-        committer.collect(wait=True)
-        bar.set_postfix_str(f"shards {len(committer.results)}")
-    return first_read
+            work = work_table(listed, missing, shard_of)
+            _drive(_pipeline(work, listed, alone, choice, post, schema, 1, run_id, layout_.task_cpus),
+                   tracker, queue, progress, lease)
+        for s, owed in tracker.missing().items():
+            if owed.size:  # still nothing: recorded, so the shard commits and the run ends
+                lost = writer.lost_rows(work_table(listed, owed.tolist(), shard_of), schema)
+                parts, todo = tracker.take(s)
+                queue.submit(s, parts, todo, lost)
+        queue.poll(wait=True)
+        progress.bar.set_postfix_str(f"shards {len(queue.results)}")
+    return progress
 
 
-def run_labeling(cfg: LabelingConfig, log=print) -> dict:
-    """Label `cfg.input` into `cfg.output` (resuming a compatible earlier run); returns stats.json."""
+def _check_storage(cfg: LabelingConfig, listed: Inputs) -> None:
+    if cfg.image_storage not in layout.IMAGE_STORAGES:
+        raise InputError(f"--image-storage {cfg.image_storage!r} is not one of {', '.join(layout.IMAGE_STORAGES)}")
+    if cfg.image_storage == "reference" and type(listed.source).__name__ != "FolderSource":
+        raise InputError("--image-storage reference needs an image folder input (an ImageFolder tree or "
+                         "--file-list): a table's images have no file of their own to refer to; use inline")
+
+
+def _check_space(free: int | None, cfg: LabelingConfig, num_inputs: int, log) -> None:
+    if free is None:
+        return
+    need = num_inputs * BYTES_PER_IMAGE[cfg.image_storage]
+    shard = min(cfg.shard_size, num_inputs) * BYTES_PER_IMAGE[cfg.image_storage] * 3  # parts + the shard + slack
+    gb = 2**30
+    if free < shard:
+        raise shards.OutputWriteError(f"{cfg.output} has {free / gb:.2f} GB free, less than one shard needs (about "
+                                      f"{shard / gb:.2f} GB): free space there or choose another --output")
+    if free < need:
+        log(f"warning: {cfg.output} has {free / gb:.1f} GB free; this run may write about {need / gb:.1f} GB "
+            "(an estimate from ImageNet-sized photos)")
+
+
+def run_labeling(cfg: LabelingConfig, log=print, choice: ModelChoice | None = None) -> dict:
+    """Label `cfg.input` into `cfg.output` (resuming a compatible earlier run); returns stats.json.
+
+    `choice` replaces the models `cfg.models` names (benchmarks pass a model-free one).
+    """
     start, wall_start = time.perf_counter(), time.time()
-    if cfg.models == "tiny-random":
+    if cfg.models == "tiny-random" and choice is None:
         log(TINY_RANDOM_WARNING)
-    # Inputs and models first: a bad path or a missing checkpoint fails before Ray starts.
+    # Inputs, models and the output first: a bad path, a missing checkpoint or a folder this user
+    # cannot write fails before Ray starts.
+    listing_start = time.perf_counter()
     listed = list_inputs(cfg.input, cfg.input_format, cfg.file_list, cfg.image_column, cfg.label_column,
-                                cfg.split, cfg.listing_workers)
+                         cfg.split, cfg.listing_workers)
+    listing_s = time.perf_counter() - listing_start
+    for note in listed.notes:
+        log(f"warning: {note}")
     if cfg.limit is not None:
         listed = listed.head(cfg.limit)
+    _check_storage(cfg, listed)
     rule = painting_rule(cfg)
-    choice = model_choice(cfg).pinned()  # a hub model at one commit for every actor
+    choice = (choice or model_choice(cfg)).pinned()  # a hub model at one commit for every actor
     local_choice = choice.materialize()  # tiny twins built once here; actors build their own
     models = local_choice.describe()
     semantic_classes = local_choice.semantic_classes()
-    cluster.connect(cfg.address, cfg.num_cpus, cfg.object_store_memory)
-    cluster.check_shared(cfg.input, "--input", probe_write=False)
-    cluster.check_shared(cfg.output, "--output", probe_write=True)
-    resources = resource_layout(cfg)  # refuses a layout whose actors cannot all start
+    _check_space(shards.probe_output(cfg.output), cfg, len(listed), log)
+    run_id = new_run_id()
+    lease = Lease(cfg.output, run_id, log=log).take()
+    try:
+        return _run(cfg, listed, rule, choice, models, semantic_classes, run_id, lease, log, start, wall_start,
+                    listing_s)
+    finally:
+        lease.release()
+
+
+def _run(cfg: LabelingConfig, listed: Inputs, rule: PaintingRule, choice: ModelChoice, models: dict,
+         semantic_classes, run_id: str, lease: Lease, log, start: float, wall_start: float, listing_s: float) -> dict:
     metadata = layout.DatasetMetadata(listed.class_names, semantic_classes,
                                       semantic_source=models["semantic"]["checkpoint"], painting=rule)
     fs, root = shards.filesystem(cfg.output)
     new_manifest = manifest.build(len(listed), listed.sha256(), cfg.shard_size, cfg.arguments(), models,
-                                  cfg.execution())
-    resumed = manifest.prepare(fs, root, new_manifest, cfg.overwrite, cfg.output)
+                                  cfg.execution(), listed.class_names)
+    resumed, used = manifest.prepare(fs, root, new_manifest, cfg.overwrite, cfg.output)
+    labels_hash = manifest.labels_hash(used)
+    parts_root = posixpath.join(root, layout.PARTS_DIR)
+    shards.delete_dir_quietly(fs, parts_root)  # rows a killed run left uncommitted
     recovered = writer.recover(fs, root)
     shards.write_bytes(fs, posixpath.join(root, layout.METADATA_FILE), metadata.to_json().encode())
-    plan = plan_work(fs, root, listed, cfg.shard_size, cfg.retry_errors)
-    log(f"{len(listed)} inputs in {len(listed.class_names)} classes -> {plan.num_shards} shards of {cfg.shard_size}"
-        + (f"; resuming: {len(plan.committed)} shards already committed" if resumed else "")
-        + (f"; finished {recovered} interrupted retry rewrites" if recovered else "")
-        + (f"; retrying {sum(map(len, plan.retry.values()))} failed inputs" if plan.retry else ""))
-    log(f"model actors: {resources.instance_actors} SAM + {resources.semantic_actors} semantic, "
-        f"{resources.gpus_per_actor:g} GPU and {resources.actor_cpus:g} CPU each")
+    work_plan = plan.make_plan(fs, root, listed, used["num_shards"], labels_hash, cfg.retry_errors, cfg.no_repair)
+    retried = sum(len(w.todo) for w in work_plan.work.values() if not w.reason and w.reuse)
+    log(f"{len(listed)} inputs in {len(listed.class_names)} classes -> {work_plan.num_shards} shards of about "
+        f"{cfg.shard_size}" + (f"; resuming: {len(work_plan.committed)} shards already committed" if resumed else "")
+        + (f"; finished {recovered} interrupted shard rewrites" if recovered else "")
+        + (f"; retrying {retried} failed inputs" if retried else ""))
+    for s, state in sorted(work_plan.work.items()):
+        if state.reason:
+            action = "relabeling it" if not state.reuse else f"labeling {len(state.todo)} of its inputs again"
+            log(f"{layout.data_path(s, work_plan.num_shards)}: {state.reason}; {action}")
 
-    contract = arrow_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict())
+    storage = cfg.image_storage
+    contract = arrow_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict(), image_reference=True)
     schema = staged_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict())
     post = PostprocessConfig(len(semantic_classes), metadata.ignore_value, cfg.min_instance_area,
-                             tuple(sorted(metadata.thing_ids)), rule)
+                             tuple(sorted(metadata.thing_ids)), rule, storage)
     check = summary.InstanceCountCheck(enabled=cfg.models == "default")
-    committer = Committer(fs, root, plan, contract, listed, check)
-    indices = plan.indices()
-    first_read = _label(indices, plan, listed, cfg, choice, post, schema, committer, log) if indices else []
+    inputs_of = {s.index: s for s in work_plan.shards}
+    columns = listed.table.select(["path", "image_id", "label"])
+    footer = {"run_id": run_id, "manifest_sha256": labels_hash, "image_storage": storage}
+
+    def make_job(shard: int, parts, todo, lost=None) -> writer.CommitJob:
+        mine = inputs_of[shard]
+        inputs = columns.take(pa.array(mine.indices, pa.int64())).append_column(
+            "index", pa.array(mine.indices, pa.int64()))
+        return writer.CommitJob(cfg.output, shard, work_plan.num_shards, inputs, mine.digest, tuple(parts),
+                                tuple(int(i) for i in todo), contract, footer, tuple(sorted(metadata.thing_ids)),
+                                reuse=work_plan.work[shard].reuse, lost=lost)
+
+    needs_ray = bool(work_plan.work)
+    resources = None
+    if needs_ray:
+        cluster.connect(cfg.address, cfg.num_cpus, cfg.object_store_memory)
+        cluster.check_shared(cfg.input, "--input", probe_write=False)
+        cluster.check_shared(cfg.output, "--output", probe_write=True)
+        resources = resource_layout(cfg)  # refuses a layout whose actors cannot all start
+        if work_plan.indices():
+            log(f"model actors: {resources.instance_actors} SAM + {resources.semantic_actors} semantic, "
+                f"{resources.gpus_per_actor:g} GPU and {resources.actor_cpus:g} CPU each")
+    cpus = int(ray.cluster_resources().get("CPU", 1)) if needs_ray else 1
+    queue = commits.Commits(make_job, resources.task_cpus if resources else 1.0,
+                            failures.FailureWindow(cfg.max_failure_rate, cfg.failure_window), check.add,
+                            max_in_flight=max(2, cpus // 4))
+    try:
+        progress = _label(work_plan, listed, cfg, choice, post, schema, queue, run_id, lease, log) \
+            if needs_ray else None
+    except BaseException:
+        queue.drain()  # what is committing finishes; nothing else starts
+        shards.delete_dir_quietly(fs, parts_root)
+        raise
+    shards.delete_dir_quietly(fs, parts_root)
     check.judge(final=True)
 
-    committed = shards.committed_shards(fs, root, plan.num_shards)
-    total = summary.folder_stats(fs, root, committed, plan.num_shards)
-    per_actor = resources.gpus_per_actor if indices else 0.0
+    committed = shards.committed_shards(fs, root, work_plan.num_shards)
+    total = summary.folder_stats(fs, root, committed, work_plan.num_shards)
+    per_actor = resources.gpus_per_actor if resources and work_plan.indices() else 0.0
     wall = time.perf_counter() - start
     # Start-up: listing, model checks, Ray and model actors; labeling: from the first read to the end.
+    first_read = progress.first_read if progress else []
     startup = min(first_read) - wall_start if first_read else wall
-    stats = summary.run_stats(total, len(listed), committer.results, wall, committer.seconds, per_actor,
-                              summary.read_previous(fs, root), startup_s=startup)
+    driver_bytes = (progress.driver_bytes if progress else 0) + queue.bytes_received
+    stats = summary.run_stats(total, len(listed), queue.results, wall, 0.0, per_actor,
+                              summary.read_previous(fs, root), startup_s=startup,
+                              failed_by_type=summary.failures_in(fs, root, committed, work_plan.num_shards),
+                              driver_bytes=driver_bytes, listing_s=listing_s)
     summary.write(fs, root, stats)
-    write_card(cfg.output, root, metadata, has_errors=total.errors > 0, log=log)
-    log(summary.closing_line(stats))
+    summary.write_card(cfg.output, root, metadata, has_errors=stats["failed"] > 0, log=log)
+    summary.verify_folder(cfg.output)
+    log(summary.closing_line(stats, cfg.output))
     return stats
-
-
-def write_card(output: str, root: str, metadata: layout.DatasetMetadata, has_errors: bool, log=print) -> None:
-    """The full dataset card; the minimal one if building it fails (the labels are done either way)."""
-    from dataset_card.build import build_card
-
-    try:
-        build_card(output)
-        return
-    except Exception as err:  # the labels are done; a card failure must not hide that
-        log(f"the full dataset card failed ({type(err).__name__}: {err}); writing the minimal card instead. "
-            f"Rebuild it later with: python -m dataset_card build {output}")
-    fs, _ = shards.filesystem(output)
-    card = minimal_card(metadata, has_errors)
-    shards.write_bytes(fs, posixpath.join(root, layout.CARD_FILE), str(card).encode())

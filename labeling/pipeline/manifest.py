@@ -1,9 +1,15 @@
 """manifest.json: what a labeled folder was made from, and whether a rerun may resume it.
 
-A rerun resumes (skips committed shards) only when its inputs, the arguments that shape the
-output, the models and the code version all equal those in the folder's manifest; otherwise it is
-refused with the differences listed, unless `--overwrite` clears the folder first. Arguments that
-only change speed (batch sizes, actor counts, GPUs) are recorded under "execution" and may change.
+A rerun resumes when what shapes the labels is unchanged: the arguments (but `--limit`), the
+models, the code that shapes labels, the library versions and the image classes. Otherwise it is
+refused with the differences listed, unless `--overwrite` clears the folder first. The inputs may
+change: shards are keyed by a hash of each input's id (`labeling.pipeline.plan`), so a rerun with
+added or removed inputs relabels only what is new in the shards they fall into; the manifest then
+records the new inputs. Arguments that only change speed (batch sizes, actor counts, GPUs) are
+recorded under "execution" and may change too.
+
+`labels_hash` digests the compared part; every data file's footer carries it, so a shard written
+under other settings is never trusted.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import datetime
 import hashlib
 import json
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
@@ -21,9 +27,21 @@ import pyarrow.fs as pafs
 from dataset_card import layout, shards
 from dataset_card.schema import SCHEMA_VERSION
 
-# Keys two manifests must agree on for a rerun to resume ("created" and "execution" may differ).
-COMPARED = ("schema_version", "num_inputs", "inputs_hash", "num_shards", "shard_size", "arguments", "models",
-            "code_version", "software")
+# Keys two manifests must agree on for a rerun to resume (the inputs, "created" and "execution"
+# may differ).
+COMPARED = ("schema_version", "shard_size", "arguments", "models", "code_version", "software", "classes")
+# Arguments that pick inputs rather than shape labels: free to change on resume.
+INPUT_ARGUMENTS = ("limit",)
+# Shards may hold between a quarter and four times --shard-size images when the inputs of a folder
+# grow or shrink; beyond that a rerun asks for a new folder (its shard count is fixed).
+SHARD_FILL = (0.25, 4.0)
+
+# The code whose change can change a label: the labelers, the read / model / post-process stages,
+# and the contract's codecs, painting rule and schema. The driver, writer, card and docs are not in
+# it, so editing them does not force a relabel.
+LABEL_CODE = ("labeling/labelers", "labeling/pipeline/preprocess.py", "labeling/pipeline/predictors.py",
+              "labeling/pipeline/postprocess.py", "dataset_card/codecs.py", "dataset_card/painting.py",
+              "dataset_card/schema.py", "dataset_card/invariants.py")
 
 # Libraries whose release can change the labels (a resize's numerics, mask decoding, RLE): recorded,
 # and a rerun with other versions does not resume (its shards would not match the earlier ones).
@@ -40,15 +58,16 @@ class ResumeRefused(ValueError):
 
 
 def code_version() -> str:
-    """`<package version>+<12 hex of the labeling and dataset_card sources>`: any code change counts."""
+    """`<package version>+<12 hex of the label-shaping sources (LABEL_CODE)>`."""
     try:
         version = importlib_metadata.version("c2fmae")
     except importlib_metadata.PackageNotFoundError:
         version = "0+unknown"
     digest = hashlib.sha256()
     repo = Path(__file__).resolve().parents[2]
-    for package in (repo / "labeling", repo / "dataset_card"):
-        for source in sorted(package.rglob("*.py")):
+    for entry in LABEL_CODE:
+        path = repo / entry
+        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
             digest.update(f"{source.relative_to(repo).as_posix()}\n".encode())
             digest.update(source.read_bytes())
     return f"{version}+{digest.hexdigest()[:12]}"
@@ -68,7 +87,7 @@ def software_versions() -> dict[str, str | None]:
 
 
 def build(num_inputs: int, inputs_hash: str, shard_size: int, arguments: Mapping, models: Mapping,
-          execution: Mapping | None = None) -> dict:
+          execution: Mapping | None = None, class_names: Sequence[str] = ()) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "num_inputs": num_inputs,
@@ -79,9 +98,33 @@ def build(num_inputs: int, inputs_hash: str, shard_size: int, arguments: Mapping
         "models": dict(models),
         "code_version": code_version(),
         "software": software_versions(),
+        # The image classes: every row's label indexes them, so other classes need a new folder.
+        "classes": {"count": len(class_names),
+                    "sha256": hashlib.sha256("\n".join(class_names).encode()).hexdigest()},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "execution": dict(execution or {}),
     }
+
+
+def _compared(manifest: Mapping) -> dict[str, object]:
+    flat = _flatten({k: manifest.get(k) for k in COMPARED})
+    for key in [k for k in flat if k.startswith("models.") and k.rsplit(".", 1)[-1] in SPEED_PARAMS]:
+        del flat[key]
+    for name in INPUT_ARGUMENTS:
+        flat.pop(f"arguments.{name}", None)
+    return json.loads(json.dumps(flat))  # tuples and lists, ints and floats compare as they are stored
+
+
+# What `python -m dataset_card repaint` changes in place (each data file names its own rule, which
+# `validate` checks): not part of the footers' hash, so a repainted folder's shards stay trusted.
+REPAINTED = ("arguments.painting_rule", "arguments.min_purity", "painting")
+
+
+def labels_hash(manifest: Mapping) -> str:
+    """sha256 of what shapes the labels (the compared part of the manifest but the painting rule):
+    each data file's footer carries it, so a shard made under other settings is recognised."""
+    compared = {k: v for k, v in _compared(manifest).items() if not k.startswith(REPAINTED)}
+    return hashlib.sha256(json.dumps(compared, sort_keys=True).encode()).hexdigest()
 
 
 def num_shards(num_inputs: int, shard_size: int) -> int:
@@ -99,13 +142,7 @@ def _flatten(value, prefix: str = "") -> dict[str, object]:
 
 def differences(old: Mapping, new: Mapping) -> list[str]:
     """"key: old -> new" for every compared value that differs (nested keys dotted)."""
-    a = _flatten({k: old.get(k) for k in COMPARED})
-    b = _flatten({k: new.get(k) for k in COMPARED})
-    # JSON round trip so tuples and lists, ints and floats compare as they are stored.
-    a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
-    for flat in (a, b):
-        for key in [k for k in flat if k.startswith("models.") and k.rsplit(".", 1)[-1] in SPEED_PARAMS]:
-            del flat[key]
+    a, b = _compared(old), _compared(new)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
@@ -121,8 +158,8 @@ def write(fs: pafs.FileSystem, root: str, manifest: Mapping) -> None:
 
 
 # Everything a run writes under OUTPUT (and nothing else: --overwrite never deletes a stranger's file).
-OWNED = (layout.DATA_DIR, layout.ERRORS_DIR, layout.STATS_DIR, ".journal", layout.MANIFEST_FILE,
-         layout.RUN_STATS_FILE, layout.METADATA_FILE, layout.CARD_FILE)
+OWNED = (layout.DATA_DIR, layout.ERRORS_DIR, layout.STATS_DIR, ".journal", layout.PARTS_DIR, "assets",
+         layout.MANIFEST_FILE, layout.RUN_STATS_FILE, layout.METADATA_FILE, layout.CARD_FILE)
 
 
 def clear(fs: pafs.FileSystem, root: str) -> None:
@@ -141,25 +178,35 @@ def _has_data(fs: pafs.FileSystem, root: str) -> bool:
     return any(i.type == pafs.FileType.File for i in fs.get_file_info(selector))
 
 
-def prepare(fs: pafs.FileSystem, root: str, new: Mapping, overwrite: bool, output: str) -> bool:
-    """Make `root` ready for the run described by `new`; True when it resumes an earlier run.
+def prepare(fs: pafs.FileSystem, root: str, new: Mapping, overwrite: bool, output: str) -> tuple[bool, dict]:
+    """Make `root` ready for the run described by `new`: (whether it resumes an earlier run, the
+    manifest the run goes on with, now written). A resumed folder keeps its shard count.
 
     Raises ResumeRefused when the folder holds another run and `overwrite` is False.
     """
     old = read(fs, root)
+    manifest = dict(new)
     if old is not None and not overwrite:
         diff = differences(old, new)
-        if not diff:
-            return True
-        shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
-        raise ResumeRefused(
-            f"{output} holds a run with other inputs, arguments, models or code ({shown}): rerun with the "
-            "same arguments to resume it, pass --overwrite to delete it and start over, or choose another --output")
-    if old is None and _has_data(fs, root) and not overwrite:
+        if diff:
+            shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+            raise ResumeRefused(
+                f"{output} holds a run with other arguments, models, code or classes ({shown}): rerun with the "
+                "same arguments to resume it, pass --overwrite to delete it and start over, or choose another "
+                "--output")
+        manifest["num_shards"] = old["num_shards"]
+        fill = new["num_inputs"] / (old["num_shards"] * new["shard_size"])
+        if not SHARD_FILL[0] <= fill <= SHARD_FILL[1] and new["num_inputs"] != old.get("num_inputs"):
+            raise ResumeRefused(
+                f"{output} was made for {old.get('num_inputs')} inputs in {old['num_shards']} shards; {new['num_inputs']}"
+                f" inputs would make its shards hold about {new['num_inputs'] / old['num_shards']:.0f} images each "
+                f"against --shard-size {new['shard_size']}: label into another --output, or pass --overwrite")
+        manifest["created"] = old.get("created", manifest["created"])
+    elif old is None and _has_data(fs, root) and not overwrite:
         raise ResumeRefused(f"{output} holds data files but no {layout.MANIFEST_FILE}: choose an empty --output, "
                             "or pass --overwrite to delete them")
     if overwrite:
         clear(fs, root)
     fs.create_dir(root, recursive=True)
-    write(fs, root, new)
-    return False
+    write(fs, root, manifest)
+    return old is not None and not overwrite, manifest

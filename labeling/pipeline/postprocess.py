@@ -6,6 +6,8 @@
   is upsampled alone, inside its own box (bilinear on the box plus a one-pixel margin, then
   threshold), written into one reused full-size buffer and RLE-encoded. No stack of full-size
   masks ever exists, so an 8000x8000 image stays within a few hundred MB.
+- the original image: its bytes (`image_storage` "inline") or only its path, sha256 and length
+  ("reference", a labels-only release; `dataset_card.images`);
 - alignment and painting (`labeling.labelers.alignment`, under the contract's painting rule), PNG
   encoding (`dataset_card.codecs`), and the per-row statistics the shard statistics are summed
   from, the alignment invariants' figures among them (`dataset_card.invariants`).
@@ -24,7 +26,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from dataset_card import codecs, invariants, painting
+from dataset_card import codecs, images, invariants, painting
 from dataset_card.painting import DEFAULT_RULE, RULES, PaintingRule
 from dataset_card.schema import arrow_schema, semantic_mask_dtype
 from labeling.labelers import alignment
@@ -49,7 +51,7 @@ ROUTING_FIELDS = [("index", pa.int64()), ("shard", pa.int64()), ("path", pa.stri
 def staged_schema(class_names: Sequence[str], semantic_class_names: Sequence[str],
                   painting: dict | None = None) -> pa.Schema:
     """The postprocess output: contract columns (null when the row failed) + routing, stats, times."""
-    contract = arrow_schema(class_names, semantic_class_names, painting)
+    contract = arrow_schema(class_names, semantic_class_names, painting, image_reference=True)
     fields = (list(contract) + ROUTING_FIELDS + STAT_FIELDS + [(t, pa.float64()) for t in TIME_COLUMNS]
               + [("started_at", pa.float64())])
     return pa.schema(fields)
@@ -62,6 +64,7 @@ class PostprocessConfig:
     min_instance_area: int = 16  # pixels at full size; smaller masks are dropped
     thing_ids: tuple[int, ...] = ()  # the taxonomy's thing classes
     rule: PaintingRule = RULES[DEFAULT_RULE]  # the contract's painting rule (metadata.json)
+    image_storage: str = "inline"  # "reference": rows keep the image's path, hash and length, not its bytes
 
 
 def semantic_map(row: Mapping, num_semantic_classes: int) -> np.ndarray:
@@ -151,8 +154,11 @@ def label_row(row: Mapping, cfg: PostprocessConfig) -> dict:
                                               min_area=cfg.min_instance_area, ignore_value=cfg.ignore_value)
     counts = class_pixel_counts(semantic)
     figures = invariants.map_figures(instances, semantic, instance_map, cfg.thing_ids)
+    original = row["image_bytes"]
     return {
-        "image": {"bytes": row["image_bytes"], "path": row["image_path"]},
+        "image": {"bytes": original if cfg.image_storage == "inline" else None, "path": row["image_path"]},
+        "image_sha256": images.digest(original),
+        "image_nbytes": len(original),
         "width": width,
         "height": height,
         "semantic_mask": {"bytes": codecs.encode_mask_png(semantic), "path": None},
@@ -168,7 +174,7 @@ def label_row(row: Mapping, cfg: PostprocessConfig) -> dict:
     }
 
 
-_NULL_PAYLOAD = {"image": None, "width": None, "height": None, "semantic_mask": None, "instance_mask": None,
+_NULL_PAYLOAD = {"image": None, "image_sha256": None, "image_nbytes": None, "width": None, "height": None, "semantic_mask": None, "instance_mask": None,
                  "instances": None, "stat_instances": 0, "stat_coverage": 0.0, "stat_purities": [],
                  "stat_semantic_ids": [], "stat_semantic_counts": [], "stat_levels": "{}", "stat_figures": ""}
 

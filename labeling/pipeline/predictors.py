@@ -14,7 +14,9 @@ Arrow batches. What it reads per row: `image_id`, the decoded pixels at model re
   is taken; it drops `pixels`, which nothing after it needs.
 
 A failure is recorded in the row's `error_*` columns instead of raised. When a whole batch
-fails, it is retried one image at a time, so one bad image cannot take the others with it.
+fails, it is retried one image at a time, so one bad image cannot take the others with it. A
+fatal accelerator error (not out-of-memory) is no image's fault: the actor's process ends and Ray
+restarts it and retries the batch (`failures.restart_on_fatal_device_error`).
 The instance masks' upsampling, alignment, painting and PNG encoding happen later on CPUs
 (`labeling.pipeline.postprocess`).
 """
@@ -48,13 +50,15 @@ def run_each(fn: Callable[[list], list], items: Sequence) -> list:
         if len(results) != len(items):
             raise RuntimeError(f"the model returned {len(results)} results for {len(items)} images")
         return list(results)
-    except Exception:  # find the culprit: retry alone, so the others still get labels
+    except Exception as err:  # find the culprit: retry alone, so the others still get labels
+        failures.restart_on_fatal_device_error(err)  # a poisoned CUDA context: a new actor, not a failure
         _free_accelerator_memory()
     out = []
     for item in items:
         try:
             out.append(fn([item])[0])
         except Exception as err:
+            failures.restart_on_fatal_device_error(err)
             _free_accelerator_memory()
             out.append(err)
     return out

@@ -1,5 +1,6 @@
-"""The run summary: stats.json (counts over the whole output folder, speed of this run), the closing
-line printed to the user, and the loud warning when real models find almost no instances.
+"""What a finished run says about itself: stats.json (counts over the whole output folder, speed of
+this run), the dataset card, the check of the folder before the closing line, the closing line
+printed to the user, and the loud warning when real models find almost no instances.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.fs as pafs
 
 from dataset_card import layout, shards
+from dataset_card.card import minimal_card
 from labeling.pipeline.writer import ShardResult
 
 # With real models ImageNet images have tens of instances; under one on average means a wrong
@@ -34,21 +36,33 @@ def folder_stats(fs: pafs.FileSystem, root: str, committed: Iterable[int], num_s
     return total
 
 
+def failures_in(fs: pafs.FileSystem, root: str, committed: Iterable[int], num_shards: int) -> dict[str, int]:
+    """Failed inputs by reason, counted in the committed shards' errors tables."""
+    from dataset_card.summary import errors_by_type
+
+    paths = [posixpath.join(root, layout.errors_path(s, num_shards)) for s in sorted(committed)]
+    return errors_by_type(fs, [p for p in paths if shards.exists(fs, p)])
+
+
 def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[ShardResult], wall_time_s: float,
               commit_time_s: float, gpus_per_actor: float, previous: Mapping | None = None,
-              startup_s: float = 0.0) -> dict:
+              startup_s: float = 0.0, failed_by_type: Mapping[str, int] | None = None, driver_bytes: int = 0,
+              listing_s: float = 0.0) -> dict:
     """stats.json: totals over the folder; wall time, images/s and stage times of this run.
 
     startup_s: the part of the wall time before the first image was read (listing, model checks,
-    starting Ray and the model actors); `labeling_s` is the rest.
+    starting Ray and the model actors); `labeling_s` is the rest. failed_by_type: the errors
+    tables' counts (the card's source too); by default the statistics files'. driver_bytes: what
+    the driver received from the cluster (the write stage's results and the commits' results).
     """
     results = list(results)
-    processed = sum(r.rows + sum(r.errors_by_type.values()) for r in results)
+    processed = sum(r.processed for r in results)
+    failed = dict(sorted((failed_by_type if failed_by_type is not None else total.errors_by_type).items()))
     stage: dict[str, float] = {}
     for r in results:
         for name, seconds in r.stage_time_s.items():
             stage[name] = stage.get(name, 0.0) + seconds
-    stage["commit"] = commit_time_s
+    stage["commit"] = stage.get("commit", 0.0) + commit_time_s
     model_s = stage.get("instance", 0.0) + stage.get("semantic", 0.0)
     runs = list((previous or {}).get("previous_runs", []))
     if previous:
@@ -57,14 +71,16 @@ def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[Shard
     return {
         "inputs": num_inputs,
         "written": total.rows,
-        "failed": total.errors,
-        "failed_by_type": dict(sorted(total.errors_by_type.items())),
+        "failed": sum(failed.values()),
+        "failed_by_type": failed,
         "instances": total.instances,
         "processed": processed,
         "wall_time_s": round(wall_time_s, 3),
         "startup_s": round(startup_s, 3),
         "labeling_s": round(wall_time_s - startup_s, 3),
         "images_per_s": round(processed / wall_time_s, 3) if wall_time_s > 0 else 0.0,
+        "listing_s": round(listing_s, 3),
+        "driver_bytes_per_image": round(driver_bytes / processed, 1) if processed else 0.0,
         "stage_time_s": {k: round(v, 3) for k, v in stage.items()},
         "gpu_hours": round(model_s * gpus_per_actor / 3600.0, 6),
         "previous_runs": runs,
@@ -80,12 +96,15 @@ def write(fs: pafs.FileSystem, root: str, stats: Mapping) -> None:
     shards.write_bytes(fs, posixpath.join(root, layout.RUN_STATS_FILE), json.dumps(stats, indent=2).encode())
 
 
-def closing_line(stats: Mapping) -> str:
-    """"labeled W of N inputs, F failed (too_large 2, undecodable 1) in 12.3 s (4.1 images/s this run)"."""
+def closing_line(stats: Mapping, output: str = "OUTPUT") -> str:
+    """"labeled W of N inputs, F failed (too_large 2, undecodable 1); this run processed P in 12.3 s
+    (4.1 images/s)", and where the failures are listed when there are any."""
     reasons = ", ".join(f"{k} {v}" for k, v in stats["failed_by_type"].items())
     failed = f"{stats['failed']} failed" + (f" ({reasons})" if reasons else "")
+    where = (f"; the failed inputs and why: {posixpath.join(output, layout.ERRORS_DIR)}/ "
+             f"(datasets.load_dataset({output!r}, 'errors'))" if stats["failed"] else "")
     return (f"labeled {stats['written']} of {stats['inputs']} inputs, {failed}; this run processed "
-            f"{stats['processed']} in {stats['wall_time_s']:.1f} s ({stats['images_per_s']:.2f} images/s)")
+            f"{stats['processed']} in {stats['wall_time_s']:.1f} s ({stats['images_per_s']:.2f} images/s){where}")
 
 
 class InstanceCountCheck:
@@ -116,3 +135,46 @@ class InstanceCountCheck:
         bar = "!" * 100
         print(f"\n{bar}\n{message}\n{bar}\n", file=sys.stderr, flush=True)
         return message
+
+
+class OutputInvalid(RuntimeError):
+    """The run finished but the folder fails validation; the message says what to do."""
+
+
+def verify_folder(output: str) -> None:
+    """Raise OutputInvalid unless `output` passes `python -m dataset_card validate` (the fast form)."""
+    from dataset_card.validate import validate
+
+    report = validate(output)
+    if not report.ok:
+        raise OutputInvalid(f"the run ended but {output} fails validation:\n{report.format(limit=20)}\n"
+                            "Rerun the same command to repair the shards named above.")
+
+
+def _is_full_card(text: str) -> bool:
+    return text.startswith("---") and "\npretty_name:" in text.split("\n---", 1)[0]
+
+
+def write_card(output: str, root: str, metadata: layout.DatasetMetadata, has_errors: bool, log=print) -> None:
+    """The full dataset card. If building it fails, an earlier full card is kept (it is then out of
+    date, and the run says so), else the minimal card is written; the labels are done either way."""
+    from dataset_card.build import build_card
+
+    try:
+        build_card(output)
+        return
+    except Exception as err:  # the labels are done; a card failure must not hide that
+        reason = f"{type(err).__name__}: {err}" if not isinstance(err, shards.OutputWriteError) else str(err)
+    fs, _ = shards.filesystem(output)
+    path = posixpath.join(root, layout.CARD_FILE)
+    previous = shards.read_bytes(fs, path).decode(errors="replace") if shards.exists(fs, path) else ""
+    rebuild = f"rebuild it with: python -m dataset_card build {output}"
+    if _is_full_card(previous):
+        log(f"warning: the dataset card could not be rebuilt ({reason}); the previous full card is kept and is out "
+            f"of date: {rebuild}")
+        return
+    log(f"warning: the full dataset card failed ({reason}); writing the minimal card instead: {rebuild}")
+    try:
+        shards.write_bytes(fs, path, str(minimal_card(metadata, has_errors, image_reference=True)).encode())
+    except shards.OutputWriteError as err:
+        log(f"warning: no dataset card was written ({err})")

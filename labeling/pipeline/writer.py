@@ -1,82 +1,69 @@
-"""Writing around shards: rows are collected per shard, whatever Ray's block boundaries, and a shard
-is committed once every input it owes has arrived.
+"""Writing on the workers: labeled rows -> part files -> committed shards. The driver only
+coordinates (`labeling.pipeline.commits`); no image, mask or row ever reaches it.
 
-`ShardAssembler` keeps the post-processed rows of each open shard keyed by input index, so a row
-that arrives twice (a retried Ray task) is kept once. A complete shard is split into its data rows,
-errors and statistics and written with `dataset_card.shards.commit_shard` (errors, stats, then the
-data file: the commit point). Rewriting a shard replaces the same files with the same content.
-
-`--retry-errors` rewrites shards that are already committed (their old rows plus the recovered
-ones). Three files must then change together, so they are first written beside their targets and
-a journal naming the renames is committed before any rename; a run that finds a journal finishes
-its renames (`recover`). Either way no input is ever both in the data and in the errors table.
+1. `write_parts`, the pipeline's last stage (a CPU task), writes each batch's post-processed rows
+   as one Parquet part per shard under `.parts/SSSSS/` (a new name for every attempt) and returns
+   only what the driver tracks: shard, part name and input indices, tens of bytes per image.
+2. When every input a shard owes has arrived, the driver starts `commit` as a Ray task. It reads
+   the shard's parts (keeping each input index once: a retried task may have written a row twice),
+   merges the rows and failures the shard already holds when it is being updated (the rows of
+   inputs still listed and not being redone), checks that rows + failures equal the shard's
+   inputs, and writes errors, statistics, then the data file with its footer (run id, manifest
+   hash, input digest and counts). A shard that already has a data file is replaced through a
+   journal: the three new files are written beside the old, the journal naming their renames is
+   committed, then the renames run; a run that finds a journal finishes it first (`recover`).
+   Either way no input is ever both in the data and in the errors table.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Iterable, Mapping
+import time
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dataset_card import invariants, layout, shards
-from dataset_card.schema import COLUMNS, validate_schema
+from dataset_card import codecs, invariants, layout, painting, shards
+from dataset_card.lease import holder_of
+from dataset_card.schema import validate_schema
+from labeling.pipeline import failures
 
 JOURNAL_DIR = ".journal"
+
+# What the write stage returns per part file: all the driver ever receives about labeled images.
+PART_SCHEMA = pa.schema([
+    ("shard", pa.int64()),
+    ("part", pa.string()),  # file name in .parts/SSSSS/ ("" when the write failed)
+    ("indices", pa.list_(pa.int64())),  # input indices whose rows it holds
+    ("started_at", pa.float64()),  # earliest read of its rows (the run's labeling start is the min)
+    ("error", pa.string()),  # a write that cannot succeed: the sentence the run stops with
+])
+
+
+class LeaseLost(RuntimeError):
+    """Another run holds the folder's lease now; this run must not commit."""
 
 
 @dataclass
 class ShardResult:
-    """What one commit wrote (this run's share of the run summary)."""
+    """What one commit did in this run (this run's share of the run summary)."""
 
     shard: int
-    rows: int
-    errors_by_type: dict[str, int] = field(default_factory=dict)
+    rows: int  # rows this run labeled into the shard
+    errors_by_type: dict[str, int] = field(default_factory=dict)  # failures this run recorded
     instances: int = 0
     stage_time_s: dict[str, float] = field(default_factory=dict)
 
-
-class ShardAssembler:
-    """Rows per open shard until each holds every index it owes.
-
-    expected: shard -> the input indices this run must deliver for it (all of a new shard's, or
-    only the failed ones of a shard being retried).
-    """
-
-    def __init__(self, expected: Mapping[int, Iterable[int]]):
-        self.expected = {shard: set(indices) for shard, indices in expected.items() if indices}
-        self._rows: dict[int, dict[int, pa.Table]] = {shard: {} for shard in self.expected}
-
-    def add(self, batch: pa.Table) -> list[int]:
-        """Take a staged batch; return the shards it completed."""
-        done = []
-        shard_col, index_col = batch.column("shard").to_pylist(), batch.column("index").to_pylist()
-        for i, (shard, index) in enumerate(zip(shard_col, index_col)):
-            rows = self._rows.get(shard)
-            if rows is None or index not in self.expected[shard] or index in rows:
-                continue  # a shard already committed this run, or a duplicate from a retried task
-            rows[index] = batch.slice(i, 1)
-            if len(rows) == len(self.expected[shard]):
-                done.append(shard)
-        return done
-
-    def take(self, shard: int) -> pa.Table:
-        """The complete shard's rows in input order; the shard is closed."""
-        rows = self._rows.pop(shard)
-        del self.expected[shard]
-        return pa.concat_tables([rows[i] for i in sorted(rows)]).combine_chunks()
-
-    def missing(self) -> dict[int, set[int]]:
-        """Indices still owed, per open shard."""
-        return {s: self.expected[s] - set(rows) for s, rows in self._rows.items()}
-
-    def __len__(self) -> int:
-        return len(self._rows)
+    @property
+    def processed(self) -> int:
+        return self.rows + sum(self.errors_by_type.values())
 
 
 def errors_table(staged: pa.Table) -> pa.Table:
@@ -94,10 +81,11 @@ def errors_table(staged: pa.Table) -> pa.Table:
 def data_table(staged: pa.Table, contract: pa.Schema) -> pa.Table:
     """The successful rows, contract columns only, with the contract's schema and metadata."""
     ok = staged.filter(pc.equal(staged.column("error_type"), ""))
-    return ok.select(list(COLUMNS)).cast(contract)
+    return ok.select(contract.names).cast(contract)
 
 
 def add_rows(stats: layout.ShardStats, staged: pa.Table) -> None:
+    """Per-row statistics the post-process stage computed, for its successful rows."""
     ok = staged.filter(pc.equal(staged.column("error_type"), ""))
     columns = ok.select(["stat_instances", "stat_coverage", "stat_purities", "stat_semantic_ids",
                          "stat_semantic_counts", "stat_levels", "stat_figures"]).to_pydict()
@@ -108,28 +96,99 @@ def add_rows(stats: layout.ShardStats, staged: pa.Table) -> None:
         stats.add_row(n, coverage, purities, dict(zip(ids, counts)), json.loads(levels or "{}"), found)
 
 
-def _result(shard: int, staged: pa.Table, errors: pa.Table) -> ShardResult:
+def add_stored_rows(stats: layout.ShardStats, rows: pa.Table, thing_ids: Sequence[int]) -> None:
+    """Statistics of rows a shard already held (reused by an update), from their decoded maps."""
+    for row in rows.select(["semantic_mask", "instance_mask", "instances"]).to_pylist():
+        semantic = codecs.decode_mask(row["semantic_mask"]["bytes"])
+        instance_map = codecs.decode_mask(row["instance_mask"]["bytes"])
+        instances = row["instances"] or []
+        classes, counts = np.unique(semantic, return_counts=True)
+        stats.add_row(len(instances), float(np.count_nonzero(instance_map)) / max(1, instance_map.size),
+                      [inst["category_purity"] for inst in instances], dict(zip(classes.tolist(), counts.tolist())),
+                      painting.level_counts(instances), invariants.map_figures(instances, semantic, instance_map,
+                                                                               thing_ids))
+
+
+def _result(shard: int, staged: pa.Table) -> ShardResult:
     ok = staged.filter(pc.equal(staged.column("error_type"), ""))
     by_type: dict[str, int] = {}
-    for t in errors.column("error_type").to_pylist():
-        by_type[t] = by_type.get(t, 0) + 1
+    for t in staged.column("error_type").to_pylist():
+        if t:
+            by_type[t] = by_type.get(t, 0) + 1
     times = {c.removeprefix("time_"): float(pc.sum(staged.column(c)).as_py() or 0.0)
              for c in staged.column_names if c.startswith("time_")}
     return ShardResult(shard, ok.num_rows, by_type, int(pc.sum(ok.column("stat_instances")).as_py() or 0), times)
 
 
-def commit(fs: pafs.FileSystem, root: str, shard: int, num_shards: int, staged: pa.Table,
-           contract: pa.Schema) -> ShardResult:
-    """Commit a complete new shard from its staged rows (input order)."""
-    errors = errors_table(staged)
-    stats = layout.ShardStats(shard=shard)
-    add_rows(stats, staged)
-    for error_type in errors.column("error_type").to_pylist():
-        stats.add_error(error_type)
-    data = data_table(staged, contract)
-    validate_schema(data.schema, source=layout.data_path(shard, num_shards))
-    shards.commit_shard(fs, root, shard, num_shards, data, errors, stats)
-    return _result(shard, staged, errors)
+# ---------------------------------------------------------------------------------------------
+# 1. The write stage
+
+
+def _write_part(fs: pafs.FileSystem, root: str, shard: int, rows: pa.Table, run_id: str) -> str:
+    folder = posixpath.join(root, layout.parts_dir(shard))
+
+    def attempt() -> str:
+        name = f"{run_id}-{uuid.uuid4().hex[:12]}.parquet"  # a new name for every attempt
+        path = posixpath.join(folder, name)
+        try:
+            fs.create_dir(folder, recursive=True)
+            with fs.open_output_stream(path) as stream:  # temporary: uncompressed, one row group
+                shards.write_parquet(rows, stream, row_group_size=max(1, rows.num_rows), compression=None)
+        except BaseException:
+            try:
+                fs.delete_file(path)
+            except OSError:
+                pass
+            raise
+        return name
+
+    return shards.retrying(attempt, folder)
+
+
+_FILESYSTEMS: dict[str, tuple[pafs.FileSystem, str]] = {}  # per worker process
+
+
+def write_parts(batch: pa.Table, output: str, run_id: str) -> pa.Table:
+    """The pipeline's last stage: post-processed rows (`postprocess.staged_schema`) -> one part file
+    per shard they belong to; returns PART_SCHEMA rows (no image, mask or label data)."""
+    if output not in _FILESYSTEMS:
+        _FILESYSTEMS[output] = shards.filesystem(output)
+    fs, root = _FILESYSTEMS[output]
+    out = []
+    shard_column = batch.column("shard")
+    for shard in pc.unique(shard_column).to_pylist():
+        rows = batch.filter(pc.equal(shard_column, shard))
+        started = pc.min(rows.column("started_at")).as_py() or 0.0
+        try:
+            part, error = _write_part(fs, root, shard, rows, run_id), ""
+        except shards.OutputWriteError as err:
+            part, error = "", str(err)
+        out.append({"shard": shard, "part": part, "indices": rows.column("index").to_pylist(), "started_at": started,
+                    "error": error})
+    return pa.Table.from_pylist(out, schema=PART_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The commit
+
+
+@dataclass(frozen=True)
+class CommitJob:
+    """Everything a commit task needs (what the driver sends: the shard's input list, no rows)."""
+
+    output: str
+    shard: int
+    num_shards: int
+    inputs: pa.Table  # index, path, image_id, label: the shard's current inputs, in input order
+    digest: str  # plan.inputs_digest of their paths
+    parts: tuple[str, ...]  # part file names in .parts/SSSSS/
+    todo: tuple[int, ...]  # input indices this run labeled for the shard
+    contract: pa.Schema
+    footer: dict  # run_id, manifest_sha256, image_storage
+    thing_ids: tuple[int, ...] = ()
+    reuse: bool = False  # merge what the shard already holds
+    lost: pa.Table | None = None  # staged failure rows of inputs whose rows never came back
+    check_lease: bool = True
 
 
 def _paths(root: str, shard: int, num_shards: int) -> tuple[str, str, str]:
@@ -146,47 +205,108 @@ def read_errors(fs: pafs.FileSystem, root: str, shard: int, num_shards: int) -> 
         return pq.read_table(f).cast(layout.ERRORS_SCHEMA)
 
 
-def commit_retried(fs: pafs.FileSystem, root: str, shard: int, num_shards: int, staged: pa.Table,
-                   contract: pa.Schema, shard_inputs: pa.Table) -> ShardResult:
-    """Rewrite a committed shard with its retried inputs: recovered rows join the data, the rest
-    replace their old errors. `shard_inputs` (index, path, image_id) gives the input order."""
-    data_path, errors_path, stats_path = _paths(root, shard, num_shards)
-    with fs.open_input_file(data_path) as f:
-        old_data = pq.read_table(f)
-    old_errors = read_errors(fs, root, shard, num_shards)
-    retried = pa.array(staged.column("path").to_pylist(), pa.string())
-    kept_errors = old_errors.filter(pc.invert(pc.is_in(old_errors.column("path"), retried)))
-    errors = pa.concat_tables([kept_errors, errors_table(staged)])
-    data = pa.concat_tables([old_data.cast(contract), data_table(staged, contract)])
-    by_path = dict(zip(shard_inputs.column("path").to_pylist(), shard_inputs.column("index").to_pylist()))
-    by_id: dict[str, int] = {}
-    for image_id, index in zip(shard_inputs.column("image_id").to_pylist(), shard_inputs.column("index").to_pylist()):
-        by_id.setdefault(image_id, index)  # a duplicate id never has a data row
-    data = data.take(pc.sort_indices(pa.array([by_id[i] for i in data.column("image_id").to_pylist()])))
-    errors = errors.take(pc.sort_indices(pa.array([by_path[p] for p in errors.column("path").to_pylist()])))
+def read_parts(fs: pafs.FileSystem, root: str, shard: int, parts: Sequence[str], todo: Sequence[int]) -> pa.Table | None:
+    """The staged rows of `todo` from the shard's part files, each input index once."""
+    wanted = pa.array(sorted(set(todo)), pa.int64())
+    tables = []
+    for name in parts:
+        with fs.open_input_file(posixpath.join(root, layout.parts_dir(shard), name)) as f:
+            table = pq.read_table(f)
+        tables.append(table.filter(pc.is_in(table.column("index"), wanted)))
+    if not tables:
+        return None
+    rows = pa.concat_tables(tables)
+    _, first = np.unique(rows.column("index").to_numpy(), return_index=True)
+    return rows.take(pa.array(np.sort(first)))
 
-    stats = layout.ShardStats.from_json(shards.read_bytes(fs, stats_path).decode())
-    stats.errors, stats.errors_by_type = 0, {}
+
+def commit(job: CommitJob) -> ShardResult:
+    """Merge, check and commit one shard (see the module docstring); runs as a Ray task."""
+    start = time.perf_counter()
+    fs, root = shards.filesystem(job.output)
+    data_path, errors_path, stats_path = _paths(root, job.shard, job.num_shards)
+    staged = read_parts(fs, root, job.shard, job.parts, job.todo)
+    if job.lost is not None and job.lost.num_rows:
+        staged = job.lost if staged is None else pa.concat_tables([staged, job.lost.cast(staged.schema)])
+    order = {p: i for p, i in zip(job.inputs.column("path").to_pylist(), job.inputs.column("index").to_pylist())}
+    by_id: dict[str, int] = {}
+    for image_id, index in zip(job.inputs.column("image_id").to_pylist(), job.inputs.column("index").to_pylist()):
+        by_id.setdefault(image_id, index)  # a duplicate id never has a data row
+
+    new_paths = set(staged.column("path").to_pylist()) if staged is not None else set()
+    data_parts, error_parts, stats = [], [], layout.ShardStats(shard=job.shard)
+    if job.reuse and shards.exists(fs, data_path):
+        with fs.open_input_file(data_path) as f:
+            old = pq.read_table(f)
+        redone = {image_id for p, image_id in zip(staged.column("path").to_pylist(),
+                                                  staged.column("image_id").to_pylist())} if staged else set()
+        keep = [image_id in by_id and image_id not in redone for image_id in old.column("image_id").to_pylist()]
+        old = old.filter(pa.array(keep, pa.bool_()))
+        add_stored_rows(stats, old, job.thing_ids)
+        data_parts.append(old.select(job.contract.names).cast(job.contract))
+        old_errors = read_errors(fs, root, job.shard, job.num_shards)
+        keep = [p in order and p not in new_paths for p in old_errors.column("path").to_pylist()]
+        error_parts.append(old_errors.filter(pa.array(keep, pa.bool_())))
+    if staged is not None:
+        add_rows(stats, staged)
+        data_parts.append(data_table(staged, job.contract))
+        error_parts.append(errors_table(staged))
+    data = pa.concat_tables(data_parts) if data_parts else job.contract.empty_table()
+    errors = pa.concat_tables(error_parts) if error_parts else layout.ERRORS_SCHEMA.empty_table()
+    data = data.take(pc.sort_indices(pa.array([by_id[i] for i in data.column("image_id").to_pylist()], pa.int64())))
+    errors = errors.take(pc.sort_indices(pa.array([order[p] for p in errors.column("path").to_pylist()], pa.int64())))
     for error_type in errors.column("error_type").to_pylist():
         stats.add_error(error_type)
-    add_rows(stats, staged)
-    validate_schema(data.schema, source=layout.data_path(shard, num_shards))
+    if data.num_rows + errors.num_rows != job.inputs.num_rows:
+        raise RuntimeError(f"shard {job.shard} would hold {data.num_rows} rows and {errors.num_rows} failures for "
+                           f"{job.inputs.num_rows} inputs; not committed (a bug: please report it)")
+    validate_schema(data.schema, source=layout.data_path(job.shard, job.num_shards))
+    footer = {**job.footer, "shard": job.shard, "num_shards": job.num_shards, "inputs": job.inputs.num_rows,
+              "inputs_sha256": job.digest, "rows": data.num_rows, "errors": errors.num_rows}
+    if job.check_lease:
+        holder = holder_of(job.output)
+        if holder is None or holder.run_id != job.footer.get("run_id"):
+            raise LeaseLost(f"shard {job.shard} was not committed: another run took over the lease of {job.output}")
+    rows_per_group = shards.row_group_rows(data)
+    if shards.exists(fs, data_path):
+        _rewrite(fs, root, job.shard, {errors_path: lambda s: shards.write_parquet(errors, s),
+                                       stats_path: lambda s: s.write(stats.to_json().encode()),
+                                       data_path: lambda s: shards.write_parquet(shards.with_footer(data, **footer), s,
+                                                                                 rows_per_group)})
+    else:
+        shards.commit_shard(fs, root, job.shard, job.num_shards, data, errors, stats, footer=footer,
+                            row_group_size=rows_per_group)
+    shards.delete_dir_quietly(fs, posixpath.join(root, layout.parts_dir(job.shard)))
+    result = _result(job.shard, staged) if staged is not None else ShardResult(job.shard, 0)
+    result.stage_time_s["commit"] = time.perf_counter() - start
+    return result
 
-    writes = {
-        errors_path: lambda s: shards.write_parquet(errors.cast(layout.ERRORS_SCHEMA), s),
-        stats_path: lambda s: s.write(stats.to_json().encode()),
-        data_path: lambda s: shards.write_parquet(data, s),
-    }
+
+def _rewrite(fs: pafs.FileSystem, root: str, shard: int, writes: dict) -> None:
+    """Replace a committed shard's files together: staged beside them, a journal, then the renames."""
+    attempt = uuid.uuid4().hex[:12]
     journal = []
-    for target, write in writes.items():
-        staging = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.rewrite")
-        with fs.open_output_stream(staging) as stream:
-            write(stream)
-        journal.append([staging, target])
+    try:
+        for target, write in writes.items():
+            staging = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.{attempt}.rewrite")
+            journal.append([staging, target])
+
+            def one(staging=staging, write=write):
+                fs.create_dir(posixpath.dirname(staging), recursive=True)  # a folder deleted by hand
+                with fs.open_output_stream(staging) as stream:
+                    write(stream)
+
+            shards.retrying(one, target)
+    except BaseException:  # nothing was renamed yet: the old files stand; remove the new ones
+        for staging, _ in journal:
+            try:
+                fs.delete_file(staging)
+            except OSError:
+                pass
+        raise
     journal_path = posixpath.join(root, JOURNAL_DIR, f"shard-{shard:05d}.json")
     shards.write_bytes(fs, journal_path, json.dumps(journal).encode())  # the rewrite's commit point
     _apply(fs, journal_path)
-    return _result(shard, staged, errors_table(staged))
 
 
 def _apply(fs: pafs.FileSystem, journal_path: str) -> None:
@@ -204,3 +324,14 @@ def recover(fs: pafs.FileSystem, root: str) -> int:
     for path in journals:
         _apply(fs, path)
     return len(journals)
+
+
+def lost_rows(work: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Staged failure rows for inputs whose results never came back, even when labeled alone."""
+    failure = failures.Failure("worker", failures.WORKER_CRASH,
+                               "the worker labeling this image died on every attempt, even with the image alone")
+    rows = []
+    for row in work.to_pylist():
+        row.update(failure.as_row())
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=schema)

@@ -42,7 +42,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataset_card import codecs, layout, shards
-from dataset_card.schema import TRAINING_COLUMNS, SchemaError, validate_schema
+from dataset_card.images import ImageReferenceError, ImageSource, check_image_root, row_images
+from dataset_card.schema import REFERENCE_COLUMNS, TRAINING_COLUMNS, SchemaError, validate_schema
 from pretraining.data.augment import AugmentConfig, augment, joint_transform, sample_seeds
 from pretraining.models.instances import instance_representation
 from pretraining.models.masking import (
@@ -96,14 +97,16 @@ class LabeledDataset:
     files: tuple[str, ...]  # paths inside the filesystem of `root`
     units: tuple[Unit, ...]  # one per row group, in file order
     metadata: layout.DatasetMetadata
+    images: str | None = None  # a labels-only release's image folder (`dataset_card.images`)
 
     @property
     def num_rows(self) -> int:
         return sum(u.num_rows for u in self.units)
 
 
-def open_labeled_dataset(root: str) -> LabeledDataset:
-    """Find and validate the data files of a labeled folder (schema of every file, metadata.json)."""
+def open_labeled_dataset(root: str, images: str | None = None) -> LabeledDataset:
+    """Find and validate the data files of a labeled folder (schema of every file, metadata.json).
+    `images`: the folder a labels-only release was labeled from (its images are read from there)."""
     fs, base = shards.filesystem(root)
     if fs.get_file_info(base).type != pafs.FileType.Directory:
         raise DataError(f"--data {root} is not a folder: point it at the output folder of the labeling stage.")
@@ -126,7 +129,8 @@ def open_labeled_dataset(root: str) -> LabeledDataset:
         parquet = pq.ParquetFile(path, filesystem=fs)
         try:
             validate_schema(parquet.schema_arrow, columns=TRAINING_COLUMNS, source=path)
-        except SchemaError as err:
+            check_image_root(parquet.schema_arrow, images, path)
+        except (SchemaError, ImageReferenceError) as err:
             raise DataError(str(err)) from err
         for g in range(parquet.metadata.num_row_groups):
             rows = parquet.metadata.row_group(g).num_rows
@@ -134,7 +138,7 @@ def open_labeled_dataset(root: str) -> LabeledDataset:
             first_index += rows
     if first_index == 0:
         raise DataError(f"{root} has data files but no rows: every shard of the labeling run failed.")
-    return LabeledDataset(root, tuple(files), tuple(units), metadata)
+    return LabeledDataset(root, tuple(files), tuple(units), metadata, images)
 
 
 def split_rows(units: Sequence[Unit], parts: int) -> list[Unit]:
@@ -304,18 +308,23 @@ class _RowReader:
         self.dataset, self.columns = dataset, list(columns)
         self.fs = shards.filesystem(dataset.root)[0]
         self.files: OrderedDict[int, pq.ParquetFile] = OrderedDict()
+        self.images = ImageSource(dataset.images) if dataset.images else None  # --images: referenced files
 
     def read(self, unit: Unit) -> list[dict]:
         if unit.file not in self.files:
             self.files[unit.file] = pq.ParquetFile(self.dataset.files[unit.file], filesystem=self.fs)
             if len(self.files) > 4:
                 self.files.popitem(last=False)
-        table = self.files[unit.file].read_row_group(unit.row_group, columns=self.columns)
+        parquet = self.files[unit.file]
+        checks = [c for c in REFERENCE_COLUMNS if self.images and parquet.schema_arrow.get_field_index(c) >= 0]
+        table = parquet.read_row_group(unit.row_group, columns=self.columns + checks)
         table = table.slice(unit.start, unit.num_rows)
         columns = {}
         for name in self.columns:
             column = table.column(name).combine_chunks()
             columns[name] = column.field("bytes").to_pylist() if name != "label" else column.to_pylist()
+        if "image" in columns and self.images:  # a labels-only release: the files, checked
+            columns["image"] = row_images(table, self.images)
         return [{name: values[i] for name, values in columns.items()} for i in range(unit.num_rows)]
 
 
