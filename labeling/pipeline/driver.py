@@ -1,7 +1,7 @@
 """The labeling pipeline: an input list -> Ray Data stages -> committed shards.
 
-    input paths ──► read + decode + shrink (CPU tasks) ──► InstancePredictor (actors, GPU)
-        ──► SemanticPredictor (actors, GPU) ──► upsample + align + paint + PNG (CPU tasks)
+    input paths ──► read + header check (CPU tasks) ──► ModelPredictor: decode, SAM + semantic (actors, GPU)
+        ──► upsample + align + paint + PNG (CPU tasks)
         ──► driver: rows collected per shard ──► commit (errors, stats, data file)
 
 Shards, not Ray blocks, are the unit of work and of commit: the sorted inputs are cut into fixed
@@ -38,7 +38,7 @@ from labeling.inputs.kinds import list_inputs
 from labeling.labelers.model_choice import TINY_RANDOM_WARNING, ModelChoice
 from labeling.pipeline import cluster, failures, manifest, summary, writer
 from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema
-from labeling.pipeline.predictors import InstancePredictor, SemanticPredictor
+from labeling.pipeline.predictors import ModelPredictor
 from labeling.pipeline.preprocess import WORK_SCHEMA, read_stage
 
 
@@ -120,7 +120,7 @@ def model_choice(cfg: LabelingConfig) -> ModelChoice:
     for name in ("points_per_side", "pred_iou_thresh", "stability_score_thresh"):
         if getattr(cfg, name) is not None:
             instance[name] = getattr(cfg, name)
-    semantic = {**preset["semantic"], "batch_size": cfg.model_batch_size}
+    semantic = dict(preset["semantic"])
     if cfg.semantic_shortest_edge is not None:
         semantic["shortest_edge"] = cfg.semantic_shortest_edge
     base = ModelChoice(preset=cfg.models)
@@ -218,15 +218,16 @@ def build_dataset(work: pa.Table, listed: Inputs, cfg: LabelingConfig, choice: M
 def _stages(ds, listed, cfg, choice, post, schema, plan: cluster.Layout) -> ray.data.Dataset:
     retries = {"max_retries": 3}  # a crash-looping input must not retry forever (Ray Data's default)
     actor_retries = {"max_restarts": -1, "max_task_retries": 3}
-    model_args = {"choice": choice, "num_gpus": plan.gpus_per_actor, "threads": plan.threads}
     ds = ds.map_batches(read_stage, batch_size=cfg.read_batch_size, batch_format="pyarrow", num_cpus=plan.task_cpus,
-                        fn_kwargs={"source": listed.source, "max_pixels": cfg.max_pixels,
-                                   "max_side": model_max_side(cfg)}, **retries)
-    for predictor, count in ((InstancePredictor, plan.instance_actors), (SemanticPredictor, plan.semantic_actors)):
-        # Fixed-size pools: every actor has loaded its model before the first image is read.
-        ds = ds.map_batches(predictor, batch_size=cfg.model_batch_size, batch_format="pyarrow",
-                            fn_constructor_kwargs=model_args, compute=ray.data.ActorPoolStrategy(size=count),
-                            num_gpus=plan.gpus_per_actor, num_cpus=plan.actor_cpus, **actor_retries)
+                        fn_kwargs={"source": listed.source, "max_pixels": cfg.max_pixels}, **retries)
+    # One pool of actors that each hold both models (no GPU waits for another's model); the layout's
+    # two counts are its size. Fixed size: every actor has loaded its models before an image is read.
+    model_args = {"choice": choice, "num_gpus": plan.gpus_per_actor, "threads": plan.threads,
+                  "max_side": model_max_side(cfg), "max_pixels": cfg.max_pixels}
+    ds = ds.map_batches(ModelPredictor, batch_size=cfg.model_batch_size, batch_format="pyarrow",
+                        fn_constructor_kwargs=model_args,
+                        compute=ray.data.ActorPoolStrategy(size=plan.instance_actors + plan.semantic_actors),
+                        num_gpus=plan.gpus_per_actor, num_cpus=plan.actor_cpus, **actor_retries)
     return ds.map_batches(postprocess_stage, batch_size=cfg.postprocess_batch_size, batch_format="pyarrow",
                           num_cpus=plan.task_cpus, fn_kwargs={"cfg": post, "schema": schema}, **retries)
 
@@ -370,8 +371,8 @@ def run_labeling(cfg: LabelingConfig, log=print) -> dict:
         + (f"; resuming: {len(plan.committed)} shards already committed" if resumed else "")
         + (f"; finished {recovered} interrupted retry rewrites" if recovered else "")
         + (f"; retrying {sum(map(len, plan.retry.values()))} failed inputs" if plan.retry else ""))
-    log(f"model actors: {resources.instance_actors} SAM + {resources.semantic_actors} semantic, "
-        f"{resources.gpus_per_actor:g} GPU and {resources.actor_cpus:g} CPU each")
+    log(f"model actors: {resources.instance_actors + resources.semantic_actors}, each with SAM and the semantic "
+        f"model, {resources.gpus_per_actor:g} GPU and {resources.actor_cpus:g} CPU each")
 
     contract = arrow_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict())
     schema = staged_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict())

@@ -55,3 +55,19 @@ def from_exception(stage: str, err: BaseException) -> Failure:
         POSTPROCESS: POSTPROCESS_FAILED,
     }.get(stage, f"{stage}_failed")
     return Failure(stage, default, f"{type(err).__name__}: {message}"[:2000])
+
+
+# CUDA errors that leave the device (or this process's context on it) unusable: every later image on
+# the same actor would fail too, so they must restart the actor instead of blaming the image.
+_DEVICE_ERROR_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert",
+                         "NCCL error", "illegal memory access")
+
+
+def is_fatal_device_error(err: BaseException) -> bool:
+    """Whether `err` is an accelerator error other than out-of-memory (which one image can cause and
+    which a retry with fewer images can survive); such errors propagate out of the model stage."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    message = str(err)
+    if "OutOfMemoryError" in names or "out of memory" in message:
+        return False
+    return "AcceleratorError" in names or any(marker in message for marker in _DEVICE_ERROR_MARKERS)
