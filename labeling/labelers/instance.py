@@ -5,7 +5,7 @@ same parameters, computed with less work and few device round trips:
 
 - `prepare` (CPU, thread-safe): crops resized for the encoder with segment_anything's own resize;
 - the image encoder runs on `encoder_batch_size` crops per call (of any images), its attention
-  through PyTorch's fused kernels (`sam_fast.use_fused_attention`), bf16 autocast on a GPU;
+  through PyTorch's fused kernels (`sam_fast.fused_encoder`), bf16 autocast on a GPU;
 - the prompt decoder runs `points_per_batch` prompts per call, mixing the crops of an encoder call
   (`sam_fast.decode_points`); all calls of a wave are queued before anything is read back;
 - predicted-IoU filtering, then the exact stability score and box of each candidate computed only
@@ -52,7 +52,7 @@ from labeling.labelers.mask_postprocess import (
     window_changes,
     windows_above,
 )
-from labeling.labelers.sam_fast import decode_points, use_fused_attention
+from labeling.labelers.sam_fast import decode_points, fused_encoder
 from labeling.labelers.timing import StageClock
 
 FILTER_BATCH = 1024  # candidates whose stability and boxes are computed together (bounds memory)
@@ -141,8 +141,6 @@ class InstanceLabeler:
         self.cfg = cfg or InstanceLabelerConfig()
         self.device = torch.device(device)
         self.sam = sam.to(self.device).eval()
-        if self.cfg.fused_attention:
-            use_fused_attention(self.sam)
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         # A call's memory is about 40 MB a prompt at SAM's size in fp32 (the decoder repeats the image
         # embedding per prompt): 256 prompts suit a GPU, the stock 64 a CPU.
@@ -154,7 +152,8 @@ class InstanceLabeler:
         )
         use_bf16 = self.cfg.bf16 and (self.device.type == "cuda" or self.cfg.bf16_on_cpu)
         self._autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
-        self._encoder = torch.compile(self.sam.image_encoder) if self.cfg.compile else self.sam.image_encoder
+        encoder = fused_encoder(self.sam.image_encoder) if self.cfg.fused_attention else self.sam.image_encoder
+        self._encoder = torch.compile(encoder) if self.cfg.compile else encoder
         self._decode = torch.compile(decode_points) if self.cfg.compile else decode_points
         self.clock = StageClock()  # seconds per stage; benchmarks swap in a syncing clock
 
@@ -292,15 +291,21 @@ class InstanceLabeler:
             empty = c.boxes.sum(1) == 0  # batched_mask_to_box's [0, 0, 0, 0]; may still be a one-pixel mask
             if empty.any():  # an empty box is ambiguous: look at the whole window above the threshold
                 windows[empty] = windows_above(c.low[empty], self.sam.mask_threshold, taps_y[0], taps_x[0])
+            # Masks of similar window sizes share a chunk (padded to its largest window): little waste.
+            order = torch.argsort((windows[:, 2:] - windows[:, :2]).clamp_min(1).prod(1))
             areas = torch.zeros(len(windows), dtype=torch.int64, device=self.device)
-            count = torch.zeros(len(windows), dtype=torch.int64, device=self.device)
-            for lo, hi in self._chunks(windows):
-                binary = self._binary_windows(c.low[lo:hi], taps_y, taps_x, windows[lo:hi])
-                areas[lo:hi] = binary.flatten(1).sum(1)
-                origins = windows[lo:hi, :2] + torch.tensor([y0, x0], device=self.device)
+            owners, positions = [], []
+            for lo, hi in self._chunks(windows[order]):
+                index = order[lo:hi]
+                binary = self._binary_windows(c.low[index], taps_y, taps_x, windows[index])
+                areas[index] = binary.flatten(1).sum(1)
+                origins = windows[index, :2] + torch.tensor([y0, x0], device=self.device)
                 owner, position = window_changes(binary, origins, height, width)
-                count[lo:hi] = torch.bincount(owner, minlength=hi - lo)
-                changes.append(position)
+                owners.append(index[owner])
+                positions.append(position)
+            owner, by_mask = torch.sort(torch.cat(owners), stable=True)  # back to the masks' order
+            changes.append(torch.cat(positions)[by_mask])
+            count = torch.bincount(owner, minlength=len(windows))
             boxes = c.boxes + torch.tensor([x0, y0, x0, y0], device=self.device)  # uncropped XYXY
             metas.append(torch.cat([torch.full_like(c.iou, j)[:, None], c.iou[:, None], c.stability[:, None],
                                     boxes.double(), areas[:, None].double(), count[:, None].double()], 1).double())

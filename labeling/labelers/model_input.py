@@ -46,4 +46,5 @@ def decode(data: bytes, max_pixels: int, max_side: int) -> tuple[np.ndarray, int
     rgb = codecs.decode_image(data)  # THE canonical decode: same pixels as training sees
     if rgb.shape[:2] != (height, width):
         raise codecs.DecodeError(f"header says {width}x{height} but pixels are {rgb.shape[1]}x{rgb.shape[0]}")
-    return np.ascontiguousarray(pixels_for_models(rgb, max_side)), width, height
+    pixels = pixels_for_models(rgb, max_side)
+    return (pixels if pixels.flags.writeable and pixels.flags.c_contiguous else pixels.copy()), width, height

@@ -1,9 +1,10 @@
 """SAM's modules called for throughput, with the same arithmetic as segment_anything's own calls.
 
-- `use_fused_attention(sam)`: the image encoder's attention through PyTorch's
-  `scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU), its decomposed
-  relative-position term passed as the additive mask. The stock block writes the (heads, N, N)
-  attention matrix, adds the bias, softmaxes and multiplies in separate kernels.
+- `fused_encoder(encoder)`: the image encoder with its attention through PyTorch's
+  `scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU), the decomposed
+  relative-position term passed as the additive mask; the stock block writes the (heads, N, N)
+  attention matrix, adds the bias, softmaxes and multiplies in separate kernels. It shares the
+  encoder's weights and leaves the encoder itself unchanged (the stock generator can still run it).
 - `decode_points(sam, embeddings, owner, coords)`: the mask decoder over point prompts of several
   images (crops) in one call. The stock `MaskDecoder.predict_masks` repeats one image embedding
   for every prompt of a call, so a call cannot mix images; here each prompt gathers its own image's
@@ -12,9 +13,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import Sam
+from segment_anything.modeling import ImageEncoderViT, Sam
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
 
@@ -36,12 +39,24 @@ class FusedAttention(Attention):
         return self.proj(x)
 
 
-def use_fused_attention(sam: Sam) -> Sam:
-    """Switch every attention block of `sam`'s image encoder to `FusedAttention` (in place)."""
-    for module in sam.image_encoder.modules():
-        if type(module) is Attention:
-            module.__class__ = FusedAttention
-    return sam
+def fused_encoder(encoder: ImageEncoderViT) -> ImageEncoderViT:
+    """`encoder` with every attention block a `FusedAttention`: new module objects around the same
+    parameters (nothing is copied but the module shells), the original left as it was."""
+    fused = _shell(encoder)
+    fused.blocks = torch.nn.ModuleList()
+    for block in encoder.blocks:
+        shell = _shell(block)
+        shell.attn = copy.copy(block.attn)
+        shell.attn.__class__ = FusedAttention
+        fused.blocks.append(shell)
+    return fused
+
+
+def _shell(module: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy whose submodules can be replaced without touching `module`'s."""
+    shell = copy.copy(module)
+    shell._modules = dict(module._modules)
+    return shell
 
 
 def decode_points(sam: Sam, embeddings: torch.Tensor, owner: torch.Tensor,
