@@ -293,3 +293,20 @@ def test_fused_attention_and_mixed_decoder_calls_compute_segment_anythings_outpu
                                                 sparse, dense, multimask_output=True)
             torch.testing.assert_close(low[mine], ref_low, atol=1e-4, rtol=1e-4)  # other GEMM shapes: rounding
             torch.testing.assert_close(iou[mine], ref_iou, atol=1e-5, rtol=1e-5)
+
+
+def test_the_compile_switch_traces_whole_graphs_and_keeps_the_masks(sam, images, monkeypatch):
+    """`compile=True` wraps the encoder and the decoder call in torch.compile. With dynamo's
+    tracing-only backend and fullgraph=True (a graph break raises), the masks are the uncompiled
+    ones; inductor's own kernels (the real switch) change float rounding only (docs/labelers.md)."""
+    import functools
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(real, backend="eager", fullgraph=True))
+    params = dict(PARAMS, points_per_side=6)
+    plain = InstanceLabeler(sam, InstanceLabelerConfig(**params))([images[14]])[0]
+    try:
+        compiled = InstanceLabeler(sam, InstanceLabelerConfig(**params, compile=True))([images[14]])[0]
+    finally:
+        torch._dynamo.reset()
+    assert plain and compiled == plain
