@@ -8,6 +8,12 @@ matched IoU>` for our fast mode (encoder batches, large prompt batches, bf16 on 
 CPU regime (the default; post-processing dominates): the tiny random SAM (small encoder),
 images with a 512 px long side, points_per_side=16:
     PYTHONPATH=. python benchmarks/instance_labeler.py
+SAM's real input size without weights: a real architecture with random weights (`--checkpoint
+random`: seeded, with `tiny_models.make_masks_local` so that prompts give local masks; at the
+default thresholds 0.65 / 0.8 they keep tens to hundreds of masks an image):
+    PYTHONPATH=. python benchmarks/instance_labeler.py --model vit_b --checkpoint random --size 1024 --images 2
+A plain random checkpoint file gives every prompt one image-wide speckle (predicted IoU about 0.07,
+stability 0): no threshold above those keeps a mask, and the table then says 0 masks.
 GPU regime (needs the official checkpoint in the cache or --checkpoint):
     PYTHONPATH=. python benchmarks/instance_labeler.py --model vit_h --device cuda --points-per-side 32 \\
         --pred-iou-thresh 0.88 --stability-score-thresh 0.95 --semantic default
@@ -30,7 +36,7 @@ from segment_anything import SamAutomaticMaskGenerator
 from labeling.labelers.checkpoints import load_sam
 from labeling.labelers.instance import InstanceLabeler, InstanceLabelerConfig
 from labeling.labelers.semantic import DEFAULT_SEMANTIC_MODEL, SemanticLabeler, SemanticLabelerConfig
-from labeling.labelers.tiny_models import build_tiny_random_models
+from labeling.labelers.tiny_models import build_sam_random, build_tiny_random_models
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel",
           "motorcycle_left")
@@ -121,7 +127,9 @@ def matched_ious(reference: list[dict], ours: list[dict]) -> np.ndarray:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="tiny (random twin), vit_b, vit_l or vit_h")
-    parser.add_argument("--checkpoint", default=None, help="SAM checkpoint path (default: the official file)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="SAM checkpoint path, or 'random' (seeded random weights with local masks; "
+                             "default: the official file)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--size", type=int, default=512, help="long side of the test images in pixels")
@@ -144,6 +152,8 @@ def main(argv=None):
     tiny = build_tiny_random_models(tempfile.mkdtemp()) if args.model == "tiny" or args.semantic is None else None
     if args.model == "tiny":
         sam = load_sam(tiny.sam_model_type, tiny.sam_checkpoint).to(device)
+    elif args.checkpoint == "random":
+        sam = build_sam_random(args.model).to(device)
     else:
         sam = load_sam(args.model, args.checkpoint).to(device)
     semantic = args.semantic or ("tiny" if args.model == "tiny" else "none")
@@ -177,8 +187,8 @@ def main(argv=None):
     print(f"{'mode':<62} {'img/s':>8} {'s/img':>8} {'masks':>7} {'speedup':>8} {'median IoU':>10} {'min IoU':>8}")
     for name, seconds, out, ious in rows:
         masks = sum(map(len, out))
-        med = "-" if ious is None else f"{np.median(ious):.4f}"
-        low = "-" if ious is None else f"{ious.min():.4f}"
+        med = "-" if ious is None or not len(ious) else f"{np.median(ious):.4f}"
+        low = "-" if ious is None or not len(ious) else f"{ious.min():.4f}"
         print(f"{name:<62} {n / seconds:8.3f} {seconds / n:8.3f} {masks:7d} {stock_s / seconds:8.2f} {med:>10} {low:>8}")
     if semantic and semantic != "none":
         labeler = SemanticLabeler(semantic, SemanticLabelerConfig(batch_size=args.encoder_batch_size), device)
@@ -191,8 +201,12 @@ def main(argv=None):
         fast_s = rows[-1][1]
         print(f"semantic ({semantic}): {n / semantic_s:.3f} img/s; instance fast + semantic on one device: "
               f"{n / (fast_s + semantic_s):.3f} img/s")
-    _, fast_s, _, fast_ious = rows[-1]
-    print(f"speedup={stock_s / fast_s:.2f} iou={np.median(fast_ious):.4f}")
+    _, fast_s, fast_out, fast_ious = rows[-1]
+    if not len(fast_ious):
+        print(f"no masks matched (stock kept {sum(map(len, stock_out))}, ours {sum(map(len, fast_out))}): "
+              "lower the thresholds, or use --checkpoint random for random weights")
+    iou = f"{np.median(fast_ious):.4f}" if len(fast_ious) else "nan"
+    print(f"speedup={stock_s / fast_s:.2f} iou={iou} masks={sum(map(len, fast_out))}")
 
 
 if __name__ == "__main__":

@@ -3,12 +3,12 @@
     python benchmarks/labeling_overhead.py [--images N] [--cpus 2] [--batch-size 8]
 
 Two arms label the same ImageFolder (crops of the skimage colour photos) at N and 2N images:
-  bare      one process: read + decode -> SAM twin -> semantic twin -> upsample/align/paint/PNG ->
+  bare      one process: read -> decode + SAM twin + semantic twin -> upsample/align/paint/PNG ->
             shard write (Parquet, once per shard), batch by batch, with the pipeline's own stage
             functions; torch uses `--cpus` threads.
   pipeline  `labeling.pipeline.driver.run_labeling` on a local Ray with `--cpus` CPUs and its default
-            CPU layout (`cluster.plan_layout`): one single-threaded SAM actor per CPU, one
-            semantic actor, single-threaded CPU tasks. Both arms get the same `--cpus` cores; the
+            CPU layout (`cluster.plan_layout`): single-threaded model actors (each with both
+            twins), single-threaded CPU tasks. Both arms get the same `--cpus` cores; the
             bare arm's torch runs `--cpus` threads, the pipeline's one per process.
 Both decode, run both models at the same batch size, encode RLE/PNG and write Parquet. Model
 loading, `ray.init` and the pipeline's start-up (listing, model checks, actor start) are reported
@@ -59,7 +59,7 @@ def write_images(root: Path, count: int, seed: int = 0) -> None:
         Image.fromarray(photo[y : y + 144, x : x + 192]).save(folder / f"img_{i:05d}.jpg", quality=90)
 
 
-def bare_loop(listed, n: int, cfg, instance, semantic, output: str) -> dict:
+def bare_loop(listed, n: int, cfg, models, output: str) -> dict:
     """The pipeline's stages in one process, batch by batch, each shard written once when it is
     full (no parts, no commit tasks); returns seconds and model seconds."""
     import pyarrow as pa
@@ -68,12 +68,12 @@ def bare_loop(listed, n: int, cfg, instance, semantic, output: str) -> dict:
     from dataset_card import layout, shards
     from dataset_card.schema import arrow_schema
     from labeling.pipeline import manifest, writer
-    from labeling.pipeline.driver import model_max_side, work_table
+    from labeling.pipeline.driver import work_table
     from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema
     from labeling.pipeline.preprocess import read_stage
 
-    classes = semantic.labeler.classes
-    post = PostprocessConfig(len(classes), semantic.labeler.ignore_value, cfg.min_instance_area,
+    classes = models.labeler.semantic.classes
+    post = PostprocessConfig(len(classes), models.labeler.semantic.ignore_value, cfg.min_instance_area,
                              tuple(c.id for c in classes if c.isthing))
     names = [c.name for c in classes]
     schema = staged_schema(listed.class_names, names)
@@ -84,8 +84,7 @@ def bare_loop(listed, n: int, cfg, instance, semantic, output: str) -> dict:
     model_s, pending, shard = 0.0, [], 0
     start = time.perf_counter()
     for lo in range(0, n, cfg.model_batch_size):
-        batch = read_stage(work.slice(lo, cfg.model_batch_size), listed.source, cfg.max_pixels, model_max_side(cfg))
-        batch = semantic(instance(batch))
+        batch = models(read_stage(work.slice(lo, cfg.model_batch_size), listed.source, cfg.max_pixels))
         model_s += pc.sum(batch.column("time_instance")).as_py() + pc.sum(batch.column("time_semantic")).as_py()
         pending.append(postprocess_stage(batch, post, schema))
         rows = sum(t.num_rows for t in pending)
@@ -113,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from labeling.pipeline.driver import LabelingConfig, model_choice, run_labeling
-    from labeling.pipeline.predictors import InstancePredictor, SemanticPredictor
+    from labeling.pipeline.driver import LabelingConfig, model_choice, model_max_side, run_labeling
+    from labeling.pipeline.predictors import ModelPredictor
 
     work_dir = Path(tempfile.mkdtemp(prefix="labeling-overhead-"))
     images = work_dir / "train"
@@ -129,15 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     listed = list_inputs(str(images))
     choice = model_choice(base)
     start = time.perf_counter()
-    instance = InstancePredictor(choice, threads=args.cpus)
-    semantic = SemanticPredictor(choice, threads=args.cpus)
+    models = ModelPredictor(choice, threads=args.cpus, max_side=model_max_side(base))
     load_s = time.perf_counter() - start
-    bare_loop(listed, args.batch_size, base, instance, semantic, str(work_dir / "warmup"))  # first-call costs
+    bare_loop(listed, args.batch_size, base, models, str(work_dir / "warmup"))  # first-call costs
     bare, pipe, init_s = {}, {}, []
     for repeat in range(args.repeats):  # arms side by side at each size, so both see the same machine load
         for n in sizes:
             torch.set_num_threads(args.cpus)
-            result = bare_loop(listed, n, base, instance, semantic, str(work_dir / f"bare-{n}-{repeat}"))
+            result = bare_loop(listed, n, base, models, str(work_dir / f"bare-{n}-{repeat}"))
             bare[n] = min(bare.get(n, result), result, key=lambda r: r["seconds"])
             torch.set_num_threads(1)  # the pipeline's driver only collects and commits
             start = time.perf_counter()

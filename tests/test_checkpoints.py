@@ -3,6 +3,9 @@
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 import urllib.error
 
 import pytest
@@ -102,7 +105,7 @@ def test_hash_mismatch_deletes_the_download(tmp_path, monkeypatch, tiny_checkpoi
     with pytest.raises(CheckpointError) as err:
         official_checkpoint("vit_b", str(tmp_path))
     assert "SHA-256" in _one_sentence(err)
-    assert not os.listdir(tmp_path)
+    assert [name for name in os.listdir(tmp_path) if not name.endswith(".lock")] == []  # nor a temporary file
 
 
 def test_named_download_is_verified_loaded_and_cached(tmp_path, monkeypatch, tiny_checkpoint):
@@ -119,3 +122,38 @@ def test_named_download_is_verified_loaded_and_cached(tmp_path, monkeypatch, tin
     load_sam("vit_b", None, str(tmp_path))
     assert len(calls) == 1  # served from the cache
     assert checkpoints.file_sha256(str(tmp_path / "sam_vit_b_01ec64.pth")) == digest
+
+
+_FETCH = textwrap.dedent("""
+    import hashlib, os, shutil, sys, time, torch
+    from labeling.labelers import checkpoints
+    source, cache, calls = sys.argv[1:4]
+    digest = hashlib.sha256(open(source, "rb").read()).hexdigest()
+    checkpoints.OFFICIAL_CHECKPOINTS["vit_b"] = ("sam_vit_b_01ec64.pth", digest)
+
+    def slow_download(url, dst, progress=True):  # a download long enough for the other process to ask
+        with open(calls, "a") as f:
+            f.write(f"{os.getpid()} {dst}\\n")
+        assert not os.path.exists(os.path.join(cache, "sam_vit_b_01ec64.pth")), "a file is in place too early"
+        time.sleep(2)
+        shutil.copyfile(source, dst)
+
+    torch.hub.download_url_to_file = slow_download
+    print(checkpoints.official_checkpoint("vit_b", cache))
+""")
+
+
+def test_concurrent_actors_fetch_the_checkpoint_once(tmp_path, tiny_checkpoint):
+    """Two processes (actors on one node) ask for the same named checkpoint at once: one downloads,
+    the other waits on the lock and finds the verified file; nothing is half-written at the final path."""
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), HF_HUB_OFFLINE="0")
+    cache, calls = tmp_path / "cache", tmp_path / "calls.txt"
+    args = [sys.executable, "-c", _FETCH, tiny_checkpoint, str(cache), str(calls)]
+    procs = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _, err in outputs]
+    assert {out.strip() for out, _ in outputs} == {str(cache / "sam_vit_b_01ec64.pth")}
+    assert len(calls.read_text().splitlines()) == 1  # one download for both
+    assert checkpoints.file_sha256(str(cache / "sam_vit_b_01ec64.pth")) == checkpoints.file_sha256(tiny_checkpoint)
+    assert sorted(os.listdir(cache)) == ["sam_vit_b_01ec64.pth", "sam_vit_b_01ec64.pth.lock"]

@@ -264,3 +264,49 @@ def test_8000px_image_stays_under_4gb():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["masks"] > 0 and result["sizes"] == [[8000, 8000]]
     assert result["peak"] < 4 * 1024**3, f"peak RSS {result['peak'] / 1024**3:.2f} GiB"
+
+
+def test_fused_attention_and_mixed_decoder_calls_compute_segment_anythings_outputs(sam):
+    """The encoder through SDPA (sharing the weights, the stock encoder untouched) and one decoder
+    call over prompts of two images give what segment_anything's own calls give per image."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    from labeling.labelers.sam_fast import decode_points, fused_encoder
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 256, 256, generator=generator)
+    with torch.inference_mode():
+        fused = fused_encoder(sam.image_encoder)
+        stock_features = sam.image_encoder(x)
+        torch.testing.assert_close(fused(x), stock_features, atol=1e-5, rtol=1e-4)
+        assert all(type(block.attn) is Attention for block in sam.image_encoder.blocks)
+        assert fused.blocks[0].attn.qkv.weight is sam.image_encoder.blocks[0].attn.qkv.weight
+
+        coords = torch.rand(5, 2, generator=generator, dtype=torch.float64) * 256
+        owner = torch.tensor([1, 0, 1, 1, 0])
+        low, iou = decode_points(sam, stock_features, owner, coords)
+        for image in (0, 1):
+            mine = owner == image
+            sparse, dense = sam.prompt_encoder(points=(coords[mine][:, None], torch.ones(int(mine.sum()), 1)),
+                                               boxes=None, masks=None)
+            ref_low, ref_iou = sam.mask_decoder(stock_features[image : image + 1], sam.prompt_encoder.get_dense_pe(),
+                                                sparse, dense, multimask_output=True)
+            torch.testing.assert_close(low[mine], ref_low, atol=1e-4, rtol=1e-4)  # other GEMM shapes: rounding
+            torch.testing.assert_close(iou[mine], ref_iou, atol=1e-5, rtol=1e-5)
+
+
+def test_the_compile_switch_traces_whole_graphs_and_keeps_the_masks(sam, images, monkeypatch):
+    """`compile=True` wraps the encoder and the decoder call in torch.compile. With dynamo's
+    tracing-only backend and fullgraph=True (a graph break raises), the masks are the uncompiled
+    ones; inductor's own kernels (the real switch) change float rounding only (docs/labelers.md)."""
+    import functools
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(real, backend="eager", fullgraph=True))
+    params = dict(PARAMS, points_per_side=6)
+    plain = InstanceLabeler(sam, InstanceLabelerConfig(**params))([images[14]])[0]
+    try:
+        compiled = InstanceLabeler(sam, InstanceLabelerConfig(**params, compile=True))([images[14]])[0]
+    finally:
+        torch._dynamo.reset()
+    assert plain and compiled == plain

@@ -229,20 +229,19 @@ import pyarrow as pa
 from labeling.inputs.folder import FolderSource
 from labeling.pipeline.driver import LabelingConfig, model_choice, model_max_side
 from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema
-from labeling.pipeline.predictors import InstancePredictor, SemanticPredictor
+from labeling.pipeline.predictors import ModelPredictor
 from labeling.pipeline.preprocess import WORK_SCHEMA, read_stage
 
 folder, name = sys.argv[1], sys.argv[2]
 cfg = LabelingConfig(input=folder, output="unused", models="tiny-random")
 choice = model_choice(cfg)
-instance, semantic = InstancePredictor(choice, threads=2), SemanticPredictor(choice, threads=2)
+models = ModelPredictor(choice, threads=2, max_side=model_max_side(cfg))
 classes = choice.materialize().semantic_classes()
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 work = pa.Table.from_pylist([{"index": 0, "shard": 0, "path": name, "image_id": name, "label": 0,
                               "image_path": name, "error_stage": "", "error_type": "", "error_message": ""}],
                             schema=WORK_SCHEMA)
-batch = read_stage(work, FolderSource(folder), max_pixels=100_000_000, max_side=model_max_side(cfg))
-batch = semantic(instance(batch))
+batch = models(read_stage(work, FolderSource(folder), max_pixels=100_000_000))
 post = PostprocessConfig(len(classes), 255, cfg.min_instance_area, tuple(c.id for c in classes if c.isthing))
 row = postprocess_stage(batch, post, staged_schema(["c"], [c.name for c in classes])).to_pylist()[0]
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -17,9 +17,9 @@ from dataset_card import codecs, images, layout, painting, shards
 from dataset_card.schema import arrow_schema
 from dataset_card.synthetic import SEMANTIC_CLASSES
 from labeling.inputs.input_list import Inputs, inputs_table
+from labeling.labelers.model_input import decode, model_size
 from labeling.pipeline import commits, failures, manifest, plan, writer
 from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema, upsample_masks
-from labeling.pipeline.preprocess import decode, model_size
 
 CLASS_NAMES = ("class_a", "class_b")
 SEMANTIC_NAMES = [c.name for c in SEMANTIC_CLASSES]
@@ -356,32 +356,39 @@ def test_node_local_paths_are_refused_on_a_multi_node_cluster(tmp_path, monkeypa
 
 
 def test_a_failing_batch_is_retried_image_by_image_and_failures_become_rows():
-    from labeling.pipeline.predictors import INSTANCE_SCHEMA, InstancePredictor, run_each
+    from labeling.labelers.paired import ImageLabels
+    from labeling.pipeline.predictors import MODELS_SCHEMA, ModelPredictor, run_each
     from labeling.pipeline.preprocess import DECODED_SCHEMA
 
-    def labeler(images):
-        if any(image.shape[0] == 13 for image in images):  # one poisonous size
+    def labeler(images):  # the paired labeler's contract: labels, or the DecodeError of an image
+        if any(data == b"poison" for data in images):
             raise RuntimeError("CUDA out of memory (pretend)")
-        return [[{"rle": codecs.encode_rle(np.ones(image.shape[:2], bool)), "bbox": [0, 0, 1, 1], "area": 1,
-                  "predicted_iou": 0.9, "stability_score": 0.9}] for image in images]
+        return [codecs.DecodeError("cannot decode image: truncated") if data == b"truncated" else
+                ImageLabels([{"rle": codecs.encode_rle(np.ones((3, 4), bool)), "bbox": [0, 0, 1, 1], "area": 12,
+                              "predicted_iou": 0.9, "stability_score": 0.9}], np.full((6, 8), 2, np.uint8), (3, 4),
+                            {"decode": 0.5, "instance": 1.0, "semantic": 2.0})
+                for data in images]
 
-    results = run_each(labeler, [np.zeros((5, 5, 3), np.uint8), np.zeros((13, 5, 3), np.uint8)])
-    assert isinstance(results[0], list) and isinstance(results[1], RuntimeError)
+    results = run_each(labeler, [b"fine", b"poison"])
+    assert isinstance(results[0], ImageLabels) and isinstance(results[1], RuntimeError)
 
-    predictor = InstancePredictor.__new__(InstancePredictor)  # the actor class, with a fake model
+    predictor = ModelPredictor.__new__(ModelPredictor)  # the actor class, with a fake model
     predictor.labeler = labeler
     rows = []
-    for i, (h, listed_failure) in enumerate([(5, ""), (13, ""), (7, failures.UNDECODABLE)]):
-        pixels = np.zeros((h, 4, 3), np.uint8)
+    for i, (data, listed_failure) in enumerate([(b"fine", ""), (b"poison", ""), (b"", failures.EMPTY_FILE),
+                                                (b"truncated", "")]):
         rows.append({"index": i, "shard": 0, "path": f"p{i}", "image_id": f"p{i}", "label": 0, "image_path": f"p{i}",
                      "error_stage": failures.DECODE if listed_failure else "", "error_type": listed_failure,
-                     "error_message": "bad" if listed_failure else "", "image_bytes": b"x", "width": 4,
-                     "height": h, "pixels": pixels.tobytes(), "pixels_h": h, "pixels_w": 4, "time_read": 0.0,
-                     "started_at": 0.0})
+                     "error_message": "empty" if listed_failure else "", "image_bytes": data, "width": 8,
+                     "height": 6, "time_read": 0.25, "started_at": 0.0})
     out = predictor(pa.Table.from_pylist(rows, schema=DECODED_SCHEMA))
-    assert out.schema.equals(INSTANCE_SCHEMA)
-    good, poisoned, undecodable = out.to_pylist()
+    assert out.schema.equals(MODELS_SCHEMA)
+    good, poisoned, empty, truncated = out.to_pylist()
     assert len(json.loads(good["instances_json"])) == 1 and good["error_type"] == ""
+    assert (good["semantic_h"], good["semantic_w"], good["pixels_h"], good["pixels_w"]) == (6, 8, 3, 4)
+    assert good["semantic"] == np.full((6, 8), 2, np.uint8).tobytes()
+    assert (good["time_read"], good["time_instance"], good["time_semantic"]) == (0.75, 1.0, 2.0)
     assert (poisoned["error_stage"], poisoned["error_type"]) == (failures.MODEL, failures.MODEL_FAILED)
     assert "out of memory" in poisoned["error_message"] and poisoned["instances_json"] == "[]"
-    assert (undecodable["error_stage"], undecodable["error_type"]) == (failures.DECODE, failures.UNDECODABLE)
+    assert (empty["error_stage"], empty["error_type"]) == (failures.DECODE, failures.EMPTY_FILE)
+    assert (truncated["error_stage"], truncated["error_type"]) == (failures.DECODE, failures.UNDECODABLE)

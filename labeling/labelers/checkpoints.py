@@ -1,19 +1,25 @@
 """SAM checkpoints: by path, or by name (`vit_h`, `vit_l`, `vit_b`) downloaded once into a cache.
 
-A named checkpoint is the official file from Meta's segment-anything release. It is fetched with
-`torch.hub.download_url_to_file` (atomic: a temporary file renamed when complete) and its SHA-256
-is checked against the published value before use. Offline, the one error names the file, its URL
-and where to put it. Weights are loaded with `torch.load(weights_only=True)`, so a checkpoint can
-hold tensors only, never code.
+A named checkpoint is the official file from Meta's segment-anything release. It is fetched once
+per cache folder (so once per node, or once per cluster when the cache is on shared storage): the
+processes that want it take a file lock beside it (`<file>.lock`, `filelock`), the first downloads
+with `torch.hub.download_url_to_file` to a temporary name of its own, checks the SHA-256 against the
+published value and only then renames it into place; the others wait on the lock and find the file.
+So a file at the final path is always complete and verified, and no process ever deletes a file
+another may be reading (a failed download removes only its own temporary file). Offline, the one
+error names the file, its URL and where to put it. Weights are loaded with
+`torch.load(weights_only=True)`, so a checkpoint can hold tensors only, never code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from collections.abc import Callable
 
 import torch
+from filelock import FileLock
 from segment_anything import sam_model_registry
 from segment_anything.modeling import Sam
 
@@ -55,7 +61,8 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
 
 
 def official_checkpoint(model_type: str, cache_dir: str | None = None) -> str:
-    """Path of the official `model_type` checkpoint in `cache_dir`, downloaded and verified if absent."""
+    """Path of the official `model_type` checkpoint in `cache_dir`, downloaded and verified if absent
+    (by one process at a time: see the module docstring)."""
     file_name, sha256 = OFFICIAL_CHECKPOINTS[model_type]
     cache_dir = cache_dir or default_cache_dir()
     path = os.path.join(cache_dir, file_name)
@@ -67,20 +74,34 @@ def official_checkpoint(model_type: str, cache_dir: str | None = None) -> str:
         if offline:
             raise ConnectionError("HF_HUB_OFFLINE is set")
         os.makedirs(cache_dir, exist_ok=True)
-        torch.hub.download_url_to_file(url, path, progress=True)
+        with FileLock(path + ".lock"):
+            if os.path.isfile(path):  # another process fetched it while this one waited
+                return path
+            _download_verified(url, path, sha256)
     except (OSError, ConnectionError) as err:  # URLError and socket errors are OSErrors
         raise CheckpointError(
             f"Could not download the SAM {model_type} checkpoint ({err}); download {url} yourself and put it "
             f"at {path}, or pass its path as the checkpoint."
         ) from err
-    actual = file_sha256(path)
-    if actual != sha256:
-        os.remove(path)
-        raise CheckpointError(
-            f"The downloaded {file_name} has SHA-256 {actual}, not the published {sha256}; it was deleted, "
-            "so retry the download."
-        )
     return path
+
+
+def _download_verified(url: str, path: str, sha256: str) -> None:
+    """`url` to `path` through a temporary name of this process's own, renamed only once its SHA-256
+    is `sha256`; raises CheckpointError (the temporary file removed) when it is not."""
+    temporary = f"{path}.{uuid.uuid4().hex}.partial"
+    try:
+        torch.hub.download_url_to_file(url, temporary, progress=True)
+        actual = file_sha256(temporary)
+        if actual != sha256:
+            raise CheckpointError(
+                f"The downloaded {os.path.basename(path)} has SHA-256 {actual}, not the published {sha256}; it was "
+                "deleted, so retry the download."
+            )
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
 
 
 def load_sam(model_type: str, checkpoint: str | None = None, cache_dir: str | None = None) -> Sam:

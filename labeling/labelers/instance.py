@@ -1,27 +1,32 @@
 """Instance labeler: SAM automatic masks over a point grid, fast and equal to the stock generator.
 
 Same masks as `segment_anything.SamAutomaticMaskGenerator(..., output_mode="coco_rle")` with the
-same parameters, computed with less work:
+same parameters, computed with less work and few device round trips:
 
-- the image encoder runs on batches of crops (`encoder_batch_size`, several images at once);
-- the prompt decoder runs `points_per_batch` prompts per call, under bf16 autocast on a GPU;
-- predicted-IoU filtering happens on the decoder outputs, before anything is upsampled;
-- the stability score and box of a candidate are computed exactly (to float rounding), but only
-  inside the window that can hold its pixels (`mask_postprocess.windows_above`), never on the
-  1024 x 1024 intermediate or the full canvas; candidates that fail are dropped there;
-- only masks that survive box NMS are upsampled again, inside their boxes, and encoded to COCO RLE
-  straight from that window; everything stays on the device until then.
+- `prepare` (CPU, thread-safe): crops resized for the encoder with segment_anything's own resize;
+- the image encoder runs on `encoder_batch_size` crops per call (of any images), its attention
+  through PyTorch's fused kernels (`sam_fast.fused_encoder`), bf16 autocast on a GPU;
+- the prompt decoder runs `points_per_batch` prompts per call, mixing the crops of an encoder call
+  (`sam_fast.decode_points`); all calls of a wave are queued before anything is read back;
+- predicted-IoU filtering, then the exact stability score and box of each candidate computed only
+  on the output tiles that can hold its pixels (`mask_postprocess.tile_stats`), crop-edge filter
+  and box NMS, all on the device;
+- only NMS survivors are upsampled again, inside their boxes, and their COCO RLE run boundaries
+  found on the device (`mask_postprocess.window_changes`); one device-to-host copy per image brings
+  them back, and `finish` (CPU) writes the RLE strings, cross-crop NMS and the small-region cleanup.
 
-With `encoder_batch_size=1` and fp32 (`bf16=False`, or any CPU run) the kept masks, their order,
-scores and boxes are the stock generator's (see tests/test_instance_labeler.py); the defaults
-(encoder batches of 4, bf16 on CUDA) trade that bit-exactness for speed, within the tolerances
-tested there.
+Every encoder call holds exactly `encoder_batch_size` crops and every decoder call exactly
+`points_per_batch` prompts (padding fills the last ones), so kernel shapes never depend on which
+images share a call: an image's masks are the same alone or in any batch, bit for bit on one
+machine (tests/test_instance_labeler.py). In fp32 they are the stock generator's masks, order,
+scores and boxes (up to float rounding, which the tests bound); bf16 on a GPU trades that for
+speed, within the tolerances tested there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,7 +39,6 @@ from segment_anything.utils.amg import (
     generate_crop_boxes,
     is_box_near_crop_edge,
     remove_small_regions,
-    uncrop_boxes_xyxy,
 )
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops.boxes import batched_nms, box_area
@@ -42,17 +46,22 @@ from torchvision.ops.boxes import batched_nms, box_area
 from dataset_card import codecs
 from labeling.labelers.mask_postprocess import (
     axis_taps,
+    rle_from_changes,
     tile_stats,
     upsample_windows,
-    window_rle,
+    window_changes,
     windows_above,
 )
+from labeling.labelers.sam_fast import decode_points, fused_encoder
+from labeling.labelers.timing import StageClock
+
+FILTER_BATCH = 1024  # candidates whose stability and boxes are computed together (bounds memory)
 
 
 @dataclass(frozen=True)
 class InstanceLabelerConfig:
     points_per_side: int = 32
-    points_per_batch: int = 128  # prompts per decoder call (stock: 64); results do not depend on it
+    points_per_batch: int | None = None  # prompts per decoder call, padded (None: 256 on CUDA, 64 elsewhere)
     pred_iou_thresh: float = 0.88
     stability_score_thresh: float = 0.95
     stability_score_offset: float = 1.0
@@ -63,10 +72,28 @@ class InstanceLabelerConfig:
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0  # holes and islands smaller than this are removed (SA-1B: 100)
     max_mask_fraction: float | None = None  # masks covering this share of the image or more are dropped (SA-1B: 0.95)
-    encoder_batch_size: int = 4  # crops per image-encoder call (1 reproduces the stock generator exactly)
+    encoder_batch_size: int | None = None  # crops per image-encoder call, padded (None: 4 on CUDA, 1 elsewhere)
     bf16: bool = True  # bf16 autocast for encoder and decoder, on CUDA only (unless bf16_on_cpu)
     bf16_on_cpu: bool = False  # tests use it to check the bf16 path without a GPU
+    fused_attention: bool = True  # the encoder's attention through F.scaled_dot_product_attention
+    compile: bool = False  # torch.compile the encoder and the decoder call (fixed shapes: one graph each)
     window_pixels: int = 1 << 22  # upsampled pixels per post-processing chunk (bounds memory)
+
+
+@dataclass
+class PreparedCrop:
+    box: list[int]  # XYXY in the image
+    layer: int
+    pixels: np.ndarray  # (h, w, 3) uint8, resized so that the longest side is the encoder's size
+    size: tuple[int, int]  # (h, w) of the crop before resizing
+
+
+@dataclass
+class PreparedImage:
+    """An image made ready for the device by `InstanceLabeler.prepare` (CPU work)."""
+
+    size: tuple[int, int]
+    crops: list[PreparedCrop]
 
 
 @dataclass
@@ -78,97 +105,165 @@ class _Candidates:
     stability: torch.Tensor  # (N,)
     boxes: torch.Tensor  # (N, 4) XYXY in the crop, inclusive max
 
+    @staticmethod
+    def cat(parts: list[_Candidates]) -> _Candidates:
+        return _Candidates(*(torch.cat([getattr(p, f) for p in parts]) for f in ("low", "iou", "stability", "boxes")))
+
+    def take(self, index: torch.Tensor) -> _Candidates:
+        return _Candidates(self.low[index], self.iou[index], self.stability[index], self.boxes[index])
+
+
+@dataclass
+class DeviceResult:
+    """One image's kept masks as they come back from the device, before `finish`."""
+
+    size: tuple[int, int]
+    crop_boxes: list[list[int]]
+    packed: np.ndarray  # float64: per mask [crop, iou, stability, x0, y0, x1, y1, area, changes], then the changes
+    count: int
+
+
+_META = 9  # values per mask at the head of DeviceResult.packed
+
+
+@dataclass
+class _Pending:
+    """An image whose crops are partly through the device."""
+
+    image: PreparedImage
+    crops: list[tuple[PreparedCrop, _Candidates, tuple]] = field(default_factory=list)
+
 
 class InstanceLabeler:
-    """`labeler(images)` -> per image, a list of mask records (see INTERFACES.md)."""
+    """`labeler(images)` -> per image, a list of mask records (module docstring)."""
 
     def __init__(self, sam: Sam, cfg: InstanceLabelerConfig | None = None, device: str | torch.device = "cpu"):
         self.cfg = cfg or InstanceLabelerConfig()
         self.device = torch.device(device)
         self.sam = sam.to(self.device).eval()
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        # A call's memory is about 40 MB a prompt at SAM's size in fp32 (the decoder repeats the image
+        # embedding per prompt): 256 prompts suit a GPU, the stock 64 a CPU.
+        cuda = self.device.type == "cuda"
+        self.points_per_batch = self.cfg.points_per_batch or (256 if cuda else 64)
+        self.encoder_batch_size = self.cfg.encoder_batch_size or (4 if cuda else 1)
         self.point_grids = build_all_layer_point_grids(
             self.cfg.points_per_side, self.cfg.crop_n_layers, self.cfg.crop_n_points_downscale_factor
         )
         use_bf16 = self.cfg.bf16 and (self.device.type == "cuda" or self.cfg.bf16_on_cpu)
         self._autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        encoder = fused_encoder(self.sam.image_encoder) if self.cfg.fused_attention else self.sam.image_encoder
+        self._encoder = torch.compile(encoder) if self.cfg.compile else encoder
+        self._decode = torch.compile(decode_points) if self.cfg.compile else decode_points
+        self.clock = StageClock()  # seconds per stage; benchmarks swap in a syncing clock
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[list[dict]]:
+        prepared = [self.prepare(image, i) for i, image in enumerate(images)]
+        return [self.finish(result) for result in self.device_pass(prepared)]
+
+    def prepare(self, image: np.ndarray, index: int = 0) -> PreparedImage:
+        """The crops of an (H, W, 3) uint8 image resized for the encoder (CPU; safe in threads)."""
+        if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
+            raise ValueError(f"Image {index} must be an (H, W, 3) uint8 array, got {getattr(image, 'shape', image)!r}.")
+        boxes, layers = generate_crop_boxes(image.shape[:2], self.cfg.crop_n_layers, self.cfg.crop_overlap_ratio)
+        crops = []
+        for (x0, y0, x1, y1), layer in zip(boxes, layers):
+            crop = image[y0:y1, x0:x1]
+            crops.append(PreparedCrop([x0, y0, x1, y1], layer, self.transform.apply_image(crop), crop.shape[:2]))
+        return PreparedImage(image.shape[:2], crops)
 
     @torch.inference_mode()
-    def __call__(self, images: Sequence[np.ndarray]) -> list[list[dict]]:
-        for i, image in enumerate(images):
-            if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
-                raise ValueError(f"Image {i} must be an (H, W, 3) uint8 array, got {getattr(image, 'shape', image)!r}.")
-        jobs = []  # (image index, crop box, layer) for every crop of every image
-        for i, image in enumerate(images):
-            boxes, layers = generate_crop_boxes(image.shape[:2], self.cfg.crop_n_layers, self.cfg.crop_overlap_ratio)
-            jobs += [(i, box, layer) for box, layer in zip(boxes, layers)]
-        per_image: list[list[tuple[list[int], list[dict]]]] = [[] for _ in images]
-        for start in range(0, len(jobs), self.cfg.encoder_batch_size):
-            chunk = jobs[start : start + self.cfg.encoder_batch_size]
-            crops = [images[i][y0:y1, x0:x1] for i, (x0, y0, x1, y1), _ in chunk]
-            features, input_sizes = self._encode(crops)
-            for (i, box, layer), crop, feature, input_size in zip(chunk, crops, features, input_sizes):
-                records = self._crop_masks(feature[None], crop.shape[:2], input_size, box, layer, images[i].shape[:2])
-                per_image[i].append((box, records))
-        return [self._merge(crops, image.shape[:2]) for crops, image in zip(per_image, images)]
+    def device_pass(self, images: Iterable[PreparedImage]) -> Iterator[DeviceResult]:
+        """The device's work for each image, yielded in order as soon as an image's crops are done.
 
-    def _encode(self, crops: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """Image embeddings (B, C, h, w) of crops, resized and padded exactly as SamPredictor does."""
-        batch, sizes = [], []
-        for crop in crops:
-            resized = torch.as_tensor(self.transform.apply_image(crop), device=self.device).permute(2, 0, 1)
-            sizes.append(tuple(resized.shape[-2:]))
-            batch.append(self.sam.preprocess(resized[None])[0])
+        `images` is read lazily, `encoder_batch_size` crops at a time, so its preparation can run
+        in other threads while the device works on earlier crops.
+        """
+        pending: dict[int, _Pending] = {}
+        for wave in self._waves(images, pending):
+            with self.clock("encoder"):
+                features = self._encode([crop.pixels for _, crop in wave])
+            with self.clock("decoder"):
+                low, iou, owner = self._decode_wave(features, [crop for _, crop in wave])
+            for j, (i, crop) in enumerate(wave):
+                with self.clock("filter"):
+                    kept, taps = self._crop_candidates(low, iou, owner == j, crop, pending[i].image.size)
+                pending[i].crops.append((crop, kept, taps))
+                if len(pending[i].crops) == len(pending[i].image.crops):
+                    with self.clock("masks"):
+                        result = self._image_result(pending.pop(i))
+                    yield result
+
+    def _waves(self, images: Iterable[PreparedImage], pending: dict) -> Iterator[list[tuple[int, PreparedCrop]]]:
+        """Lists of `encoder_batch_size` (image index, crop), the crops of all images in order."""
+        wave = []
+        for i, image in enumerate(images):
+            pending[i] = _Pending(image)
+            for crop in image.crops:
+                wave.append((i, crop))
+                if len(wave) == self.encoder_batch_size:
+                    yield wave
+                    wave = []
+        if wave:
+            yield wave
+
+    def _encode(self, crops: list[np.ndarray]) -> torch.Tensor:
+        """Image embeddings (encoder_batch_size, C, h, w); rows past len(crops) embed blank inputs."""
+        size = self.sam.image_encoder.img_size
+        batch = torch.zeros(self.encoder_batch_size, 3, size, size, device=self.device)
+        for k, pixels in enumerate(crops):  # normalised and padded exactly as SamPredictor does
+            batch[k] = self.sam.preprocess(torch.as_tensor(pixels, device=self.device).permute(2, 0, 1)[None])[0]
         with torch.autocast(**self._autocast):
-            features = self.sam.image_encoder(torch.stack(batch))
-        return features.float(), sizes
+            return self._encoder(batch).float()
 
-    def _crop_masks(self, features, crop_size, input_size, crop_box, layer, image_size) -> list[dict]:
-        """Candidates of one crop: decode, filter by IoU, stability and crop edge, box NMS, then RLE."""
-        cfg, sam = self.cfg, self.sam
-        h, w = crop_size
-        model_len = sam.image_encoder.img_size
-        points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
-        kept: list[_Candidates] = []
-        taps_y = taps_x = None
-        for start in range(0, len(points), cfg.points_per_batch):
-            batch = points[start : start + cfg.points_per_batch]
-            coords = torch.as_tensor(self.transform.apply_coords(batch, crop_size), device=self.device)
-            labels = torch.ones(coords.shape[0], dtype=torch.int, device=self.device)
+    def _decode_wave(self, features: torch.Tensor, crops: list[PreparedCrop]):
+        """Every point prompt of the wave's crops through the decoder, `points_per_batch` per call,
+        and the predicted-IoU filter.
+
+        Returns the candidates' low-resolution logits (N, h, w) in the decoder's dtype, predicted
+        IoUs (N,) and crops (N,), in the stock generator's order (prompt-major, three per prompt).
+        """
+        coords, owner = [], []
+        for j, crop in enumerate(crops):
+            points = self.point_grids[crop.layer] * np.array(crop.size)[None, ::-1]
+            coords.append(self.transform.apply_coords(points, crop.size))
+            owner.append(np.full(len(points), j))
+        coords = torch.as_tensor(np.concatenate(coords), device=self.device)  # float64, as the stock generator's
+        owner = torch.as_tensor(np.concatenate(owner), device=self.device)
+        total, step = len(coords), self.points_per_batch
+        lows, ious, owners = [], [], []
+        for start in range(0, total, step):
+            n = min(total, start + step) - start
+            chunk_coords, chunk_owner = coords.new_zeros(step, 2), owner.new_zeros(step)
+            chunk_coords[:n], chunk_owner[:n] = coords[start : start + n], owner[start : start + n]
             with torch.autocast(**self._autocast):
-                sparse, dense = sam.prompt_encoder(points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None)
-                low, iou = sam.mask_decoder(
-                    image_embeddings=features, image_pe=sam.prompt_encoder.get_dense_pe(),
-                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
-                )
-            low, iou = low.flatten(0, 1).float(), iou.flatten(0, 1).float()  # (B*3, h, w), (B*3,)
-            if cfg.pred_iou_thresh > 0.0:
-                keep = iou > cfg.pred_iou_thresh
-                low, iou = low[keep], iou[keep]
-            if taps_y is None:
-                taps_y = [t.to(self.device) for t in axis_taps(low.shape[-2], model_len, input_size[0], h)]
-                taps_x = [t.to(self.device) for t in axis_taps(low.shape[-1], model_len, input_size[1], w)]
-            if len(low):
-                kept.append(self._filter(low, iou, taps_y, taps_x, crop_box, image_size))
-        if not kept:
-            return []
-        c = _Candidates(*(torch.cat([getattr(k, f) for k in kept]) for f in ("low", "iou", "stability", "boxes")))
-        keep = batched_nms(c.boxes.float(), c.iou, torch.zeros_like(c.iou), iou_threshold=cfg.box_nms_thresh)
-        c = _Candidates(c.low[keep], c.iou[keep], c.stability[keep], c.boxes[keep])
-        return self._encode_masks(c, taps_y, taps_x, crop_box, image_size)
+                low, iou = self._decode(self.sam, features, chunk_owner, chunk_coords)
+            low, iou = low[:n].flatten(0, 1), iou[:n].flatten(0, 1).float()  # (n * 3, h, w), (n * 3,)
+            which = chunk_owner[:n].repeat_interleave(3)
+            if self.cfg.pred_iou_thresh > 0.0:
+                keep = iou > self.cfg.pred_iou_thresh
+                low, iou, which = low[keep], iou[keep], which[keep]
+            lows.append(low)
+            ious.append(iou)
+            owners.append(which)
+        return torch.cat(lows), torch.cat(ious), torch.cat(owners)
 
-    def _chunks(self, windows: torch.Tensor):
-        """Index ranges whose padded windows stay within `window_pixels` (at least one mask each)."""
-        heights = (windows[:, 2] - windows[:, 0]).clamp_min(1).tolist()
-        widths = (windows[:, 3] - windows[:, 1]).clamp_min(1).tolist()
-        start, tallest, widest = 0, 0, 0
-        for i, (h, w) in enumerate(zip(heights, widths)):
-            tallest, widest = max(tallest, h), max(widest, w)
-            if i > start and tallest * widest * (i + 1 - start) > self.cfg.window_pixels:
-                yield start, i
-                start, tallest, widest = i, h, w
-        if heights:
-            yield start, len(heights)
+    def _crop_candidates(self, low, iou, mine, crop: PreparedCrop, image_size) -> tuple[_Candidates, tuple]:
+        """A crop's candidates through the stability and crop-edge filters and box NMS."""
+        cfg, model_len = self.cfg, self.sam.image_encoder.img_size
+        input_size = crop.pixels.shape[:2]
+        taps_y = [t.to(self.device) for t in axis_taps(low.shape[-2], model_len, input_size[0], crop.size[0])]
+        taps_x = [t.to(self.device) for t in axis_taps(low.shape[-1], model_len, input_size[1], crop.size[1])]
+        index = torch.nonzero(mine).squeeze(1)
+        parts = [self._filter(low[chunk].float(), iou[chunk], taps_y, taps_x, crop.box, image_size)
+                 for chunk in index.split(FILTER_BATCH)]
+        if not parts:
+            empty = torch.zeros(0, device=self.device)
+            none = torch.zeros(0, 4, dtype=torch.int64, device=self.device)
+            return _Candidates(low[:0].float(), empty, empty, none), (taps_y, taps_x)
+        c = _Candidates.cat(parts)
+        keep = batched_nms(c.boxes.float(), c.iou, torch.zeros_like(c.iou), iou_threshold=cfg.box_nms_thresh)
+        return c.take(keep), (taps_y, taps_x)
 
     def _filter(self, low, iou, taps_y, taps_x, crop_box, image_size) -> _Candidates:
         """Exact stability scores and boxes of candidates, evaluated only inside their windows."""
@@ -183,38 +278,90 @@ class InstanceLabeler:
         keep &= ~is_box_near_crop_edge(boxes, crop_box, [0, 0, image_size[1], image_size[0]])
         return _Candidates(low[keep], iou[keep], stability[keep], boxes[keep])
 
-    def _encode_masks(self, c: _Candidates, taps_y, taps_x, crop_box, image_size) -> list[dict]:
-        """Upsample each kept mask once, inside its box, and encode it in the full image frame."""
-        height, width = image_size
-        x0, y0 = crop_box[0], crop_box[1]
-        empty = c.boxes.sum(1) == 0  # batched_mask_to_box's [0, 0, 0, 0]; may still be a one-pixel mask
-        windows = torch.stack([c.boxes[:, 1], c.boxes[:, 0], c.boxes[:, 3] + 1, c.boxes[:, 2] + 1], 1)
-        if empty.any():  # an empty box is ambiguous: look at the whole window above the threshold
-            full = windows_above(c.low[empty], self.sam.mask_threshold, taps_y[0], taps_x[0])
-            windows[empty] = full
-        records = []
-        boxes_full = uncrop_boxes_xyxy(c.boxes, crop_box).cpu()
-        for i, window in enumerate(windows.tolist()):
-            binary = self._binary_window(c.low[i : i + 1], taps_y, taps_x, window)
-            records.append({
-                "rle": window_rle(binary, window[0] + y0, window[1] + x0, height, width),
-                "bbox": [float(v) for v in box_xyxy_to_xywh(boxes_full[i]).tolist()],
-                "area": int(binary.sum()),
-                "predicted_iou": float(c.iou[i]),
-                "stability_score": float(c.stability[i]),
-            })
-        return records
+    def _image_result(self, image: _Pending) -> DeviceResult:
+        """Upsample every kept mask of an image inside its box, find its RLE run boundaries, and
+        bring everything back in one copy."""
+        height, width = image.image.size
+        metas, changes = [], []
+        for j, (crop, c, (taps_y, taps_x)) in enumerate(image.crops):
+            if not len(c.iou):
+                continue
+            x0, y0 = crop.box[0], crop.box[1]
+            windows = torch.stack([c.boxes[:, 1], c.boxes[:, 0], c.boxes[:, 3] + 1, c.boxes[:, 2] + 1], 1)
+            empty = c.boxes.sum(1) == 0  # batched_mask_to_box's [0, 0, 0, 0]; may still be a one-pixel mask
+            if empty.any():  # an empty box is ambiguous: look at the whole window above the threshold
+                windows[empty] = windows_above(c.low[empty], self.sam.mask_threshold, taps_y[0], taps_x[0])
+            # Masks of similar window sizes share a chunk (padded to its largest window): little waste.
+            order = torch.argsort((windows[:, 2:] - windows[:, :2]).clamp_min(1).prod(1))
+            areas = torch.zeros(len(windows), dtype=torch.int64, device=self.device)
+            owners, positions = [], []
+            for lo, hi in self._chunks(windows[order]):
+                index = order[lo:hi]
+                binary = self._binary_windows(c.low[index], taps_y, taps_x, windows[index])
+                areas[index] = binary.flatten(1).sum(1)
+                origins = windows[index, :2] + torch.tensor([y0, x0], device=self.device)
+                owner, position = window_changes(binary, origins, height, width)
+                owners.append(index[owner])
+                positions.append(position)
+            owner, by_mask = torch.sort(torch.cat(owners), stable=True)  # back to the masks' order
+            changes.append(torch.cat(positions)[by_mask])
+            count = torch.bincount(owner, minlength=len(windows))
+            boxes = c.boxes + torch.tensor([x0, y0, x0, y0], device=self.device)  # uncropped XYXY
+            metas.append(torch.cat([torch.full_like(c.iou, j)[:, None], c.iou[:, None], c.stability[:, None],
+                                    boxes.double(), areas[:, None].double(), count[:, None].double()], 1).double())
+        meta = torch.cat(metas) if metas else torch.zeros(0, _META, dtype=torch.float64, device=self.device)
+        packed = torch.cat([meta.flatten()] + [p.double() for p in changes])
+        return DeviceResult((height, width), [crop.box for crop, _, _ in image.crops], packed.cpu().numpy(), len(meta))
 
-    def _binary_window(self, low, taps_y, taps_x, window: list[int]) -> torch.Tensor:
-        """One mask thresholded inside window [r0, c0, r1, c1), in row strips of `window_pixels`."""
-        r0, c0, r1, c1 = window
-        rows = max(1, self.cfg.window_pixels // max(1, c1 - c0))
+    def _chunks(self, windows: torch.Tensor):
+        """Index ranges whose padded windows hold at most `window_pixels` (at least one mask each)."""
+        heights = (windows[:, 2] - windows[:, 0]).clamp_min(1).tolist()
+        widths = (windows[:, 3] - windows[:, 1]).clamp_min(1).tolist()
+        start, tallest, widest = 0, 0, 0
+        for i, (h, w) in enumerate(zip(heights, widths)):
+            tallest, widest = max(tallest, h), max(widest, w)
+            if i > start and tallest * widest * (i + 1 - start) > self.cfg.window_pixels:
+                yield start, i
+                start, tallest, widest = i, h, w
+        if heights:
+            yield start, len(heights)
+
+    def _binary_windows(self, low, taps_y, taps_x, windows: torch.Tensor) -> torch.Tensor:
+        """Masks (N, H, W) bool thresholded inside windows [r0, c0, r1, c1), H x W the largest,
+        upsampled in row strips of at most `window_pixels` values."""
+        n = len(windows)
+        H = int((windows[:, 2] - windows[:, 0]).max().clamp_min(0))
+        W = int((windows[:, 3] - windows[:, 1]).max().clamp_min(0))
+        if H == 0 or W == 0:
+            return torch.zeros(n, H, W, dtype=torch.bool, device=self.device)
+        rows = max(1, self.cfg.window_pixels // (n * W))
         strips = []
-        for top in range(r0, r1, rows):
-            strip = torch.tensor([[top, c0, min(top + rows, r1), c1]], device=self.device)
+        for top in range(0, H, rows):
+            strip = windows.clone()
+            strip[:, 0] = windows[:, 0] + top
+            strip[:, 2] = torch.maximum(torch.minimum(windows[:, 2], strip[:, 0] + rows), strip[:, 0])
             values, valid = upsample_windows(low, taps_y, taps_x, strip)
-            strips.append(((values > self.sam.mask_threshold) & valid)[0])
-        return torch.cat(strips) if strips else torch.zeros(0, max(0, c1 - c0), dtype=torch.bool, device=self.device)
+            strips.append(((values > self.sam.mask_threshold) & valid)[:, :, :W])
+        return torch.cat(strips, 1)
+
+    def finish(self, result: DeviceResult) -> list[dict]:
+        """The CPU half of an image: RLE strings, cross-crop NMS (prefer smaller crops) and the
+        small-region cleanup, as the stock generator orders them."""
+        height, width = result.size
+        meta = result.packed[: result.count * _META].reshape(result.count, _META)
+        changes = result.packed[result.count * _META :].astype(np.int64)
+        ends = np.cumsum(meta[:, 8].astype(np.int64))
+        crops: list[tuple[list[int], list[dict]]] = [(box, []) for box in result.crop_boxes]
+        for row, end in zip(meta, ends):
+            crop, iou, stability, x0, y0, x1, y1, area, count = row
+            crops[int(crop)][1].append({
+                "rle": rle_from_changes(changes[end - int(count) : end], height, width),
+                "bbox": [float(v) for v in box_xyxy_to_xywh(torch.tensor([x0, y0, x1, y1])).tolist()],
+                "area": int(area),
+                "predicted_iou": float(iou),
+                "stability_score": float(stability),
+            })
+        return self._merge(crops, result.size)
 
     def _merge(self, crops: list[tuple[list[int], list[dict]]], image_size: tuple[int, int]) -> list[dict]:
         """Cross-crop NMS (prefer smaller crops) and small-region cleanup, as the stock generator."""

@@ -159,10 +159,10 @@ def tile_stats(low: torch.Tensor, taps_y: tuple[torch.Tensor, torch.Tensor], tap
         values = torch.zeros(k, tile, tile, device=device)
         for t in range(4):
             values += wy[:, :, t, None] * torch.gather(across, 1, iy[:, :, t, None].expand(k, tile, tile))
-        valid = valid_r[:, :, None] & valid_c[:, None, :]
-        for j, threshold in enumerate(thresholds):
-            counts[j].index_add_(0, m, ((values > threshold) & valid).flatten(1).sum(1))
-        positive = (values > box_threshold) & valid
+        values.masked_fill_(~(valid_r[:, :, None] & valid_c[:, None, :]), -torch.inf)  # past the image's edge
+        for j, threshold in enumerate(thresholds):  # a tile's count is <= 256: exact in float32, faster to sum
+            counts[j].index_add_(0, m, (values > threshold).flatten(1).float().sum(1).long())
+        positive = values > box_threshold
         any_r, any_c = positive.any(2), positive.any(1)  # (K, tile)
         has = any_r.any(1)
         tile_top = torch.where(any_r, rows, big).amin(1)
@@ -191,26 +191,42 @@ def boxes_in_windows(binary: torch.Tensor, windows: torch.Tensor) -> torch.Tenso
     return torch.where(rows.any(1)[:, None], boxes, torch.zeros_like(boxes))
 
 
-def window_rle(binary: torch.Tensor, r0: int, c0: int, height: int, width: int) -> dict:
-    """COCO RLE ({"size": [h, w], "counts": str}) of a canvas that is zero outside the window
-    binary (H, W) placed at row r0, column c0; never materialises the canvas."""
-    h, w = binary.shape
-    if h == 0 or w == 0 or not bool(binary.any()):
-        counts = [height * width]
-    else:
-        padded = torch.zeros(w, h + 2, dtype=torch.int8, device=binary.device)  # column-major, zero rows at ends
-        padded[:, 1:-1] = binary.T.to(torch.int8)
-        flat = padded.flatten()
-        change = torch.nonzero(flat[1:] != flat[:-1]).squeeze(1) + 1  # first position of each new run
-        col, row = change // (h + 2), change % (h + 2)
-        position = (c0 + col) * height + (r0 - 1 + row)  # index in the column-major canvas
-        position = position.cpu().numpy()
-        # A run that reaches the bottom of a full-height window continues at the top of the next
-        # column: its end and the next start share an index and cancel.
-        same = position[1:] == position[:-1]
-        position = position[~(np.append(same, False) | np.insert(same, 0, False))]
-        position = position[position < height * width]  # a run that ends with the canvas needs no end
-        bounds = np.concatenate([[0], position, [height * width]])
-        counts = np.diff(bounds).tolist()
+def window_changes(binary: torch.Tensor, origins: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each of N windowed masks changes value, as indices into its column-major canvas.
+
+    binary: (N, H, W) bool, mask n in the top-left of its slot and False elsewhere; origins: (N, 2)
+    int64 (row, column) of each slot's top-left in the (height, width) canvas, which is False
+    outside the slot. Returns owner (K,) and position (K,) int64, sorted by owner then position:
+    every flat index where mask `owner` differs from the pixel before it (the first pixel counts as
+    preceded by a 0). COCO RLE counts are the differences of [0, positions..., height * width]
+    (`rle_from_changes`). Nothing canvas-sized is allocated.
+    """
+    n, h, w = binary.shape
+    padded = torch.zeros(n, w, h + 2, dtype=torch.int8, device=binary.device)  # column-major, a 0 row at each end
+    padded[:, :, 1:-1] = binary.transpose(1, 2).to(torch.int8)
+    flat = padded.view(n, -1)
+    owner, index = torch.nonzero(flat[:, 1:] != flat[:, :-1], as_tuple=True)
+    index = index + 1  # the first position of each new run
+    col, row = index // (h + 2), index % (h + 2)
+    position = (origins[owner, 1] + col) * height + (origins[owner, 0] - 1 + row)
+    # A run that reaches the canvas's bottom ends where the next column's top starts: if a run starts
+    # there too, the two changes cancel. A run that ends with the canvas needs no end.
+    same = (position[1:] == position[:-1]) & (owner[1:] == owner[:-1])
+    cancelled = torch.cat([same, same.new_zeros(1)]) | torch.cat([same.new_zeros(1), same])
+    keep = ~cancelled & (position < height * width)
+    return owner[keep], position[keep]
+
+
+def rle_from_changes(positions: np.ndarray, height: int, width: int) -> dict:
+    """COCO RLE ({"size": [h, w], "counts": str}) from a mask's change positions (`window_changes`)."""
+    counts = np.diff(np.concatenate([[0], positions, [height * width]])).tolist()
     rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
     return {"size": [height, width], "counts": rle["counts"].decode("utf-8")}
+
+
+def window_rle(binary: torch.Tensor, r0: int, c0: int, height: int, width: int) -> dict:
+    """COCO RLE of a (height, width) canvas that is zero outside the window binary (H, W) placed at
+    row r0, column c0; never materialises the canvas."""
+    origin = torch.tensor([[r0, c0]], device=binary.device)
+    _, positions = window_changes(binary[None].bool(), origin, height, width)
+    return rle_from_changes(positions.cpu().numpy(), height, width)

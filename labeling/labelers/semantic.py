@@ -11,8 +11,11 @@ the image's size; the pipeline passes the original size of an image the models s
    Mask2Former). The checkpoint's processor config is not asked for a size: the published
    Mask2Former configs say a fixed `{"height": 384, "width": 384}`, which squashes every image.
    The processor still does the resize, rescale and normalisation at the size we give it.
-2. Images are batched only with images of the same input size, so nothing is padded and an
-   image's map does not depend on which images share its batch (up to float kernel choices).
+2. `prepare` (CPU, thread-safe) runs the processor on one image; `label` batches only images
+   of the same input size, in forward passes of exactly `batch_size` images (the first image of
+   a short pass fills its empty places), so nothing is padded, kernel shapes never depend on which
+   images share a call, and an image's map is the same alone or in any batch, bit for bit on one
+   machine. The default, one image a pass, never computes a filler.
 3. `class_map`, per image, on the device: the low-resolution outputs (1/4 of the input) are
    upsampled bilinearly (PyTorch's `align_corners=False` arithmetic) straight to the output size,
    a band of rows at a time, and turned into class scores there: for universal models
@@ -40,6 +43,7 @@ import torch
 from dataset_card.layout import SemanticClass  # imports without `datasets` (a GPU box may lack it)
 from dataset_card.schema import semantic_ignore_value, semantic_mask_dtype
 from labeling.labelers.mask_postprocess import linear_taps
+from labeling.labelers.timing import StageClock
 
 DEFAULT_SEMANTIC_MODEL = "facebook/mask2former-swin-large-coco-panoptic"
 COCO_PANOPTIC_CLASSES, COCO_PANOPTIC_THINGS = 133, 80  # ids 0..79 are things, 80..132 stuff
@@ -50,7 +54,7 @@ LONGEST_PER_SHORTEST = 1333 / 800
 
 @dataclass(frozen=True)
 class SemanticLabelerConfig:
-    batch_size: int = 8  # images per forward pass (only images of one input size share a pass)
+    batch_size: int = 1  # images per forward pass, always (only images of one input size share a pass)
     half: bool = True  # float16 weights and inputs on a GPU (always float32 on CPU)
     shortest_edge: int = 640  # the model input's shorter side (see docs/DESIGN.md for the choice)
     longest_edge: int | None = None  # the longer side's limit; None: shortest_edge * 1333 / 800
@@ -119,7 +123,7 @@ def class_map(low: torch.Tensor, height: int, width: int, query_classes: torch.T
         best, classes = up.max(0)  # (r, W)
         if min_score > 0:
             classes[best < min_score] = ignore_value
-        out[band] = classes.to(torch.int32).cpu().numpy()
+        out[band] = classes.to(torch.uint8 if out.dtype == np.uint8 else torch.int32).cpu().numpy()
     return out
 
 
@@ -137,6 +141,15 @@ def _check_image(image: np.ndarray, index: int) -> None:
         shape = getattr(image, "shape", None)
         dtype = getattr(image, "dtype", type(image).__name__)
         raise ValueError(f"Image {index} must be an (H, W, 3) uint8 array, got shape {shape} and dtype {dtype}.")
+
+
+@dataclass
+class SemanticInput:
+    """An image made ready for the device by `SemanticLabeler.prepare` (CPU work)."""
+
+    input_size: tuple[int, int]  # (h, w) the model sees
+    inputs: dict  # the processor's tensors for this image, batch dimension 1
+    size: tuple[int, int]  # (height, width) of the class map
 
 
 class SemanticLabeler:
@@ -181,37 +194,62 @@ class SemanticLabeler:
         image_processor = getattr(self.processor, "image_processor", self.processor)
         self.size_divisor = int(self.cfg.size_divisor or getattr(image_processor, "size_divisor", None) or 32)
         self.longest_edge = self.cfg.longest_edge or math.ceil(self.cfg.shortest_edge * LONGEST_PER_SHORTEST)
+        self.clock = StageClock()  # seconds per stage; benchmarks swap in a syncing clock
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         """The model input size of an (height, width) image (after the `max_input_side` shrink)."""
         return model_input_size(height, width, self.cfg.shortest_edge, self.longest_edge, self.size_divisor)
 
     def __call__(self, images: Sequence[np.ndarray], sizes: Sequence[tuple[int, int]] | None = None) -> list[np.ndarray]:
-        for i, image in enumerate(images):
-            _check_image(image, i)
-        sizes = [tuple(image.shape[:2]) for image in images] if sizes is None else [tuple(s) for s in sizes]
+        sizes = [None] * len(images) if sizes is None else list(sizes)
         if len(sizes) != len(images):
             raise ValueError(f"{len(sizes)} output sizes for {len(images)} images")
-        shrunk = [_shrink(image, self.cfg.max_input_side) for image in images]
+        return self.label([self.prepare(image, size, i) for i, (image, size) in enumerate(zip(images, sizes))])
+
+    def prepare(self, image: np.ndarray, size: tuple[int, int] | None = None, index: int = 0) -> SemanticInput:
+        """The model's input for one image, whose map is wanted at `size` (default: its own; CPU work,
+        safe in threads)."""
+        _check_image(image, index)
+        size = tuple(image.shape[:2]) if size is None else (int(size[0]), int(size[1]))
+        shrunk = _shrink(image, self.cfg.max_input_side)
+        input_size = self.input_size(*shrunk.shape[:2])
+        return SemanticInput(input_size, self._inputs(shrunk, input_size), size)
+
+    def _inputs(self, image: np.ndarray, input_size: tuple[int, int]) -> dict:
+        """The processor's tensors for one image resized to `input_size` (h, w), batch dimension 1."""
+        extra = {"task_inputs": ["semantic"]} if self.is_oneformer else {}
+        inputs = self.processor(images=[np.ascontiguousarray(image)], return_tensors="pt",
+                                input_data_format="channels_last",
+                                size={"height": input_size[0], "width": input_size[1]}, **extra)
+        return {key: value for key, value in inputs.items() if isinstance(value, torch.Tensor)}
+
+    def label(self, prepared: Sequence[SemanticInput]) -> list[np.ndarray]:
+        """Class maps of prepared images: same-size images share forward passes of `batch_size`."""
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, image in enumerate(shrunk):
-            groups.setdefault(self.input_size(*image.shape[:2]), []).append(i)
-        out: list[np.ndarray | None] = [None] * len(images)
-        for input_size, members in groups.items():
-            for start in range(0, len(members), self.cfg.batch_size):
-                batch = members[start : start + self.cfg.batch_size]
-                outputs = self.forward([shrunk[i] for i in batch], input_size)
-                for j, i in enumerate(batch):
-                    out[i] = self.class_map(outputs, j, *sizes[i])
+        for i, item in enumerate(prepared):
+            groups.setdefault(item.input_size, []).append(i)
+        out: list[np.ndarray | None] = [None] * len(prepared)
+        size = self.cfg.batch_size
+        for members in groups.values():
+            for start in range(0, len(members), size):
+                batch = members[start : start + size]
+                fill = [batch[0]] * (size - len(batch))  # a short pass keeps the shape of a full one
+                inputs = {key: torch.cat([prepared[i].inputs[key] for i in batch + fill])
+                          for key in prepared[batch[0]].inputs}
+                with self.clock("semantic model"):
+                    outputs = self._run(inputs)
+                with self.clock("class map"):
+                    for j, i in enumerate(batch):
+                        out[i] = self.class_map(outputs, j, *prepared[i].size)
         return out
 
-    @torch.inference_mode()
     def forward(self, images: Sequence[np.ndarray], input_size: tuple[int, int]):
         """The model's raw outputs for images resized to one `input_size` (h, w): no padding."""
-        tensors = [torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(self.device) for image in images]
-        extra = {"task_inputs": ["semantic"] * len(images)} if self.is_oneformer else {}
-        inputs = self.processor(images=tensors, return_tensors="pt", input_data_format="channels_first",
-                                size={"height": input_size[0], "width": input_size[1]}, **extra)
+        inputs = [self._inputs(image, input_size) for image in images]
+        return self._run({key: torch.cat([item[key] for item in inputs]) for key in inputs[0]})
+
+    @torch.inference_mode()
+    def _run(self, inputs: dict):
         pixels = inputs["pixel_values"].to(self.device, self.dtype)
         kwargs = {}
         if "pixel_mask" in inputs and self.universal:

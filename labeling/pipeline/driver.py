@@ -1,7 +1,7 @@
 """The labeling run: list inputs, take the output's lease, plan shards, run the Ray pipeline whose
 workers write, commit shards as they complete, verify the folder, close.
 
-    input list ──► read + decode + shrink (CPU tasks) ──► InstancePredictor / SemanticPredictor (actors)
+    input list ──► read + header check (CPU tasks) ──► ModelPredictor: decode, SAM + semantic (actors, GPU)
         ──► upsample + align + paint + PNG (CPU tasks) ──► write parts (CPU tasks, `writer.write_parts`)
         ──► driver: part results (shard, part, indices) ──► commit tasks (`writer.commit`)
 
@@ -40,7 +40,7 @@ from labeling.inputs.kinds import list_inputs
 from labeling.labelers.model_choice import TINY_RANDOM_WARNING, ModelChoice
 from labeling.pipeline import cluster, commits, failures, manifest, plan, summary, writer
 from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema
-from labeling.pipeline.predictors import InstancePredictor, SemanticPredictor
+from labeling.pipeline.predictors import ModelPredictor
 from labeling.pipeline.preprocess import WORK_SCHEMA, read_stage
 
 # Stop when more than this share of the most recent images failed (--max-failure-rate): ImageNet
@@ -133,7 +133,7 @@ def model_choice(cfg: LabelingConfig) -> ModelChoice:
     for name in ("points_per_side", "pred_iou_thresh", "stability_score_thresh"):
         if getattr(cfg, name) is not None:
             instance[name] = getattr(cfg, name)
-    semantic = {**preset["semantic"], "batch_size": cfg.model_batch_size}
+    semantic = dict(preset["semantic"])
     if cfg.semantic_shortest_edge is not None:
         semantic["shortest_edge"] = cfg.semantic_shortest_edge
     base = ModelChoice(preset=cfg.models)
@@ -199,15 +199,16 @@ def build_dataset(work: pa.Table, listed: Inputs, cfg: LabelingConfig, choice: M
 
 def _stages(ds, listed, cfg, choice, post, schema, plan: cluster.Layout) -> ray.data.Dataset:
     retries, actor_retries = failures.TASK_RETRIES, failures.ACTOR_RETRIES  # the failure policy's
-    model_args = {"choice": choice, "num_gpus": plan.gpus_per_actor, "threads": plan.threads}
     ds = ds.map_batches(read_stage, batch_size=cfg.read_batch_size, batch_format="pyarrow", num_cpus=plan.task_cpus,
-                        fn_kwargs={"source": listed.source, "max_pixels": cfg.max_pixels,
-                                   "max_side": model_max_side(cfg)}, **retries)
-    for predictor, count in ((InstancePredictor, plan.instance_actors), (SemanticPredictor, plan.semantic_actors)):
-        # Fixed-size pools: every actor has loaded its model before the first image is read.
-        ds = ds.map_batches(predictor, batch_size=cfg.model_batch_size, batch_format="pyarrow",
-                            fn_constructor_kwargs=model_args, compute=ray.data.ActorPoolStrategy(size=count),
-                            num_gpus=plan.gpus_per_actor, num_cpus=plan.actor_cpus, **actor_retries)
+                        fn_kwargs={"source": listed.source, "max_pixels": cfg.max_pixels}, **retries)
+    # One pool of actors that each hold both models (no GPU waits for another's model); the layout's
+    # two counts are its size. Fixed size: every actor has loaded its models before an image is read.
+    model_args = {"choice": choice, "num_gpus": plan.gpus_per_actor, "threads": plan.threads,
+                  "max_side": model_max_side(cfg), "max_pixels": cfg.max_pixels}
+    ds = ds.map_batches(ModelPredictor, batch_size=cfg.model_batch_size, batch_format="pyarrow",
+                        fn_constructor_kwargs=model_args,
+                        compute=ray.data.ActorPoolStrategy(size=plan.instance_actors + plan.semantic_actors),
+                        num_gpus=plan.gpus_per_actor, num_cpus=plan.actor_cpus, **actor_retries)
     return ds.map_batches(postprocess_stage, batch_size=cfg.postprocess_batch_size, batch_format="pyarrow",
                           num_cpus=plan.task_cpus, fn_kwargs={"cfg": post, "schema": schema}, **retries)
 
@@ -421,8 +422,8 @@ def _run(cfg: LabelingConfig, listed: Inputs, rule: PaintingRule, choice: ModelC
         cluster.check_shared(cfg.output, "--output", probe_write=True)
         resources = resource_layout(cfg)  # refuses a layout whose actors cannot all start
         if work_plan.indices():
-            log(f"model actors: {resources.instance_actors} SAM + {resources.semantic_actors} semantic, "
-                f"{resources.gpus_per_actor:g} GPU and {resources.actor_cpus:g} CPU each")
+            log(f"model actors: {resources.instance_actors + resources.semantic_actors}, each with SAM and the "
+                f"semantic model, {resources.gpus_per_actor:g} GPU and {resources.actor_cpus:g} CPU each")
     cpus = int(ray.cluster_resources().get("CPU", 1)) if needs_ray else 1
     queue = commits.Commits(make_job, resources.task_cpus if resources else 1.0,
                             failures.FailureWindow(cfg.max_failure_rate, cfg.failure_window), check.add,

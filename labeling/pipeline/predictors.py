@@ -1,48 +1,54 @@
-"""Predictors: Ray actor classes that load a model once and map batches (the predictor interface).
+"""The model stage's Ray actor: both labelers on one device, mapping Arrow batches (the predictor interface).
 
-A predictor is constructed from a `ModelChoice` (on the actor's own GPU, or the CPU) and called on
-Arrow batches. What it reads per row: `image_id`, the decoded pixels at model resolution
-(`pixels`, `pixels_h`, `pixels_w`: raw (h, w, 3) uint8) and the original size (`width`,
-`height`); rows whose `error_type` is set are passed through untouched. What it adds per row:
+`ModelPredictor` is constructed from a `ModelChoice` (on the actor's own GPU, or the CPU) and called
+on Arrow batches. It holds SAM and the semantic model together, so every GPU runs both and none
+waits for another's model. What it reads per row: `image_id`, the original file bytes
+(`image_bytes`) and the size the read stage found in the header (`width`, `height`); rows whose
+`error_type` is set are passed through untouched. It decodes the bytes itself, in a thread pool,
+while the device works (`labeling.labelers.paired`): model-size pixels never cross the object store.
+What it adds per row:
 
-- `InstancePredictor`: `instances_json`, a JSON list of masks in the labelers' format
-  ({"rle": {"size": [h, w], "counts"}, "bbox", "area", "predicted_iou", "stability_score"}) at
-  model resolution, already COCO-RLE encoded and filtered;
-- `SemanticPredictor`: `semantic`, the class map at the image's original size (`semantic_h`,
-  `semantic_w` = `height`, `width`) as raw bytes in the contract's dtype (uint8 below 255
-  classes, else uint16): the labeler upsamples its class scores on the device, where the argmax
-  is taken; it drops `pixels`, which nothing after it needs.
+- `instances_json`: a JSON list of masks in the labelers' format ({"rle": {"size": [h, w],
+  "counts"}, "bbox", "area", "predicted_iou", "stability_score"}) at model resolution
+  (`pixels_h`, `pixels_w`), already COCO-RLE encoded and filtered;
+- `semantic`: the class map at the image's original size (`semantic_h`, `semantic_w` = `height`,
+  `width`) as raw bytes in the contract's dtype (uint8 below 255 classes, else uint16).
 
-A failure is recorded in the row's `error_*` columns instead of raised. When a whole batch
-fails, it is retried one image at a time, so one bad image cannot take the others with it. A
-fatal accelerator error (not out-of-memory) is no image's fault: the actor's process ends and Ray
-restarts it and retries the batch (`failures.restart_on_fatal_device_error`).
-The instance masks' upsampling, alignment, painting and PNG encoding happen later on CPUs
+A failure is recorded in the row's `error_*` columns instead of raised (an undecodable file at
+stage "decode", anything else at "model"). When a whole batch fails, it is retried one image at a
+time, so one bad image cannot take the others with it. A fatal accelerator error (not
+out-of-memory) is no image's fault: the actor's process ends and Ray restarts it and retries the
+batch (`failures.restart_on_fatal_device_error`). Upsampling, alignment, painting and PNG encoding
+happen later on CPUs
 (`labeling.pipeline.postprocess`).
 """
 
 from __future__ import annotations
 
 import json
-import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
+from dataset_card.codecs import DecodeError
 from labeling.pipeline import failures
-from labeling.pipeline.preprocess import DECODED_SCHEMA, model_pixels
+from labeling.pipeline.preprocess import DECODED_SCHEMA
 
-INSTANCE_SCHEMA = pa.schema(list(DECODED_SCHEMA) + [("instances_json", pa.string()), ("time_instance", pa.float64())])
 MODELS_SCHEMA = pa.schema(
-    [f for f in INSTANCE_SCHEMA if f.name != "pixels"]
-    + [("semantic", pa.large_binary()), ("semantic_h", pa.int32()), ("semantic_w", pa.int32()),
+    [f for f in DECODED_SCHEMA if f.name not in ("time_read", "started_at")]
+    + [("pixels_h", pa.int32()), ("pixels_w", pa.int32()), ("time_read", pa.float64()), ("started_at", pa.float64()),
+       ("instances_json", pa.string()), ("time_instance", pa.float64()),
+       ("semantic", pa.large_binary()), ("semantic_h", pa.int32()), ("semantic_w", pa.int32()),
        ("time_semantic", pa.float64())]
 )
 
 
 def run_each(fn: Callable[[list], list], items: Sequence) -> list:
-    """fn(items), or when that raises, fn([item]) for each item: a result or the exception it raised."""
+    """fn(items), or when that raises, fn([item]) for each item: a result or the exception it raised.
+
+    A fatal device error (`failures.is_fatal_device_error`) is raised, never recorded."""
     if not items:
         return []
     try:
@@ -88,27 +94,6 @@ def _quiet_loading(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _map_rows(batch: pa.Table, model: Callable[[list], list], fill: Callable[[dict, object], None],
-              empty: Callable[[dict], None], schema: pa.Schema, time_column: str,
-              item: Callable[[dict], object] = model_pixels) -> pa.Table:
-    """`model` on `item(row)` of every row that has not failed; `fill` / `empty` write the results."""
-    start = time.perf_counter()
-    rows = batch.to_pylist()
-    todo = [r for r in rows if not r["error_type"]]
-    results = run_each(model, [item(r) for r in todo])
-    for row in rows:
-        empty(row)
-    for row, result in zip(todo, results):
-        if isinstance(result, BaseException):
-            row.update(failures.from_exception(failures.MODEL, result).as_row())
-        else:
-            fill(row, result)
-    per_row = (time.perf_counter() - start) / max(1, len(rows))
-    for row in rows:
-        row[time_column] = per_row
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
 def _masks_json(masks: list[dict]) -> str:
     return json.dumps([
         {"rle": {"size": [int(s) for s in m["rle"]["size"]], "counts": _text(m["rle"]["counts"])},
@@ -122,42 +107,42 @@ def _text(counts) -> str:
     return counts.decode("ascii") if isinstance(counts, bytes) else counts
 
 
-class InstancePredictor:
-    """Automatic instance masks (SAM) for DECODED_SCHEMA batches -> INSTANCE_SCHEMA batches."""
+_EMPTY = {"instances_json": "[]", "semantic": b"", "semantic_h": 0, "semantic_w": 0, "pixels_h": 0, "pixels_w": 0,
+          "time_instance": 0.0, "time_semantic": 0.0}
 
-    def __init__(self, choice, num_gpus: float = 0.0, threads: int | None = None):
+
+class ModelPredictor:
+    """SAM and the semantic model for DECODED_SCHEMA batches -> MODELS_SCHEMA batches."""
+
+    def __init__(self, choice, num_gpus: float = 0.0, threads: int | None = None, max_side: int = 1024,
+                 max_pixels: int = 100_000_000, cpu_threads: int = 4):
+        from PIL import Image
+
+        from labeling.labelers.paired import PairedLabeler
+
         _quiet_loading(threads)
-        self.labeler = choice.instance_labeler(_device(num_gpus))
+        Image.MAX_IMAGE_PIXELS = max_pixels  # our own limit, checked from the header, decides:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL only warns below 2x of it
+        device = _device(num_gpus)
+        self.labeler = PairedLabeler(choice.instance_labeler(device), choice.semantic_labeler(device), max_side,
+                                     max_pixels, cpu_threads)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        def fill(row, masks):
-            row["instances_json"] = _masks_json(masks)
-
-        def empty(row):
-            row["instances_json"] = "[]"
-
-        return _map_rows(batch, self.labeler, fill, empty, INSTANCE_SCHEMA, "time_instance")
-
-
-class SemanticPredictor:
-    """Full-size semantic class maps for INSTANCE_SCHEMA batches -> MODELS_SCHEMA batches."""
-
-    def __init__(self, choice, num_gpus: float = 0.0, threads: int | None = None):
-        _quiet_loading(threads)
-        self.labeler = choice.semantic_labeler(_device(num_gpus))
-
-    def _label(self, items: list) -> list:
-        return self.labeler([pixels for pixels, _ in items], [size for _, size in items])
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        def fill(row, class_map: np.ndarray):
-            row.update(semantic=np.ascontiguousarray(class_map).tobytes(),
-                       semantic_h=class_map.shape[0], semantic_w=class_map.shape[1])
-
-        def empty(row):
-            row.update(semantic=b"", semantic_h=0, semantic_w=0)
-
-        def item(row):  # the models' pixels and the original size the map is wanted at
-            return model_pixels(row), (int(row["height"]), int(row["width"]))
-
-        return _map_rows(batch, self._label, fill, empty, MODELS_SCHEMA, "time_semantic", item)
+        rows = batch.to_pylist()
+        todo = [r for r in rows if not r["error_type"]]
+        results = run_each(self.labeler, [r["image_bytes"] for r in todo])
+        for row in rows:
+            row.update(_EMPTY)
+        for row, result in zip(todo, results):
+            if isinstance(result, DecodeError):
+                row.update(failures.from_exception(failures.DECODE, result).as_row())
+            elif isinstance(result, BaseException):
+                row.update(failures.from_exception(failures.MODEL, result).as_row())
+            else:
+                class_map: np.ndarray = np.ascontiguousarray(result.semantic)
+                row.update(instances_json=_masks_json(result.masks), semantic=class_map.tobytes(),
+                           semantic_h=class_map.shape[0], semantic_w=class_map.shape[1],
+                           pixels_h=result.model_size[0], pixels_w=result.model_size[1],
+                           time_read=row["time_read"] + result.seconds["decode"],
+                           time_instance=result.seconds["instance"], time_semantic=result.seconds["semantic"])
+        return pa.Table.from_pylist(rows, schema=MODELS_SCHEMA)

@@ -1,0 +1,88 @@
+"""Both labelers on one device, fed with encoded images: what one model actor runs per batch.
+
+`PairedLabeler(instance, semantic, max_side)(list of image file bytes)` returns, per image, its
+`ImageLabels` (SAM's masks at the models' resolution and the semantic map at the image's size), or
+the `DecodeError` that image raised. The work is split so the device rarely waits for the CPU:
+
+- a thread pool decodes each image (`codecs.decode_image`, the canonical decode), shrinks it to
+  `max_side` (area interpolation) and runs both labelers' `prepare` (SAM's resize, the semantic
+  processor) while the device works on the images before it: decoding, resizing and the processor
+  (PIL, cv2, numpy) release the GIL;
+- the instance labeler's device pass takes images as they become ready, and hands each finished
+  image's CPU half (RLE strings, cleanup) back to the pool, which runs it while the semantic model
+  computes;
+- only the original bytes travel to the actor: model-size pixels exist only here.
+
+Nothing here imports Ray or `datasets` (the GPU benchmark runs this class on a bare CUDA box).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from dataset_card import codecs
+from labeling.labelers.instance import InstanceLabeler
+from labeling.labelers.model_input import decode
+from labeling.labelers.semantic import SemanticLabeler
+
+
+@dataclass
+class ImageLabels:
+    masks: list[dict]  # the instance labeler's records, at model_size
+    semantic: np.ndarray  # (height, width) class map in the contract's dtype
+    model_size: tuple[int, int]  # (h, w) the models saw
+    seconds: dict[str, float] = field(default_factory=dict)  # this image's share of each step
+
+
+class PairedLabeler:
+    def __init__(self, instance: InstanceLabeler, semantic: SemanticLabeler, max_side: int,
+                 max_pixels: int = 100_000_000, threads: int = 4):
+        self.instance, self.semantic = instance, semantic
+        self.max_side, self.max_pixels = max_side, max_pixels
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="labeling-cpu")
+
+    def _prepare(self, data: bytes):
+        start = time.perf_counter()
+        cv2.setNumThreads(1)  # parallel across images, not inside one
+        pixels, width, height = decode(data, self.max_pixels, self.max_side)
+        sam_input = self.instance.prepare(pixels)
+        semantic_input = self.semantic.prepare(pixels, (height, width))
+        return pixels.shape[:2], sam_input, semantic_input, time.perf_counter() - start
+
+    def __call__(self, images: Sequence[bytes]) -> list[ImageLabels | codecs.DecodeError]:
+        """Labels of each encoded image, or the DecodeError it raised (any other error raises)."""
+        futures = [self.pool.submit(self._prepare, data) for data in images]
+        prepared: list = [None] * len(images)
+
+        def ready():  # SAM inputs in order, as their threads finish them
+            for i, future in enumerate(futures):
+                try:
+                    prepared[i] = future.result()
+                except codecs.DecodeError as err:
+                    prepared[i] = err
+                    continue
+                yield prepared[i][1]
+
+        start = time.perf_counter()
+        finishing = [self.pool.submit(self.instance.finish, result) for result in self.instance.device_pass(ready())]
+        instance_s = time.perf_counter() - start
+        good = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
+        start = time.perf_counter()
+        maps = self.semantic.label([prepared[i][2] for i in good])
+        semantic_s = time.perf_counter() - start
+        masks = [future.result() for future in finishing]
+        instance_s += time.perf_counter() - start - semantic_s  # waiting for the CPU half, if at all
+        out: list[ImageLabels | codecs.DecodeError] = list(prepared)
+        for i, image_masks, image_map in zip(good, masks, maps):
+            seconds = {"decode": prepared[i][3], "instance": instance_s / len(good), "semantic": semantic_s / len(good)}
+            out[i] = ImageLabels(image_masks, image_map, prepared[i][0], seconds)
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
