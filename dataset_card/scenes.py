@@ -130,21 +130,27 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     return rgb, semantic
 
 
-def render_scene(rng: np.random.Generator, size: int = 48, target: int | None = None, tries: int = 50) -> Scene:
+def render_scene(rng: np.random.Generator, size: int = 48, target: int | None = None, tries: int = 50,
+                 target_radius: tuple[float, float] = (0.28, 0.38),
+                 other_radius: tuple[float, float] = (0.08, 0.16),
+                 target_centre: tuple[float, float] = (0.35, 0.65)) -> Scene:
     """One scene; with `target` (an index into SHAPES), redrawn (up to `tries` times) until the image
-    class is that shape. One object is of the target shape and a little larger, so few redraws are needed.
+    class is that shape. One object (the first) has a radius in `target_radius` and its centre in
+    `target_centre` (shares of the image size; near the middle, as photographed objects are), the
+    others a radius in `other_radius` anywhere, so the class-defining object is usually the largest.
     """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     for _ in range(tries):
         rgb, semantic = _background(rng, size)
         count = int(rng.integers(2, 6))
         shapes = [int(rng.integers(len(SHAPES))) for _ in range(count)]
-        radii = rng.uniform(0.1, 0.22, count) * size
+        radii = rng.uniform(*other_radius, count) * size
+        radii[0] = rng.uniform(*target_radius) * size
         if target is not None:
-            shapes[0], radii[0] = target, rng.uniform(0.2, 0.3) * size
+            shapes[0] = target
         owner = np.full((size, size), -1)  # which object each pixel shows
         for i in rng.permutation(count):  # painting order: later objects occlude earlier ones
-            cy, cx = rng.uniform(0.2, 0.8, 2) * size
+            cy, cx = rng.uniform(*(target_centre if i == 0 else (0.15, 0.85)), 2) * size
             mask = _shape_mask(SHAPES[shapes[i]], yy, xx, cy, cx, radii[i], rng.uniform(0, 2 * np.pi),
                                rng.uniform(0.8, 1.25))
             kind = _OBJECT_TEXTURES[int(rng.integers(len(_OBJECT_TEXTURES)))]

@@ -39,6 +39,7 @@ DECODERS = ("cascaded", "parallel", "multimae", "mae")
 @dataclass(frozen=True)
 class ModelConfig:
     modalities: tuple[str, ...] = MODALITIES  # coarse to fine; the cascade follows this order
+    input_modalities: tuple[str, ...] | None = None  # what the encoder reads (None: all); the rest are only targets
     img_size: int = 224
     patch_size: int = 16
     embed_dim: int = 768
@@ -82,6 +83,15 @@ class ModelConfig:
             raise ValueError("The MAE decoder reconstructs RGB only; use modalities=('rgb',).")
         if "rgb" not in self.modalities or self.modalities != tuple(m for m in MODALITIES if m in self.modalities):
             raise ValueError(f"modalities must include rgb and follow the order {MODALITIES}, got {self.modalities}.")
+        if self.input_modalities is not None:
+            object.__setattr__(self, "input_modalities", tuple(self.input_modalities))
+            indices = tuple(self.modalities.index(m) for m in self.input_modalities if m in self.modalities)
+            if len(indices) != len(self.input_modalities) or "rgb" not in self.input_modalities:
+                raise ValueError(f"input_modalities {self.input_modalities} must include rgb and be among "
+                                 f"{self.modalities}.")
+            if self.masking.inputs != indices:
+                raise ValueError(f"masking.inputs is {self.masking.inputs} but input_modalities "
+                                 f"{self.input_modalities} are modalities {indices}.")
         if self.masking.num_positions != self.num_positions:
             raise ValueError(f"masking.num_positions is {self.masking.num_positions} but {self.img_size} px images "
                              f"with patch {self.patch_size} have {self.num_positions}.")
@@ -120,7 +130,7 @@ class MaskedAutoencoder(nn.Module):
         grid = cfg.img_size // cfg.patch_size
         self.encoder = Encoder(cfg.modalities, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth,
                                cfg.num_heads, cfg.mlp_ratio, cfg.num_semantic_classes, cfg.semantic_class_dim,
-                               cfg.semantic_downsample)
+                               cfg.semantic_downsample, cfg.input_modalities)
         patch_dims = {m: cfg.patch_dim(m) for m in cfg.modalities}
         shared = (cfg.embed_dim, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
         if cfg.decoder == "mae":
@@ -180,7 +190,7 @@ class MaskedAutoencoder(nn.Module):
             if generator is None:
                 generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
             visible, strategy = self.sample_visible(batch, generator, progress)
-        x = self.encoder({m: batch[m] for m in self.cfg.modalities}, visible)  # (B, 1 + V, D)
+        x = self.encoder({m: batch[m] for m in self.encoder.inputs}, visible)  # (B, 1 + V, D)
         predictions, sample_terms, terms = self._decode_and_score(x, visible, batch)
         loss = sum(self.loss_weight(m) * terms[m] for m in self.cfg.modalities)
         sample_loss = sum(self.loss_weight(m) * sample_terms[m] for m in self.cfg.modalities)
@@ -202,7 +212,7 @@ class MaskedAutoencoder(nn.Module):
         tokens, on a batch that has "visible": how hard each term pulls on the shared representation
         (the share of each is logged). Runs the encoder without gradients and the decoder once."""
         with torch.no_grad():
-            x = self.encoder({m: batch[m] for m in self.cfg.modalities}, batch["visible"])
+            x = self.encoder({m: batch[m] for m in self.encoder.inputs}, batch["visible"])
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             terms = self._decode_and_score(x, batch["visible"], batch)[2]

@@ -20,7 +20,8 @@ with m_s the mean total loss of its samples:
     w = floor / 3 + (1 - floor) * progress / sum(progress)     (uniform while no strategy moved)
 So a strategy whose loss is still falling (or rising again: forgetting) gets more samples, one
 that has plateaued fewer, and every strategy keeps at least floor / 3 so its loss stays measured.
-Until every strategy has been seen `warmup` times, the scheduled weights are used.
+Until every strategy has been seen `warmup` times, the scheduled weights stand in for the
+progress shares (with the same floor, so every strategy is drawn and measured from the start).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class AdaptiveCurriculum:
         self.seen = torch.zeros(S, dtype=torch.float64, device=device)  # updates of each strategy
 
     def weights(self, progress: float) -> torch.Tensor:
-        """(3,) float64 on the device: the rule's weights, or the schedule's until warmed up."""
+        """(3,) float64 on the device: the rule's weights (the schedule's, floored, until warmed up)."""
         cfg = self.cfg
         scheduled = torch.tensor(curriculum_weights(progress, cfg), dtype=torch.float64, device=self.fast.device)
         fast = self.fast / (1 - cfg.adaptive_fast ** self.seen).clamp(min=1e-12)  # bias-corrected
@@ -121,8 +122,8 @@ class AdaptiveCurriculum:
         progress_s = torch.where(self.seen > 0, (slow - fast).abs() / slow.abs().clamp(min=1e-12), 0.0)
         total = progress_s.sum()
         share = torch.where(total > 0, progress_s / total.clamp(min=1e-30), 1.0 / len(STRATEGIES))
-        adaptive = cfg.adaptive_floor / len(STRATEGIES) + (1 - cfg.adaptive_floor) * share
-        return torch.where((self.seen >= cfg.adaptive_warmup).all(), adaptive, scheduled)
+        share = torch.where((self.seen >= cfg.adaptive_warmup).all(), share, scheduled)
+        return cfg.adaptive_floor / len(STRATEGIES) + (1 - cfg.adaptive_floor) * share
 
     def update(self, loss_sum: torch.Tensor, count: torch.Tensor) -> None:
         """One optimizer step's per-strategy (sum of sample losses (3,), sample count (3,)), summed over

@@ -67,8 +67,11 @@ def build(size: str, num_semantic_classes: int, visible_share: float, masking: s
     kw.update(overrides)
     num_positions = (kw.get("img_size", 224) // kw.get("patch_size", 16)) ** 2
     if isinstance(masking, str):
-        num_tokens = len(kw.get("modalities", MODALITIES)) * num_positions
+        modalities = kw.get("modalities", MODALITIES)
+        num_tokens = len(modalities) * num_positions
         masking_kw.setdefault("num_visible", max(1, round(visible_share * num_tokens)))
+        if kw.get("input_modalities") is not None:
+            masking_kw.setdefault("inputs", tuple(modalities.index(m) for m in kw["input_modalities"] if m in modalities))
         masking = MaskingConfig(strategy=masking, num_positions=num_positions, curriculum=curriculum, **masking_kw)
     return MaskedAutoencoder(ModelConfig(masking=masking, **kw))
 

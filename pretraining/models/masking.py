@@ -42,6 +42,7 @@ class MaskingConfig:
     dirichlet_alpha: float = 1.0  # concentration of the per-sample split of `num_visible` over modalities
     allocation: str = "largest_remainder"  # how the split becomes token counts (see `visible_tokens`); rounded is MultiMAE's
     num_positions: int = 196  # patch positions per modality, (img_size / patch_size) ** 2
+    inputs: tuple[int, ...] | None = None  # modalities (indices) the encoder may see; None: all of them
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def __post_init__(self):
@@ -53,6 +54,11 @@ class MaskingConfig:
             raise ValueError(f"Unknown guided_mode {self.guided_mode!r}; use whole or within.")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"Unknown allocation {self.allocation!r}; use largest_remainder or rounded.")
+        if self.inputs is not None:
+            object.__setattr__(self, "inputs", tuple(self.inputs))  # JSON gives lists
+            if self.num_visible > len(self.inputs) * self.num_positions:
+                raise ValueError(f"Cannot keep {self.num_visible} visible tokens in {len(self.inputs)} input modalities "
+                                 f"of {self.num_positions} positions.")
 
     @property
     def guided(self) -> bool:
@@ -205,6 +211,11 @@ def visible_tokens(strategy: torch.Tensor, proportions: torch.Tensor, keys: torc
     rows = M + 2 + (M if cfg.allocation == "rounded" else 0)
     if V > M * N or keys.shape[1:] != (rows, N):
         raise ValueError(f"Cannot keep {V} of {M} x {N} tokens with keys of shape {tuple(keys.shape)}.")
+    if cfg.inputs is not None:  # the budget goes to the input modalities only
+        allowed = torch.zeros(M, dtype=proportions.dtype, device=proportions.device)
+        allowed[list(cfg.inputs)] = 1
+        proportions = proportions * allowed
+        proportions = proportions / proportions.sum(1, keepdim=True)
     labels = torch.zeros(B, N, dtype=torch.int64, device=keys.device)
     first_label = torch.full((B,), 2**62, dtype=torch.int64, device=keys.device)  # no region: not guided
     for guide, patches in ((SEMANTIC, semantic_patches), (INSTANCE, instance_patches)):
@@ -212,7 +223,8 @@ def visible_tokens(strategy: torch.Tensor, proportions: torch.Tensor, keys: torc
             chosen = strategy == guide
             labels = torch.where(chosen[:, None], patches.long(), labels)
             first_label = torch.where(chosen, _FIRST_REGION_LABEL[guide], first_label)
-    num_masked = min(round(cfg.guided_mask_ratio * N), N - math.ceil(V / M))  # leave room for the budget
+    inputs = M if cfg.inputs is None else len(cfg.inputs)
+    num_masked = min(round(cfg.guided_mask_ratio * N), N - math.ceil(V / inputs))  # leave room for the budget
     masked, guided = guided_masked(labels, first_label, keys[:, 0], keys[:, 1], num_masked, cfg.guided_mode,
                                    cfg.guided_mask_ratio)
     strategy = torch.where(guided, strategy, RANDOM)
