@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import multiprocessing
 import os
@@ -267,12 +268,16 @@ def _tensorboard_means(run_dir: Path, prefixes: tuple[str, ...]) -> dict[str, fl
 
 
 def run_one(name: str, seed: int, scale: Scale, paths: dict[str, str], output: str) -> dict:
-    """Pretrain arm `name` with `seed`, probe its frozen encoder; one row of runs.csv."""
+    """Pretrain arm `name` with `seed`, probe its frozen encoder; one row of runs.csv. A finished run's
+    row is kept in its folder (result.json) and reused, so runs of several groups share arms."""
     from pretraining.data.loader import DataConfig
     from pretraining.models.factory import create_model
     from pretraining.train import train
     from pretraining.training.config import OptimConfig, TrainConfig
 
+    run_dir = Path(output) / "runs" / f"{name}-s{seed}"
+    if (run_dir / "result.json").exists():
+        return {**json.loads((run_dir / "result.json").read_text()), "reused": True}
     arm = ARMS[name]
     train_split, val_split = read_probe_split(paths["probe_train"]), read_probe_split(paths["probe_val"])
     num_classes = len(SEMANTIC_CLASSES)
@@ -287,7 +292,6 @@ def run_one(name: str, seed: int, scale: Scale, paths: dict[str, str], output: s
             optim=OptimConfig(lr=scale.lr, warmup_epochs=scale.warmup_epochs), epochs=scale.epochs, seed=seed,
             precision="bf16", checkpoint_every=10**9, keep_checkpoints=1, log_every=24, figure_every=0)
         captured = {}
-        run_dir = Path(output) / "runs" / f"{name}-s{seed}"
         summary = train(cfg, paths[arm.labels], str(run_dir), hooks=[lambda end: captured.update(model=end.model)],
                         progress=False)
         model = captured["model"]
@@ -299,6 +303,8 @@ def run_one(name: str, seed: int, scale: Scale, paths: dict[str, str], output: s
     row["train_wall_s"], row["train_cpu_s"] = time.perf_counter() - wall, time.process_time() - cpu
     row.update(probe(model, scale, train_split, val_split, seed))
     row["wall_s"], row["cpu_s"] = time.perf_counter() - wall, time.process_time() - cpu
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "result.json").write_text(json.dumps(row, indent=1))
     return row
 
 
@@ -418,6 +424,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), help="these arms instead of a group")
     parser.add_argument("--seeds", type=int, help="override the mode's seed count")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, each with cores / jobs threads")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     return parser.parse_args(argv)
 
 
@@ -436,7 +443,7 @@ def main(argv=None) -> int:
     data_s = time.perf_counter() - start_wall
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     jobs = max(1, min(args.jobs, cores))
-    threads = max(1, cores // jobs)
+    threads = args.threads or max(1, cores // jobs)
     work = [(a, s) for s in range(scale.seeds) for a in arms]
     print(f"{scale.name}: {len(arms)} arms x {scale.seeds} seeds on {jobs} processes x {threads} threads; "
           f"scenes written in {data_s:.0f} s", file=sys.stderr, flush=True)
@@ -451,7 +458,8 @@ def main(argv=None) -> int:
                   f"mIoU {row['miou']:5.1f} attn {row['attn_objects']:5.1f} ({row['steps']} steps, "
                   f"{row['cpu_s'] / 60:.1f} cpu min)", file=sys.stderr, flush=True)
     wall = time.perf_counter() - start_wall
-    cpu = sum(r["cpu_s"] for r in rows) + (time.process_time() - start_cpu)
+    reused = sum(bool(r.get("reused")) for r in rows)
+    cpu = sum(r["cpu_s"] for r in rows if not r.get("reused")) + (time.process_time() - start_cpu)
     steps = {r["steps"] for r in rows if ARMS[r["arm"]].train}
     if len(steps) > 1:
         raise RuntimeError(f"arms ran different numbers of optimizer steps: {sorted(steps)}")
@@ -463,7 +471,8 @@ def main(argv=None) -> int:
     for line in print_tables(rows, scale):
         print(line)
     print(f"wall {wall / 60:.1f} min on {cores} cores (shared machine); CPU {cpu / 60:.1f} min, i.e. about "
-          f"{cpu / cores / 60:.1f} min on {cores} idle cores; scenes {data_s:.0f} s; config {asdict(scale)}")
+          f"{cpu / cores / 60:.1f} min on {cores} idle cores; scenes {data_s:.0f} s; {reused} runs reused from "
+          f"earlier invocations; config {asdict(scale)}")
     figures = []
     for key, better, worse in LAST_LINE:
         mean = paired(rows, better, worse, "linear")[0]
