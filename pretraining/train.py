@@ -3,9 +3,11 @@
 One process per GPU under `torchrun` (DDP), or one process on a CPU. Rerunning the same command
 resumes from the newest checkpoint in RUN. See docs/training.md.
 
-The loop, in order: set the learning rate for the optimizer step; forward and backward each
-micro-batch (DDP syncs gradients on the last one); average the loss terms over ranks and stop on a
-non-finite one; step the optimizer; log, draw a figure, checkpoint.
+The loop, in order: set the learning rate and the curriculum's masking weights for the optimizer
+step (both from its fractional epoch); finish the batch on the device under those weights; forward
+and backward each micro-batch (DDP syncs gradients on the last one); average the loss terms over
+ranks and stop on a non-finite one; step the optimizer; let an adaptive curriculum see the step's
+per-strategy losses; log, draw a figure, checkpoint.
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ from pretraining.data.loader import (
     SampleSpec,
     open_labeled_dataset,
 )
+from pretraining.models.curriculum import Curriculum
 from pretraining.models.factory import create_model
-from pretraining.models.masking import curriculum_weights
 from pretraining.training import checkpoint as ckpt
 from pretraining.training.config import ConfigError, TrainConfig, apply_overrides, differing_keys, to_dict
 from pretraining.training.monitor import Monitor, reconstruction_figure
 from pretraining.training.recipes import RECIPES, get_recipe
+from pretraining.training.strategy_log import StrategyLog
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"  # what the config does not fix: data path, world size, learning rate, dataset size
@@ -200,6 +203,7 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)  # bf16 needs no scaling
 
+    curriculum = Curriculum(model.cfg.masking.curriculum, device)
     global_step, position = 0, (0, 0)  # optimizer steps done; next (epoch, micro-step) to load
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is not None:
@@ -211,6 +215,7 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        curriculum.load_state_dict(state["curriculum"].get("adaptive", {}))
         global_step, position = state["global_step"], (state["position"]["epoch"], state["position"]["step"])
         ckpt.set_rng_state(state["rng"][distributed.rank])
         if main:
@@ -224,7 +229,7 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
     mcfg = model.cfg
     spec = SampleSpec(img_size=mcfg.img_size, patch_size=mcfg.patch_size, modalities=mcfg.modalities,
                       masking=mcfg.masking, augment=cfg.data.augment, ignore_value=dataset.metadata.ignore_value,
-                      seed=cfg.seed, epochs=cfg.epochs)
+                      seed=cfg.seed, epochs=cfg.epochs, instance_offset_unit=mcfg.offset_unit_pixels)
     loader = PretrainingLoader(dataset, spec, cfg.data, distributed.rank, distributed.world_size, position,
                                cfg.accum_steps, pin_memory=device.type == "cuda")
     steps_per_epoch = loader.steps_per_epoch  # micro-steps of epoch 0; later epochs may differ slightly
@@ -232,18 +237,26 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
     if distributed.world_size > 1:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     monitor = Monitor(run_dir, enabled=main)
+    strategies = StrategyLog(mcfg.modalities, device)
     samples_log = _open_samples_log(run_dir / f"samples-rank{distributed.rank}.jsonl", position) if cfg.log_samples else None
     bar = tqdm(total=cfg.epochs * steps_per_epoch // cfg.accum_steps, initial=global_step, unit="step",
                disable=not (main and show_progress), dynamic_ncols=True)
 
+    def progress_at(epoch: int, step: int) -> float:
+        """Fractional training progress in [0, 1] at micro-step `step` of `epoch` (what the schedules read)."""
+        if epoch not in epoch_steps:
+            epoch_steps[epoch] = loader.stream.plan(epoch).steps if epoch < cfg.epochs else 1
+        return (epoch + step / epoch_steps[epoch]) / cfg.epochs
+
     def save(epoch: int, step: int) -> None:
         states = _gather(ckpt.rng_state(), distributed)
         if main:
-            weights = curriculum_weights(epoch / cfg.epochs, mcfg.masking.curriculum)
+            progress = progress_at(epoch, step)
+            weights = torch.as_tensor(curriculum.weights(progress), dtype=torch.float64).tolist()
             ckpt.save_checkpoint({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "schedule": {"lr": optimizer.param_groups[0]["lr"], "peak_lr": peak_lr},
-                "curriculum": {"progress": epoch / cfg.epochs, "weights": list(weights)},
+                "curriculum": {"progress": progress, "weights": weights, "adaptive": curriculum.state_dict()},
                 "position": {"epoch": epoch, "step": step}, "global_step": global_step, "rng": states,
                 "config": json.dumps(to_dict(cfg)), "run": json.dumps(run_info),
             }, run_dir, global_step, cfg.keep_checkpoints)
@@ -255,22 +268,23 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
     waited_from = time.perf_counter()
     for batch in loader:
         epoch, step = batch.epoch, batch.step
-        if epoch not in epoch_steps:
-            epoch_steps[epoch] = loader.stream.plan(epoch).steps
-        inputs = batch.to(device)
-        window["wait"] += time.perf_counter() - waited_from
         micro = step % cfg.accum_steps
-        if micro == 0:
-            lr = learning_rate(epoch + step / epoch_steps[epoch], peak_lr, cfg.optim.min_lr,
-                               cfg.optim.warmup_epochs, cfg.epochs)
+        if micro == 0:  # the optimizer step's learning rate and masking weights, from its fractional epoch
+            progress = progress_at(epoch, step)
+            lr = learning_rate(progress * cfg.epochs, peak_lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            weights = curriculum.weights(progress)
+            strategies.record_weights(global_step + 1, weights)
+        inputs = batch.to(device, weights)
+        window["wait"] += time.perf_counter() - waited_from
         last_micro = micro == cfg.accum_steps - 1
         sync = contextlib.nullcontext() if last_micro or distributed.world_size == 1 else train_model.no_sync()
         with sync:
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 out = train_model(inputs)
             scaler.scale(out.loss / cfg.accum_steps).backward()
+        strategies.add(out.strategy, inputs["strategy_requested"], out.sample_terms, out.sample_loss)
 
         names = ["loss", *out.terms]
         values = _reduce(torch.stack([out.loss.detach().float(), *[t.detach().float() for t in out.terms.values()]]),
@@ -295,6 +309,9 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        step_loss, step_count = strategies.end_step()
+        if curriculum.adaptive is not None:  # every rank sees the same sums, so all draw with the same weights
+            curriculum.update(_reduce(step_loss, distributed), _reduce(step_count, distributed))
         global_step += 1
         position = (epoch, step + 1) if step + 1 < epoch_steps[epoch] else (epoch + 1, 0)
         last = {n: v / cfg.accum_steps for n, v in zip(names, totals)}
@@ -304,10 +321,16 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
 
         if global_step % cfg.log_every == 0:
             elapsed = time.perf_counter() - window["start"]
-            weights = curriculum_weights(epoch / cfg.epochs, mcfg.masking.curriculum)
+            mix, per_step = strategies.scalars()
+            for logged_step, values in per_step:
+                monitor.scalars(logged_step, values)
+            grad_share = {}
+            if cfg.log_grad_share and main and len(mcfg.modalities) > 1:
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    norms = model.term_gradient_norms(inputs).tolist()
+                grad_share = {f"grad_share/{m}": n / max(sum(norms), 1e-30) for m, n in zip(mcfg.modalities, norms)}
             monitor.scalars(global_step, {
-                **{f"loss/{n}": v for n, v in last.items()}, "lr": lr,
-                "curriculum/semantic": weights[0], "curriculum/instance": weights[1], "curriculum/random": weights[2],
+                **{f"loss/{n}": v for n, v in last.items()}, "lr": lr, **mix, **grad_share,
                 "perf/images_per_s": window["samples"] / elapsed, "perf/data_wait_share": window["wait"] / elapsed,
                 "epoch": epoch + (step + 1) / epoch_steps[epoch]})
             window = {"samples": 0, "wait": 0.0, "start": time.perf_counter()}

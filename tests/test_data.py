@@ -30,7 +30,7 @@ from pretraining.data.loader import (
     split_rows,
 )
 from pretraining.models.instances import instance_representation
-from pretraining.models.masking import MaskingConfig
+from pretraining.models.masking import INSTANCE, SEMANTIC, MaskingConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread beats two here
 
@@ -158,12 +158,28 @@ def test_ignore_value_becomes_minus_one():
            "instance_mask": _png(instance.astype(np.uint16)), "label": 1}
     spec = _spec(img_size=16, masking=MaskingConfig(num_visible=3, num_positions=4),
                  augment=AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0))
-    sample = make_sample(row, 7, 0, spec, joint_transform(16, spec.augment), (0.0, 0.0, 1.0))
+    sample = make_sample(row, 7, 0, spec, joint_transform(16, spec.augment))
     assert sample["semantic"].dtype == torch.int16  # compact between processes, as stored
-    batch = Batch(0, 0, [collate([sample])], spec).to(torch.device("cpu"))
+    batch = Batch(0, 0, [collate([sample])], spec).to(torch.device("cpu"), (0.0, 0.0, 1.0))
     assert set(batch["semantic"].unique().tolist()) == {-1, 2}
     assert int(batch["index"]) == 7 and int(batch["label"]) == 1
     assert batch["visible"].shape == (1, 3) and int(batch["strategy"]) == 2  # random: (0, 0, 1) weights
+
+
+def test_the_trainers_weights_choose_the_strategy_and_guided_mae_reads_the_masks(dataset_dir):
+    ds = open_labeled_dataset(dataset_dir)
+    cfg = DataConfig(batch_size=8, num_workers=0, shuffle_buffer=16)
+    batch = next(iter(PretrainingLoader(ds, _spec(), cfg)))
+    sem = batch.to(torch.device("cpu"), (1.0, 0.0, 0.0))  # weights for this step, not the epoch's
+    inst = batch.to(torch.device("cpu"), torch.tensor([0.0, 1.0, 0.0]))  # a device tensor (adaptive)
+    assert sem["strategy_requested"].eq(SEMANTIC).all() and inst["strategy_requested"].eq(INSTANCE).all()
+    assert sem["strategy"].eq(SEMANTIC).sum() >= 6  # shapes scenes have >= 2 regions nearly always
+    # An RGB-only model masked by semantic regions (MAE + semantic-guided) still reads the label maps.
+    mae = _spec(modalities=("rgb",), masking=MaskingConfig(strategy="semantic", num_visible=4, num_positions=16))
+    assert mae.reads_masks and not _spec(modalities=("rgb",), masking=MaskingConfig(
+        strategy="random", num_visible=4, num_positions=16)).reads_masks
+    guided = next(iter(PretrainingLoader(ds, mae, cfg))).to(torch.device("cpu"))
+    assert guided["visible"].shape == (8, 4) and guided["strategy"].eq(SEMANTIC).sum() >= 6
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -6,12 +6,12 @@ from pretraining.models.masking import (
     INSTANCE,
     RANDOM,
     SEMANTIC,
-    CurriculumConfig,
     MaskingConfig,
-    curriculum_weights,
     draw_masking,
     gather_tokens,
     patch_majority,
+    requested_strategy,
+    rounded_counts,
     scatter_tokens,
     split_budget,
     visible_to_masked,
@@ -32,10 +32,13 @@ def _regions(num_regions: int, seed: int = 0) -> torch.Tensor:
 
 
 def _draws(weights, cfg, batch, seed=0, num_modalities=3):
-    """`draw_masking` for `batch` samples, stacked: (strategy (B,), proportions (B, M), keys (B, M + 2, N))."""
+    """`draw_masking` for `batch` samples, stacked, with the strategy each requests under `weights`:
+    (strategy (B,), proportions (B, M), keys (B, K, N))."""
     rng = np.random.default_rng(seed)
-    draws = [draw_masking(rng, weights, cfg, num_modalities) for _ in range(batch)]
-    return tuple(torch.from_numpy(np.stack([d[k] for d in draws])) for k in ("strategy", "proportions", "keys"))
+    draws = [draw_masking(rng, cfg, num_modalities) for _ in range(batch)]
+    key, proportions, keys = (torch.from_numpy(np.stack([d[k] for d in draws]))
+                              for k in ("strategy_key", "proportions", "keys"))
+    return requested_strategy(key, weights, cfg), proportions, keys
 
 
 def _visible(weights, semantic, instance, cfg, batch=1, seed=0, num_modalities=3):
@@ -165,14 +168,34 @@ def test_progressive_draws_by_weight():
     assert _visible((0, 0, 1), sem, inst, cfg, batch=10)[1].eq(RANDOM).all()
 
 
-def test_curriculum_endpoints_and_monotone():
-    for cfg in [CurriculumConfig(), CurriculumConfig(0.5, 0.8, 0.0), CurriculumConfig(0.25, 0.75, 0.5)]:
-        assert curriculum_weights(0.0, cfg) == (1.0, 0.0, 0.0)
-        assert curriculum_weights(1.0, cfg) == (0.0, 0.0, 1.0)
-        weights = [curriculum_weights(i / 100, cfg) for i in range(101)]
-        for w in weights:
-            assert all(v >= 0 for v in w) and sum(w) == pytest.approx(1.0)
-        assert all(a[0] >= b[0] and a[2] <= b[2] for a, b in zip(weights, weights[1:]))
-        assert max(w[1] for w in weights) == 1.0  # a pure instance-guided phase between the two
-    with pytest.raises(ValueError, match="CurriculumConfig"):
-        CurriculumConfig(0.6, 0.5)
+@pytest.mark.parametrize("strategy", ["semantic", "instance"])
+def test_within_region_mode_masks_the_share_of_every_region_and_keeps_each_partly_visible(strategy):
+    cfg = MaskingConfig(strategy=strategy, guided_mode="within", num_visible=30)
+    labels = _regions(7)  # 7 bands of 28 positions
+    sem, inst = (labels, None) if strategy == "semantic" else (None, labels)
+    visible, used = _visible((1, 1, 0), sem, inst, cfg, batch=20)
+    assert used.ne(RANDOM).all() and visible.shape == (20, 30)
+    for b in range(20):
+        seen = torch.zeros(N, dtype=torch.bool)
+        seen[visible[b] % N] = True
+        for r in labels.unique():
+            region = labels == r
+            hidden = int((~seen[region]).sum())
+            assert hidden >= 21  # round(0.75 * 28) = 21 positions of each region masked in every modality
+            assert hidden < int(region.sum())  # ...and never the whole region here (7 left)
+    assert visible[0].tolist() != visible[1].tolist()  # at random positions inside each region
+
+
+def test_rounded_allocation_is_multimaes_and_meets_the_budget_exactly():
+    proportions = torch.tensor([[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3], [0.994, 0.003, 0.003]])
+    assert rounded_counts(98, proportions).tolist() == [[49, 24, 24], [33, 33, 33], [97, 0, 0]]  # 97, 99, 97: off budget
+    cfg = MaskingConfig(strategy="random", allocation="rounded")
+    rng = np.random.default_rng(0)
+    draws = [draw_masking(rng, cfg, 3) for _ in range(3)]
+    keys = torch.from_numpy(np.stack([d["keys"] for d in draws]))
+    assert keys.shape == (3, 8, N)  # M more rows order the tokens added or dropped
+    visible, used = visible_tokens(torch.full((3,), RANDOM), proportions, keys, None, None, cfg)
+    assert visible.shape == (3, 98) and torch.all(visible[:, 1:] > visible[:, :-1]) and used.eq(RANDOM).all()
+    counts = torch.stack([torch.bincount(v // N, minlength=3) for v in visible])
+    assert (counts - rounded_counts(98, proportions)).abs().sum(1).le(1).all()  # one token added or dropped
+    assert counts[0].tolist() in ([49, 24, 25], [49, 25, 24], [50, 24, 24])

@@ -179,3 +179,125 @@ def test_reconstruct_keeps_visible_patches():
     assert torch.allclose(images["rgb"].permute(1, 0, 2, 3)[:, seen], batch["rgb"].permute(1, 0, 2, 3)[:, seen])
     assert not torch.allclose(images["rgb"], batch["rgb"])
     assert ((images["instance"][:, 0] >= 0) & (images["instance"][:, 0] <= 1)).all()
+
+
+# Baselines and controls ---------------------------------------------------------------------------
+
+# MultiMAE as its public code (EPFL-VILAB/MultiMAE, multimae/output_adapters.py and multimae.py)
+# builds it, and what we keep different on purpose (each checked below where it can be):
+KEPT_DIFFERENCES = {
+    "modalities": "instance (our boundary + offset representation) instead of depth, as C2FMAE uses",
+    "rgb adapters": "one RGB output adapter with the per-patch normalised loss; MultiMAE's pretraining config adds "
+                    "a second, unnormalised RGB adapter (extra_norm_pix_loss), which would give it a target the "
+                    "other arms lack",
+    "initialisation": "MAE's (xavier-uniform linears, N(0, 0.02) tokens) for every model, so init is not a variable",
+    "global token": "first in the encoder sequence and the context (MultiMAE appends it last; attention ignores order)",
+    "semantic input": "label map taken at 1/4 resolution by nearest pixel (MultiMAE resizes with PIL)",
+}
+
+
+def test_multimae_is_faithful_to_the_public_output_adapters_and_task_sampling():
+    from pretraining.models.decoders import MultiMAEDecoder, OutputAdapter
+
+    torch.manual_seed(0)
+    model = create_model("multimae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, **SMALL)
+    cfg = model.cfg
+    assert cfg.modalities == ("semantic", "instance", "rgb") and "depth" not in cfg.modalities  # kept: modalities
+    assert isinstance(model.decoder, MultiMAEDecoder) and list(model.decoder.adapters) == list(cfg.modalities)
+    assert sum(isinstance(m, OutputAdapter) for m in model.modules()) == 3  # kept: one RGB adapter
+    # Task sampling: Dirichlet(1) over the input modalities, per sample, each share rounded, the budget met
+    # by random tokens (MultiMAE's generate_random_masks), from random masking.
+    assert (cfg.masking.strategy, cfg.masking.dirichlet_alpha, cfg.masking.allocation) == ("random", 1.0, "rounded")
+    assert create_model("multimae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES).cfg.masking.num_visible == 98
+    # Each adapter has its own context projection, mask token and embedding per input modality: nothing shared.
+    adapters = list(model.decoder.adapters.values())
+    for name in ("proj_context.weight", "mask_token", "modality_embed"):
+        params = [dict(a.named_parameters())[name] for a in adapters]
+        assert len({p.data_ptr() for p in params}) == 3
+    assert adapters[0].modality_embed.shape == (3, 1, cfg.decoder_dim)
+    assert not any(isinstance(m, torch.nn.LayerNorm) for n, m in adapters[0].named_children()
+                   if n not in ("query_norm", "context_norm", "out_norm"))  # no norm before the head
+    # No residual around the cross-attention: with its output zeroed, nothing of the queries survives,
+    # so every position of every sample gets the same prediction (with a residual they would differ).
+    batch = make_batch(64)
+    batch["visible"] = model.sample_visible(batch, torch.Generator().manual_seed(0))[0]
+    for adapter in adapters:
+        torch.nn.init.zeros_(adapter.cross.proj.weight)
+        torch.nn.init.zeros_(adapter.cross.proj.bias)
+    with torch.no_grad():
+        rgb = model(batch).predictions["rgb"]
+    assert torch.allclose(rgb, rgb[:1, :1].expand_as(rgb), atol=1e-6)
+    assert set(KEPT_DIFFERENCES) == {"modalities", "rgb adapters", "initialisation", "global token", "semantic input"}
+
+
+def test_parallel_matched_has_the_cascades_depth_per_modality_and_its_flops():
+    from pretraining.models.factory import decoder_flops, parallel_matched_overrides
+
+    kw = dict(num_semantic_classes=NUM_CLASSES, img_size=64, depth=2)
+    overrides = parallel_matched_overrides("c2fmae_vit_tiny_patch16", **kw)
+    assert overrides["decoder"] == "parallel" and overrides["decoder_units"] == (1, 2, 3)
+    with torch.device("meta"):
+        cascade = create_model("c2fmae_vit_tiny_patch16", **kw)
+        matched = create_model("c2fmae_vit_tiny_patch16", **kw, **overrides)
+    rgb = matched.decoder.stages["rgb"]
+    assert len(rgb.units) == 3 and sum(len(u.blocks) for u in rgb.units) == 3 * cascade.cfg.decoder_depth
+    assert abs(decoder_flops(matched) / decoder_flops(cascade) - 1) < 0.1
+    assert overrides["decoder_dim"] < cascade.cfg.decoder_dim
+
+
+@pytest.mark.parametrize("link", ["image", "shuffled"])
+def test_shuffled_links_feed_each_sample_another_samples_coarser_stage(link):
+    torch.manual_seed(0)
+    model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, cascade_link=link,
+                         **SMALL).eval()
+    batch = make_batch(64, batch_size=3)
+    batch["visible"] = model.sample_visible(batch, torch.Generator().manual_seed(0))[0]
+    with torch.no_grad():
+        reference = model(batch).predictions["rgb"]
+        hook = model.decoder.stages["instance"].register_forward_hook(  # perturb sample 1's instance stage only
+            lambda module, args, output: (output[0] + torch.eye(3)[1].view(3, 1, 1) * 5, output[1]))
+        perturbed = model(batch).predictions["rgb"]
+        hook.remove()
+    changed = [not torch.allclose(reference[b], perturbed[b]) for b in range(3)]
+    assert changed == ([False, True, False] if link == "image" else [True, False, False])  # sample 0 reads sample 1
+
+
+def test_term_gradient_norms_measure_each_terms_pull_on_the_encoder_output():
+    torch.manual_seed(0)
+    batch = make_batch(64)
+    model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, **SMALL)
+    batch["visible"] = model.sample_visible(batch, torch.Generator().manual_seed(0))[0]
+    norms = model.term_gradient_norms(batch)
+    assert norms.shape == (3,) and (norms > 0).all()
+    assert not any(p.grad is not None for p in model.parameters())  # no parameter gradients left behind
+    silent = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, lambda_instance=0.0, **SMALL)
+    silent.load_state_dict(model.state_dict())
+    scaled = silent.term_gradient_norms(batch)
+    assert scaled[1] == 0 and torch.allclose(scaled[[0, 2]], norms[[0, 2]])
+    out = model(batch)
+    assert set(out.sample_terms) == {"semantic", "instance", "rgb"} and out.sample_loss.shape == (2,)
+    assert torch.allclose(out.sample_terms["rgb"].mean(), out.terms["rgb"])
+
+
+def test_curriculum_options_reach_the_model_flat_or_nested_and_unknown_ones_are_named():
+    nested = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES,
+                          curriculum={"first_until": 0.1, "phases": ["random", "instance", "semantic"]}, **SMALL)
+    flat = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, first_until=0.1,
+                        phases=("random", "instance", "semantic"), guided_mode="within", **SMALL)
+    assert nested.cfg.masking.curriculum == flat.cfg.masking.curriculum
+    assert flat.cfg.masking.curriculum.phases == ("random", "instance", "semantic")
+    assert flat.cfg.masking.guided_mode == "within"
+    with pytest.raises(TypeError, match="Unknown curriculum option"):
+        create_model("c2fmae_vit_tiny_patch16", curriculum={"frist_until": 0.1})
+
+
+def test_labels_can_be_targets_only_the_encoder_then_reads_rgb():
+    torch.manual_seed(0)
+    model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, input_modalities=("rgb",),
+                         num_visible=4, **SMALL)
+    assert list(model.encoder.adapters) == ["rgb"] and model.cfg.masking.inputs == (2,)
+    out = model(make_batch(64), torch.Generator().manual_seed(0))
+    assert (out.visible // 16).eq(2).all()  # every visible token is an RGB token
+    assert set(out.terms) == {"semantic", "instance", "rgb"} and all(t > 0 for t in out.terms.values())
+    with pytest.raises(ValueError, match="input_modalities"):
+        create_model("c2fmae_vit_tiny_patch16", input_modalities=("semantic",), **SMALL)

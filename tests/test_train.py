@@ -20,6 +20,7 @@ from dataset_card.synthetic import write_synthetic_dataset
 from pretraining.data.loader import PretrainingLoader, SampleSpec, open_labeled_dataset
 from pretraining.export import load_run_model
 from pretraining.models.adapters import downsample_labels
+from pretraining.models.curriculum import CurriculumConfig, curriculum_weights
 from pretraining.models.factory import MODELS
 from pretraining.models.losses import patchify
 from pretraining.train import RunError, learning_rate, main, train
@@ -171,6 +172,15 @@ def test_run_writes_config_scalars_and_reconstruction_figures(finished_run):
     assert {"loss/loss", "loss/semantic", "loss/instance", "loss/rgb", "lr", "curriculum/semantic",
             "curriculum/instance", "curriculum/random", "perf/images_per_s", "perf/data_wait_share"} <= tags
     assert [e.step for e in events.Scalars("loss/rgb")] == list(range(2, 17, 2))
+    # What the masking did: the realised strategy mix, per-strategy losses, each term's gradient share.
+    assert {"strategy/used_semantic", "strategy/fallback_instance", "loss_by_strategy/semantic/rgb",
+            "grad_share/semantic", "grad_share/instance", "grad_share/rgb"} <= tags
+    shares = [sum(events.Scalars(f"grad_share/{m}")[i].value for m in ("semantic", "instance", "rgb")) for i in range(8)]
+    assert shares == pytest.approx([1.0] * 8)
+    # The curriculum's weights at every optimizer step, from that step's progress (8 steps an epoch, 2 epochs).
+    logged = [e.value for e in events.Scalars("curriculum/semantic")]
+    assert [e.step for e in events.Scalars("curriculum/semantic")] == list(range(1, 17))
+    assert logged == pytest.approx([curriculum_weights(k / 16, CurriculumConfig())[0] for k in range(16)])
     share = [e.value for e in events.Scalars("perf/data_wait_share")]
     assert all(0 <= s <= 1 for s in share)
     assert sorted(p.name for p in (finished_run / "figures").glob("*.png")) == ["step-00000005.png",
@@ -192,6 +202,54 @@ def test_rerun_with_another_config_is_refused(data_dir, finished_run, capsys):
     assert "Unknown model option(s) ['imgsize']" in capsys.readouterr().err
 
 
+def test_cli_sets_the_curriculum_and_logs_the_realised_strategy_of_every_step(data_dir, tmp_path, capsys):
+    """`--set model_args.curriculum.FIELD` (nested) and `model_args.FIELD` (flat) reach the masking; with
+    log_every=1 each step's realised mix is logged, and it follows the reversed phases step by step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sets = ["epochs=1", "data.batch_size=8", "log_every=1", "checkpoint_every=100", "figure_every=0",
+            "model_args.curriculum.phases=('random', 'instance', 'semantic')", "model_args.curriculum.transition=0.0",
+            "model_args.first_until=0.5", "model_args.second_until=0.75"]
+    assert main(["--data", data_dir, "--output", str(tmp_path / "run"), "--no-progress",
+                 *[a for s in sets for a in ("--set", s)]]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model_args"]["curriculum"] == {"phases": ["random", "instance", "semantic"], "transition": 0.0}
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    used = {s: [e.value for e in events.Scalars(f"strategy/used_{s}")] for s in ("semantic", "instance", "random")}
+    requested = [e.value for e in events.Scalars("strategy/requested_random")]
+    # 8 steps at progress 0, 1/8, ..., 7/8: random before 0.5, instance-guided before 0.75, then semantic-guided.
+    assert requested == [1.0] * 4 + [0.0] * 4
+    assert [e.value for e in events.Scalars("strategy/requested_instance")][4:6] == [1.0, 1.0]
+    fallback = [e.value for e in events.Scalars("strategy/fallback_instance")]  # a 4x4 grid often has < 2 regions
+    for k in (4, 5):
+        assert used["instance"][k] + used["random"][k] == 1.0 and fallback[k] == pytest.approx(1 - used["instance"][k])
+    assert used["random"][:4] == [1.0] * 4 and used["instance"][6:] == [0.0, 0.0]
+    assert main(["--data", data_dir, "--output", str(tmp_path / "bad"), "--no-progress",
+                 "--set", "model_args.curriculum.frist_until=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown curriculum option(s) ['frist_until']" in err and "Traceback" not in err
+
+
+def test_adaptive_curriculum_is_driven_by_the_trainer_and_checkpointed(data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = apply_overrides(tiny(), ["epochs=1", "data.batch_size=8", "log_every=4", "checkpoint_every=100",
+                                   "figure_every=0", "model_args.curriculum.mode=adaptive",
+                                   "model_args.curriculum.adaptive_warmup=1"])
+    train(cfg, data_dir, str(tmp_path / "run"), progress=False)
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))["curriculum"]
+    assert state["adaptive"]["seen"].sum() > 8  # per-strategy loss averages, updated after each of the 8 steps
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    weights = [[e.value for e in events.Scalars(f"curriculum/{s}")] for s in ("semantic", "instance", "random")]
+    assert all(len(w) == 8 for w in weights)  # every step, written at the log steps
+    assert weights[0][0] == pytest.approx(0.9 + 0.1 / 3)  # the schedule (floored) until every strategy was seen
+    assert all(sum(step) == pytest.approx(1.0) for step in zip(*weights))
+    assert min(min(w) for w in weights) >= 0.1 / 3 - 1e-6  # every strategy keeps its floor
+    assert len({tuple(step) for step in zip(*weights)}) > 2  # and the weights move with the losses
+
+
 def test_non_finite_loss_stops_the_run_naming_step_and_terms(data_dir, tmp_path, monkeypatch):
     import pretraining.train as train_module
 
@@ -209,7 +267,7 @@ def test_non_finite_loss_stops_the_run_naming_step_and_terms(data_dir, tmp_path,
         return model
 
     monkeypatch.setattr(train_module, "create_model", poisoned)
-    cfg = apply_overrides(tiny(), FAST)
+    cfg = apply_overrides(tiny(), (*FAST, "log_grad_share=false"))  # only the training forward calls loss_term
     with pytest.raises(RunError, match=r"not finite at optimizer step 3 \(epoch 0, batch 2\).*instance=nan"):
         train(cfg, data_dir, str(tmp_path / "run"), progress=False)
     assert not ckpt.list_checkpoints(tmp_path / "run")  # nothing saved after step 2

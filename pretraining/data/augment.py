@@ -1,8 +1,8 @@
 """Joint augmentation: one random resized crop and flip applied identically to RGB and both label maps.
 
 One crop box and flip, drawn by torchvision `transforms.v2`'s RandomResizedCrop sampler, is applied
-to the image with v2's functional ops (bilinear, antialiased) and to the label maps with nearest
-neighbour, so class and instance ids are never blended. The instance representation is computed
+to the image with v2's functional ops (bicubic, antialiased, as MAE and MultiMAE resize; bilinear
+is a switch) and to the label maps with nearest neighbour, so class and instance ids are never blended. The instance representation is computed
 by the caller *after* this crop, so boundaries and centres of mass describe what the model sees.
 
 The label maps are resized by gathering rows and columns at the source indices of torch's
@@ -30,6 +30,14 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.2, 1.0)  # MAE's crop scale
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5  # probability of a horizontal flip
+    interpolation: str = "bicubic"  # of the image: bicubic (MAE's RandomResizedCrop(interpolation=3)) | bilinear
+
+    def __post_init__(self):
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"Unknown interpolation {self.interpolation!r}; use bicubic or bilinear.")
+
+
+_INTERPOLATIONS = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}
 
 
 def nearest_exact_index(start: int, length: int, size: int) -> np.ndarray:
@@ -45,14 +53,15 @@ class JointCropFlip:
     """A random resized crop and horizontal flip, drawn once and applied to an image and its masks.
 
     The crop parameters come from torchvision's own `RandomResizedCrop` sampler; the image is
-    resized bilinearly (antialiased) and the masks with NEAREST_EXACT (pixel-centre aligned with the
-    bilinear image; v2's `resized_crop` on a `Mask` uses legacy NEAREST, half an input pixel off).
+    resized bicubically or bilinearly (antialiased) and the masks with NEAREST_EXACT (pixel-centre
+    aligned with the image; v2's `resized_crop` on a `Mask` uses legacy NEAREST, half an input pixel off).
     """
 
     def __init__(self, img_size: int, cfg: AugmentConfig):
         self.size = [img_size, img_size]
         self.crop = v2.RandomResizedCrop(img_size, scale=cfg.scale, ratio=cfg.ratio)
         self.hflip = cfg.hflip
+        self.interpolation = _INTERPOLATIONS[cfg.interpolation]
 
     def __call__(self, image: tv_tensors.Image, *masks: np.ndarray) -> tuple[torch.Tensor, list[np.ndarray]]:
         """image (3, H, W), masks (H, W) of any dtype -> image (3, S, S), masks (S, S) of their dtype.
@@ -60,7 +69,8 @@ class JointCropFlip:
         Draws from torch's global generator (the caller seeds it)."""
         p = self.crop.make_params([image])  # top, left, height, width
         flip = bool(torch.rand(1) < self.hflip)
-        out = F.resized_crop(image, p["top"], p["left"], p["height"], p["width"], self.size, antialias=True)
+        out = F.resized_crop(image, p["top"], p["left"], p["height"], p["width"], self.size,
+                             interpolation=self.interpolation, antialias=True)
         rows = nearest_exact_index(p["top"], p["height"], self.size[0])
         cols = nearest_exact_index(p["left"], p["width"], self.size[1])
         if flip:

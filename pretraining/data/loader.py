@@ -45,14 +45,15 @@ from dataset_card import codecs, layout, shards
 from dataset_card.images import ImageReferenceError, ImageSource, check_image_root, row_images
 from dataset_card.schema import REFERENCE_COLUMNS, TRAINING_COLUMNS, SchemaError, validate_schema
 from pretraining.data.augment import AugmentConfig, augment, joint_transform, sample_seeds
+from pretraining.models.curriculum import curriculum_weights
 from pretraining.models.instances import instance_representation
 from pretraining.models.masking import (
     INSTANCE,
     SEMANTIC,
     MaskingConfig,
-    curriculum_weights,
     draw_masking,
     patch_majority,
+    requested_strategy,
     visible_tokens,
 )
 
@@ -240,23 +241,22 @@ class SampleSpec:
     ignore_value: int
     seed: int
     epochs: int
+    instance_offset_unit: int | None = None  # pixels per unit of the instance offsets; None: the image size
 
     @property
     def reads_masks(self) -> bool:
-        return len(self.modalities) > 1
+        """Label maps are read when the model takes them as inputs, or when they guide its masking."""
+        return len(self.modalities) > 1 or self.masking.guided
 
     @property
     def columns(self) -> tuple[str, ...]:
         return TRAINING_COLUMNS if self.reads_masks else ("image", "label")
 
 
-def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform,
-                weights: Sequence[float]) -> dict[str, torch.Tensor]:
+def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform) -> dict[str, torch.Tensor]:
     """One raw row (encoded bytes + label) -> one sample of a loader chunk: rgb (3, S, S) uint8, label,
     index, semantic (S, S) and instance_ids (S, S) (models that read masks), and the masking draws
-    (strategy, proportions (M,), keys (M + 2, N)). `Batch.to` finishes the batch on the device.
-
-    `weights` are the curriculum's (w_sem, w_inst, w_rand) for this epoch.
+    (strategy_key, proportions (M,), keys (K, N)). `Batch.to` finishes the batch on the device.
     """
     augment_seed, masking_seed = sample_seeds(spec.seed, epoch, index)
     rgb = codecs.decode_image(row["image"])
@@ -281,14 +281,17 @@ def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform,
         # The (3, S, S) instance representation is computed from these by Batch.to, batched on the device.
         sample["instance_ids"] = instance_t  # (S, S) int32, ids < 2**16
     # The masking's random numbers; Batch.to turns them into visible tokens, batched on the device.
-    draws = draw_masking(np.random.default_rng(masking_seed), weights, spec.masking, len(spec.modalities))
-    sample.update({k: torch.from_numpy(np.asarray(v)) for k, v in draws.items()})  # strategy, proportions, keys
+    draws = draw_masking(np.random.default_rng(masking_seed), spec.masking, len(spec.modalities))
+    sample.update({k: torch.from_numpy(np.asarray(v)) for k, v in draws.items()})  # strategy_key, proportions, keys
     return sample
 
 
-def _guided_in_use(masking: MaskingConfig, weights: Sequence[float]) -> tuple[bool, bool]:
-    """Whether semantic- / instance-guided masking can be chosen (forced, or a non-zero curriculum weight)."""
+def _guided_in_use(masking: MaskingConfig, weights: Sequence[float] | torch.Tensor) -> tuple[bool, bool]:
+    """Whether semantic- / instance-guided masking can be chosen (forced, or a non-zero curriculum weight;
+    weights on the device are not read, so both may be)."""
     if masking.strategy == "progressive":
+        if isinstance(weights, torch.Tensor):
+            return True, True
         return weights[SEMANTIC] > 0, weights[INSTANCE] > 0
     return masking.strategy == "semantic", masking.strategy == "instance"
 
@@ -367,7 +370,6 @@ class PretrainingStream(IterableDataset):
         order = shuffle_buffer_order(int(starts[-1]), self.shuffle_buffer, rng)[: plan.steps * chunk]
         due = np.full(int(starts[-1]), -1)  # flat row -> its position in `order` (-1: dropped)
         due[order] = np.arange(len(order))
-        weights = curriculum_weights(epoch / self.spec.epochs, self.spec.masking.curriculum)
         pending: dict[int, dict] = {}
         for step in range(first_step, plan.steps):
             samples = []
@@ -380,7 +382,7 @@ class PretrainingStream(IterableDataset):
                             pending[int(starts[u]) + offset] = row
                 row = pending.pop(flat)
                 index = units[u].first_index + flat - int(starts[u])
-                samples.append(make_sample(row, index, epoch, self.spec, transform, weights))
+                samples.append(make_sample(row, index, epoch, self.spec, transform))
             yield epoch, step, collate(samples)
 
 
@@ -391,12 +393,14 @@ class Batch:
     chunks: list[dict[str, torch.Tensor]]
     spec: SampleSpec
 
-    def to(self, device: torch.device) -> dict[str, torch.Tensor]:
-        """The batch dict of INTERFACES.md on `device`. Chunks are moved in their compact dtypes and
+    def to(self, device: torch.device, weights: Sequence[float] | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The batch dict of docs/model.md on `device`. Chunks are moved in their compact dtypes and
         joined there; then, batched on the device (cheap on a GPU, and off the loader workers): RGB is
         normalised, label maps widened to int64, the instance representation computed from the id
-        maps, and the masking draws turned into visible tokens (with patch-majority labels for the
-        guided strategies this epoch can draw)."""
+        maps, and the masking draws turned into each sample's strategy (under the curriculum `weights`
+        (w_sem, w_inst, w_rand) the trainer gives for this step; by default the scheduled weights at
+        the start of this epoch) and visible tokens (with patch-majority labels for the guided
+        strategies the weights can draw). Adds "strategy" (as used) and "strategy_requested" (B,)."""
         spec = self.spec
         moved = [{k: v.to(device, non_blocking=True) for k, v in c.items()} for c in self.chunks]
         batch = {k: torch.cat([c[k] for c in moved]) for k in moved[0]}
@@ -409,13 +413,15 @@ class Batch:
         if "semantic" in batch:
             batch["semantic"] = batch["semantic"].masked_fill(batch["semantic"] == spec.ignore_value, -1)  # (B, S, S)
         if "instance_ids" in batch:
-            batch["instance"] = instance_representation(batch["instance_ids"])  # (B, 3, S, S)
-        weights = curriculum_weights(self.epoch / spec.epochs, spec.masking.curriculum)
+            batch["instance"] = instance_representation(batch["instance_ids"], spec.instance_offset_unit)  # (B, 3, S, S)
+        if weights is None:
+            weights = curriculum_weights(self.epoch / spec.epochs, spec.masking.curriculum)
         semantic_used, instance_used = _guided_in_use(spec.masking, weights)
         semantic = patch_majority(batch["semantic"], spec.patch_size) if semantic_used and spec.reads_masks else None
         instance = (patch_majority(batch["instance_ids"], spec.patch_size)
                     if instance_used and spec.reads_masks else None)  # (B, N) each
-        batch["visible"], batch["strategy"] = visible_tokens(batch.pop("strategy"), batch.pop("proportions"),
+        batch["strategy_requested"] = requested_strategy(batch.pop("strategy_key"), weights, spec.masking)
+        batch["visible"], batch["strategy"] = visible_tokens(batch["strategy_requested"], batch.pop("proportions"),
                                                              batch.pop("keys"), semantic, instance, spec.masking)
         return batch
 

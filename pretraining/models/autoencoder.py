@@ -2,9 +2,11 @@
 
 The three are configurations of `MaskedAutoencoder` (see pretraining/models/factory.py):
 - C2FMAE: modalities (semantic, instance, rgb), decoder "cascaded", masking "progressive".
-- MultiMAE: the same modalities, decoder "parallel", masking "random".
+- MultiMAE: the same modalities, decoder "multimae" (its output adapters), masking "random" with
+  MultiMAE's rounded Dirichlet allocation.
 - MAE: modalities (rgb,), decoder "mae", masking "random" with 49 of 196 tokens visible.
-So each of the paper's ideas is one switch: `decoder` (cascaded | parallel) and `masking.strategy`.
+Each of the paper's ideas is one switch: `decoder` (cascaded | parallel) and `masking.strategy`
+(progressive | random); docs/model.md lists the controls (matched depth, shuffled links, ...).
 """
 
 from __future__ import annotations
@@ -18,22 +20,26 @@ from torch import nn
 
 from pretraining.models import losses
 from pretraining.models.adapters import downsample_labels
-from pretraining.models.decoders import CascadedDecoder, MAEDecoder, ParallelDecoder
+from pretraining.models.curriculum import curriculum_weights
+from pretraining.models.decoders import CascadedDecoder, MAEDecoder, MultiMAEDecoder, ParallelDecoder
 from pretraining.models.encoder import Encoder
 from pretraining.models.masking import (
     MODALITIES,
     MaskingConfig,
-    curriculum_weights,
     draw_masking,
     patch_majority,
+    requested_strategy,
     visible_to_masked,
     visible_tokens,
 )
+
+DECODERS = ("cascaded", "parallel", "multimae", "mae")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     modalities: tuple[str, ...] = MODALITIES  # coarse to fine; the cascade follows this order
+    input_modalities: tuple[str, ...] | None = None  # what the encoder reads (None: all); the rest are only targets
     img_size: int = 224
     patch_size: int = 16
     embed_dim: int = 768
@@ -43,10 +49,13 @@ class ModelConfig:
     num_semantic_classes: int = 133  # from DatasetMetadata.num_semantic_classes
     semantic_class_dim: int = 64  # MultiMAE's class embedding width
     semantic_downsample: int = 4  # semantic labels enter and are predicted at 1/4 resolution
-    decoder: str = "cascaded"  # cascaded | parallel | mae
+    decoder: str = "cascaded"  # cascaded | parallel | multimae | mae
     decoder_dim: int = 256
     decoder_depth: int = 2  # transformer blocks per stage (after its cross-attention block)
     decoder_heads: int = 8
+    decoder_units: tuple[int, ...] | None = None  # cascaded / parallel: (cross-attn + blocks) units per stage; None = 1 each
+    cascade_link: str = "image"  # cascaded: image | shuffled (each sample's link carries another sample's tokens)
+    instance_offset_unit: str = "patch"  # the instance offsets' unit: patch | image (docs/model.md)
     norm_pix_loss: bool = True
     loss_reduction: str = "sample"  # sample | token: how masked patches are averaged (losses._mean_over)
     lambda_semantic: float = 1.0
@@ -56,14 +65,33 @@ class ModelConfig:
     timm_arch: str = "vit_base_patch16_224"
 
     def __post_init__(self):
-        if self.decoder not in ("cascaded", "parallel", "mae"):
-            raise ValueError(f"Unknown decoder {self.decoder!r}; use cascaded, parallel or mae.")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"Unknown decoder {self.decoder!r}; use cascaded, parallel, multimae or mae.")
+        if self.decoder_units is not None:
+            object.__setattr__(self, "decoder_units", tuple(self.decoder_units))  # JSON gives lists
+            if self.decoder not in ("cascaded", "parallel") or len(self.decoder_units) != len(self.modalities) \
+                    or min(self.decoder_units) < 1:
+                raise ValueError(f"decoder_units takes one count >= 1 per modality of a cascaded or parallel decoder, "
+                                 f"got {self.decoder_units} for {self.modalities}.")
+        if self.cascade_link not in ("image", "shuffled"):
+            raise ValueError(f"Unknown cascade_link {self.cascade_link!r}; use image or shuffled.")
+        if self.instance_offset_unit not in ("patch", "image"):
+            raise ValueError(f"Unknown instance_offset_unit {self.instance_offset_unit!r}; use patch or image.")
         if self.loss_reduction not in losses.REDUCTIONS:
             raise ValueError(f"Unknown loss_reduction {self.loss_reduction!r}; use one of {losses.REDUCTIONS}.")
         if self.decoder == "mae" and self.modalities != ("rgb",):
             raise ValueError("The MAE decoder reconstructs RGB only; use modalities=('rgb',).")
         if "rgb" not in self.modalities or self.modalities != tuple(m for m in MODALITIES if m in self.modalities):
             raise ValueError(f"modalities must include rgb and follow the order {MODALITIES}, got {self.modalities}.")
+        if self.input_modalities is not None:
+            object.__setattr__(self, "input_modalities", tuple(self.input_modalities))
+            indices = tuple(self.modalities.index(m) for m in self.input_modalities if m in self.modalities)
+            if len(indices) != len(self.input_modalities) or "rgb" not in self.input_modalities:
+                raise ValueError(f"input_modalities {self.input_modalities} must include rgb and be among "
+                                 f"{self.modalities}.")
+            if self.masking.inputs != indices:
+                raise ValueError(f"masking.inputs is {self.masking.inputs} but input_modalities "
+                                 f"{self.input_modalities} are modalities {indices}.")
         if self.masking.num_positions != self.num_positions:
             raise ValueError(f"masking.num_positions is {self.masking.num_positions} but {self.img_size} px images "
                              f"with patch {self.patch_size} have {self.num_positions}.")
@@ -71,6 +99,11 @@ class ModelConfig:
     @property
     def num_positions(self) -> int:
         return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def offset_unit_pixels(self) -> int | None:
+        """What `instance_representation` divides offsets by: the patch size, or None (the image size)."""
+        return self.patch_size if self.instance_offset_unit == "patch" else None
 
     def patch_dim(self, modality: str) -> int:
         """Values predicted per patch: pixels x channels, or label pixels x classes for semantics."""
@@ -86,6 +119,8 @@ class PretrainOutput:
     predictions: dict[str, torch.Tensor]  # modality -> (B, N, patch_dim)
     visible: torch.Tensor  # (B, V)
     strategy: torch.Tensor  # (B,) masking strategy per sample (0 semantic, 1 instance, 2 random)
+    sample_terms: dict[str, torch.Tensor]  # modality -> (B,) each sample's unweighted loss (detached; for logs)
+    sample_loss: torch.Tensor  # (B,) each sample's weighted sum (detached; the adaptive curriculum reads it)
 
 
 class MaskedAutoencoder(nn.Module):
@@ -95,30 +130,35 @@ class MaskedAutoencoder(nn.Module):
         grid = cfg.img_size // cfg.patch_size
         self.encoder = Encoder(cfg.modalities, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth,
                                cfg.num_heads, cfg.mlp_ratio, cfg.num_semantic_classes, cfg.semantic_class_dim,
-                               cfg.semantic_downsample)
+                               cfg.semantic_downsample, cfg.input_modalities)
+        patch_dims = {m: cfg.patch_dim(m) for m in cfg.modalities}
+        shared = (cfg.embed_dim, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
         if cfg.decoder == "mae":
-            self.decoder = MAEDecoder(cfg.embed_dim, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads,
-                                      cfg.patch_dim("rgb"), grid, cfg.mlp_ratio)
+            self.decoder = MAEDecoder(*shared, cfg.patch_dim("rgb"), grid, cfg.mlp_ratio)
+        elif cfg.decoder == "multimae":
+            self.decoder = MultiMAEDecoder(cfg.modalities, *shared, patch_dims, grid, cfg.mlp_ratio)
+        elif cfg.decoder == "parallel":
+            self.decoder = ParallelDecoder(cfg.modalities, *shared, patch_dims, grid, cfg.mlp_ratio, cfg.decoder_units)
         else:
-            decoder_cls = CascadedDecoder if cfg.decoder == "cascaded" else ParallelDecoder
-            self.decoder = decoder_cls(cfg.modalities, cfg.embed_dim, cfg.decoder_dim, cfg.decoder_depth,
-                                       cfg.decoder_heads, {m: cfg.patch_dim(m) for m in cfg.modalities}, grid,
-                                       cfg.mlp_ratio)
+            self.decoder = CascadedDecoder(cfg.modalities, *shared, patch_dims, grid, cfg.mlp_ratio, cfg.decoder_units,
+                                           link_shift=int(cfg.cascade_link == "shuffled"))
         self.apply(_init_weights)
 
     # Masking -----------------------------------------------------------------------------------
 
     def sample_visible(self, batch: dict[str, torch.Tensor], generator: torch.Generator,
                        progress: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Visible tokens per sample as the data loader would draw them: ((B, V), strategy (B,))."""
+        """Visible tokens per sample as the data loader would draw them under the scheduled curriculum
+        at `progress`: ((B, V), strategy (B,))."""
         cfg, M = self.cfg, len(self.cfg.modalities)
         weights = curriculum_weights(progress, cfg.masking.curriculum)
         device = batch["rgb"].device
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        draws = [draw_masking(rng, weights, cfg.masking, M) for _ in range(batch["rgb"].shape[0])]
-        strategy, proportions, keys = (torch.from_numpy(np.stack([d[k] for d in draws])).to(device)
-                                       for k in ("strategy", "proportions", "keys"))
-        guided = cfg.masking.strategy != "random"  # labels may guide masking even of an RGB-only model
+        draws = [draw_masking(rng, cfg.masking, M) for _ in range(batch["rgb"].shape[0])]
+        key, proportions, keys = (torch.from_numpy(np.stack([d[k] for d in draws])).to(device)
+                                  for k in ("strategy_key", "proportions", "keys"))
+        strategy = requested_strategy(key, weights, cfg.masking)
+        guided = cfg.masking.guided  # labels may guide masking even of an RGB-only model
         semantic = patch_majority(batch["semantic"], cfg.patch_size) if guided and "semantic" in batch else None
         instance = (patch_majority(batch["instance_ids"], cfg.patch_size)
                     if guided and "instance_ids" in batch else None)
@@ -150,28 +190,52 @@ class MaskedAutoencoder(nn.Module):
             if generator is None:
                 generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
             visible, strategy = self.sample_visible(batch, generator, progress)
-        x = self.encoder({m: batch[m] for m in self.cfg.modalities}, visible)  # (B, 1 + V, D)
+        x = self.encoder({m: batch[m] for m in self.encoder.inputs}, visible)  # (B, 1 + V, D)
+        predictions, sample_terms, terms = self._decode_and_score(x, visible, batch)
+        loss = sum(self.loss_weight(m) * terms[m] for m in self.cfg.modalities)
+        sample_loss = sum(self.loss_weight(m) * sample_terms[m] for m in self.cfg.modalities)
+        return PretrainOutput(loss, terms, predictions, visible, strategy, sample_terms, sample_loss)
+
+    def _decode_and_score(self, x: torch.Tensor, visible: torch.Tensor, batch: dict[str, torch.Tensor]):
+        """Encoder tokens -> (predictions, per-sample terms (B,) detached, reduced terms) by modality."""
         predictions = self.decoder(x, visible)  # modality -> (B, N, patch_dim)
         masked = {m: ~v for m, v in self._visible_by_modality(visible).items()}  # modality -> (B, N)
-        terms = {m: self.loss_term(m, predictions[m], batch, masked[m]) for m in self.cfg.modalities}
-        loss = sum(self.loss_weight(m) * terms[m] for m in self.cfg.modalities)
-        return PretrainOutput(loss, terms, predictions, visible, strategy)
+        per_sample = {m: self.loss_term(m, predictions[m], batch, masked[m], "none") for m in self.cfg.modalities}
+        if self.cfg.loss_reduction == "sample":
+            terms = {m: v.mean() for m, v in per_sample.items()}
+        else:
+            terms = {m: self.loss_term(m, predictions[m], batch, masked[m]) for m in self.cfg.modalities}
+        return predictions, {m: v.detach() for m, v in per_sample.items()}, terms
+
+    def term_gradient_norms(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(M,) norm of the gradient of each weighted loss term with respect to the encoder's output
+        tokens, on a batch that has "visible": how hard each term pulls on the shared representation
+        (the share of each is logged). Runs the encoder without gradients and the decoder once."""
+        with torch.no_grad():
+            x = self.encoder({m: batch[m] for m in self.encoder.inputs}, batch["visible"])
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            terms = self._decode_and_score(x, batch["visible"], batch)[2]
+            grads = [torch.autograd.grad(self.loss_weight(m) * terms[m], x, retain_graph=True)[0]
+                     for m in self.cfg.modalities]
+        return torch.stack([g.float().norm() for g in grads])
 
     def loss_weight(self, modality: str) -> float:
         return {"semantic": self.cfg.lambda_semantic, "instance": self.cfg.lambda_instance,
                 "rgb": self.cfg.lambda_rgb}[modality]
 
     def loss_term(self, modality: str, pred: torch.Tensor, batch: dict[str, torch.Tensor],
-                  masked: torch.Tensor) -> torch.Tensor:
+                  masked: torch.Tensor, reduction: str | None = None) -> torch.Tensor:
+        """One modality's loss on its masked patches; `reduction` defaults to cfg.loss_reduction."""
         cfg = self.cfg
+        reduction = reduction or cfg.loss_reduction
         if modality == "rgb":
-            return losses.rgb_loss(pred, batch["rgb"], masked, cfg.patch_size, cfg.norm_pix_loss,
-                                   cfg.loss_reduction)
+            return losses.rgb_loss(pred, batch["rgb"], masked, cfg.patch_size, cfg.norm_pix_loss, reduction)
         if modality == "instance":
-            return losses.instance_loss(pred, batch["instance"], masked, cfg.patch_size, cfg.loss_reduction)
+            return losses.instance_loss(pred, batch["instance"], masked, cfg.patch_size, reduction)
         labels = downsample_labels(batch["semantic"], cfg.semantic_downsample)  # (B, H/4, W/4)
         return losses.semantic_loss(pred, labels, masked, cfg.patch_size // cfg.semantic_downsample,
-                                    cfg.num_semantic_classes, cfg.loss_reduction)
+                                    cfg.num_semantic_classes, reduction)
 
     # Figures and export ------------------------------------------------------------------------
 

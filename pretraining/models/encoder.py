@@ -31,14 +31,16 @@ class Encoder(nn.Module):
         num_semantic_classes: int = 0,
         semantic_class_dim: int = 64,
         semantic_downsample: int = 4,
+        input_modalities: tuple[str, ...] | None = None,
     ):
         super().__init__()
         self.modalities = modalities
+        self.inputs = input_modalities or modalities  # the rest are only decoded: no adapter, never visible
         self.grid_size = img_size // patch_size
         self.adapters = nn.ModuleDict({
             m: build_adapter(m, img_size, patch_size, embed_dim, num_semantic_classes,
                              semantic_class_dim, semantic_downsample)
-            for m in modalities
+            for m in self.inputs
         })
         # Fixed sin-cos positions shared by all modalities; a learned embedding tells modalities apart.
         self.register_buffer("pos_embed", sincos_pos_embed(self.grid_size, embed_dim), persistent=False)  # (N, D)
@@ -51,9 +53,12 @@ class Encoder(nn.Module):
         self.norm = norm_layer(embed_dim)
 
     def tokens(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """All tokens of all modalities with positions and modality embeddings: (B, M * N, D)."""
+        """All tokens of all modalities with positions and modality embeddings: (B, M * N, D); zeros in the
+        blocks of modalities that are not inputs (masking never makes them visible)."""
+        B, N = inputs["rgb"].shape[0], self.pos_embed.shape[0]
         return torch.cat([
             self.adapters[m](inputs[m]) + self.pos_embed + self.modality_embed[i]  # (B, N, D)
+            if m in self.adapters else self.pos_embed.new_zeros(B, N, self.pos_embed.shape[1])
             for i, m in enumerate(self.modalities)
         ], dim=1)
 
@@ -68,9 +73,12 @@ class Encoder(nn.Module):
 
     def encode_rgb(self, images: torch.Tensor) -> torch.Tensor:
         """RGB only, all patches, like timm's forward_features: (B, 3, H, W) -> (B, 1 + N, D)."""
+        return self.norm(self.blocks(self.rgb_input_tokens(images)))
+
+    def rgb_input_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """What `blocks` receive for RGB-only input: (B, 3, H, W) -> (B, 1 + N, D), global token first."""
         x = self._rgb_tokens(images)  # (B, N, D)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.norm(self.blocks(x))
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
 
     def _rgb_tokens(self, images: torch.Tensor) -> torch.Tensor:
         i = self.modalities.index("rgb")

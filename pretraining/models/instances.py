@@ -35,11 +35,13 @@ def instance_boundaries(instance_map: torch.Tensor) -> torch.Tensor:
     return (differs & (ids[:, 0] != 0)).reshape(*lead, H, W)
 
 
-def instance_offsets(instance_map: torch.Tensor) -> torch.Tensor:
-    """Offset from each pixel to the centre of mass of its instance, in units of the image size.
+def instance_offsets(instance_map: torch.Tensor, unit: float | None = None) -> torch.Tensor:
+    """Offset from each pixel to the centre of mass of its instance, in units of `unit` pixels (the
+    patch size, say) or, when None, of the image size.
 
     instance_map: (..., H, W) integer ids, 0 = no instance.  Returns (..., 2, H, W) float32
-    (dy / H, dx / W), each in [-1, 1]; zero where the id is 0. Each map in a batch is its own image.
+    (dy / unit, dx / unit), or (dy / H, dx / W) each in [-1, 1]; zero where the id is 0. Each map in
+    a batch is its own image.
     """
     *lead, H, W = instance_map.shape
     ids = instance_map.reshape(-1, H * W).long()  # (B, H*W)
@@ -55,19 +57,20 @@ def instance_offsets(instance_map: torch.Tensor) -> torch.Tensor:
     count = torch.bincount(dense).clamp(min=1)  # (K,); keys of no pixel get 0 / 1, never read
     cy = torch.bincount(dense, weights=ys.expand(B, H, W).flatten()) / count  # (K,) centre row of each (image, id)
     cx = torch.bincount(dense, weights=xs.expand(B, H, W).flatten()) / count  # (K,)
-    dy = (torch.take(cy.float(), dense).view(B, H, W) - ys) / H  # (B, H, W)
-    dx = (torch.take(cx.float(), dense).view(B, H, W) - xs) / W
+    dy = (torch.take(cy.float(), dense).view(B, H, W) - ys) / (unit or H)  # (B, H, W)
+    dx = (torch.take(cx.float(), dense).view(B, H, W) - xs) / (unit or W)
     offsets = torch.stack([dy, dx], dim=1)  # (B, 2, H, W)
     return (offsets * (ids.view(B, 1, H, W) != 0)).reshape(*lead, 2, H, W)
 
 
-def instance_representation(instance_map: torch.Tensor) -> torch.Tensor:
+def instance_representation(instance_map: torch.Tensor, offset_unit: float | None = None) -> torch.Tensor:
     """Dense permutation-invariant encoding of an instance id map, or of a batch of them.
 
-    instance_map: (H, W) or (B, H, W) integer ids, 0 = no instance.
+    instance_map: (H, W) or (B, H, W) integer ids, 0 = no instance; offset_unit: pixels per offset
+    unit (the models use the patch size), None for the image size.
     Returns (3, H, W) or (B, 3, H, W) float32: channel 0 the boundary map in {0, 1}; channels 1-2
-    the offset (dy / H, dx / W) from each pixel to its instance's centre of mass, in [-1, 1]. All
-    zero where the id is 0. The batched form computes each map exactly as the single one does; the
+    the offset (dy, dx) from each pixel to its instance's centre of mass, in `offset_unit`s (or
+    (dy / H, dx / W), in [-1, 1]). All zero where the id is 0. The batched form computes each map exactly as the single one does; the
     trainer uses it on the device, so data-loader workers only crop the id map.
     """
     if instance_map.dim() not in (2, 3):
@@ -75,4 +78,4 @@ def instance_representation(instance_map: torch.Tensor) -> torch.Tensor:
                          f"got shape {tuple(instance_map.shape)}.")
     instance_map = instance_map.long()
     boundary = instance_boundaries(instance_map).float().unsqueeze(-3)  # (..., 1, H, W)
-    return torch.cat([boundary, instance_offsets(instance_map)], dim=-3)  # (..., 3, H, W)
+    return torch.cat([boundary, instance_offsets(instance_map, offset_unit)], dim=-3)  # (..., 3, H, W)

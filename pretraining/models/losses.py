@@ -26,7 +26,7 @@ def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.T
     return x.reshape(B, channels, h * P, h * P)
 
 
-REDUCTIONS = ("sample", "token")
+REDUCTIONS = ("sample", "token")  # what a model may use; "none" (per-sample means, (B,)) is for logs
 
 
 def _mean_over(values: torch.Tensor, weights: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -37,14 +37,15 @@ def _mean_over(values: torch.Tensor, weights: torch.Tensor, reduction: str) -> t
     Dirichlet split or ignore pixels left it, so the mean of equal-sized micro-batches or ranks is
     exactly the mean over their union: DDP and gradient accumulation match one big batch.
     "token": one mean over all counted items of the batch (equal to "sample" when every sample
-    counts the same number, as in MAE).
+    counts the same number, as in MAE). "none": each sample's mean, (B,).
     """
     weights = weights.to(values.dtype)
-    if reduction == "sample":
-        return ((values * weights).sum(1) / weights.sum(1).clamp(min=1)).mean()
+    if reduction in ("sample", "none"):
+        per_sample = (values * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B,)
+        return per_sample.mean() if reduction == "sample" else per_sample
     if reduction == "token":
         return (values * weights).sum() / weights.sum().clamp(min=1)
-    raise ValueError(f"Unknown loss reduction {reduction!r}; use one of {REDUCTIONS}.")
+    raise ValueError(f"Unknown loss reduction {reduction!r}; use one of {REDUCTIONS} or none.")
 
 
 def normalise_patches(target: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,5 +1,5 @@
-"""Which tokens the encoder sees: random, semantic-guided and instance-guided masking, and the
-progressive curriculum that moves from one to the next during training.
+"""Which tokens the encoder sees: random, semantic-guided and instance-guided masking, per sample
+(the curriculum that chooses between them is in pretraining/models/curriculum.py).
 
 Tokens of all modalities form one sequence in `MODALITIES` order, each modality a block of
 `num_positions` patch positions (14 x 14 = 196 at 224 px, patch 16); token `m * N + p` is
@@ -7,9 +7,11 @@ position `p` of modality `m`. Every sample keeps exactly `num_visible` tokens, s
 
 Masking runs in two halves. `draw_masking` draws every random number one sample's masking needs
 from that sample's own `numpy.random.Generator` (the loader seeds it from (seed, epoch, index)), in
-a loader worker: a few microseconds. `visible_tokens` turns a batch of draws and patch labels into
-visible tokens with batched tensor ops and no host sync, on the device. So the masks are a function
-of each sample's seed, wherever it is drawn, and the loader workers do no per-sample mask work.
+a loader worker: a few microseconds. On the device, `requested_strategy` turns each sample's
+strategy key and the step's curriculum weights into its strategy, and `visible_tokens` turns a
+batch of draws and patch labels into visible tokens, with batched tensor ops and no host sync. So
+the masks are a function of each sample's seed and the step's weights, wherever it is drawn, and
+the loader workers do no per-sample mask work.
 """
 
 from __future__ import annotations
@@ -21,42 +23,26 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pretraining.models.curriculum import STRATEGIES, CurriculumConfig, choose_strategy
+
 MODALITIES = ("semantic", "instance", "rgb")
-STRATEGIES = ("semantic", "instance", "random")  # strategy ids 0, 1, 2 in batches and logs
-SEMANTIC, INSTANCE, RANDOM = 0, 1, 2
+SEMANTIC, INSTANCE, RANDOM = 0, 1, 2  # ids of `STRATEGIES` in batches and logs
 # Patch labels below these values belong to no region: -1 is the semantic ignore value, 0 is "no instance".
 _FIRST_REGION_LABEL = {SEMANTIC: 0, INSTANCE: 1}
-
-
-@dataclass(frozen=True)
-class CurriculumConfig:
-    """Strategy weights over training progress: semantic-guided, then instance-guided, then random.
-
-    Each boundary is the centre of a linear transition `transition` wide, so with the defaults
-    w_sem = 1 until 0.2 and 0 from 0.4; w_rand = 0 until 0.5 and 1 from 0.7.
-    """
-
-    semantic_until: float = 0.3  # centre of the semantic -> instance transition (progress in [0, 1])
-    instance_until: float = 0.6  # centre of the instance -> random transition
-    transition: float = 0.2  # width of each linear transition; 0 gives hard switches
-
-    def __post_init__(self):
-        half = self.transition / 2
-        if not (half <= self.semantic_until and self.semantic_until + half <= self.instance_until - half
-                and self.instance_until + half <= 1.0 + 1e-9):
-            raise ValueError(
-                "CurriculumConfig needs transition/2 <= semantic_until, semantic_until + transition <= "
-                f"instance_until and instance_until + transition/2 <= 1, got {self}."
-            )
+GUIDED_MODES = ("whole", "within")
+ALLOCATIONS = ("largest_remainder", "rounded")
 
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    strategy: str = "progressive"  # progressive | random | semantic | instance
+    strategy: str = "progressive"  # progressive (the curriculum chooses) | random | semantic | instance
     num_visible: int = 98  # encoder tokens per sample, over all modalities
     guided_mask_ratio: float = 0.75  # share of positions a guided strategy masks in every modality
+    guided_mode: str = "whole"  # whole: hide whole regions in random order | within: hide that share of each region (SemMAE's easy stage)
     dirichlet_alpha: float = 1.0  # concentration of the per-sample split of `num_visible` over modalities
+    allocation: str = "largest_remainder"  # how the split becomes token counts (see `visible_tokens`); rounded is MultiMAE's
     num_positions: int = 196  # patch positions per modality, (img_size / patch_size) ** 2
+    inputs: tuple[int, ...] | None = None  # modalities (indices) the encoder may see; None: all of them
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def __post_init__(self):
@@ -64,24 +50,20 @@ class MaskingConfig:
             raise ValueError(f"Unknown masking strategy {self.strategy!r}; use progressive, random, semantic or instance.")
         if not 0.0 <= self.guided_mask_ratio < 1.0:
             raise ValueError(f"guided_mask_ratio must be in [0, 1), got {self.guided_mask_ratio}.")
+        if self.guided_mode not in GUIDED_MODES:
+            raise ValueError(f"Unknown guided_mode {self.guided_mode!r}; use whole or within.")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"Unknown allocation {self.allocation!r}; use largest_remainder or rounded.")
+        if self.inputs is not None:
+            object.__setattr__(self, "inputs", tuple(self.inputs))  # JSON gives lists
+            if self.num_visible > len(self.inputs) * self.num_positions:
+                raise ValueError(f"Cannot keep {self.num_visible} visible tokens in {len(self.inputs)} input modalities "
+                                 f"of {self.num_positions} positions.")
 
-
-def _ramp(x: float, centre: float, width: float) -> float:
-    """0 before the transition, 1 after it, linear across it."""
-    if width <= 0:
-        return float(x >= centre)
-    return min(1.0, max(0.0, (x - centre + width / 2) / width))
-
-
-def curriculum_weights(progress: float, cfg: CurriculumConfig) -> tuple[float, float, float]:
-    """(w_sem, w_inst, w_rand) at training progress in [0, 1]; they sum to 1.
-
-    Monotone: w_sem never rises and w_rand never falls as progress grows.
-    """
-    progress = min(1.0, max(0.0, float(progress)))
-    w_sem = 1.0 - _ramp(progress, cfg.semantic_until, cfg.transition)
-    w_rand = _ramp(progress, cfg.instance_until, cfg.transition)
-    return w_sem, 1.0 - w_sem - w_rand, w_rand
+    @property
+    def guided(self) -> bool:
+        """Whether a guided strategy can be drawn (then patch labels are needed)."""
+        return self.strategy != "random"
 
 
 def patch_majority(label_map: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -108,27 +90,34 @@ def patch_majority(label_map: torch.Tensor, patch_size: int) -> torch.Tensor:
     return values[counts.argmax(dim=1)].view(*lead, h * w)  # argmax takes the first maximum: the smallest label
 
 
-def draw_masking(rng: np.random.Generator, weights: Sequence[float], cfg: MaskingConfig,
-                 num_modalities: int) -> dict[str, np.ndarray]:
+def draw_masking(rng: np.random.Generator, cfg: MaskingConfig, num_modalities: int) -> dict[str, np.ndarray]:
     """Every random number one sample's masking uses (the first half of masking; see the module doc).
 
-    weights: (w_sem, w_inst, w_rand), used when cfg.strategy is "progressive" (otherwise that
-    strategy is forced). Returns
-      strategy    () int64, the strategy asked for (`visible_tokens` may fall back to random);
-      proportions (M,) float64, a Dirichlet(alpha) split of the visible budget over modalities;
-      keys        (M + 2, N) float32 uniforms: row 0 orders the regions, row 1 the positions inside a
-                  region, row 2 + m the positions of modality m.
+    Returns
+      strategy_key () float64 uniform: chooses the strategy under the step's curriculum weights;
+      proportions  (M,) float64, a Dirichlet(alpha) split of the visible budget over modalities;
+      keys         (K, N) float32 uniforms: row 0 orders the regions, row 1 the positions inside a
+                   region, row 2 + m the positions of modality m; with `allocation="rounded"`, M
+                   more rows order the tokens added or dropped to reach the budget (K = 2M + 2,
+                   else M + 2).
     """
-    if cfg.strategy == "progressive":
-        p = np.asarray(weights, dtype=np.float64)
-        strategy = int(rng.choice(len(STRATEGIES), p=p / p.sum()))
-    else:
-        strategy = STRATEGIES.index(cfg.strategy)
+    rows = num_modalities + 2 + (num_modalities if cfg.allocation == "rounded" else 0)
     return {
-        "strategy": np.int64(strategy),
+        "strategy_key": np.float64(rng.random()),
         "proportions": rng.dirichlet([cfg.dirichlet_alpha] * num_modalities),
-        "keys": rng.random((num_modalities + 2, cfg.num_positions), dtype=np.float32),
+        "keys": rng.random((rows, cfg.num_positions), dtype=np.float32),
     }
+
+
+def requested_strategy(strategy_key: torch.Tensor, weights: torch.Tensor | Sequence[float],
+                       cfg: MaskingConfig) -> torch.Tensor:
+    """(B,) int64 strategy asked for each sample: chosen by `weights` (w_sem, w_inst, w_rand; host
+    floats or a device tensor) under "progressive", else the forced strategy. `visible_tokens` may
+    still fall back to random where a sample has too few regions."""
+    if cfg.strategy == "progressive":
+        return choose_strategy(strategy_key, weights)
+    return torch.full(strategy_key.shape, STRATEGIES.index(cfg.strategy), dtype=torch.int64,
+                      device=strategy_key.device)
 
 
 def split_budget(total: int, capacity: torch.Tensor, proportions: torch.Tensor) -> torch.Tensor:
@@ -160,14 +149,19 @@ def split_budget(total: int, capacity: torch.Tensor, proportions: torch.Tensor) 
 
 
 def guided_masked(labels: torch.Tensor, first_label: torch.Tensor, region_keys: torch.Tensor,
-                  within_keys: torch.Tensor, num_masked: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask whole regions (positions sharing a patch label) in random order, batched.
+                  within_keys: torch.Tensor, num_masked: int, mode: str = "whole",
+                  ratio: float = 0.75) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask regions (positions sharing a patch label) in every modality, batched.
 
     labels: (B, N) int64 patch labels; labels below `first_label` (B,) belong to no region (use a
     first label above every label for a sample that is not guided). region_keys / within_keys: (B, N)
-    uniforms. A region's key is the key at its first position, so regions come in uniformly random
-    order; regions are masked in that order until `num_masked` positions are, the last one partly
-    (its positions in `within_keys` order).
+    uniforms. At most `num_masked` positions are masked.
+    - mode "whole": regions in uniformly random order (a region's key is the key at its first
+      position) are masked until `num_masked` positions are, the last one partly (its positions in
+      `within_keys` order). The hard task: whole objects are hidden.
+    - mode "within" (SemMAE's easy stage): the share `ratio` of every region is masked, at random
+      positions inside it (the positions with the smallest `within_keys`), so each region stays
+      partly visible.
     Returns (masked (B, N) bool, True = masked in every modality; guided (B,) bool, False where the
     sample has fewer than two regions: then nothing is masked and the caller falls back to random).
     """
@@ -177,11 +171,26 @@ def guided_masked(labels: torch.Tensor, first_label: torch.Tensor, region_keys: 
     same = (labels[:, :, None] == labels[:, None, :]) & in_region[:, None, :]  # (B, N, N)
     first = same.to(torch.uint8).argmax(dim=2)  # (B, N) first position of each position's region
     guided = (in_region & (first == positions)).sum(1) >= 2  # (B,) regions per sample
-    key = torch.where(in_region, region_keys.gather(1, first), 2.0)  # (B, N); no region sorts last
+    if mode == "within":
+        # Place of each position inside its region, in key order, as a share of the region: masked below `ratio`.
+        place = (same & (within_keys[:, None, :] < within_keys[:, :, None])).sum(2)  # (B, N)
+        size = same.sum(2).clamp(min=1)
+        key = torch.where(in_region, (place + 0.5) / size, 2.0)  # (B, N); no region sorts last
+        chosen = key < ratio
+    else:
+        key = torch.where(in_region, region_keys.gather(1, first), 2.0)  # (B, N); no region sorts last
+        chosen = in_region
     by_within = torch.argsort(within_keys, dim=1, stable=True)
     order = by_within.gather(1, torch.argsort(key.gather(1, by_within), dim=1, stable=True))  # (B, N)
     rank = torch.empty_like(order).scatter_(1, order, positions.expand(B, N))  # position -> place in order
-    return (rank < num_masked) & in_region & guided[:, None], guided
+    return (rank < num_masked) & chosen & guided[:, None], guided
+
+
+def rounded_counts(total: int, proportions: torch.Tensor) -> torch.Tensor:
+    """MultiMAE's token counts: round(share * total) per modality, (B, M) int64. They may miss `total`
+    by a token or two (and exceed a modality's positions); `visible_tokens` then adds or drops random
+    tokens, as MultiMAE's `generate_random_masks` does."""
+    return (proportions.double() * total).round().long()
 
 
 def visible_tokens(strategy: torch.Tensor, proportions: torch.Tensor, keys: torch.Tensor,
@@ -189,15 +198,24 @@ def visible_tokens(strategy: torch.Tensor, proportions: torch.Tensor, keys: torc
                    cfg: MaskingConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Visible tokens of a batch from its draws (the second half of masking; see the module doc).
 
-    strategy (B,), proportions (B, M), keys (B, M + 2, N): `draw_masking`'s outputs, stacked.
-    semantic_patches / instance_patches: (B, N) patch-majority labels, or None (not read). A guided
-    strategy without labels or with fewer than two regions falls back to random.
+    strategy (B,) from `requested_strategy`; proportions (B, M), keys (B, K, N): `draw_masking`'s
+    outputs, stacked. semantic_patches / instance_patches: (B, N) patch-majority labels, or None (not
+    read). A guided strategy without labels or with fewer than two regions falls back to random.
+    Token counts per modality: "largest_remainder" splits the budget exactly, within what each
+    modality has free (`split_budget`); "rounded" is MultiMAE's (`rounded_counts`, then the budget
+    met by adding or dropping uniformly random tokens).
     Returns ((B, cfg.num_visible) int64 sorted indices into the (M * N,) sequence, strategy (B,) as used).
     """
     B, M = proportions.shape
     N, V = cfg.num_positions, cfg.num_visible
-    if V > M * N or keys.shape[1:] != (M + 2, N):
+    rows = M + 2 + (M if cfg.allocation == "rounded" else 0)
+    if V > M * N or keys.shape[1:] != (rows, N):
         raise ValueError(f"Cannot keep {V} of {M} x {N} tokens with keys of shape {tuple(keys.shape)}.")
+    if cfg.inputs is not None:  # the budget goes to the input modalities only
+        allowed = torch.zeros(M, dtype=proportions.dtype, device=proportions.device)
+        allowed[list(cfg.inputs)] = 1
+        proportions = proportions * allowed
+        proportions = proportions / proportions.sum(1, keepdim=True)
     labels = torch.zeros(B, N, dtype=torch.int64, device=keys.device)
     first_label = torch.full((B,), 2**62, dtype=torch.int64, device=keys.device)  # no region: not guided
     for guide, patches in ((SEMANTIC, semantic_patches), (INSTANCE, instance_patches)):
@@ -205,15 +223,26 @@ def visible_tokens(strategy: torch.Tensor, proportions: torch.Tensor, keys: torc
             chosen = strategy == guide
             labels = torch.where(chosen[:, None], patches.long(), labels)
             first_label = torch.where(chosen, _FIRST_REGION_LABEL[guide], first_label)
-    num_masked = min(round(cfg.guided_mask_ratio * N), N - math.ceil(V / M))  # leave room for the budget
-    masked, guided = guided_masked(labels, first_label, keys[:, 0], keys[:, 1], num_masked)
+    inputs = M if cfg.inputs is None else len(cfg.inputs)
+    num_masked = min(round(cfg.guided_mask_ratio * N), N - math.ceil(V / inputs))  # leave room for the budget
+    masked, guided = guided_masked(labels, first_label, keys[:, 0], keys[:, 1], num_masked, cfg.guided_mode,
+                                   cfg.guided_mask_ratio)
     strategy = torch.where(guided, strategy, RANDOM)
-    counts = split_budget(V, N - masked.sum(1), proportions)  # (B, M), each within the free positions
-    position_keys = keys[:, 2:].masked_fill(masked[:, None], 2.0)  # (B, M, N); masked positions last
+    free = N - masked.sum(1)  # (B,) positions each modality can give
+    if cfg.allocation == "rounded":
+        counts = rounded_counts(V, proportions)
+    else:
+        counts = split_budget(V, free, proportions)  # (B, M), each within the free positions
+    position_keys = keys[:, 2:M + 2].masked_fill(masked[:, None], 2.0)  # (B, M, N); masked positions last
     order = torch.argsort(position_keys, dim=2)
     rank = torch.empty_like(order).scatter_(2, order, torch.arange(N, device=keys.device).expand(B, M, N))
-    chosen = (rank < counts[:, :, None]).view(B, M * N)  # exactly V per sample
-    # The chosen indices in increasing order, without a host sync (nonzero would need one).
+    chosen = (rank < torch.minimum(counts, free[:, None])[:, :, None]).view(B, M * N)
+    if cfg.allocation == "rounded":
+        # Chosen tokens first, then the rest, each in random order; the first V are kept (MultiMAE's
+        # argsort of mask + noise). Guided-masked positions are never added.
+        extra = keys[:, M + 2:].masked_fill(masked[:, None], 3.0).reshape(B, M * N)
+        chosen = torch.zeros_like(chosen).scatter_(1, torch.argsort(extra + (~chosen).float(), dim=1)[:, :V], True)
+    # The chosen indices in increasing order, without a host sync (nonzero would need one): exactly V per sample.
     visible = torch.argsort((~chosen).to(torch.uint8), dim=1, stable=True)[:, :V]
     return visible, strategy
 

@@ -3,7 +3,9 @@
 A run is described by one `TrainConfig` (named recipes in pretraining/training/recipes.py return one).
 `--set data.batch_size=32 --set model_args.img_size=96` replaces fields by dotted path; values are
 parsed as Python literals (numbers, tuples, None, True) and otherwise taken as strings, then
-checked against the field they replace.
+checked against the field they replace. Under `model_args` (the factory's keyword arguments) a
+dotted key builds a nested dict: `--set model_args.curriculum.first_until=0.2` passes
+`curriculum={"first_until": 0.2}` (merged with what the recipe gives); the factory checks the names.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class TrainConfig:
     log_every: int = 50  # optimizer steps between TensorBoard scalars
     figure_every: int = 2000  # optimizer steps between reconstruction figures; 0 = never
     log_samples: bool = False  # write the sample ids and losses of every step to RUN/samples-rankR.jsonl
+    log_grad_share: bool = True  # at each log step, each loss term's share of the gradient on the encoder's output
 
     def __post_init__(self):
         if self.precision not in ("bf16", "fp16", "fp32"):
@@ -63,7 +66,7 @@ class TrainConfig:
 
 # Keys that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_KEYS = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "figure_every",
-                            "compile", "log_samples", "data.prefetch_factor"})
+                            "compile", "log_samples", "log_grad_share", "data.prefetch_factor"})
 
 
 def _parse(text: str, current: Any, key: str) -> Any:
@@ -92,7 +95,10 @@ def _replace(obj: Any, path: list[str], text: str, key: str) -> Any:
     name = path[0]
     if isinstance(obj, dict):
         if len(path) > 1:
-            raise ConfigError(f"--set {key}: {name} is a plain value, it has no fields.")
+            inner = obj.get(name, {})
+            if not isinstance(inner, dict):
+                raise ConfigError(f"--set {key}: {name} is a plain value, it has no fields.")
+            return {**obj, name: _replace(inner, path[1:], text, key)}
         return {**obj, name: _parse(text, obj.get(name), key)}
     names = {f.name for f in dataclasses.fields(obj)}
     if name not in names:

@@ -65,9 +65,11 @@ def _semantic(ids: torch.Tensor) -> np.ndarray:
 
 
 def _instance(rep: torch.Tensor) -> np.ndarray:
-    """(3, H, W) boundary + centre offsets -> (H, W, 3): boundaries red, offsets as green/blue around grey."""
-    b, dy, dx = rep.float().cpu().clamp(-1, 1)
-    return torch.stack([b.clamp(0, 1), 0.5 + 2 * dy, 0.5 + 2 * dx], dim=-1).clamp(0, 1).numpy()
+    """(3, H, W) boundary + centre offsets -> (H, W, 3): boundaries red, offsets as green/blue around grey
+    (squashed by tanh, the same in every column, whether their unit is the patch or the image)."""
+    b, dy, dx = rep.float().cpu()
+    return torch.stack([b.clamp(0, 1), 0.5 + 0.5 * torch.tanh(2 * dy), 0.5 + 0.5 * torch.tanh(2 * dx)],
+                       dim=-1).numpy()
 
 
 _TO_IMAGE = {"rgb": _rgb, "semantic": _semantic, "instance": _instance}
