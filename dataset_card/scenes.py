@@ -263,14 +263,16 @@ def write_scenes(root: str, num_images: int, size: int = 48, seed: int = 0, labe
                 semantic, masks = noisy_labels(noise_rng, scene, noise_rate)
             else:
                 semantic, masks = scene.semantic, scene.masks
-            row, painted = synthetic_row(f"{SHAPES[scene.label]}/{i:06d}", scene.label, scene.rgb, semantic, masks)
+            row, painted = synthetic_row(f"{SHAPES[scene.label]}/{i:06d}", scene.label, scene.rgb, semantic, masks,
+                                         things=meta.thing_ids, rule=meta.painting)
             rows.append(row)
             classes, counts = np.unique(semantic, return_counts=True)
             stats.add_row(len(masks), float((painted > 0).mean()),
                           [inst["category_purity"] for inst in row["instances"]],
                           dict(zip(classes.tolist(), counts.tolist())))
         errors = pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA)
-        shards.commit_shard(fs, base, s, num_shards, rows_to_table(rows, features), errors, stats)
+        shards.commit_shard(fs, base, s, num_shards, rows_to_table(rows, features, meta.painting.to_dict()), errors,
+                            stats)
     shards.write_bytes(fs, posixpath.join(base, layout.METADATA_FILE), meta.to_json().encode())
     manifest = {"schema_version": meta.schema_version, "num_inputs": num_images, "num_shards": num_shards,
                 "source": "dataset_card.scenes", "seed": seed, "size": size, "labels": labels,
