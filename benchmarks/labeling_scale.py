@@ -73,11 +73,34 @@ class NullLabelers:
         return (SemanticClass(0, "background", False), SemanticClass(1, "thing", True))
 
     def instance_labeler(self, device: str):
-        return lambda images: [[] for _ in images]
+        return _NullInstance()
 
     def semantic_labeler(self, device: str):
-        return lambda images, sizes=None: [np.zeros(size if size else image.shape[:2], np.uint8)
-                                           for image, size in zip(images, sizes or [None] * len(images))]
+        return _NullSemantic()
+
+
+class _NullInstance:
+    """The instance labeler's interface as `labeling.labelers.paired.PairedLabeler` drives it: no masks."""
+
+    def prepare(self, pixels):
+        return None
+
+    def device_pass(self, prepared):
+        for _ in prepared:
+            yield None
+
+    def finish(self, result) -> list:
+        return []
+
+
+class _NullSemantic:
+    """The semantic labeler's interface as `PairedLabeler` drives it: an all-background map."""
+
+    def prepare(self, pixels, size):
+        return size
+
+    def label(self, sizes) -> list:
+        return [np.zeros(size, np.uint8) for size in sizes]
 
 
 def run_one(images: str, output: str, cpus: int, shard_size: int) -> dict:
@@ -85,7 +108,7 @@ def run_one(images: str, output: str, cpus: int, shard_size: int) -> dict:
     from labeling.pipeline.driver import LabelingConfig, run_labeling
 
     cfg = LabelingConfig(input=images, output=output, models="tiny-random", shard_size=shard_size, num_cpus=cpus,
-                         instance_actors=1, semantic_actors=1, actor_cpus=0.25, task_cpus=0.25,
+                         model_actors=2, actor_cpus=0.25, task_cpus=0.25,
                          read_batch_size=64, model_batch_size=64, postprocess_batch_size=64, progress=False,
                          object_store_memory=512 * 2**20)
     start = time.perf_counter()

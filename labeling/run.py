@@ -100,10 +100,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--gpus-per-actor", type=float, default=None,
                      help="GPUs per model actor (default 1; 0.5 on a one-GPU cluster, so both models share it; "
                           "0 without GPUs: models run on CPUs)")
-    run.add_argument("--instance-actors", type=positive_int, default=None,
-                     help="SAM actors (default: 3/4 of the GPU slots; without GPUs one per CPU)")
-    run.add_argument("--semantic-actors", type=positive_int, default=None,
-                     help="semantic-model actors (default: 1/4 of the GPU slots, or of the CPUs; at least 1)")
+    run.add_argument("--model-actors", type=positive_int, default=None,
+                     help="model actors, each holding SAM and the semantic model (default: one per GPU slot; "
+                          "without GPUs one per CPU)")
     run.add_argument("--actor-cpus", type=float, default=None,
                      help="CPUs Ray reserves per model actor (default 1 with GPUs, 0.5 without)")
     run.add_argument("--task-cpus", type=float, default=None,
@@ -133,7 +132,7 @@ def config_from_args(args: argparse.Namespace):
         min_instance_area=args.min_instance_area, painting_rule=args.painting_rule, min_purity=args.min_purity,
         read_batch_size=args.read_batch_size,
         model_batch_size=args.model_batch_size, postprocess_batch_size=args.postprocess_batch_size,
-        instance_actors=args.instance_actors, semantic_actors=args.semantic_actors,
+        model_actors=args.model_actors,
         gpus_per_actor=args.gpus_per_actor, actor_cpus=args.actor_cpus, task_cpus=args.task_cpus,
         listing_workers=args.listing_workers, address=args.address, num_cpus=args.num_cpus,
         object_store_memory=args.object_store_memory, overwrite=args.overwrite, retry_errors=args.retry_errors,

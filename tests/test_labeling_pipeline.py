@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 
 # Small Ray resources so read, two actor pools and post-processing all fit on 2 CPUs.
-SMALL = {"models": "tiny-random", "instance_actors": 1, "semantic_actors": 1, "actor_cpus": 0.5, "task_cpus": 0.5,
+SMALL = {"models": "tiny-random", "model_actors": 2, "actor_cpus": 0.5, "task_cpus": 0.5,
          "model_batch_size": 4,
          "read_batch_size": 4, "postprocess_batch_size": 4, "progress": False}
 

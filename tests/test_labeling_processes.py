@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(ROOT / "labeling" / "run.py")]
-SMALL_FLAGS = ["--models", "tiny-random", "--instance-actors", "1", "--semantic-actors", "1", "--actor-cpus", "0.5",
+SMALL_FLAGS = ["--models", "tiny-random", "--model-actors", "2", "--actor-cpus", "0.5",
                "--task-cpus", "0.5", "--read-batch-size", "2", "--model-batch-size", "2",
                "--postprocess-batch-size", "2", "--no-progress"]
 
@@ -284,7 +284,7 @@ def test_help_explains_every_flag():
     done = subprocess.run(RUN + ["--help"], env=env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
     for flag in ("--input", "--output", "--models", "--shard-size", "--limit", "--overwrite", "--retry-errors",
-                 "--max-pixels", "--gpus-per-actor", "--instance-actors", "--model-batch-size", "--semantic-revision",
+                 "--max-pixels", "--gpus-per-actor", "--model-actors", "--model-batch-size", "--semantic-revision",
                  "--semantic-shortest-edge", "--painting-rule", "--min-purity", "--image-storage",
                  "--max-failure-rate", "--no-repair"):
         assert flag in done.stdout

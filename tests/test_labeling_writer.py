@@ -322,13 +322,13 @@ def test_instance_count_check_warns_once_when_real_models_find_almost_nothing(ca
 def test_resource_layout_fits_the_cluster_or_says_what_to_change():
     from labeling.pipeline.cluster import ClusterError, plan_layout
 
-    eight = plan_layout(cpus=64, gpus=8)
-    assert (eight.gpus_per_actor, eight.instance_actors, eight.semantic_actors) == (1.0, 6, 2)
-    one = plan_layout(cpus=8, gpus=1)  # both models share the only GPU
-    assert (one.gpus_per_actor, one.instance_actors, one.semantic_actors) == (0.5, 1, 1)
+    eight = plan_layout(cpus=64, gpus=8)  # one actor per GPU, each with both models: no GPU waits
+    assert (eight.gpus_per_actor, eight.model_actors) == (1.0, 8)
+    one = plan_layout(cpus=8, gpus=1)  # two actors share the only GPU
+    assert (one.gpus_per_actor, one.model_actors) == (0.5, 2)
     laptop = plan_layout(cpus=2, gpus=0)
-    assert (laptop.gpus_per_actor, laptop.instance_actors, laptop.semantic_actors, laptop.threads) == (0, 2, 1, 1)
-    assert (laptop.instance_actors + laptop.semantic_actors) * laptop.actor_cpus + laptop.task_cpus <= 2
+    assert (laptop.gpus_per_actor, laptop.model_actors, laptop.threads) == (0, 2, 1)
+    assert laptop.model_actors * laptop.actor_cpus + laptop.task_cpus <= 2
     with pytest.raises(ClusterError, match="--gpus-per-actor"):
         plan_layout(cpus=8, gpus=1, gpus_per_actor=1.0)
     with pytest.raises(ClusterError, match="--actor-cpus"):

@@ -150,47 +150,41 @@ class Layout:
     """How the model actors and CPU tasks of a run use the cluster."""
 
     gpus_per_actor: float
-    instance_actors: int
-    semantic_actors: int
+    model_actors: int  # each holds SAM and the semantic model
     actor_cpus: float  # CPUs Ray reserves per model actor
     task_cpus: float  # CPUs per read / post-process task
     threads: int  # torch threads per model actor
 
 
-def plan_layout(cpus: float, gpus: float, gpus_per_actor: float | None = None, instance_actors: int | None = None,
-                semantic_actors: int | None = None, actor_cpus: float | None = None,
-                task_cpus: float | None = None) -> Layout:
-    """Actor counts and resources for a cluster of `cpus` CPUs and `gpus` GPUs; given values win.
+def plan_layout(cpus: float, gpus: float, gpus_per_actor: float | None = None, model_actors: int | None = None,
+                actor_cpus: float | None = None, task_cpus: float | None = None) -> Layout:
+    """Actor count and resources for a cluster of `cpus` CPUs and `gpus` GPUs; given values win.
 
-    GPUs: one model actor per GPU (two per GPU, half each, on a one-GPU machine), a quarter of
-    them semantic (SAM's automatic masks cost several times the semantic model). CPUs only: one
-    single-threaded SAM actor per CPU and one semantic actor per four, each reserving half a CPU
-    (the semantic actors idle most of the time), so CPU tasks always find room.
-    Raises ClusterError when the actors cannot all start.
+    Every model actor holds both models, so no GPU waits for another's model. GPUs: one actor per
+    GPU (two per GPU, half each, on a one-GPU machine, so one actor's CPU work overlaps the other's
+    device work). CPUs only: one single-threaded actor per CPU, each reserving half a CPU, so CPU
+    tasks always find room. Raises ClusterError when the actors cannot all start.
     """
     if gpus > 0 or (gpus_per_actor or 0) > 0:
         per_actor = gpus_per_actor if gpus_per_actor is not None else (1.0 if gpus >= 2 else 0.5)
         slots = int(gpus / per_actor + 1e-9) if per_actor > 0 else 0
-        semantic = semantic_actors or max(1, slots // 4)
-        instance = instance_actors or max(1, slots - semantic)
+        actors = model_actors or max(1, slots)
         actor = actor_cpus if actor_cpus is not None else 1.0
         task = task_cpus if task_cpus is not None else 1.0
-        if per_actor > 0 and (instance + semantic) * per_actor > gpus + 1e-9:
+        if per_actor > 0 and actors * per_actor > gpus + 1e-9:
             raise ClusterError(
-                f"{instance} SAM and {semantic} semantic actors at {per_actor} GPU each need "
-                f"{(instance + semantic) * per_actor:g} GPUs but the cluster has {gpus:g}: lower --gpus-per-actor "
-                "(e.g. 0.5 puts both models on one GPU) or the actor counts")
+                f"{actors} model actors at {per_actor:g} GPU each need {actors * per_actor:g} GPUs but the cluster "
+                f"has {gpus:g}: lower --gpus-per-actor (e.g. 0.5 puts two actors on one GPU) or --model-actors")
     else:
         per_actor = 0.0
-        semantic = semantic_actors or max(1, int(cpus) // 4)
-        instance = instance_actors or max(1, int(cpus))
+        actors = model_actors or max(1, int(cpus))
         actor = actor_cpus if actor_cpus is not None else 0.5
         task = task_cpus if task_cpus is not None else 0.25
-    if (instance + semantic) * actor + task > cpus + 1e-9:
+    if actors * actor + task > cpus + 1e-9:
         raise ClusterError(
-            f"{instance} SAM and {semantic} semantic actors at {actor:g} CPU each leave no room for a "
-            f"{task:g}-CPU task on a cluster of {cpus:g} CPUs: lower --actor-cpus, --task-cpus or the actor counts")
-    return Layout(per_actor, instance, semantic, actor, task, max(1, int(actor)))
+            f"{actors} model actors at {actor:g} CPU each leave no room for a {task:g}-CPU task on a cluster of "
+            f"{cpus:g} CPUs: lower --actor-cpus, --task-cpus or --model-actors")
+    return Layout(per_actor, actors, actor, task, max(1, int(actor)))
 
 
 def current_layout(**overrides) -> Layout:

@@ -83,8 +83,7 @@ class LabelingConfig:
     read_batch_size: int = 16
     model_batch_size: int = 8
     postprocess_batch_size: int = 8
-    instance_actors: int | None = None  # None: see cluster.plan_layout
-    semantic_actors: int | None = None
+    model_actors: int | None = None  # None: see cluster.plan_layout
     gpus_per_actor: float | None = None
     actor_cpus: float | None = None
     task_cpus: float | None = None
@@ -182,8 +181,8 @@ def work_table(listed: Inputs, indices: Sequence[int], shard_of: np.ndarray) -> 
 
 
 def resource_layout(cfg: LabelingConfig) -> cluster.Layout:
-    return cluster.current_layout(gpus_per_actor=cfg.gpus_per_actor, instance_actors=cfg.instance_actors,
-                                  semantic_actors=cfg.semantic_actors, actor_cpus=cfg.actor_cpus,
+    return cluster.current_layout(gpus_per_actor=cfg.gpus_per_actor, model_actors=cfg.model_actors,
+                                  actor_cpus=cfg.actor_cpus,
                                   task_cpus=cfg.task_cpus)
 
 
@@ -201,13 +200,13 @@ def _stages(ds, listed, cfg, choice, post, schema, plan: cluster.Layout) -> ray.
     retries, actor_retries = failures.TASK_RETRIES, failures.ACTOR_RETRIES  # the failure policy's
     ds = ds.map_batches(read_stage, batch_size=cfg.read_batch_size, batch_format="pyarrow", num_cpus=plan.task_cpus,
                         fn_kwargs={"source": listed.source, "max_pixels": cfg.max_pixels}, **retries)
-    # One pool of actors that each hold both models (no GPU waits for another's model); the layout's
-    # two counts are its size. Fixed size: every actor has loaded its models before an image is read.
+    # One pool of actors that each hold both models (no GPU waits for another's model). Fixed size:
+    # every actor has loaded its models before an image is read.
     model_args = {"choice": choice, "num_gpus": plan.gpus_per_actor, "threads": plan.threads,
                   "max_side": model_max_side(cfg), "max_pixels": cfg.max_pixels}
     ds = ds.map_batches(ModelPredictor, batch_size=cfg.model_batch_size, batch_format="pyarrow",
                         fn_constructor_kwargs=model_args,
-                        compute=ray.data.ActorPoolStrategy(size=plan.instance_actors + plan.semantic_actors),
+                        compute=ray.data.ActorPoolStrategy(size=plan.model_actors),
                         num_gpus=plan.gpus_per_actor, num_cpus=plan.actor_cpus, **actor_retries)
     return ds.map_batches(postprocess_stage, batch_size=cfg.postprocess_batch_size, batch_format="pyarrow",
                           num_cpus=plan.task_cpus, fn_kwargs={"cfg": post, "schema": schema}, **retries)
@@ -422,7 +421,7 @@ def _run(cfg: LabelingConfig, listed: Inputs, rule: PaintingRule, choice: ModelC
         cluster.check_shared(cfg.output, "--output", probe_write=True)
         resources = resource_layout(cfg)  # refuses a layout whose actors cannot all start
         if work_plan.indices():
-            log(f"model actors: {resources.instance_actors + resources.semantic_actors}, each with SAM and the "
+            log(f"model actors: {resources.model_actors}, each with SAM and the "
                 f"semantic model, {resources.gpus_per_actor:g} GPU and {resources.actor_cpus:g} CPU each")
     cpus = int(ray.cluster_resources().get("CPU", 1)) if needs_ray else 1
     queue = commits.Commits(make_job, resources.task_cpus if resources else 1.0,
