@@ -330,7 +330,7 @@ def test_resource_layout_fits_the_cluster_or_says_what_to_change():
     assert (laptop.gpus_per_actor, laptop.model_actors, laptop.threads) == (0, 2, 1)
     assert laptop.model_actors * laptop.actor_cpus + laptop.task_cpus <= 2
     with pytest.raises(ClusterError, match="--gpus-per-actor"):
-        plan_layout(cpus=8, gpus=1, gpus_per_actor=1.0)
+        plan_layout(cpus=8, gpus=1, gpus_per_actor=1.0, model_actors=2)
     with pytest.raises(ClusterError, match="--actor-cpus"):
         plan_layout(cpus=2, gpus=0, actor_cpus=1.0)
 
