@@ -82,6 +82,9 @@ def parser() -> argparse.ArgumentParser:
                         help="SAM automatic-mask point grid per side (default: the labeler's; 8 for tiny)")
     models.add_argument("--pred-iou-thresh", type=float, default=None, help="SAM predicted-IoU threshold")
     models.add_argument("--stability-score-thresh", type=float, default=None, help="SAM stability threshold")
+    models.add_argument("--compile", action="store_true",
+                        help="torch.compile SAM's encoder and decoder call (GPU runs: one graph each, compiled "
+                             "once per actor; masks equal eager ones up to float rounding)")
     models.add_argument("--min-instance-area", type=int, default=16,
                         help="instances smaller than this many pixels (at full size) are dropped (default 16)")
     models.add_argument("--painting-rule", default="objects", choices=("objects", "parts"),
@@ -128,7 +131,7 @@ def config_from_args(args: argparse.Namespace):
         sam_type=args.sam_type, sam_checkpoint=args.sam_checkpoint, semantic_model=args.semantic_model,
         semantic_revision=args.semantic_revision, semantic_shortest_edge=args.semantic_shortest_edge,
         model_max_side=args.model_max_side, points_per_side=args.points_per_side,
-        pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
+        pred_iou_thresh=args.pred_iou_thresh, compile=args.compile, stability_score_thresh=args.stability_score_thresh,
         min_instance_area=args.min_instance_area, painting_rule=args.painting_rule, min_purity=args.min_purity,
         read_batch_size=args.read_batch_size,
         model_batch_size=args.model_batch_size, postprocess_batch_size=args.postprocess_batch_size,

@@ -392,3 +392,14 @@ def test_a_failing_batch_is_retried_image_by_image_and_failures_become_rows():
     assert "out of memory" in poisoned["error_message"] and poisoned["instances_json"] == "[]"
     assert (empty["error_stage"], empty["error_type"]) == (failures.DECODE, failures.EMPTY_FILE)
     assert (truncated["error_stage"], truncated["error_type"]) == (failures.DECODE, failures.UNDECODABLE)
+
+
+def test_the_compile_flag_reaches_the_instance_labelers_config():
+    from labeling.labelers.instance import InstanceLabelerConfig
+    from labeling.pipeline.driver import LabelingConfig, model_choice
+    from labeling.run import config_from_args, parser
+
+    cfg = config_from_args(parser().parse_args(["--input", "in", "--output", "out", "--models", "default", "--compile"]))
+    assert cfg.compile and model_choice(cfg).instance_params["compile"] is True
+    assert InstanceLabelerConfig(**model_choice(cfg).instance_params).compile
+    assert "compile" not in model_choice(LabelingConfig(input="in", output="out")).instance_params

@@ -75,6 +75,7 @@ class LabelingConfig:
     points_per_side: int | None = None
     pred_iou_thresh: float | None = None
     stability_score_thresh: float | None = None
+    compile: bool = False  # torch.compile SAM (float rounding may differ from eager: part of the models)
     min_instance_area: int = 16
     painting_rule: str = DEFAULT_RULE
     min_purity: float | None = None
@@ -132,6 +133,8 @@ def model_choice(cfg: LabelingConfig) -> ModelChoice:
     for name in ("points_per_side", "pred_iou_thresh", "stability_score_thresh"):
         if getattr(cfg, name) is not None:
             instance[name] = getattr(cfg, name)
+    if cfg.compile:
+        instance["compile"] = True
     semantic = dict(preset["semantic"])
     if cfg.semantic_shortest_edge is not None:
         semantic["shortest_edge"] = cfg.semantic_shortest_edge
