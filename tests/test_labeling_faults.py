@@ -246,7 +246,7 @@ def test_a_failed_card_build_keeps_the_previous_full_card_and_says_so(tmp_path, 
     build_card(str(tmp_path))
     full = (tmp_path / "README.md").read_text()
 
-    def broken(output):
+    def broken(output, cfg=None):
         raise shards.OutputWriteError(f"cannot write {output}/assets/gallery.png (No space left on device): free "
                                       "space there")
 
