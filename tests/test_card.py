@@ -229,9 +229,10 @@ def test_a_tiny_random_card_says_its_labels_are_meaningless_first(labeled, tmp_p
 
 def test_cli_build_and_user_errors(labeled, tmp_path, capsys):
     folder = shutil.copytree(labeled, tmp_path / "copy")
-    (folder / layout.CARD_OPTIONS_FILE).unlink()
+    (folder / layout.CARD_OPTIONS_FILE).unlink(missing_ok=True)
     assert main(["build", str(folder), "--gallery-size", "1", "--pretty-name", "Shapes", "--license", "cc-by-4.0",
                  "--source-dataset", "org/shapes"]) == 0
+    assert Image.open(io.BytesIO((folder / "assets" / "gallery.png").read_bytes())).format == "PNG"
     assert main(["build", str(folder), "--gallery-size", "0"]) == 0  # what was told is kept (OUTPUT/card.json)
     data = DatasetCard.load(folder / layout.CARD_FILE).data
     assert (data.pretty_name, data.license, data.source_datasets) == ("Shapes", "cc-by-4.0", ["org/shapes"])
@@ -239,9 +240,14 @@ def test_cli_build_and_user_errors(labeled, tmp_path, capsys):
     assert main(["build", str(folder), "--gallery-size", "0", "--pretty-name", "Shapes 2"]) == 0
     assert json.loads((folder / layout.CARD_OPTIONS_FILE).read_text()) == {
         "pretty_name": "Shapes 2", "license": "cc-by-4.0", "source_datasets": ["org/shapes"]}
+    capsys.readouterr()
+    shutil.rmtree(folder / "assets")
+    (folder / "assets").write_text("a file where the pictures go")
+    assert main(["build", str(folder), "--gallery-size", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: cannot write {folder}/assets/gallery.png (File exists): a file "
+                                       "stands where a folder must be: move it away\n")
     assert main(["build", str(tmp_path / "missing")]) == 2
     (folder / layout.METADATA_FILE).unlink()
     assert main(["build", str(folder)]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
-    assert Image.open(io.BytesIO((folder / "assets" / "gallery.png").read_bytes())).format == "PNG"

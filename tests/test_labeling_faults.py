@@ -112,6 +112,42 @@ def test_write_errors_are_one_sentence_naming_the_path_and_leave_no_temporary_fi
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
 
 
+def test_a_lease_that_cannot_be_written_is_one_sentence_and_leaves_no_file(tmp_path, monkeypatch):
+    import builtins
+
+    import dataset_card.lease as lease_module
+
+    class Full:
+        """A file on a full disk: it is created, nothing can be written into it."""
+
+        def __init__(self, file, mode):
+            self.file = builtins.open(file, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(lease_module.os, "fdopen", Full)
+    with pytest.raises(shards.OutputWriteError) as err:
+        Lease(str(tmp_path), "run").take()
+    assert str(err.value).startswith(f"cannot write {tmp_path}/{layout.LEASE_FILE} (No space left on device): free "
+                                     "space there")
+    assert not list(tmp_path.iterdir())  # the lease file it created is gone again
+    monkeypatch.undo()
+    lease = Lease(str(tmp_path), "run").take()
+    monkeypatch.setattr(lease_module, "open", Full, raising=False)  # the renewal's temporary file cannot be filled
+    with pytest.raises(OSError, match="No space left"):
+        lease.files.overwrite(lease.path, b"{}")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == [layout.LEASE_FILE]  # no temporary file left
+    lease.release()
+
+
 def test_transient_write_errors_are_retried_with_backoff(tmp_path):
     attempts = []
 
