@@ -272,6 +272,21 @@ def test_overwrite_refuses_while_a_live_run_holds_the_output(tmp_path):
     assert holder_of(str(output)).run_id == "live-run"
 
 
+def test_the_labeling_command_refuses_an_unwritable_output_before_ray_starts(tmp_path, monkeypatch, capsys):
+    from labeling import run
+    from labeling.pipeline import cluster
+
+    (tmp_path / "train" / "cls").mkdir(parents=True)
+    (tmp_path / "train" / "cls" / "a.png").write_bytes(b"not read: the run stops before")
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("Ray started before the output was probed"))
+    assert run.main(["--input", str(tmp_path / "train"), "--output", str(tmp_path / "file" / "out"),
+                     "--models", "tiny-random", "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the listing's progress bar
+    assert err.startswith(f"error: cannot write {tmp_path}/file/out/.probe-")
+    assert err.endswith("(Not a directory): a file stands where a folder must be: move it away")
+
+
 def test_a_failed_card_build_keeps_the_previous_full_card_and_says_so(tmp_path, monkeypatch):
     import dataset_card.build
     from dataset_card.build import build_card
