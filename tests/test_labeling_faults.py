@@ -148,6 +148,28 @@ def test_a_lease_that_cannot_be_written_is_one_sentence_and_leaves_no_file(tmp_p
     lease.release()
 
 
+def test_a_rewrite_that_cannot_be_renamed_is_one_sentence_and_the_next_run_finishes_it(tmp_path):
+    from labeling.pipeline import writer
+
+    class NoRename(FailingFs):
+        def move(self, src, dst):
+            raise OSError(errno.EACCES, f"Failed to rename '{src}'. Detail: [errno {errno.EACCES}]")
+
+    target = tmp_path / layout.stats_path(0, 1)
+    target.parent.mkdir(parents=True)
+    target.write_text("old")
+    staging = target.parent / f".{target.name}.abc.rewrite"
+    staging.write_text("new")
+    journal = tmp_path / writer.JOURNAL_DIR / "shard-00000.json"
+    journal.parent.mkdir()
+    journal.write_text(json.dumps([[str(staging), str(target)]]))
+    with pytest.raises(shards.OutputWriteError, match=rf"^cannot write {target} \(Permission denied\): make the "):
+        writer.recover(NoRename(errno.EACCES), str(tmp_path))
+    assert journal.exists() and target.read_text() == "old"  # nothing half done: the journal stays
+    assert writer.recover(pafs.LocalFileSystem(), str(tmp_path)) == 1
+    assert target.read_text() == "new" and not journal.exists() and not staging.exists()
+
+
 def test_transient_write_errors_are_retried_with_backoff(tmp_path):
     attempts = []
 
