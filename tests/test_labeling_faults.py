@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -170,17 +171,18 @@ def test_a_rewrite_that_cannot_be_renamed_is_one_sentence_and_the_next_run_finis
     assert target.read_text() == "new" and not journal.exists() and not staging.exists()
 
 
-def test_transient_write_errors_are_retried_with_backoff(tmp_path):
-    attempts = []
+def test_transient_write_errors_are_retried_with_backoff(tmp_path, monkeypatch):
+    attempts, waits = [], []
+    monkeypatch.setattr(shards, "time", types.SimpleNamespace(sleep=waits.append))  # asked for, not timed
 
     def flaky():
-        attempts.append(time.perf_counter())
+        attempts.append(len(waits))
         if len(attempts) < 3:
             raise OSError(errno.EIO, "connection reset")
         return "written"
 
     assert shards.retrying(flaky, "somewhere", backoff_s=0.01) == "written"
-    assert attempts[2] - attempts[1] > attempts[1] - attempts[0] > 0.005
+    assert attempts == [0, 1, 2] and waits == [0.01, 0.02]  # a wait before each retry, doubled
     with pytest.raises(shards.OutputWriteError, match="check the path"):
         shards.retrying(lambda: (_ for _ in ()).throw(OSError(errno.EIO, "down")), "somewhere", attempts=2,
                         backoff_s=0.0)
