@@ -7,6 +7,8 @@ Without a cluster address it starts Ray on this machine; as a Ray job, with --ad
 RAY_ADDRESS it joins that cluster. Rerunning the same command resumes: committed shards are
 checked and skipped, and only new inputs are labeled. Rerunning with other arguments, models or
 code is refused unless --overwrite. One run at a time writes a folder (OUTPUT/.lease.json).
+The dataset card names no dataset and no licence it is not told (ImageNet-1K is recognised by its
+1000 synsets): --pretty-name, --license and --source-dataset tell it.
 """
 
 from __future__ import annotations
