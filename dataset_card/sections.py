@@ -13,7 +13,7 @@ import datasets
 
 from dataset_card import invariants, layout
 from dataset_card.schema import COLUMNS, SCHEMA_VERSION, build_features, semantic_mask_dtype
-from dataset_card.source import IMAGENET_TERMS, CardConfig
+from dataset_card.source import IMAGENET_TERMS, CardConfig, names_imagenet_1k
 from dataset_card.summary import ClassShare, RunSummary, bin_labels
 
 COLUMN_DOCS = {
@@ -425,7 +425,7 @@ def citation(summary: RunSummary, config: CardConfig) -> str:
     _, semantic = model_names(summary)
     keys = ["c2fmae", "sam"]
     keys += [k for k in ("mask2former", "segformer", "coco") if k in semantic.lower()]
-    imagenet = any(s.split("|")[-1] == "imagenet-1k" for s in config.source_datasets)
+    imagenet = names_imagenet_1k(config.source_datasets)
     keys += ["imagenet"] if imagenet else []
     unknown = ("" if any(k in semantic.lower() for k in ("mask2former", "segformer"))
                else f"\n\nPlease also cite the semantic model, {semantic}, as its authors ask.")

@@ -96,16 +96,22 @@ class CardOptions:
                    source_datasets=tuple(sources) if sources is not None else None)
 
 
+def names_imagenet_1k(source_datasets: Sequence[str]) -> bool:
+    """Whether a source names ImageNet-1K: `extended|imagenet-1k`, `imagenet-1k`, `ILSVRC/imagenet-1k`."""
+    return any(s.split("|")[-1].split("/")[-1].lower() == "imagenet-1k" for s in source_datasets)
+
+
 def card_config(class_names: Sequence[str], options: CardOptions = CardOptions()) -> CardConfig:
-    """The card's name, licence and source: ImageNet-1K's when the classes are its synsets or a
-    told source dataset is ImageNet-1K, else nothing claimed; what the user told replaces either."""
-    imagenet = is_imagenet_1k(class_names) or any(s.split("|")[-1] == "imagenet-1k"
-                                                  for s in options.source_datasets or ())
+    """The card's name, licence and source: ImageNet-1K's when the told sources name it or, when no
+    source was told, the classes are its 1000 synsets; else nothing claimed. What the user told
+    replaces either."""
+    told = options.source_datasets
+    imagenet = names_imagenet_1k(told) if told is not None else is_imagenet_1k(class_names)
     config = imagenet_1k() if imagenet else CardConfig()
     if options.license is not None and options.license != config.license:
         config = replace(config, license=options.license, license_name=None, license_link=None)
     if options.pretty_name is not None:
         config = replace(config, pretty_name=options.pretty_name)
-    if options.source_datasets is not None:
-        config = replace(config, source_datasets=tuple(options.source_datasets))
+    if told is not None:
+        config = replace(config, source_datasets=tuple(told))
     return config

@@ -210,6 +210,9 @@ def test_imagenet_is_recognised_by_its_1000_synsets_or_when_told():
     assert card_config(["cat", "dog"]) == card_config([])  # claims nothing
     told = card_config(["cat", "dog"], CardOptions(source_datasets=("extended|imagenet-1k",)))
     assert told == card_config(synsets)
+    assert card_config(["cat"], CardOptions(source_datasets=("ILSVRC/imagenet-1k",))).license_name is not None
+    other = card_config(synsets, CardOptions(source_datasets=("org/my-photos",)))  # told: not ImageNet after all
+    assert (other.license, other.source_datasets) == ("unknown", ("org/my-photos",))
     mine = card_config(synsets, CardOptions(pretty_name="Mine", license="cc-by-4.0"))
     assert (mine.pretty_name, mine.license, mine.license_name, mine.license_link) == ("Mine", "cc-by-4.0", None, None)
     assert mine.source_datasets == ("extended|imagenet-1k",)
