@@ -1,7 +1,8 @@
 """`python -m dataset_card COMMAND`: tools for a labeled dataset folder.
 
   build OUTPUT            write the dataset card OUTPUT/README.md with statistics, a gallery and
-                          histograms (OUTPUT/assets/), from the files the labeling run left
+                          histograms (OUTPUT/assets/), from the files the labeling run left; name
+                          the images' source and terms with --pretty-name, --license, --source-dataset
   validate OUTPUT         check OUTPUT against the dataset contract; exits 1 and names the file
                           and row of each problem (add --full to decode every row, not a sample)
   repaint OUTPUT          recompute instance_mask and the instances' level / parent from the stored
@@ -19,6 +20,8 @@ import argparse
 import sys
 
 from dataset_card.schema import SchemaError
+from dataset_card.shards import OutputWriteError
+from dataset_card.source import CardOptions
 from dataset_card.summary import OutputError
 
 
@@ -57,17 +60,10 @@ def check(output: str) -> int:
 
 
 def build(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from dataset_card.build import BuildConfig, build_card
-    from dataset_card.card import CardConfig
 
-    card = CardConfig()
-    overrides = {"pretty_name": args.pretty_name, "license": args.license}
-    card = replace(card, **{k: v for k, v in overrides.items() if v is not None})
-    if args.source_dataset is not None:
-        card = replace(card, source_datasets=tuple(args.source_dataset))
-    cfg = BuildConfig(card=card, gallery_size=args.gallery_size, seed=args.seed, dataset=args.dataset)
+    cfg = BuildConfig(options=CardOptions.from_args(args), gallery_size=args.gallery_size, seed=args.seed,
+                      dataset=args.dataset)
     print(f"wrote {build_card(args.output, cfg)}")
     return 0
 
@@ -102,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="which images the gallery shows (default 0)")
     p.add_argument("--dataset", default="DATASET",
                    help="repo id or path the usage snippets load, e.g. your-org/imagenet-c2f-labels")
-    p.add_argument("--pretty-name", help="the dataset's display name (default: ImageNet-1K multi-granular ...)")
-    p.add_argument("--license", help="a Hub licence id (default: other, with ImageNet's terms of access)")
-    p.add_argument("--source-dataset", action="append",
-                   help="a source dataset in the Hub's form, repeatable (default: extended|imagenet-1k)")
+    CardOptions.add_arguments(p.add_argument_group("what the card says of the images (kept in OUTPUT/card.json)"))
     p = sub.add_parser("validate", help="check OUTPUT against the dataset contract; exit 1 on any problem")
     p.add_argument("output", help="output folder of a labeling run")
     p.add_argument("--full", action="store_true", help="decode and check every row, not a sample (slow)")
@@ -132,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "repaint":
             return repaint(args)
         return check(args.output)
-    except (OutputError, SchemaError, ValueError) as err:
+    except (OutputError, SchemaError, OutputWriteError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -9,32 +9,52 @@ Works on local paths and anything `pyarrow.fs` understands (s3://, gs://).
 
 from __future__ import annotations
 
+import json
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from dataset_card import card, gallery, layout, sections, shards
-from dataset_card.summary import class_shares, read_summary
+import pyarrow.fs as pafs
+
+from dataset_card import card, gallery, layout, sections, shards, source
+from dataset_card.summary import OutputError, class_shares, read_json, read_summary
 
 ASSETS_DIR = "assets"
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    card: card.CardConfig = card.CardConfig()
+    options: source.CardOptions = source.CardOptions()  # what the user tells (kept in OUTPUT/card.json)
     gallery_size: int = 6  # rows in the gallery
     seed: int = 0  # which rows the gallery shows
     top_classes: int = 20  # semantic classes in the table and the plot
     dataset: str = "DATASET"  # the name the usage snippets load (a Hub repo id or a path)
 
 
+def card_options(fs: pafs.FileSystem, root: str, told: source.CardOptions) -> source.CardOptions:
+    """`told` over what `OUTPUT/card.json` recorded; records the result when `told` adds to it."""
+    path = posixpath.join(root, layout.CARD_OPTIONS_FILE)
+    recorded = read_json(fs, path) or {}
+    if not isinstance(recorded, dict):
+        raise OutputError(f"{path} is not a JSON object; delete it and pass --pretty-name / --license / "
+                          "--source-dataset again")
+    options = told.over(source.CardOptions.from_dict(recorded))
+    if options.told() != recorded:
+        shards.write_bytes(fs, path, json.dumps(options.told(), indent=2).encode())
+    return options
+
+
 def build_card(output: str, cfg: BuildConfig = BuildConfig()) -> str:
     """Write `output/README.md` and `output/assets/*.png`; return the README's path.
 
     Raises `summary.OutputError` or `schema.SchemaError` (one sentence each) when `output` is not
-    a labeled folder of this schema version.
+    a labeled folder of this schema version, `shards.OutputWriteError` when a file cannot be written.
     """
     summary = read_summary(output)
     fs, root = shards.filesystem(output)
+    options = card_options(fs, root, cfg.options)
+    config = source.card_config(summary.metadata.class_names, options)
+    if sections.tiny_random(summary) and options.pretty_name is None:  # the Hub shows the name first
+        config = replace(config, pretty_name=f"{config.pretty_name} [tiny-random models: meaningless labels]")
     shares = class_shares(summary.stats, summary.metadata)
     pictures: dict[str, bytes] = {}
     if summary.rows and cfg.gallery_size > 0:
@@ -45,9 +65,9 @@ def build_card(output: str, cfg: BuildConfig = BuildConfig()) -> str:
     for name, png in pictures.items():
         shards.write_bytes(fs, posixpath.join(root, ASSETS_DIR, name), png)
     assets = {name: f"{ASSETS_DIR}/{name}" for name in pictures}
-    data = card.full_card_data(summary.metadata, summary.error_rows > 0, summary.rows, cfg.card,
+    data = card.full_card_data(summary.metadata, summary.error_rows > 0, summary.rows, config,
                                summary.reference_columns)
-    text = card.full_card(data, sections.body(summary, cfg.card, shares, assets, cfg.dataset))
+    text = card.full_card(data, sections.body(summary, config, shares, assets, cfg.dataset))
     path = posixpath.join(root, layout.CARD_FILE)
     shards.write_bytes(fs, path, str(text).encode())
     return path if "://" not in output else posixpath.join(output, layout.CARD_FILE)

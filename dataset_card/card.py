@@ -7,32 +7,13 @@ nothing else); `full_card` adds the body that `dataset_card.build` writes from t
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
 
 import datasets
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from dataset_card import layout
 from dataset_card.schema import build_features
-
-
-@dataclass(frozen=True)
-class CardConfig:
-    """What the run's files cannot say: the dataset's name and the terms it is under.
-
-    The defaults describe the labels of ImageNet-1K's train split, what this project makes.
-    """
-
-    pretty_name: str = "ImageNet-1K multi-granular pseudo-labels (SAM instances + semantic masks)"
-    # ImageNet's images are under its terms of access, not an open licence, hence "other".
-    license: str = "other"
-    license_name: str = "imagenet-terms-of-access"
-    license_link: str = "https://image-net.org/download.php"
-    source_datasets: tuple[str, ...] = ("extended|imagenet-1k",)
-    task_categories: tuple[str, ...] = ("image-segmentation", "image-classification")
-    task_ids: tuple[str, ...] = ("instance-segmentation", "semantic-segmentation")
-    tags: tuple[str, ...] = ("pseudo-labels", "segment-anything", "instance-masks", "semantic-masks", "c2fmae")
-
+from dataset_card.source import CardConfig
 
 # The Hub's size buckets (also datasets/utils/resources/size_categories.json).
 _SIZE_CATEGORIES = ("n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M", "10M<n<100M",
@@ -87,7 +68,7 @@ def full_card_data(metadata: layout.DatasetMetadata, has_errors: bool, num_rows:
         task_categories=list(config.task_categories),
         task_ids=list(config.task_ids),
         size_categories=[size_category(num_rows)],
-        source_datasets=list(config.source_datasets),
+        source_datasets=list(config.source_datasets) or None,
         tags=list(config.tags),
     )
 

@@ -8,6 +8,7 @@ OUTPUT/
   manifest.json                        inputs and their hash, arguments, models, code version
   stats.json                           run summary (counts, failures by reason, wall time, images/s)
   README.md                            the dataset card
+  card.json                            what the user told the card (name, licence, source dataset)
   .lease.json                          who is writing the folder now (`dataset_card.lease`)
   .parts/SSSSS/*.parquet               rows of a shard being labeled, before its commit
 Temporary files start with a dot, so no `load_dataset` pattern (`data/train-*`) can match them.
@@ -33,6 +34,7 @@ METADATA_FILE = "metadata.json"
 MANIFEST_FILE = "manifest.json"
 RUN_STATS_FILE = "stats.json"
 CARD_FILE = "README.md"
+CARD_OPTIONS_FILE = "card.json"
 LEASE_FILE = ".lease.json"
 PARTS_DIR = ".parts"
 # How a row holds its image: "inline" (the original bytes) or "reference" (a labels-only release:

@@ -122,8 +122,12 @@ class _Files:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            except BaseException:
+                self.delete(path)  # ours, cut short (no space?): leave nothing behind
+                raise
             return True
         try:
             with self.fs.open(path, "xb") as f:
@@ -149,9 +153,13 @@ class _Files:
     def overwrite(self, path: str, data: bytes) -> None:
         if self.local:
             tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                self.delete(tmp)
+                raise
         else:
             self.fs.pipe_file(path, data)
 
@@ -203,7 +211,16 @@ class Lease:
                       datetime.datetime.now().astimezone().isoformat(timespec="seconds"), now, self.ttl_s)
 
     def take(self) -> Lease:
-        """Take the lease (taking over a dead holder's) and start renewing it; raises LeaseHeld."""
+        """Take the lease (taking over a dead holder's) and start renewing it; raises LeaseHeld, or
+        `shards.OutputWriteError` (one sentence naming the lease file) when it cannot be written."""
+        try:
+            return self._take()
+        except OSError as err:
+            from dataset_card.shards import write_error
+
+            raise write_error(err, self.path) from err
+
+    def _take(self) -> Lease:
         for _ in range(3):
             if self.files.create_exclusive(self.path, self._holder().to_json()):
                 self._renewed = time.time()

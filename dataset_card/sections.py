@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 import datasets
 
 from dataset_card import invariants, layout
-from dataset_card.card import CardConfig
 from dataset_card.schema import COLUMNS, SCHEMA_VERSION, build_features, semantic_mask_dtype
+from dataset_card.source import IMAGENET_TERMS, CardConfig, names_imagenet_1k
 from dataset_card.summary import ClassShare, RunSummary, bin_labels
 
 COLUMN_DOCS = {
@@ -74,6 +74,23 @@ def model_names(summary: RunSummary) -> tuple[str, str]:
     return tuple(f"`{name}`" if name else "an unrecorded model" for name in (instance, semantic))
 
 
+TINY_RANDOM = (
+    "> **These labels are meaningless.** They were made by `--models tiny-random`: small, randomly initialised "
+    "twins of the models, for offline smoke runs and tests. Do not train on them or publish them; label with "
+    "`--models default` for real labels.\n\n")
+UNTOLD = (
+    "This card was not told where the images come from or under which terms they may be used: name them with "
+    "`python -m dataset_card build OUTPUT --pretty-name NAME --license ID --source-dataset SOURCE` (or the same "
+    "flags of the labeling command).")
+
+
+def tiny_random(summary: RunSummary) -> bool:
+    """Whether the labels come from `--models tiny-random` (the manifest's arguments or model names say so)."""
+    models = summary.manifest.get("models") or {}
+    return ((summary.manifest.get("arguments") or {}).get("models") == "tiny-random"
+            or any("tiny-random" in str((m or {}).get("name", "")) for m in models.values()))
+
+
 def overview(summary: RunSummary, config: CardConfig, assets: Mapping[str, str]) -> str:
     md, stats = summary.metadata, summary.stats
     instance, semantic = model_names(summary)
@@ -84,7 +101,8 @@ def overview(summary: RunSummary, config: CardConfig, assets: Mapping[str, str])
               if summary.error_rows else " Every input was labeled.")
     return (
         f"# {config.pretty_name}\n\n"
-        f"{summary.rows:,} images with machine-generated labels at three granularities: the image-level class "
+        + (TINY_RANDOM if tiny_random(summary) else "")
+        + f"{summary.rows:,} images with machine-generated labels at three granularities: the image-level class "
         f"({len(md.class_names):,} classes), a semantic segmentation map over {md.num_semantic_classes} classes "
         f"({things} things, {md.num_semantic_classes - things} stuff), and every automatic instance mask "
         f"({stats.instances:,} in all{per_image}) as COCO RLE, each marked object, part, stuff or dropped, with the "
@@ -92,6 +110,7 @@ def overview(summary: RunSummary, config: CardConfig, assets: Mapping[str, str])
         f"Instances come from {instance}, semantic classes from {semantic}, aligned per pixel; "
         f"no person checked them.{failed}\n\n"
         "They are the multi-granular inputs (semantic -> instance -> RGB) that C2FMAE pretraining reads."
+        + ("" if config.source_datasets or config.license != "unknown" else f" {UNTOLD}")
         + _picture(assets, "gallery.png", "Sample images with their semantic and instance labels")
         + ("\n\n*A fixed random sample: the image, its semantic classes, its instances (random colours, white "
            "outlines).*" if "gallery.png" in assets else "")
@@ -165,6 +184,7 @@ def schema(summary: RunSummary) -> str:
         (f"`{layout.METADATA_FILE}`", "schema version, class names, semantic taxonomy, ignore value, painting rule"),
         (f"`{layout.MANIFEST_FILE}`", "inputs, arguments, models, their hashes and hub revision, library versions, "
                                       "code version, repaints"),
+        (f"`{layout.CARD_OPTIONS_FILE}`", "what this card was told: name, licence, source dataset (when told)"),
     ])
     return (
         f"## Schema (version {SCHEMA_VERSION})\n\n{columns}\n\nEach element of `instances`:\n\n{instance_fields}\n\n"
@@ -329,13 +349,18 @@ def quality(summary: RunSummary) -> str:
 
 def licence(summary: RunSummary, config: CardConfig) -> str:
     instance, semantic = model_names(summary)
-    imagenet = any("imagenet" in s.lower() for s in config.source_datasets)
-    images = ("The images are ImageNet's and remain under the [ImageNet terms of access]"
-              f"({config.license_link}): non-commercial research and educational use only; whoever downloads "
-              "them agrees to those terms. The labels are derived from the images and are shared under the same terms."
-              if imagenet else
-              f"Licence: `{config.license_name if config.license == 'other' else config.license}`"
-              + (f" ({config.license_link})." if config.license == "other" and config.license_link else "."))
+    if config.license == "other" and config.license_name == IMAGENET_TERMS:
+        images = ("The images are ImageNet's and remain under the [ImageNet terms of access]"
+                  f"({config.license_link}): non-commercial research and educational use only; whoever downloads "
+                  "them agrees to those terms. The labels are derived from the images and are shared under the same "
+                  "terms.")
+    elif config.license == "unknown":
+        images = ("Licence: `unknown`. This card was not told the images' terms, and the labels are derived from the "
+                  "images: check those terms before you share or use them, then name them with `python -m "
+                  "dataset_card build OUTPUT --license ID` (a Hub licence id).")
+    else:
+        name = config.license_name if config.license == "other" and config.license_name else config.license
+        images = f"Licence: `{name}`" + (f" ({config.license_link})." if config.license_link else ".")
     hub_id = semantic.strip("`")
     semantic_link = (f"[its model card](https://huggingface.co/{hub_id})" if hub_id.count("/") == 1
                      and " " not in hub_id and not hub_id.startswith(("/", ".")) else "its model card")
@@ -400,12 +425,14 @@ def citation(summary: RunSummary, config: CardConfig) -> str:
     _, semantic = model_names(summary)
     keys = ["c2fmae", "sam"]
     keys += [k for k in ("mask2former", "segformer", "coco") if k in semantic.lower()]
-    if any("imagenet" in s.lower() for s in config.source_datasets):
-        keys.append("imagenet")
+    imagenet = names_imagenet_1k(config.source_datasets)
+    keys += ["imagenet"] if imagenet else []
     unknown = ("" if any(k in semantic.lower() for k in ("mask2former", "segformer"))
                else f"\n\nPlease also cite the semantic model, {semantic}, as its authors ask.")
+    images = "" if imagenet else "\n\nCite the images as their source asks."
     return ("## Citation\n\nIf you use these labels, please cite the method they were made for, the models that "
-            "made them and the images:\n\n```bibtex\n" + "\n\n".join(BIBTEX[k] for k in keys) + "\n```" + unknown)
+            "made them and the images:\n\n```bibtex\n" + "\n\n".join(BIBTEX[k] for k in keys) + "\n```"
+            + unknown + images)
 
 
 def body(summary: RunSummary, config: CardConfig, shares: Sequence[ClassShare], assets: Mapping[str, str],

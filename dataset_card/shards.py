@@ -55,6 +55,7 @@ _ADVICE = {
     errno.ELOOP: "a symbolic link on the way points back at itself: fix the link",
     errno.ENAMETOOLONG: "choose a shorter path",
     errno.ENOTDIR: "a file stands where a folder must be: move it away",
+    errno.EEXIST: "a file stands where a folder must be: move it away",
 }
 RETRIES = 4  # attempts of a write that fails with a transient error
 BACKOFF_S = 0.5  # first wait; doubled after each attempt

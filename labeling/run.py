@@ -7,6 +7,8 @@ Without a cluster address it starts Ray on this machine; as a Ray job, with --ad
 RAY_ADDRESS it joins that cluster. Rerunning the same command resumes: committed shards are
 checked and skipped, and only new inputs are labeled. Rerunning with other arguments, models or
 code is refused unless --overwrite. One run at a time writes a folder (OUTPUT/.lease.json).
+The dataset card names no dataset and no licence it is not told (ImageNet-1K is recognised by its
+1000 synsets): --pretty-name, --license and --source-dataset tell it.
 """
 
 from __future__ import annotations
@@ -94,6 +96,11 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--min-purity", type=float, default=None,
                         help="a thing mask with less of its class than this is dropped, not an object (default 0.75)")
 
+    from dataset_card.source import CardOptions
+
+    CardOptions.add_arguments(p.add_argument_group(
+        "dataset card (what it says of the images; may change when resuming; kept in OUTPUT/card.json)"))
+
     run = p.add_argument_group("execution (may change when resuming)")
     run.add_argument("--address", default=None,
                      help="Ray cluster to join (default: $RAY_ADDRESS, set for Ray jobs; else start Ray locally)")
@@ -122,6 +129,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
+    from dataset_card.source import CardOptions
     from labeling.pipeline.driver import LabelingConfig
 
     return LabelingConfig(
@@ -140,7 +148,7 @@ def config_from_args(args: argparse.Namespace):
         listing_workers=args.listing_workers, address=args.address, num_cpus=args.num_cpus,
         object_store_memory=args.object_store_memory, overwrite=args.overwrite, retry_errors=args.retry_errors,
         progress=not args.no_progress, image_storage=args.image_storage, no_repair=args.no_repair,
-        max_failure_rate=args.max_failure_rate,
+        max_failure_rate=args.max_failure_rate, card=CardOptions.from_args(args),
     )
 
 

@@ -19,6 +19,7 @@ from dataset_card.__main__ import main
 from dataset_card.build import BuildConfig, build_card
 from dataset_card.card import size_category
 from dataset_card.schema import validate_features
+from dataset_card.source import CardOptions, card_config, is_imagenet_1k
 from dataset_card.summary import bin_labels, read_summary
 from dataset_card.synthetic import write_synthetic_dataset
 
@@ -64,7 +65,8 @@ def labeled(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(labeled):
-    readme = build_card(str(labeled), BuildConfig(gallery_size=GALLERY, dataset=str(labeled)))
+    told = CardOptions(source_datasets=("extended|imagenet-1k",))  # synthetic classes: ImageNet only when told
+    readme = build_card(str(labeled), BuildConfig(told, gallery_size=GALLERY, dataset=str(labeled)))
     return labeled, readme, (labeled / layout.CARD_FILE).read_text()
 
 
@@ -184,13 +186,71 @@ def test_size_category_and_bin_labels():
     assert bin_labels(layout.FRACTION_EDGES, percent=True)[0] == "0-10%"
 
 
+def test_a_card_claims_no_dataset_or_licence_it_was_not_told(tmp_path):
+    write_synthetic_dataset(str(tmp_path), num_images=4, num_shards=1, size=(24, 32))
+    readme = build_card(str(tmp_path), BuildConfig(gallery_size=0))
+    data, text = DatasetCard.load(readme).data, (tmp_path / layout.CARD_FILE).read_text()
+    assert data.license == "unknown" and data.source_datasets is None and "license_name" not in data.to_dict()
+    assert "imagenet" not in data.pretty_name.lower()
+    for claim in ("ImageNet terms", "image-net.org", "ImageNet Large Scale", "imagenet-1k"):
+        assert claim not in text, claim
+    assert "was not told where the images come from" in text and "--license ID" in text
+    assert not (tmp_path / layout.CARD_OPTIONS_FILE).exists()  # nothing told, nothing recorded
+
+
+def test_imagenet_is_recognised_by_its_1000_synsets_or_when_told():
+    from timm.data import ImageNetInfo
+
+    synsets = ImageNetInfo().label_names()  # the class folders of ImageNet-1K's train and val splits
+    assert len(synsets) == 1000 and synsets[0] == "n01440764"
+    assert is_imagenet_1k(synsets) and is_imagenet_1k(list(reversed(synsets)))
+    assert not is_imagenet_1k(synsets[:999]) and not is_imagenet_1k(synsets[:999] + ["n99999999"])
+    assert card_config(synsets).source_datasets == ("extended|imagenet-1k",)
+    assert card_config(synsets).license_name == "imagenet-terms-of-access"
+    assert card_config(["cat", "dog"]) == card_config([])  # claims nothing
+    told = card_config(["cat", "dog"], CardOptions(source_datasets=("extended|imagenet-1k",)))
+    assert told == card_config(synsets)
+    assert card_config(["cat"], CardOptions(source_datasets=("ILSVRC/imagenet-1k",))).license_name is not None
+    other = card_config(synsets, CardOptions(source_datasets=("org/my-photos",)))  # told: not ImageNet after all
+    assert (other.license, other.source_datasets) == ("unknown", ("org/my-photos",))
+    mine = card_config(synsets, CardOptions(pretty_name="Mine", license="cc-by-4.0"))
+    assert (mine.pretty_name, mine.license, mine.license_name, mine.license_link) == ("Mine", "cc-by-4.0", None, None)
+    assert mine.source_datasets == ("extended|imagenet-1k",)
+
+
+def test_a_tiny_random_card_says_its_labels_are_meaningless_first(labeled, tmp_path):
+    folder = shutil.copytree(labeled, tmp_path / "copy")
+    manifest = {**MANIFEST, "arguments": {**MANIFEST["arguments"], "models": "tiny-random"}}
+    (folder / layout.MANIFEST_FILE).write_text(json.dumps(manifest))
+    build_card(str(folder), BuildConfig(gallery_size=0))
+    card = DatasetCard.load(folder / layout.CARD_FILE)
+    assert card.data.pretty_name.endswith("[tiny-random models: meaningless labels]")
+    title, warning = card.text.strip().split("\n\n")[:2]
+    assert title.startswith("# ") and warning.startswith("> **These labels are meaningless.**")
+    assert "--models tiny-random" in warning
+
+
 def test_cli_build_and_user_errors(labeled, tmp_path, capsys):
     folder = shutil.copytree(labeled, tmp_path / "copy")
-    assert main(["build", str(folder), "--gallery-size", "1", "--pretty-name", "Shapes"]) == 0
-    assert DatasetCard.load(folder / layout.CARD_FILE).data.pretty_name == "Shapes"
+    (folder / layout.CARD_OPTIONS_FILE).unlink(missing_ok=True)
+    assert main(["build", str(folder), "--gallery-size", "1", "--pretty-name", "Shapes", "--license", "cc-by-4.0",
+                 "--source-dataset", "org/shapes"]) == 0
+    assert Image.open(io.BytesIO((folder / "assets" / "gallery.png").read_bytes())).format == "PNG"
+    assert main(["build", str(folder), "--gallery-size", "0"]) == 0  # what was told is kept (OUTPUT/card.json)
+    data = DatasetCard.load(folder / layout.CARD_FILE).data
+    assert (data.pretty_name, data.license, data.source_datasets) == ("Shapes", "cc-by-4.0", ["org/shapes"])
+    assert "Licence: `cc-by-4.0`." in (folder / layout.CARD_FILE).read_text()
+    assert main(["build", str(folder), "--gallery-size", "0", "--pretty-name", "Shapes 2"]) == 0
+    assert json.loads((folder / layout.CARD_OPTIONS_FILE).read_text()) == {
+        "pretty_name": "Shapes 2", "license": "cc-by-4.0", "source_datasets": ["org/shapes"]}
+    capsys.readouterr()
+    shutil.rmtree(folder / "assets")
+    (folder / "assets").write_text("a file where the pictures go")
+    assert main(["build", str(folder), "--gallery-size", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: cannot write {folder}/assets/gallery.png (File exists): a file "
+                                       "stands where a folder must be: move it away\n")
     assert main(["build", str(tmp_path / "missing")]) == 2
     (folder / layout.METADATA_FILE).unlink()
     assert main(["build", str(folder)]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
-    assert Image.open(io.BytesIO((folder / "assets" / "gallery.png").read_bytes())).format == "PNG"

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -112,17 +113,76 @@ def test_write_errors_are_one_sentence_naming_the_path_and_leave_no_temporary_fi
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
 
 
-def test_transient_write_errors_are_retried_with_backoff(tmp_path):
-    attempts = []
+def test_a_lease_that_cannot_be_written_is_one_sentence_and_leaves_no_file(tmp_path, monkeypatch):
+    import builtins
+
+    import dataset_card.lease as lease_module
+
+    class Full:
+        """A file on a full disk: it is created, nothing can be written into it."""
+
+        def __init__(self, file, mode):
+            self.file = builtins.open(file, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(lease_module.os, "fdopen", Full)
+    with pytest.raises(shards.OutputWriteError) as err:
+        Lease(str(tmp_path), "run").take()
+    assert str(err.value).startswith(f"cannot write {tmp_path}/{layout.LEASE_FILE} (No space left on device): free "
+                                     "space there")
+    assert not list(tmp_path.iterdir())  # the lease file it created is gone again
+    monkeypatch.undo()
+    lease = Lease(str(tmp_path), "run").take()
+    monkeypatch.setattr(lease_module, "open", Full, raising=False)  # the renewal's temporary file cannot be filled
+    with pytest.raises(OSError, match="No space left"):
+        lease.files.overwrite(lease.path, b"{}")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == [layout.LEASE_FILE]  # no temporary file left
+    lease.release()
+
+
+def test_a_rewrite_that_cannot_be_renamed_is_one_sentence_and_the_next_run_finishes_it(tmp_path):
+    from labeling.pipeline import writer
+
+    class NoRename(FailingFs):
+        def move(self, src, dst):
+            raise OSError(errno.EACCES, f"Failed to rename '{src}'. Detail: [errno {errno.EACCES}]")
+
+    target = tmp_path / layout.stats_path(0, 1)
+    target.parent.mkdir(parents=True)
+    target.write_text("old")
+    staging = target.parent / f".{target.name}.abc.rewrite"
+    staging.write_text("new")
+    journal = tmp_path / writer.JOURNAL_DIR / "shard-00000.json"
+    journal.parent.mkdir()
+    journal.write_text(json.dumps([[str(staging), str(target)]]))
+    with pytest.raises(shards.OutputWriteError, match=rf"^cannot write {target} \(Permission denied\): make the "):
+        writer.recover(NoRename(errno.EACCES), str(tmp_path))
+    assert journal.exists() and target.read_text() == "old"  # nothing half done: the journal stays
+    assert writer.recover(pafs.LocalFileSystem(), str(tmp_path)) == 1
+    assert target.read_text() == "new" and not journal.exists() and not staging.exists()
+
+
+def test_transient_write_errors_are_retried_with_backoff(tmp_path, monkeypatch):
+    attempts, waits = [], []
+    monkeypatch.setattr(shards, "time", types.SimpleNamespace(sleep=waits.append))  # asked for, not timed
 
     def flaky():
-        attempts.append(time.perf_counter())
+        attempts.append(len(waits))
         if len(attempts) < 3:
             raise OSError(errno.EIO, "connection reset")
         return "written"
 
     assert shards.retrying(flaky, "somewhere", backoff_s=0.01) == "written"
-    assert attempts[2] - attempts[1] > attempts[1] - attempts[0] > 0.005
+    assert attempts == [0, 1, 2] and waits == [0.01, 0.02]  # a wait before each retry, doubled
     with pytest.raises(shards.OutputWriteError, match="check the path"):
         shards.retrying(lambda: (_ for _ in ()).throw(OSError(errno.EIO, "down")), "somewhere", attempts=2,
                         backoff_s=0.0)
@@ -236,6 +296,21 @@ def test_overwrite_refuses_while_a_live_run_holds_the_output(tmp_path):
     assert holder_of(str(output)).run_id == "live-run"
 
 
+def test_the_labeling_command_refuses_an_unwritable_output_before_ray_starts(tmp_path, monkeypatch, capsys):
+    from labeling import run
+    from labeling.pipeline import cluster
+
+    (tmp_path / "train" / "cls").mkdir(parents=True)
+    (tmp_path / "train" / "cls" / "a.png").write_bytes(b"not read: the run stops before")
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setattr(cluster, "connect", lambda *a, **k: pytest.fail("Ray started before the output was probed"))
+    assert run.main(["--input", str(tmp_path / "train"), "--output", str(tmp_path / "file" / "out"),
+                     "--models", "tiny-random", "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the listing's progress bar
+    assert err.startswith(f"error: cannot write {tmp_path}/file/out/.probe-")
+    assert err.endswith("(Not a directory): a file stands where a folder must be: move it away")
+
+
 def test_a_failed_card_build_keeps_the_previous_full_card_and_says_so(tmp_path, monkeypatch):
     import dataset_card.build
     from dataset_card.build import build_card
@@ -246,7 +321,7 @@ def test_a_failed_card_build_keeps_the_previous_full_card_and_says_so(tmp_path, 
     build_card(str(tmp_path))
     full = (tmp_path / "README.md").read_text()
 
-    def broken(output):
+    def broken(output, cfg=None):
         raise shards.OutputWriteError(f"cannot write {output}/assets/gallery.png (No space left on device): free "
                                       "space there")
 

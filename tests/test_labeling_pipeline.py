@@ -15,10 +15,12 @@ import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from huggingface_hub import DatasetCard
 from PIL import Image
 
 from dataset_card import codecs, layout, shards
 from dataset_card.schema import validate_features
+from dataset_card.source import CardOptions
 from dataset_card.validate import row_problems, validate
 from labeling.inputs.kinds import list_inputs
 from labeling.pipeline import failures, manifest, plan
@@ -119,14 +121,18 @@ def check_rows(rows: list[dict], output: Path) -> None:
         assert [inst["id"] for inst in row["instances"]] == list(range(1, len(row["instances"]) + 1))
 
 
+ZOO_LOG: list[str] = []  # what the zoo run printed
+
+
 @pytest.fixture(scope="module")
 def zoo_run(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("zoo")
     images, output = root / "train", root / "out"
     write_photos(images)
     expected = write_zoo(images)
-    cfg = LabelingConfig(input=str(images), output=str(output), shard_size=4, max_pixels=1_000_000, **SMALL)
-    stats = run_labeling(cfg, log=lambda m: None)
+    cfg = LabelingConfig(input=str(images), output=str(output), shard_size=4, max_pixels=1_000_000,
+                         card=CardOptions(pretty_name="Zoo", license="cc-by-4.0"), **SMALL)
+    stats = run_labeling(cfg, log=ZOO_LOG.append)
     return cfg, images, output, expected, stats
 
 
@@ -181,6 +187,18 @@ def test_end_to_end_photos_load_typed_and_aligned(zoo_run):
     shard_stats = [layout.ShardStats.from_json(p.read_text()) for p in sorted((output / "stats").glob("*.json"))]
     assert sum(s.rows for s in shard_stats) == 13 and sum(s.instances for s in shard_stats) == stats["instances"]
     assert "data/train-*.parquet" in (output / "README.md").read_text()
+
+
+def test_the_card_says_what_it_was_told_and_the_closing_line_names_the_errors_table(zoo_run):
+    _, _, output, _, _ = zoo_run
+    card = DatasetCard.load(output / "README.md")
+    assert (card.data.pretty_name, card.data.license, card.data.source_datasets) == ("Zoo", "cc-by-4.0", None)
+    assert card.text.strip().split("\n\n")[1].startswith("> **These labels are meaningless.**")  # tiny-random
+    assert json.loads((output / layout.CARD_OPTIONS_FILE).read_text()) == {"pretty_name": "Zoo",
+                                                                           "license": "cc-by-4.0"}
+    closing = ZOO_LOG[-1]
+    assert closing.startswith("labeled 13 of 18 inputs, 5 failed (")
+    assert closing.endswith(f"the failed inputs and why: {output}/errors/ (datasets.load_dataset('{output}', 'errors'))")
 
 
 def test_bad_inputs_are_labeled_or_recorded_with_stage_and_reason(zoo_run):

@@ -289,8 +289,10 @@ def test_manifest_resume_rules(tmp_path):
     (tmp_path / "out" / "data").mkdir()
     (tmp_path / "out" / "data" / "train-00000-of-00003.parquet").write_bytes(b"x")
     (tmp_path / "out" / "notes.txt").write_text("mine")
+    (tmp_path / "out" / "card.json").write_text('{"license": "mit"}')  # what the earlier run told its card
     assert manifest.prepare(fs, root, changed, overwrite=True, output="out")[0] is False
     assert not (tmp_path / "out" / "data").exists() and (tmp_path / "out" / "notes.txt").exists()
+    assert not (tmp_path / "out" / "card.json").exists()
     assert manifest.read(fs, root)["models"]["instance"]["sha256"] == "b"
     (tmp_path / "out" / "manifest.json").unlink()
     (tmp_path / "out" / "data").mkdir()

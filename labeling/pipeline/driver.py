@@ -35,6 +35,7 @@ from dataset_card import layout, shards
 from dataset_card.lease import Lease, new_run_id
 from dataset_card.painting import DEFAULT_RULE, PaintingRule, rule_named
 from dataset_card.schema import arrow_schema
+from dataset_card.source import CardOptions
 from labeling.inputs.input_list import InputError, Inputs
 from labeling.inputs.kinds import list_inputs
 from labeling.labelers.model_choice import TINY_RANDOM_WARNING, ModelChoice
@@ -98,6 +99,8 @@ class LabelingConfig:
     max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE
     failure_window: int = 2000  # images of the most recent committed shards the rate is judged over
     progress: bool = True
+    # What the dataset card says of the images (name, licence, source): OUTPUT/card.json keeps it.
+    card: CardOptions = CardOptions()
 
     def arguments(self) -> dict:
         """What shapes the output (manifest "arguments"). Where inputs and output live is not in it:
@@ -107,7 +110,7 @@ class LabelingConfig:
 
     def execution(self) -> dict:
         names = [f.name for f in dataclasses.fields(self)]
-        return {n: getattr(self, n) for n in names[names.index("read_batch_size"):] + list(_LOCATIONS)}
+        return {n: getattr(self, n) for n in names[names.index("read_batch_size"):] + list(_LOCATIONS) if n != "card"}
 
 
 _LOCATIONS = ("input", "output", "file_list")
@@ -453,7 +456,7 @@ def _run(cfg: LabelingConfig, listed: Inputs, rule: PaintingRule, choice: ModelC
                               failed_by_type=summary.failures_in(fs, root, committed, work_plan.num_shards),
                               driver_bytes=driver_bytes, listing_s=listing_s)
     summary.write(fs, root, stats)
-    summary.write_card(cfg.output, root, metadata, has_errors=stats["failed"] > 0, log=log)
+    summary.write_card(cfg.output, root, metadata, has_errors=stats["failed"] > 0, log=log, options=cfg.card)
     summary.verify_folder(cfg.output)
     log(summary.closing_line(stats, cfg.output))
     return stats

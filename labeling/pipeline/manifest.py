@@ -159,7 +159,7 @@ def write(fs: pafs.FileSystem, root: str, manifest: Mapping) -> None:
 
 # Everything a run writes under OUTPUT (and nothing else: --overwrite never deletes a stranger's file).
 OWNED = (layout.DATA_DIR, layout.ERRORS_DIR, layout.STATS_DIR, ".journal", layout.PARTS_DIR, "assets",
-         layout.MANIFEST_FILE, layout.RUN_STATS_FILE, layout.METADATA_FILE, layout.CARD_FILE)
+         layout.MANIFEST_FILE, layout.RUN_STATS_FILE, layout.METADATA_FILE, layout.CARD_FILE, layout.CARD_OPTIONS_FILE)
 
 
 def clear(fs: pafs.FileSystem, root: str) -> None:

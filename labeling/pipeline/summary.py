@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 
 from dataset_card import layout, shards
 from dataset_card.card import minimal_card
+from dataset_card.source import CardOptions
 from labeling.pipeline.writer import ShardResult
 
 # With real models ImageNet images have tens of instances; under one on average means a wrong
@@ -155,13 +156,15 @@ def _is_full_card(text: str) -> bool:
     return text.startswith("---") and "\npretty_name:" in text.split("\n---", 1)[0]
 
 
-def write_card(output: str, root: str, metadata: layout.DatasetMetadata, has_errors: bool, log=print) -> None:
-    """The full dataset card. If building it fails, an earlier full card is kept (it is then out of
-    date, and the run says so), else the minimal card is written; the labels are done either way."""
-    from dataset_card.build import build_card
+def write_card(output: str, root: str, metadata: layout.DatasetMetadata, has_errors: bool, log=print,
+               options: CardOptions | None = None) -> None:
+    """The full dataset card (`options`: what the user told it). If building it fails, an earlier
+    full card is kept (it is then out of date, and the run says so), else the minimal card is
+    written; the labels are done either way."""
+    from dataset_card.build import BuildConfig, build_card
 
     try:
-        build_card(output)
+        build_card(output, BuildConfig(options=options or CardOptions()))
         return
     except Exception as err:  # the labels are done; a card failure must not hide that
         reason = f"{type(err).__name__}: {err}" if not isinstance(err, shards.OutputWriteError) else str(err)

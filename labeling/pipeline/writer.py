@@ -310,10 +310,12 @@ def _rewrite(fs: pafs.FileSystem, root: str, shard: int, writes: dict) -> None:
 
 
 def _apply(fs: pafs.FileSystem, journal_path: str) -> None:
+    """The journal's renames, then the journal; a rename no retry fixes is one sentence naming its
+    target (the journal stays: the next run finishes it)."""
     for staging, target in json.loads(shards.read_bytes(fs, journal_path).decode()):
         if shards.exists(fs, staging):
-            fs.move(staging, target)
-    fs.delete_file(journal_path)
+            shards.retrying(lambda staging=staging, target=target: fs.move(staging, target), target)
+    shards.retrying(lambda: fs.delete_file(journal_path), journal_path)
 
 
 def recover(fs: pafs.FileSystem, root: str) -> int:
