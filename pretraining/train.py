@@ -205,7 +205,8 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
     mcfg = model.cfg
     spec = SampleSpec(img_size=mcfg.img_size, patch_size=mcfg.patch_size, modalities=mcfg.modalities,
                       masking=mcfg.masking, augment=cfg.data.augment, ignore_value=dataset.metadata.ignore_value,
-                      seed=cfg.seed, epochs=cfg.epochs, instance_offset_unit=mcfg.offset_unit_pixels)
+                      seed=cfg.seed, epochs=cfg.epochs, instance_offset_unit=mcfg.offset_unit_pixels,
+                      num_semantic_classes=dataset.metadata.num_semantic_classes)
     loader = PretrainingLoader(dataset, spec, cfg.data, distributed.rank, distributed.world_size, position,
                                cfg.accum_steps, pin_memory=device.type == "cuda")
     if main:  # only now: a start refused above leaves nothing behind
