@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,10 +78,15 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) ->
 
 
 def _first_problem(err: Exception) -> str:
-    """The first specific line of a load_state_dict error (size mismatch, missing or unexpected keys)."""
+    """The first specific problem of a load_state_dict error, short: "missing key(s) in state_dict: 8
+    keys, e.g. encoder.blocks.1.norm1.weight" or "size mismatch for NAME: ..."."""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    detail = next((line for line in lines[1:] if line), lines[0] if lines else err.__class__.__name__)
-    return detail.rstrip(".")[:300]
+    first = lines[1] if len(lines) > 1 else (lines[0] if lines else err.__class__.__name__)
+    head, _, rest = first.partition(": ")
+    names = re.findall(r'"([^"]+)"', rest)
+    if head.startswith(("Missing key", "Unexpected key")) and names:
+        first = f"{head.lower()}: {len(names)} keys, e.g. {names[0]}"
+    return first.rstrip(".")[:300]
 
 
 def timm_model_args(model: torch.nn.Module) -> dict:
