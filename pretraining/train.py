@@ -1,7 +1,8 @@
 """Pretraining entrypoint: `python -m pretraining.train --data PATH --config NAME --output RUN [--set k=v ...]`.
 
 One process per GPU under `torchrun` (DDP), or one process on a CPU. Rerunning the same command
-resumes from the newest checkpoint in RUN. See docs/training.md.
+resumes from the newest readable checkpoint in RUN (`training/resume.py` says what must agree; a
+finished run says so and changes nothing; `--set epochs=N` extends it). See docs/training.md.
 
 The loop, in order: set the learning rate and the curriculum's masking weights for the optimizer
 step (both from its fractional epoch); finish the batch on the device under those weights; forward
