@@ -165,7 +165,7 @@ def open_labeled_dataset(root: str, images: str | None = None) -> LabeledDataset
 
 def _unreadable(path: str, err: Exception) -> str:
     detail = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
-    return (f"{path} cannot be read as Parquet ({detail}): the file is damaged; rerun the labeling command on "
+    return (f"{path} cannot be read as Parquet ({detail}); if the file is damaged, rerun the labeling command on "
             "this folder (it verifies and relabels damaged shards), or move the file aside to train without it.")
 
 
