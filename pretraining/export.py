@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from pretraining.models.factory import create_model
 from pretraining.train import CONFIG_FILE, RUN_FILE
 from pretraining.training import checkpoint as ckpt
-from pretraining.training.config import ConfigError, TrainConfig, from_dict
+from pretraining.training.config import RESUMABLE_KEYS, ConfigError, TrainConfig, differing_keys, from_dict
 
 
 class ExportError(RuntimeError):
@@ -35,21 +36,57 @@ class ExportError(RuntimeError):
 
 
 def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[torch.nn.Module, Path]:
-    """The model of a run with the weights of `checkpoint` (default: the run's newest checkpoint)."""
+    """The model of a run with the weights of `checkpoint` (default: the run's newest checkpoint).
+
+    The model is rebuilt from the config and run info stored in the checkpoint itself, never from
+    the editable RUN/config.json and run.json: those must agree with it (but for the keys a resume
+    may change: cadence and epochs) or the export is refused, naming the fields."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / RUN_FILE).is_file():
         raise ExportError(f"{run_dir} is not a training run folder (no {CONFIG_FILE} / {RUN_FILE}); give the "
                           "--output folder of `python -m pretraining.train`.")
-    cfg = from_dict(TrainConfig, json.loads((run_dir / CONFIG_FILE).read_text()))
-    run = json.loads((run_dir / RUN_FILE).read_text())
     path = Path(checkpoint) if checkpoint is not None else ckpt.latest_checkpoint(run_dir)
     if path is None or not path.is_file():
         raise ExportError(f"{run_dir} has no checkpoint yet; train until one is written (checkpoint_every) "
                           "or pass --checkpoint.")
     state = ckpt.load_checkpoint(path)
-    model = create_model(cfg.model, num_semantic_classes=run["num_semantic_classes"], **cfg.model_args)
-    model.load_state_dict(state["model"])
+    try:
+        saved_config, saved_run = json.loads(state["config"]), json.loads(state["run"])
+        cfg = from_dict(TrainConfig, saved_config)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ExportError(f"checkpoint {path} does not record its config ({err.__class__.__name__}: {err}); it was "
+                          "not written by this code's pretraining.train.") from err
+    try:
+        on_disk = json.loads((run_dir / CONFIG_FILE).read_text()), json.loads((run_dir / RUN_FILE).read_text())
+    except ValueError as err:
+        raise ExportError(f"{run_dir / CONFIG_FILE} or {RUN_FILE} is not valid JSON ({err}); restore it, or "
+                          "delete the file's edits.") from err
+    fields = differing_keys(saved_config, on_disk[0], ignore=RESUMABLE_KEYS | {"epochs"})
+    if on_disk[1].get("num_semantic_classes") != saved_run.get("num_semantic_classes"):
+        fields.append(f"{RUN_FILE} num_semantic_classes")
+    if fields:
+        raise ExportError(f"{run_dir / CONFIG_FILE} disagrees with the config stored in checkpoint {path.name} "
+                          f"(differing: {', '.join(fields)}); the weights were trained with the checkpoint's, so "
+                          "undo the edit (nothing was exported).")
+    try:
+        model = create_model(cfg.model, num_semantic_classes=saved_run["num_semantic_classes"], **cfg.model_args)
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ExportError(f"checkpoint {path} does not load into {cfg.model} built from its own config "
+                          f"({_first_problem(err)}); it is damaged or from another version of this code.") from err
     return model.eval(), path
+
+
+def _first_problem(err: Exception) -> str:
+    """The first specific problem of a load_state_dict error, short: "missing key(s) in state_dict: 8
+    keys, e.g. encoder.blocks.1.norm1.weight" or "size mismatch for NAME: ..."."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    first = lines[1] if len(lines) > 1 else (lines[0] if lines else err.__class__.__name__)
+    head, _, rest = first.partition(": ")
+    names = re.findall(r'"([^"]+)"', rest)
+    if head.startswith(("Missing key", "Unexpected key")) and names:
+        first = f"{head.lower()}: {len(names)} keys, e.g. {names[0]}"
+    return first.rstrip(".")[:300]
 
 
 def timm_model_args(model: torch.nn.Module) -> dict:

@@ -1,7 +1,8 @@
 """Pretraining entrypoint: `python -m pretraining.train --data PATH --config NAME --output RUN [--set k=v ...]`.
 
 One process per GPU under `torchrun` (DDP), or one process on a CPU. Rerunning the same command
-resumes from the newest checkpoint in RUN. See docs/training.md.
+resumes from the newest readable checkpoint in RUN (`training/resume.py` says what must agree; a
+finished run says so and changes nothing; `--set epochs=N` extends it). See docs/training.md.
 
 The loop, in order: set the learning rate and the curriculum's masking weights for the optimizer
 step (both from its fractional epoch); finish the batch on the device under those weights; forward
@@ -41,17 +42,15 @@ from pretraining.data.loader import (
 from pretraining.models.curriculum import Curriculum
 from pretraining.models.factory import create_model
 from pretraining.training import checkpoint as ckpt
-from pretraining.training.config import ConfigError, TrainConfig, apply_overrides, differing_keys, to_dict
+from pretraining.training.config import ConfigError, TrainConfig, apply_overrides, to_dict
 from pretraining.training.monitor import Monitor, reconstruction_figure
 from pretraining.training.recipes import RECIPES, get_recipe
+from pretraining.training.resume import RunError, check_resume, complete_summary, dataset_fingerprint
+from pretraining.training.storage import StorageError, write_json, writing
 from pretraining.training.strategy_log import StrategyLog
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"  # what the config does not fix: data path, world size, learning rate, dataset size
-
-
-class RunError(RuntimeError):
-    """The run cannot start or continue; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -110,38 +109,16 @@ class EpochEnd:
 Hook = Callable[[EpochEnd], None]
 
 
-def _check_run_dir(run_dir: Path, cfg: TrainConfig, run_info: dict) -> None:
-    """Refuse to continue a run in `run_dir` with another config or world size."""
-    config_file = run_dir / CONFIG_FILE
-    if config_file.exists():
-        keys = differing_keys(json.loads(config_file.read_text()), to_dict(cfg))
-        if keys:
-            raise RunError(f"{run_dir} holds a run with another config (differing: {', '.join(keys)}); use a new "
-                           "--output, or the run's own --config and --set to resume it.")
-    run_file = run_dir / RUN_FILE
-    if run_file.exists():
-        saved = json.loads(run_file.read_text())
-        if saved.get("world_size") != run_info["world_size"]:
-            raise RunError(f"{run_dir} was trained on {saved.get('world_size')} processes, not "
-                           f"{run_info['world_size']}: resume it with the same number of GPUs (the data order "
-                           "and learning rate depend on it), or start a new --output.")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write atomically: other ranks may be reading the file to check their config against it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _open_samples_log(path: Path, position: tuple[int, int]):
     """The per-step sample log, without the lines a killed run wrote after the checkpoint resumed from."""
     kept = []
     if path.exists():
         kept = [line for line in path.read_text().splitlines()
                 if line and tuple(json.loads(line)[k] for k in ("epoch", "step")) < position]
-    log = open(path, "w", buffering=1)  # line-buffered: a killed run keeps what it logged
-    log.writelines(line + "\n" for line in kept)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(path, "w", buffering=1)  # line-buffered: a killed run keeps what it logged
+        log.writelines(line + "\n" for line in kept)
     return log
 
 
@@ -169,27 +146,37 @@ def _gather(obj, distributed: Distributed) -> list:
 
 
 def train(cfg: TrainConfig, data: str, output: str, hooks: Sequence[Hook] = (), progress: bool = True,
-          images: str | None = None) -> dict:
-    """Train (or resume) the run in `output` on the labeled dataset in `data`; returns its summary.
-    `images`: the image folder of a labels-only dataset (`--images`)."""
+          images: str | None = None, new_data: bool = False) -> dict:
+    """Train (or resume) the run in `output` on the labeled dataset in `data`; returns its summary
+    (with "complete": True when the run had already finished and nothing was done).
+    `images`: the image folder of a labels-only dataset (`--images`). `new_data`: resume on a
+    dataset other than the checkpoint's, on purpose (`--new-data`)."""
     distributed = setup_distributed(cfg.data.num_workers)
     try:
-        return _train(cfg, data, Path(output), hooks, progress, distributed, images)
+        return _train(cfg, data, Path(output), hooks, progress, distributed, images, new_data)
     finally:
         if distributed.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], show_progress: bool,
-           distributed: Distributed, images: str | None = None) -> dict:
+           distributed: Distributed, images: str | None = None, new_data: bool = False) -> dict:
     device, main = distributed.device, distributed.main
     dataset = open_labeled_dataset(data, images)
     global_batch = cfg.data.batch_size * distributed.world_size * cfg.accum_steps
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * global_batch / 256
     run_info = {"data": str(data), "world_size": distributed.world_size, "global_batch": global_batch,
                 "lr": peak_lr, "dataset_rows": dataset.num_rows,
-                "num_semantic_classes": dataset.metadata.num_semantic_classes}
-    _check_run_dir(run_dir, cfg, run_info)
+                "num_semantic_classes": dataset.metadata.num_semantic_classes, "dataset": dataset_fingerprint(dataset)}
+    # The newest readable checkpoint binds the run (config, processes, data); an unreadable newer one is moved aside.
+    say = (lambda line: tqdm.write(line, file=sys.stderr)) if main else (lambda line: None)
+    resumed = ckpt.load_newest_readable(run_dir, move_aside=main, warn=say)
+    if resumed is not None:
+        latest, state = resumed
+        plan = check_resume(latest, json.loads(state["config"]), json.loads(state["run"]), cfg, run_info,
+                            (state["position"]["epoch"], state["position"]["step"]), new_data)
+        if plan.complete:  # a rerun of a finished run: say so and change nothing
+            return {**complete_summary(run_dir, state), "complete": True}
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     try:
@@ -205,38 +192,32 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
 
     curriculum = Curriculum(model.cfg.masking.curriculum, device)
     global_step, position = 0, (0, 0)  # optimizer steps done; next (epoch, micro-step) to load
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None:
-        state = ckpt.load_checkpoint(latest)
-        keys = differing_keys(json.loads(state["config"]), to_dict(cfg))
-        if keys:
-            raise RunError(f"checkpoint {latest} comes from another config (differing: {', '.join(keys)}); use "
-                           "a new --output, or the run's own --config and --set to resume it.")
+    if resumed is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         curriculum.load_state_dict(state["curriculum"].get("adaptive", {}))
         global_step, position = state["global_step"], (state["position"]["epoch"], state["position"]["step"])
         ckpt.set_rng_state(state["rng"][distributed.rank])
-        if main:
-            tqdm.write(f"resuming from {latest}: optimizer step {global_step}, epoch {position[0]}, batch {position[1]}",
-                       file=sys.stderr)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / CONFIG_FILE, to_dict(cfg))
-        _write_json(run_dir / RUN_FILE, run_info)
+        say(f"resuming from {latest}: optimizer step {global_step}, epoch {position[0]}, batch {position[1]}")
+        for note in plan.notes:
+            say(note)
 
     mcfg = model.cfg
     spec = SampleSpec(img_size=mcfg.img_size, patch_size=mcfg.patch_size, modalities=mcfg.modalities,
                       masking=mcfg.masking, augment=cfg.data.augment, ignore_value=dataset.metadata.ignore_value,
-                      seed=cfg.seed, epochs=cfg.epochs, instance_offset_unit=mcfg.offset_unit_pixels)
+                      seed=cfg.seed, epochs=cfg.epochs, instance_offset_unit=mcfg.offset_unit_pixels,
+                      num_semantic_classes=dataset.metadata.num_semantic_classes)
     loader = PretrainingLoader(dataset, spec, cfg.data, distributed.rank, distributed.world_size, position,
                                cfg.accum_steps, pin_memory=device.type == "cuda")
+    if main:  # only now: a start refused above leaves nothing behind
+        write_json(run_dir / CONFIG_FILE, to_dict(cfg))
+        write_json(run_dir / RUN_FILE, run_info)
     steps_per_epoch = loader.steps_per_epoch  # micro-steps of epoch 0; later epochs may differ slightly
     train_model = torch.compile(model) if cfg.compile else model
     if distributed.world_size > 1:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    monitor = Monitor(run_dir, enabled=main)
+    monitor = Monitor(run_dir, enabled=main, purge_step=global_step + 1)  # hide what a killed run logged after this
     strategies = StrategyLog(mcfg.modalities, device)
     samples_log = _open_samples_log(run_dir / f"samples-rank{distributed.rank}.jsonl", position) if cfg.log_samples else None
     bar = tqdm(total=cfg.epochs * steps_per_epoch // cfg.accum_steps, initial=global_step, unit="step",
@@ -258,7 +239,7 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
                 "schedule": {"lr": optimizer.param_groups[0]["lr"], "peak_lr": peak_lr},
                 "curriculum": {"progress": progress, "weights": weights, "adaptive": curriculum.state_dict()},
                 "position": {"epoch": epoch, "step": step}, "global_step": global_step, "rng": states,
-                "config": json.dumps(to_dict(cfg)), "run": json.dumps(run_info),
+                "config": json.dumps(to_dict(cfg)), "run": json.dumps(run_info), "last": last,
             }, run_dir, global_step, cfg.keep_checkpoints)
 
     model.train()
@@ -297,8 +278,9 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
         totals = [a + b for a, b in zip(totals, values)] if totals else values
         window["samples"] += inputs["rgb"].shape[0] * distributed.world_size
         if samples_log is not None:
-            samples_log.write(json.dumps({"epoch": epoch, "step": step, "index": inputs["index"].tolist(),
-                                          "loss": dict(zip(names, values))}) + "\n")
+            with writing(samples_log.name):
+                samples_log.write(json.dumps({"epoch": epoch, "step": step, "index": inputs["index"].tolist(),
+                                              "loss": dict(zip(names, values))}) + "\n")
         if not last_micro:
             waited_from = time.perf_counter()
             continue
@@ -351,7 +333,7 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
     hashes = _gather(_param_hash(model), distributed)
     summary = {"global_step": global_step, "position": list(position), "last": last, "param_sha256": hashes}
     if main:
-        _write_json(run_dir / "summary.json", summary)
+        write_json(run_dir / "summary.json", summary)
     if samples_log is not None:
         samples_log.close()
     monitor.close()
@@ -376,6 +358,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="run folder: config, checkpoints, logs, figures")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set data.batch_size=128 --set model_args.img_size=96")
+    parser.add_argument("--new-data", action="store_true",
+                        help="resume the run in --output on a dataset other than the one it was trained on, on "
+                             "purpose (without it such a resume is refused)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.add_argument("--probe-data", metavar="PATH",
                         help="a labeled folder with image classes to score a frozen-feature probe on while training "
@@ -397,16 +382,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(f"--probe-every must be at least 1, got {args.probe_every}.")
             hooks.append(probe_hook(args.probe_data, cfg=PeriodicProbeConfig(every=args.probe_every,
                                                                            kind=args.probe_kind)))
-        summary = train(cfg, args.data, args.output, hooks=hooks, progress=not args.no_progress, images=args.images)
-    except (ConfigError, DataError, RunError, ckpt.CheckpointError) as err:
+        summary = train(cfg, args.data, args.output, hooks=hooks, progress=not args.no_progress, images=args.images,
+                        new_data=args.new_data)
+    except (ConfigError, DataError, RunError, ckpt.CheckpointError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ImageReferenceError as err:  # from a loader worker, its sentence is the message's last line
         print(f"error: {str(err).strip().splitlines()[-1].split('ImageReferenceError: ')[-1]}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {summary['global_step']} optimizer steps, last loss {summary['last'].get('loss', float('nan')):.4f}; "
-              f"run folder {args.output}")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    loss = summary["last"].get("loss")
+    last = f"last loss {loss:.4f}" if loss is not None else "no loss recorded"
+    if summary.get("complete"):
+        print(f"{args.output} is already complete ({summary['global_step']} optimizer steps over {cfg.epochs} epochs, "
+              f"{last}); nothing was changed. To train longer, rerun with a larger --set epochs=N (see "
+              "docs/training.md, Extending a run).")
+    else:
+        print(f"done: {summary['global_step']} optimizer steps, {last}; run folder {args.output}")
     return 0
 
 

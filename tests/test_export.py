@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -79,3 +80,41 @@ def test_standard_size_export_loads_into_the_plain_architecture(name, tmp_path):
 def test_export_of_a_folder_that_is_not_a_run_is_one_clear_error(tmp_path, capsys):
     assert main([str(tmp_path), "--output", str(tmp_path / "out")]) == 2
     assert "not a training run folder" in capsys.readouterr().err
+
+
+def _tampered(run_dir, to, key, value):
+    import shutil
+
+    shutil.copytree(run_dir, to)
+    config = json.loads((to / "config.json").read_text())
+    config["model_args"][key] = value
+    (to / "config.json").write_text(json.dumps(config))
+    return to
+
+
+@pytest.mark.parametrize("key, value", [("num_heads", 6), ("depth", 4)])
+def test_export_refuses_a_config_json_that_disagrees_with_the_checkpoint(run_dir, tmp_path, capsys, key, value):
+    """The model is rebuilt from the checkpoint's own config: an edited config.json cannot ship an encoder
+    whose timm config disagrees with its weights, and is named, in one sentence, not exported."""
+    run = _tampered(run_dir, tmp_path / "run", key, value)
+    assert main([str(run), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "disagrees with the config stored in checkpoint step-" in err and f"model_args.{key}" in err
+    assert err.count("\n") == 1 and "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_that_does_not_fit_its_own_config_is_one_sentence(run_dir, tmp_path, capsys):
+    import shutil
+
+    from pretraining.training import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    path = ckpt.latest_checkpoint(run)
+    state = ckpt.load_checkpoint(path)
+    state["model"] = {k: v for k, v in state["model"].items() if "blocks.1." not in k}  # a damaged state dict
+    torch.save(state, path)
+    assert main([str(run), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {path} does not load into c2fmae_vit_tiny_patch16 built from its own config" in err
+    assert re.search(r"missing key\(s\) in state_dict: \d+ keys, e.g. \S*blocks\.1\.", err) and err.count("\n") == 1 and "Traceback" not in err

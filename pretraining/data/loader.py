@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -59,7 +60,20 @@ from pretraining.models.masking import (
 
 
 class DataError(ValueError):
-    """The dataset on disk cannot be used for training (missing, empty, wrong schema, too small)."""
+    """The dataset on disk cannot be used for training (missing, empty, wrong schema, too small, a bad row)."""
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """What a stream yields instead of a chunk when a row cannot be used: the loader raises it again
+    in the training process as one sentence (a DataLoader worker's exception would arrive wrapped in
+    its traceback)."""
+
+    kind: str  # "data" (DataError) or "image" (ImageReferenceError)
+    message: str
+
+    def error(self) -> Exception:
+        return DataError(self.message) if self.kind == "data" else ImageReferenceError(self.message)
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,10 @@ def open_labeled_dataset(root: str, images: str | None = None) -> LabeledDataset
         raise DataError(f"--data {root} is not a folder: point it at the output folder of the labeling stage.")
     meta_path = posixpath.join(base, layout.METADATA_FILE)
     if not shards.exists(fs, meta_path):
+        if fs.get_file_info(posixpath.join(base, layout.DATA_DIR)).type == pafs.FileType.Directory:
+            raise DataError(f"{root} has {layout.DATA_DIR}/ but its {layout.METADATA_FILE} is missing: rerun the "
+                            "labeling command that wrote it (same input and --output), which restores it without "
+                            "relabeling committed shards.")
         raise DataError(f"{root} has no {layout.METADATA_FILE}: it is not a labeled dataset folder "
                         "(run the labeling stage, or point --data at its output folder).")
     try:
@@ -127,7 +145,10 @@ def open_labeled_dataset(root: str, images: str | None = None) -> LabeledDataset
         raise DataError(f"{root} has no data files ({layout.DATA_GLOB}): the labeling run wrote no shard yet.")
     units, first_index = [], 0
     for f, path in enumerate(files):
-        parquet = pq.ParquetFile(path, filesystem=fs)
+        try:  # every footer is read here, so a damaged file stops the run now, by name
+            parquet = pq.ParquetFile(path, filesystem=fs)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(_unreadable(path, err)) from err
         try:
             validate_schema(parquet.schema_arrow, columns=TRAINING_COLUMNS, source=path)
             check_image_root(parquet.schema_arrow, images, path)
@@ -140,6 +161,12 @@ def open_labeled_dataset(root: str, images: str | None = None) -> LabeledDataset
     if first_index == 0:
         raise DataError(f"{root} has data files but no rows: every shard of the labeling run failed.")
     return LabeledDataset(root, tuple(files), tuple(units), metadata, images)
+
+
+def _unreadable(path: str, err: Exception) -> str:
+    detail = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
+    return (f"{path} cannot be read as Parquet ({detail}); if the file is damaged, rerun the labeling command on "
+            "this folder (it verifies and relabels damaged shards), or move the file aside to train without it.")
 
 
 def split_rows(units: Sequence[Unit], parts: int) -> list[Unit]:
@@ -242,6 +269,7 @@ class SampleSpec:
     seed: int
     epochs: int
     instance_offset_unit: int | None = None  # pixels per unit of the instance offsets; None: the image size
+    num_semantic_classes: int | None = None  # metadata's taxonomy: other ids (but the ignore value) are refused
 
     @property
     def reads_masks(self) -> bool:
@@ -266,8 +294,9 @@ def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform) 
         semantic = codecs.decode_mask(row["semantic_mask"], dtype=None)
         instance = codecs.decode_mask(row["instance_mask"], dtype=None)
         if semantic.shape != rgb.shape[:2] or instance.shape != rgb.shape[:2]:
-            raise DataError(f"sample {index}: image is {rgb.shape[:2]} but its masks are {semantic.shape} and "
+            raise DataError(f"the image is {rgb.shape[:2]} but its masks are {semantic.shape} and "
                             f"{instance.shape}; the shard breaks the contract, relabel it.")
+        check_taxonomy(semantic, spec.num_semantic_classes, spec.ignore_value)
     image, semantic_t, instance_t = augment(rgb, semantic, instance, transform, augment_seed)
     sample = {
         "rgb": image,  # (3, S, S) uint8: normalised by Batch.to on the device (4x fewer bytes between processes)
@@ -284,6 +313,21 @@ def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform) 
     draws = draw_masking(np.random.default_rng(masking_seed), spec.masking, len(spec.modalities))
     sample.update({k: torch.from_numpy(np.asarray(v)) for k, v in draws.items()})  # strategy_key, proportions, keys
     return sample
+
+
+def check_taxonomy(semantic: np.ndarray, num_classes: int | None, ignore_value: int) -> None:
+    """Refuse a semantic map (H, W) with ids outside metadata's `num_classes` classes (the ignore value
+    aside), before they reach the model's class embedding. One max over the map; a second pass only
+    when the max is out of range (as it is whenever the map has ignore pixels)."""
+    if num_classes is None or semantic.size == 0 or int(semantic.max()) < num_classes:
+        return
+    outside = semantic[(semantic >= num_classes) & (semantic != ignore_value)]
+    if outside.size:
+        ids = np.unique(outside)
+        raise DataError(f"semantic ids {ids[:5].tolist()} lie outside metadata.json's {num_classes} classes "
+                        f"(0..{num_classes - 1}, ignore {ignore_value}); the shard was labeled with another "
+                        "taxonomy than the folder's metadata.json: relabel it, or restore the metadata it was "
+                        "labeled with.")
 
 
 def _guided_in_use(masking: MaskingConfig, weights: Sequence[float] | torch.Tensor) -> tuple[bool, bool]:
@@ -314,13 +358,17 @@ class _RowReader:
         self.images = ImageSource(dataset.images) if dataset.images else None  # --images: referenced files
 
     def read(self, unit: Unit) -> list[dict]:
-        if unit.file not in self.files:
-            self.files[unit.file] = pq.ParquetFile(self.dataset.files[unit.file], filesystem=self.fs)
-            if len(self.files) > 4:
-                self.files.popitem(last=False)
-        parquet = self.files[unit.file]
-        checks = [c for c in REFERENCE_COLUMNS if self.images and parquet.schema_arrow.get_field_index(c) >= 0]
-        table = parquet.read_row_group(unit.row_group, columns=self.columns + checks)
+        path = self.dataset.files[unit.file]
+        try:
+            if unit.file not in self.files:
+                self.files[unit.file] = pq.ParquetFile(path, filesystem=self.fs)
+                if len(self.files) > 4:
+                    self.files.popitem(last=False)
+            parquet = self.files[unit.file]
+            checks = [c for c in REFERENCE_COLUMNS if self.images and parquet.schema_arrow.get_field_index(c) >= 0]
+            table = parquet.read_row_group(unit.row_group, columns=self.columns + checks)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(_unreadable(path, err)) from err
         table = table.slice(unit.start, unit.num_rows)
         columns = {}
         for name in self.columns:
@@ -329,6 +377,18 @@ class _RowReader:
         if "image" in columns and self.images:  # a labels-only release: the files, checked
             columns["image"] = row_images(table, self.images)
         return [{name: values[i] for name, values in columns.items()} for i in range(unit.num_rows)]
+
+    def where(self, unit: Unit, offset: int) -> str:
+        """'FILE row R (image_id ID)' for row `offset` of `unit` (read only when a row fails)."""
+        path = self.dataset.files[unit.file]
+        file_start = next(u.first_index for u in self.dataset.units if u.file == unit.file)
+        row = unit.first_index + offset - file_start
+        try:
+            ids = pq.ParquetFile(path, filesystem=self.fs).read_row_group(unit.row_group, columns=["image_id"])
+            image_id = ids.column(0)[unit.start + offset].as_py()
+        except (pa.ArrowException, OSError, KeyError):
+            image_id = "unknown"
+        return f"{path} row {row} (image_id {image_id})"
 
 
 class PretrainingStream(IterableDataset):
@@ -356,9 +416,14 @@ class PretrainingStream(IterableDataset):
         reader = _RowReader(self.dataset, self.spec.columns)
         transform = joint_transform(self.spec.img_size, self.spec.augment)
         start_epoch, start_step = self.start
-        for epoch in range(start_epoch, self.spec.epochs):
-            first = start_step if epoch == start_epoch else 0
-            yield from self._epoch(epoch, worker, first, reader, transform)
+        try:
+            for epoch in range(start_epoch, self.spec.epochs):
+                first = start_step if epoch == start_epoch else 0
+                yield from self._epoch(epoch, worker, first, reader, transform)
+        except DataError as err:
+            yield WorkerFailure("data", str(err))
+        except ImageReferenceError as err:
+            yield WorkerFailure("image", str(err))
 
     def _epoch(self, epoch: int, worker: int, first_step: int, reader: _RowReader, transform):
         plan = self.plan(epoch)
@@ -382,7 +447,10 @@ class PretrainingStream(IterableDataset):
                             pending[int(starts[u]) + offset] = row
                 row = pending.pop(flat)
                 index = units[u].first_index + flat - int(starts[u])
-                samples.append(make_sample(row, index, epoch, self.spec, transform))
+                try:
+                    samples.append(make_sample(row, index, epoch, self.spec, transform))
+                except (DataError, codecs.DecodeError) as err:  # name the row, not a worker's sample index
+                    raise DataError(f"{reader.where(units[u], flat - int(starts[u]))}: {err}") from err
             yield epoch, step, collate(samples)
 
 
@@ -450,6 +518,8 @@ class PretrainingLoader:
                     chunks.append(next(items))
                 except StopIteration:
                     return
+                if isinstance(chunks[-1], WorkerFailure):
+                    raise chunks[-1].error()
             epoch, step = chunks[0][0], chunks[0][1]
             if any((e, s) != (epoch, step) for e, s, _ in chunks):
                 raise RuntimeError(f"loader workers fell out of step at epoch {epoch} step {step}")

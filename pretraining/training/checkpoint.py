@@ -4,11 +4,14 @@ RUN/checkpoints/step-00001000.pt holds everything needed to continue bit-exactly
 optimizer, grad scaler, the schedule's and curriculum's position, the data position (epoch, step),
 each rank's RNG states and the resolved config. A checkpoint is written to a dot-prefixed
 temporary file, flushed to disk and renamed, so a run killed mid-write leaves the previous
-checkpoint as the latest.
+checkpoint as the latest. A disk error while writing is one sentence (`storage.StorageError`) and
+leaves no temporary file. On resume, a newest checkpoint that cannot be read is moved aside
+(`step-N.pt.unreadable`, kept for inspection) and the one before it is used, with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -17,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from pretraining.training.storage import writing
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
@@ -55,14 +60,15 @@ def _fsync_dir(folder: Path) -> None:
 def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep: int) -> Path:
     """Write `state` as the checkpoint of optimizer step `step` atomically; keep the newest `keep`."""
     path = checkpoint_path(run_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:  # a file object: a full disk is an OSError, not torch's "unexpected pos"
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -73,8 +79,41 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged file fails in many ways (zip, pickle, struct, EOF errors)
-        raise CheckpointError(f"checkpoint {path} cannot be read ({err.__class__.__name__}: {err}); delete it "
-                              "to resume from the one before.") from err
+        detail = (str(err).strip().splitlines() or [""])[0][:200]  # unpickler errors run to many lines
+        raise CheckpointError(f"checkpoint {path} cannot be read ({err.__class__.__name__}: {detail}); it is "
+                              "damaged or not a checkpoint of this code.") from err
+
+
+def load_newest_readable(run_dir: str | Path, move_aside: bool = True,
+                         warn=None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of a run that loads, and its state; None when there is none.
+
+    A newer one that cannot be read is renamed to `step-N.pt.unreadable` (when `move_aside`: rank 0
+    only, so ranks do not race) and `warn(sentence)` is called for it. Only if none loads is the
+    newest one's CheckpointError raised (and nothing moved).
+    """
+    unreadable: list[tuple[Path, CheckpointError]] = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as err:
+            unreadable.append((path, err))
+            continue
+        for bad, err in unreadable:  # only now: with no readable one left, nothing is moved
+            aside = bad.with_name(bad.name + ".unreadable")
+            if move_aside:
+                with contextlib.suppress(OSError):
+                    os.replace(bad, aside)
+            if warn is not None:
+                warn(f"warning: checkpoint {bad} cannot be read ({err.__cause__.__class__.__name__}); moved it "
+                     f"aside to {aside.name} and resuming from {path.name}.")
+        return path, state
+    if unreadable:
+        path, err = unreadable[0]
+        raise CheckpointError(f"no checkpoint in {path.parent} can be read (the newest, {path.name}: "
+                              f"{err.__cause__.__class__.__name__}); restore one from a backup, or move the folder "
+                              "aside to start the run afresh.") from err
+    return None
 
 
 def rng_state() -> dict[str, Any]:

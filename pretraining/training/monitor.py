@@ -1,8 +1,12 @@
 """Watching a run: TensorBoard scalars and reconstruction figures (PNG files and TensorBoard images).
 
 RUN/tensorboard/   scalars: loss and each loss term, lr, curriculum weights, images/s, data-wait share
-RUN/figures/       step-00002000.png: per sample and modality, input | masked input | prediction | target
-Only rank 0 writes (other ranks get a disabled Monitor).
+RUN/figures/       step-00002000.png: per sample and modality, input | masked input | prediction | target,
+                   with a legend (grey, class colours, the instance channels); a panel with nothing to
+                   show (all masked, nothing masked, no labels) says so in its title
+Only rank 0 writes (other ranks get a disabled Monitor). On resume, `purge_step` hides the events a
+killed run wrote after its checkpoint, so TensorBoard shows each step once. A full or read-only
+disk is one sentence (`storage.StorageError`).
 """
 
 from __future__ import annotations
@@ -16,21 +20,30 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+from pretraining.training.storage import writing  # noqa: E402
 
 COLUMNS = ("input", "masked input", "prediction", "target")
 
 
 class Monitor:
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, purge_step: int | None = None):
+        """`purge_step`: the first step this run logs; TensorBoard drops older files' events from it on."""
         self.run_dir = Path(run_dir)
-        self.writer = SummaryWriter(str(self.run_dir / "tensorboard")) if enabled else None
+        self.logdir = self.run_dir / "tensorboard"
+        self.writer = None
+        if enabled:
+            with writing(self.logdir):
+                self.writer = SummaryWriter(str(self.logdir), purge_step=purge_step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
+            with writing(self.logdir):  # the event writer's thread raises its disk errors here
+                for name, value in values.items():
+                    self.writer.add_scalar(name, value, step)
 
     def figure(self, step: int, fig: Figure) -> Path | None:
         """Save `fig` as RUN/figures/step-NNNNNNNN.png and to TensorBoard; returns the PNG path."""
@@ -38,14 +51,20 @@ class Monitor:
             plt.close(fig)
             return None
         path = self.run_dir / "figures" / f"step-{step:08d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-        self.writer.add_figure("reconstruction", fig, step, close=True)
+        try:
+            with writing(path, tmp=path):  # a half-written PNG is removed
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fig.savefig(path, dpi=100)
+            with writing(self.logdir):
+                self.writer.add_figure("reconstruction", fig, step, close=False)
+        finally:
+            plt.close(fig)
         return path
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with writing(self.logdir):
+                self.writer.close()
 
 
 def _rgb(x: torch.Tensor) -> np.ndarray:
@@ -82,15 +101,47 @@ def _pixel_mask(keep: torch.Tensor, size: int) -> np.ndarray:
     return keep.view(grid, grid).cpu().repeat_interleave(patch, 0).repeat_interleave(patch, 1).numpy()[..., None]
 
 
+def _empty(modality: str, target: torch.Tensor) -> str | None:
+    """Why a modality's map has nothing to show, or None: no labelled pixel, or no instance."""
+    if modality == "semantic" and not bool((target >= 0).any()):
+        return "all ignore"
+    if modality == "instance" and not bool(target.any()):  # no boundary, no offset: no instance in the crop
+        return "no instances"
+    return None
+
+
+def _notes(modality: str, target: torch.Tensor, visible: torch.Tensor) -> tuple[str | None, ...]:
+    """Per column, a word for a panel that would otherwise be a puzzling flat colour."""
+    empty = _empty(modality, target)
+    seen = int(visible.sum())
+    masked_input = "all masked" if seen == 0 else empty
+    target_note = "nothing masked: no loss" if seen == visible.numel() else empty
+    return empty, masked_input, None, target_note
+
+
+def _legend(fig: Figure, modalities: list[str]) -> None:
+    grey = [Patch(color=(0.5, 0.5, 0.5), label="grey: masked (hidden from the encoder); in target: visible, no loss")]
+    semantic = [Patch(color=plt.get_cmap("tab20")(0), label="semantic: one colour per class (tab20)"),
+                Patch(color="black", label="semantic: ignore")]
+    instance = [Patch(color="red", label="instance: boundaries"),
+                Patch(color=(0.0, 0.5, 0.5), label="instance: green/blue = offset to the instance centre (y/x); "
+                                                    "teal = no offset")]
+    handles = grey + (semantic if "semantic" in modalities else []) + (instance if "instance" in modalities else [])
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
+
+
 def reconstruction_figure(batch: dict[str, torch.Tensor], reconstruction: dict[str, torch.Tensor],
                           visible: dict[str, torch.Tensor], num_samples: int = 2) -> Figure:
     """One row per (sample, modality): the input, what the encoder saw of it, the model's
     reconstruction (visible patches from the input, the rest predicted) and the target of the loss
-    (the input where patches were masked). Masked-out areas are grey."""
+    (the input where patches were masked). Masked-out areas are grey; a legend below says so and
+    how labels are coloured, and a panel with nothing to show says why in its title."""
     modalities = list(reconstruction)
     num_samples = min(num_samples, batch["rgb"].shape[0])
     rows = num_samples * len(modalities)
-    fig, axes = plt.subplots(rows, len(COLUMNS), figsize=(2.2 * len(COLUMNS), 2.2 * rows), squeeze=False)
+    legend_rows = 1 + ("semantic" in modalities) + ("instance" in modalities)
+    height = 2.2 * rows + 0.25 * legend_rows
+    fig, axes = plt.subplots(rows, len(COLUMNS), figsize=(2.2 * len(COLUMNS), height), squeeze=False)
     grey = np.full(3, 0.5)
     for s in range(num_samples):
         for m, modality in enumerate(modalities):
@@ -99,14 +150,20 @@ def reconstruction_figure(batch: dict[str, torch.Tensor], reconstruction: dict[s
             keep = _pixel_mask(visible[modality][s], full.shape[0])
             images = (full, np.where(keep, full, grey), to_image(reconstruction[modality][s]),
                       np.where(keep, grey, full))
+            notes = _notes(modality, batch[modality][s], visible[modality][s])
+            row = s * len(modalities) + m
             for c, image in enumerate(images):
-                ax = axes[s * len(modalities) + m, c]
+                ax = axes[row, c]
                 ax.imshow(image, interpolation="nearest")
                 ax.set_xticks([])
                 ax.set_yticks([])
-                if s * len(modalities) + m == 0:
-                    ax.set_title(COLUMNS[c], fontsize=9)
+                title = [COLUMNS[c]] if row == 0 else []
+                if notes[c]:
+                    title.append(f"({notes[c]})")
+                if title:
+                    ax.set_title("\n".join(title), fontsize=8)
                 if c == 0:
                     ax.set_ylabel(f"#{s} {modality}", fontsize=9)
-    fig.tight_layout()
+    _legend(fig, modalities)
+    fig.tight_layout(rect=(0, 0.3 * legend_rows / height, 1, 1))
     return fig
