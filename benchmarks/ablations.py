@@ -42,6 +42,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -278,6 +279,9 @@ def run_one(name: str, seed: int, scale: Scale, paths: dict[str, str], output: s
     run_dir = Path(output) / "runs" / f"{name}-s{seed}"
     if (run_dir / "result.json").exists():
         return {**json.loads((run_dir / "result.json").read_text()), "reused": True}
+    # A run cut off before its probe left no result: train it again from the start (a finished run
+    # would only say it is complete, and the probe needs the model in memory).
+    shutil.rmtree(run_dir, ignore_errors=True)
     arm = ARMS[name]
     train_split, val_split = read_probe_split(paths["probe_train"]), read_probe_split(paths["probe_val"])
     num_classes = len(SEMANTIC_CLASSES)
