@@ -123,3 +123,11 @@ def test_save_to_disk_folder(tmp_path):
         list_inputs(str(root), split="validation")
     with pytest.raises(InputError, match="--label-column"):
         list_inputs(str(root), label_column="class")
+
+
+def test_listing_prints_its_progress_bar_only_when_asked(tree, capsys):
+    root, _ = tree
+    list_inputs(str(root), progress=False)
+    assert capsys.readouterr().err == ""
+    list_inputs(str(root))
+    assert "listing class folders" in capsys.readouterr().err

@@ -176,7 +176,7 @@ def _entries(class_names: Sequence[str], files_per_class: Sequence[Sequence[str]
     return entries, skipped
 
 
-def list_image_folder(root: str, workers: int = 32) -> Inputs:
+def list_image_folder(root: str, workers: int = 32, progress: bool = True) -> Inputs:
     """An ImageFolder tree `root/<class>/<file>` -> Inputs (class folders listed in parallel)."""
     fs, base = filesystem(root)
     info = fs.get_file_info(base)
@@ -203,7 +203,8 @@ def list_image_folder(root: str, workers: int = 32) -> Inputs:
                                  "the link, or list the images with --file-list")
     with ThreadPoolExecutor(workers) as pool:
         jobs = pool.map(partial(_walk, fs, claimed=claimed), folders)
-        walks = list(tqdm(jobs, total=len(class_names), desc="listing class folders", unit="folder"))
+        walks = list(tqdm(jobs, total=len(class_names), desc="listing class folders", unit="folder",
+                           disable=not progress))
     files, notes = _once(class_names, walks)
     entries, skipped = _entries(class_names, files)
     if not entries:

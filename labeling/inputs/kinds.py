@@ -42,13 +42,13 @@ def detect_format(root: str) -> str:
 
 
 def list_inputs(root: str, input_format: str = "auto", file_list: str | None = None, image_column: str = "image",
-                label_column: str = "label", split: str = "train", workers: int = 32) -> Inputs:
+                label_column: str = "label", split: str = "train", workers: int = 32, progress: bool = True) -> Inputs:
     """The sorted inputs of `--input` (any of the three kinds; `input_format` "auto" detects it)."""
     if file_list:
         return read_file_list(root, file_list)
     kind = detect_format(root) if input_format == "auto" else input_format
     if kind == "imagefolder":
-        return list_image_folder(root, workers)
+        return list_image_folder(root, workers, progress)
     from labeling.inputs import tables  # imports `datasets`: only when a table is given
 
     return tables.list_table(root, kind, image_column, label_column, split, workers)

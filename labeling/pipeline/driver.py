@@ -355,7 +355,7 @@ def run_labeling(cfg: LabelingConfig, log=print, choice: ModelChoice | None = No
     # cannot write fails before Ray starts.
     listing_start = time.perf_counter()
     listed = list_inputs(cfg.input, cfg.input_format, cfg.file_list, cfg.image_column, cfg.label_column,
-                         cfg.split, cfg.listing_workers)
+                         cfg.split, cfg.listing_workers, cfg.progress)
     listing_s = time.perf_counter() - listing_start
     for note in listed.notes:
         log(f"warning: {note}")
