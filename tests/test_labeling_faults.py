@@ -335,6 +335,10 @@ def test_a_failed_card_build_keeps_the_previous_full_card_and_says_so(tmp_path, 
     (tmp_path / "README.md").unlink()
     write_card(str(tmp_path), str(tmp_path), metadata, has_errors=False, log=messages.append)
     assert "minimal card" in messages[-1] and (tmp_path / "README.md").read_text().startswith("---")
+    assert "meaningless" not in (tmp_path / "README.md").read_text()
+    (tmp_path / "README.md").unlink()
+    write_card(str(tmp_path), str(tmp_path), metadata, has_errors=False, log=messages.append, tiny_random=True)
+    assert "these labels are meaningless" in (tmp_path / "README.md").read_text()  # the fallback says it too
 
 
 def test_validate_names_a_shard_deleted_by_hand_and_the_closing_line_names_the_errors_table(tmp_path):

@@ -456,7 +456,8 @@ def _run(cfg: LabelingConfig, listed: Inputs, rule: PaintingRule, choice: ModelC
                               failed_by_type=summary.failures_in(fs, root, committed, work_plan.num_shards),
                               driver_bytes=driver_bytes, listing_s=listing_s)
     summary.write(fs, root, stats)
-    summary.write_card(cfg.output, root, metadata, has_errors=stats["failed"] > 0, log=log, options=cfg.card)
+    summary.write_card(cfg.output, root, metadata, has_errors=stats["failed"] > 0, log=log, options=cfg.card,
+                       tiny_random=cfg.models == "tiny-random")
     summary.verify_folder(cfg.output)
     log(summary.closing_line(stats, cfg.output))
     return stats

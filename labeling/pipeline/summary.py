@@ -157,7 +157,7 @@ def _is_full_card(text: str) -> bool:
 
 
 def write_card(output: str, root: str, metadata: layout.DatasetMetadata, has_errors: bool, log=print,
-               options: CardOptions | None = None) -> None:
+               options: CardOptions | None = None, tiny_random: bool = False) -> None:
     """The full dataset card (`options`: what the user told it). If building it fails, an earlier
     full card is kept (it is then out of date, and the run says so), else the minimal card is
     written; the labels are done either way."""
@@ -178,6 +178,9 @@ def write_card(output: str, root: str, metadata: layout.DatasetMetadata, has_err
         return
     log(f"warning: the full dataset card failed ({reason}); writing the minimal card instead: {rebuild}")
     try:
-        shards.write_bytes(fs, path, str(minimal_card(metadata, has_errors, image_reference=True)).encode())
+        body = ("# Multi-granular labeled images\n\n**Labeled with `--models tiny-random`: randomly initialised "
+                "tiny models, so these labels are meaningless** (for offline smoke runs and tests only).") \
+            if tiny_random else ""
+        shards.write_bytes(fs, path, str(minimal_card(metadata, has_errors, body, image_reference=True)).encode())
     except shards.OutputWriteError as err:
         log(f"warning: no dataset card was written ({err})")
