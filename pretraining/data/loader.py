@@ -280,6 +280,8 @@ def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform) 
         sample["semantic"] = semantic_t.to(torch.int16 if spec.ignore_value < 2**15 else torch.int32)  # (S, S)
         # The (3, S, S) instance representation is computed from these by Batch.to, batched on the device.
         sample["instance_ids"] = instance_t  # (S, S) int32, ids < 2**16
+        # Its largest id, known here on the host for free: it sizes the device's count tables (no sync there).
+        sample["instance_max"] = instance_t.max() if instance_t.numel() else torch.tensor(0, dtype=torch.int32)
     # The masking's random numbers; Batch.to turns them into visible tokens, batched on the device.
     draws = draw_masking(np.random.default_rng(masking_seed), spec.masking, len(spec.modalities))
     sample.update({k: torch.from_numpy(np.asarray(v)) for k, v in draws.items()})  # strategy_key, proportions, keys
@@ -386,12 +388,39 @@ class PretrainingStream(IterableDataset):
             yield epoch, step, collate(samples)
 
 
+_NORMALISATION: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std as (1, 3, 1, 1) tensors on `device`, made once per device (a copy from
+    the host waits for the device, so it is not done per batch)."""
+    if device not in _NORMALISATION:
+        _NORMALISATION[device] = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1)
+                                       for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    return _NORMALISATION[device]
+
+
+def _on_device(weights: Sequence[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Curriculum weights as a float64 device tensor, copied without waiting (a few bytes, staged by the driver)."""
+    if isinstance(weights, torch.Tensor):
+        return weights.to(device, torch.float64, non_blocking=True)
+    return torch.tensor(weights, dtype=torch.float64).to(device, non_blocking=True)
+
+
 @dataclass
 class Batch:
     epoch: int
     step: int
     chunks: list[dict[str, torch.Tensor]]
     spec: SampleSpec
+    instance_max: int | None = None  # the largest instance id of the batch, read on the host (None: unknown)
+
+    def moved(self, device: torch.device) -> Batch:
+        """This batch with its chunks copied to `device` as they are (compact dtypes; asynchronous from
+        pinned memory): what `DevicePrefetcher` does on a side stream while the previous batch computes."""
+        chunks = [{k: v.to(device, non_blocking=True) for k, v in c.items() if k != "instance_max"}
+                  for c in self.chunks]
+        return Batch(self.epoch, self.step, chunks, self.spec, self.instance_max)
 
     def to(self, device: torch.device, weights: Sequence[float] | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The batch dict of docs/model.md on `device`. Chunks are moved in their compact dtypes and
@@ -400,12 +429,14 @@ class Batch:
         maps, and the masking draws turned into each sample's strategy (under the curriculum `weights`
         (w_sem, w_inst, w_rand) the trainer gives for this step; by default the scheduled weights at
         the start of this epoch) and visible tokens (with patch-majority labels for the guided
-        strategies the weights can draw). Adds "strategy" (as used) and "strategy_requested" (B,)."""
+        strategies the weights can draw). Adds "strategy" (as used) and "strategy_requested" (B,).
+
+        Nothing here waits for the device: label ranges come from the contract (semantic ids are below
+        the ignore value) and the loader (`instance_max`), and host values go over asynchronously."""
         spec = self.spec
-        moved = [{k: v.to(device, non_blocking=True) for k, v in c.items()} for c in self.chunks]
+        moved = self.moved(device).chunks  # a no-op for chunks already there (`DevicePrefetcher`)
         batch = {k: torch.cat([c[k] for c in moved]) for k in moved[0]}
-        mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
+        mean, std = _normalisation(device)
         batch["rgb"] = (batch["rgb"].float() / 255 - mean) / std  # (B, 3, S, S)
         for key in ("semantic", "instance_ids"):
             if key in batch:
@@ -413,13 +444,17 @@ class Batch:
         if "semantic" in batch:
             batch["semantic"] = batch["semantic"].masked_fill(batch["semantic"] == spec.ignore_value, -1)  # (B, S, S)
         if "instance_ids" in batch:
-            batch["instance"] = instance_representation(batch["instance_ids"], spec.instance_offset_unit)  # (B, 3, S, S)
+            batch["instance"] = instance_representation(batch["instance_ids"], spec.instance_offset_unit,
+                                                        self.instance_max)  # (B, 3, S, S)
         if weights is None:
             weights = curriculum_weights(self.epoch / spec.epochs, spec.masking.curriculum)
         semantic_used, instance_used = _guided_in_use(spec.masking, weights)
-        semantic = patch_majority(batch["semantic"], spec.patch_size) if semantic_used and spec.reads_masks else None
-        instance = (patch_majority(batch["instance_ids"], spec.patch_size)
-                    if instance_used and spec.reads_masks else None)  # (B, N) each
+        semantic = (patch_majority(batch["semantic"], spec.patch_size, (-1, spec.ignore_value - 1))
+                    if semantic_used and spec.reads_masks else None)  # (B, N)
+        instance = (patch_majority(batch["instance_ids"], spec.patch_size,
+                                   None if self.instance_max is None else (0, self.instance_max))
+                    if instance_used and spec.reads_masks else None)  # (B, N)
+        weights = _on_device(weights, device)
         batch["strategy_requested"] = requested_strategy(batch.pop("strategy_key"), weights, spec.masking)
         batch["visible"], batch["strategy"] = visible_tokens(batch["strategy_requested"], batch.pop("proportions"),
                                                              batch.pop("keys"), semantic, instance, spec.masking)
@@ -453,4 +488,6 @@ class PretrainingLoader:
             epoch, step = chunks[0][0], chunks[0][1]
             if any((e, s) != (epoch, step) for e, s, _ in chunks):
                 raise RuntimeError(f"loader workers fell out of step at epoch {epoch} step {step}")
-            yield Batch(epoch, step, [c for _, _, c in chunks], self.stream.spec)
+            chunks = [c for _, _, c in chunks]
+            instance_max = max(int(c["instance_max"].max()) for c in chunks) if "instance_max" in chunks[0] else None
+            yield Batch(epoch, step, chunks, self.stream.spec, instance_max)
