@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import posixpath
 import statistics
 import tempfile
 import time
@@ -39,7 +40,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
 from dataset_card import codecs, shards
-from dataset_card.synthetic import write_synthetic_dataset
 from pretraining.data.augment import AugmentConfig
 from pretraining.data.loader import (
     DataConfig,
@@ -77,19 +77,67 @@ class RgbOnly(IterableDataset):
                     batch = []
 
 
-def write_jpeg_dataset(root: str, num_images: int, size: tuple[int, int]) -> None:
-    """The synthetic labeled folder with each shard's image column re-encoded as JPEG (quality 90)."""
-    write_synthetic_dataset(root, num_images=num_images, num_shards=max(2, num_images // 64), size=size, seed=0)
-    for path in sorted(Path(root, "data").glob("train-*.parquet")):
-        table = pq.read_table(path)
-        images = []
-        for cell in table.column("image").to_pylist():
-            buf = io.BytesIO()
-            Image.open(io.BytesIO(cell["bytes"])).save(buf, format="JPEG", quality=90)
-            images.append({"bytes": buf.getvalue(), "path": cell["path"].replace(".png", ".jpg")})
-        table = table.set_column(table.schema.get_field_index("image"), table.schema.field("image"),
-                                 pa.array(images, type=table.schema.field("image").type))
-        shards.write_parquet(table, str(path))
+SCENE_CLASSES = 24  # semantic classes of the scenes: the first 12 are things (their regions hold instances)
+
+
+def realistic_scene(photo: np.ndarray, rng: np.random.Generator, size: tuple[int, int]):
+    """A random crop of a natural photo at `size` (H, W) and label maps with realistic boundaries:
+    SLIC superpixels (~100 per image) as instances inside coarse SLIC regions (~10 per image), each
+    region a semantic class. Returns RGB (H, W, 3) uint8, semantic (H, W) uint8, instance masks (bool)."""
+    from skimage.segmentation import slic
+    from skimage.transform import resize
+
+    h, w = size
+    scale = max(h / photo.shape[0], w / photo.shape[1]) * rng.uniform(1.0, 1.6)
+    big = resize(photo, (round(photo.shape[0] * scale) + 1, round(photo.shape[1] * scale) + 1), anti_aliasing=True)
+    y, x = rng.integers(0, big.shape[0] - h + 1), rng.integers(0, big.shape[1] - w + 1)
+    crop = big[y:y + h, x:x + w]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    rgb = (crop * 255).clip(0, 255).astype(np.uint8)
+    coarse = slic(crop, n_segments=int(rng.integers(6, 16)), compactness=8, start_label=0)
+    fine = slic(crop, n_segments=int(rng.integers(60, 140)), compactness=12, start_label=0)
+    classes = rng.integers(0, SCENE_CLASSES, coarse.max() + 1)
+    semantic = classes[coarse].astype(np.uint8)
+    things = semantic < SCENE_CLASSES // 2
+    masks = [m for k in range(fine.max() + 1) if (m := (fine == k) & things).sum() >= 64]
+    return rgb, semantic, masks
+
+
+def write_realistic_dataset(root: str, num_images: int, size: tuple[int, int], unique: int = 64,
+                            seed: int = 0) -> None:
+    """A labeled folder written through the contract: `unique` scenes from skimage's photos (JPEG,
+    quality 90, as ImageNet's files) with SLIC label maps painted by the default rule, repeated to
+    `num_images` rows (a row's cost does not depend on having been seen: nothing is cached)."""
+    from skimage import data as photos
+
+    from dataset_card import layout
+    from dataset_card.schema import build_features, rows_to_table
+    from dataset_card.synthetic import synthetic_row
+
+    sources = [photos.astronaut(), photos.chelsea(), photos.coffee(), photos.rocket(), photos.cat(),
+               np.stack([photos.camera()] * 3, -1)]
+    rng = np.random.default_rng(seed)
+    classes = tuple(layout.SemanticClass(i, f"class{i}", i < SCENE_CLASSES // 2) for i in range(SCENE_CLASSES))
+    metadata = layout.DatasetMetadata(("scene",), classes, semantic_source="SLIC scenes")
+    features = build_features(metadata.class_names, metadata.semantic_class_names)
+    scenes = []
+    for i in range(unique):
+        rgb, semantic, masks = realistic_scene(sources[i % len(sources)], rng, size)
+        row, _ = synthetic_row(f"scene/{i:06d}", 0, rgb, semantic, masks, metadata.thing_ids, metadata.painting)
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+        row["image"] = {"bytes": buf.getvalue(), "path": f"scene/{i:06d}.jpg"}
+        scenes.append(row)
+    fs, base = shards.filesystem(root)
+    num_shards = max(2, num_images // 256)
+    bounds = np.linspace(0, num_images, num_shards + 1).astype(int)
+    for s in range(num_shards):
+        rows = [{**scenes[i % unique], "image_id": f"scene/{i:06d}"} for i in range(bounds[s], bounds[s + 1])]
+        shards.commit_shard(fs, base, s, num_shards, rows_to_table(rows, features, metadata.painting.to_dict()),
+                            pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA), layout.ShardStats(shard=s),
+                            row_group_size=64)
+    shards.write_bytes(fs, posixpath.join(base, layout.METADATA_FILE), metadata.to_json().encode())
 
 
 def time_loader(batches, batch_size: int, warmup: int, limit: int) -> tuple[int, float]:
@@ -110,6 +158,7 @@ def main() -> None:
     parser.add_argument("--data", help="a labeled folder (default: write a synthetic one)")
     parser.add_argument("--num-images", type=int, default=1536, help="synthetic images to write without --data")
     parser.add_argument("--image-size", type=int, nargs=2, default=(375, 500), help="synthetic image H W")
+    parser.add_argument("--unique", type=int, default=64, help="distinct scenes in the synthetic folder (rows repeat them)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--img-size", type=int, default=224, help="crop size")
@@ -124,7 +173,7 @@ def main() -> None:
         root = args.data
         if root is None:
             root = str(Path(tmp) / "labeled")
-            write_jpeg_dataset(root, args.num_images, tuple(args.image_size))
+            write_realistic_dataset(root, args.num_images, tuple(args.image_size), args.unique)
         dataset = open_labeled_dataset(root)
         for path in dataset.files:  # both loaders start from a warm page cache
             Path(path).read_bytes() if Path(path).exists() else None
