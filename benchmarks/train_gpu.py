@@ -147,13 +147,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def forward_backward_flops(name: str, size: str, img_size: int) -> float:
+def forward_backward_flops(name: str, overrides: dict) -> float:
     """Forward + backward FLOPs of one image (matmuls and attention), counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = create_model(name.format(size), num_semantic_classes=NUM_CLASSES, img_size=img_size)
-    batch = {k: v.to("meta") for k, v in with_visible(model, make_batch(1, img_size)).items()}
+        model = create_model(name, num_semantic_classes=NUM_CLASSES, **overrides)
+    batch = {k: v.to("meta") for k, v in with_visible(model, make_batch(1, model.cfg.img_size)).items()}
     with FlopCounterMode(display=False) as counter:
         model(batch).loss.backward()
     return counter.get_total_flops()
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             dataset = write_folder(Path(tmp), rows, min(args.unique, rows), tuple(args.image_size))
         for family in args.models.split(","):
             name = FAMILIES[family].format(args.size)
-            flops = forward_backward_flops(FAMILIES[family], args.size, args.img_size) if not args.smoke else 0.0
+            flops = forward_backward_flops(name, overrides)
             torch.manual_seed(0)
             model = create_model(name, num_semantic_classes=NUM_CLASSES, **overrides).to(device)
             synthetic = {k: v.to(device) for k, v in with_visible(model, make_batch(args.batch_size, args.img_size)).items()}
@@ -263,7 +263,7 @@ def report(results: list[Result]) -> None:
     for r in results:
         mae = by.get(("mae", r.source, r.compiled))
         synth = by.get((r.model, "synthetic", r.compiled))
-        print(f"{r.model:9} {r.source:9} {'on' if r.compiled else 'off':7} {r.batch_size:>5} {r.images_per_s:>9.0f} "
+        print(f"{r.model:9} {r.source:9} {'on' if r.compiled else 'off':7} {r.batch_size:>5} {r.images_per_s:>9.4g} "
               f"{r.step_s * 1e3:>8.1f} {r.mfu:>6.1%} {r.data_wait:>5.1%} {r.peak_gib:>8.1f} "
               f"{r.step_s / mae.step_s if mae else float('nan'):>5.2f} "
               f"{r.images_per_s / synth.images_per_s if synth else float('nan'):>6.2f}")
@@ -276,9 +276,9 @@ def report(results: list[Result]) -> None:
         loader = by.get(("c2fmae", "loader", compiled))
         mae = by.get(("mae", "synthetic", compiled))
         figures = {"compile": "on" if compiled else "off",
-                   "c2fmae_images_per_s": f"{synth.images_per_s:.0f}", "c2fmae_mfu": f"{synth.mfu:.3f}"}
+                   "c2fmae_images_per_s": f"{synth.images_per_s:.4g}", "c2fmae_mfu": f"{synth.mfu:.3g}"}
         if loader:
-            figures.update(c2fmae_loader_images_per_s=f"{loader.images_per_s:.0f}",
+            figures.update(c2fmae_loader_images_per_s=f"{loader.images_per_s:.4g}",
                            loader_over_synthetic=f"{loader.images_per_s / synth.images_per_s:.3f}",
                            data_wait_share=f"{loader.data_wait:.3f}")
         if mae:
