@@ -232,17 +232,19 @@ def run(args: argparse.Namespace) -> list[Result]:
                                      augment=AugmentConfig(), ignore_value=NUM_CLASSES + 1 if dataset is None else
                                      dataset.metadata.ignore_value, seed=0, epochs=1000,
                                      instance_offset_unit=model.cfg.offset_unit_pixels)
-            loader_cfg = DataConfig(batch_size=args.batch_size, num_workers=args.workers, shuffle_buffer=256,
-                                    prefetch_factor=4 if args.workers else 2)
+            loader_cfgs = {f"loader:{d}": DataConfig(batch_size=args.batch_size, num_workers=args.workers,
+                                                     shuffle_buffer=256, prefetch_factor=4 if args.workers else 2,
+                                                     decode=d) for d in args.decode.split(",")}
             for compiled in compile_modes:
                 stepper = Stepper(model, device, compiled, dtype)
-                for source in ("synthetic", "loader") if dataset is not None else ("synthetic",):
+                for source in ["synthetic", *(loader_cfgs if dataset is not None else [])]:
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
                     if source == "synthetic":
                         step_s, wait = time_synthetic(stepper, synthetic, args.steps, args.warmup)
                     else:
-                        loader = PretrainingLoader(dataset, loader_spec, loader_cfg, pin_memory=device.type == "cuda")
+                        loader = PretrainingLoader(dataset, loader_spec, loader_cfgs[source],
+                                                   pin_memory=device.type == "cuda")
                         step_s, wait = time_loader(stepper, loader, args.loader_steps, args.warmup)
                     rate = args.batch_size / step_s
                     peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
@@ -258,12 +260,12 @@ def run(args: argparse.Namespace) -> list[Result]:
 
 def report(results: list[Result]) -> None:
     by = {(r.model, r.source, r.compiled): r for r in results}
-    print(f"\n{'model':9} {'input':9} {'compile':7} {'batch':>5} {'images/s':>9} {'ms/step':>8} {'MFU':>6} "
+    print(f"\n{'model':9} {'input':14} {'compile':7} {'batch':>5} {'images/s':>9} {'ms/step':>8} {'MFU':>6} "
           f"{'wait':>5} {'peak GiB':>8} {'/mae':>5} {'/synth':>6}")
     for r in results:
         mae = by.get(("mae", r.source, r.compiled))
         synth = by.get((r.model, "synthetic", r.compiled))
-        print(f"{r.model:9} {r.source:9} {'on' if r.compiled else 'off':7} {r.batch_size:>5} {r.images_per_s:>9.4g} "
+        print(f"{r.model:9} {r.source:14} {'on' if r.compiled else 'off':7} {r.batch_size:>5} {r.images_per_s:>9.4g} "
               f"{r.step_s * 1e3:>8.1f} {r.mfu:>6.1%} {r.data_wait:>5.1%} {r.peak_gib:>8.1f} "
               f"{r.step_s / mae.step_s if mae else float('nan'):>5.2f} "
               f"{r.images_per_s / synth.images_per_s if synth else float('nan'):>6.2f}")
@@ -273,12 +275,13 @@ def report(results: list[Result]) -> None:
         if not c2f:
             continue
         synth = by.get(("c2fmae", "synthetic", compiled))
-        loader = by.get(("c2fmae", "loader", compiled))
+        loaders = [r for r in results if r.model == "c2fmae" and r.source != "synthetic" and r.compiled == compiled]
+        loader = max(loaders, key=lambda r: r.images_per_s) if loaders else None
         mae = by.get(("mae", "synthetic", compiled))
         figures = {"compile": "on" if compiled else "off",
                    "c2fmae_images_per_s": f"{synth.images_per_s:.4g}", "c2fmae_mfu": f"{synth.mfu:.3g}"}
         if loader:
-            figures.update(c2fmae_loader_images_per_s=f"{loader.images_per_s:.4g}",
+            figures.update(loader=loader.source.split(":")[1], c2fmae_loader_images_per_s=f"{loader.images_per_s:.4g}",
                            loader_over_synthetic=f"{loader.images_per_s / synth.images_per_s:.3f}",
                            data_wait_share=f"{loader.data_wait:.3f}")
         if mae:
@@ -301,6 +304,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loader-steps", type=int, default=15, help="timed loader-fed steps (0: no loader rows)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--compile", default="off,on", help="off, on, or off,on")
+    parser.add_argument("--decode", default=None,
+                        help="loader rows: where JPEGs are decoded, worker and/or device (data.decode); default "
+                             "device on a GPU (nvJPEG), worker,device with --smoke")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="loader workers")
     parser.add_argument("--unique", type=int, default=512, help="distinct scenes in the folder (rows repeat them)")
     parser.add_argument("--image-size", type=int, nargs=2, default=(375, 500), help="stored image H W")
@@ -310,7 +316,9 @@ def main(argv: list[str] | None = None) -> None:
         args.device = args.device or "cpu"
         args.size, args.img_size, args.batch_size, args.steps, args.loader_steps = "tiny", 64, 4, 2, 2
         args.warmup, args.compile, args.workers, args.unique, args.image_size, args.peak_n = 1, "off", 0, 4, (96, 128), 256
+        args.decode = args.decode or "worker,device"
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.decode = args.decode or ("device" if torch.device(args.device).type == "cuda" else "worker")
     if torch.device(args.device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     report(run(args))
