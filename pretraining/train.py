@@ -5,9 +5,10 @@ resumes from the newest checkpoint in RUN. See docs/training.md.
 
 The loop, in order: set the learning rate and the curriculum's masking weights for the optimizer
 step (both from its fractional epoch); finish the batch on the device under those weights; forward
-and backward each micro-batch (DDP syncs gradients on the last one); average the loss terms over
-ranks and stop on a non-finite one; step the optimizer; let an adaptive curriculum see the step's
-per-strategy losses; log, draw a figure, checkpoint.
+and backward each micro-batch (DDP syncs gradients on the last one), keeping its loss terms on the
+device; step the optimizer; let an adaptive curriculum see the step's per-strategy losses; every
+`log_every` steps and before each checkpoint, average the kept loss terms over ranks, stop on a
+non-finite one, log; draw a figure; checkpoint. The next batch is copied to the GPU meanwhile.
 """
 
 from __future__ import annotations
