@@ -37,6 +37,7 @@ from PIL import Image
 
 from benchmarks.pretrain_step import make_batch, with_visible
 from dataset_card import layout
+from dataset_card.schema import semantic_ignore_value
 from pretraining.data.augment import AugmentConfig
 from pretraining.data.loader import DataConfig, LabeledDataset, PretrainingLoader, SampleSpec, Unit
 from pretraining.data.prefetch import DevicePrefetcher
@@ -188,8 +189,10 @@ def time_synthetic(stepper: Stepper, batch: dict[str, torch.Tensor], steps: int,
 
 
 def time_loader(stepper: Stepper, loader: PretrainingLoader, steps: int, warmup: int) -> tuple[float, float]:
-    """(seconds per step, share of wall time blocked on the loader) over `steps` loader-fed steps, as
-    `pretraining.train` runs them: side-stream prefetch, `Batch.to` on the device, the step."""
+    """(seconds per step, share of wall time the host was blocked on the loader) over `steps`
+    loader-fed steps, as `pretraining.train` runs them: side-stream prefetch, `Batch.to` on the
+    device, the step. (The GPU may still be running the previous step while the host waits; the
+    loader-fed over synthetic rate is the measure of what the loader costs.)"""
     spec = loader.stream.spec
     weights = curriculum_weights(0.5, spec.masking.curriculum)  # all three strategies in play
     batches = iter(DevicePrefetcher(loader, stepper.device))
@@ -229,8 +232,8 @@ def run(args: argparse.Namespace) -> list[Result]:
             synthetic = {k: v.to(device) for k, v in with_visible(model, make_batch(args.batch_size, args.img_size)).items()}
             loader_spec = SampleSpec(img_size=model.cfg.img_size, patch_size=model.cfg.patch_size,
                                      modalities=model.cfg.modalities, masking=model.cfg.masking,
-                                     augment=AugmentConfig(), ignore_value=NUM_CLASSES + 1 if dataset is None else
-                                     dataset.metadata.ignore_value, seed=0, epochs=1000,
+                                     augment=AugmentConfig(), ignore_value=semantic_ignore_value(NUM_CLASSES),
+                                     seed=0, epochs=1000,
                                      instance_offset_unit=model.cfg.offset_unit_pixels)
             loader_cfgs = {f"loader:{d}": DataConfig(batch_size=args.batch_size, num_workers=args.workers,
                                                      shuffle_buffer=256, prefetch_factor=4 if args.workers else 2,
