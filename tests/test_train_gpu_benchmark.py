@@ -25,7 +25,7 @@ runpy.run_path('benchmarks/train_gpu.py', run_name='__main__')
 """
 
 
-@pytest.mark.slow  # ~20 s on 2 idle cores: three tiny models, synthetic and loader-fed
+@pytest.mark.slow  # an end-to-end run in a subprocess: 8.5 s on 2 cores at load ~3, 28 s at load ~20
 def test_smoke_mode_runs_on_cpu_without_ray_datasets_or_pycocotools():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-c", BLOCKED], cwd=ROOT, env=env, capture_output=True, text=True,
