@@ -17,7 +17,7 @@ def _batch(batch_size: int = 2, size: int = 64) -> dict[str, torch.Tensor]:
             "instance_ids": ids, "instance": instance_representation(ids, 16)}
 
 
-@pytest.mark.slow  # inductor compiles forward and backward: 16 s with a warm inductor cache, minutes cold on 2 busy cores
+@pytest.mark.slow  # inductor compiles forward and backward: 81 s cold on 2 cores (load ~3), 16 s with a warm cache
 def test_compiled_model_gives_the_eager_loss_and_gradients():
     torch.manual_seed(0)
     model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=6, img_size=64, depth=2, decoder_depth=1)
