@@ -15,7 +15,6 @@ import io
 from collections.abc import Mapping
 
 import numpy as np
-import pycocotools.mask as mask_utils
 from PIL import Image, ImageFile
 
 # Refuse truncated files instead of filling them with grey: a half image with full masks is worse
@@ -110,9 +109,17 @@ def decode_mask(data: bytes, dtype: type | None = np.int64) -> np.ndarray:
     return values.astype(dtype)
 
 
+def coco_mask():
+    """pycocotools' mask API, imported on first use, so that readers of the PNG maps alone (the
+    training loader, `benchmarks/train_gpu.py` on a bare CUDA box) run without pycocotools."""
+    import pycocotools.mask
+
+    return pycocotools.mask
+
+
 def encode_rle(mask: np.ndarray) -> dict:
     """(H, W) bool mask -> {"size": [h, w], "counts": str}, pycocotools' compressed RLE."""
-    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    rle = coco_mask().encode(np.asfortranarray(mask, dtype=np.uint8))
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
@@ -127,8 +134,8 @@ def decode_rle(rle: Mapping, check: bool = True) -> np.ndarray:
     if isinstance(counts, str):
         counts = counts.encode("ascii")
     size = [int(s) for s in rle["size"]]
-    decoded = mask_utils.decode({"size": size, "counts": counts})
-    if check and decoded.size and (decoded.max() > 1 or mask_utils.encode(decoded)["counts"] != counts):
+    decoded = coco_mask().decode({"size": size, "counts": counts})
+    if check and decoded.size and (decoded.max() > 1 or coco_mask().encode(decoded)["counts"] != counts):
         raise DecodeError(f"corrupt RLE: its runs do not describe a {size[0]}x{size[1]} mask")
     return decoded.astype(bool)
 
@@ -136,7 +143,7 @@ def decode_rle(rle: Mapping, check: bool = True) -> np.ndarray:
 def rle_area(rle: Mapping) -> int:
     counts = rle["counts"]
     counts = counts.encode("ascii") if isinstance(counts, str) else counts
-    return int(mask_utils.area({"size": [int(s) for s in rle["size"]], "counts": counts}))
+    return int(coco_mask().area({"size": [int(s) for s in rle["size"]], "counts": counts}))
 
 
 def _counts(rle: Mapping) -> dict:
@@ -146,7 +153,7 @@ def _counts(rle: Mapping) -> dict:
 
 def tight_box(rle: Mapping) -> tuple[int, int, int, int]:
     """(y0, x0, y1, x1), the half-open pixel box holding every pixel of the mask (zeros if empty)."""
-    x, y, w, h = (int(round(v)) for v in mask_utils.toBbox(_counts(rle)))
+    x, y, w, h = (int(round(v)) for v in coco_mask().toBbox(_counts(rle)))
     return y, x, y + h, x + w
 
 
@@ -161,7 +168,7 @@ def crop_rle(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> dic
     columns[y0 : y0 + h] = crop
     flat = columns.ravel(order="F")
     if not flat.any():
-        return {"size": [height, width], "counts": _text(mask_utils.encode(np.zeros((height, width), np.uint8,
+        return {"size": [height, width], "counts": _text(coco_mask().encode(np.zeros((height, width), np.uint8,
                                                                                       order="F"))["counts"])}
     edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
@@ -173,7 +180,7 @@ def crop_rle(crop: np.ndarray, y0: int, x0: int, height: int, width: int) -> dic
         runs[-1] += right
     elif right:
         runs.append(right)
-    rle = mask_utils.frPyObjects({"counts": runs, "size": [height, width]}, height, width)
+    rle = coco_mask().frPyObjects({"counts": runs, "size": [height, width]}, height, width)
     return {"size": [height, width], "counts": _text(rle["counts"])}
 
 

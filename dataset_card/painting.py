@@ -30,7 +30,6 @@ from collections.abc import Collection, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import pycocotools.mask as mask_utils
 
 from dataset_card import codecs
 
@@ -146,7 +145,7 @@ def paint_instances(instances: Sequence[MutableMapping], semantic: np.ndarray, t
                       and _overlaps(instances[j]["bbox"], inst["bbox"])]
             count = int(aligned.sum())
             if rivals and count:
-                inside_of = mask_utils.iou([_coco_rle(codecs.crop_rle(aligned, y0, x0, height, width))],
+                inside_of = codecs.coco_mask().iou([_coco_rle(codecs.crop_rle(aligned, y0, x0, height, width))],
                                            [rles.setdefault(j, _coco_rle(instances[j]["rle"])) for j in rivals],
                                            [1] * len(rivals))[0]  # share of `aligned` inside each rival
                 best = int(np.argmax(inside_of))
@@ -196,11 +195,11 @@ def _settle(instances: Sequence[MutableMapping], objects: list[int], instance_ma
                 own.append(_coco_rle(codecs.crop_rle(region, y0, x0, height, width)))
         if len(painted) < 2:
             break
-        inside = np.asarray(mask_utils.iou(own, [full[i] for i in painted], [1] * len(painted)))
+        inside = np.asarray(codecs.coco_mask().iou(own, [full[i] for i in painted], [1] * len(painted)))
         inside = inside.reshape(len(painted), len(painted))
         classes = np.array([int(instances[i]["category_id"]) for i in painted])
         inside[(classes[:, None] != classes[None, :]) | np.eye(len(painted), dtype=bool)] = 0.0
-        areas = [int(mask_utils.area(rle)) for rle in own]
+        areas = [int(codecs.coco_mask().area(rle)) for rle in own]
         nested = next((a for a in range(len(painted)) if contains(inside[a].max(), areas[a], share)), None)
         if nested is None:
             break

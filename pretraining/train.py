@@ -6,9 +6,10 @@ finished run says so and changes nothing; `--set epochs=N` extends it). See docs
 
 The loop, in order: set the learning rate and the curriculum's masking weights for the optimizer
 step (both from its fractional epoch); finish the batch on the device under those weights; forward
-and backward each micro-batch (DDP syncs gradients on the last one); average the loss terms over
-ranks and stop on a non-finite one; step the optimizer; let an adaptive curriculum see the step's
-per-strategy losses; log, draw a figure, checkpoint.
+and backward each micro-batch (DDP syncs gradients on the last one), keeping its loss terms on the
+device; step the optimizer; let an adaptive curriculum see the step's per-strategy losses; every
+`log_every` steps and before each checkpoint, average the kept loss terms over ranks, stop on a
+non-finite one, log; draw a figure; checkpoint. The next batch is copied to the GPU meanwhile.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ from pretraining.data.loader import (
     SampleSpec,
     open_labeled_dataset,
 )
+from pretraining.data.prefetch import DevicePrefetcher
 from pretraining.models.curriculum import Curriculum
 from pretraining.models.factory import create_model
 from pretraining.training import checkpoint as ckpt
 from pretraining.training.config import ConfigError, TrainConfig, apply_overrides, to_dict
+from pretraining.training.loss_meter import LossMeter, MicroStep, NonFiniteLoss
 from pretraining.training.monitor import Monitor, reconstruction_figure
 from pretraining.training.recipes import RECIPES, get_recipe
 from pretraining.training.resume import RunError, check_resume, complete_summary, dataset_fingerprint
@@ -216,7 +219,9 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
     steps_per_epoch = loader.steps_per_epoch  # micro-steps of epoch 0; later epochs may differ slightly
     train_model = torch.compile(model) if cfg.compile else model
     if distributed.world_size > 1:
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        # broadcast_buffers=False: the only buffers are fixed sin-cos position embeddings, equal on every rank.
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              broadcast_buffers=False)
     monitor = Monitor(run_dir, enabled=main, purge_step=global_step + 1)  # hide what a killed run logged after this
     strategies = StrategyLog(mcfg.modalities, device)
     samples_log = _open_samples_log(run_dir / f"samples-rank{distributed.rank}.jsonl", position) if cfg.log_samples else None
@@ -242,12 +247,31 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
                 "config": json.dumps(to_dict(cfg)), "run": json.dumps(run_info), "last": last,
             }, run_dir, global_step, cfg.keep_checkpoints)
 
+    meter: LossMeter | None = None  # made at the first step, when the model has named its loss terms
+
+    def check_losses() -> None:
+        """Read the losses since the last check (one sync), write the samples log, stop on a non-finite one."""
+        nonlocal last
+        try:
+            steps = meter.check(lambda values: _reduce(values, distributed)) if meter is not None else []
+        except NonFiniteLoss as err:
+            raise RunError(f"{err}. The run stopped; lower optim.lr or use precision=fp32, then rerun to resume "
+                           "from the last checkpoint.") from None
+        if samples_log is not None and steps:
+            with writing(samples_log.name):
+                for s in steps:
+                    samples_log.write(json.dumps({"epoch": s.epoch, "step": s.batch, "index": s.index,
+                                                  "loss": dict(zip(meter.names, s.values))}) + "\n")
+        if steps:
+            last = dict(meter.last)
+            bar.set_postfix(epoch=steps[-1].epoch, loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+
     model.train()
-    totals, window = None, {"samples": 0, "wait": 0.0, "start": time.perf_counter()}
+    window = {"samples": 0, "wait": 0.0, "start": time.perf_counter()}
     last, saved_at = {}, global_step
     epoch_steps = {}
     waited_from = time.perf_counter()
-    for batch in loader:
+    for batch in DevicePrefetcher(loader, device):  # the next batch's copy overlaps this step on a GPU
         epoch, step = batch.epoch, batch.step
         micro = step % cfg.accum_steps
         if micro == 0:  # the optimizer step's learning rate and masking weights, from its fractional epoch
@@ -267,20 +291,13 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
             scaler.scale(out.loss / cfg.accum_steps).backward()
         strategies.add(out.strategy, inputs["strategy_requested"], out.sample_terms, out.sample_loss)
 
-        names = ["loss", *out.terms]
-        values = _reduce(torch.stack([out.loss.detach().float(), *[t.detach().float() for t in out.terms.values()]]),
-                         distributed).tolist()
-        if not all(math.isfinite(v) for v in values):
-            terms = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values))
-            raise RunError(f"the loss is not finite at optimizer step {global_step + 1} (epoch {epoch}, batch {step}): "
-                           f"{terms}. The run stopped; lower optim.lr or use precision=fp32, then rerun to resume "
-                           "from the last checkpoint.")
-        totals = [a + b for a, b in zip(totals, values)] if totals else values
+        if meter is None or meter.names[1:] != tuple(out.terms):
+            check_losses()
+            meter = LossMeter(["loss", *out.terms])
+        # Kept on the device; read every log_every steps, before checkpoints and at the end (check_losses).
+        meter.add(torch.stack([out.loss.detach().float(), *[t.detach().float() for t in out.terms.values()]]),
+                  MicroStep(global_step + 1, epoch, step, inputs["index"] if samples_log is not None else None))
         window["samples"] += inputs["rgb"].shape[0] * distributed.world_size
-        if samples_log is not None:
-            with writing(samples_log.name):
-                samples_log.write(json.dumps({"epoch": epoch, "step": step, "index": inputs["index"].tolist(),
-                                              "loss": dict(zip(names, values))}) + "\n")
         if not last_micro:
             waited_from = time.perf_counter()
             continue
@@ -296,12 +313,10 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
             curriculum.update(_reduce(step_loss, distributed), _reduce(step_count, distributed))
         global_step += 1
         position = (epoch, step + 1) if step + 1 < epoch_steps[epoch] else (epoch + 1, 0)
-        last = {n: v / cfg.accum_steps for n, v in zip(names, totals)}
-        totals = None
         bar.update(1)
-        bar.set_postfix(epoch=epoch, loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
 
         if global_step % cfg.log_every == 0:
+            check_losses()
             elapsed = time.perf_counter() - window["start"]
             mix, per_step = strategies.scalars()
             for logged_step, values in per_step:
@@ -320,13 +335,16 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
             recon = model.reconstruct(inputs, out)
             monitor.figure(global_step, reconstruction_figure(inputs, recon, model.visible_mask(out)))
         if global_step % cfg.checkpoint_every == 0:
+            check_losses()  # never save after a non-finite loss
             save(*position)
             saved_at = global_step
-        if position[1] == 0:  # an epoch just ended
+        if position[1] == 0 and hooks:  # an epoch just ended
+            check_losses()
             for hook in hooks:
                 hook(EpochEnd(epoch, global_step, model, dataset, monitor, distributed))
         waited_from = time.perf_counter()
 
+    check_losses()
     bar.close()
     if saved_at != global_step:
         save(*position)

@@ -61,3 +61,11 @@ def test_wide_ids_take_the_renumbering_path_with_the_same_result():
     maps = torch.randint(0, 5, (3, 12, 10), generator=g)
     # ids up to 36000 in a 360-pixel batch: too sparse to index bins directly, so they are renumbered.
     assert torch.equal(instance_representation(maps * 9000), instance_representation(maps))
+
+
+def test_a_known_max_id_gives_the_same_result():
+    g = torch.Generator().manual_seed(2)
+    maps = torch.randint(0, 7, (3, 12, 10), generator=g)
+    reference = instance_representation(maps)
+    assert torch.equal(instance_representation(maps, max_id=6), reference)
+    assert torch.equal(instance_representation(maps, max_id=2**16 - 1), reference)  # sparse: renumbered instead

@@ -199,3 +199,14 @@ def test_rounded_allocation_is_multimaes_and_meets_the_budget_exactly():
     counts = torch.stack([torch.bincount(v // N, minlength=3) for v in visible])
     assert (counts - rounded_counts(98, proportions)).abs().sum(1).le(1).all()  # one token added or dropped
     assert counts[0].tolist() in ([49, 24, 25], [49, 25, 24], [50, 24, 24])
+
+
+def test_patch_majority_count_table_and_sort_paths_agree():
+    # Known bounds count in a table; no bounds (or a range too wide for one) sort each patch. Same labels.
+    g = _gen(3)
+    labels = torch.randint(-1, 6, (4, 32, 48), generator=g)
+    labels[0, :16, :16] = 4  # a uniform patch
+    by_sort = patch_majority(labels, 16)
+    assert torch.equal(patch_majority(labels, 16, bounds=(-1, 5)), by_sort)
+    assert torch.equal(patch_majority(labels, 16, bounds=(-1, 2**30)), by_sort)  # too wide: the sort path
+    assert by_sort[0, 0] == 4

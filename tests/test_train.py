@@ -271,6 +271,12 @@ def test_non_finite_loss_stops_the_run_naming_step_and_terms(data_dir, tmp_path,
     with pytest.raises(RunError, match=r"not finite at optimizer step 3 \(epoch 0, batch 2\).*instance=nan"):
         train(cfg, data_dir, str(tmp_path / "run"), progress=False)
     assert not ckpt.list_checkpoints(tmp_path / "run")  # nothing saved after step 2
+    # Losses are read every log_every steps and before each checkpoint (no sync per step): the NaN of
+    # step 3 is found at the checkpoint of step 4, still named by its own step, and nothing is saved.
+    late = apply_overrides(tiny(), (*FAST, "log_grad_share=false", "log_every=5", "checkpoint_every=4"))
+    with pytest.raises(RunError, match=r"not finite at optimizer step 3 \(epoch 0, batch 2\).*instance=nan"):
+        train(late, data_dir, str(tmp_path / "late"), progress=False)
+    assert not ckpt.list_checkpoints(tmp_path / "late")
 
 
 def test_gradient_accumulation_matches_one_step_over_the_joined_batch(data_dir, tmp_path):

@@ -49,6 +49,17 @@ def nearest_exact_index(start: int, length: int, size: int) -> np.ndarray:
     return start + np.minimum(source, length - 1)
 
 
+@dataclass(frozen=True)
+class CropBox:
+    """One sample's crop (in source pixels) and flip, shared by its image and label maps."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
 class JointCropFlip:
     """A random resized crop and horizontal flip, drawn once and applied to an image and its masks.
 
@@ -63,19 +74,32 @@ class JointCropFlip:
         self.hflip = cfg.hflip
         self.interpolation = _INTERPOLATIONS[cfg.interpolation]
 
+    def draw(self, height: int, width: int) -> CropBox:
+        """The crop box and flip for an image of height x width, from torch's global generator."""
+        p = self.crop.make_params([tv_tensors.Image(torch.empty((1, height, width), dtype=torch.uint8))])
+        flip = bool(torch.rand(1) < self.hflip)
+        return CropBox(p["top"], p["left"], p["height"], p["width"], flip)
+
+    def crop_image(self, image: torch.Tensor, box: CropBox) -> torch.Tensor:
+        """(3, H, W) uint8 on any device -> (3, S, S) uint8: resized (antialiased) and flipped."""
+        out = F.resized_crop(image, box.top, box.left, box.height, box.width, self.size,
+                             interpolation=self.interpolation, antialias=True)
+        return F.horizontal_flip(out) if box.flip else out
+
+    def crop_masks(self, box: CropBox, *masks: np.ndarray) -> list[np.ndarray]:
+        """(H, W) maps of any dtype -> (S, S) of their dtype, nearest-exact (a row and column gather)."""
+        rows = nearest_exact_index(box.top, box.height, self.size[0])
+        cols = nearest_exact_index(box.left, box.width, self.size[1])
+        if box.flip:
+            cols = cols[::-1]
+        return [m.take(rows, axis=0).take(cols, axis=1) for m in masks]
+
     def __call__(self, image: tv_tensors.Image, *masks: np.ndarray) -> tuple[torch.Tensor, list[np.ndarray]]:
         """image (3, H, W), masks (H, W) of any dtype -> image (3, S, S), masks (S, S) of their dtype.
 
         Draws from torch's global generator (the caller seeds it)."""
-        p = self.crop.make_params([image])  # top, left, height, width
-        flip = bool(torch.rand(1) < self.hflip)
-        out = F.resized_crop(image, p["top"], p["left"], p["height"], p["width"], self.size,
-                             interpolation=self.interpolation, antialias=True)
-        rows = nearest_exact_index(p["top"], p["height"], self.size[0])
-        cols = nearest_exact_index(p["left"], p["width"], self.size[1])
-        if flip:
-            out, cols = F.horizontal_flip(out), cols[::-1]
-        return out.as_subclass(torch.Tensor), [m.take(rows, axis=0).take(cols, axis=1) for m in masks]
+        box = self.draw(*image.shape[-2:])
+        return self.crop_image(image, box).as_subclass(torch.Tensor), self.crop_masks(box, *masks)
 
 
 def joint_transform(img_size: int, cfg: AugmentConfig) -> JointCropFlip:
@@ -86,6 +110,29 @@ def sample_seeds(seed: int, epoch: int, index: int) -> tuple[int, int]:
     """(augmentation seed, masking seed): 63-bit seeds that depend only on (run seed, epoch, sample index)."""
     a, b, c, d = (int(x) for x in np.random.SeedSequence([seed, epoch, index]).generate_state(4, dtype=np.uint32))
     return a << 31 ^ b, c << 31 ^ d
+
+
+def augment_masks(
+    height: int,
+    width: int,
+    semantic: np.ndarray | None,
+    instance: np.ndarray | None,
+    transform: JointCropFlip,
+    seed: int,
+) -> tuple[CropBox, torch.Tensor | None, torch.Tensor | None]:
+    """`augment` for an image decoded later (on the training device): the crop box drawn exactly as
+    `augment` draws it for an image of height x width, and the label maps cropped with it.
+
+    Returns (box, semantic (S, S) int32 or None, instance (S, S) int32 or None).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        box = transform.draw(height, width)
+    masks = [torch.from_numpy(m.astype(np.int32)) for m in transform.crop_masks(
+        box, *[m for m in (semantic, instance) if m is not None])]
+    semantic_out = masks.pop(0) if semantic is not None else None
+    instance_out = masks.pop(0) if instance is not None else None
+    return box, semantic_out, instance_out
 
 
 def augment(

@@ -116,7 +116,9 @@ class AdaptiveCurriculum:
     def weights(self, progress: float) -> torch.Tensor:
         """(3,) float64 on the device: the rule's weights (the schedule's, floored, until warmed up)."""
         cfg = self.cfg
-        scheduled = torch.tensor(curriculum_weights(progress, cfg), dtype=torch.float64, device=self.fast.device)
+        scheduled = torch.tensor(curriculum_weights(progress, cfg), dtype=torch.float64)
+        if self.fast.is_cuda:  # a copy from pinned memory does not wait for the device's queue
+            scheduled = scheduled.pin_memory().to(self.fast.device, non_blocking=True)
         fast = self.fast / (1 - cfg.adaptive_fast ** self.seen).clamp(min=1e-12)  # bias-corrected
         slow = self.slow / (1 - cfg.adaptive_slow ** self.seen).clamp(min=1e-12)
         progress_s = torch.where(self.seen > 0, (slow - fast).abs() / slow.abs().clamp(min=1e-12), 0.0)

@@ -66,10 +66,15 @@ class MaskingConfig:
         return self.strategy != "random"
 
 
-def patch_majority(label_map: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Most frequent label of each patch (ties go to the smaller label).
+def patch_majority(label_map: torch.Tensor, patch_size: int, bounds: tuple[int, int] | None = None) -> torch.Tensor:
+    """Most frequent label of each patch (ties go to the smaller label), with no host sync.
 
-    label_map: (..., H, W) integer labels, H and W multiples of patch_size.
+    label_map: (..., H, W) integer labels, H and W multiples of patch_size. bounds: (low, high), the
+    inclusive range the labels are known to lie in (from the dataset's metadata: the semantic classes
+    and the ignore value -1, or the largest instance id the loader saw); labels outside it are
+    undefined behaviour. With a small range the labels are counted in an (R, K) table, else (or
+    with None) each patch is sorted and its runs counted: both are fixed-shape, so neither reads
+    a value back to the host.
     Returns (..., h * w) int64, patches row-major.
     """
     *lead, H, W = label_map.shape
@@ -78,16 +83,17 @@ def patch_majority(label_map: torch.Tensor, patch_size: int) -> torch.Tensor:
     h, w, P = H // patch_size, W // patch_size, patch_size
     rows = label_map.reshape(-1, h, P, w, P).transpose(2, 3).reshape(-1, P * P).long()  # (R, P*P), R patches
     R = rows.shape[0]
-    low = int(rows.min()) if R else 0
-    K = int(rows.max()) - low + 1 if R else 1  # label range
-    if R * K <= 1 << 24:  # an (R, K) count table fits: count by direct indexing (no sort)
-        values, dense = torch.arange(low, low + K, device=label_map.device), rows - low
-    else:  # a wide id range: renumber the labels that occur first (a sort)
-        values, dense = torch.unique(rows, return_inverse=True)  # dense: (R, P*P) in 0..K-1
-        K = len(values)
-    offsets = torch.arange(R, device=label_map.device)[:, None] * K
-    counts = torch.bincount((offsets + dense).flatten(), minlength=R * K).view(R, K)  # (R, K)
-    return values[counts.argmax(dim=1)].view(*lead, h * w)  # argmax takes the first maximum: the smallest label
+    if bounds is not None and R * (bounds[1] - bounds[0] + 1) <= 1 << 24:  # an (R, K) count table fits
+        low, K = bounds[0], bounds[1] - bounds[0] + 1
+        offsets = torch.arange(R, device=label_map.device)[:, None] * K
+        counts = torch.zeros(R * K, dtype=torch.int32, device=label_map.device)
+        counts.index_add_(0, (offsets + rows - low).flatten(), torch.ones_like(rows, dtype=torch.int32).flatten())
+        # argmax takes the first maximum: the smallest label
+        return (counts.view(R, K).argmax(dim=1) + low).view(*lead, h * w)
+    ordered = rows.sort(dim=1).values  # (R, P*P)
+    # Each element's run length in its sorted row; the first maximal run is the smallest majority label.
+    runs = torch.searchsorted(ordered, ordered, right=True) - torch.searchsorted(ordered, ordered)  # (R, P*P)
+    return ordered.gather(1, runs.argmax(dim=1, keepdim=True)).view(*lead, h * w)
 
 
 def draw_masking(rng: np.random.Generator, cfg: MaskingConfig, num_modalities: int) -> dict[str, np.ndarray]:
@@ -213,7 +219,8 @@ def visible_tokens(strategy: torch.Tensor, proportions: torch.Tensor, keys: torc
         raise ValueError(f"Cannot keep {V} of {M} x {N} tokens with keys of shape {tuple(keys.shape)}.")
     if cfg.inputs is not None:  # the budget goes to the input modalities only
         allowed = torch.zeros(M, dtype=proportions.dtype, device=proportions.device)
-        allowed[list(cfg.inputs)] = 1
+        for m in cfg.inputs:  # scalar fills: indexing with a list would copy it from the host and wait
+            allowed[m] = 1
         proportions = proportions * allowed
         proportions = proportions / proportions.sum(1, keepdim=True)
     labels = torch.zeros(B, N, dtype=torch.int64, device=keys.device)
