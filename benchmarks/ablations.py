@@ -26,8 +26,9 @@ Directions tested (fixed before the run; the paper claims the first three):
   D11 c2fmae >= c2fmae_noisy_labels        cleaner labels help
   D12 mae_semantic_guided > mae            labels help even only through the masking
   D13 c2fmae > mae in semantic mIoU and in attention on objects (less "attention drift")
-A direction "holds" when its paired 95% interval lies above 0, is "reversed" when it lies below,
-and is "open" otherwise.
+A ">" direction "holds" when its paired 95% interval lies above 0, is "reversed" when it lies
+below, and is "open" otherwise. A ">=" direction (D9, D11: "no worse") "holds" unless its interval
+lies below 0: no evidence of harm, which is not evidence of a gain.
 
 Writes OUTPUT/runs.csv (one row per arm and seed), OUTPUT/summary.csv (per arm), OUTPUT/ablations.png
 and the run folders; prints the tables, and as its last line the linear-probe differences in points:
