@@ -17,23 +17,18 @@ Label variants (`labels=`), the same images in each:
 - "shuffled": the maps of another scene (image i gets scene i + 1's), so labels say nothing about
   their image: the control that any gain comes from the labels' content.
 
-Rows go through `synthetic.synthetic_row` (hence `instances_from_masks`), so they follow the
+Rows go through `synthetic.write_labeled_folder` (hence `synthetic_row`), so they follow the
 contract's current schema.
 """
 
 from __future__ import annotations
 
-import json
-import posixpath
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
-from dataset_card import layout, shards
-from dataset_card.card import write_minimal_card
-from dataset_card.schema import build_features, rows_to_table
-from dataset_card.synthetic import synthetic_row
+from dataset_card import layout
+from dataset_card.synthetic import write_labeled_folder
 
 STUFF = ("sky", "ground", "wall")
 SHAPES = ("ellipse", "rectangle", "triangle", "cross", "star", "ring")
@@ -248,35 +243,17 @@ def write_scenes(root: str, num_images: int, size: int = 48, seed: int = 0, labe
     rng = np.random.default_rng([seed, 0])
     noise_rng = np.random.default_rng([seed, 1])
     scenes = [render_scene(rng, size, target=i % len(SHAPES)) for i in range(num_images)]
-    meta = metadata()
-    features = build_features(meta.class_names, meta.semantic_class_names)
-    fs, base = shards.filesystem(root)
-    bounds = np.linspace(0, num_images, num_shards + 1).astype(int)
-    for s in range(num_shards):
-        rows, stats = [], layout.ShardStats(shard=s)
-        for i in range(bounds[s], bounds[s + 1]):
-            scene = scenes[i]
-            if labels == "shuffled":
-                other = scenes[(i + 1) % num_images]
-                semantic, masks = other.semantic, other.masks
-            elif labels == "noisy":
-                semantic, masks = noisy_labels(noise_rng, scene, noise_rate)
-            else:
-                semantic, masks = scene.semantic, scene.masks
-            row, painted = synthetic_row(f"{SHAPES[scene.label]}/{i:06d}", scene.label, scene.rgb, semantic, masks,
-                                         things=meta.thing_ids, rule=meta.painting)
-            rows.append(row)
-            classes, counts = np.unique(semantic, return_counts=True)
-            stats.add_row(len(masks), float((painted > 0).mean()),
-                          [inst["category_purity"] for inst in row["instances"]],
-                          dict(zip(classes.tolist(), counts.tolist())))
-        errors = pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA)
-        shards.commit_shard(fs, base, s, num_shards, rows_to_table(rows, features, meta.painting.to_dict()), errors,
-                            stats)
-    shards.write_bytes(fs, posixpath.join(base, layout.METADATA_FILE), meta.to_json().encode())
-    manifest = {"schema_version": meta.schema_version, "num_inputs": num_images, "num_shards": num_shards,
-                "source": "dataset_card.scenes", "seed": seed, "size": size, "labels": labels,
-                "noise_rate": noise_rate}
-    shards.write_bytes(fs, posixpath.join(base, layout.MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
-    write_minimal_card(base, meta)
-    return meta
+    def example(i: int) -> tuple:
+        scene = scenes[i]
+        if labels == "shuffled":
+            other = scenes[(i + 1) % num_images]
+            semantic, masks = other.semantic, other.masks
+        elif labels == "noisy":
+            semantic, masks = noisy_labels(noise_rng, scene, noise_rate)
+        else:
+            semantic, masks = scene.semantic, scene.masks
+        return f"{SHAPES[scene.label]}/{i:06d}", scene.label, scene.rgb, semantic, masks
+
+    return write_labeled_folder(root, metadata(), example, num_images, num_shards,
+                                {"source": "dataset_card.scenes", "seed": seed, "size": size, "labels": labels,
+                                 "noise_rate": noise_rate})

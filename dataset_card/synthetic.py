@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import numpy as np
 import pyarrow as pa
@@ -121,21 +121,23 @@ def row_statistics(stats: layout.ShardStats, row: dict, semantic: np.ndarray, pa
                   invariants.map_figures(row["instances"], semantic, painted, things))
 
 
-def write_synthetic_dataset(root: str, num_images: int = 32, num_shards: int = 2, size: tuple[int, int] = (64, 80),
-                            seed: int = 0) -> layout.DatasetMetadata:
-    """Write a complete labeled folder (shards, errors, stats, metadata, manifest, card) under `root`."""
-    rng = np.random.default_rng(seed)
-    metadata = layout.DatasetMetadata(CLASS_NAMES, SEMANTIC_CLASSES, semantic_source="synthetic shapes")
+def write_labeled_folder(root: str, metadata: layout.DatasetMetadata, example: Callable[[int], tuple],
+                         num_images: int, num_shards: int, manifest: dict) -> layout.DatasetMetadata:
+    """Write a complete labeled folder (shards, errors, stats, metadata, manifest, card) under `root`.
+
+    `example(i)` gives image i as (image_id, label, rgb (H, W, 3) uint8, semantic (H, W), masks: list of
+    (H, W) bool); it is called for i = 0, 1, ... in order, so it may draw from one generator. The
+    masks are aligned and painted by `metadata`'s thing classes and painting rule, as the labeler
+    does. `manifest` adds to the manifest's schema version and counts.
+    """
     features = build_features(metadata.class_names, metadata.semantic_class_names)
     fs, base = shards.filesystem(root)
     bounds = np.linspace(0, num_images, num_shards + 1).astype(int)
     for s in range(num_shards):
         rows, stats = [], layout.ShardStats(shard=s)
         for i in range(bounds[s], bounds[s + 1]):
-            rgb, semantic, shapes = shapes_image(rng, *size)
-            label = int(len(shapes) >= 3)
-            row, painted = synthetic_row(f"{CLASS_NAMES[label]}/{i:06d}", label, rgb, semantic,
-                                         [m for _, m in shapes], metadata.thing_ids, metadata.painting)
+            image_id, label, rgb, semantic, masks = example(i)
+            row, painted = synthetic_row(image_id, label, rgb, semantic, masks, metadata.thing_ids, metadata.painting)
             rows.append(row)
             row_statistics(stats, row, semantic, painted, metadata.thing_ids)
         errors = pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA)
@@ -143,10 +145,25 @@ def write_synthetic_dataset(root: str, num_images: int = 32, num_shards: int = 2
                             errors, stats)
     shards.write_bytes(fs, posixpath.join(base, layout.METADATA_FILE), metadata.to_json().encode())
     manifest = {"schema_version": metadata.schema_version, "num_inputs": num_images, "num_shards": num_shards,
-                "source": "dataset_card.synthetic", "seed": seed}
+                **manifest}
     shards.write_bytes(fs, posixpath.join(base, layout.MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
     write_minimal_card(base, metadata)
     return metadata
+
+
+def write_synthetic_dataset(root: str, num_images: int = 32, num_shards: int = 2, size: tuple[int, int] = (64, 80),
+                            seed: int = 0) -> layout.DatasetMetadata:
+    """Write a complete labeled folder of synthetic shape images under `root`."""
+    rng = np.random.default_rng(seed)
+    metadata = layout.DatasetMetadata(CLASS_NAMES, SEMANTIC_CLASSES, semantic_source="synthetic shapes")
+
+    def example(i: int) -> tuple:
+        rgb, semantic, shapes = shapes_image(rng, *size)
+        label = int(len(shapes) >= 3)
+        return f"{CLASS_NAMES[label]}/{i:06d}", label, rgb, semantic, [m for _, m in shapes]
+
+    return write_labeled_folder(root, metadata, example, num_images, num_shards,
+                                {"source": "dataset_card.synthetic", "seed": seed})
 
 
 def write_colour_task(root: str, num_images: int, seed: int, size: int = 64) -> layout.DatasetMetadata:
