@@ -301,3 +301,14 @@ def test_labels_can_be_targets_only_the_encoder_then_reads_rgb():
     assert set(out.terms) == {"semantic", "instance", "rgb"} and all(t > 0 for t in out.terms.values())
     with pytest.raises(ValueError, match="input_modalities"):
         create_model("c2fmae_vit_tiny_patch16", input_modalities=("semantic",), **SMALL)
+
+
+def test_labels_as_targets_only_keep_maes_visible_share_of_rgb():
+    """`input_modalities=("rgb",)`: the encoder reads RGB at MAE's 25% of the positions (49 of 196),
+    not the family's share of all three modalities' tokens (98, half of RGB); an explicit
+    `num_visible` still wins."""
+    model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=5, input_modalities=("rgb",))
+    assert model.cfg.masking.num_visible == 49 and model.cfg.masking.inputs == (2,)  # rgb, after semantic and instance
+    assert create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=5).cfg.masking.num_visible == 98
+    given = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=5, input_modalities=("rgb",), num_visible=30)
+    assert given.cfg.masking.num_visible == 30

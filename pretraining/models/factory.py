@@ -50,6 +50,9 @@ def _curriculum(overrides: dict, recipe: dict) -> CurriculumConfig:
     return CurriculumConfig(**fields)
 
 
+MAE_VISIBLE_SHARE = 0.25  # MAE's 49 of 196 tokens
+
+
 def build(size: str, num_semantic_classes: int, visible_share: float, masking: str,
           overrides: dict, **recipe) -> MaskedAutoencoder:
     """A model of one ViT size from a family's recipe, with the caller's overrides on top."""
@@ -69,9 +72,12 @@ def build(size: str, num_semantic_classes: int, visible_share: float, masking: s
     if isinstance(masking, str):
         modalities = kw.get("modalities", MODALITIES)
         num_tokens = len(modalities) * num_positions
-        masking_kw.setdefault("num_visible", max(1, round(visible_share * num_tokens)))
         if kw.get("input_modalities") is not None:
             masking_kw.setdefault("inputs", tuple(modalities.index(m) for m in kw["input_modalities"] if m in modalities))
+            # Labels as targets only: the encoder sees MAE's share of the positions it reads, not the
+            # family's share of every modality's tokens (which would leave half of RGB visible).
+            visible_share, num_tokens = MAE_VISIBLE_SHARE, len(kw["input_modalities"]) * num_positions
+        masking_kw.setdefault("num_visible", max(1, round(visible_share * num_tokens)))
         masking = MaskingConfig(strategy=masking, num_positions=num_positions, curriculum=curriculum, **masking_kw)
     return MaskedAutoencoder(ModelConfig(masking=masking, **kw))
 
