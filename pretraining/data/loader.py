@@ -30,7 +30,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import heapq
-import io
 import posixpath
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -41,42 +40,22 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from dataset_card import codecs, layout, shards
 from dataset_card.images import ImageReferenceError, ImageSource, check_image_root, row_images
 from dataset_card.schema import REFERENCE_COLUMNS, TRAINING_COLUMNS, SchemaError, validate_schema
-from pretraining.data.augment import (
-    AugmentConfig,
-    CropBox,
-    augment,
-    augment_masks,
-    joint_transform,
-    sample_seeds,
+from pretraining.data.augment import AugmentConfig, joint_transform
+from pretraining.data.batch import Batch
+from pretraining.data.samples import (  # noqa: F401  (re-exported: the loader's public names)
+    HOST_KEYS,
+    DataError,
+    SampleSpec,
+    check_taxonomy,
+    collate,
+    decode_map,
+    make_sample,
 )
-from pretraining.models.curriculum import curriculum_weights
-from pretraining.models.instances import instance_representation
-from pretraining.models.masking import (
-    INSTANCE,
-    SEMANTIC,
-    MaskingConfig,
-    draw_masking,
-    patch_majority,
-    requested_strategy,
-    visible_tokens,
-)
-
-try:  # a project dependency; optional so that the loader also runs on a bare CUDA box (benchmarks/train_gpu.py)
-    import cv2
-except ImportError:  # pragma: no cover
-    cv2 = None
-
-
-class DataError(ValueError):
-    """The dataset on disk cannot be used for training (missing, empty, wrong schema, too small, a bad row)."""
 
 
 @dataclass(frozen=True)
@@ -277,137 +256,6 @@ def plan_epoch(units: Sequence[Unit], seed: int, epoch: int, world_size: int, wo
 
 
 # ---------------------------------------------------------------------------------------------
-# One sample
-
-
-@dataclass(frozen=True)
-class SampleSpec:
-    """Everything that turns a decoded row into a training sample (all of it from the model and config)."""
-
-    img_size: int
-    patch_size: int
-    modalities: tuple[str, ...]
-    masking: MaskingConfig
-    augment: AugmentConfig
-    ignore_value: int
-    seed: int
-    epochs: int
-    instance_offset_unit: int | None = None  # pixels per unit of the instance offsets; None: the image size
-    num_semantic_classes: int | None = None  # metadata's taxonomy: other ids (but the ignore value) are refused
-    decode_on_device: bool = False  # JPEGs travel encoded and `Batch.to` decodes them (DataConfig.decode)
-
-    @property
-    def reads_masks(self) -> bool:
-        """Label maps are read when the model takes them as inputs, or when they guide its masking."""
-        return len(self.modalities) > 1 or self.masking.guided
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        return TRAINING_COLUMNS if self.reads_masks else ("image", "label")
-
-
-def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform) -> dict[str, torch.Tensor]:
-    """One raw row (encoded bytes + label) -> one sample of a loader chunk: rgb (3, S, S) uint8, label,
-    index, semantic (S, S) and instance_ids (S, S) (models that read masks), and the masking draws
-    (strategy_key, proportions (M,), keys (K, N)). `Batch.to` finishes the batch on the device.
-    """
-    augment_seed, masking_seed = sample_seeds(spec.seed, epoch, index)
-    on_device = spec.decode_on_device and _device_decodable(row["image"])
-    if on_device:
-        rgb, (width, height) = None, codecs.image_size(row["image"])  # the header only
-    else:
-        rgb = codecs.decode_image(row["image"])
-        height, width = rgb.shape[:2]
-    semantic = instance = None
-    if spec.reads_masks:
-        # As stored (uint8 / uint16): the crop comes before any widening.
-        semantic, instance = decode_map(row["semantic_mask"]), decode_map(row["instance_mask"])
-        if semantic.shape != (height, width) or instance.shape != (height, width):
-            raise DataError(f"the image is {(height, width)} but its masks are {semantic.shape} and "
-                            f"{instance.shape}; the shard breaks the contract, relabel it.")
-        check_taxonomy(semantic, spec.num_semantic_classes, spec.ignore_value)
-    sample = {
-        "label": torch.tensor(row["label"], dtype=torch.int64),
-        "index": torch.tensor(index, dtype=torch.int64),
-    }
-    if on_device:  # the JPEG's bytes and its crop box; Batch.to decodes and crops it on the device
-        box, semantic_t, instance_t = augment_masks(height, width, semantic, instance, transform, augment_seed)
-        sample["image_bytes"] = torch.frombuffer(bytearray(row["image"]), dtype=torch.uint8)
-        sample["crop"] = torch.tensor([box.top, box.left, box.height, box.width, box.flip, 1])
-    else:
-        image, semantic_t, instance_t = augment(rgb, semantic, instance, transform, augment_seed)
-        if spec.decode_on_device:  # not a JPEG the device decodes (PNG, CMYK): cropped here, sent raw
-            sample["image_bytes"], sample["crop"] = image.flatten(), torch.zeros(6, dtype=torch.int64)
-        else:
-            sample["rgb"] = image  # (3, S, S) uint8: normalised by Batch.to on the device (4x fewer bytes than float)
-    if spec.reads_masks:
-        # Label maps travel in the smallest dtype that holds them (the ignore value is the largest
-        # semantic value); Batch.to makes them int64 and the ignore value -1.
-        sample["semantic"] = semantic_t.to(torch.int16 if spec.ignore_value < 2**15 else torch.int32)  # (S, S)
-        # The (3, S, S) instance representation is computed from these by Batch.to, batched on the device.
-        sample["instance_ids"] = instance_t  # (S, S) int32, ids < 2**16
-        # Its largest id, known here on the host for free: it sizes the device's count tables (no sync there).
-        sample["instance_max"] = instance_t.max() if instance_t.numel() else torch.tensor(0, dtype=torch.int32)
-    # The masking's random numbers; Batch.to turns them into visible tokens, batched on the device.
-    draws = draw_masking(np.random.default_rng(masking_seed), spec.masking, len(spec.modalities))
-    sample.update({k: torch.from_numpy(np.asarray(v)) for k, v in draws.items()})  # strategy_key, proportions, keys
-    return sample
-
-
-def check_taxonomy(semantic: np.ndarray, num_classes: int | None, ignore_value: int) -> None:
-    """Refuse a semantic map (H, W) with ids outside metadata's `num_classes` classes (the ignore value
-    aside), before they reach the model's class embedding. One max over the map; a second pass only
-    when the max is out of range (as it is whenever the map has ignore pixels)."""
-    if num_classes is None or semantic.size == 0 or int(semantic.max()) < num_classes:
-        return
-    outside = semantic[(semantic >= num_classes) & (semantic != ignore_value)]
-    if outside.size:
-        ids = np.unique(outside)
-        raise DataError(f"semantic ids {ids[:5].tolist()} lie outside metadata.json's {num_classes} classes "
-                        f"(0..{num_classes - 1}, ignore {ignore_value}); the shard was labeled with another "
-                        "taxonomy than the folder's metadata.json: relabel it, or restore the metadata it was "
-                        "labeled with.")
-
-
-def _guided_in_use(masking: MaskingConfig, weights: Sequence[float] | torch.Tensor) -> tuple[bool, bool]:
-    """Whether semantic- / instance-guided masking can be chosen (forced, or a non-zero curriculum weight;
-    weights on the device are not read, so both may be)."""
-    if masking.strategy == "progressive":
-        if isinstance(weights, torch.Tensor):
-            return True, True
-        return weights[SEMANTIC] > 0, weights[INSTANCE] > 0
-    return masking.strategy == "semantic", masking.strategy == "instance"
-
-
-def decode_map(data: bytes) -> np.ndarray:
-    """A label map's PNG -> (H, W) uint8 / uint16 as stored: `codecs.decode_mask(data, dtype=None)`'s
-    values, through OpenCV's decoder when the header says an 8- or 16-bit grey PNG (what the contract
-    writes): no PIL image object and no copy out of it, 0.8 instead of 0.95 ms for a realistic
-    pair of 375 x 500 maps. Anything else (and bytes OpenCV cannot read) goes to the contract's
-    decoder, which decodes it or raises its error."""
-    grey = data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[24] in (8, 16) and data[25] == 0
-    if cv2 is not None and grey:
-        values = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if values is not None and values.ndim == 2:
-            return values
-    return codecs.decode_mask(data, dtype=None)
-
-
-def _device_decodable(data: bytes) -> bool:
-    """Whether decode_jpeg gives the contract's pixels for these bytes: a JPEG in RGB or grey (CMYK
-    and everything else is decoded by `codecs.decode_image` in the worker). Reads the header only."""
-    return data[:3] == b"\xff\xd8\xff" and Image.open(io.BytesIO(data)).mode in ("RGB", "L")
-
-
-HOST_KEYS = ("instance_max", "image_bytes", "crop")  # chunk entries Batch.to reads on the host
-
-
-def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-    """Stack each key; the encoded images (of different lengths) stay a list."""
-    return {key: [s[key] for s in samples] if key == "image_bytes" else torch.stack([s[key] for s in samples])
-            for key in samples[0]}
-
-
 # ---------------------------------------------------------------------------------------------
 # Streams and the loader
 
@@ -516,96 +364,6 @@ class PretrainingStream(IterableDataset):
                 except (DataError, codecs.DecodeError) as err:  # name the row, not a worker's sample index
                     raise DataError(f"{reader.where(units[u], flat - int(starts[u]))}: {err}") from err
             yield epoch, step, collate(samples)
-
-
-_NORMALISATION: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet's mean and std as (1, 3, 1, 1) tensors on `device`, made once per device (a copy from
-    the host waits for the device, so it is not done per batch)."""
-    if device not in _NORMALISATION:
-        _NORMALISATION[device] = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1)
-                                       for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    return _NORMALISATION[device]
-
-
-def _on_device(weights: Sequence[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Curriculum weights as a float64 device tensor, copied without waiting (a few bytes, staged by the driver)."""
-    if isinstance(weights, torch.Tensor):
-        return weights.to(device, torch.float64, non_blocking=True)
-    return torch.tensor(weights, dtype=torch.float64).to(device, non_blocking=True)
-
-
-@dataclass
-class Batch:
-    epoch: int
-    step: int
-    chunks: list[dict[str, torch.Tensor]]
-    spec: SampleSpec
-    instance_max: int | None = None  # the largest instance id of the batch, read on the host (None: unknown)
-
-    def moved(self, device: torch.device) -> Batch:
-        """This batch with its chunks copied to `device` as they are (compact dtypes; asynchronous from
-        pinned memory): what `DevicePrefetcher` does on a side stream while the previous batch computes."""
-        chunks = [{k: v if k in HOST_KEYS else v.to(device, non_blocking=True) for k, v in c.items()}
-                  for c in self.chunks]
-        return Batch(self.epoch, self.step, chunks, self.spec, self.instance_max)
-
-    def to(self, device: torch.device, weights: Sequence[float] | torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The batch dict of docs/model.md on `device`. Chunks are moved in their compact dtypes and
-        joined there; then, batched on the device (cheap on a GPU, and off the loader workers): RGB is
-        normalised, label maps widened to int64, the instance representation computed from the id
-        maps, and the masking draws turned into each sample's strategy (under the curriculum `weights`
-        (w_sem, w_inst, w_rand) the trainer gives for this step; by default the scheduled weights at
-        the start of this epoch) and visible tokens (with patch-majority labels for the guided
-        strategies the weights can draw). Adds "strategy" (as used) and "strategy_requested" (B,).
-
-        Nothing here waits for the device: label ranges come from the contract (semantic ids are below
-        the ignore value) and the loader (`instance_max`), and host values go over asynchronously."""
-        spec = self.spec
-        moved = self.moved(device).chunks  # a no-op for chunks already there (`DevicePrefetcher`)
-        batch = {k: torch.cat([c[k] for c in moved]) for k in moved[0] if k not in HOST_KEYS}
-        if "image_bytes" in moved[0]:
-            batch["rgb"] = self._decoded(moved, device)  # (B, 3, S, S) uint8
-        mean, std = _normalisation(device)
-        batch["rgb"] = (batch["rgb"].float() / 255 - mean) / std  # (B, 3, S, S)
-        for key in ("semantic", "instance_ids"):
-            if key in batch:
-                batch[key] = batch[key].long()
-        if "semantic" in batch:
-            batch["semantic"] = batch["semantic"].masked_fill(batch["semantic"] == spec.ignore_value, -1)  # (B, S, S)
-        if "instance_ids" in batch:
-            batch["instance"] = instance_representation(batch["instance_ids"], spec.instance_offset_unit,
-                                                        self.instance_max)  # (B, 3, S, S)
-        if weights is None:
-            weights = curriculum_weights(self.epoch / spec.epochs, spec.masking.curriculum)
-        semantic_used, instance_used = _guided_in_use(spec.masking, weights)
-        semantic = (patch_majority(batch["semantic"], spec.patch_size, (-1, spec.ignore_value - 1))
-                    if semantic_used and spec.reads_masks else None)  # (B, N)
-        instance = (patch_majority(batch["instance_ids"], spec.patch_size,
-                                   None if self.instance_max is None else (0, self.instance_max))
-                    if instance_used and spec.reads_masks else None)  # (B, N)
-        weights = _on_device(weights, device)
-        batch["strategy_requested"] = requested_strategy(batch.pop("strategy_key"), weights, spec.masking)
-        batch["visible"], batch["strategy"] = visible_tokens(batch["strategy_requested"], batch.pop("proportions"),
-                                                             batch.pop("keys"), semantic, instance, spec.masking)
-        return batch
-
-
-    def _decoded(self, chunks: list[dict], device: torch.device) -> torch.Tensor:
-        """The batch's images decoded on `device` (one batched decode_jpeg call) and cropped with their
-        boxes; images the workers already cropped (not device-decodable) are their raw bytes."""
-        spec = self.spec
-        data = [b for c in chunks for b in c["image_bytes"]]
-        boxes = torch.cat([c["crop"] for c in chunks]).tolist()  # host tensors: no sync
-        jpegs = [d for d, box in zip(data, boxes) if box[5]]
-        decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
-        transform = joint_transform(spec.img_size, spec.augment)
-        return torch.stack([
-            transform.crop_image(next(decoded), CropBox(*box[:4], bool(box[4]))) if box[5]
-            else d.to(device, non_blocking=True).view(3, spec.img_size, spec.img_size)
-            for d, box in zip(data, boxes)])
 
 
 class PretrainingLoader:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from pretraining.data.loader import Batch
+from pretraining.data.batch import Batch
 
 
 class DevicePrefetcher:

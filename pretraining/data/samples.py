@@ -1,0 +1,150 @@
+"""One sample, in a loader worker: a raw row -> decoded, jointly cropped maps and the masking's draws.
+
+`make_sample` decodes with the contract's codecs (label maps through OpenCV when they are plain grey
+PNGs), checks the maps against the image and metadata's taxonomy, crops and flips the three maps
+jointly (or, with `decode_on_device`, leaves the JPEG encoded with its crop box) and draws the
+masking's random numbers from the sample's own seed. `collate` stacks a worker's chunk;
+`pretraining.data.batch.Batch` finishes it on the device.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dataset_card import codecs
+from dataset_card.schema import TRAINING_COLUMNS
+from pretraining.data.augment import AugmentConfig, augment, augment_masks, sample_seeds
+from pretraining.models.masking import MaskingConfig, draw_masking
+
+try:  # a project dependency; optional so that the loader also runs on a bare CUDA box (benchmarks/train_gpu.py)
+    import cv2
+except ImportError:  # pragma: no cover
+    cv2 = None
+
+
+class DataError(ValueError):
+    """The dataset on disk cannot be used for training (missing, empty, wrong schema, too small, a bad row)."""
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Everything that turns a decoded row into a training sample (all of it from the model and config)."""
+
+    img_size: int
+    patch_size: int
+    modalities: tuple[str, ...]
+    masking: MaskingConfig
+    augment: AugmentConfig
+    ignore_value: int
+    seed: int
+    epochs: int
+    instance_offset_unit: int | None = None  # pixels per unit of the instance offsets; None: the image size
+    num_semantic_classes: int | None = None  # metadata's taxonomy: other ids (but the ignore value) are refused
+    decode_on_device: bool = False  # JPEGs travel encoded and `Batch.to` decodes them (DataConfig.decode)
+
+    @property
+    def reads_masks(self) -> bool:
+        """Label maps are read when the model takes them as inputs, or when they guide its masking."""
+        return len(self.modalities) > 1 or self.masking.guided
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return TRAINING_COLUMNS if self.reads_masks else ("image", "label")
+
+
+def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform) -> dict[str, torch.Tensor]:
+    """One raw row (encoded bytes + label) -> one sample of a loader chunk: rgb (3, S, S) uint8, label,
+    index, semantic (S, S) and instance_ids (S, S) (models that read masks), and the masking draws
+    (strategy_key, proportions (M,), keys (K, N)). `Batch.to` finishes the batch on the device.
+    """
+    augment_seed, masking_seed = sample_seeds(spec.seed, epoch, index)
+    on_device = spec.decode_on_device and _device_decodable(row["image"])
+    if on_device:
+        rgb, (width, height) = None, codecs.image_size(row["image"])  # the header only
+    else:
+        rgb = codecs.decode_image(row["image"])
+        height, width = rgb.shape[:2]
+    semantic = instance = None
+    if spec.reads_masks:
+        # As stored (uint8 / uint16): the crop comes before any widening.
+        semantic, instance = decode_map(row["semantic_mask"]), decode_map(row["instance_mask"])
+        if semantic.shape != (height, width) or instance.shape != (height, width):
+            raise DataError(f"the image is {(height, width)} but its masks are {semantic.shape} and "
+                            f"{instance.shape}; the shard breaks the contract, relabel it.")
+        check_taxonomy(semantic, spec.num_semantic_classes, spec.ignore_value)
+    sample = {
+        "label": torch.tensor(row["label"], dtype=torch.int64),
+        "index": torch.tensor(index, dtype=torch.int64),
+    }
+    if on_device:  # the JPEG's bytes and its crop box; Batch.to decodes and crops it on the device
+        box, semantic_t, instance_t = augment_masks(height, width, semantic, instance, transform, augment_seed)
+        sample["image_bytes"] = torch.frombuffer(bytearray(row["image"]), dtype=torch.uint8)
+        sample["crop"] = torch.tensor([box.top, box.left, box.height, box.width, box.flip, 1])
+    else:
+        image, semantic_t, instance_t = augment(rgb, semantic, instance, transform, augment_seed)
+        if spec.decode_on_device:  # not a JPEG the device decodes (PNG, CMYK): cropped here, sent raw
+            sample["image_bytes"], sample["crop"] = image.flatten(), torch.zeros(6, dtype=torch.int64)
+        else:
+            sample["rgb"] = image  # (3, S, S) uint8: normalised by Batch.to on the device (4x fewer bytes than float)
+    if spec.reads_masks:
+        # Label maps travel in the smallest dtype that holds them (the ignore value is the largest
+        # semantic value); Batch.to makes them int64 and the ignore value -1.
+        sample["semantic"] = semantic_t.to(torch.int16 if spec.ignore_value < 2**15 else torch.int32)  # (S, S)
+        # The (3, S, S) instance representation is computed from these by Batch.to, batched on the device.
+        sample["instance_ids"] = instance_t  # (S, S) int32, ids < 2**16
+        # Its largest id, known here on the host for free: it sizes the device's count tables (no sync there).
+        sample["instance_max"] = instance_t.max() if instance_t.numel() else torch.tensor(0, dtype=torch.int32)
+    # The masking's random numbers; Batch.to turns them into visible tokens, batched on the device.
+    draws = draw_masking(np.random.default_rng(masking_seed), spec.masking, len(spec.modalities))
+    sample.update({k: torch.from_numpy(np.asarray(v)) for k, v in draws.items()})  # strategy_key, proportions, keys
+    return sample
+
+
+def check_taxonomy(semantic: np.ndarray, num_classes: int | None, ignore_value: int) -> None:
+    """Refuse a semantic map (H, W) with ids outside metadata's `num_classes` classes (the ignore value
+    aside), before they reach the model's class embedding. One max over the map; a second pass only
+    when the max is out of range (as it is whenever the map has ignore pixels)."""
+    if num_classes is None or semantic.size == 0 or int(semantic.max()) < num_classes:
+        return
+    outside = semantic[(semantic >= num_classes) & (semantic != ignore_value)]
+    if outside.size:
+        ids = np.unique(outside)
+        raise DataError(f"semantic ids {ids[:5].tolist()} lie outside metadata.json's {num_classes} classes "
+                        f"(0..{num_classes - 1}, ignore {ignore_value}); the shard was labeled with another "
+                        "taxonomy than the folder's metadata.json: relabel it, or restore the metadata it was "
+                        "labeled with.")
+
+
+def decode_map(data: bytes) -> np.ndarray:
+    """A label map's PNG -> (H, W) uint8 / uint16 as stored: `codecs.decode_mask(data, dtype=None)`'s
+    values, through OpenCV's decoder when the header says an 8- or 16-bit grey PNG (what the contract
+    writes): no PIL image object and no copy out of it, 0.8 instead of 0.95 ms for a realistic
+    pair of 375 x 500 maps. Anything else (and bytes OpenCV cannot read) goes to the contract's
+    decoder, which decodes it or raises its error."""
+    grey = data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[24] in (8, 16) and data[25] == 0
+    if cv2 is not None and grey:
+        values = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if values is not None and values.ndim == 2:
+            return values
+    return codecs.decode_mask(data, dtype=None)
+
+
+def _device_decodable(data: bytes) -> bool:
+    """Whether decode_jpeg gives the contract's pixels for these bytes: a JPEG in RGB or grey (CMYK
+    and everything else is decoded by `codecs.decode_image` in the worker). Reads the header only."""
+    return data[:3] == b"\xff\xd8\xff" and Image.open(io.BytesIO(data)).mode in ("RGB", "L")
+
+
+HOST_KEYS = ("instance_max", "image_bytes", "crop")  # chunk entries Batch.to reads on the host
+
+
+def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """Stack each key; the encoded images (of different lengths) stay a list."""
+    return {key: [s[key] for s in samples] if key == "image_bytes" else torch.stack([s[key] for s in samples])
+            for key in samples[0]}
