@@ -4,9 +4,10 @@
     PYTHONPATH=. python benchmarks/train_gpu.py                 # a CUDA box: about 5 minutes
     PYTHONPATH=. python benchmarks/train_gpu.py --smoke         # any CPU: tiny models, seconds
 
-Needs only torch, torchvision, timm, numpy, pyarrow and pillow (no ray, datasets or pycocotools):
-the labeled folder is written with pyarrow directly (ImageNet-sized JPEGs, realistic label maps:
-Voronoi regions as instances, coarser ones as semantic classes, PNG as the contract stores them),
+Needs only torch, torchvision, timm, numpy, pyarrow, pillow and zstandard (no ray, datasets or
+pycocotools): the labeled folder is written with pyarrow directly (ImageNet-sized JPEGs, realistic
+label maps: Voronoi regions as instances, coarser ones as semantic classes, encoded as the contract
+stores them),
 and opened without the contract check that `datasets` would do (the benchmark wrote it).
 
 One step is forward (bf16 autocast) + backward + fused AdamW, as `pretraining.train` runs it. Rows:
@@ -36,7 +37,7 @@ import torch
 from PIL import Image
 
 from benchmarks.pretrain_step import make_batch, with_visible
-from dataset_card import layout
+from dataset_card import codecs, layout
 from dataset_card.schema import semantic_ignore_value
 from pretraining.data.augment import AugmentConfig
 from pretraining.data.loader import DataConfig, LabeledDataset, PretrainingLoader, SampleSpec, Unit
@@ -77,20 +78,20 @@ def scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray
     return big(rgb.clip(0, 255).astype(np.uint8)), big(semantic), big(instance)
 
 
-def _encoded(array: np.ndarray, fmt: str) -> bytes:
+def _jpeg(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {"compress_level": 1}))
+    Image.fromarray(array).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
 def write_folder(root: Path, num_rows: int, unique: int, size: tuple[int, int], seed: int = 0) -> LabeledDataset:
     """`num_rows` rows (the `unique` distinct scenes repeated) in row groups of 64, in the contract's
-    columns (JPEG image, PNG maps as {"bytes", "path"} structs), and the LabeledDataset over them."""
+    columns (JPEG image, label maps as {"bytes", "path"} structs), and the LabeledDataset over them."""
     rng = np.random.default_rng(seed)
     encoded = []
     for _ in range(unique):
         rgb, semantic, instance = scene(rng, *size)
-        encoded.append((_encoded(rgb, "JPEG"), _encoded(semantic, "PNG"), _encoded(instance, "PNG")))
+        encoded.append((_jpeg(rgb), codecs.encode_mask(semantic), codecs.encode_instance_mask(instance)))
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     rows = [encoded[i % unique] for i in range(num_rows)]
     table = pa.table({

@@ -3,13 +3,14 @@
 `instances` (every mask with its class and purity) and `semantic_mask` hold everything a painting
 rule needs, so `instance_mask` and the instances' `level`, `parent` and `visible_area` are
 recomputed from them, shard by shard, on CPUs: trying another rule on ImageNet costs CPU-hours,
-not a relabeling's GPU-days. A schema v1 folder comes out as v2 (v1's map was the "parts" rule's).
+not a relabeling's GPU-days. A folder of an older schema comes out in the current one: v1's map was
+the "parts" rule's; v2's label maps were PNGs, and are re-encoded (`codecs.encode_mask`).
 
 Each shard is rewritten through the commit protocol (`shards.commit_shard`: its errors table as it
 was, its recomputed statistics, then its data file, each renamed into place), and each data file
 records the rule it was painted under, so a rerun skips the shards already done: the command is
 resumable, and a killed run leaves every shard either old or new, never half. `metadata.json`
-names the rule (and version 2) once every shard is done; then the manifest records the repaint
+names the rule (and the version) once every shard is done; then the manifest records the repaint
 and the card is rebuilt.
 """
 
@@ -35,6 +36,7 @@ from dataset_card.schema import (
     UPGRADABLE_VERSIONS,
     arrow_schema,
     read_file_metadata,
+    semantic_mask_dtype,
 )
 from dataset_card.summary import OutputError, list_files, read_json, read_metadata
 
@@ -49,10 +51,11 @@ class RepaintResult:
 
 
 def repaint_row(row: dict, metadata: layout.DatasetMetadata, rule: painting.PaintingRule,
-                stats: layout.ShardStats) -> tuple[bytes, list[dict]]:
-    """One stored row -> (its new `instance_mask` PNG bytes, its `instances` with v2 fields);
-    adds the row to `stats`."""
-    semantic = codecs.decode_mask(row["semantic_mask"]["bytes"])
+                stats: layout.ShardStats) -> tuple[bytes, bytes, list[dict]]:
+    """One stored row -> (its `semantic_mask` and new `instance_mask` bytes in the current encoding,
+    its `instances` with the current fields); adds the row to `stats`."""
+    stored = row["semantic_mask"]["bytes"]
+    semantic = codecs.decode_mask(stored)
     instances = [dict(inst, level=inst.get("level") or "", parent=inst.get("parent") or 0)
                  for inst in row["instances"] or []]
     things = metadata.thing_ids
@@ -61,7 +64,9 @@ def repaint_row(row: dict, metadata: layout.DatasetMetadata, rule: painting.Pain
     stats.add_row(len(instances), float(np.count_nonzero(instance_map)) / max(1, instance_map.size),
                   [inst["category_purity"] for inst in instances], dict(zip(classes.tolist(), counts.tolist())),
                   painting.level_counts(instances), invariants.map_figures(instances, semantic, instance_map, things))
-    return codecs.encode_instance_png(instance_map), instances
+    if not stored.startswith(codecs.ZSTD_MAGIC):  # a v2 PNG
+        stored = codecs.encode_mask(semantic.astype(semantic_mask_dtype(metadata.num_semantic_classes)))
+    return stored, codecs.encode_instance_mask(instance_map), instances
 
 
 def is_current(schema: pa.Schema, rule: painting.PaintingRule) -> bool:
@@ -85,14 +90,16 @@ def repaint_shard(output: str, index: int, num_shards: int, metadata: layout.Dat
             errors = pq.read_table(f).cast(layout.ERRORS_SCHEMA)
     for error_type in errors.column("error_type").to_pylist():
         stats.add_error(error_type)
-    maps, instances = [], []
+    semantics, maps, instances = [], [], []
     for row in table.select(["semantic_mask", "instances"]).to_pylist():
-        png, insts = repaint_row(row, metadata, rule, stats)
-        maps.append({"bytes": png, "path": None})
+        semantic, instance_map, insts = repaint_row(row, metadata, rule, stats)
+        semantics.append({"bytes": semantic, "path": None})
+        maps.append({"bytes": instance_map, "path": None})
         instances.append(insts)
     schema = arrow_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict(),
                           image_reference=REFERENCE_COLUMNS[0] in table.column_names)
     columns = {name: table.column(name) for name in table.column_names}
+    columns["semantic_mask"] = pa.array(semantics, schema.field("semantic_mask").type)
     columns["instance_mask"] = pa.array(maps, schema.field("instance_mask").type)
     columns["instances"] = pa.array(instances, schema.field("instances").type)
     new = pa.table([columns[f.name].cast(f.type) for f in schema], schema=schema)
@@ -116,14 +123,14 @@ def _num_shards(fs, root: str, manifest: dict) -> int:
 def repaint(output: str, rule: str | None = None, min_purity: float | None = None, workers: int = 1,
             progress: bool = False, log: Callable[[str], None] = lambda message: None) -> RepaintResult:
     """Repaint every committed shard of `output` under the rule named `rule` (default: the folder's
-    own for a v2 folder, the default rule for a v1 one), its `min_purity` replaced if given; then
+    own, the default rule for a v1 one), its `min_purity` replaced if given; then
     write metadata.json, the manifest and the card. Raises ValueError for an unknown rule or a bad
     threshold, `OutputError` / `SchemaError` for a folder that is not a labeled one."""
     fs, root = shards.filesystem(output)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise OutputError(f"{output} is not a folder (or does not exist): pass the output folder of a labeling run")
     old = read_metadata(fs, root, output, accept=(SCHEMA_VERSION, *UPGRADABLE_VERSIONS))
-    own = old.painting if old.schema_version == SCHEMA_VERSION else painting.RULES[painting.DEFAULT_RULE]
+    own = old.painting if old.schema_version >= 2 else painting.RULES[painting.DEFAULT_RULE]  # v1's was "parts"
     if rule is None and min_purity is None:
         rule = own
     else:

@@ -1,4 +1,4 @@
-"""The dataset contract, version 2: the only thing `labeling/` and `pretraining/` share.
+"""The dataset contract, version 3: the only thing `labeling/` and `pretraining/` share.
 
 Both stages import the column names, the `datasets` features and the validator from here. A
 writer builds rows that match `build_features`; a reader calls `validate_schema` on what it
@@ -21,10 +21,11 @@ if TYPE_CHECKING:
 # `datasets` is imported inside the functions that need it, so that the constants here and
 # `layout.py` import on a GPU box without it (the labelers run there).
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Older versions that `python -m dataset_card repaint OUTPUT` turns into this one without a model
-# (version 2 added the `level` and `parent` instance fields and the aligned, object-level map).
-UPGRADABLE_VERSIONS = (1,)
+# (version 2 added the `level` and `parent` instance fields and the aligned, object-level map;
+# version 3 stores the label maps as zstd-compressed `.npy` instead of PNG: `codecs.encode_mask`).
+UPGRADABLE_VERSIONS = (1, 2)
 
 # Key under which the writer stores {"schema_version": ...} in each Parquet file's metadata,
 # beside the "huggingface" key that `datasets` reads its features from.
@@ -94,15 +95,26 @@ def instance_struct() -> dict:
     }
 
 
+def label_map() -> dict:
+    """The feature of a label map column: its encoded bytes (`codecs.encode_mask`), path unused."""
+    import datasets
+
+    return {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+
+
 def build_features(class_names: Sequence[str], semantic_class_names: Sequence[str],
                    image_reference: bool = False) -> datasets.Features:
     """The `datasets.Features` of a labeled shard.
 
     `class_names` are the image-level labels (sorted input folder names, e.g. ImageNet synsets);
     `semantic_class_names` is the semantic taxonomy. It does not change any column type here
-    (8- and 16-bit maps are both PNG bytes) but is taken so callers state the taxonomy they
-    write, and so a future version can type the maps by it. `image_reference` adds
+    (8- and 16-bit maps are both `codecs.encode_mask` bytes) but is taken so callers state the
+    taxonomy they write, and so a future version can type the maps by it. `image_reference` adds
     `REFERENCE_COLUMNS` (what the labeler writes).
+
+    The label maps are {"bytes", "path"} structs like an image's (path always null): the Arrow
+    type of v2's PNG `datasets.Image` columns, so every reader takes a map's bytes from a row of
+    either version the same way, but a plain struct, since `datasets` cannot decode them.
     """
     import datasets
 
@@ -118,8 +130,8 @@ def build_features(class_names: Sequence[str], semantic_class_names: Sequence[st
             "image": datasets.Image(),
             "width": datasets.Value("int32"),
             "height": datasets.Value("int32"),
-            "semantic_mask": datasets.Image(),
-            "instance_mask": datasets.Image(),
+            "semantic_mask": label_map(),
+            "instance_mask": label_map(),
             "instances": [instance_struct()],
             **(reference if image_reference else {}),
         }
@@ -185,8 +197,8 @@ def _feature_kinds() -> dict:
     return {
         "label": datasets.ClassLabel,
         "image": datasets.Image,
-        "semantic_mask": datasets.Image,
-        "instance_mask": datasets.Image,
+        "semantic_mask": dict,
+        "instance_mask": dict,
     }
 
 
@@ -234,6 +246,12 @@ def validate_schema(schema: pa.Schema, columns: Sequence[str] = COLUMNS, source:
                 f"v{SCHEMA_VERSION} expects {expected[name]}"
             )
         kind = kinds.get(name)
+        if kind is dict and isinstance(features[name], datasets.Image):
+            raise SchemaError(
+                f"column {name!r}{_where(source)} is an Image feature (schema v2's PNG label maps), but dataset "
+                f"schema v{SCHEMA_VERSION} stores label maps as zstd-compressed .npy bytes: upgrade the labeled "
+                "folder with `python -m dataset_card repaint OUTPUT`"
+            )
         if kind is not None and not isinstance(features[name], kind):
             raise SchemaError(
                 f"column {name!r}{_where(source)} is a {type(features[name]).__name__} feature, but dataset "

@@ -22,8 +22,8 @@ COLUMN_DOCS = {
     "image": "the original encoded file, never re-encoded; `path` holds the relative input path",
     "width": "width in pixels as decoded (EXIF orientation not applied, so the masks align with the stored pixels)",
     "height": "height in pixels, likewise",
-    "semantic_mask": "single-channel PNG at the image's size; pixel = semantic class id, {ignore} = no class",
-    "instance_mask": "8-bit PNG (16-bit when an image has 256 or more instances) at the image's size; 0 = no instance, k = the instance with `id` k; what it shows follows from `instances` and `semantic_mask` by the painting rule (below)",
+    "semantic_mask": "`bytes`: a zstd-compressed `.npy` of the (H, W) map at the image's size (see Usage); pixel = semantic class id, {ignore} = no class",
+    "instance_mask": "`bytes`: a zstd-compressed `.npy` of the (H, W) map at the image's size, uint8 (uint16 when an image has 256 or more instances); 0 = no instance, k = the instance with `id` k; what it shows follows from `instances` and `semantic_mask` by the painting rule (below)",
     "instances": "every kept automatic mask, fields below",
 }
 LABELS_ONLY = (
@@ -280,16 +280,24 @@ def objects_section(summary: RunSummary) -> str:
 USAGE = '''## Usage
 
 ```python
+import io
+
 import numpy as np
+import zstandard
 from datasets import load_dataset
 from pycocotools import mask as mask_utils
+
+
+def label_map(column):  # a zstd-compressed .npy: (H, W) uint8 or uint16
+    return np.load(io.BytesIO(zstandard.decompress(column["bytes"])))
+
 
 DATASET = "{dataset}"  # a Hub repo id, or a local copy of this folder
 ds = load_dataset(DATASET, split="train", streaming=True)
 row = next(iter(ds))
 image = row["image"]                              # PIL image, the original file
-semantic = np.array(row["semantic_mask"])         # (H, W) class ids, {ignore} = no class
-instance_map = np.array(row["instance_mask"])     # (H, W) 0 = none, k = instances[k-1]
+semantic = label_map(row["semantic_mask"])        # (H, W) class ids, {ignore} = no class
+instance_map = label_map(row["instance_mask"])    # (H, W) 0 = none, k = instances[k-1]
 label = ds.features["label"].int2str(row["label"])
 
 # Every mask is kept, with what it is: "object" (in the map), "part" (of object `parent`), "stuff", "dropped".

@@ -104,8 +104,8 @@ def synthetic_row(image_id: str, label: int, rgb: np.ndarray, semantic: np.ndarr
         "image": {"bytes": buf.getvalue(), "path": f"{image_id}.png"},
         "width": w,
         "height": h,
-        "semantic_mask": {"bytes": codecs.encode_mask_png(semantic), "path": None},
-        "instance_mask": {"bytes": codecs.encode_instance_png(painted), "path": None},
+        "semantic_mask": {"bytes": codecs.encode_mask(semantic), "path": None},
+        "instance_mask": {"bytes": codecs.encode_instance_mask(painted), "path": None},
         "instances": instances,
     }
     return row, painted

@@ -63,22 +63,55 @@ def test_exif_orientation_is_not_applied():
 
 
 @pytest.mark.parametrize("dtype, top", [(np.uint8, 254), (np.uint16, 65535), (np.int64, 300)])
-def test_mask_png_round_trip(dtype, top):
+def test_mask_round_trip(dtype, top):
     mask = np.random.default_rng(0).integers(0, top + 1, (13, 17)).astype(dtype)
-    data = codecs.encode_mask_png(mask)
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    data = codecs.encode_mask(mask)
+    assert data[:4] == codecs.ZSTD_MAGIC
     out = codecs.decode_mask(data)
     assert out.dtype == np.int64
     np.testing.assert_array_equal(out, mask.astype(np.int64))
 
 
 @pytest.mark.parametrize("dtype, top", [(np.uint8, 254), (np.uint16, 65535)])
-def test_mask_png_decodes_as_stored(dtype, top):
+def test_mask_decodes_as_stored(dtype, top):
     """dtype=None (the training loader's path) keeps the stored width and the values."""
     mask = np.random.default_rng(1).integers(0, top + 1, (13, 17)).astype(dtype)
-    out = codecs.decode_mask(codecs.encode_mask_png(mask), dtype=None)
+    out = codecs.decode_mask(codecs.encode_mask(mask), dtype=None)
     assert out.dtype == dtype
     np.testing.assert_array_equal(out, mask)
+
+
+def test_mask_is_a_standard_npy_in_a_standard_zstd_frame():
+    """What the card tells readers without this project: zstandard + np.load give the map back."""
+    import zstandard
+
+    mask = np.random.default_rng(2).integers(0, 65535, (5, 9)).astype(np.uint16)
+    for stored in (mask, np.zeros((0, 3), np.uint8)):
+        got = np.load(io.BytesIO(zstandard.decompress(codecs.encode_mask(stored))), allow_pickle=False)
+        assert got.dtype == stored.dtype and np.array_equal(got, stored)
+
+
+def test_mask_decode_names_bad_bytes():
+    import zstandard
+
+    for data, match in ((b"", "empty"), (b"GIF89a" + bytes(20), "zstd-compressed .npy"),
+                        (codecs.ZSTD_MAGIC + bytes(12), "cannot decode label map")):
+        with pytest.raises(codecs.DecodeError, match=match):
+            codecs.decode_mask(data)
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(codecs.DecodeError, match=r"\(H, W\) uint8 or uint16"):
+        codecs.decode_mask(zstandard.ZstdCompressor().compress(buf.getvalue()))
+
+
+@pytest.mark.parametrize("dtype, top", [(np.uint8, 254), (np.uint16, 65535), (np.uint16, 200)])
+def test_v2_png_maps_decode_as_pil_reads_them(dtype, top):
+    """Schema v2 stored PNGs (read by the upgrade): OpenCV's fast path gives PIL's values and width."""
+    mask = np.random.default_rng(3).integers(0, top + 1, (37, 53)).astype(dtype)
+    data = _encode(Image.fromarray(mask), "PNG")
+    expected = np.asarray(Image.open(io.BytesIO(data)))
+    got = codecs.decode_mask(data, dtype=None)
+    assert got.dtype == expected.dtype.newbyteorder("=") and np.array_equal(got, expected)
 
 
 def test_mask_png_as_stored_reads_palette_indices_and_names_bad_modes():
@@ -91,19 +124,19 @@ def test_mask_png_as_stored_reads_palette_indices_and_names_bad_modes():
         codecs.decode_mask(b"\x89PNG\r\n\x1a\ntruncated", dtype=None)
 
 
-def test_instance_png_is_8_bit_below_256_ids_and_16_bit_above():
+def test_instance_mask_is_8_bit_below_256_ids_and_16_bit_above():
     ids = np.zeros((6, 7), np.uint16)
     ids[1:3, 2:5] = 255
-    for top, depth in ((255, 8), (256, 16)):
+    for top, dtype in ((255, np.uint8), (256, np.uint16)):
         ids[4, 4] = top
-        data = codecs.encode_instance_png(ids)
-        assert data[24] == depth  # the IHDR bit depth
+        data = codecs.encode_instance_mask(ids)
+        assert codecs.decode_mask(data, dtype=None).dtype == dtype
         np.testing.assert_array_equal(codecs.decode_mask(data), ids.astype(np.int64))
 
 
-def test_mask_png_rejects_out_of_range():
+def test_mask_rejects_out_of_range():
     with pytest.raises(ValueError, match="65535"):
-        codecs.encode_mask_png(np.full((2, 2), 70000))
+        codecs.encode_mask(np.full((2, 2), 70000))
 
 
 def test_rle_round_trip_and_area():

@@ -1,6 +1,7 @@
 """The dataset contract: rows written through it load typed, decode back, and the validator
 rejects every missing or mistyped column."""
 
+import io
 import json
 
 import datasets
@@ -8,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import zstandard
 
 from dataset_card import codecs, layout, painting, shards
 from dataset_card.card import write_minimal_card
@@ -92,6 +94,10 @@ def test_load_dataset_gives_typed_columns_and_masks_round_trip(shard_folder):
     # The big mask is painted first (id 1, largest) and stays in the list even where covered.
     first = min(row["instances"], key=lambda i: i["id"])
     assert first["area"] == 600 and first["visible_area"] < first["area"]
+    # The default format hands the maps' bytes over; the card's two lines decode them without this project.
+    stored = ds[0]["instance_mask"]
+    assert stored["path"] is None
+    np.testing.assert_array_equal(np.load(io.BytesIO(zstandard.decompress(stored["bytes"]))), painted)
 
 
 def test_parquet_metadata_carries_schema_version(shard_folder):
@@ -148,9 +154,18 @@ def test_validator_rejects_other_schema_version():
     schema = build_features(CLASS_NAMES, ["a"]).arrow_schema.with_metadata({b"c2fmae": b'{"schema_version": 99}'})
     with pytest.raises(SchemaError, match=f"version 99.*version {SCHEMA_VERSION}.*install"):
         validate_schema(schema)
-    old = schema.with_metadata({b"c2fmae": b'{"schema_version": 1}'})
-    with pytest.raises(SchemaError, match=r"version 1, but this code reads version 2.*dataset_card repaint OUT`"):
-        validate_schema(old, source="OUT/data/train-00000-of-00001.parquet")
+    for version in (1, 2):
+        old = schema.with_metadata({b"c2fmae": json.dumps({"schema_version": version}).encode()})
+        with pytest.raises(SchemaError, match=rf"version {version}, but this code reads version 3.*dataset_card repaint OUT`"):
+            validate_schema(old, source="OUT/data/train-00000-of-00001.parquet")
+
+
+def test_validator_names_v2_png_label_maps_of_a_loaded_dataset():
+    """A v2 dataset loaded with `datasets` has lost its version key; its Image-typed maps say what it is."""
+    features = build_features(CLASS_NAMES, ["a"])
+    features["semantic_mask"] = datasets.Image()
+    with pytest.raises(SchemaError, match="'semantic_mask'.*Image feature.*v3.*dataset_card repaint"):
+        validate_schema(features.arrow_schema, require_version=False)
 
 
 def test_validator_checks_only_requested_columns():
@@ -165,8 +180,8 @@ def test_metadata_round_trip_and_version_check():
     back = layout.DatasetMetadata.from_json(metadata.to_json())
     assert back == metadata
     assert back.ignore_value == 255 and json.loads(metadata.to_json())["ignore_value"] == 255
-    bad = json.loads(metadata.to_json()) | {"schema_version": 3}
-    with pytest.raises(SchemaError, match="version 3"):
+    bad = json.loads(metadata.to_json()) | {"schema_version": 4}
+    with pytest.raises(SchemaError, match="version 4"):
         layout.DatasetMetadata.from_json(json.dumps(bad))
 
 

@@ -265,22 +265,3 @@ def test_too_small_for_one_step_is_a_clear_error(dataset_dir):
     ds = open_labeled_dataset(dataset_dir)
     with pytest.raises(DataError, match="cannot fill one step"):
         PretrainingLoader(ds, _spec(), DataConfig(batch_size=64, num_workers=0), 0, 2)
-
-
-def test_label_maps_decode_as_the_contract_decodes_them():
-    from dataset_card import codecs
-    from pretraining.data.loader import decode_map
-
-    rng = np.random.default_rng(0)
-    maps = [rng.integers(0, 255, (37, 53)).astype(np.uint8), rng.integers(0, 60000, (37, 53)).astype(np.uint16),
-            rng.integers(0, 200, (37, 53)).astype(np.uint16)]
-    for m in maps:
-        for data in (codecs.encode_mask_png(m), codecs.encode_instance_png(m.astype(np.int64))):
-            expected = codecs.decode_mask(data, dtype=None)
-            got = decode_map(data)
-            assert got.dtype == expected.dtype and np.array_equal(got, expected)
-    with pytest.raises(codecs.DecodeError):  # bad bytes: the contract's error
-        decode_map(b"\x89PNG\r\n\x1a\n" + bytes(40))
-    rgb = _png(np.zeros((4, 4, 3), np.uint8))  # not a label map: the contract's refusal
-    with pytest.raises(codecs.DecodeError, match="single-channel"):
-        decode_map(rgb)

@@ -1,5 +1,6 @@
-"""`python -m dataset_card repaint`: a v1 folder (written by the v1 code) comes out as a valid v2 one;
-a repaint is resumable shard by shard and reversible; every reader refuses v1 with the fix."""
+"""`python -m dataset_card repaint`: v1 and v2 folders (written by the v1 and v2 code) come out as
+valid current ones; a repaint is resumable shard by shard and reversible; every reader refuses an
+old folder with the fix."""
 
 import json
 import shutil
@@ -19,11 +20,21 @@ from dataset_card.validate import validate
 from pretraining.data.loader import DataError, open_labeled_dataset
 
 V1 = Path(__file__).parent / "data" / "schema_v1"
+V2 = Path(__file__).parent / "data" / "schema_v2"
 
 
 @pytest.fixture
 def v1(tmp_path):
     return shutil.copytree(V1, tmp_path / "v1")
+
+
+@pytest.fixture
+def v2(tmp_path):
+    return shutil.copytree(V2, tmp_path / "v2")
+
+
+def maps(row):
+    return [codecs.decode_mask(row[c]["bytes"]) for c in ("semantic_mask", "instance_mask")]
 
 
 def rows(folder):
@@ -44,7 +55,7 @@ def test_every_reader_refuses_a_v1_folder_with_both_versions_and_the_fix(v1, cap
     assert main(["build", str(v1)]) == 2 and fix in capsys.readouterr().err
 
 
-def test_repaint_turns_a_v1_folder_into_a_valid_v2_one(v1, capsys):
+def test_repaint_turns_a_v1_folder_into_a_valid_current_one(v1, capsys):
     before = rows(v1)
     assert main(["repaint", str(v1)]) == 0
     assert "repainted 2 shards (6 rows) under rule 'objects'" in capsys.readouterr().out
@@ -57,10 +68,13 @@ def test_repaint_turns_a_v1_folder_into_a_valid_v2_one(v1, capsys):
     assert metadata["painting"]["name"] == "objects"
     assert manifest["repaints"][0]["from_schema_version"] == 1 and manifest["repaints"][0]["shards"] == 2
     after = rows(v1)
-    # Everything but the map and the instances' new fields is as it was, byte for byte.
+    # Everything but the map and the instances' new fields is as it was, byte for byte; the
+    # semantic map's values too (its encoding is v3's now).
     for old, new in zip(before, after):
-        for column in ("image_id", "label", "image", "semantic_mask", "width", "height"):
+        for column in ("image_id", "label", "image", "width", "height"):
             assert old[column] == new[column]
+        assert np.array_equal(maps(old)[0], maps(new)[0])
+        assert new["semantic_mask"]["bytes"][:4] == new["instance_mask"]["bytes"][:4] == codecs.ZSTD_MAGIC
         for a, b in zip(old["instances"], new["instances"]):
             assert {k: v for k, v in b.items() if k not in ("level", "parent", "visible_area")} == \
                    {k: v for k, v in a.items() if k != "visible_area"}
@@ -68,7 +82,7 @@ def test_repaint_turns_a_v1_folder_into_a_valid_v2_one(v1, capsys):
     stats = layout.ShardStats.from_json((v1 / layout.stats_path(0, 2)).read_text())
     assert sum(stats.levels.values()) == stats.instances and stats.painted > 0
     card = (v1 / layout.CARD_FILE).read_text()
-    assert "Objects, parts and alignment" in card and "Schema (version 2)" in card
+    assert "Objects, parts and alignment" in card and f"Schema (version {SCHEMA_VERSION})" in card
     assert open_labeled_dataset(str(v1)).num_rows == 6
     ds = datasets.load_dataset(str(v1), split="train", cache_dir=str(v1.parent / "cache"))
     assert ds[0]["instances"][0]["level"] in painting.LEVELS
@@ -79,8 +93,29 @@ def test_the_parts_rule_repaints_v1s_own_map(v1):
     before = rows(v1)
     result = repaint.repaint(str(v1), "parts")
     assert result.from_version == 1 and result.repainted == (0, 1)
-    assert [r["instance_mask"]["bytes"] for r in rows(v1)] == [r["instance_mask"]["bytes"] for r in before]
+    assert all(np.array_equal(maps(a)[1], maps(b)[1]) for a, b in zip(rows(v1), before))
     assert validate(str(v1), full=True).ok
+
+
+def test_repaint_upgrades_a_v2_folder_keeping_every_value(v2, capsys):
+    """v2 stored its label maps as PNG: the upgrade re-encodes them (same values, its own rule), and
+    the trainer, refusing the folder before with the fix, reads it after."""
+    before = rows(v2)
+    with pytest.raises(DataError, match=f"version 2.*python -m dataset_card repaint {v2}"):
+        open_labeled_dataset(str(v2))
+    assert main(["repaint", str(v2)]) == 0
+    assert "repainted 2 shards (6 rows) under rule 'objects'" in capsys.readouterr().out
+    assert validate(str(v2), full=True).ok
+    after = rows(v2)
+    for old, new in zip(before, after):
+        assert old["semantic_mask"]["bytes"][:4] != codecs.ZSTD_MAGIC
+        assert new["semantic_mask"]["bytes"][:4] == new["instance_mask"]["bytes"][:4] == codecs.ZSTD_MAGIC
+        assert all(np.array_equal(a, b) for a, b in zip(maps(old), maps(new)))
+        assert old["instances"] == new["instances"] and old["image"] == new["image"]
+    assert json.loads((v2 / layout.MANIFEST_FILE).read_text())["repaints"][0]["from_schema_version"] == 2
+    assert open_labeled_dataset(str(v2)).num_rows == 6
+    ds = datasets.load_dataset(str(v2), split="train", cache_dir=str(v2.parent / "cache"))
+    assert ds.features["semantic_mask"] == {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
 
 
 def test_repaint_resumes_after_a_crash_and_is_reversible(tmp_path, monkeypatch):

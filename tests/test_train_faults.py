@@ -48,7 +48,7 @@ def _edit_row(root: Path, row: int, column: str, mask: np.ndarray) -> tuple[str,
     path = str(root / layout.data_path(0, 2))
     table = pq.read_table(path)
     masks = table.column(column).to_pylist()
-    masks[row] = {"bytes": codecs.encode_mask_png(mask), "path": None}
+    masks[row] = {"bytes": codecs.encode_mask(mask), "path": None}
     field = table.schema.field(column)
     table = table.set_column(table.schema.get_field_index(column), field, pa.array(masks, type=field.type))
     pq.write_table(table, path)

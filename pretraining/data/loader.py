@@ -53,7 +53,6 @@ from pretraining.data.samples import (  # noqa: F401  (re-exported: the loader's
     SampleSpec,
     check_taxonomy,
     collate,
-    decode_map,
     make_sample,
 )
 

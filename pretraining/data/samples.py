@@ -1,7 +1,6 @@
 """One sample, in a loader worker: a raw row -> decoded, jointly cropped maps and the masking's draws.
 
-`make_sample` decodes with the contract's codecs (label maps through OpenCV when they are plain grey
-PNGs), checks the maps against the image and metadata's taxonomy, crops and flips the three maps
+`make_sample` decodes with the contract's codecs, checks the maps against the image and metadata's taxonomy, crops and flips the three maps
 jointly (or, with `decode_on_device`, leaves the JPEG encoded with its crop box) and draws the
 masking's random numbers from the sample's own seed. `collate` stacks a worker's chunk;
 `pretraining.data.batch.Batch` finishes it on the device.
@@ -21,11 +20,6 @@ from dataset_card import codecs
 from dataset_card.schema import TRAINING_COLUMNS
 from pretraining.data.augment import AugmentConfig, augment, augment_masks, sample_seeds
 from pretraining.models.masking import MaskingConfig, draw_masking
-
-try:  # a project dependency; optional so that the loader also runs on a bare CUDA box (benchmarks/train_gpu.py)
-    import cv2
-except ImportError:  # pragma: no cover
-    cv2 = None
 
 
 class DataError(ValueError):
@@ -73,7 +67,8 @@ def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform) 
     semantic = instance = None
     if spec.reads_masks:
         # As stored (uint8 / uint16): the crop comes before any widening.
-        semantic, instance = decode_map(row["semantic_mask"]), decode_map(row["instance_mask"])
+        semantic = codecs.decode_mask(row["semantic_mask"], dtype=None)
+        instance = codecs.decode_mask(row["instance_mask"], dtype=None)
         if semantic.shape != (height, width) or instance.shape != (height, width):
             raise DataError(f"the image is {(height, width)} but its masks are {semantic.shape} and "
                             f"{instance.shape}; the shard breaks the contract, relabel it.")
@@ -119,20 +114,6 @@ def check_taxonomy(semantic: np.ndarray, num_classes: int | None, ignore_value: 
                         f"(0..{num_classes - 1}, ignore {ignore_value}); the shard was labeled with another "
                         "taxonomy than the folder's metadata.json: relabel it, or restore the metadata it was "
                         "labeled with.")
-
-
-def decode_map(data: bytes) -> np.ndarray:
-    """A label map's PNG -> (H, W) uint8 / uint16 as stored: `codecs.decode_mask(data, dtype=None)`'s
-    values, through OpenCV's decoder when the header says an 8- or 16-bit grey PNG (what the contract
-    writes): no PIL image object and no copy out of it, 0.8 instead of 0.95 ms for a realistic
-    pair of 375 x 500 maps. Anything else (and bytes OpenCV cannot read) goes to the contract's
-    decoder, which decodes it or raises its error."""
-    grey = data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[24] in (8, 16) and data[25] == 0
-    if cv2 is not None and grey:
-        values = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        if values is not None and values.ndim == 2:
-            return values
-    return codecs.decode_mask(data, dtype=None)
 
 
 def _device_decodable(data: bytes) -> bool:
