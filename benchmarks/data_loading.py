@@ -147,8 +147,9 @@ def per_core(dataset: LabeledDataset, spec: SampleSpec, img_size: int, samples: 
     """Samples per CPU-second of one loader core (the per-sample work of a worker, timed with
     `time.process_time` in this process on one thread, so other jobs on the machine do not count):
     `rgb_only` (decode, crop, flip, normalise), `c2fmae` (`make_sample`: decode image and both maps,
-    joint crop, masking draws) and `c2fmae_device_decode` (the same with `data.decode=device`: the
-    worker reads the JPEG header and crops the maps; the image is decoded on the GPU). Rounds rotate."""
+    joint crop, masking draws), `c2fmae_v2_png` (the same rows with their maps stored as schema v2
+    stored them, PNG: the format this one replaced) and `c2fmae_device_decode` (`data.decode=device`:
+    the worker reads the JPEG header and crops the maps; the image is decoded on the GPU). Rounds rotate."""
     from pretraining.data.augment import joint_transform
     from pretraining.data.loader import _RowReader, make_sample
 
@@ -158,6 +159,8 @@ def per_core(dataset: LabeledDataset, spec: SampleSpec, img_size: int, samples: 
         if len(rows) >= samples:
             break
     rows = rows[:samples]
+    png_rows = [dict(row, semantic_mask=v2_png(row["semantic_mask"]), instance_mask=v2_png(row["instance_mask"]))
+                for row in rows]
     rgb_only = RgbOnly(dataset, img_size, 1).transform
     transform = joint_transform(img_size, spec.augment)
     device_spec = dataclasses.replace(spec, decode_on_device=True)
@@ -166,16 +169,25 @@ def per_core(dataset: LabeledDataset, spec: SampleSpec, img_size: int, samples: 
         image = torch.from_numpy(np.require(codecs.decode_image(row["image"]), requirements="W")).permute(2, 0, 1)
         return rgb_only(v2.functional.to_image(image))
 
-    arms = {"rgb_only": rgb, "c2fmae": lambda row, i: make_sample(row, i, 0, spec, transform),
-            "c2fmae_device_decode": lambda row, i: make_sample(row, i, 0, device_spec, transform)}
+    arms = {"rgb_only": (rows, rgb), "c2fmae": (rows, lambda row, i: make_sample(row, i, 0, spec, transform)),
+            "c2fmae_v2_png": (png_rows, lambda row, i: make_sample(row, i, 0, spec, transform)),
+            "c2fmae_device_decode": (rows, lambda row, i: make_sample(row, i, 0, device_spec, transform))}
     rates: dict[str, list[float]] = {name: [] for name in arms}
     for r in range(rounds):
         for name in list(arms)[r % len(arms):] + list(arms)[:r % len(arms)]:
+            arm_rows, work = arms[name]
             start = time.process_time()
-            for i, row in enumerate(rows):
-                arms[name](row, i)
-            rates[name].append(len(rows) / (time.process_time() - start))
+            for i, row in enumerate(arm_rows):
+                work(row, i)
+            rates[name].append(len(arm_rows) / (time.process_time() - start))
     return rates
+
+
+def v2_png(data: bytes) -> bytes:
+    """A label map as dataset schema v2 stored it: a single-channel PNG at compression level 1."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(codecs.decode_mask(data, dtype=None))).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def time_loader(batches, batch_size: int, warmup: int, limit: int) -> tuple[int, float]:
@@ -189,6 +201,14 @@ def time_loader(batches, batch_size: int, warmup: int, limit: int) -> tuple[int,
         if i + 1 >= warmup + limit:
             break
     return count, time.perf_counter() - start
+
+
+def figures(median: dict[str, float]) -> str:
+    """The per-core key=value figures of the last line."""
+    return (f"loader_over_rgb_only={median['c2fmae'] / median['rgb_only']:.3f} "
+            f"v2_png_over_rgb_only={median['c2fmae_v2_png'] / median['rgb_only']:.3f} "
+            f"device_decode_over_rgb_only={median['c2fmae_device_decode'] / median['rgb_only']:.3f} "
+            f"c2fmae_samples_per_s_per_core={median['c2fmae']:.0f} rgb_only_samples_per_s_per_core={median['rgb_only']:.0f}")
 
 
 def main() -> None:
@@ -261,9 +281,7 @@ def main() -> None:
     for name, rate in median.items():
         print(f"{name:<22} {rate:>14.1f} {1e3 / rate:>9.2f} {rate / median['rgb_only']:>6.3f}")
     if not rounds:
-        print(f"loader_over_rgb_only={median['c2fmae'] / median['rgb_only']:.3f} "
-              f"device_decode_over_rgb_only={median['c2fmae_device_decode'] / median['rgb_only']:.3f} "
-              f"c2fmae_samples_per_s_per_core={median['c2fmae']:.0f} rgb_only_samples_per_s_per_core={median['rgb_only']:.0f}")
+        print(figures(median))
         return
     print("\nWall clock, whole loaders (DataLoader workers, IPC, batching):")
 
@@ -280,10 +298,7 @@ def main() -> None:
     print(f"c2fmae+to runs Batch.to on {device} in the main process (median ratio "
           f"{statistics.median(r['c2fmae+to'] for r in ratios):.3f}); wall_loader_over_rgb_only below leaves it to the "
           f"device (median over {len(ratios)} rounds). loader_over_rgb_only is the per-core ratio:")
-    print(f"loader_over_rgb_only={median['c2fmae'] / median['rgb_only']:.3f} "
-          f"device_decode_over_rgb_only={median['c2fmae_device_decode'] / median['rgb_only']:.3f} "
-          f"c2fmae_samples_per_s_per_core={median['c2fmae']:.0f} rgb_only_samples_per_s_per_core={median['rgb_only']:.0f} "
-          f"wall_loader_over_rgb_only={statistics.median(r['c2fmae'] for r in ratios):.3f}")
+    print(f"{figures(median)} wall_loader_over_rgb_only={statistics.median(r['c2fmae'] for r in ratios):.3f}")
 
 
 if __name__ == "__main__":

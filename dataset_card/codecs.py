@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import io
+import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -133,10 +134,21 @@ def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
     return dtype, shape, stream.tell()
 
 
+_local = threading.local()
+
+
+def _decompressor():
+    """This thread's zstd decompressor: reusing one saves its set-up (a fifth of a map's decode);
+    one per thread, since a decompressor is not safe to share between threads."""
+    if not hasattr(_local, "decompressor"):
+        _local.decompressor = zstandard().ZstdDecompressor()
+    return _local.decompressor
+
+
 def _decode_npy_zstd(data: bytes) -> np.ndarray:
     zstd = zstandard()
     try:
-        raw = zstd.ZstdDecompressor().decompress(data)  # frames state their size (ZstdCompressor writes it)
+        raw = _decompressor().decompress(data)  # frames state their size (ZstdCompressor writes it)
         header_len = 10 + int.from_bytes(raw[8:10], "little")  # .npy 1.0: magic, version, u16 length
         dtype, shape, offset = _npy_layout(bytes(raw[:header_len]))
         values = np.frombuffer(raw, dtype, count=shape[0] * shape[1], offset=offset).reshape(shape)

@@ -76,15 +76,17 @@ class JointCropFlip:
 
     def draw(self, height: int, width: int) -> CropBox:
         """The crop box and flip for an image of height x width, from torch's global generator."""
-        p = self.crop.make_params([tv_tensors.Image(torch.empty((1, height, width), dtype=torch.uint8))])
+        # The sampler reads only the size: a stand-in image of that size, no memory behind it.
+        p = self.crop.make_params([tv_tensors.Image(torch.empty((1, 1, 1), dtype=torch.uint8).expand(1, height, width))])
         flip = bool(torch.rand(1) < self.hflip)
         return CropBox(p["top"], p["left"], p["height"], p["width"], flip)
 
     def crop_image(self, image: torch.Tensor, box: CropBox) -> torch.Tensor:
-        """(3, H, W) uint8 on any device -> (3, S, S) uint8: resized (antialiased) and flipped."""
-        out = F.resized_crop(image, box.top, box.left, box.height, box.width, self.size,
-                             interpolation=self.interpolation, antialias=True)
-        return F.horizontal_flip(out) if box.flip else out
+        """(3, H, W) uint8 on any device -> (3, S, S) uint8: resized (antialiased) and flipped.
+        v2's image kernels on a plain tensor: what `F.resized_crop` runs for an Image, without its dispatch."""
+        out = F.resized_crop_image(image.as_subclass(torch.Tensor), box.top, box.left, box.height, box.width,
+                                   self.size, interpolation=self.interpolation, antialias=True)
+        return F.horizontal_flip_image(out) if box.flip else out
 
     def crop_masks(self, box: CropBox, *masks: np.ndarray) -> list[np.ndarray]:
         """(H, W) maps of any dtype -> (S, S) of their dtype, nearest-exact (a row and column gather)."""
@@ -92,14 +94,14 @@ class JointCropFlip:
         cols = nearest_exact_index(box.left, box.width, self.size[1])
         if box.flip:
             cols = cols[::-1]
-        return [m.take(rows, axis=0).take(cols, axis=1) for m in masks]
+        return [m[rows][:, cols] for m in masks]
 
     def __call__(self, image: tv_tensors.Image, *masks: np.ndarray) -> tuple[torch.Tensor, list[np.ndarray]]:
         """image (3, H, W), masks (H, W) of any dtype -> image (3, S, S), masks (S, S) of their dtype.
 
         Draws from torch's global generator (the caller seeds it)."""
         box = self.draw(*image.shape[-2:])
-        return self.crop_image(image, box).as_subclass(torch.Tensor), self.crop_masks(box, *masks)
+        return self.crop_image(image, box), self.crop_masks(box, *masks)
 
 
 def joint_transform(img_size: int, cfg: AugmentConfig) -> JointCropFlip:
@@ -147,7 +149,7 @@ def augment(
     rgb (H, W, 3) uint8, semantic / instance (H, W) integer maps (any dtype up to 32 bits) or None ->
     rgb (3, S, S) uint8, semantic (S, S) int32 or None, instance (S, S) int32 or None.
     """
-    image = tv_tensors.Image(torch.from_numpy(np.require(rgb, requirements=("C", "W"))).permute(2, 0, 1))
+    image = torch.from_numpy(np.require(rgb, requirements=("C", "W"))).permute(2, 0, 1)
     masks = [m for m in (semantic, instance) if m is not None]
     # The crop sampler draws from the global CPU generator; fork it so the caller's stream (the
     # model's, when the loader runs in the main process) is untouched, and seed it per sample. (Not

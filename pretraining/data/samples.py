@@ -73,10 +73,7 @@ def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform) 
             raise DataError(f"the image is {(height, width)} but its masks are {semantic.shape} and "
                             f"{instance.shape}; the shard breaks the contract, relabel it.")
         check_taxonomy(semantic, spec.num_semantic_classes, spec.ignore_value)
-    sample = {
-        "label": torch.tensor(row["label"], dtype=torch.int64),
-        "index": torch.tensor(index, dtype=torch.int64),
-    }
+    sample = {"label": int(row["label"]), "index": index}  # plain ints: collate makes one tensor of each
     if on_device:  # the JPEG's bytes and its crop box; Batch.to decodes and crops it on the device
         box, semantic_t, instance_t = augment_masks(height, width, semantic, instance, transform, augment_seed)
         sample["image_bytes"] = torch.frombuffer(bytearray(row["image"]), dtype=torch.uint8)
@@ -125,7 +122,12 @@ def _device_decodable(data: bytes) -> bool:
 HOST_KEYS = ("instance_max", "image_bytes", "crop")  # chunk entries Batch.to reads on the host
 
 
-def collate(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-    """Stack each key; the encoded images (of different lengths) stay a list."""
-    return {key: [s[key] for s in samples] if key == "image_bytes" else torch.stack([s[key] for s in samples])
-            for key in samples[0]}
+def collate(samples: Sequence[dict[str, torch.Tensor | int]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """Stack each key (ints become one int64 tensor); the encoded images (of different lengths) stay a list."""
+    def stacked(key: str):
+        values = [s[key] for s in samples]
+        if key == "image_bytes":
+            return values
+        return torch.tensor(values, dtype=torch.int64) if isinstance(values[0], int) else torch.stack(values)
+
+    return {key: stacked(key) for key in samples[0]}
