@@ -1,7 +1,8 @@
 """Canonical encoders and decoders for the contract's columns. Both stages use these, never their own.
 
-- Images: `decode_image` turns the original file bytes into (H, W, 3) uint8 RGB. EXIF orientation
-  is *not* applied (in either stage), so masks stay aligned with the stored pixels.
+- Images: `decode_image` turns the original file bytes into (H, W, 3) uint8 RGB (`rgb_image`: the
+  same pixels as a PIL image). EXIF orientation is *not* applied (in either stage), so masks stay
+  aligned with the stored pixels.
 - Label maps (schema v3): a zstd frame of a `.npy` file holding the (H, W) map as uint8, or as
   little-endian uint16 when a value needs it. Both are standard formats, so a reader without this
   project decodes a map with `np.load(io.BytesIO(zstandard.decompress(data)))`. `decode_mask`
@@ -60,8 +61,8 @@ def image_size(data: bytes) -> tuple[int, int]:
         raise DecodeError(f"cannot read image header: {err}") from err
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Original file bytes -> (H, W, 3) uint8 RGB, the pixels both stages see.
+def rgb_image(data: bytes) -> Image.Image:
+    """Original file bytes -> a PIL image in mode RGB holding the pixels both stages see.
 
     16-bit grey is scaled to 8 bits (PIL's convert("RGB") would saturate it), alpha is dropped
     (the colour under it is kept, not composited), CMYK, palette and grey become RGB.
@@ -71,13 +72,16 @@ def decode_image(data: bytes) -> np.ndarray:
         grey = np.asarray(img).astype(np.float64)
         scale = 257.0 if grey.max(initial=0) > 255 or img.mode != "I" else 1.0
         grey = np.clip(np.rint(grey / scale), 0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
+        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
     if img.mode == "F":
         grey = np.clip(np.rint(np.asarray(img) * (255.0 if np.asarray(img).max(initial=0) <= 1 else 1)), 0, 255)
-        return np.repeat(grey.astype(np.uint8)[:, :, None], 3, axis=2)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return np.asarray(img, dtype=np.uint8)
+        return Image.fromarray(np.repeat(grey.astype(np.uint8)[:, :, None], 3, axis=2))
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Original file bytes -> (H, W, 3) uint8 RGB, the pixels both stages see (`rgb_image`'s)."""
+    return np.asarray(rgb_image(data), dtype=np.uint8)
 
 
 # zstd level of the label maps: 9 makes realistic maps 15% smaller than the default 3 for 0.7 ms

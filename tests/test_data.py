@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from dataset_card import layout
+from dataset_card import codecs, layout
 from dataset_card.synthetic import write_synthetic_dataset
 from pretraining.data.augment import AugmentConfig, augment, joint_transform, nearest_exact_index
 from pretraining.data.loader import (
@@ -159,7 +161,7 @@ def test_ignore_value_becomes_minus_one():
     spec = _spec(img_size=16, masking=MaskingConfig(num_visible=3, num_positions=4),
                  augment=AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0))
     sample = make_sample(row, 7, 0, spec, joint_transform(16, spec.augment))
-    assert sample["semantic"].dtype == torch.int16  # compact between processes, as stored
+    assert sample["semantic"].dtype == torch.uint8  # compact between processes, as stored
     batch = Batch(0, 0, [collate([sample])], spec).to(torch.device("cpu"), (0.0, 0.0, 1.0))
     assert set(batch["semantic"].unique().tolist()) == {-1, 2}
     assert int(batch["index"]) == 7 and int(batch["label"]) == 1
@@ -182,38 +184,65 @@ def test_the_trainers_weights_choose_the_strategy_and_guided_mae_reads_the_masks
     assert guided["visible"].shape == (8, 4) and guided["strategy"].eq(SEMANTIC).sum() >= 6
 
 
-def _png(array: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
+def _encode_file(img: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
+    img.save(buf, format=fmt)
     return buf.getvalue()
+
+
+def _png(array: np.ndarray) -> bytes:
+    return _encode_file(Image.fromarray(array), "PNG")
 
 
 def test_joint_augmentation_keeps_maps_aligned():
     """Brightness encodes the class: after crop and flip, the image and both masks still agree pixel by pixel."""
     rng = np.random.default_rng(0)
     semantic = np.repeat(np.repeat(rng.integers(0, 2, size=(6, 8)), 10, 0), 10, 1)  # (60, 80) blocks of 2 classes
-    rgb = np.repeat((semantic * 250).astype(np.uint8)[..., None], 3, axis=2)
+    rgb = torch.from_numpy(np.repeat((semantic * 250).astype(np.uint8)[..., None], 3, axis=2)).permute(2, 0, 1)
     instance = semantic * 7 + 1
     cfg = AugmentConfig()
     transform = joint_transform(32, cfg)
     flipped = 0
     for seed in range(20):
-        image, sem, inst = augment(rgb, semantic, instance, transform, seed)
+        image, sem, inst = (torch.as_tensor(x) for x in augment(rgb, semantic, instance, transform, seed))
         assert set(sem.unique().tolist()) <= {0, 1}  # nearest: no blended ids
         assert torch.equal(inst, sem * 7 + 1)  # both masks took the same crop and flip
         # Pixel-centre aligned: only pixels straddling an edge may differ (legacy NEAREST: ~6%).
         assert ((image[0] > 125).long() != sem).float().mean() < 0.01
-        again = augment(rgb, semantic, instance, transform, seed)
+        again = [torch.as_tensor(x) for x in augment(rgb, semantic, instance, transform, seed)]
         assert torch.equal(image, again[0]) and torch.equal(sem, again[1])
-        no_flip = augment(rgb, semantic, instance, joint_transform(32, dataclasses.replace(cfg, hflip=0.0)), seed)
-        always = augment(rgb, semantic, instance, joint_transform(32, dataclasses.replace(cfg, hflip=1.0)), seed)
+        no_flip = [torch.as_tensor(x) for x in
+                   augment(rgb, semantic, instance, joint_transform(32, dataclasses.replace(cfg, hflip=0.0)), seed)]
+        always = [torch.as_tensor(x) for x in
+                  augment(rgb, semantic, instance, joint_transform(32, dataclasses.replace(cfg, hflip=1.0)), seed)]
         assert torch.equal(always[1], no_flip[1].flip(-1)) and torch.equal(always[0], no_flip[0].flip(-1))
         flipped += torch.equal(sem, always[1]) and not torch.equal(sem, no_flip[1])
     assert 3 < flipped < 17
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_the_image_crops_from_pils_buffer_as_from_the_contracts_pixels(interpolation):
+    """image_tensor reads PIL's 4-byte pixels without a copy; the crop of its first three channels is
+    the crop of decode_image's array, bit for bit, for any box, flip and size (and for files PIL does
+    not hold as RGB: grey, palette, 16-bit)."""
+    from pretraining.data.samples import image_tensor
+
+    rng = np.random.default_rng(4)
+    photo = rng.integers(0, 256, (61, 83, 3)).astype(np.uint8)
+    grey16 = Image.fromarray(rng.integers(0, 65535, (61, 83)).astype(np.uint16))
+    files = [_png(photo), _png(photo[:, :, 0]), _encode_file(Image.fromarray(photo).convert("P"), "PNG"),
+             _encode_file(grey16, "PNG"), _encode_file(Image.fromarray(photo), "JPEG")]
+    transform = joint_transform(32, AugmentConfig(interpolation=interpolation))
+    for data in files:
+        fast = image_tensor(data)
+        assert fast.shape[0] in (3, 4) and fast.dtype == torch.uint8
+        reference = torch.from_numpy(codecs.decode_image(data).copy()).permute(2, 0, 1)
+        assert torch.equal(fast[:3], reference)
+        for seed in range(8):
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
+                box = transform.draw(61, 83)
+            assert torch.equal(transform.crop_image(fast, box), transform.crop_image(reference, box))
 
 
 def test_nearest_exact_index_equals_torch_for_every_length():
@@ -231,16 +260,16 @@ def test_masks_crop_as_torchvision_resizes_each_mask_alone():
     rng = np.random.default_rng(1)
     semantic = rng.integers(0, 150, (45, 70)).astype(np.uint8)
     instance = rng.integers(0, 3000, (45, 70)).astype(np.uint16)
-    rgb = rng.integers(0, 256, (45, 70, 3)).astype(np.uint8)
+    rgb = torch.from_numpy(rng.integers(0, 256, (3, 45, 70)).astype(np.uint8))
     transform = joint_transform(24, AugmentConfig())
     for seed in range(10):
         _, sem, inst = augment(rgb, semantic, instance, transform, seed)
-        assert sem.dtype == inst.dtype == torch.int32
+        assert sem.dtype == semantic.dtype and inst.dtype == instance.dtype  # as stored: the caller widens
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             params = transform.crop.make_params([torch.zeros(3, 45, 70)])
             flip = bool(torch.rand(1) < transform.hflip)
-        for mine, source in ((sem, semantic), (inst, instance)):
+        for mine, source in ((torch.from_numpy(sem), semantic), (torch.from_numpy(inst), instance)):
             mask = tv_tensors.Mask(torch.from_numpy(source.astype(np.int64)))
             ref = v2.functional.resize(v2.functional.crop(mask, params["top"], params["left"], params["height"],
                                                           params["width"]),

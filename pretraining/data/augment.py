@@ -82,10 +82,11 @@ class JointCropFlip:
         return CropBox(p["top"], p["left"], p["height"], p["width"], flip)
 
     def crop_image(self, image: torch.Tensor, box: CropBox) -> torch.Tensor:
-        """(3, H, W) uint8 on any device -> (3, S, S) uint8: resized (antialiased) and flipped.
-        v2's image kernels on a plain tensor: what `F.resized_crop` runs for an Image, without its dispatch."""
+        """(C, H, W) uint8 on any device, C = 3, or 4 with a padding channel -> (3, S, S) uint8:
+        resized (antialiased) and flipped. v2's image kernels on a plain tensor: what `F.resized_crop`
+        runs for an Image, without its dispatch."""
         out = F.resized_crop_image(image.as_subclass(torch.Tensor), box.top, box.left, box.height, box.width,
-                                   self.size, interpolation=self.interpolation, antialias=True)
+                                   self.size, interpolation=self.interpolation, antialias=True)[:3]
         return F.horizontal_flip_image(out) if box.flip else out
 
     def crop_masks(self, box: CropBox, *masks: np.ndarray) -> list[np.ndarray]:
@@ -96,8 +97,9 @@ class JointCropFlip:
             cols = cols[::-1]
         return [m[rows][:, cols] for m in masks]
 
-    def __call__(self, image: tv_tensors.Image, *masks: np.ndarray) -> tuple[torch.Tensor, list[np.ndarray]]:
-        """image (3, H, W), masks (H, W) of any dtype -> image (3, S, S), masks (S, S) of their dtype.
+    def __call__(self, image: torch.Tensor, *masks: np.ndarray) -> tuple[torch.Tensor, list[np.ndarray]]:
+        """image (C, H, W) (C = 3, or 4 with padding), masks (H, W) of any dtype -> image (3, S, S),
+        masks (S, S) of their dtype.
 
         Draws from torch's global generator (the caller seeds it)."""
         box = self.draw(*image.shape[-2:])
@@ -121,35 +123,35 @@ def augment_masks(
     instance: np.ndarray | None,
     transform: JointCropFlip,
     seed: int,
-) -> tuple[CropBox, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[CropBox, np.ndarray | None, np.ndarray | None]:
     """`augment` for an image decoded later (on the training device): the crop box drawn exactly as
     `augment` draws it for an image of height x width, and the label maps cropped with it.
 
-    Returns (box, semantic (S, S) int32 or None, instance (S, S) int32 or None).
+    Returns (box, semantic (S, S) or None, instance (S, S) or None), the maps in their own dtype.
     """
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         box = transform.draw(height, width)
-    masks = [torch.from_numpy(m.astype(np.int32)) for m in transform.crop_masks(
-        box, *[m for m in (semantic, instance) if m is not None])]
+    masks = transform.crop_masks(box, *[m for m in (semantic, instance) if m is not None])
     semantic_out = masks.pop(0) if semantic is not None else None
     instance_out = masks.pop(0) if instance is not None else None
     return box, semantic_out, instance_out
 
 
 def augment(
-    rgb: np.ndarray,
+    image: torch.Tensor,
     semantic: np.ndarray | None,
     instance: np.ndarray | None,
     transform: JointCropFlip,
     seed: int,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray | None]:
     """Crop and flip the three maps identically.
 
-    rgb (H, W, 3) uint8, semantic / instance (H, W) integer maps (any dtype up to 32 bits) or None ->
-    rgb (3, S, S) uint8, semantic (S, S) int32 or None, instance (S, S) int32 or None.
+    image (C, H, W) uint8 (C = 3, or 4 whose last channel is padding: `samples.image_tensor`),
+    semantic / instance (H, W) integer maps of any dtype, or None ->
+    rgb (3, S, S) uint8, semantic (S, S) or None, instance (S, S) or None, the maps in their own
+    dtype (the caller widens them, at the crop's size).
     """
-    image = torch.from_numpy(np.require(rgb, requirements=("C", "W"))).permute(2, 0, 1)
     masks = [m for m in (semantic, instance) if m is not None]
     # The crop sampler draws from the global CPU generator; fork it so the caller's stream (the
     # model's, when the loader runs in the main process) is untouched, and seed it per sample. (Not
@@ -157,7 +159,6 @@ def augment(
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
         image, masks = transform(image, *masks)
-    masks = [torch.from_numpy(m.astype(np.int32)) for m in masks]  # widened only at the crop's size
     semantic_out = masks.pop(0) if semantic is not None else None
     instance_out = masks.pop(0) if instance is not None else None
     return image, semantic_out, instance_out

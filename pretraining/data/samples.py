@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
@@ -43,6 +44,11 @@ class SampleSpec:
     decode_on_device: bool = False  # JPEGs travel encoded and `Batch.to` decodes them (DataConfig.decode)
 
     @property
+    def semantic_dtype(self) -> type:
+        """What a cropped semantic map travels as: uint8 for 8-bit taxonomies (as stored), else int32."""
+        return np.uint8 if self.ignore_value < 256 else np.int32
+
+    @property
     def reads_masks(self) -> bool:
         """Label maps are read when the model takes them as inputs, or when they guide its masking."""
         return len(self.modalities) > 1 or self.masking.guided
@@ -62,8 +68,8 @@ def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform) 
     if on_device:
         rgb, (width, height) = None, codecs.image_size(row["image"])  # the header only
     else:
-        rgb = codecs.decode_image(row["image"])
-        height, width = rgb.shape[:2]
+        rgb = image_tensor(row["image"])
+        height, width = rgb.shape[-2:]
     semantic = instance = None
     if spec.reads_masks:
         # As stored (uint8 / uint16): the crop comes before any widening.
@@ -75,23 +81,23 @@ def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform) 
         check_taxonomy(semantic, spec.num_semantic_classes, spec.ignore_value)
     sample = {"label": int(row["label"]), "index": index}  # plain ints: collate makes one tensor of each
     if on_device:  # the JPEG's bytes and its crop box; Batch.to decodes and crops it on the device
-        box, semantic_t, instance_t = augment_masks(height, width, semantic, instance, transform, augment_seed)
+        box, semantic_c, instance_c = augment_masks(height, width, semantic, instance, transform, augment_seed)
         sample["image_bytes"] = torch.frombuffer(bytearray(row["image"]), dtype=torch.uint8)
         sample["crop"] = torch.tensor([box.top, box.left, box.height, box.width, box.flip, 1])
     else:
-        image, semantic_t, instance_t = augment(rgb, semantic, instance, transform, augment_seed)
+        image, semantic_c, instance_c = augment(rgb, semantic, instance, transform, augment_seed)
         if spec.decode_on_device:  # not a JPEG the device decodes (PNG, CMYK): cropped here, sent raw
             sample["image_bytes"], sample["crop"] = image.flatten(), torch.zeros(6, dtype=torch.int64)
         else:
             sample["rgb"] = image  # (3, S, S) uint8: normalised by Batch.to on the device (4x fewer bytes than float)
     if spec.reads_masks:
-        # Label maps travel in the smallest dtype that holds them (the ignore value is the largest
-        # semantic value); Batch.to makes them int64 and the ignore value -1.
-        sample["semantic"] = semantic_t.to(torch.int16 if spec.ignore_value < 2**15 else torch.int32)  # (S, S)
+        # Label maps travel in the smallest dtype that holds them, the same for every row (the ignore
+        # value is the largest semantic value); Batch.to makes them int64 and the ignore value -1.
+        sample["semantic"] = torch.from_numpy(semantic_c.astype(spec.semantic_dtype, copy=False))  # (S, S)
         # The (3, S, S) instance representation is computed from these by Batch.to, batched on the device.
-        sample["instance_ids"] = instance_t  # (S, S) int32, ids < 2**16
+        sample["instance_ids"] = torch.from_numpy(instance_c.astype(np.int32))  # (S, S), ids < 2**16
         # Its largest id, known here on the host for free: it sizes the device's count tables (no sync there).
-        sample["instance_max"] = instance_t.max() if instance_t.numel() else torch.tensor(0, dtype=torch.int32)
+        sample["instance_max"] = int(instance_c.max(initial=0))
     # The masking's random numbers; Batch.to turns them into visible tokens, batched on the device.
     draws = draw_masking(np.random.default_rng(masking_seed), spec.masking, len(spec.modalities))
     sample.update({k: torch.from_numpy(np.asarray(v)) for k, v in draws.items()})  # strategy_key, proportions, keys
@@ -111,6 +117,20 @@ def check_taxonomy(semantic: np.ndarray, num_classes: int | None, ignore_value: 
                         f"(0..{num_classes - 1}, ignore {ignore_value}); the shard was labeled with another "
                         "taxonomy than the folder's metadata.json: relabel it, or restore the metadata it was "
                         "labeled with.")
+
+
+def image_tensor(data: bytes) -> torch.Tensor:
+    """Encoded image -> (C, H, W) uint8 whose first three channels are the contract's RGB pixels
+    (`codecs.decode_image`'s). C = 4: PIL's own pixel buffer, which stores RGB in 4 bytes a pixel,
+    read through its Arrow export without a copy (`decode_image` copies the whole image twice, and
+    a tensor of it needs a third); the crop reads three channels of four at the speed of three.
+    C = 3 for an image too large for PIL's one-block buffer (its rows are not contiguous)."""
+    img = codecs.rgb_image(data)
+    try:
+        pixels = torch.from_dlpack(pa.array(img).flatten()).view(img.height, img.width, 4)  # (H, W, 4)
+    except ValueError:
+        pixels = torch.from_numpy(np.require(np.asarray(img), requirements=("C", "W")))  # (H, W, 3)
+    return pixels.permute(2, 0, 1)
 
 
 def _device_decodable(data: bytes) -> bool:

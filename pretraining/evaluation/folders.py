@@ -31,7 +31,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from dataset_card import codecs, layout
-from dataset_card.schema import SchemaError, validate_schema
+from dataset_card.schema import SCHEMA_VERSION, UPGRADABLE_VERSIONS, SchemaError, validate_schema
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 ADE20K_CLASSES = 150
@@ -224,9 +224,9 @@ def _non_empty(data: EvalData, path: str) -> EvalData:
 
 def _labeled(path: str, val_fraction: float) -> EvalData:
     with open(os.path.join(path, layout.METADATA_FILE)) as f:
-        # only images and image labels are read here, which both schema versions hold alike
+        # only images and image labels are read here, which every schema version holds alike
         metadata = layout.DatasetMetadata.from_json(f.read(), source=os.path.join(path, layout.METADATA_FILE),
-                                                    accept=(1, 2))
+                                                    accept=(*UPGRADABLE_VERSIONS, SCHEMA_VERSION))
     files = sorted(os.path.join(path, layout.DATA_DIR, name) for name in os.listdir(os.path.join(path, layout.DATA_DIR))
                    if name.startswith("train-") and name.endswith(".parquet")) \
         if os.path.isdir(os.path.join(path, layout.DATA_DIR)) else []
