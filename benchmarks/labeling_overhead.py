@@ -3,14 +3,14 @@
     python benchmarks/labeling_overhead.py [--images N] [--cpus 2] [--batch-size 8]
 
 Two arms label the same ImageFolder (crops of the skimage colour photos) at N and 2N images:
-  bare      one process: read -> decode + SAM twin + semantic twin -> upsample/align/paint/PNG ->
+  bare      one process: read -> decode + SAM twin + semantic twin -> upsample/align/paint/encode maps ->
             shard write (Parquet, once per shard), batch by batch, with the pipeline's own stage
             functions; torch uses `--cpus` threads.
   pipeline  `labeling.pipeline.driver.run_labeling` on a local Ray with `--cpus` CPUs and its default
             CPU layout (`cluster.plan_layout`): single-threaded model actors (each with both
             twins), single-threaded CPU tasks. Both arms get the same `--cpus` cores; the
             bare arm's torch runs `--cpus` threads, the pipeline's one per process.
-Both decode, run both models at the same batch size, encode RLE/PNG and write Parquet. Model
+Both decode, run both models at the same batch size, encode RLE and label maps and write Parquet. Model
 loading, `ray.init` and the pipeline's start-up (listing, model checks, actor start) are reported
 but not timed: the pipeline is timed from its first read to its last commit (`labeling_s`).
 
