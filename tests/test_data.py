@@ -245,6 +245,19 @@ def test_the_image_crops_from_pils_buffer_as_from_the_contracts_pixels(interpola
             assert torch.equal(transform.crop_image(fast, box), transform.crop_image(reference, box))
 
 
+def test_an_image_over_pils_memory_block_is_copied_instead():
+    """PIL splits an image above ~16 MB decoded over several blocks; its Arrow export refuses that,
+    and image_tensor falls back to decode_image's pixels (3 channels)."""
+    from pretraining.data.samples import image_tensor
+
+    big = np.zeros((2100, 2100, 3), np.uint8)
+    big[::7] = 200
+    data = _encode_file(Image.fromarray(big), "JPEG")
+    pixels = image_tensor(data)
+    assert pixels.shape == (3, 2100, 2100)
+    assert torch.equal(pixels, torch.from_numpy(codecs.decode_image(data).copy()).permute(2, 0, 1))
+
+
 def test_nearest_exact_index_equals_torch_for_every_length():
     """The mask gather uses exactly the source pixels torch's nearest-exact resize picks."""
     for size in (16, 32, 224, 384):
