@@ -1,7 +1,7 @@
 """One sample, in a loader worker: a raw row -> decoded, jointly cropped maps and the masking's draws.
 
-`make_sample` decodes with the contract's codecs, checks the maps against the image and metadata's taxonomy, crops and flips the three maps
-jointly (or, with `decode_on_device`, leaves the JPEG encoded with its crop box) and draws the
+`make_sample` decodes with the contract's codecs, checks the maps against the image and metadata's
+taxonomy, crops and flips the three maps jointly (or, with `decode_on_device`, leaves the JPEG encoded with its crop box) and draws the
 masking's random numbers from the sample's own seed. `collate` stacks a worker's chunk;
 `pretraining.data.batch.Batch` finishes it on the device.
 """
