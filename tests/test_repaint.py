@@ -97,12 +97,14 @@ def test_the_parts_rule_repaints_v1s_own_map(v1):
     assert validate(str(v1), full=True).ok
 
 
-def test_repaint_upgrades_a_v2_folder_keeping_every_value(v2, capsys):
+def test_repaint_upgrades_a_v2_folder_keeping_every_value(v2, capsys, monkeypatch):
     """v2 stored its label maps as PNG: the upgrade re-encodes them (same values, its own rule), and
     the trainer, refusing the folder before with the fix, reads it after."""
     before = rows(v2)
+    stats_before = [json.loads((v2 / layout.stats_path(i, 2)).read_text()) for i in range(2)]
     with pytest.raises(DataError, match=f"version 2.*python -m dataset_card repaint {v2}"):
         open_labeled_dataset(str(v2))
+    monkeypatch.setattr(repaint, "repaint_row", None)  # under the folder's own rule nothing is repainted
     assert main(["repaint", str(v2)]) == 0
     assert "repainted 2 shards (6 rows) under rule 'objects'" in capsys.readouterr().out
     assert validate(str(v2), full=True).ok
@@ -112,6 +114,8 @@ def test_repaint_upgrades_a_v2_folder_keeping_every_value(v2, capsys):
         assert new["semantic_mask"]["bytes"][:4] == new["instance_mask"]["bytes"][:4] == codecs.ZSTD_MAGIC
         assert all(np.array_equal(a, b) for a, b in zip(maps(old), maps(new)))
         assert old["instances"] == new["instances"] and old["image"] == new["image"]
+    # Only re-encoded: the statistics are as they were.
+    assert [json.loads((v2 / layout.stats_path(i, 2)).read_text()) for i in range(2)] == stats_before
     assert json.loads((v2 / layout.MANIFEST_FILE).read_text())["repaints"][0]["from_schema_version"] == 2
     assert open_labeled_dataset(str(v2)).num_rows == 6
     ds = datasets.load_dataset(str(v2), split="train", cache_dir=str(v2.parent / "cache"))
