@@ -51,6 +51,7 @@ _RESIDUAL_DIM = (
                 r"(weight|bias)$"), 0),
     (re.compile(r"^encoder\.blocks\.\d+\.(attn\.qkv|mlp\.fc1)\.weight$"), 1),
 )
+FORMATS = {"run": "our run checkpoint", "timm": "timm export", "mae": "MAE-format checkpoint"}
 SINCOS_TOLERANCE = 1e-4  # a float32 sin-cos table (plus a constant) matches ours to ~1e-7
 
 
@@ -75,7 +76,7 @@ class InitReport:
 
     def lines(self) -> list[str]:
         return [f"init: loaded {len(self.loaded)} tensors ({self.loaded_parameters:,} parameters) of the encoder "
-                f"from {self.format} checkpoint {self.file} (sha256 {self.sha256[:12]})",
+                f"from {FORMATS[self.format]} {self.file} (sha256 {self.sha256[:12]})",
                 f"init: new, left at their initialisation: {_grouped(self.new)} ({self.new_parameters:,} parameters)",
                 f"init: unused source keys: {_grouped(self.unused)}",
                 f"init: position embedding: {self.positions}"]
@@ -196,11 +197,12 @@ def _positions(pos_embed: torch.Tensor, has_cls: bool) -> tuple[torch.Tensor | N
                                   f"ours by up to {deviation:.3g}, e.g. a learned one); our encoder keeps its fixed "
                                   "sin-cos, so the blocks see other positions than they were trained with")
     how = "in our channel order" if torch.equal(order, torch.arange(len(order))) else (
-        "in another channel order (MAE's), so the residual stream was reordered to match: the encoder computes the "
-        "source's function with permuted features")
+        "in another channel order (as MAE's), so the residual stream was reordered to match and the encoder "
+        "computes the source's function with permuted features")
     cls_row = table[0] if prefix else None  # in the source's channel order
-    return order, offset, cls_row, (f"the fixed sin-cos of a {grid}x{grid} grid {how}; our encoder recomputes it "
-                                    "for its own grid, its constant became the RGB modality embedding")
+    return order, offset, cls_row, (f"a fixed sin-cos table of a {grid}x{grid} grid {how}; our encoder recomputes "
+                                    "the table for its own grid and takes its constant part as the RGB modality "
+                                    "embedding")
 
 
 def _map_timm(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str],
