@@ -50,7 +50,7 @@ from pretraining.training import checkpoint as ckpt
 from pretraining.training.config import ConfigError, TrainConfig, apply_overrides, to_dict
 from pretraining.training.init_weights import INIT_FILE, initialize
 from pretraining.training.loss_meter import LossMeter, MicroStep, NonFiniteLoss
-from pretraining.training.monitor import Monitor, reconstruction_figure
+from pretraining.training.monitor import Monitor, reconstruction_figure, step_scalars
 from pretraining.training.recipes import RECIPES, get_recipe
 from pretraining.training.resume import RunError, check_resume, complete_summary, dataset_fingerprint
 from pretraining.training.storage import StorageError, write_json, writing
@@ -279,17 +279,6 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
 
     meter: LossMeter | None = None  # made at the first step, when the model has named its loss terms
 
-    def step_scalars(grad_norm: torch.Tensor) -> dict[str, float]:
-        """The optimizer step's health at a log step: gradient norm, fp16 loss scale, the window's peak GPU memory."""
-        values = {"grad_norm": float(grad_norm)}
-        if scaler.is_enabled():
-            values["loss_scale"] = scaler.get_scale()
-        if device.type == "cuda":
-            values["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            values["perf/gpu_mem_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
-            torch.cuda.reset_peak_memory_stats(device)  # the next log step reports its own window's peak
-        return values
-
     def check_losses() -> None:
         """Read the losses since the last check (one sync), write the samples log, stop on a non-finite one."""
         nonlocal last
@@ -373,7 +362,7 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
                 grad_share = {f"grad_share/{m}": n / max(sum(norms), 1e-30) for m, n in zip(mcfg.modalities, norms)}
             monitor.scalars(global_step, {
                 **{f"loss/{n}": v for n, v in last.items()}, "lr": lr, **mix, **grad_share,
-                **(step_scalars(grad_norm) if main else {}),
+                **(step_scalars(grad_norm, scaler, device) if main else {}),
                 "perf/images_per_s": window["samples"] / elapsed, "perf/data_wait_share": window["wait"] / elapsed,
                 "epoch": epoch + (step + 1) / epoch_steps[epoch]})
             window = {"samples": 0, "wait": 0.0, "start": time.perf_counter()}

@@ -19,6 +19,7 @@ from pretraining.models.factory import create_model
 from pretraining.train import main
 from pretraining.training import checkpoint as ckpt
 from pretraining.training.init_weights import initialize
+from pretraining.training.monitor import step_scalars
 from pretraining.training.resume import RunError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread beats two here
@@ -221,6 +222,13 @@ def test_gradient_norm_is_logged_at_log_steps_and_equals_the_clipping_norm(data,
     # On a CPU nothing is scaled (fp16 is GPU-only) and there is no GPU memory to report.
     assert not any(tag == "loss_scale" or tag.startswith("perf/gpu_mem") for tag in plain)
     assert "perf/images_per_s" in plain
+
+
+def test_step_scalars_add_the_loss_scale_when_scaling():
+    norm = torch.tensor(2.5)
+    assert step_scalars(norm, torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu")) == {"grad_norm": 2.5}
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert step_scalars(norm, scaler, torch.device("cpu")) == {"grad_norm": 2.5, "loss_scale": 1024.0}
 
 
 @pytest.mark.gpu
