@@ -2,20 +2,23 @@
 
 One process per GPU under `torchrun` (DDP), or one process on a CPU. Rerunning the same command
 resumes from the newest readable checkpoint in RUN (`training/resume.py` says what must agree; a
-finished run says so and changes nothing; `--set epochs=N` extends it). See docs/training.md.
+finished run says so and changes nothing; `--set epochs=N` extends it). `--init PATH` starts a new
+run's encoder from another checkpoint (`training/init_weights.py`). See docs/training.md.
 
 The loop, in order: set the learning rate and the curriculum's masking weights for the optimizer
 step (both from its fractional epoch); finish the batch on the device under those weights; forward
 and backward each micro-batch (DDP syncs gradients on the last one), keeping its loss terms on the
 device; step the optimizer; let an adaptive curriculum see the step's per-strategy losses; every
 `log_every` steps and before each checkpoint, average the kept loss terms over ranks, stop on a
-non-finite one, log; draw a figure; checkpoint. The next batch is copied to the GPU meanwhile.
+non-finite one, log (with the step's gradient norm, computed only then unless clipping needs it);
+draw a figure; checkpoint (and keep every N-th epoch's). The next batch is copied to the GPU meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -45,8 +48,9 @@ from pretraining.models.curriculum import Curriculum
 from pretraining.models.factory import create_model
 from pretraining.training import checkpoint as ckpt
 from pretraining.training.config import ConfigError, TrainConfig, apply_overrides, to_dict
+from pretraining.training.init_weights import INIT_FILE, initialize
 from pretraining.training.loss_meter import LossMeter, MicroStep, NonFiniteLoss
-from pretraining.training.monitor import Monitor, reconstruction_figure
+from pretraining.training.monitor import Monitor, reconstruction_figure, step_scalars
 from pretraining.training.recipes import RECIPES, get_recipe
 from pretraining.training.resume import RunError, check_resume, complete_summary, dataset_fingerprint
 from pretraining.training.storage import StorageError, write_json, writing
@@ -149,28 +153,31 @@ def _gather(obj, distributed: Distributed) -> list:
 
 
 def train(cfg: TrainConfig, data: str, output: str, hooks: Sequence[Hook] = (), progress: bool = True,
-          images: str | None = None, new_data: bool = False) -> dict:
+          images: str | None = None, new_data: bool = False, init: str | None = None) -> dict:
     """Train (or resume) the run in `output` on the labeled dataset in `data`; returns its summary
     (with "complete": True when the run had already finished and nothing was done).
     `images`: the image folder of a labels-only dataset (`--images`). `new_data`: resume on a
-    dataset other than the checkpoint's, on purpose (`--new-data`)."""
+    dataset other than the checkpoint's, on purpose (`--new-data`). `init`: a checkpoint whose
+    encoder weights a new run starts from (`--init`; training/init_weights.py); ignored on resume."""
     distributed = setup_distributed(cfg.data.num_workers)
     try:
-        return _train(cfg, data, Path(output), hooks, progress, distributed, images, new_data)
+        return _train(cfg, data, Path(output), hooks, progress, distributed, images, new_data, init)
     finally:
         if distributed.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], show_progress: bool,
-           distributed: Distributed, images: str | None = None, new_data: bool = False) -> dict:
+           distributed: Distributed, images: str | None = None, new_data: bool = False,
+           init: str | None = None) -> dict:
     device, main = distributed.device, distributed.main
     dataset = open_labeled_dataset(data, images)
     global_batch = cfg.data.batch_size * distributed.world_size * cfg.accum_steps
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * global_batch / 256
     run_info = {"data": str(data), "world_size": distributed.world_size, "global_batch": global_batch,
                 "lr": peak_lr, "dataset_rows": dataset.num_rows,
-                "num_semantic_classes": dataset.metadata.num_semantic_classes, "dataset": dataset_fingerprint(dataset)}
+                "num_semantic_classes": dataset.metadata.num_semantic_classes, "dataset": dataset_fingerprint(dataset),
+                "init": None}  # --init's source and sha256, when the run started from another checkpoint
     # The newest readable checkpoint binds the run (config, processes, data); an unreadable newer one is moved aside.
     say = (lambda line: tqdm.write(line, file=sys.stderr)) if main else (lambda line: None)
     resumed = ckpt.load_newest_readable(run_dir, move_aside=main, warn=say)
@@ -186,6 +193,15 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
         model = create_model(cfg.model, num_semantic_classes=dataset.metadata.num_semantic_classes, **cfg.model_args)
     except (TypeError, ValueError) as err:  # an unknown or inconsistent model_args override
         raise ConfigError(f"model {cfg.model} with model_args {cfg.model_args}: {err}") from err
+    init_report = None
+    if resumed is not None:  # the checkpoint's weights win; run.json keeps where the run's first weights came from
+        run_info["init"] = json.loads(state["run"]).get("init")
+        if init is not None:
+            started = run_info["init"]["source"] if run_info["init"] else "its own initialisation"
+            say(f"--init {init} ignored: resuming from {latest}, whose weights win (the run started from {started}).")
+    elif init is not None:  # weights only: the optimizer and the schedules start fresh
+        init_report = initialize(model, init)
+        run_info["init"] = init_report.provenance()
     model.to(device)
     no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=no_decay)
@@ -216,6 +232,10 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
     if main:  # only now: a start refused above leaves nothing behind
         write_json(run_dir / CONFIG_FILE, to_dict(cfg))
         write_json(run_dir / RUN_FILE, run_info)
+        if init_report is not None:
+            write_json(run_dir / INIT_FILE, dataclasses.asdict(init_report))
+            for line in [*init_report.lines(), f"init: the report is in {run_dir / INIT_FILE}"]:
+                say(line)
     steps_per_epoch = loader.steps_per_epoch  # micro-steps of epoch 0; later epochs may differ slightly
     train_model = torch.compile(model) if cfg.compile else model
     if distributed.world_size > 1:
@@ -234,18 +254,28 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
             epoch_steps[epoch] = loader.stream.plan(epoch).steps if epoch < cfg.epochs else 1
         return (epoch + step / epoch_steps[epoch]) / cfg.epochs
 
-    def save(epoch: int, step: int) -> None:
+    def save(epoch: int, step: int) -> Path | None:
+        """Checkpoint the run at data position (epoch, step); returns the file on rank 0."""
         states = _gather(ckpt.rng_state(), distributed)
         if main:
             progress = progress_at(epoch, step)
             weights = torch.as_tensor(curriculum.weights(progress), dtype=torch.float64).tolist()
-            ckpt.save_checkpoint({
+            return ckpt.save_checkpoint({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "schedule": {"lr": optimizer.param_groups[0]["lr"], "peak_lr": peak_lr},
                 "curriculum": {"progress": progress, "weights": weights, "adaptive": curriculum.state_dict()},
                 "position": {"epoch": epoch, "step": step}, "global_step": global_step, "rng": states,
                 "config": json.dumps(to_dict(cfg)), "run": json.dumps(run_info), "last": last,
             }, run_dir, global_step, cfg.keep_checkpoints)
+        return None
+
+    def keeps(position: tuple[int, int]) -> bool:
+        """Whether (epoch, step) ends an epoch whose checkpoint is kept for good (keep_every_epochs)."""
+        return cfg.keep_every_epochs > 0 and position[1] == 0 and position[0] > 0 \
+            and position[0] % cfg.keep_every_epochs == 0
+
+    if resumed is not None and main and keeps(position) and not ckpt.kept_path(run_dir, position[0]).exists():
+        ckpt.keep_checkpoint(latest, ckpt.kept_path(run_dir, position[0]))  # the run was stopped before keeping it
 
     meter: LossMeter | None = None  # made at the first step, when the model has named its loss terms
 
@@ -302,9 +332,13 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
             waited_from = time.perf_counter()
             continue
 
-        if cfg.optim.clip_grad is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+        log_now = (global_step + 1) % cfg.log_every == 0
+        if cfg.optim.clip_grad is not None or log_now:  # the norm before clipping, a device tensor read at log steps
+            scaler.unscale_(optimizer)  # fp16: the true gradients (scaler.step does not unscale twice)
+            if cfg.optim.clip_grad is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -315,7 +349,7 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
         position = (epoch, step + 1) if step + 1 < epoch_steps[epoch] else (epoch + 1, 0)
         bar.update(1)
 
-        if global_step % cfg.log_every == 0:
+        if log_now:
             check_losses()
             elapsed = time.perf_counter() - window["start"]
             mix, per_step = strategies.scalars()
@@ -328,16 +362,19 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
                 grad_share = {f"grad_share/{m}": n / max(sum(norms), 1e-30) for m, n in zip(mcfg.modalities, norms)}
             monitor.scalars(global_step, {
                 **{f"loss/{n}": v for n, v in last.items()}, "lr": lr, **mix, **grad_share,
+                **(step_scalars(grad_norm, scaler, device) if main else {}),
                 "perf/images_per_s": window["samples"] / elapsed, "perf/data_wait_share": window["wait"] / elapsed,
                 "epoch": epoch + (step + 1) / epoch_steps[epoch]})
             window = {"samples": 0, "wait": 0.0, "start": time.perf_counter()}
         if main and cfg.figure_every and global_step % cfg.figure_every == 0:
             recon = model.reconstruct(inputs, out)
             monitor.figure(global_step, reconstruction_figure(inputs, recon, model.visible_mask(out)))
-        if global_step % cfg.checkpoint_every == 0:
+        if global_step % cfg.checkpoint_every == 0 or keeps(position):
             check_losses()  # never save after a non-finite loss
-            save(*position)
+            path = save(*position)
             saved_at = global_step
+            if path is not None and keeps(position):
+                ckpt.keep_checkpoint(path, ckpt.kept_path(run_dir, position[0]))
         if position[1] == 0 and hooks:  # an epoch just ended
             check_losses()
             for hook in hooks:
@@ -376,6 +413,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="run folder: config, checkpoints, logs, figures")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set data.batch_size=128 --set model_args.img_size=96")
+    parser.add_argument("--init", metavar="PATH",
+                        help="start a new run's encoder from another checkpoint's weights: a run folder or one of its "
+                             "checkpoints, a timm export folder, or MAE's released .pth; decoders and the optimizer "
+                             "start fresh, RUN/init.json reports what was loaded; ignored when the run resumes")
     parser.add_argument("--new-data", action="store_true",
                         help="resume the run in --output on a dataset other than the one it was trained on, on "
                              "purpose (without it such a resume is refused)")
@@ -401,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hooks.append(probe_hook(args.probe_data, cfg=PeriodicProbeConfig(every=args.probe_every,
                                                                            kind=args.probe_kind)))
         summary = train(cfg, args.data, args.output, hooks=hooks, progress=not args.no_progress, images=args.images,
-                        new_data=args.new_data)
+                        new_data=args.new_data, init=args.init)
     except (ConfigError, DataError, RunError, ckpt.CheckpointError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -7,6 +7,12 @@ temporary file, flushed to disk and renamed, so a run killed mid-write leaves th
 checkpoint as the latest. A disk error while writing is one sentence (`storage.StorageError`) and
 leaves no temporary file. On resume, a newest checkpoint that cannot be read is moved aside
 (`step-N.pt.unreadable`, kept for inspection) and the one before it is used, with a warning.
+
+With `keep_every_epochs`, the checkpoint at the end of every N-th epoch is also kept for good as
+`epoch-NNNN.pt` (NNNN epochs done): a hard link to its step checkpoint, so nothing is written twice
+(a copy where the file system has no hard links). The rolling deletion and resume read only
+`step-*.pt`, so kept ones never count among the last K and are never resumed from by accident;
+export one with `python -m pretraining.export RUN --checkpoint RUN/checkpoints/epoch-NNNN.pt`.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import contextlib
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,24 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:08d}.pt"
+
+
+def kept_path(run_dir: str | Path, epochs_done: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"epoch-{epochs_done:04d}.pt"
+
+
+def keep_checkpoint(checkpoint: Path, kept: Path) -> Path:
+    """Make `kept` the same file as `checkpoint` for good: a hard link, else a copy; atomic either way."""
+    tmp = kept.with_name(f".{kept.name}.tmp")
+    with writing(kept, tmp):
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(checkpoint, tmp)
+        except OSError:  # no hard links here (another device, some network or FUSE file systems)
+            shutil.copyfile(checkpoint, tmp)
+        os.replace(tmp, kept)
+        _fsync_dir(kept.parent)
+    return kept
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

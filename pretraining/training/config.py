@@ -49,6 +49,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     checkpoint_every: int = 1000  # optimizer steps; a checkpoint is also written at the end
     keep_checkpoints: int = 3
+    keep_every_epochs: int = 0  # also keep checkpoints/epoch-NNNN.pt at the end of every N-th epoch for good; 0 = never
     log_every: int = 50  # optimizer steps between TensorBoard scalars
     figure_every: int = 2000  # optimizer steps between reconstruction figures; 0 = never
     log_samples: bool = False  # write the sample ids and losses of every step to RUN/samples-rankR.jsonl
@@ -60,12 +61,14 @@ class TrainConfig:
         for name in ("epochs", "accum_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.keep_every_epochs < 0:
+            raise ConfigError(f"keep_every_epochs must be 0 (off) or a number of epochs, got {self.keep_every_epochs}.")
         if self.data.batch_size < 1:
             raise ConfigError(f"data.batch_size must be at least 1, got {self.data.batch_size}.")
 
 
 # Keys that may change when a run is resumed: they do not change what is computed.
-RESUMABLE_KEYS = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "figure_every",
+RESUMABLE_KEYS = frozenset({"checkpoint_every", "keep_checkpoints", "keep_every_epochs", "log_every", "figure_every",
                             "compile", "log_samples", "log_grad_share", "data.prefetch_factor"})
 
 

@@ -1,6 +1,7 @@
 """Watching a run: TensorBoard scalars and reconstruction figures (PNG files and TensorBoard images).
 
-RUN/tensorboard/   scalars: loss and each loss term, lr, curriculum weights, images/s, data-wait share
+RUN/tensorboard/   scalars: loss and each loss term, lr, curriculum weights, images/s, data-wait share,
+                   gradient norm, fp16 loss scale, peak GPU memory
 RUN/figures/       step-00002000.png: per sample and modality, input | masked input | prediction | target,
                    with a legend (grey, class colours, the instance channels); a panel with nothing to
                    show (all masked, nothing masked, no labels) says so in its title
@@ -65,6 +66,19 @@ class Monitor:
         if self.writer is not None:
             with writing(self.logdir):
                 self.writer.close()
+
+
+def step_scalars(grad_norm: torch.Tensor, scaler: torch.amp.GradScaler, device: torch.device) -> dict[str, float]:
+    """An optimizer step's health, read at a log step (the only host syncs it costs): the gradient norm, the
+    fp16 loss scale, and the peak GPU memory since the previous log step (whose peak it then resets)."""
+    values = {"grad_norm": float(grad_norm)}
+    if scaler.is_enabled():
+        values["loss_scale"] = scaler.get_scale()
+    if device.type == "cuda":
+        values["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        values["perf/gpu_mem_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return values
 
 
 def _rgb(x: torch.Tensor) -> np.ndarray:
