@@ -151,3 +151,15 @@ def test_no_readable_checkpoint_is_one_sentence_and_moves_nothing(tmp_path):
         ckpt.load_newest_readable(tmp_path, warn=print)
     assert "\n" not in str(err.value)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000001.pt", "step-00000002.pt"]
+
+
+def test_a_resumed_runs_event_file_sorts_after_its_predecessors(tmp_path):
+    """TensorBoard reads event files in name order (<second>.<host>.<pid>.<n>); a resume in the same
+    second as the file before it waits for the next second rather than sort by pid or counter."""
+    from pretraining.training.monitor import Monitor
+
+    for purge_step in (None, 3, 5):
+        Monitor(tmp_path, purge_step=purge_step).close()
+    names = [p.name for p in (tmp_path / "tensorboard").iterdir()]
+    seconds = sorted(int(n.split(".")[3]) for n in names)
+    assert len(set(seconds)) == 3 and sorted(names) == sorted(names, key=lambda n: int(n.split(".")[3]))

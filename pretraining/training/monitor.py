@@ -12,6 +12,7 @@ disk is one sentence (`storage.StorageError`).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import matplotlib
@@ -30,6 +31,17 @@ from pretraining.training.storage import writing  # noqa: E402
 COLUMNS = ("input", "masked input", "prediction", "target")
 
 
+def _after_earlier_event_files(logdir: Path) -> None:
+    """Wait (under a second) until this second is later than every event file's in `logdir`.
+    TensorBoard reads a folder's event files in name order, `events.out.tfevents.<second>.<host>.
+    <pid>.<n>`: a resume started within the second its predecessor's file was created would sort by
+    pid or counter, maybe before it, and the older file's events would then purge the new ones."""
+    seconds = [int(p.name.split(".")[3]) for p in logdir.glob("events.out.tfevents.*")
+               if len(p.name.split(".")) > 3 and p.name.split(".")[3].isdigit()]
+    if seconds and max(seconds) >= int(time.time()):
+        time.sleep(max(seconds) + 1 - time.time())
+
+
 class Monitor:
     def __init__(self, run_dir: str | Path, enabled: bool = True, purge_step: int | None = None):
         """`purge_step`: the first step this run logs; TensorBoard drops older files' events from it on."""
@@ -37,6 +49,7 @@ class Monitor:
         self.logdir = self.run_dir / "tensorboard"
         self.writer = None
         if enabled:
+            _after_earlier_event_files(self.logdir)
             with writing(self.logdir):
                 self.writer = SummaryWriter(str(self.logdir), purge_step=purge_step)
 
