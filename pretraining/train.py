@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -48,6 +47,13 @@ from pretraining.models.curriculum import Curriculum
 from pretraining.models.factory import create_model
 from pretraining.training import checkpoint as ckpt
 from pretraining.training.config import ConfigError, TrainConfig, apply_overrides, to_dict
+from pretraining.training.distributed import (
+    Distributed,
+    gather,
+    mean_over_ranks,
+    param_hash,
+    setup_distributed,
+)
 from pretraining.training.init_weights import INIT_FILE, initialize
 from pretraining.training.loss_meter import LossMeter, MicroStep, NonFiniteLoss
 from pretraining.training.monitor import Monitor, reconstruction_figure, step_scalars
@@ -58,39 +64,6 @@ from pretraining.training.strategy_log import StrategyLog
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"  # what the config does not fix: data path, world size, learning rate, dataset size
-
-
-@dataclass(frozen=True)
-class Distributed:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(loader_workers: int = 0) -> Distributed:
-    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs), or run alone.
-
-    On a CPU (unless OMP_NUM_THREADS is set), also size torch's thread pool to the cores left by
-    `loader_workers` per process.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # The loader's workers take a core each; this process's threads share the rest with the other
-        # local ranks (oversubscribed OpenMP threads spin and slow everything down).
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (cores - local * loader_workers) // local))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(dist.get_rank() if world_size > 1 else 0, world_size, device)
 
 
 def learning_rate(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: int) -> float:
@@ -127,29 +100,6 @@ def _open_samples_log(path: Path, position: tuple[int, int]):
         log = open(path, "w", buffering=1)  # line-buffered: a killed run keeps what it logged
         log.writelines(line + "\n" for line in kept)
     return log
-
-
-def _reduce(values: torch.Tensor, distributed: Distributed) -> torch.Tensor:
-    if distributed.world_size > 1:
-        dist.all_reduce(values)
-        values = values / distributed.world_size
-    return values
-
-
-def _param_hash(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _gather(obj, distributed: Distributed) -> list:
-    if distributed.world_size == 1:
-        return [obj]
-    out = [None] * distributed.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def train(cfg: TrainConfig, data: str, output: str, hooks: Sequence[Hook] = (), progress: bool = True,
@@ -256,7 +206,7 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
 
     def save(epoch: int, step: int) -> Path | None:
         """Checkpoint the run at data position (epoch, step); returns the file on rank 0."""
-        states = _gather(ckpt.rng_state(), distributed)
+        states = gather(ckpt.rng_state(), distributed)
         if main:
             progress = progress_at(epoch, step)
             weights = torch.as_tensor(curriculum.weights(progress), dtype=torch.float64).tolist()
@@ -283,7 +233,7 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
         """Read the losses since the last check (one sync), write the samples log, stop on a non-finite one."""
         nonlocal last
         try:
-            steps = meter.check(lambda values: _reduce(values, distributed)) if meter is not None else []
+            steps = meter.check(lambda values: mean_over_ranks(values, distributed)) if meter is not None else []
         except NonFiniteLoss as err:
             raise RunError(f"{err}. The run stopped; lower optim.lr or use precision=fp32, then rerun to resume "
                            "from the last checkpoint.") from None
@@ -344,7 +294,7 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
         optimizer.zero_grad(set_to_none=True)
         step_loss, step_count = strategies.end_step()
         if curriculum.adaptive is not None:  # every rank sees the same sums, so all draw with the same weights
-            curriculum.update(_reduce(step_loss, distributed), _reduce(step_count, distributed))
+            curriculum.update(mean_over_ranks(step_loss, distributed), mean_over_ranks(step_count, distributed))
         global_step += 1
         position = (epoch, step + 1) if step + 1 < epoch_steps[epoch] else (epoch + 1, 0)
         bar.update(1)
@@ -385,7 +335,7 @@ def _train(cfg: TrainConfig, data: str, run_dir: Path, hooks: Sequence[Hook], sh
     bar.close()
     if saved_at != global_step:
         save(*position)
-    hashes = _gather(_param_hash(model), distributed)
+    hashes = gather(param_hash(model), distributed)
     summary = {"global_step": global_step, "position": list(position), "last": last, "param_sha256": hashes}
     if main:
         write_json(run_dir / "summary.json", summary)
