@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dataset_card.schema import SchemaError
+from dataset_card.schema import SCHEMA_VERSION, SchemaError
 from dataset_card.shards import OutputWriteError
 from dataset_card.source import CardOptions
 from dataset_card.summary import OutputError
@@ -84,7 +84,7 @@ def repaint(args: argparse.Namespace) -> int:
                  log=print)
     print(f"repainted {len(result.repainted)} shards ({result.rows:,} rows) under rule {result.rule.name!r}"
           + (f", {len(result.skipped)} already were" if result.skipped else "")
-          + f"; {args.output} is dataset schema v2 and its card is rebuilt")
+          + f"; {args.output} is dataset schema v{SCHEMA_VERSION} and its card is rebuilt")
     return 0
 
 

@@ -106,7 +106,8 @@ def test_repaint_upgrades_a_v2_folder_keeping_every_value(v2, capsys, monkeypatc
         open_labeled_dataset(str(v2))
     monkeypatch.setattr(repaint, "repaint_row", None)  # under the folder's own rule nothing is repainted
     assert main(["repaint", str(v2)]) == 0
-    assert "repainted 2 shards (6 rows) under rule 'objects'" in capsys.readouterr().out
+    assert "repainted 2 shards (6 rows) under rule 'objects'" in (out := capsys.readouterr().out)
+    assert f"is dataset schema v{SCHEMA_VERSION} and its card is rebuilt" in out
     assert validate(str(v2), full=True).ok
     after = rows(v2)
     for old, new in zip(before, after):
