@@ -98,8 +98,11 @@ def _grouped(names: list[str]) -> str:
 
 
 def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:  # in 1 MiB pieces (hashlib.file_digest needs Python 3.11; we support 3.10)
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def _source_modalities(data: dict) -> tuple[str, ...] | None:
