@@ -64,9 +64,10 @@ def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform) 
     (strategy_key, proportions (M,), keys (K, N)). `Batch.to` finishes the batch on the device.
     """
     augment_seed, masking_seed = sample_seeds(spec.seed, epoch, index)
-    on_device = spec.decode_on_device and _device_decodable(row["image"])
+    device_size = _device_jpeg_size(row["image"]) if spec.decode_on_device else None
+    on_device = device_size is not None
     if on_device:
-        rgb, (width, height) = None, codecs.image_size(row["image"])  # the header only
+        rgb, (width, height) = None, device_size
     else:
         rgb = image_tensor(row["image"])
         height, width = rgb.shape[-2:]
@@ -133,10 +134,17 @@ def image_tensor(data: bytes) -> torch.Tensor:
     return pixels.permute(2, 0, 1)
 
 
-def _device_decodable(data: bytes) -> bool:
-    """Whether decode_jpeg gives the contract's pixels for these bytes: a JPEG in RGB or grey (CMYK
-    and everything else is decoded by `codecs.decode_image` in the worker). Reads the header only."""
-    return data[:3] == b"\xff\xd8\xff" and Image.open(io.BytesIO(data)).mode in ("RGB", "L")
+def _device_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG whose decode_jpeg pixels are the contract's (RGB or grey), from one
+    read of its header; None for anything else (CMYK, PNG, unreadable bytes), which the worker
+    decodes with `codecs` (and names, if it cannot)."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return img.size if img.mode in ("RGB", "L") else None
 
 
 HOST_KEYS = ("instance_max", "image_bytes", "crop")  # chunk entries Batch.to reads on the host
