@@ -40,7 +40,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 
-from dataset_card import codecs, shards
+from dataset_card.contract import codecs, shards
 from pretraining.data.augment import AugmentConfig
 from pretraining.data.loader import (
     DataConfig,
@@ -114,9 +114,9 @@ def write_realistic_dataset(root: str, num_images: int, size: tuple[int, int], u
     `num_images` rows (a row's cost does not depend on having been seen: nothing is cached)."""
     from skimage import data as photos
 
-    from dataset_card import layout
-    from dataset_card.schema import build_features, rows_to_table
-    from dataset_card.synthetic import synthetic_row
+    from dataset_card.contract import layout
+    from dataset_card.contract.schema import build_features, rows_to_table
+    from dataset_card.synthetic.shapes import synthetic_row
 
     sources = [photos.astronaut(), photos.chelsea(), photos.coffee(), photos.rocket(), photos.cat(),
                np.stack([photos.camera()] * 3, -1)]

@@ -65,8 +65,8 @@ def bare_loop(listed, n: int, cfg, models, output: str) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from dataset_card import layout, shards
-    from dataset_card.schema import arrow_schema
+    from dataset_card.contract import layout, shards
+    from dataset_card.contract.schema import arrow_schema
     from labeling.pipeline import manifest, writer
     from labeling.pipeline.driver import work_table
     from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema

@@ -68,7 +68,7 @@ class NullLabelers:
                 "semantic": {"name": "null", "checkpoint": "null", "sha256": None, "revision": None, "params": {}}}
 
     def semantic_classes(self):
-        from dataset_card.layout import SemanticClass
+        from dataset_card.contract.layout import SemanticClass
 
         return (SemanticClass(0, "background", False), SemanticClass(1, "thing", True))
 

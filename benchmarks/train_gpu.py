@@ -37,8 +37,8 @@ import torch
 from PIL import Image
 
 from benchmarks.pretrain_step import make_batch, with_visible
-from dataset_card import codecs, layout
-from dataset_card.schema import semantic_ignore_value
+from dataset_card.contract import codecs, layout
+from dataset_card.contract.schema import semantic_ignore_value
 from pretraining.data.augment import AugmentConfig
 from pretraining.data.loader import DataConfig, LabeledDataset, PretrainingLoader, SampleSpec, Unit
 from pretraining.data.prefetch import DevicePrefetcher

@@ -19,20 +19,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dataset_card.schema import SCHEMA_VERSION, SchemaError
-from dataset_card.shards import OutputWriteError
-from dataset_card.source import CardOptions
-from dataset_card.summary import OutputError
+from dataset_card.card.run_summary import OutputError
+from dataset_card.card.source import CardOptions
+from dataset_card.contract.schema import SCHEMA_VERSION, SchemaError
+from dataset_card.contract.shards import OutputWriteError
 
 
 def check(output: str) -> int:
     import datasets
     import numpy as np
 
-    from dataset_card import codecs, painting, shards
-    from dataset_card.schema import SCHEMA_VERSION, validate_features
-    from dataset_card.summary import read_metadata
-    from dataset_card.synthetic import write_synthetic_dataset
+    from dataset_card.card.run_summary import read_metadata
+    from dataset_card.contract import codecs, painting, shards
+    from dataset_card.contract.schema import SCHEMA_VERSION, validate_features
+    from dataset_card.synthetic.shapes import write_synthetic_dataset
 
     write_synthetic_dataset(output, num_images=16, num_shards=2)
     ds = datasets.load_dataset(output, split="train")
@@ -47,7 +47,7 @@ def check(output: str) -> int:
             print(f"instance_mask is not what rule {metadata.painting.name!r} paints for {row['image_id']}",
                   file=sys.stderr)
             return 1
-    from dataset_card.build import build_card
+    from dataset_card.card.build import build_card
     from dataset_card.validate import validate as run
 
     report = run(output, full=True)
@@ -60,7 +60,7 @@ def check(output: str) -> int:
 
 
 def build(args: argparse.Namespace) -> int:
-    from dataset_card.build import BuildConfig, build_card
+    from dataset_card.card.build import BuildConfig, build_card
 
     cfg = BuildConfig(options=CardOptions.from_args(args), gallery_size=args.gallery_size, seed=args.seed,
                       dataset=args.dataset)

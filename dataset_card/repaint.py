@@ -30,8 +30,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from dataset_card import codecs, invariants, layout, painting, shards
-from dataset_card.schema import (
+from dataset_card.card.run_summary import OutputError, list_files, read_json, read_metadata
+from dataset_card.contract import codecs, invariants, layout, painting, shards
+from dataset_card.contract.schema import (
     REFERENCE_COLUMNS,
     SCHEMA_VERSION,
     UPGRADABLE_VERSIONS,
@@ -39,7 +40,6 @@ from dataset_card.schema import (
     read_file_metadata,
     semantic_mask_dtype,
 )
-from dataset_card.summary import OutputError, list_files, read_json, read_metadata
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def repaint(output: str, rule: str | None = None, min_purity: float | None = Non
             manifest["arguments"].update(painting_rule=rule.name,
                                          min_purity=None if rule.min_purity == default else rule.min_purity)
         shards.write_bytes(fs, posixpath.join(root, layout.MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
-    from dataset_card.build import build_card
+    from dataset_card.card.build import build_card
 
     build_card(output)
     return RepaintResult(rule, old.schema_version, tuple(todo), tuple(skipped), rows)

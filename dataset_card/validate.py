@@ -10,9 +10,9 @@ What is checked (all streamed per shard and row group; only `image_id` strings a
 - each data file's painting rule (in its Parquet metadata) is the one `metadata.json` names;
 - on a seeded sample of rows from every shard (every row with `full=True`): the image, both maps
   and every RLE decode to the image size, ids are 1..K, `instance_mask` is what the painting rule
-  paints from `instances` and `semantic_mask` (`dataset_card.painting`), and each instance's
+  paints from `instances` and `semantic_mask` (`dataset_card.contract.painting`), and each instance's
   `level`, `parent` and `visible_area` are what the rule says;
-- for a rule that paints objects, the alignment invariants of `dataset_card.invariants`: every
+- for a rule that paints objects, the alignment invariants of `dataset_card.contract.invariants`: every
   painted id a thing-class instance, each painted instance >= 95% of its class (98% on average over
   the rows checked), at most 5% of painted instances nested in a same-class painted instance.
 """
@@ -33,15 +33,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from dataset_card import codecs, invariants, layout, painting, shards
-from dataset_card.schema import (
+from dataset_card.card.run_summary import OutputError, list_files, read_json, read_metadata
+from dataset_card.contract import codecs, invariants, layout, painting, shards
+from dataset_card.contract.schema import (
     SCHEMA_METADATA_KEY,
     SchemaError,
     read_file_metadata,
     validate_schema,
     version_problem,
 )
-from dataset_card.summary import OutputError, list_files, read_json, read_metadata
 
 # The errors table's reason for an input whose image_id an earlier input already has (that one is
 # labeled under the id; `labeling.pipeline.failures.DUPLICATE_ID`).

@@ -96,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
     models.add_argument("--min-purity", type=float, default=None,
                         help="a thing mask with less of its class than this is dropped, not an object (default 0.75)")
 
-    from dataset_card.source import CardOptions
+    from dataset_card.card.source import CardOptions
 
     CardOptions.add_arguments(p.add_argument_group(
         "dataset card (what it says of the images; may change when resuming; kept in OUTPUT/card.json)"))
@@ -129,7 +129,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from dataset_card.source import CardOptions
+    from dataset_card.card.source import CardOptions
     from labeling.pipeline.driver import LabelingConfig
 
     return LabelingConfig(
@@ -154,16 +154,16 @@ def config_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from dataset_card.lease import LeaseHeld
-    from dataset_card.shards import OutputWriteError
+    from dataset_card.contract.lease import LeaseHeld
+    from dataset_card.contract.shards import OutputWriteError
     from labeling.inputs.input_list import InputError
     from labeling.labelers.model_choice import ModelLoadError
     from labeling.pipeline import cluster
     from labeling.pipeline.driver import run_labeling
     from labeling.pipeline.failures import FailureRateExceeded
+    from labeling.pipeline.finish import OutputInvalid
     from labeling.pipeline.manifest import ResumeRefused
     from labeling.pipeline.plan import RepairRefused
-    from labeling.pipeline.summary import OutputInvalid
     from labeling.pipeline.writer import LeaseLost
 
     cfg = config_from_args(args)

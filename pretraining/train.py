@@ -34,7 +34,7 @@ from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from dataset_card.images import ImageReferenceError
+from dataset_card.contract.images import ImageReferenceError
 from pretraining.data.loader import (
     DataError,
     LabeledDataset,

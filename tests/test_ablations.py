@@ -1,4 +1,4 @@
-"""benchmarks/ablations.py --smoke: the whole ablation pipeline at a toy size (the result means nothing)."""
+"""python -m pretraining.study.ablations --smoke: the whole ablation pipeline at a toy size (the result means nothing)."""
 
 import csv
 import os
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_smoke_ablation_trains_every_arm_equally_probes_and_prints_the_last_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablations.py"), "--smoke", "--output",
+    done = subprocess.run([sys.executable, "-m", "pretraining.study.ablations", "--smoke", "--output",
                            str(tmp_path), "--jobs", "2"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     last = done.stdout.strip().splitlines()[-1]

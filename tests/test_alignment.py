@@ -7,7 +7,7 @@ numbering and category; the object-level rule itself is tested in test_painting.
 import numpy as np
 import pytest
 
-from dataset_card import codecs, painting
+from dataset_card.contract import codecs, painting
 from labeling.labelers import alignment
 
 PARTS = painting.RULES["parts"]

@@ -14,14 +14,15 @@ import pytest
 from huggingface_hub import DatasetCard
 from PIL import Image
 
-from dataset_card import codecs, gallery, layout
 from dataset_card.__main__ import main
-from dataset_card.build import BuildConfig, build_card
-from dataset_card.card import size_category
-from dataset_card.schema import validate_features
-from dataset_card.source import CardOptions, card_config, is_imagenet_1k
-from dataset_card.summary import bin_labels, read_summary
-from dataset_card.synthetic import write_synthetic_dataset
+from dataset_card.card import gallery
+from dataset_card.card.build import BuildConfig, build_card
+from dataset_card.card.readme import size_category
+from dataset_card.card.run_summary import bin_labels, read_summary
+from dataset_card.card.source import CardOptions, card_config, is_imagenet_1k
+from dataset_card.contract import codecs, layout
+from dataset_card.contract.schema import validate_features
+from dataset_card.synthetic.shapes import write_synthetic_dataset
 
 NUM_IMAGES, NUM_SHARDS, GALLERY = 12, 3, 4
 MANIFEST = {

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset_card import codecs
+from dataset_card.contract import codecs
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from dataset_card import codecs, layout, painting, shards
-from dataset_card.card import write_minimal_card
-from dataset_card.schema import (
+from dataset_card.card.readme import write_minimal_card
+from dataset_card.contract import codecs, layout, painting, shards
+from dataset_card.contract.schema import (
     COLUMNS,
     SCHEMA_VERSION,
     SchemaError,
@@ -22,7 +22,7 @@ from dataset_card.schema import (
     validate_features,
     validate_schema,
 )
-from dataset_card.synthetic import SEMANTIC_CLASSES, synthetic_row, write_synthetic_dataset
+from dataset_card.synthetic.shapes import SEMANTIC_CLASSES, synthetic_row, write_synthetic_dataset
 
 CLASS_NAMES = ["n01440764", "n01443537"]
 
@@ -55,7 +55,7 @@ def shard_folder(tmp_path):
     features = build_features(CLASS_NAMES, metadata.semantic_class_names)
     row, painted = many_instances_row()
     rng = np.random.default_rng(1)
-    from dataset_card.synthetic import shapes_image
+    from dataset_card.synthetic.shapes import shapes_image
 
     rgb, semantic, shapes = shapes_image(rng, 48, 64)
     row2, _ = synthetic_row("n01443537/shapes", 1, rgb, semantic, [m for _, m in shapes], THINGS,

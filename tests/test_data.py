@@ -13,8 +13,8 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from dataset_card import codecs, layout
-from dataset_card.synthetic import write_synthetic_dataset
+from dataset_card.contract import codecs, layout
+from dataset_card.synthetic.shapes import write_synthetic_dataset
 from pretraining.data.augment import AugmentConfig, augment, joint_transform, nearest_exact_index
 from pretraining.data.loader import (
     Batch,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dataset_card.synthetic import write_synthetic_dataset
+from dataset_card.synthetic.shapes import write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 # The default masking (progressive curriculum, per-sample Dirichlet splits): ranks mask different

@@ -12,8 +12,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import save_for_hf
 from torchvision.ops import masks_to_boxes
 
+from pretraining.evaluate import main
 from pretraining.evaluation import detect, loop
-from pretraining.evaluation.cli import main
 from pretraining.evaluation.coco import DetectionSet, coco_ap, load_coco, to_coco_results
 from pretraining.evaluation.folders import EvalDataError
 from pretraining.evaluation.maskrcnn import windowed_vit
@@ -64,7 +64,7 @@ def test_coco_reader_maps_categories_and_skips_crowds_and_empty_images(coco):
 
 def test_large_scale_jitter_keeps_boxes_masks_and_pixels_together(coco):
     data = load_coco(str(coco / "data"))
-    colours = {1: (200, 40, 40), 2: (40, 180, 60), 3: (50, 70, 210)}  # dataset_card.synthetic's shape colours
+    colours = {1: (200, 40, 40), 2: (40, 180, 60), 3: (50, 70, 210)}  # dataset_card.synthetic.shapes's shape colours
     dataset = DetectionSet(data.train, detection_transform(48, (0.5, 1.5)))
     torch.manual_seed(0)
     for i in range(6):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from skimage import data as skdata
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from dataset_card.synthetic import write_synthetic_dataset
+from dataset_card.synthetic.shapes import write_synthetic_dataset
 from pretraining.export import export_timm, load_run_model, main
 from pretraining.models.factory import create_model
 from pretraining.train import train

@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.models import save_for_hf
 
-from dataset_card.synthetic import write_synthetic_dataset
+from dataset_card.synthetic.shapes import write_synthetic_dataset
+from pretraining.evaluate import main
 from pretraining.evaluation import finetune
-from pretraining.evaluation.cli import UserError, load_timm_model, main
+from pretraining.evaluation.backbones import UserError, load_timm_model
 from pretraining.evaluation.vitdet import ConversionError, save_vitdet_checkpoint, timm_to_vitdet
 
 ARGS = dict(depth=2, embed_dim=32, num_heads=2)

@@ -66,7 +66,7 @@ def test_labels_are_the_same_alone_and_in_any_batch(tiny, encoded, device, bf16)
 
 
 def test_a_bad_file_fails_alone_and_the_batch_still_gets_labels(tiny, encoded):
-    from dataset_card.codecs import DecodeError
+    from dataset_card.contract.codecs import DecodeError
 
     sam = load_sam(tiny.sam_model_type, tiny.sam_checkpoint)
     instance = InstanceLabeler(sam, InstanceLabelerConfig(points_per_side=4, pred_iou_thresh=0.65,

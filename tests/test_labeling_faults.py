@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from dataset_card import images, layout, shards
-from dataset_card.lease import Holder, Lease, LeaseHeld, holder_of, process_start
+from dataset_card.contract import images, layout, shards
+from dataset_card.contract.lease import Holder, Lease, LeaseHeld, holder_of, process_start
 from labeling.inputs.folder import list_image_folder
 from labeling.pipeline import failures
 
@@ -116,7 +116,7 @@ def test_write_errors_are_one_sentence_naming_the_path_and_leave_no_temporary_fi
 def test_a_lease_that_cannot_be_written_is_one_sentence_and_leaves_no_file(tmp_path, monkeypatch):
     import builtins
 
-    import dataset_card.lease as lease_module
+    import dataset_card.contract.lease as lease_module
 
     class Full:
         """A file on a full disk: it is created, nothing can be written into it."""
@@ -312,10 +312,10 @@ def test_the_labeling_command_refuses_an_unwritable_output_before_ray_starts(tmp
 
 
 def test_a_failed_card_build_keeps_the_previous_full_card_and_says_so(tmp_path, monkeypatch):
-    import dataset_card.build
-    from dataset_card.build import build_card
-    from dataset_card.synthetic import write_synthetic_dataset
-    from labeling.pipeline.summary import write_card
+    import dataset_card.card.build
+    from dataset_card.card.build import build_card
+    from dataset_card.synthetic.shapes import write_synthetic_dataset
+    from labeling.pipeline.finish import write_card
 
     metadata = write_synthetic_dataset(str(tmp_path), num_images=4, num_shards=1)
     build_card(str(tmp_path))
@@ -325,7 +325,7 @@ def test_a_failed_card_build_keeps_the_previous_full_card_and_says_so(tmp_path, 
         raise shards.OutputWriteError(f"cannot write {output}/assets/gallery.png (No space left on device): free "
                                       "space there")
 
-    monkeypatch.setattr(dataset_card.build, "build_card", broken)
+    monkeypatch.setattr(dataset_card.card.build, "build_card", broken)
     messages = []
     write_card(str(tmp_path), str(tmp_path), metadata, has_errors=False, log=messages.append)
     assert (tmp_path / "README.md").read_text() == full  # never silently downgraded
@@ -342,9 +342,9 @@ def test_a_failed_card_build_keeps_the_previous_full_card_and_says_so(tmp_path, 
 
 
 def test_validate_names_a_shard_deleted_by_hand_and_the_closing_line_names_the_errors_table(tmp_path):
-    from dataset_card.synthetic import write_synthetic_dataset
+    from dataset_card.synthetic.shapes import write_synthetic_dataset
     from dataset_card.validate import validate
-    from labeling.pipeline.summary import closing_line
+    from labeling.pipeline.finish import closing_line
 
     write_synthetic_dataset(str(tmp_path), num_images=4, num_shards=2)
     (tmp_path / layout.data_path(1, 2)).unlink()

@@ -18,9 +18,9 @@ import pytest
 from huggingface_hub import DatasetCard
 from PIL import Image
 
-from dataset_card import codecs, layout, shards
-from dataset_card.schema import validate_features
-from dataset_card.source import CardOptions
+from dataset_card.card.source import CardOptions
+from dataset_card.contract import codecs, layout, shards
+from dataset_card.contract.schema import validate_features
 from dataset_card.validate import row_problems, validate
 from labeling.inputs.kinds import list_inputs
 from labeling.pipeline import failures, manifest, plan

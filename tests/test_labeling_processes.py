@@ -137,7 +137,7 @@ def tmpfs(path: Path, size: str) -> bool:
 
 @pytest.mark.ray
 def test_a_full_disk_ends_in_one_sentence_leaves_no_temporary_file_and_the_rerun_finishes(tmp_path, ray_session):
-    from dataset_card.shards import OutputWriteError
+    from dataset_card.contract.shards import OutputWriteError
 
     images, disk = tmp_path / "train", tmp_path / "disk"
     rng = np.random.default_rng(0)

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dataset_card import codecs, images, layout, painting, shards
-from dataset_card.schema import arrow_schema
-from dataset_card.synthetic import SEMANTIC_CLASSES
+from dataset_card.contract import codecs, images, layout, painting, shards
+from dataset_card.contract.schema import arrow_schema
+from dataset_card.synthetic.shapes import SEMANTIC_CLASSES
 from labeling.inputs.input_list import Inputs, inputs_table
 from labeling.labelers.model_input import decode, model_size
 from labeling.pipeline import commits, failures, manifest, plan, writer
@@ -309,7 +309,7 @@ def test_the_code_hash_covers_only_code_that_shapes_labels():
 
 
 def test_instance_count_check_warns_once_when_real_models_find_almost_nothing(capsys):
-    from labeling.pipeline.summary import InstanceCountCheck
+    from labeling.pipeline.finish import InstanceCountCheck
 
     check = InstanceCountCheck(enabled=True, min_images=10)
     assert check.add(writer.ShardResult(0, rows=6, instances=3)) is None  # too early to judge

@@ -1,10 +1,10 @@
-"""Painting rules (dataset_card.painting) and the alignment invariants (dataset_card.invariants), on
+"""Painting rules (dataset_card.contract.painting) and the alignment invariants (dataset_card.contract.invariants), on
 hand-made masks whose levels, parents and maps are known, and on random ones for the invariants."""
 
 import numpy as np
 import pytest
 
-from dataset_card import codecs, invariants, painting
+from dataset_card.contract import codecs, invariants, painting
 
 OBJECTS, PARTS = painting.RULES["objects"], painting.RULES["parts"]
 PERSON, TIE, SKY = 0, 1, 5  # things 0-2, stuff 3-5 (6 classes); 255 = no class

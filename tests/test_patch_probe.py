@@ -4,8 +4,8 @@ import pytest
 import torch
 from timm.models.vision_transformer import Block
 
-from pretraining.evaluation.attention import attention_mass, cls_attention, patch_fraction
-from pretraining.evaluation.patch_probe import PatchProbeConfig, patch_probe_miou
+from pretraining.study.attention import attention_mass, cls_attention, patch_fraction
+from pretraining.study.patch_probe import PatchProbeConfig, patch_probe_miou
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

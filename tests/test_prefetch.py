@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from dataset_card.synthetic import write_synthetic_dataset
+from dataset_card.synthetic.shapes import write_synthetic_dataset
 from pretraining.data.augment import AugmentConfig
 from pretraining.data.loader import DataConfig, PretrainingLoader, SampleSpec, open_labeled_dataset
 from pretraining.data.prefetch import DevicePrefetcher
@@ -74,7 +74,7 @@ def _jpeg_folder(root, keep_png_rows=2):
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from dataset_card import shards
+    from dataset_card.contract import shards
 
     write_synthetic_dataset(str(root), num_images=24, num_shards=3, size=(40, 48), seed=4)
     for path in sorted(Path(root, "data").glob("train-*.parquet")):

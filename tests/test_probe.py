@@ -15,9 +15,10 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import save_for_hf
 
-from dataset_card.synthetic import write_colour_task, write_synthetic_dataset
+from dataset_card.synthetic.shapes import write_colour_task, write_synthetic_dataset
+from pretraining.evaluate import main
 from pretraining.evaluation import linear_probe, probe
-from pretraining.evaluation.cli import load_timm_model, main
+from pretraining.evaluation.backbones import load_timm_model
 from pretraining.evaluation.folders import EvalDataError, hash_split, load_eval_data, probe_loaders
 from pretraining.evaluation.transforms import linear_probe_transform
 

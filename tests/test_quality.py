@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from dataset_card import codecs, layout, shards
-from dataset_card.schema import build_features, rows_to_table
-from dataset_card.synthetic import synthetic_row
+from dataset_card.contract import codecs, layout, shards
+from dataset_card.contract.schema import build_features, rows_to_table
+from dataset_card.synthetic.shapes import synthetic_row
 from labeling.quality import ground_truth as gt_io
 from labeling.quality import metrics, report
 

@@ -11,11 +11,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dataset_card import codecs, layout, painting, repaint
+from dataset_card import repaint
 from dataset_card.__main__ import main
-from dataset_card.build import build_card
-from dataset_card.schema import SCHEMA_VERSION, SchemaError, read_file_metadata
-from dataset_card.synthetic import write_synthetic_dataset
+from dataset_card.card.build import build_card
+from dataset_card.contract import codecs, layout, painting
+from dataset_card.contract.schema import SCHEMA_VERSION, SchemaError, read_file_metadata
+from dataset_card.synthetic.shapes import write_synthetic_dataset
 from dataset_card.validate import validate
 from pretraining.data.loader import DataError, open_labeled_dataset
 

@@ -4,8 +4,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dataset_card import codecs
-from dataset_card.scenes import SHAPES, STUFF, noisy_labels, render_scene, write_scenes
+from dataset_card.contract import codecs
+from dataset_card.synthetic.scenes import SHAPES, STUFF, noisy_labels, render_scene, write_scenes
 from dataset_card.validate import validate
 from pretraining.data.loader import open_labeled_dataset
 

@@ -15,8 +15,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import save_for_hf
 from torchvision import tv_tensors
 
+from pretraining.evaluate import main
 from pretraining.evaluation import loop, segment
-from pretraining.evaluation.cli import main
 from pretraining.evaluation.finetune import RunError
 from pretraining.evaluation.folders import EvalDataError, Sample, SegmentationSet, class_ids, load_eval_data
 from pretraining.evaluation.segment import (

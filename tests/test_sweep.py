@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset_card import codecs
-from dataset_card.synthetic import shapes_image
+from dataset_card.contract import codecs
+from dataset_card.synthetic.shapes import shapes_image
 from labeling.quality import sweep
 
 

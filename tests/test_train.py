@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataset_card.synthetic import write_synthetic_dataset
+from dataset_card.synthetic.shapes import write_synthetic_dataset
 from pretraining.data.loader import PretrainingLoader, SampleSpec, open_labeled_dataset
 from pretraining.export import load_run_model
 from pretraining.models.adapters import downsample_labels
@@ -350,7 +350,7 @@ def test_cli_probe_every_n_epochs_logs_to_tensorboard(tmp_path):
     """`--probe-data` wires the periodic k-NN probe into the loop and logs it as probe/knn_top1."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from dataset_card.synthetic import write_colour_task
+    from dataset_card.synthetic.shapes import write_colour_task
     from pretraining import train as train_module
 
     write_colour_task(str(tmp_path / "data"), 64, seed=0)

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dataset_card import codecs, layout
-from dataset_card.synthetic import write_synthetic_dataset
+from dataset_card.contract import codecs, layout
+from dataset_card.synthetic.shapes import write_synthetic_dataset
 from pretraining.data.loader import DataError, check_taxonomy, open_labeled_dataset
 from pretraining.train import main
 from pretraining.training import monitor, storage

@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 
-from dataset_card.synthetic import write_synthetic_dataset
+from dataset_card.synthetic.shapes import write_synthetic_dataset
 from pretraining.export import export_timm, load_run_model
 from pretraining.models.adapters import sincos_pos_embed
 from pretraining.models.factory import create_model

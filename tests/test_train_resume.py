@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dataset_card.synthetic import write_synthetic_dataset
+from dataset_card.synthetic.shapes import write_synthetic_dataset
 from pretraining.models.curriculum import CurriculumConfig, curriculum_weights
 from pretraining.train import learning_rate, main
 from pretraining.training import checkpoint as ckpt

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataset_card import codecs, layout
 from dataset_card.__main__ import main
-from dataset_card.schema import SCHEMA_METADATA_KEY, SCHEMA_VERSION
-from dataset_card.synthetic import (
+from dataset_card.contract import codecs, layout
+from dataset_card.contract.schema import SCHEMA_METADATA_KEY, SCHEMA_VERSION
+from dataset_card.synthetic.shapes import (
     CLASS_NAMES,
     SEMANTIC_CLASSES,
     shapes_image,

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     probe_data = out / "probe_data"
     if not (probe_data / "metadata.json").exists():
         sys.path.insert(0, str(ROOT))
-        from dataset_card.synthetic import write_colour_task
+        from dataset_card.synthetic.shapes import write_colour_task
 
         write_colour_task(str(probe_data), 300, seed=1)
     probe = [py, "-m", "pretraining.evaluate", "linear-probe", "--model", f"local-dir:{timm_dir}",

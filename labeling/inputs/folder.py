@@ -26,7 +26,7 @@ from types import MappingProxyType
 import pyarrow.fs as pafs
 from tqdm.auto import tqdm
 
-from dataset_card.shards import filesystem
+from dataset_card.contract.shards import filesystem
 from labeling.inputs.input_list import InputError, Inputs, inputs_table
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})

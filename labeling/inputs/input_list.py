@@ -13,7 +13,9 @@ from dataclasses import dataclass, replace
 
 import pyarrow as pa
 
-from labeling.pipeline import failures
+# The listing's own failure reason (the errors table's `error_type`; the pipeline's reasons are in
+# labeling/pipeline/failures.py, which takes this one from here).
+DUPLICATE_ID = "duplicate_id"
 
 INPUT_SCHEMA = pa.schema([
     ("path", pa.string()),
@@ -61,7 +63,7 @@ def inputs_table(entries: Sequence[tuple[str, str, int, str]]) -> pa.Table:
     for path, image_id, _, _ in entries:
         first = seen.setdefault(image_id, path)
         duplicate = first != path
-        error_type.append(failures.DUPLICATE_ID if duplicate else "")
+        error_type.append(DUPLICATE_ID if duplicate else "")
         error_message.append(f"image_id {image_id!r} is also the id of {first}; rename one of them"
                              if duplicate else "")
     columns = list(zip(*entries)) if entries else [[], [], [], []]

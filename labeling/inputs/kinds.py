@@ -13,7 +13,7 @@ import posixpath
 
 import pyarrow.fs as pafs
 
-from dataset_card.shards import filesystem
+from dataset_card.contract.shards import filesystem
 from labeling.inputs.folder import list_image_folder, read_file_list
 from labeling.inputs.input_list import InputError, Inputs
 

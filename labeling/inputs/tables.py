@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dataset_card.shards import filesystem
+from dataset_card.contract.shards import filesystem
 from labeling.inputs.input_list import InputError, Inputs, inputs_table
 
 

@@ -2,7 +2,7 @@
 
 Masks are numbered 1..K by area, largest first, and each gets its semantic class here; what each
 mask is (`level`, `parent`) and what the map shows follow from the contract's painting rule
-(`dataset_card.painting`: by default, objects clipped to their class region). Every RLE is
+(`dataset_card.contract.painting`: by default, objects clipped to their class region). Every RLE is
 decoded at most twice (once here, once more when painted, unless its pixels came as a "crop"),
 and everything after a decode happens inside the mask's tight box, so a huge image costs one
 full-size decode at a time and one full-size map, never a stack of masks.
@@ -18,7 +18,7 @@ from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
-from dataset_card import codecs, painting
+from dataset_card.contract import codecs, painting
 
 # `instance_mask` is a 16-bit PNG; id 0 means "no instance".
 MAX_INSTANCES = 65535

@@ -43,7 +43,7 @@ from segment_anything.utils.amg import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops.boxes import batched_nms, box_area
 
-from dataset_card import codecs
+from dataset_card.contract import codecs
 from labeling.labelers.mask_postprocess import (
     axis_taps,
     rle_from_changes,

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dataset_card.layout import SemanticClass
+from dataset_card.contract.layout import SemanticClass
 
 DEFAULT_SAM_TYPE = "vit_h"
 DEFAULT_SEMANTIC_MODEL = "facebook/mask2former-swin-large-coco-panoptic"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from dataset_card import codecs
+from dataset_card.contract import codecs
 
 
 def check_size(data: bytes, max_pixels: int) -> tuple[int, int]:

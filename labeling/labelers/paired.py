@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from dataset_card import codecs
+from dataset_card.contract import codecs
 from labeling.labelers.instance import InstanceLabeler
 from labeling.labelers.model_input import decode
 from labeling.labelers.semantic import SemanticLabeler

@@ -40,8 +40,8 @@ import cv2
 import numpy as np
 import torch
 
-from dataset_card.layout import SemanticClass  # imports without `datasets` (a GPU box may lack it)
-from dataset_card.schema import semantic_ignore_value, semantic_mask_dtype
+from dataset_card.contract.layout import SemanticClass  # imports without `datasets` (a GPU box may lack it)
+from dataset_card.contract.schema import semantic_ignore_value, semantic_mask_dtype
 from labeling.labelers.mask_postprocess import linear_taps
 from labeling.labelers.timing import StageClock
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from dataset_card.shards import OutputWriteError
+from dataset_card.contract.shards import OutputWriteError
 from labeling.pipeline import failures, writer
 
 

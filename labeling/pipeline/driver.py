@@ -31,15 +31,16 @@ import pyarrow.compute as pc
 import ray
 from tqdm.auto import tqdm
 
-from dataset_card import layout, shards
-from dataset_card.lease import Lease, new_run_id
-from dataset_card.painting import DEFAULT_RULE, PaintingRule, rule_named
-from dataset_card.schema import arrow_schema
-from dataset_card.source import CardOptions
+from dataset_card.card.source import CardOptions
+from dataset_card.contract import layout, shards
+from dataset_card.contract.lease import Lease, new_run_id
+from dataset_card.contract.painting import DEFAULT_RULE, PaintingRule, rule_named
+from dataset_card.contract.schema import arrow_schema
 from labeling.inputs.input_list import InputError, Inputs
 from labeling.inputs.kinds import list_inputs
 from labeling.labelers.model_choice import TINY_RANDOM_WARNING, ModelChoice
-from labeling.pipeline import cluster, commits, failures, manifest, plan, summary, writer
+from labeling.pipeline import cluster, commits, failures, manifest, plan, writer
+from labeling.pipeline import finish as summary
 from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema
 from labeling.pipeline.predictors import ModelPredictor
 from labeling.pipeline.preprocess import WORK_SCHEMA, read_stage

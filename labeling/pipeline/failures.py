@@ -2,7 +2,7 @@
 
 - Every stage catches what one image can cause and turns it into a `Failure`; the row then
   travels on with empty payload and lands in its shard's errors table
-  (`dataset_card.layout.ERRORS_SCHEMA`).
+  (`dataset_card.contract.layout.ERRORS_SCHEMA`).
 - An accelerator error that leaves the process's CUDA context unusable (an illegal address, a
   device-side assert, a launch failure; not out-of-memory) is not the image's fault and would fail
   every later image on that actor: `restart_on_fatal_device_error` ends the actor's process, Ray
@@ -22,13 +22,14 @@ import sys
 from collections import deque
 from dataclasses import dataclass
 
-from dataset_card.codecs import DecodeError
+from dataset_card.contract.codecs import DecodeError
+from labeling.inputs import input_list
 
 # Stages, in pipeline order (the errors table's `stage` column).
 LIST, READ, DECODE, MODEL, POSTPROCESS, WRITE = "list", "read", "decode", "model", "postprocess", "write"
 
 # Reasons (the errors table's `error_type` column): short, stable, machine readable.
-DUPLICATE_ID = "duplicate_id"
+DUPLICATE_ID = input_list.DUPLICATE_ID  # two inputs with one image_id (the listing finds it)
 READ_FAILED = "read_failed"
 EMPTY_FILE = "empty_file"
 UNDECODABLE = "undecodable"

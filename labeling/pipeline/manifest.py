@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from dataset_card import layout, shards
-from dataset_card.schema import SCHEMA_VERSION
+from dataset_card.contract import layout, shards
+from dataset_card.contract.schema import SCHEMA_VERSION
 
 # Keys two manifests must agree on for a rerun to resume (the inputs, "created" and "execution"
 # may differ).
@@ -40,8 +40,8 @@ SHARD_FILL = (0.25, 4.0)
 # and the contract's codecs, painting rule and schema. The driver, writer, card and docs are not in
 # it, so editing them does not force a relabel.
 LABEL_CODE = ("labeling/labelers", "labeling/pipeline/preprocess.py", "labeling/pipeline/predictors.py",
-              "labeling/pipeline/postprocess.py", "dataset_card/codecs.py", "dataset_card/painting.py",
-              "dataset_card/schema.py", "dataset_card/invariants.py")
+              "labeling/pipeline/postprocess.py", "dataset_card/contract/codecs.py", "dataset_card/contract/painting.py",
+              "dataset_card/contract/schema.py", "dataset_card/contract/invariants.py")
 
 # Libraries whose release can change the labels (a resize's numerics, mask decoding, RLE): recorded,
 # and a rerun with other versions does not resume (its shards would not match the earlier ones).

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dataset_card import layout, shards
+from dataset_card.contract import layout, shards
 from labeling.inputs.input_list import Inputs
 
 

@@ -7,10 +7,10 @@
   threshold), written into one reused full-size buffer and RLE-encoded. No stack of full-size
   masks ever exists, so an 8000x8000 image stays within a few hundred MB.
 - the original image: its bytes (`image_storage` "inline") or only its path, sha256 and length
-  ("reference", a labels-only release; `dataset_card.images`);
+  ("reference", a labels-only release; `dataset_card.contract.images`);
 - alignment and painting (`labeling.labelers.alignment`, under the contract's painting rule), PNG
-  encoding (`dataset_card.codecs`), and the per-row statistics the shard statistics are summed
-  from, the alignment invariants' figures among them (`dataset_card.invariants`).
+  encoding (`dataset_card.contract.codecs`), and the per-row statistics the shard statistics are summed
+  from, the alignment invariants' figures among them (`dataset_card.contract.invariants`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from dataset_card import codecs, images, invariants, painting
-from dataset_card.painting import DEFAULT_RULE, RULES, PaintingRule
-from dataset_card.schema import arrow_schema, semantic_mask_dtype
+from dataset_card.contract import codecs, images, invariants, painting
+from dataset_card.contract.painting import DEFAULT_RULE, RULES, PaintingRule
+from dataset_card.contract.schema import arrow_schema, semantic_mask_dtype
 from labeling.labelers import alignment
 from labeling.pipeline import failures
 

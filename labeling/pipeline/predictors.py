@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from dataset_card.codecs import DecodeError
+from dataset_card.contract.codecs import DecodeError
 from labeling.pipeline import failures
 from labeling.pipeline.preprocess import DECODED_SCHEMA
 

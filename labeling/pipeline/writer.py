@@ -30,9 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dataset_card import codecs, invariants, layout, painting, shards
-from dataset_card.lease import holder_of
-from dataset_card.schema import validate_schema
+from dataset_card.contract import codecs, invariants, layout, painting, shards
+from dataset_card.contract.lease import holder_of
+from dataset_card.contract.schema import validate_schema
 from labeling.pipeline import failures
 
 JOURNAL_DIR = ".journal"

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pycocotools.coco import COCO
 
-from dataset_card import codecs, layout
-from dataset_card.schema import validate_schema
+from dataset_card.contract import codecs, layout
+from dataset_card.contract.schema import validate_schema
 
 
 class GroundTruthError(ValueError):

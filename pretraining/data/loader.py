@@ -42,9 +42,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dataset_card import codecs, layout, shards
-from dataset_card.images import ImageReferenceError, ImageSource, check_image_root, row_images
-from dataset_card.schema import REFERENCE_COLUMNS, TRAINING_COLUMNS, SchemaError, validate_schema
+from dataset_card.contract import codecs, layout, shards
+from dataset_card.contract.images import ImageReferenceError, ImageSource, check_image_root, row_images
+from dataset_card.contract.schema import REFERENCE_COLUMNS, TRAINING_COLUMNS, SchemaError, validate_schema
 from pretraining.data.augment import AugmentConfig, joint_transform
 from pretraining.data.batch import Batch
 from pretraining.data.samples import (  # noqa: F401  (re-exported: the loader's public names)
@@ -114,7 +114,7 @@ class LabeledDataset:
     files: tuple[str, ...]  # paths inside the filesystem of `root`
     units: tuple[Unit, ...]  # one per row group, in file order
     metadata: layout.DatasetMetadata
-    images: str | None = None  # a labels-only release's image folder (`dataset_card.images`)
+    images: str | None = None  # a labels-only release's image folder (`dataset_card.contract.images`)
 
     @property
     def num_rows(self) -> int:

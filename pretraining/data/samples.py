@@ -17,8 +17,8 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from dataset_card import codecs
-from dataset_card.schema import TRAINING_COLUMNS
+from dataset_card.contract import codecs
+from dataset_card.contract.schema import TRAINING_COLUMNS
 from pretraining.data.augment import AugmentConfig, augment, augment_masks, sample_seeds
 from pretraining.models.masking import MaskingConfig, draw_masking
 

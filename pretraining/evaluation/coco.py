@@ -23,7 +23,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
-from dataset_card import codecs
+from dataset_card.contract import codecs
 from pretraining.evaluation.folders import EvalDataError
 
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]

@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from dataset_card import codecs, layout
-from dataset_card.schema import SCHEMA_VERSION, UPGRADABLE_VERSIONS, SchemaError, validate_schema
+from dataset_card.contract import codecs, layout
+from dataset_card.contract.schema import SCHEMA_VERSION, UPGRADABLE_VERSIONS, SchemaError, validate_schema
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 ADE20K_CLASSES = 150

@@ -1,6 +1,6 @@
 """Small synthetic data sets in the ADE20K and COCO release layouts, for the tiny twins.
 
-The images are `dataset_card.synthetic.shapes_image` scenes (a textured background with coloured
+The images are `dataset_card.synthetic.shapes.shapes_image` scenes (a textured background with coloured
 ellipses and rectangles whose class is known), so a segmenter or detector that learns anything
 scores visibly above an untrained one. The tests write them; so can a user who wants to see
 `segment --config tiny` or `detect --config tiny` run end to end.
@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from dataset_card.synthetic import SEMANTIC_CLASSES, shapes_image
+from dataset_card.synthetic.shapes import SEMANTIC_CLASSES, shapes_image
 
 COCO_CATEGORY_IDS = {1: 3, 2: 7, 3: 11}  # shape class -> a COCO-style, non-contiguous category id
 

@@ -23,7 +23,7 @@ import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dataset_card import layout, shards
+from dataset_card.contract import layout, shards
 from pretraining.data.loader import LabeledDataset
 from pretraining.training.config import RESUMABLE_KEYS, TrainConfig, differing_keys, to_dict
 

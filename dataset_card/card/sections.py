@@ -11,10 +11,10 @@ from collections.abc import Mapping, Sequence
 
 import datasets
 
-from dataset_card import invariants, layout
-from dataset_card.schema import COLUMNS, SCHEMA_VERSION, build_features, semantic_mask_dtype
-from dataset_card.source import IMAGENET_TERMS, CardConfig, names_imagenet_1k
-from dataset_card.summary import ClassShare, RunSummary, bin_labels
+from dataset_card.card.run_summary import ClassShare, RunSummary, bin_labels
+from dataset_card.card.source import IMAGENET_TERMS, CardConfig, names_imagenet_1k
+from dataset_card.contract import invariants, layout
+from dataset_card.contract.schema import COLUMNS, SCHEMA_VERSION, build_features, semantic_mask_dtype
 
 COLUMN_DOCS = {
     "image_id": "stable id: the input's relative path without extension (`n01440764/n01440764_10026`)",

@@ -9,7 +9,7 @@ OUTPUT/
   stats.json                           run summary (counts, failures by reason, wall time, images/s)
   README.md                            the dataset card
   card.json                            what the user told the card (name, licence, source dataset)
-  .lease.json                          who is writing the folder now (`dataset_card.lease`)
+  .lease.json                          who is writing the folder now (`dataset_card.contract.lease`)
   .parts/SSSSS/*.parquet               rows of a shard being labeled, before its commit
 Temporary files start with a dot, so no `load_dataset` pattern (`data/train-*`) can match them.
 """
@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import pyarrow as pa
 
-from dataset_card.painting import DEFAULT_RULE, RULES, PaintingRule
-from dataset_card.schema import SCHEMA_VERSION, SchemaError, semantic_ignore_value, version_problem
+from dataset_card.contract.painting import DEFAULT_RULE, RULES, PaintingRule
+from dataset_card.contract.schema import SCHEMA_VERSION, SchemaError, semantic_ignore_value, version_problem
 
 DATA_DIR = "data"
 ERRORS_DIR = "errors"
@@ -38,7 +38,7 @@ CARD_OPTIONS_FILE = "card.json"
 LEASE_FILE = ".lease.json"
 PARTS_DIR = ".parts"
 # How a row holds its image: "inline" (the original bytes) or "reference" (a labels-only release:
-# no bytes; the relative path, sha256 and length, see `dataset_card.images`). Each data file
+# no bytes; the relative path, sha256 and length, see `dataset_card.contract.images`). Each data file
 # names its storage in its Parquet metadata.
 IMAGE_STORAGES = ("inline", "reference")
 DATA_GLOB = f"{DATA_DIR}/train-*.parquet"
@@ -189,7 +189,7 @@ class ShardStats:
     pixels: int = 0
     covered_fraction_sum: float = 0.0  # exact means beside the histograms
     purity_sum: float = 0.0
-    # Schema v2: what the instances are, and the alignment invariants' figures (dataset_card.invariants).
+    # Schema v2: what the instances are, and the alignment invariants' figures (dataset_card.contract.invariants).
     levels: dict[str, int] = field(default_factory=dict)  # level -> instances
     painted: int = 0  # instances with pixels in `instance_mask`
     painted_not_thing: int = 0  # ... that are no thing-class instance (invariant 1)

@@ -3,7 +3,7 @@
 The linear counterpart of the image-level probe: a BatchNorm without affine (MAE's feature
 whitening) and one linear map from each patch token to class logits, upsampled bilinearly to
 the label map, trained with cross-entropy on cached features. It measures how linearly a frozen
-encoder's patch tokens carry the scene's semantics (benchmarks/ablations.py), and costs seconds.
+encoder's patch tokens carry the scene's semantics (pretraining/study/ablations.py), and costs seconds.
 """
 
 from __future__ import annotations

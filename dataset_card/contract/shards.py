@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dataset_card import layout
-from dataset_card.schema import SCHEMA_METADATA_KEY, read_file_metadata
+from dataset_card.contract import layout
+from dataset_card.contract.schema import SCHEMA_METADATA_KEY, read_file_metadata
 
 # Row groups are the unit the training loader shuffles and splits over workers: small enough to
 # spread a shard over many workers, large enough to read efficiently.

@@ -51,7 +51,7 @@ TRAINING_COLUMNS = ("image", "semantic_mask", "instance_mask", "label")
 # them). A labels-only release (`image_storage` "reference" in the file metadata) stores no image
 # bytes; `image.path` (relative to the labeled input folder) and these two columns let a reader
 # join the original files and check that they are the ones that were labeled
-# (`dataset_card.images`).
+# (`dataset_card.contract.images`).
 REFERENCE_COLUMNS = ("image_sha256", "image_nbytes")
 
 

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.fs as pafs
 
-from dataset_card import layout, shards
-from dataset_card.card import minimal_card
-from dataset_card.source import CardOptions
+from dataset_card.card.readme import minimal_card
+from dataset_card.card.source import CardOptions
+from dataset_card.contract import layout, shards
 from labeling.pipeline.writer import ShardResult
 
 # With real models ImageNet images have tens of instances; under one on average means a wrong
@@ -39,7 +39,7 @@ def folder_stats(fs: pafs.FileSystem, root: str, committed: Iterable[int], num_s
 
 def failures_in(fs: pafs.FileSystem, root: str, committed: Iterable[int], num_shards: int) -> dict[str, int]:
     """Failed inputs by reason, counted in the committed shards' errors tables."""
-    from dataset_card.summary import errors_by_type
+    from dataset_card.card.run_summary import errors_by_type
 
     paths = [posixpath.join(root, layout.errors_path(s, num_shards)) for s in sorted(committed)]
     return errors_by_type(fs, [p for p in paths if shards.exists(fs, p)])
@@ -161,7 +161,7 @@ def write_card(output: str, root: str, metadata: layout.DatasetMetadata, has_err
     """The full dataset card (`options`: what the user told it). If building it fails, an earlier
     full card is kept (it is then out of date, and the run says so), else the minimal card is
     written; the labels are done either way."""
-    from dataset_card.build import BuildConfig, build_card
+    from dataset_card.card.build import BuildConfig, build_card
 
     try:
         build_card(output, BuildConfig(options=options or CardOptions()))

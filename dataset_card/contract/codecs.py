@@ -11,7 +11,7 @@
   (docs/DESIGN.md), and the training loader decodes two on every sample.
 - Instances: COCO RLE as pycocotools writes it, with `counts` as a str.
 - `tight_box` / `crop_rle`: a mask's box, and its full-size RLE from the crop of that box.
-The painting rules that turn `instances` into `instance_mask` are `dataset_card.painting`.
+The painting rules that turn `instances` into `instance_mask` are `dataset_card.contract.painting`.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dataset_card import layout, shards
-from dataset_card.schema import REFERENCE_COLUMNS, SCHEMA_METADATA_KEY, SCHEMA_VERSION
+from dataset_card.contract import layout, shards
+from dataset_card.contract.schema import REFERENCE_COLUMNS, SCHEMA_METADATA_KEY, SCHEMA_VERSION
 
 QUALITY_FILE = "quality.json"
 
@@ -38,7 +38,7 @@ class RunSummary:
     # Failed inputs by reason, counted in the errors tables themselves (the statistics files hold
     # the same counts; `validate` checks that they agree).
     errors_by_type: dict = field(default_factory=dict)
-    image_storage: str = "inline"  # "reference": a labels-only release (`dataset_card.images`)
+    image_storage: str = "inline"  # "reference": a labels-only release (`dataset_card.contract.images`)
     reference_columns: bool = False  # the data files carry schema.REFERENCE_COLUMNS
 
     @property

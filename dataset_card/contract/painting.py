@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from dataset_card import codecs
+from dataset_card.contract import codecs
 
 LEVELS = ("object", "part", "stuff", "dropped")
 

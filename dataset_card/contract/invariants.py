@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pycocotools.mask as mask_utils
 
-from dataset_card import codecs
-from dataset_card.painting import contains, id_counts
+from dataset_card.contract import codecs
+from dataset_card.contract.painting import contains, id_counts
 
 MIN_AGREEMENT = 0.95
 MIN_MEAN_AGREEMENT = 0.98

@@ -1,7 +1,7 @@
 """The dataset card (`OUTPUT/README.md`): YAML metadata that `datasets` and `huggingface_hub` read.
 
 `card_data` is the YAML header every output gets (the minimal card at the start of a run has
-nothing else); `full_card` adds the body that `dataset_card.build` writes from the run's files.
+nothing else); `full_card` adds the body that `dataset_card.card.build` writes from the run's files.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import posixpath
 import datasets
 from huggingface_hub import DatasetCard, DatasetCardData
 
-from dataset_card import layout
-from dataset_card.schema import build_features
-from dataset_card.source import CardConfig
+from dataset_card.card.source import CardConfig
+from dataset_card.contract import layout
+from dataset_card.contract.schema import build_features
 
 # The Hub's size buckets (also datasets/utils/resources/size_categories.json).
 _SIZE_CATEGORIES = ("n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M", "10M<n<100M",

@@ -1,11 +1,11 @@
 """Does C2FMAE learn what the paper claims? Controlled ablations on procedural scenes with exact labels.
 
-    PYTHONPATH=. python benchmarks/ablations.py --quick [--jobs 2] [--output runs/ablations-quick]
-    PYTHONPATH=. python benchmarks/ablations.py --full  [--jobs 1] (the GPU machine: 5 seeds, bigger)
-    PYTHONPATH=. python benchmarks/ablations.py --smoke            (seconds: the pipeline, not a result)
+    python -m pretraining.study.ablations --quick [--jobs 2] [--output runs/ablations-quick]
+    python -m pretraining.study.ablations --full  [--jobs 1] (the GPU machine: 5 seeds, bigger)
+    python -m pretraining.study.ablations --smoke            (seconds: the pipeline, not a result)
 
 Every arm pretrains through `pretraining.train.train` (the real loader, curriculum and loop) on
-the same scenes (dataset_card/scenes.py: classes are shapes, colours and textures random, 2-5
+the same scenes (dataset_card/synthetic/scenes.py: classes are shapes, colours and textures random, 2-5
 occluding objects on stuff backgrounds, exact semantic and instance maps), for the same number
 of optimizer steps, from the same seeds. Each frozen encoder is then probed on held-out scenes,
 RGB only: a linear probe and a k-NN on the image class (the class token), a per-patch linear probe
@@ -54,8 +54,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from dataset_card import codecs
-from dataset_card.scenes import SEMANTIC_CLASSES, write_scenes
+from dataset_card.contract import codecs
+from dataset_card.synthetic.scenes import SEMANTIC_CLASSES, write_scenes
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,7 @@ def model_args(arm: Arm, scale: Scale, num_classes: int) -> dict:
 
 
 def _features(model, images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from pretraining.evaluation.attention import cls_attention
+    from pretraining.study.attention import cls_attention
 
     model.eval()
     tokens, attn = [], []
@@ -238,9 +238,9 @@ def _features(model, images: torch.Tensor, patch_size: int) -> tuple[torch.Tenso
 
 
 def probe(model, scale: Scale, train: dict, val: dict, seed: int) -> dict[str, float]:
-    from pretraining.evaluation.attention import attention_mass, patch_fraction
-    from pretraining.evaluation.patch_probe import PatchProbeConfig, patch_probe_miou
     from pretraining.evaluation.probe import knn_accuracy, linear_probe_accuracy, linear_probe_tiny
+    from pretraining.study.attention import attention_mass, patch_fraction
+    from pretraining.study.patch_probe import PatchProbeConfig, patch_probe_miou
 
     cls_train, patches_train, _ = _features(model, train["images"], scale.patch_size)
     cls_val, patches_val, attn_val = _features(model, val["images"], scale.patch_size)
@@ -418,7 +418,7 @@ def plot(rows: list[dict], output: Path, title: str) -> Path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pretraining.study.ablations", description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--quick", action="store_true", help="CPU: 3 seeds, 48 px scenes, ViT 96-d x 4 (<= 45 min on 2 cores)")
     mode.add_argument("--full", action="store_true", help="the GPU machine: 5 seeds, 96 px scenes, ViT-Ti/8 x 12")

@@ -1,6 +1,6 @@
 """Build the full dataset card of a labeled output: `OUTPUT/README.md` plus its pictures in `OUTPUT/assets/`.
 
-    from dataset_card.build import build_card
+    from dataset_card.card.build import build_card
     build_card("OUTPUT")  # also run by the labeling CLI at the end of a run
 
 Statistics come from the per-shard statistics; only the gallery's few sampled rows are decoded.
@@ -15,8 +15,9 @@ from dataclasses import dataclass, replace
 
 import pyarrow.fs as pafs
 
-from dataset_card import card, gallery, layout, sections, shards, source
-from dataset_card.summary import OutputError, class_shares, read_json, read_summary
+from dataset_card.card import gallery, readme, sections, source
+from dataset_card.card.run_summary import OutputError, class_shares, read_json, read_summary
+from dataset_card.contract import layout, shards
 
 ASSETS_DIR = "assets"
 
@@ -65,9 +66,9 @@ def build_card(output: str, cfg: BuildConfig = BuildConfig()) -> str:
     for name, png in pictures.items():
         shards.write_bytes(fs, posixpath.join(root, ASSETS_DIR, name), png)
     assets = {name: f"{ASSETS_DIR}/{name}" for name in pictures}
-    data = card.full_card_data(summary.metadata, summary.error_rows > 0, summary.rows, config,
+    data = readme.full_card_data(summary.metadata, summary.error_rows > 0, summary.rows, config,
                                summary.reference_columns)
-    text = card.full_card(data, sections.body(summary, config, shares, assets, cfg.dataset))
+    text = readme.full_card(data, sections.body(summary, config, shares, assets, cfg.dataset))
     path = posixpath.join(root, layout.CARD_FILE)
     shards.write_bytes(fs, path, str(text).encode())
     return path if "://" not in output else posixpath.join(output, layout.CARD_FILE)

@@ -1,5 +1,5 @@
 """Procedural scenes with exact labels, written through the contract: data on which we know what a
-model should learn (benchmarks/ablations.py trains and probes on it).
+model should learn (pretraining/study/ablations.py trains and probes on it).
 
 A scene is a stuff background (one stuff class, or two split by a tilted horizon) with 2-5 objects
 painted back to front, so later objects occlude earlier ones. An object's semantic class is its
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dataset_card import layout
-from dataset_card.synthetic import write_labeled_folder
+from dataset_card.contract import layout
+from dataset_card.synthetic.shapes import write_labeled_folder
 
 STUFF = ("sky", "ground", "wall")
 SHAPES = ("ellipse", "rectangle", "triangle", "cross", "star", "ring")
@@ -255,5 +255,5 @@ def write_scenes(root: str, num_images: int, size: int = 48, seed: int = 0, labe
         return f"{SHAPES[scene.label]}/{i:06d}", scene.label, scene.rgb, semantic, masks
 
     return write_labeled_folder(root, metadata(), example, num_images, num_shards,
-                                {"source": "dataset_card.scenes", "seed": seed, "size": size, "labels": labels,
+                                {"source": "dataset_card.synthetic.scenes", "seed": seed, "size": size, "labels": labels,
                                  "noise_rate": noise_rate})

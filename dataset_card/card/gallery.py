@@ -17,8 +17,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from dataset_card import codecs, layout, shards
-from dataset_card.summary import ClassShare, bin_labels
+from dataset_card.card.run_summary import ClassShare, bin_labels
+from dataset_card.contract import codecs, layout, shards
 
 GALLERY_COLUMNS = ("image_id", "label", "image", "width", "height", "semantic_mask", "instance_mask")
 ALPHA = 0.55  # overlay opacity: the image stays recognisable under the colours

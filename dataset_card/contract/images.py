@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from dataset_card.schema import REFERENCE_COLUMNS, read_file_metadata
+from dataset_card.contract.schema import REFERENCE_COLUMNS, read_file_metadata
 
 INLINE, REFERENCE = "inline", "reference"
 
@@ -67,7 +67,7 @@ class ImageSource:
 
     def read(self, path: str, sha256: str | None, nbytes: int | None) -> bytes:
         """The bytes of `path` (relative to the root), checked against the stored length and hash."""
-        from dataset_card.shards import filesystem
+        from dataset_card.contract.shards import filesystem
 
         if self._fs is None:
             self._fs = filesystem(self.root)

@@ -31,7 +31,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from dataset_card import layout
+from dataset_card.contract import layout
 
 TTL_S = 300.0
 
@@ -107,7 +107,7 @@ class _Files:
             except (ImportError, ValueError):  # a URL only pyarrow speaks here (s3:// without s3fs)
                 from fsspec.implementations.arrow import ArrowFSWrapper
 
-                from dataset_card.shards import filesystem
+                from dataset_card.contract.shards import filesystem
 
                 arrow, self.root = filesystem(output)
                 self.fs = ArrowFSWrapper(arrow)
@@ -216,7 +216,7 @@ class Lease:
         try:
             return self._take()
         except OSError as err:
-            from dataset_card.shards import write_error
+            from dataset_card.contract.shards import write_error
 
             raise write_error(err, self.path) from err
 

@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from dataset_card import codecs, invariants, layout, painting, shards
-from dataset_card.card import write_minimal_card
-from dataset_card.schema import build_features, rows_to_table
+from dataset_card.card.readme import write_minimal_card
+from dataset_card.contract import codecs, invariants, layout, painting, shards
+from dataset_card.contract.schema import build_features, rows_to_table
 
 SEMANTIC_CLASSES = (
     layout.SemanticClass(0, "background", False),
@@ -163,7 +163,7 @@ def write_synthetic_dataset(root: str, num_images: int = 32, num_shards: int = 2
         return f"{CLASS_NAMES[label]}/{i:06d}", label, rgb, semantic, [m for _, m in shapes]
 
     return write_labeled_folder(root, metadata, example, num_images, num_shards,
-                                {"source": "dataset_card.synthetic", "seed": seed})
+                                {"source": "dataset_card.synthetic.shapes", "seed": seed})
 
 
 def write_colour_task(root: str, num_images: int, seed: int, size: int = 64) -> layout.DatasetMetadata:

@@ -1,0 +1,3 @@
+"""The dataset card of a labeled folder: its YAML header and body (`readme`, `sections`), what the
+images are (`source`), the run's facts read back from its small files (`run_summary`), the gallery and
+histograms (`gallery`), and `build`, which writes it all."""
