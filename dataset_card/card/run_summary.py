@@ -1,4 +1,4 @@
-"""What a finished labeling run says about itself, read from its small files (no mask is decoded).
+"""The card's facts about a labeled folder (`RunSummary`), read back from its small files (no mask is decoded).
 
 Counts come from the Parquet footers (exact and cheap), distributions from the per-shard
 statistics the labeler wrote (`stats/*.json`), provenance from `manifest.json` and `stats.json`.

@@ -1,6 +1,6 @@
-"""What a finished run says about itself: stats.json (counts over the whole output folder, speed of
-this run), the dataset card, the check of the folder before the closing line, the closing line
-printed to the user, and the loud warning when real models find almost no instances.
+"""How a labeling run ends: it writes stats.json (counts over the whole output folder, speed of this
+run) and the dataset card, checks the folder, prints the closing line, and warns loudly when real
+models find almost no instances.
 """
 
 from __future__ import annotations
