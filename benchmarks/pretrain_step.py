@@ -49,8 +49,7 @@ def describe(model: MaskedAutoencoder) -> str:
 
 def with_visible(model: MaskedAutoencoder, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The loader draws masks in its workers, so the step under test starts from a batch that has them."""
-    visible, strategy = model.sample_visible(batch, torch.Generator().manual_seed(0))
-    return {**batch, "visible": visible, "strategy": strategy}
+    return model.mask_batch(batch, torch.Generator().manual_seed(0))
 
 
 def step_times(size: str, batch_size: int, repeats: int) -> dict[str, float]:

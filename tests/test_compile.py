@@ -22,8 +22,7 @@ def test_compiled_model_gives_the_eager_loss_and_gradients():
     torch.manual_seed(0)
     model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=6, img_size=64, depth=2, decoder_depth=1)
     batch = _batch()
-    visible, strategy = model.sample_visible(batch, torch.Generator().manual_seed(1), progress=0.5)
-    batch = {**batch, "visible": visible, "strategy": strategy}
+    batch = model.mask_batch(batch, torch.Generator().manual_seed(1), progress=0.5)
 
     def loss_and_grads(module):
         model.zero_grad(set_to_none=True)

@@ -6,10 +6,14 @@ import torch.nn.functional as F
 from skimage import data, measure
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from pretraining.data.augment import AugmentConfig
+from pretraining.data.batch import Batch
+from pretraining.data.samples import SampleSpec, collate
+from pretraining.models.curriculum import curriculum_weights
 from pretraining.models.decoders import CascadedDecoder, ParallelDecoder
 from pretraining.models.factory import MODELS, create_model
 from pretraining.models.instances import instance_representation
-from pretraining.models.masking import RANDOM, SEMANTIC
+from pretraining.models.masking import INSTANCE, RANDOM, SEMANTIC, draw_masking
 
 NUM_CLASSES = 6
 SMALL = dict(img_size=64, depth=2, decoder_depth=1)  # 4x4 tokens per modality: fast tests
@@ -54,8 +58,7 @@ def test_factory_output_shapes(name, batch224):
     cfg = model.cfg
     N, V = 196, cfg.masking.num_visible
     assert V == (49 if name.startswith("mae") else 98)
-    visible, _ = model.sample_visible(batch224, torch.Generator().manual_seed(0))
-    batch = {**batch224, "visible": visible}
+    batch = model.mask_batch(batch224, torch.Generator().manual_seed(0))
     if on_meta:
         batch = {k: v.to("meta") for k, v in batch.items()}
     out = model(batch)
@@ -72,7 +75,7 @@ def test_factory_output_shapes(name, batch224):
 def test_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     model = create_model(name, num_semantic_classes=NUM_CLASSES, **SMALL)
-    out = model(make_batch(64), torch.Generator().manual_seed(0))
+    out = model(model.mask_batch(make_batch(64), torch.Generator().manual_seed(0)))
     out.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
@@ -84,7 +87,7 @@ def test_cascade_carries_semantic_stage_into_rgb(decoder):
     model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, decoder=decoder, **SMALL)
     assert type(model.decoder) is {"cascaded": CascadedDecoder, "parallel": ParallelDecoder}[decoder]
     batch = make_batch(64)
-    batch["visible"] = model.sample_visible(batch, torch.Generator().manual_seed(0))[0]
+    batch = model.mask_batch(batch, torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(batch).predictions
         hook = model.decoder.stages["semantic"].register_forward_hook(
@@ -101,7 +104,7 @@ def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, **SMALL)
     batch = make_batch(64)
-    batch["visible"] = model.sample_visible(batch, torch.Generator().manual_seed(0))[0]
+    batch = model.mask_batch(batch, torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     first = None
     for _ in range(50):
@@ -152,24 +155,51 @@ def test_model_draws_masks_by_curriculum_progress():
     model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, **SMALL)
     batch = make_batch(64)
     gen = torch.Generator().manual_seed(0)
-    visible, strategy = model.sample_visible(batch, gen, progress=0.0)
-    assert visible.shape == (2, 8) and strategy.tolist() == [SEMANTIC, SEMANTIC]
-    assert model.sample_visible(batch, gen, progress=1.0)[1].tolist() == [RANDOM, RANDOM]
+    masked = model.mask_batch(batch, gen, progress=0.0)
+    assert masked["visible"].shape == (2, 8) and masked["strategy"].tolist() == [SEMANTIC, SEMANTIC]
+    assert model.mask_batch(batch, gen, progress=1.0)["strategy"].tolist() == [RANDOM, RANDOM]
     # Labels can guide the masking of an RGB-only model too (MAE + semantic-guided masking).
     mae = create_model("mae_vit_tiny_patch16_dec512d8b", masking="semantic", **SMALL)
-    visible, strategy = mae.sample_visible(batch, gen)
-    assert visible.shape == (2, 4) and strategy.tolist() == [SEMANTIC, SEMANTIC]
+    masked = mae.mask_batch(batch, gen)
+    assert masked["visible"].shape == (2, 4) and masked["strategy"].tolist() == [SEMANTIC, SEMANTIC]
     # Same generator seed, same masks.
-    a = model(batch, torch.Generator().manual_seed(5))
-    b = model(batch, torch.Generator().manual_seed(5))
+    a = model(model.mask_batch(batch, torch.Generator().manual_seed(5)))
+    b = model(model.mask_batch(batch, torch.Generator().manual_seed(5)))
     assert torch.equal(a.visible, b.visible) and torch.equal(a.loss, b.loss)
 
+
+def test_the_trainer_and_the_model_mask_through_one_assembly():
+    """The same draws give the same masks through the trainer's path (the loader's chunk, `Batch.to`,
+    label ranges known) and the model's own (`mask_batch`, ranges unknown): one assembly serves both."""
+    model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, **SMALL)
+    cfg, batch = model.cfg, make_batch(64, batch_size=4)
+    spec = SampleSpec(cfg.img_size, cfg.patch_size, cfg.modalities, cfg.masking, AugmentConfig(), ignore_value=255,
+                      seed=0, epochs=1)
+    requested = set()
+    for progress in (0.25, 0.55, 1.0):  # semantic and instance, instance and random, random (no labels read)
+        # mask_batch's draws: one numpy generator seeded from the torch generator, sample after sample.
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(3))))
+        samples = [{"rgb": torch.zeros(3, 64, 64, dtype=torch.uint8),
+                    "semantic": batch["semantic"][b].masked_fill(batch["semantic"][b] < 0, 255).to(torch.uint8),
+                    "instance_ids": batch["instance_ids"][b].int(),
+                    **{k: torch.from_numpy(np.asarray(v)) for k, v in draw_masking(rng, cfg.masking, 3).items()}}
+                   for b in range(4)]  # as the loader's workers ship them
+        trainer = Batch(0, 0, [collate(samples)], spec, int(batch["instance_ids"].max())).to(
+            torch.device("cpu"), curriculum_weights(progress, cfg.masking.curriculum))
+        own = model.mask_batch(batch, torch.Generator().manual_seed(3), progress)
+        assert torch.equal(trainer["semantic"], batch["semantic"])
+        for key in ("visible", "strategy", "strategy_requested"):
+            assert torch.equal(trainer[key], own[key]), key
+        requested.update(own["strategy_requested"].tolist())
+    assert requested == {SEMANTIC, INSTANCE, RANDOM}
+    with pytest.raises(ValueError, match="mask_batch"):
+        model(batch)  # a batch without masks is refused, not masked a second way
 
 def test_reconstruct_keeps_visible_patches():
     torch.manual_seed(0)
     model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, **SMALL).eval()
-    batch = make_batch(64)
-    out = model(batch, torch.Generator().manual_seed(0))
+    batch = model.mask_batch(make_batch(64), torch.Generator().manual_seed(0))
+    out = model(batch)
     images = model.reconstruct(batch, out)
     visible = model.visible_mask(out)
     assert images["rgb"].shape == (2, 3, 64, 64) and images["instance"].shape == (2, 3, 64, 64)
@@ -220,7 +250,7 @@ def test_multimae_is_faithful_to_the_public_output_adapters_and_task_sampling():
     # No residual around the cross-attention: with its output zeroed, nothing of the queries survives,
     # so every position of every sample gets the same prediction (with a residual they would differ).
     batch = make_batch(64)
-    batch["visible"] = model.sample_visible(batch, torch.Generator().manual_seed(0))[0]
+    batch = model.mask_batch(batch, torch.Generator().manual_seed(0))
     for adapter in adapters:
         torch.nn.init.zeros_(adapter.cross.proj.weight)
         torch.nn.init.zeros_(adapter.cross.proj.bias)
@@ -251,7 +281,7 @@ def test_shuffled_links_feed_each_sample_another_samples_coarser_stage(link):
     model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, cascade_link=link,
                          **SMALL).eval()
     batch = make_batch(64, batch_size=3)
-    batch["visible"] = model.sample_visible(batch, torch.Generator().manual_seed(0))[0]
+    batch = model.mask_batch(batch, torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(batch).predictions["rgb"]
         hook = model.decoder.stages["instance"].register_forward_hook(  # perturb sample 1's instance stage only
@@ -266,7 +296,7 @@ def test_term_gradient_norms_measure_each_terms_pull_on_the_encoder_output():
     torch.manual_seed(0)
     batch = make_batch(64)
     model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, **SMALL)
-    batch["visible"] = model.sample_visible(batch, torch.Generator().manual_seed(0))[0]
+    batch = model.mask_batch(batch, torch.Generator().manual_seed(0))
     norms = model.term_gradient_norms(batch)
     assert norms.shape == (3,) and (norms > 0).all()
     assert not any(p.grad is not None for p in model.parameters())  # no parameter gradients left behind
@@ -296,7 +326,7 @@ def test_labels_can_be_targets_only_the_encoder_then_reads_rgb():
     model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, input_modalities=("rgb",),
                          num_visible=4, **SMALL)
     assert list(model.encoder.adapters) == ["rgb"] and model.cfg.masking.inputs == (2,)
-    out = model(make_batch(64), torch.Generator().manual_seed(0))
+    out = model(model.mask_batch(make_batch(64), torch.Generator().manual_seed(0)))
     assert (out.visible // 16).eq(2).all()  # every visible token is an RGB token
     assert set(out.terms) == {"semantic", "instance", "rgb"} and all(t > 0 for t in out.terms.values())
     with pytest.raises(ValueError, match="input_modalities"):

@@ -1,8 +1,9 @@
 """One rank's batch on the device: the workers' chunks joined, normalised, and masked (`Batch.to`).
 
 Everything derived from the cropped maps runs here, batched: the semantic ignore value becomes -1,
-the instance representation, the patch-majority labels and each sample's strategy and visible
-tokens, from the random numbers the workers drew. Nothing waits for the device (docs/training.md).
+the instance representation, and each sample's strategy and visible tokens from the random numbers
+the workers drew (`assemble_visible`, the masking assembly the model's own path calls too). Nothing
+waits for the device (docs/training.md).
 """
 
 from __future__ import annotations
@@ -18,25 +19,7 @@ from pretraining.data.augment import CropBox, joint_transform
 from pretraining.data.samples import HOST_KEYS, SampleSpec
 from pretraining.models.curriculum import curriculum_weights
 from pretraining.models.instances import instance_representation
-from pretraining.models.masking import (
-    INSTANCE,
-    SEMANTIC,
-    MaskingConfig,
-    patch_majority,
-    requested_strategy,
-    visible_tokens,
-)
-
-
-def _guided_in_use(masking: MaskingConfig, weights: Sequence[float] | torch.Tensor) -> tuple[bool, bool]:
-    """Whether semantic- / instance-guided masking can be chosen (forced, or a non-zero curriculum weight;
-    weights on the device are not read, so both may be)."""
-    if masking.strategy == "progressive":
-        if isinstance(weights, torch.Tensor):
-            return True, True
-        return weights[SEMANTIC] > 0, weights[INSTANCE] > 0
-    return masking.strategy == "semantic", masking.strategy == "instance"
-
+from pretraining.models.masking import assemble_visible
 
 _NORMALISATION: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -48,13 +31,6 @@ def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         _NORMALISATION[device] = tuple(torch.tensor(v, device=device).view(1, 3, 1, 1)
                                        for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
     return _NORMALISATION[device]
-
-
-def _on_device(weights: Sequence[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Curriculum weights as a float64 device tensor, copied without waiting (a few bytes, staged by the driver)."""
-    if isinstance(weights, torch.Tensor):
-        return weights.to(device, torch.float64, non_blocking=True)
-    return torch.tensor(weights, dtype=torch.float64).to(device, non_blocking=True)
 
 
 @dataclass
@@ -79,7 +55,8 @@ class Batch:
         maps, and the masking draws turned into each sample's strategy (under the curriculum `weights`
         (w_sem, w_inst, w_rand) the trainer gives for this step; by default the scheduled weights at
         the start of this epoch) and visible tokens (with patch-majority labels for the guided
-        strategies the weights can draw). Adds "strategy" (as used) and "strategy_requested" (B,).
+        strategies the weights can draw), through `assemble_visible`. Adds "visible" (B, V), "strategy"
+        (as used) and "strategy_requested" (B,).
 
         Nothing here waits for the device: label ranges come from the contract (semantic ids are below
         the ignore value) and the loader (`instance_max`), and host values go over asynchronously."""
@@ -100,16 +77,12 @@ class Batch:
                                                         self.instance_max)  # (B, 3, S, S)
         if weights is None:
             weights = curriculum_weights(self.epoch / spec.epochs, spec.masking.curriculum)
-        semantic_used, instance_used = _guided_in_use(spec.masking, weights)
-        semantic = (patch_majority(batch["semantic"], spec.patch_size, (-1, spec.ignore_value - 1))
-                    if semantic_used and spec.reads_masks else None)  # (B, N)
-        instance = (patch_majority(batch["instance_ids"], spec.patch_size,
-                                   None if self.instance_max is None else (0, self.instance_max))
-                    if instance_used and spec.reads_masks else None)  # (B, N)
-        weights = _on_device(weights, device)
-        batch["strategy_requested"] = requested_strategy(batch.pop("strategy_key"), weights, spec.masking)
-        batch["visible"], batch["strategy"] = visible_tokens(batch["strategy_requested"], batch.pop("proportions"),
-                                                             batch.pop("keys"), semantic, instance, spec.masking)
+        # The label maps are in the batch when the spec reads masks (`make_sample`).
+        batch["visible"], batch["strategy"], batch["strategy_requested"] = assemble_visible(
+            batch.pop("strategy_key"), batch.pop("proportions"), batch.pop("keys"), weights,
+            batch.get("semantic"), batch.get("instance_ids"), spec.masking, spec.patch_size,
+            semantic_range=(-1, spec.ignore_value - 1),
+            instance_range=None if self.instance_max is None else (0, self.instance_max))
         return batch
 
     def _decoded(self, chunks: list[dict], device: torch.device) -> torch.Tensor:

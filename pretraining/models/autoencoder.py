@@ -26,11 +26,9 @@ from pretraining.models.encoder import Encoder
 from pretraining.models.masking import (
     MODALITIES,
     MaskingConfig,
+    assemble_visible,
     draw_masking,
-    patch_majority,
-    requested_strategy,
     visible_to_masked,
-    visible_tokens,
 )
 
 DECODERS = ("cascaded", "parallel", "multimae", "mae")
@@ -146,23 +144,23 @@ class MaskedAutoencoder(nn.Module):
 
     # Masking -----------------------------------------------------------------------------------
 
-    def sample_visible(self, batch: dict[str, torch.Tensor], generator: torch.Generator,
-                       progress: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Visible tokens per sample as the data loader would draw them under the scheduled curriculum
-        at `progress`: ((B, V), strategy (B,))."""
-        cfg, M = self.cfg, len(self.cfg.modalities)
-        weights = curriculum_weights(progress, cfg.masking.curriculum)
-        device = batch["rgb"].device
+    def mask_batch(self, batch: dict[str, torch.Tensor], generator: torch.Generator,
+                   progress: float = 0.0) -> dict[str, torch.Tensor]:
+        """`batch` with "visible" (B, V), "strategy" and "strategy_requested" (B,) added, as the loader
+        and `Batch.to` add them, for callers without the loader (tests, benchmarks): each sample's draws
+        by `draw_masking` (from one numpy generator seeded by `generator`, in sample order) under the
+        scheduled curriculum weights at `progress`, through the trainer's `assemble_visible`. Labels
+        may guide the masking even of an RGB-only model ("semantic" / "instance_ids" in the batch)."""
+        cfg = self.cfg
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        draws = [draw_masking(rng, cfg.masking, M) for _ in range(batch["rgb"].shape[0])]
-        key, proportions, keys = (torch.from_numpy(np.stack([d[k] for d in draws])).to(device)
+        draws = [draw_masking(rng, cfg.masking, len(cfg.modalities)) for _ in range(batch["rgb"].shape[0])]
+        key, proportions, keys = (torch.from_numpy(np.stack([d[k] for d in draws])).to(batch["rgb"].device)
                                   for k in ("strategy_key", "proportions", "keys"))
-        strategy = requested_strategy(key, weights, cfg.masking)
-        guided = cfg.masking.guided  # labels may guide masking even of an RGB-only model
-        semantic = patch_majority(batch["semantic"], cfg.patch_size) if guided and "semantic" in batch else None
-        instance = (patch_majority(batch["instance_ids"], cfg.patch_size)
-                    if guided and "instance_ids" in batch else None)
-        return visible_tokens(strategy, proportions, keys, semantic, instance, cfg.masking)
+        weights = curriculum_weights(progress, cfg.masking.curriculum)
+        labels = batch.get("semantic"), batch.get("instance_ids")  # (B, H, W) each, or None
+        visible, strategy, requested = assemble_visible(key, proportions, keys, weights, *labels, cfg.masking,
+                                                        cfg.patch_size)
+        return {**batch, "visible": visible, "strategy": strategy, "strategy_requested": requested}
 
     def visible_mask(self, out: PretrainOutput) -> dict[str, torch.Tensor]:
         """Modality -> (B, N) bool, True where the encoder saw the patch."""
@@ -175,21 +173,17 @@ class MaskedAutoencoder(nn.Module):
 
     # Forward -----------------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None,
-                progress: float = 0.0) -> PretrainOutput:
-        """batch: the loader's dict (layout in docs/model.md). Without "visible", masks are drawn here with
-        `generator` (seeded from torch's global generator when None) at curriculum `progress`."""
+    def forward(self, batch: dict[str, torch.Tensor]) -> PretrainOutput:
+        """batch: the loader's dict (layout in docs/model.md), masked: "visible" and "strategy" come from
+        `Batch.to`, or from `mask_batch` for a batch built without the loader."""
         missing = [m for m in self.cfg.modalities if m not in batch]
         if missing:
             raise ValueError(f"The batch lacks {missing}; this model reads {list(self.cfg.modalities)}, "
                              "so build batches for it with the pretraining data loader (layout in docs/model.md).")
-        if "visible" in batch:
-            visible = batch["visible"]
-            strategy = batch.get("strategy", torch.full((visible.shape[0],), -1, device=visible.device))
-        else:
-            if generator is None:
-                generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
-            visible, strategy = self.sample_visible(batch, generator, progress)
+        if "visible" not in batch or "strategy" not in batch:
+            raise ValueError("The batch has no masks (\"visible\", \"strategy\"); build it with the "
+                             "pretraining data loader, or add them with model.mask_batch(batch, generator).")
+        visible, strategy = batch["visible"], batch["strategy"]
         x = self.encoder({m: batch[m] for m in self.encoder.inputs}, visible)  # (B, 1 + V, D)
         predictions, sample_terms, terms = self._decode_and_score(x, visible, batch)
         loss = sum(self.loss_weight(m) * terms[m] for m in self.cfg.modalities)

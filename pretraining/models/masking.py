@@ -7,11 +7,12 @@ position `p` of modality `m`. Every sample keeps exactly `num_visible` tokens, s
 
 Masking runs in two halves. `draw_masking` draws every random number one sample's masking needs
 from that sample's own `numpy.random.Generator` (the loader seeds it from (seed, epoch, index)), in
-a loader worker: a few microseconds. On the device, `requested_strategy` turns each sample's
-strategy key and the step's curriculum weights into its strategy, and `visible_tokens` turns a
-batch of draws and patch labels into visible tokens, with batched tensor ops and no host sync. So
-the masks are a function of each sample's seed and the step's weights, wherever it is drawn, and
-the loader workers do no per-sample mask work.
+a loader worker: a few microseconds. On the device, `assemble_visible` turns a batch of draws, the
+step's curriculum weights and the label maps into each sample's strategy (`requested_strategy`) and
+visible tokens (`patch_majority`, then `visible_tokens`), with batched tensor ops and no host sync.
+It is the one assembly: the trainer's `Batch.to` and the model's own `MaskedAutoencoder.mask_batch`
+(tests, benchmarks) both call it. So the masks are a function of each sample's seed and the step's
+weights, wherever it is drawn, and the loader workers do no per-sample mask work.
 """
 
 from __future__ import annotations
@@ -252,6 +253,52 @@ def visible_tokens(strategy: torch.Tensor, proportions: torch.Tensor, keys: torc
     # The chosen indices in increasing order, without a host sync (nonzero would need one): exactly V per sample.
     visible = torch.argsort((~chosen).to(torch.uint8), dim=1, stable=True)[:, :V]
     return visible, strategy
+
+
+def assemble_visible(strategy_key: torch.Tensor, proportions: torch.Tensor, keys: torch.Tensor,
+                     weights: Sequence[float] | torch.Tensor, semantic: torch.Tensor | None,
+                     instance_ids: torch.Tensor | None, cfg: MaskingConfig, patch_size: int,
+                     semantic_range: tuple[int, int] | None = None,
+                     instance_range: tuple[int, int] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's strategies and visible tokens from its draws: the one masking assembly, which the
+    trainer (`Batch.to`) and the model's own path (`MaskedAutoencoder.mask_batch`) both call.
+
+    strategy_key (B,) float64, proportions (B, M) float64, keys (B, K, N) float32: `draw_masking`'s
+    outputs, stacked, on the device. weights: the step's curriculum weights (w_sem, w_inst, w_rand),
+    host floats or a (3,) device tensor. semantic (B, H, W) int64 class ids (ignore -1) and
+    instance_ids (B, H, W) ids (0 = none), or None (no labels): their patch-majority labels are
+    computed only for the guided strategies the weights can draw, with `semantic_range` /
+    `instance_range` as `patch_majority`'s bounds (None: unknown). Host weights go to the device
+    without waiting, so nothing here syncs.
+    Returns (visible (B, V) int64 sorted token indices, strategy (B,) as used, strategy requested (B,)).
+    """
+    semantic_used, instance_used = _guided_in_use(cfg, weights)
+    semantic_patches = (patch_majority(semantic, patch_size, semantic_range)
+                        if semantic_used and semantic is not None else None)  # (B, N)
+    instance_patches = (patch_majority(instance_ids, patch_size, instance_range)
+                        if instance_used and instance_ids is not None else None)  # (B, N)
+    requested = requested_strategy(strategy_key, _weights_on(weights, keys.device), cfg)
+    visible, strategy = visible_tokens(requested, proportions, keys, semantic_patches, instance_patches, cfg)
+    return visible, strategy, requested
+
+
+def _guided_in_use(cfg: MaskingConfig, weights: Sequence[float] | torch.Tensor) -> tuple[bool, bool]:
+    """Whether semantic- / instance-guided masking can be chosen (forced, or a non-zero curriculum weight;
+    weights on the device are not read, so both may be)."""
+    if cfg.strategy == "progressive":
+        if isinstance(weights, torch.Tensor):
+            return True, True
+        return weights[SEMANTIC] > 0, weights[INSTANCE] > 0
+    return cfg.strategy == "semantic", cfg.strategy == "instance"
+
+
+def _weights_on(weights: Sequence[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Curriculum weights as a float64 device tensor, copied without waiting (a few bytes, staged by
+    the driver)."""
+    if isinstance(weights, torch.Tensor):
+        return weights.to(device, torch.float64, non_blocking=True)
+    return torch.tensor(weights, dtype=torch.float64).to(device, non_blocking=True)
 
 
 # Token bookkeeping shared by the encoder and decoders.
