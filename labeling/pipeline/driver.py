@@ -2,7 +2,7 @@
 workers write, commit shards as they complete, verify the folder, close.
 
     input list ──► read + header check (CPU tasks) ──► ModelPredictor: decode, SAM + semantic (actors, GPU)
-        ──► upsample + align + paint + PNG (CPU tasks) ──► write parts (CPU tasks, `writer.write_parts`)
+        ──► upsample + align + paint + encode maps (CPU tasks) ──► write parts (CPU tasks, `writer.write_parts`)
         ──► driver: part results (shard, part, indices) ──► commit tasks (`writer.commit`)
 
 The driver never sees a labeled row: the write stage leaves rows in per-shard part files and
@@ -49,7 +49,7 @@ from labeling.pipeline.preprocess import WORK_SCHEMA, read_stage
 # has a handful of odd files in 1.28M, so a tenth failing is a systematic fault, not bad luck.
 DEFAULT_MAX_FAILURE_RATE = 0.1
 # Output bytes per image, for the free-space check (estimates from ImageNet-sized photos: the
-# JPEG ~110 KB plus two PNG maps and the RLEs ~40 KB; labels only ~40 KB).
+# JPEG ~110 KB plus the two label maps (zstd-compressed .npy) and the RLEs ~40 KB; labels only ~40 KB).
 BYTES_PER_IMAGE = {"inline": 150_000, "reference": 40_000}
 
 
