@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import posixpath
 import statistics
 import tempfile
 import time
@@ -115,6 +114,7 @@ def write_realistic_dataset(root: str, num_images: int, size: tuple[int, int], u
     from skimage import data as photos
 
     from dataset_card.contract import layout
+    from dataset_card.contract.output_folder import OutputFolder
     from dataset_card.contract.schema import build_features, rows_to_table
     from dataset_card.synthetic.shapes import synthetic_row
 
@@ -132,15 +132,15 @@ def write_realistic_dataset(root: str, num_images: int, size: tuple[int, int], u
         Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
         row["image"] = {"bytes": buf.getvalue(), "path": f"scene/{i:06d}.jpg"}
         scenes.append(row)
-    fs, base = shards.filesystem(root)
+    folder = OutputFolder.open(root)
     num_shards = max(2, num_images // 256)
     bounds = np.linspace(0, num_images, num_shards + 1).astype(int)
     for s in range(num_shards):
         rows = [{**scenes[i % unique], "image_id": f"scene/{i:06d}"} for i in range(bounds[s], bounds[s + 1])]
-        shards.commit_shard(fs, base, s, num_shards, rows_to_table(rows, features, metadata.painting.to_dict()),
+        shards.commit_shard(folder, s, num_shards, rows_to_table(rows, features, metadata.painting.to_dict()),
                             pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA), layout.ShardStats(shard=s),
                             row_group_size=64)
-    shards.write_bytes(fs, posixpath.join(base, layout.METADATA_FILE), metadata.to_json().encode())
+    folder.write_bytes(layout.METADATA_FILE, metadata.to_json().encode())
 
 
 def per_core(dataset: LabeledDataset, spec: SampleSpec, img_size: int, samples: int, rounds: int) -> dict[str, list[float]]:

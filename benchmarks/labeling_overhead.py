@@ -66,6 +66,7 @@ def bare_loop(listed, n: int, cfg, models, output: str) -> dict:
     import pyarrow.compute as pc
 
     from dataset_card.contract import layout, shards
+    from dataset_card.contract.output_folder import OutputFolder
     from dataset_card.contract.schema import arrow_schema
     from labeling.pipeline import manifest, writer
     from labeling.pipeline.driver import work_table
@@ -80,7 +81,7 @@ def bare_loop(listed, n: int, cfg, models, output: str) -> dict:
     contract = arrow_schema(listed.class_names, names, image_reference=True)
     num_shards = manifest.num_shards(n, cfg.shard_size)
     work = work_table(listed, list(range(n)), np.arange(len(listed)) // cfg.shard_size)
-    fs, root = shards.filesystem(output)
+    folder = OutputFolder.open(output)
     model_s, pending, shard = 0.0, [], 0
     start = time.perf_counter()
     for lo in range(0, n, cfg.model_batch_size):
@@ -93,7 +94,7 @@ def bare_loop(listed, n: int, cfg, models, output: str) -> dict:
             stats = layout.ShardStats(shard=shard)
             writer.add_rows(stats, staged)
             data = writer.data_table(staged, contract)
-            shards.commit_shard(fs, root, shard, max(num_shards, shard + 1), data, writer.errors_table(staged), stats,
+            shards.commit_shard(folder, shard, max(num_shards, shard + 1), data, writer.errors_table(staged), stats,
                                 row_group_size=shards.row_group_rows(data))
             pending, shard = [], shard + 1
     return {"seconds": time.perf_counter() - start, "model_s": model_s}

@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dataset_card.card.run_summary import OutputError
 from dataset_card.card.source import CardOptions
+from dataset_card.contract.output_folder import OutputError
 from dataset_card.contract.schema import SCHEMA_VERSION, SchemaError
 from dataset_card.contract.shards import OutputWriteError
 
@@ -29,16 +29,17 @@ def check(output: str) -> int:
     import datasets
     import numpy as np
 
-    from dataset_card.card.run_summary import read_metadata
-    from dataset_card.contract import codecs, painting, shards
+    from dataset_card.contract import codecs, painting
+    from dataset_card.contract.output_folder import OutputFolder
     from dataset_card.contract.schema import SCHEMA_VERSION, validate_features
     from dataset_card.synthetic.shapes import write_synthetic_dataset
 
-    write_synthetic_dataset(output, num_images=16, num_shards=2)
+    folder = OutputFolder.open(output)
+    write_synthetic_dataset(folder, num_images=16, num_shards=2)
     ds = datasets.load_dataset(output, split="train")
     validate_features(ds.features, source=output)
     rows = ds.with_format("arrow")[:].to_pylist()
-    metadata = read_metadata(*shards.filesystem(output))
+    metadata = folder.read_metadata()
     for row in rows:
         semantic = codecs.decode_mask(row["semantic_mask"]["bytes"])
         painted = painting.paint_instances(row["instances"], semantic, metadata.thing_ids, metadata.painting,
@@ -50,12 +51,12 @@ def check(output: str) -> int:
     from dataset_card.card.build import build_card
     from dataset_card.validate import validate as run
 
-    report = run(output, full=True)
+    report = run(folder, full=True)
     if not report.ok:
         print(report.format(), file=sys.stderr)
         return 1
     print(f"dataset contract v{SCHEMA_VERSION}: wrote, loaded and validated {len(rows)} rows in {output}; "
-          f"card: {build_card(output)}")
+          f"card: {build_card(folder)}")
     return 0
 
 

@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import datetime
 import json
-import posixpath
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from dataset_card.card.run_summary import OutputError, list_files, read_json, read_metadata
 from dataset_card.contract import codecs, invariants, layout, painting, shards
+from dataset_card.contract.output_folder import OutputError, OutputFolder
 from dataset_card.contract.schema import (
     REFERENCE_COLUMNS,
     SCHEMA_VERSION,
@@ -89,26 +87,20 @@ def is_current(schema: pa.Schema, rule: painting.PaintingRule) -> bool:
     return found.get("schema_version") == SCHEMA_VERSION and found.get("painting") == rule.to_dict()
 
 
-def repaint_shard(output: str, index: int, num_shards: int, metadata: layout.DatasetMetadata,
+def repaint_shard(folder: OutputFolder, index: int, num_shards: int, metadata: layout.DatasetMetadata,
                   rule: painting.PaintingRule) -> int:
     """Rewrite shard `index` under `rule` (see the module doc); returns its row count."""
-    fs, root = shards.filesystem(output)
-    data_path = posixpath.join(root, layout.data_path(index, num_shards))
-    with fs.open_input_file(data_path) as f:
+    with folder.fs.open_input_file(folder.path(layout.data_path(index, num_shards))) as f:
         table = pq.read_table(f)
     stats = layout.ShardStats(shard=index)
-    errors_path = posixpath.join(root, layout.errors_path(index, num_shards))
-    errors = layout.ERRORS_SCHEMA.empty_table()
-    if shards.exists(fs, errors_path):
-        with fs.open_input_file(errors_path) as f:
-            errors = pq.read_table(f).cast(layout.ERRORS_SCHEMA)
+    errors = folder.read_errors(index, num_shards)
     for error_type in errors.column("error_type").to_pylist():
         stats.add_error(error_type)
-    stats_file = posixpath.join(root, layout.stats_path(index, num_shards))
-    if read_file_metadata(table.schema).get("painting") == rule.to_dict() and shards.exists(fs, stats_file):
+    stats_file = layout.stats_path(index, num_shards)
+    if read_file_metadata(table.schema).get("painting") == rule.to_dict() and folder.exists(stats_file):
         # Painted under this rule already (a v2 shard): the maps only change encoding, and the
         # statistics stay what they were; a tenth of a repaint's time.
-        stats = layout.ShardStats.from_json(shards.read_bytes(fs, stats_file).decode())
+        stats = layout.ShardStats.from_json(folder.read_bytes(stats_file).decode())
         semantics, maps, instances = _recoded(table, metadata)
     else:
         semantics, maps, instances = [], [], []
@@ -126,42 +118,42 @@ def repaint_shard(output: str, index: int, num_shards: int, metadata: layout.Dat
     new = pa.table([columns[f.name].cast(f.type) for f in schema], schema=schema)
     # The labeler's footer (run, manifest, counts, image storage) still describes the shard.
     footer = {k: v for k, v in read_file_metadata(table.schema).items() if k not in ("schema_version", "painting")}
-    shards.commit_shard(fs, root, index, num_shards, new, errors, stats, footer=footer)
+    shards.commit_shard(folder, index, num_shards, new, errors, stats, footer=footer)
     return new.num_rows
 
 
-def _num_shards(fs, root: str, manifest: dict) -> int:
+def _num_shards(folder: OutputFolder, manifest: dict) -> int:
     if manifest.get("num_shards") is not None:
         return int(manifest["num_shards"])
-    totals = {int(n.split("-of-")[1].split(".")[0]) for n in list_files(fs, root, layout.DATA_DIR)
+    totals = {int(n.split("-of-")[1].split(".")[0]) for n in folder.list_files(layout.DATA_DIR)
               if n.startswith("train-") and "-of-" in n}
     if len(totals) != 1:
-        raise OutputError(f"{root} has no manifest.json and its data files do not agree on a shard count: "
+        raise OutputError(f"{folder.root} has no manifest.json and its data files do not agree on a shard count: "
                           "validate it first (python -m dataset_card validate)")
     return totals.pop()
 
 
-def repaint(output: str, rule: str | None = None, min_purity: float | None = None, workers: int = 1,
+def repaint(output: str | OutputFolder, rule: str | None = None, min_purity: float | None = None, workers: int = 1,
             progress: bool = False, log: Callable[[str], None] = lambda message: None) -> RepaintResult:
     """Repaint every committed shard of `output` under the rule named `rule` (default: the folder's
     own, the default rule for a v1 one), its `min_purity` replaced if given; then
     write metadata.json, the manifest and the card. Raises ValueError for an unknown rule or a bad
     threshold, `OutputError` / `SchemaError` for a folder that is not a labeled one."""
-    fs, root = shards.filesystem(output)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        raise OutputError(f"{output} is not a folder (or does not exist): pass the output folder of a labeling run")
-    old = read_metadata(fs, root, output, accept=(SCHEMA_VERSION, *UPGRADABLE_VERSIONS))
+    folder = OutputFolder.open(output)
+    if not folder.is_folder():
+        raise OutputError(f"{folder} is not a folder (or does not exist): pass the output folder of a labeling run")
+    old = folder.read_metadata(accept=(SCHEMA_VERSION, *UPGRADABLE_VERSIONS))
     own = old.painting if old.schema_version >= 2 else painting.RULES[painting.DEFAULT_RULE]  # v1's was "parts"
     if rule is None and min_purity is None:
         rule = own
     else:
         rule = painting.rule_named(rule or own.name, min_purity=min_purity)
     metadata = layout.DatasetMetadata(old.class_names, old.semantic_classes, old.semantic_source, SCHEMA_VERSION, rule)
-    manifest = read_json(fs, posixpath.join(root, layout.MANIFEST_FILE)) or {}
-    num_shards = _num_shards(fs, root, manifest)
+    manifest = folder.read_json(layout.MANIFEST_FILE) or {}
+    num_shards = _num_shards(folder, manifest)
     todo, skipped = [], []
-    for index in sorted(shards.committed_shards(fs, root, num_shards)):
-        with fs.open_input_file(posixpath.join(root, layout.data_path(index, num_shards))) as f:
+    for index in sorted(shards.committed_shards(folder, num_shards)):
+        with folder.fs.open_input_file(folder.path(layout.data_path(index, num_shards))) as f:
             (skipped if is_current(pq.ParquetFile(f).schema_arrow, rule) else todo).append(index)
     log(f"repainting {len(todo)} of {len(todo) + len(skipped)} shards under rule {rule.name!r} "
         f"(dataset schema v{old.schema_version} -> v{SCHEMA_VERSION})")
@@ -170,15 +162,15 @@ def repaint(output: str, rule: str | None = None, min_purity: float | None = Non
     with bar:
         if workers > 1 and len(todo) > 1:
             with ProcessPoolExecutor(workers) as pool:
-                for n in pool.map(repaint_shard, [output] * len(todo), todo, [num_shards] * len(todo),
+                for n in pool.map(repaint_shard, [folder] * len(todo), todo, [num_shards] * len(todo),
                                   [metadata] * len(todo), [rule] * len(todo)):
                     rows += n
                     bar.update(1)
         else:
             for index in todo:
-                rows += repaint_shard(output, index, num_shards, metadata, rule)
+                rows += repaint_shard(folder, index, num_shards, metadata, rule)
                 bar.update(1)
-    shards.write_bytes(fs, posixpath.join(root, layout.METADATA_FILE), metadata.to_json().encode())
+    folder.write_bytes(layout.METADATA_FILE, metadata.to_json().encode())
     if manifest:
         record = {"rule": rule.to_dict(), "from_schema_version": old.schema_version, "shards": len(todo),
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -189,9 +181,9 @@ def repaint(output: str, rule: str | None = None, min_purity: float | None = Non
             default = painting.RULES[rule.name].min_purity
             manifest["arguments"].update(painting_rule=rule.name,
                                          min_purity=None if rule.min_purity == default else rule.min_purity)
-        shards.write_bytes(fs, posixpath.join(root, layout.MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
+        folder.write_bytes(layout.MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
     from dataset_card.card.build import build_card
 
-    build_card(output)
+    build_card(folder)
     return RepaintResult(rule, old.schema_version, tuple(todo), tuple(skipped), rows)
 

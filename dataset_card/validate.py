@@ -33,8 +33,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from dataset_card.card.run_summary import OutputError, list_files, read_json, read_metadata
 from dataset_card.contract import codecs, invariants, layout, painting, shards
+from dataset_card.contract.output_folder import OutputError, OutputFolder
 from dataset_card.contract.schema import (
     SCHEMA_METADATA_KEY,
     SchemaError,
@@ -87,16 +87,16 @@ class Report:
         return "\n".join([head, *lines])
 
 
-def shard_files(fs: pafs.FileSystem, root: str, folder: str, prefix: str, suffix: str,
+def shard_files(folder: OutputFolder, subfolder: str, prefix: str, suffix: str,
                 num_shards: int, report: Report) -> dict[int, str]:
-    """Shard index -> relative path of the files in `folder` named like `prefix-SSSSS-of-NNNNN.suffix`;
+    """Shard index -> relative path of the files in `subfolder` named like `prefix-SSSSS-of-NNNNN.suffix`;
     every other name there becomes a violation (or a note for dot-prefixed temporary files)."""
     pattern = re.compile(rf"{prefix}-(\d{{5}})-of-(\d{{5}}){re.escape(suffix)}")
     found: dict[int, str] = {}
-    selector = pafs.FileSelector(posixpath.join(root, folder), allow_not_found=True)
-    for info in sorted(fs.get_file_info(selector), key=lambda i: i.path):
+    selector = pafs.FileSelector(folder.path(subfolder), allow_not_found=True)
+    for info in sorted(folder.fs.get_file_info(selector), key=lambda i: i.path):
         name = posixpath.basename(info.path)
-        path = f"{folder}/{name}"
+        path = f"{subfolder}/{name}"
         match = pattern.fullmatch(name)
         if name.startswith("."):
             report.notes.append(f"{path} is a temporary file left by an interrupted write; it is never read")
@@ -199,12 +199,11 @@ def row_check(row: dict, metadata: layout.DatasetMetadata) -> tuple[list[str], i
     return out, figures
 
 
-def check_rows(output: str, path: str, rows: Sequence[int] | None,
+def check_rows(folder: OutputFolder, path: str, rows: Sequence[int] | None,
                metadata: layout.DatasetMetadata) -> tuple[list[Violation], invariants.Figures]:
     """Decode and check `rows` of one data file (all rows when None), one row group at a time."""
-    fs, root = shards.filesystem(output)
     out, figures = [], invariants.Figures()
-    with fs.open_input_file(posixpath.join(root, path)) as f:
+    with folder.fs.open_input_file(folder.path(path)) as f:
         parquet = pq.ParquetFile(f)
         start = 0
         for g in range(parquet.num_row_groups):
@@ -234,10 +233,10 @@ def sample_plan(rows_per_file: dict[str, int], sample: int, seed: int) -> dict[s
     return plan
 
 
-def scan_ids(fs: pafs.FileSystem, root: str, paths: Sequence[str], progress: bool):
+def scan_ids(folder: OutputFolder, paths: Sequence[str], progress: bool):
     """Yield (path, row, image_id) of every row, reading only the `image_id` column."""
     for path in tqdm(paths, desc="image ids", disable=not progress):
-        with fs.open_input_file(posixpath.join(root, path)) as f:
+        with folder.fs.open_input_file(folder.path(path)) as f:
             parquet = pq.ParquetFile(f)
             start = 0
             for g in range(parquet.num_row_groups):
@@ -247,36 +246,37 @@ def scan_ids(fs: pafs.FileSystem, root: str, paths: Sequence[str], progress: boo
                 start += len(ids)
 
 
-def validate(output: str, full: bool = False, sample: int = 256, seed: int = 0, workers: int = 1,
+def validate(output: str | OutputFolder, full: bool = False, sample: int = 256, seed: int = 0, workers: int = 1,
              progress: bool = False) -> Report:
-    """Check `output` (a path or URL); see the module docstring. Raises `OutputError` only when
-    `output` is not a folder; everything else wrong inside it is a `Violation` in the report."""
-    fs, root = shards.filesystem(output)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
+    """Check `output` (a path, URL or folder); see the module docstring. Raises `OutputError` only
+    when `output` is not a folder; everything else wrong inside it is a `Violation` in the report."""
+    folder = OutputFolder.open(output)
+    output = folder.uri
+    if not folder.is_folder():
         raise OutputError(f"{output} is not a folder (or does not exist): pass the output folder of a labeling run")
     report = Report(output)
     try:
-        metadata = read_metadata(fs, root, output)
+        metadata = folder.read_metadata()
     except (OutputError, SchemaError) as err:
-        message = str(err).replace(posixpath.join(root, ""), "").removeprefix(f"{layout.METADATA_FILE} ")
+        message = str(err).replace(folder.path(""), "").removeprefix(f"{layout.METADATA_FILE} ")
         report.violations.append(Violation(layout.METADATA_FILE, message))
         return report
-    manifest = read_json(fs, posixpath.join(root, layout.MANIFEST_FILE)) or {}
+    manifest = folder.read_json(layout.MANIFEST_FILE) or {}
     if not manifest:
         report.violations.append(Violation(layout.MANIFEST_FILE, "is missing: the counts cannot be checked"))
     elif version_problem(manifest.get("schema_version"), layout.MANIFEST_FILE, output):
         report.violations.append(Violation(layout.MANIFEST_FILE, version_problem(
             manifest.get("schema_version"), "it", output)))
-    data_names = list_files(fs, root, layout.DATA_DIR)
+    data_names = folder.list_files(layout.DATA_DIR)
     num_shards = manifest.get("num_shards")
     if num_shards is None:  # infer the run's total from the names, so the other checks still run
         totals = [m[1] for n in data_names if (m := re.search(r"-of-(\d{5})\.", n))]
         num_shards = int(max(set(totals), key=totals.count)) if totals else 0
     report.shards = num_shards
 
-    data = shard_files(fs, root, layout.DATA_DIR, "train", ".parquet", num_shards, report)
-    errors = shard_files(fs, root, layout.ERRORS_DIR, "errors", ".parquet", num_shards, report)
-    stats = shard_files(fs, root, layout.STATS_DIR, "stats", ".json", num_shards, report)
+    data = shard_files(folder, layout.DATA_DIR, "train", ".parquet", num_shards, report)
+    errors = shard_files(folder, layout.ERRORS_DIR, "errors", ".parquet", num_shards, report)
+    stats = shard_files(folder, layout.STATS_DIR, "stats", ".json", num_shards, report)
     orphaned = set(errors) | set(stats)  # a shard's other files outlive a data file deleted by hand
     for i in range(num_shards):
         if i not in data:
@@ -294,15 +294,15 @@ def validate(output: str, full: bool = False, sample: int = 256, seed: int = 0, 
     glob = posixpath.basename(layout.DATA_GLOB)
     strays = [f"{layout.DATA_DIR}/{n}" for n in data_names if fnmatch.fnmatch(n, glob)]
     loaded = [data[i] for i in sorted(data)] + [p for p in strays if p not in data.values()]
-    rows_in, readable = row_counts(fs, root, loaded, metadata, report, progress, output)
+    rows_in, readable = row_counts(folder, loaded, metadata, report, progress)
     report.rows = sum(rows_in.values())
-    error_ids = read_errors(fs, root, errors, report)
-    check_stats(fs, root, data, errors, stats, rows_in, report)
+    error_ids = read_errors(folder, errors, report)
+    check_stats(folder, data, errors, stats, rows_in, report)
     if manifest.get("num_inputs") is not None and report.rows + report.errors != manifest["num_inputs"]:
         report.violations.append(Violation(layout.MANIFEST_FILE, (
             f"lists {manifest['num_inputs']:,} inputs, but the data files hold {report.rows:,} rows and the errors "
             f"tables {report.errors:,} failed inputs ({report.rows + report.errors - manifest['num_inputs']:+,})")))
-    check_ids(fs, root, list(readable), error_ids, report, progress)
+    check_ids(folder, list(readable), error_ids, report, progress)
 
     plan = ({path: None for path, n in readable.items() if n} if full
             else sample_plan(readable, sample, seed))
@@ -310,10 +310,10 @@ def validate(output: str, full: bool = False, sample: int = 256, seed: int = 0, 
     args = (list(plan), list(plan.values()))
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            results = pool.map(check_rows, [output] * len(plan), *args, [metadata] * len(plan))
+            results = pool.map(check_rows, [folder] * len(plan), *args, [metadata] * len(plan))
             results = list(tqdm(results, total=len(plan), desc="rows", disable=not progress))
     else:
-        results = (check_rows(output, p, r, metadata) for p, r in zip(*args))
+        results = (check_rows(folder, p, r, metadata) for p, r in zip(*args))
         results = list(tqdm(results, total=len(plan), desc="rows", disable=not progress))
     for found, figures in results:
         report.violations += found
@@ -324,21 +324,21 @@ def validate(output: str, full: bool = False, sample: int = 256, seed: int = 0, 
     return report
 
 
-def row_counts(fs: pafs.FileSystem, root: str, paths: Sequence[str], metadata: layout.DatasetMetadata,
-               report: Report, progress: bool, output: str = "") -> tuple[dict[str, int], dict[str, int]]:
+def row_counts(folder: OutputFolder, paths: Sequence[str], metadata: layout.DatasetMetadata,
+               report: Report, progress: bool) -> tuple[dict[str, int], dict[str, int]]:
     """Path -> row count of the files in `paths` that open as Parquet, and of those among them in
     the contract schema (only those are read further); a violation for each other file."""
     counts, valid = {}, {}
     for path in tqdm(paths, desc="shards", disable=not progress):
         try:
-            with fs.open_input_file(posixpath.join(root, path)) as f:
+            with folder.fs.open_input_file(folder.path(path)) as f:
                 parquet = pq.ParquetFile(f)
                 schema, num_rows = parquet.schema_arrow, parquet.metadata.num_rows
         except (OSError, pa.ArrowException) as err:
             report.violations.append(Violation(path, f"cannot be read as Parquet: {err}"))
             continue
         counts[path] = num_rows
-        problem = schema_problem(schema, metadata, output)
+        problem = schema_problem(schema, metadata, folder.uri)
         if problem:
             report.violations.append(Violation(path, problem))
         else:
@@ -346,13 +346,13 @@ def row_counts(fs: pafs.FileSystem, root: str, paths: Sequence[str], metadata: l
     return counts, valid
 
 
-def read_errors(fs: pafs.FileSystem, root: str, errors: dict[int, str], report: Report) -> list[tuple[str, int, str]]:
+def read_errors(folder: OutputFolder, errors: dict[int, str], report: Report) -> list[tuple[str, int, str]]:
     """(path, row, image_id) of every failed input but the duplicate ids (whose id another input's row
     rightly holds); counts all of them into `report.errors`."""
     out = []
     for path in errors.values():
         try:
-            with fs.open_input_file(posixpath.join(root, path)) as f:
+            with folder.fs.open_input_file(folder.path(path)) as f:
                 table = pq.read_table(f, columns=["image_id", "error_type"])
         except (OSError, KeyError, pa.ArrowException) as err:
             report.violations.append(Violation(path, f"cannot be read as an errors table: {err}"))
@@ -363,20 +363,20 @@ def read_errors(fs: pafs.FileSystem, root: str, errors: dict[int, str], report: 
     return out
 
 
-def check_stats(fs: pafs.FileSystem, root: str, data: dict[int, str], errors: dict[int, str], stats: dict[int, str],
+def check_stats(folder: OutputFolder, data: dict[int, str], errors: dict[int, str], stats: dict[int, str],
                 rows_in: dict[str, int], report: Report) -> None:
     """Each shard's statistics and the data file's footer count the rows and failures its data and
     errors files hold."""
     failed_in: dict[str, int] = {}
     for path in errors.values():
         try:
-            failed_in[path] = shards.read_footer(fs, posixpath.join(root, path))[0]
+            failed_in[path] = shards.read_footer(folder.fs, folder.path(path))[0]
         except (OSError, pa.ArrowException):
             pass  # read_errors reported it
     for i, path in data.items():  # the shard's footer says what it holds (written by the labeler)
         if path not in rows_in:
             continue
-        footer = shards.read_footer(fs, posixpath.join(root, path))[1]
+        footer = shards.read_footer(folder.fs, folder.path(path))[1]
         if "rows" in footer and footer["rows"] != rows_in[path]:
             report.violations.append(Violation(path, f"its footer says {footer['rows']} rows but it holds "
                                                      f"{rows_in[path]}: rerun the labeling command to relabel it"))
@@ -385,7 +385,7 @@ def check_stats(fs: pafs.FileSystem, root: str, data: dict[int, str], errors: di
                                                           f"{path}'s footer says {footer['errors']}"))
     for i, path in stats.items():
         try:
-            counted = layout.ShardStats.from_json(shards.read_bytes(fs, posixpath.join(root, path)).decode())
+            counted = layout.ShardStats.from_json(folder.read_bytes(path).decode())
         except (ValueError, TypeError) as err:
             report.violations.append(Violation(path, f"is not valid shard statistics: {err}"))
             continue
@@ -422,20 +422,20 @@ def schema_problem(schema: pa.Schema, metadata: layout.DatasetMetadata, output: 
     return None
 
 
-def check_ids(fs: pafs.FileSystem, root: str, paths: Sequence[str], error_ids: Sequence[tuple[str, int, str]],
+def check_ids(folder: OutputFolder, paths: Sequence[str], error_ids: Sequence[tuple[str, int, str]],
               report: Report, progress: bool) -> None:
     """No `image_id` twice among the rows, nor both labeled and failed. Keeps only a set of ids; a
     second pass, run only when there are duplicates, finds where each one first appeared."""
     seen: set[str] = set()
     repeats = []
-    for path, row, image_id in scan_ids(fs, root, paths, progress):
+    for path, row, image_id in scan_ids(folder, paths, progress):
         if image_id in seen:
             repeats.append((path, row, image_id))
         seen.add(image_id)
     first: dict[str, tuple[str, int]] = {}
     if repeats:
         wanted = {image_id for _, _, image_id in repeats}
-        for path, row, image_id in scan_ids(fs, root, paths, False):
+        for path, row, image_id in scan_ids(folder, paths, False):
             if image_id in wanted and image_id not in first:
                 first[image_id] = (path, row)
     for path, row, image_id in repeats:

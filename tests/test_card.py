@@ -21,6 +21,7 @@ from dataset_card.card.readme import size_category
 from dataset_card.card.run_summary import bin_labels, read_summary
 from dataset_card.card.source import CardOptions, card_config, is_imagenet_1k
 from dataset_card.contract import codecs, layout
+from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.schema import validate_features
 from dataset_card.synthetic.shapes import write_synthetic_dataset
 
@@ -145,7 +146,7 @@ def test_gallery_decodes_only_its_sample(labeled, tmp_path, monkeypatch):
 
 def test_sample_rows_is_seeded_spans_shards_and_matches_the_files(labeled):
     summary = read_summary(str(labeled))
-    args = (str(labeled), summary.data_files, summary.rows_per_file)
+    args = (OutputFolder.open(labeled), summary.data_files, summary.rows_per_file)
     rows = gallery.sample_rows(*args, num=6, seed=0)
     assert [r["image_id"] for r in rows] == [r["image_id"] for r in gallery.sample_rows(*args, num=6, seed=0)]
     assert [r["image_id"] for r in rows] != [r["image_id"] for r in gallery.sample_rows(*args, num=6, seed=1)]

@@ -13,6 +13,7 @@ import zstandard
 
 from dataset_card.card.readme import write_minimal_card
 from dataset_card.contract import codecs, layout, painting, shards
+from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.schema import (
     COLUMNS,
     SCHEMA_VERSION,
@@ -60,13 +61,13 @@ def shard_folder(tmp_path):
     rgb, semantic, shapes = shapes_image(rng, 48, 64)
     row2, _ = synthetic_row("n01443537/shapes", 1, rgb, semantic, [m for _, m in shapes], THINGS,
                             painting.RULES["parts"])
-    fs, base = shards.filesystem(str(tmp_path))
+    folder = OutputFolder.open(tmp_path)
     empty_errors = pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA)
-    shards.commit_shard(fs, base, 0, 2, rows_to_table([row, row2], features), empty_errors, layout.ShardStats(0))
+    shards.commit_shard(folder, 0, 2, rows_to_table([row, row2], features), empty_errors, layout.ShardStats(0))
     # A shard whose every image failed still commits, with zero rows.
-    shards.commit_shard(fs, base, 1, 2, rows_to_table([], features), empty_errors, layout.ShardStats(1))
+    shards.commit_shard(folder, 1, 2, rows_to_table([], features), empty_errors, layout.ShardStats(1))
     (tmp_path / layout.METADATA_FILE).write_text(metadata.to_json())
-    write_minimal_card(str(tmp_path), metadata)
+    write_minimal_card(folder, metadata)
     return tmp_path, painted
 
 
@@ -201,8 +202,7 @@ def test_temporary_names_never_match_load_dataset_patterns(tmp_path):
 
 def test_committed_shards_and_idempotent_rewrite(tmp_path):
     write_synthetic_dataset(str(tmp_path), num_images=6, num_shards=3)
-    fs, base = shards.filesystem(str(tmp_path))
-    assert shards.committed_shards(fs, base, 3) == {0, 1, 2}
+    assert shards.committed_shards(OutputFolder.open(tmp_path), 3) == {0, 1, 2}
     write_synthetic_dataset(str(tmp_path), num_images=6, num_shards=3)  # same files, same rows
     assert len(datasets.load_dataset(str(tmp_path), split="train")) == 6
 
@@ -240,7 +240,7 @@ def test_layout_imports_without_datasets():
     import sys
 
     code = ("import sys; sys.modules['datasets'] = None\n"
-            "from dataset_card import layout, schema\n"
+            "from dataset_card.contract import layout, schema\n"
             "assert schema.semantic_ignore_value(133) == 255 and layout.SemanticClass(0, 'a', True)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -248,8 +248,9 @@ def test_layout_imports_without_datasets():
 def test_commit_protocol_works_on_fsspec_only_urls():
     """A URL pyarrow has no filesystem for (here fsspec's memory://) goes through fsspec."""
     fs, base = shards.filesystem("memory://c2fmae-test/out")
+    folder = OutputFolder.open("memory://c2fmae-test/out")
     features = build_features(CLASS_NAMES, ["a"])
     empty_errors = pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA)
-    shards.commit_shard(fs, base, 0, 1, rows_to_table([], features), empty_errors, layout.ShardStats(0))
-    assert shards.committed_shards(fs, base, 1) == {0}
+    shards.commit_shard(folder, 0, 1, rows_to_table([], features), empty_errors, layout.ShardStats(0))
+    assert shards.committed_shards(folder, 1) == {0}
     assert layout.ShardStats.from_json(shards.read_bytes(fs, f"{base}/{layout.stats_path(0, 1)}").decode()).shard == 0

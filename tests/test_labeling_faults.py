@@ -17,6 +17,7 @@ import pytest
 
 from dataset_card.contract import images, layout, shards
 from dataset_card.contract.lease import Holder, Lease, LeaseHeld, holder_of, process_start
+from dataset_card.contract.output_folder import OutputFolder
 from labeling.inputs.folder import list_image_folder
 from labeling.pipeline import failures
 
@@ -40,7 +41,7 @@ def write_lease(output, **fields) -> None:
 
 
 def test_one_lease_per_output_live_holders_refuse_dead_ones_are_taken_over(tmp_path):
-    out = str(tmp_path / "out")
+    out = OutputFolder.open(tmp_path / "out")
     messages = []
     first = Lease(out, "run-1", log=messages.append).take()
     assert holder_of(out).run_id == "run-1" and holder_of(out).pid == os.getpid()
@@ -52,34 +53,35 @@ def test_one_lease_per_output_live_holders_refuse_dead_ones_are_taken_over(tmp_p
     assert holder_of(out) is None
 
     pid, started = dead_process()  # killed on this host: taken over at once, so a rerun resumes
-    write_lease(out, pid=pid, pid_started=started)
+    write_lease(str(out), pid=pid, pid_started=started)
     with Lease(out, "run-3", log=messages.append):
         assert holder_of(out).run_id == "run-3"
     assert any("taking over the lease" in m and f"pid {pid}" in m for m in messages)
 
-    write_lease(out, host="elsewhere", renewed=time.time() - 30)  # another host, renewed lately: live
+    write_lease(str(out), host="elsewhere", renewed=time.time() - 30)  # another host, renewed lately: live
     with pytest.raises(LeaseHeld, match=r"host elsewhere.*rerun after its lease expires \(in 270 s\)"):
         Lease(out, "run-4").take()
-    write_lease(out, host="elsewhere", renewed=time.time() - 301)  # not renewed within its ttl: gone
+    write_lease(str(out), host="elsewhere", renewed=time.time() - 301)  # not renewed within its ttl: gone
     with Lease(out, "run-5", log=messages.append):
         assert holder_of(out).run_id == "run-5"
 
 
 def test_a_lease_taken_over_is_noticed_by_its_renewal(tmp_path):
-    out = str(tmp_path / "out")
+    out = OutputFolder.open(tmp_path / "out")
     lease = Lease(out, "run-1", ttl_s=300).take()
     lease.renew()
     assert lease.lost is None and holder_of(out).renewed >= lease._renewed - 1
-    write_lease(out, run_id="intruder", host="elsewhere")
+    write_lease(str(out), run_id="intruder", host="elsewhere")
     lease.renew()
     assert lease.lost and "another run took over" in lease.lost and "host elsewhere" in lease.lost
     lease.release()
     assert holder_of(out).run_id == "intruder"  # release deletes only its own lease
     assert Holder.from_json(Holder("r", "h", 1, "0", "s", 0.0, 1.0).to_json()).run_id == "r"
-    with Lease("memory://c2fmae-lease/out", "run-a"):  # object stores: fsspec's exclusive create
+    in_memory = OutputFolder.open("memory://c2fmae-lease/out")
+    with Lease(in_memory, "run-a"):  # object stores: fsspec's exclusive create
         with pytest.raises(LeaseHeld):
-            Lease("memory://c2fmae-lease/out", "run-b").take()
-    assert holder_of("memory://c2fmae-lease/out") is None
+            Lease(in_memory, "run-b").take()
+    assert holder_of(in_memory) is None
 
 
 class FailingFs:
@@ -105,7 +107,8 @@ def test_write_errors_are_one_sentence_naming_the_path_and_leave_no_temporary_fi
     fs = FailingFs(code, fail_after=1)  # the errors table is written, the statistics fail
     errors = layout.ERRORS_SCHEMA.empty_table()
     with pytest.raises(shards.OutputWriteError) as err:
-        shards.commit_shard(fs, str(tmp_path), 0, 1, pa.table({"a": [1]}), errors, layout.ShardStats(0))
+        shards.commit_shard(OutputFolder(str(tmp_path), fs, str(tmp_path)), 0, 1, pa.table({"a": [1]}), errors,
+                            layout.ShardStats(0))
     text = str(err.value)
     assert text.startswith(f"cannot write {tmp_path}/{layout.stats_path(0, 1)} ({os.strerror(code)}): ")
     assert advice in text and "\n" not in text and err.value.errno == code
@@ -135,12 +138,12 @@ def test_a_lease_that_cannot_be_written_is_one_sentence_and_leaves_no_file(tmp_p
 
     monkeypatch.setattr(lease_module.os, "fdopen", Full)
     with pytest.raises(shards.OutputWriteError) as err:
-        Lease(str(tmp_path), "run").take()
+        Lease(OutputFolder.open(tmp_path), "run").take()
     assert str(err.value).startswith(f"cannot write {tmp_path}/{layout.LEASE_FILE} (No space left on device): free "
                                      "space there")
     assert not list(tmp_path.iterdir())  # the lease file it created is gone again
     monkeypatch.undo()
-    lease = Lease(str(tmp_path), "run").take()
+    lease = Lease(OutputFolder.open(tmp_path), "run").take()
     monkeypatch.setattr(lease_module, "open", Full, raising=False)  # the renewal's temporary file cannot be filled
     with pytest.raises(OSError, match="No space left"):
         lease.files.overwrite(lease.path, b"{}")
@@ -150,8 +153,6 @@ def test_a_lease_that_cannot_be_written_is_one_sentence_and_leaves_no_file(tmp_p
 
 
 def test_a_rewrite_that_cannot_be_renamed_is_one_sentence_and_the_next_run_finishes_it(tmp_path):
-    from labeling.pipeline import writer
-
     class NoRename(FailingFs):
         def move(self, src, dst):
             raise OSError(errno.EACCES, f"Failed to rename '{src}'. Detail: [errno {errno.EACCES}]")
@@ -161,13 +162,13 @@ def test_a_rewrite_that_cannot_be_renamed_is_one_sentence_and_the_next_run_finis
     target.write_text("old")
     staging = target.parent / f".{target.name}.abc.rewrite"
     staging.write_text("new")
-    journal = tmp_path / writer.JOURNAL_DIR / "shard-00000.json"
+    journal = tmp_path / shards.JOURNAL_DIR / "shard-00000.json"
     journal.parent.mkdir()
     journal.write_text(json.dumps([[str(staging), str(target)]]))
     with pytest.raises(shards.OutputWriteError, match=rf"^cannot write {target} \(Permission denied\): make the "):
-        writer.recover(NoRename(errno.EACCES), str(tmp_path))
+        shards.recover(OutputFolder(str(tmp_path), NoRename(errno.EACCES), str(tmp_path)))
     assert journal.exists() and target.read_text() == "old"  # nothing half done: the journal stays
-    assert writer.recover(pafs.LocalFileSystem(), str(tmp_path)) == 1
+    assert shards.recover(OutputFolder(str(tmp_path), pafs.LocalFileSystem(), str(tmp_path))) == 1
     assert target.read_text() == "new" and not journal.exists() and not staging.exists()
 
 
@@ -192,8 +193,8 @@ def test_an_unwritable_output_is_refused_before_anything_starts(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(shards.OutputWriteError, match=r"cannot write .*file/out.*: a file stands where a folder"):
-        shards.probe_output(str(blocker / "out"))
-    assert shards.probe_output(str(tmp_path / "fine")) > 0 and not list((tmp_path / "fine").iterdir())
+        shards.probe_output(OutputFolder.open(blocker / "out"))
+    assert shards.probe_output(OutputFolder.open(tmp_path / "fine")) > 0 and not list((tmp_path / "fine").iterdir())
 
 
 def test_fatal_device_errors_restart_the_actor_oom_does_not():
@@ -293,7 +294,7 @@ def test_overwrite_refuses_while_a_live_run_holds_the_output(tmp_path):
     with pytest.raises(LeaseHeld, match="--overwrite cannot delete a folder a live run is writing"):
         run_labeling(cfg, log=lambda m: None)
     assert (output / "data" / "train-00000-of-00001.parquet").read_bytes() == b"a live run's shard"
-    assert holder_of(str(output)).run_id == "live-run"
+    assert holder_of(OutputFolder.open(output)).run_id == "live-run"
 
 
 def test_the_labeling_command_refuses_an_unwritable_output_before_ray_starts(tmp_path, monkeypatch, capsys):
@@ -327,17 +328,18 @@ def test_a_failed_card_build_keeps_the_previous_full_card_and_says_so(tmp_path, 
 
     monkeypatch.setattr(dataset_card.card.build, "build_card", broken)
     messages = []
-    write_card(str(tmp_path), str(tmp_path), metadata, has_errors=False, log=messages.append)
+    folder = OutputFolder.open(tmp_path)
+    write_card(folder, metadata, has_errors=False, log=messages.append)
     assert (tmp_path / "README.md").read_text() == full  # never silently downgraded
     assert messages == [f"warning: the dataset card could not be rebuilt (cannot write {tmp_path}/assets/gallery.png "
                         "(No space left on device): free space there); the previous full card is kept and is out of "
                         f"date: rebuild it with: python -m dataset_card build {tmp_path}"]
     (tmp_path / "README.md").unlink()
-    write_card(str(tmp_path), str(tmp_path), metadata, has_errors=False, log=messages.append)
+    write_card(folder, metadata, has_errors=False, log=messages.append)
     assert "minimal card" in messages[-1] and (tmp_path / "README.md").read_text().startswith("---")
     assert "meaningless" not in (tmp_path / "README.md").read_text()
     (tmp_path / "README.md").unlink()
-    write_card(str(tmp_path), str(tmp_path), metadata, has_errors=False, log=messages.append, tiny_random=True)
+    write_card(folder, metadata, has_errors=False, log=messages.append, tiny_random=True)
     assert "these labels are meaningless" in (tmp_path / "README.md").read_text()  # the fallback says it too
 
 

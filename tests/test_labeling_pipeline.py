@@ -19,7 +19,8 @@ from huggingface_hub import DatasetCard
 from PIL import Image
 
 from dataset_card.card.source import CardOptions
-from dataset_card.contract import codecs, layout, shards
+from dataset_card.contract import codecs, layout
+from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.schema import validate_features
 from dataset_card.validate import row_problems, validate
 from labeling.inputs.kinds import list_inputs
@@ -312,12 +313,12 @@ def test_too_many_failures_stop_the_run_and_keep_what_was_committed(tmp_path, ra
         run_labeling(cfg, log=lambda m: None)
     committed = sorted((output / "data").iterdir())
     assert 2 <= len(committed) < 20  # of 30: it stopped early, and what it committed stays committed
-    fs, root = shards.filesystem(str(output))
+    folder = OutputFolder.open(output)
     saved = json.loads((output / "manifest.json").read_text())
     listed = list_inputs(str(images))
     for shard in plan.assign(listed, 30):
         if (output / layout.data_path(shard.index, 30)).exists():
-            assert plan.inspect(fs, root, shard, 30, listed, manifest.labels_hash(saved), False) is None
+            assert plan.inspect(folder, shard, 30, listed, manifest.labels_hash(saved), False) is None
     assert not (output / ".parts").exists() and not list(output.rglob("*.tmp"))
     assert not (output / layout.LEASE_FILE).exists()
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from dataset_card.contract import codecs, images, layout, painting, shards
+from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.schema import arrow_schema
 from dataset_card.synthetic.shapes import SEMANTIC_CLASSES
 from labeling.inputs.input_list import Inputs, inputs_table
@@ -81,13 +82,13 @@ def job(output, indices, parts=(), todo=(), reuse=False, shard=0, num_shards=1, 
     paths = [f"class_a/img{i}.jpg" for i in indices]
     inputs = pa.table({"path": paths, "image_id": [f"class_a/img{i}" for i in indices], "label": [0] * len(indices),
                        "index": pa.array(indices, pa.int64())})
-    return writer.CommitJob(str(output), shard, num_shards, inputs, plan.inputs_digest(paths), tuple(parts),
+    return writer.CommitJob(OutputFolder.open(output), shard, num_shards, inputs, plan.inputs_digest(paths), tuple(parts),
                             tuple(todo), CONTRACT, FOOTER, THINGS, reuse=reuse, lost=lost, check_lease=False)
 
 
 def label_shard(output, indices, failed=(), shard=0, num_shards=1) -> writer.ShardResult:
     """Write parts for `indices` and commit them as `shard`, as a run does."""
-    results = writer.write_parts(staged(indices, failed, shard), str(output), "test-run")
+    results = writer.write_parts(staged(indices, failed, shard), OutputFolder.open(output), "test-run")
     return writer.commit(job(output, indices, results.column("part").to_pylist(), indices, shard=shard,
                              num_shards=num_shards))
 
@@ -140,8 +141,9 @@ def test_postprocess_gives_full_size_contract_rows():
 
 
 def test_workers_write_parts_and_the_commit_keeps_each_input_once(tmp_path):
-    first = writer.write_parts(staged([0, 1, 2], failed={1}, shard=0), str(tmp_path), "test-run")
-    again = writer.write_parts(staged([1, 2, 3, 4], failed={1}, shard=0), str(tmp_path), "test-run")  # a retry
+    folder = OutputFolder.open(tmp_path)
+    first = writer.write_parts(staged([0, 1, 2], failed={1}, shard=0), folder, "test-run")
+    again = writer.write_parts(staged([1, 2, 3, 4], failed={1}, shard=0), folder, "test-run")  # a retry
     # What the driver receives: part names and input indices, no image, mask or label data.
     assert first.schema.equals(writer.PART_SCHEMA) and first.nbytes < 200
     assert first.column("indices").to_pylist() == [[0, 1, 2]] and not any(first.column("error").to_pylist())
@@ -157,10 +159,10 @@ def test_workers_write_parts_and_the_commit_keeps_each_input_once(tmp_path):
     assert ds["image_id"] == [f"class_a/img{i}" for i in (0, 2, 3, 4)]
     assert ds.features["label"].names == list(CLASS_NAMES)
     assert ds[0]["image_sha256"] == images.digest(jpeg(40, 60, 0)) and ds[0]["image_nbytes"] == len(jpeg(40, 60, 0))
-    errors = writer.read_errors(fs := shards.filesystem(str(tmp_path))[0], str(tmp_path), 0, 1).to_pylist()
+    errors = folder.read_errors(0, 1).to_pylist()
     assert [(e["image_id"], e["stage"], e["error_type"]) for e in errors] == [
         ("class_a/img1", failures.MODEL, failures.MODEL_FAILED)]
-    rows, footer = shards.read_footer(fs, str(tmp_path / layout.data_path(0, 1)))
+    rows, footer = shards.read_footer(folder.fs, str(tmp_path / layout.data_path(0, 1)))
     assert footer["run_id"] == "test-run" and footer["manifest_sha256"] == "settings"
     assert (footer["rows"], footer["errors"], footer["inputs"], rows) == (4, 1, 5, 4)
     assert footer["inputs_sha256"] == plan.inputs_digest([f"class_a/img{i}.jpg" for i in range(5)])
@@ -178,9 +180,10 @@ def test_workers_write_parts_and_the_commit_keeps_each_input_once(tmp_path):
 def test_an_update_reuses_rows_drops_gone_inputs_and_survives_a_crash_between_renames(tmp_path, monkeypatch):
     label_shard(tmp_path, [0, 1, 2, 3], failed={1, 2})
     # The rerun: input 3 is gone, input 5 is new, and failed input 2 is retried (now it labels).
+    folder = OutputFolder.open(tmp_path)
     parts = writer.write_parts(pa.concat_tables([staged([2], shard=0), staged([5], failed={5}, shard=0)]),
-                               str(tmp_path), "run-2").column("part").to_pylist()
-    fs, root = shards.filesystem(str(tmp_path))
+                               folder, "run-2").column("part").to_pylist()
+    fs, root = folder.fs, folder.root
 
     class CrashOnSecondRename:
         """The local filesystem, killed after the first rename of the rewrite."""
@@ -197,15 +200,14 @@ def test_an_update_reuses_rows_drops_gone_inputs_and_survives_a_crash_between_re
             self.moves += src.endswith(".rewrite")
             self.inner.move(src, dst)
 
-    monkeypatch.setattr(writer.shards, "filesystem", lambda output: (CrashOnSecondRename(fs), root))
+    crashing = OutputFolder(str(tmp_path), CrashOnSecondRename(fs), root)
     with pytest.raises(KeyboardInterrupt):
-        writer.commit(job(tmp_path, [0, 1, 2, 5], parts, [2, 5], reuse=True))
-    monkeypatch.undo()
-    assert writer.recover(fs, root) == 1  # the journal finishes the renames
-    assert writer.recover(fs, root) == 0
+        writer.commit(job(crashing, [0, 1, 2, 5], parts, [2, 5], reuse=True))
+    assert shards.recover(folder) == 1  # the journal finishes the renames
+    assert shards.recover(folder) == 0
     data = datasets.load_dataset(str(tmp_path), data_files={"train": layout.DATA_GLOB}, split="train")
     assert data["image_id"] == ["class_a/img0", "class_a/img2"]
-    assert writer.read_errors(fs, root, 0, 1).column("image_id").to_pylist() == ["class_a/img1", "class_a/img5"]
+    assert folder.read_errors(0, 1).column("image_id").to_pylist() == ["class_a/img1", "class_a/img5"]
     stats = layout.ShardStats.from_json((tmp_path / layout.stats_path(0, 1)).read_text())
     assert (stats.rows, stats.errors, stats.instances) == (2, 2, 4)  # reused rows' statistics recomputed
     _, footer = shards.read_footer(fs, f"{root}/{layout.data_path(0, 1)}")
@@ -228,12 +230,12 @@ def test_shards_are_hash_buckets_so_new_inputs_touch_only_their_shards():
 
 def test_resume_trusts_a_shard_only_when_its_files_agree_with_its_footer(tmp_path):
     label_shard(tmp_path, [0, 1, 2, 3], failed={1})
-    fs, root = shards.filesystem(str(tmp_path))
+    folder = OutputFolder.open(tmp_path)
     listed = listing(range(4))
     shard = plan.assign(listed, 1)[0]
 
     def state(shard=shard, listed=listed, retry=False, settings="settings"):
-        return plan.inspect(fs, root, shard, 1, listed, settings, retry)
+        return plan.inspect(folder, shard, 1, listed, settings, retry)
 
     assert state() is None  # committed and verified
     retried = state(retry=True)
@@ -250,7 +252,7 @@ def test_resume_trusts_a_shard_only_when_its_files_agree_with_its_footer(tmp_pat
     assert (repaired.todo, repaired.reuse, repaired.damaged) == ([1], True, True)
     assert repaired.reason == "its errors table is missing"
     with pytest.raises(plan.RepairRefused, match="errors table is missing.*without --no-repair"):
-        plan.make_plan(fs, root, listed, 1, "settings", retry_errors=False, no_repair=True)
+        plan.make_plan(folder, listed, 1, "settings", retry_errors=False, no_repair=True)
     errors_file.write_bytes(saved)
 
     data_file = tmp_path / layout.data_path(0, 1)
@@ -264,41 +266,41 @@ def test_resume_trusts_a_shard_only_when_its_files_agree_with_its_footer(tmp_pat
 
 
 def test_manifest_resume_rules(tmp_path):
-    fs, root = shards.filesystem(str(tmp_path / "out"))
+    folder = OutputFolder.open(tmp_path / "out")
     args = {"shard_size": 10, "limit": None}
     models = {"instance": {"name": "sam", "sha256": "a"}, "semantic": {"name": "m2f", "sha256": None}}
     first = manifest.build(25, "hash", 10, args, models, {"read_batch_size": 16}, ("a", "b"))
     assert first["num_shards"] == 3 and first["code_version"] == manifest.code_version()
-    assert manifest.prepare(fs, root, first, overwrite=False, output="out") == (False, first)
+    assert manifest.prepare(folder, first, overwrite=False) == (False, first)
     # Speed settings, --limit and the inputs may change; the shard count stays the folder's.
     again = manifest.build(40, "other", 10, {**args, "limit": 40}, models, {"read_batch_size": 64}, ("a", "b"))
-    resumed, used = manifest.prepare(fs, root, again, overwrite=False, output="out")
+    resumed, used = manifest.prepare(folder, again, overwrite=False)
     assert resumed and used["num_shards"] == 3 and used["num_inputs"] == 40
     assert manifest.labels_hash(used) == manifest.labels_hash(first)
     repainted = {**first, "arguments": {**args, "painting_rule": "parts"}}  # a repaint keeps shards trusted
     assert manifest.labels_hash(repainted) == manifest.labels_hash(first)
     with pytest.raises(manifest.ResumeRefused, match="would make its shards hold about 67 images"):
-        manifest.prepare(fs, root, manifest.build(200, "h", 10, args, models, {}, ("a", "b")), False, "out")
+        manifest.prepare(folder, manifest.build(200, "h", 10, args, models, {}, ("a", "b")), False)
     with pytest.raises(manifest.ResumeRefused, match="classes.sha256"):
-        manifest.prepare(fs, root, manifest.build(25, "h", 10, args, models, {}, ("a", "c")), False, "out")
+        manifest.prepare(folder, manifest.build(25, "h", 10, args, models, {}, ("a", "c")), False)
     changed = manifest.build(25, "hash", 10, args, {**models, "instance": {"name": "sam", "sha256": "b"}},
                              {}, ("a", "b"))
     with pytest.raises(manifest.ResumeRefused, match=r"models.instance.sha256: 'a' -> 'b'"):
-        manifest.prepare(fs, root, changed, overwrite=False, output="out")
+        manifest.prepare(folder, changed, overwrite=False)
     assert manifest.labels_hash(changed) != manifest.labels_hash(first)
     (tmp_path / "out" / "data").mkdir()
     (tmp_path / "out" / "data" / "train-00000-of-00003.parquet").write_bytes(b"x")
     (tmp_path / "out" / "notes.txt").write_text("mine")
     (tmp_path / "out" / "card.json").write_text('{"license": "mit"}')  # what the earlier run told its card
-    assert manifest.prepare(fs, root, changed, overwrite=True, output="out")[0] is False
+    assert manifest.prepare(folder, changed, overwrite=True)[0] is False
     assert not (tmp_path / "out" / "data").exists() and (tmp_path / "out" / "notes.txt").exists()
     assert not (tmp_path / "out" / "card.json").exists()
-    assert manifest.read(fs, root)["models"]["instance"]["sha256"] == "b"
+    assert manifest.read(folder)["models"]["instance"]["sha256"] == "b"
     (tmp_path / "out" / "manifest.json").unlink()
     (tmp_path / "out" / "data").mkdir()
     (tmp_path / "out" / "data" / "train-00000-of-00001.parquet").write_bytes(b"x")
     with pytest.raises(manifest.ResumeRefused, match="no manifest.json"):
-        manifest.prepare(fs, root, first, overwrite=False, output="out")
+        manifest.prepare(folder, first, overwrite=False)
     assert posixpath.basename(manifest.OWNED[0]) == "data"
 
 

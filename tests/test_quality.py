@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from dataset_card.contract import codecs, layout, shards
+from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.schema import build_features, rows_to_table
 from dataset_card.synthetic.shapes import synthetic_row
 from labeling.quality import ground_truth as gt_io
@@ -39,8 +40,7 @@ def _semantic(person, car):
 def _write_pred(root, masks, semantic):
     metadata = layout.DatasetMetadata(("c",), OURS)
     row, _ = synthetic_row("c/img0", 0, np.zeros((H, W, 3), np.uint8), semantic, masks, THINGS)
-    fs, base = shards.filesystem(str(root))
-    shards.commit_shard(fs, base, 0, 1, rows_to_table([row], build_features(["c"], metadata.semantic_class_names)),
+    shards.commit_shard(OutputFolder.open(root), 0, 1, rows_to_table([row], build_features(["c"], metadata.semantic_class_names)),
                         pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA), layout.ShardStats(0))
     (root / layout.METADATA_FILE).write_text(metadata.to_json())
     return root

@@ -13,11 +13,10 @@ import json
 import posixpath
 from dataclasses import dataclass, replace
 
-import pyarrow.fs as pafs
-
 from dataset_card.card import gallery, readme, sections, source
-from dataset_card.card.run_summary import OutputError, class_shares, read_json, read_summary
-from dataset_card.contract import layout, shards
+from dataset_card.card.run_summary import class_shares, read_summary
+from dataset_card.contract import layout
+from dataset_card.contract.output_folder import OutputError, OutputFolder
 
 ASSETS_DIR = "assets"
 
@@ -31,44 +30,42 @@ class BuildConfig:
     dataset: str = "DATASET"  # the name the usage snippets load (a Hub repo id or a path)
 
 
-def card_options(fs: pafs.FileSystem, root: str, told: source.CardOptions) -> source.CardOptions:
+def card_options(folder: OutputFolder, told: source.CardOptions) -> source.CardOptions:
     """`told` over what `OUTPUT/card.json` recorded; records the result when `told` adds to it."""
-    path = posixpath.join(root, layout.CARD_OPTIONS_FILE)
-    recorded = read_json(fs, path) or {}
+    recorded = folder.read_json(layout.CARD_OPTIONS_FILE) or {}
     if not isinstance(recorded, dict):
-        raise OutputError(f"{path} is not a JSON object; delete it and pass --pretty-name / --license / "
-                          "--source-dataset again")
+        raise OutputError(f"{folder.path(layout.CARD_OPTIONS_FILE)} is not a JSON object; delete it and pass "
+                          "--pretty-name / --license / --source-dataset again")
     options = told.over(source.CardOptions.from_dict(recorded))
     if options.told() != recorded:
-        shards.write_bytes(fs, path, json.dumps(options.told(), indent=2).encode())
+        folder.write_bytes(layout.CARD_OPTIONS_FILE, json.dumps(options.told(), indent=2).encode())
     return options
 
 
-def build_card(output: str, cfg: BuildConfig = BuildConfig()) -> str:
+def build_card(output: str | OutputFolder, cfg: BuildConfig = BuildConfig()) -> str:
     """Write `output/README.md` and `output/assets/*.png`; return the README's path.
 
-    Raises `summary.OutputError` or `schema.SchemaError` (one sentence each) when `output` is not
-    a labeled folder of this schema version, `shards.OutputWriteError` when a file cannot be written.
+    Raises `OutputError` or `schema.SchemaError` (one sentence each) when `output` is not a
+    labeled folder of this schema version, `shards.OutputWriteError` when a file cannot be written.
     """
-    summary = read_summary(output)
-    fs, root = shards.filesystem(output)
-    options = card_options(fs, root, cfg.options)
+    folder = OutputFolder.open(output)
+    summary = read_summary(folder)
+    options = card_options(folder, cfg.options)
     config = source.card_config(summary.metadata.class_names, options)
     if sections.tiny_random(summary) and options.pretty_name is None:  # the Hub shows the name first
         config = replace(config, pretty_name=f"{config.pretty_name} [tiny-random models: meaningless labels]")
     shares = class_shares(summary.stats, summary.metadata)
     pictures: dict[str, bytes] = {}
     if summary.rows and cfg.gallery_size > 0:
-        samples = gallery.sample_rows(output, summary.data_files, summary.rows_per_file, cfg.gallery_size, cfg.seed)
+        samples = gallery.sample_rows(folder, summary.data_files, summary.rows_per_file, cfg.gallery_size, cfg.seed)
         pictures["gallery.png"] = gallery.gallery_png(samples, summary.metadata, seed=cfg.seed)
     if summary.stats.rows:
         pictures.update(gallery.statistics_pngs(summary.stats, shares, cfg.top_classes))
     for name, png in pictures.items():
-        shards.write_bytes(fs, posixpath.join(root, ASSETS_DIR, name), png)
+        folder.write_bytes(posixpath.join(ASSETS_DIR, name), png)
     assets = {name: f"{ASSETS_DIR}/{name}" for name in pictures}
     data = readme.full_card_data(summary.metadata, summary.error_rows > 0, summary.rows, config,
                                summary.reference_columns)
     text = readme.full_card(data, sections.body(summary, config, shares, assets, cfg.dataset))
-    path = posixpath.join(root, layout.CARD_FILE)
-    shards.write_bytes(fs, path, str(text).encode())
-    return path if "://" not in output else posixpath.join(output, layout.CARD_FILE)
+    folder.write_bytes(layout.CARD_FILE, str(text).encode())
+    return folder.path(layout.CARD_FILE) if "://" not in folder.uri else posixpath.join(folder.uri, layout.CARD_FILE)

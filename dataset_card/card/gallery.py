@@ -8,7 +8,6 @@ Only the sampled rows are read (their row groups, without the `instances` column
 from __future__ import annotations
 
 import io
-import posixpath
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,20 +17,20 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from dataset_card.card.run_summary import ClassShare, bin_labels
-from dataset_card.contract import codecs, layout, shards
+from dataset_card.contract import codecs, layout
+from dataset_card.contract.output_folder import OutputFolder
 
 GALLERY_COLUMNS = ("image_id", "label", "image", "width", "height", "semantic_mask", "instance_mask")
 ALPHA = 0.55  # overlay opacity: the image stays recognisable under the colours
 
 
-def sample_rows(output: str, data_files: Sequence[str], rows_per_file: Sequence[int], num: int,
+def sample_rows(folder: OutputFolder, data_files: Sequence[str], rows_per_file: Sequence[int], num: int,
                 seed: int) -> list[dict]:
     """`num` rows drawn without replacement, uniformly over all shards, with a seeded generator.
 
     Reads only the row groups holding them and only `GALLERY_COLUMNS`. Rows come back in
     dataset order (shard, then row), each with its `file` and `row` added.
     """
-    fs, root = shards.filesystem(output)
     total = sum(rows_per_file)
     picks = np.sort(np.random.default_rng(seed).choice(total, size=min(num, total), replace=False))
     file_starts = np.cumsum([0, *rows_per_file])
@@ -40,7 +39,7 @@ def sample_rows(output: str, data_files: Sequence[str], rows_per_file: Sequence[
         local = picks[(picks >= file_starts[i]) & (picks < file_starts[i + 1])] - file_starts[i]
         if not len(local):
             continue
-        with fs.open_input_file(posixpath.join(root, name)) as f:
+        with folder.fs.open_input_file(folder.path(name)) as f:
             parquet = pq.ParquetFile(f)
             group_rows = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
             group_starts = np.cumsum([0, *group_rows])

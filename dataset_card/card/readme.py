@@ -6,13 +6,12 @@ nothing else); `full_card` adds the body that `dataset_card.card.build` writes f
 
 from __future__ import annotations
 
-import posixpath
-
 import datasets
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from dataset_card.card.source import CardConfig
 from dataset_card.contract import layout
+from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.schema import build_features
 
 # The Hub's size buckets (also datasets/utils/resources/size_categories.json).
@@ -83,7 +82,6 @@ def minimal_card(metadata: layout.DatasetMetadata, has_errors: bool = False, bod
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body or '# Multi-granular labeled images'}\n")
 
 
-def write_minimal_card(root: str, metadata: layout.DatasetMetadata, has_errors: bool = False) -> str:
-    path = posixpath.join(root, layout.CARD_FILE)
-    minimal_card(metadata, has_errors).save(path)
-    return path
+def write_minimal_card(folder: OutputFolder, metadata: layout.DatasetMetadata, has_errors: bool = False) -> str:
+    folder.write_bytes(layout.CARD_FILE, str(minimal_card(metadata, has_errors)).encode())
+    return folder.path(layout.CARD_FILE)

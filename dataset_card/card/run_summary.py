@@ -11,17 +11,13 @@ import json
 import posixpath
 from dataclasses import dataclass, field
 
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from dataset_card.contract import layout, shards
-from dataset_card.contract.schema import REFERENCE_COLUMNS, SCHEMA_METADATA_KEY, SCHEMA_VERSION
+from dataset_card.contract import layout
+from dataset_card.contract.output_folder import OutputError, OutputFolder
+from dataset_card.contract.schema import REFERENCE_COLUMNS, SCHEMA_METADATA_KEY
 
 QUALITY_FILE = "quality.json"
-
-
-class OutputError(ValueError):
-    """The folder is not (or not yet) a labeled output."""
 
 
 @dataclass(frozen=True)
@@ -46,87 +42,59 @@ class RunSummary:
         return sum(self.rows_per_file)
 
 
-def list_files(fs: pafs.FileSystem, root: str, folder: str) -> list[str]:
-    """Names (not paths) of everything directly in `root/folder`, hidden files excluded, sorted."""
-    selector = pafs.FileSelector(posixpath.join(root, folder), allow_not_found=True)
-    names = (posixpath.basename(info.path) for info in fs.get_file_info(selector))
-    return sorted(name for name in names if not name.startswith("."))
-
-
-def read_json(fs: pafs.FileSystem, path: str, required: bool = False) -> dict | None:
-    if not shards.exists(fs, path):
-        if required:
-            raise OutputError(f"{path} does not exist: is this the output folder of a labeling run?")
-        return None
-    try:
-        return json.loads(shards.read_bytes(fs, path))
-    except json.JSONDecodeError as err:
-        raise OutputError(f"{path} is not valid JSON ({err}); rewrite it or rerun the labeling") from err
-
-
-def read_metadata(fs: pafs.FileSystem, root: str, output: str | None = None,
-                  accept: tuple[int, ...] = (SCHEMA_VERSION,)) -> layout.DatasetMetadata:
-    """metadata.json of the folder `root`; `output` is how the user named it (for messages)."""
-    path = posixpath.join(root, layout.METADATA_FILE)
-    if not shards.exists(fs, path):
-        raise OutputError(f"{path} does not exist: is this the output folder of a labeling run?")
-    return layout.DatasetMetadata.from_json(shards.read_bytes(fs, path).decode(), source=path,
-                                            output=output if output is not None else root, accept=accept)
-
-
-def parquet_rows(fs: pafs.FileSystem, path: str) -> int:
-    with fs.open_input_file(path) as f:
+def parquet_rows(folder: OutputFolder, name: str) -> int:
+    with folder.fs.open_input_file(folder.path(name)) as f:
         return pq.read_metadata(f).num_rows
 
 
-def errors_by_type(fs: pafs.FileSystem, paths: list[str]) -> dict[str, int]:
+def errors_by_type(folder: OutputFolder, names: list[str]) -> dict[str, int]:
     """Failed inputs per reason, read from the errors tables' `error_type` column."""
     counts: dict[str, int] = {}
-    for path in paths:
-        with fs.open_input_file(path) as f:
+    for name in names:
+        with folder.fs.open_input_file(folder.path(name)) as f:
             for kind in pq.read_table(f, columns=["error_type"]).column(0).to_pylist():
                 counts[kind] = counts.get(kind, 0) + 1
     return dict(sorted(counts.items()))
 
 
-def image_storage(fs: pafs.FileSystem, paths: list[str]) -> tuple[str, bool]:
+def image_storage(folder: OutputFolder, names: list[str]) -> tuple[str, bool]:
     """How the data files hold their images, and whether they carry REFERENCE_COLUMNS (the first
     file speaks for the folder)."""
-    if not paths:
+    if not names:
         return "inline", False
-    with fs.open_input_file(paths[0]) as f:
+    with folder.fs.open_input_file(folder.path(names[0])) as f:
         schema = pq.read_schema(f)
     storage = json.loads((schema.metadata or {}).get(SCHEMA_METADATA_KEY, b"{}")).get("image_storage", "inline")
     return storage, all(schema.get_field_index(c) >= 0 for c in REFERENCE_COLUMNS)
 
 
-def read_summary(output: str) -> RunSummary:
-    """Everything the card says, from the files around the rows of `output` (a path or URL)."""
-    fs, root = shards.filesystem(output)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        raise OutputError(f"{output} is not a folder (or does not exist): pass the output folder of a labeling run")
-    metadata = read_metadata(fs, root, output)
-    data_files = tuple(posixpath.join(layout.DATA_DIR, n) for n in list_files(fs, root, layout.DATA_DIR)
+def read_summary(output: str | OutputFolder) -> RunSummary:
+    """Everything the card says, from the files around the rows of `output` (a path, URL or folder)."""
+    folder = OutputFolder.open(output)
+    if not folder.is_folder():
+        raise OutputError(f"{folder} is not a folder (or does not exist): pass the output folder of a labeling run")
+    metadata = folder.read_metadata()
+    data_files = tuple(posixpath.join(layout.DATA_DIR, n) for n in folder.list_files(layout.DATA_DIR)
                        if n.startswith("train-") and n.endswith(".parquet"))
-    error_files = [posixpath.join(layout.ERRORS_DIR, n) for n in list_files(fs, root, layout.ERRORS_DIR)
+    error_files = [posixpath.join(layout.ERRORS_DIR, n) for n in folder.list_files(layout.ERRORS_DIR)
                    if n.startswith("errors-") and n.endswith(".parquet")]
-    stats_files = [posixpath.join(layout.STATS_DIR, n) for n in list_files(fs, root, layout.STATS_DIR)
+    stats_files = [posixpath.join(layout.STATS_DIR, n) for n in folder.list_files(layout.STATS_DIR)
                    if n.endswith(".json")]
-    storage, reference = image_storage(fs, [posixpath.join(root, f) for f in data_files])
+    storage, reference = image_storage(folder, list(data_files))
     stats = layout.ShardStats()
     for name in stats_files:
-        stats = stats.merge(layout.ShardStats.from_json(shards.read_bytes(fs, posixpath.join(root, name)).decode()))
+        stats = stats.merge(layout.ShardStats.from_json(folder.read_bytes(name).decode()))
     return RunSummary(
         metadata=metadata,
-        manifest=read_json(fs, posixpath.join(root, layout.MANIFEST_FILE)) or {},
-        run_stats=read_json(fs, posixpath.join(root, layout.RUN_STATS_FILE)) or {},
+        manifest=folder.read_json(layout.MANIFEST_FILE) or {},
+        run_stats=folder.read_json(layout.RUN_STATS_FILE) or {},
         stats=stats,
         num_stats_files=len(stats_files),
         data_files=data_files,
-        rows_per_file=tuple(parquet_rows(fs, posixpath.join(root, f)) for f in data_files),
-        error_rows=sum(parquet_rows(fs, posixpath.join(root, f)) for f in error_files),
-        quality=read_json(fs, posixpath.join(root, QUALITY_FILE)),
-        errors_by_type=errors_by_type(fs, [posixpath.join(root, f) for f in error_files]),
+        rows_per_file=tuple(parquet_rows(folder, f) for f in data_files),
+        error_rows=sum(parquet_rows(folder, f) for f in error_files),
+        quality=folder.read_json(QUALITY_FILE),
+        errors_by_type=errors_by_type(folder, error_files),
         image_storage=storage,
         reference_columns=reference,
     )

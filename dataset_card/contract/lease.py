@@ -32,6 +32,7 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from dataset_card.contract import layout
+from dataset_card.contract.output_folder import OutputFolder
 
 TTL_S = 300.0
 
@@ -91,11 +92,12 @@ def _process_alive(pid: int, started: str | None) -> bool:
 
 
 class _Files:
-    """Exclusive create, read, overwrite, rename and delete of small files: `os` for local paths,
-    fsspec for URLs (pyarrow's filesystem wrapped for fsspec where fsspec has no driver; without an
-    exclusive mode, creation checks then writes)."""
+    """Exclusive create, read, overwrite, rename and delete of small files in `folder`: `os` for local
+    paths, fsspec for URLs (the folder's pyarrow filesystem wrapped for fsspec where fsspec has no
+    driver; without an exclusive mode, creation checks then writes)."""
 
-    def __init__(self, output: str):
+    def __init__(self, folder: OutputFolder):
+        output = folder.uri
         self.local = "://" not in output or output.startswith("file://")
         if self.local:
             self.root = os.path.abspath(output.removeprefix("file://"))
@@ -107,10 +109,7 @@ class _Files:
             except (ImportError, ValueError):  # a URL only pyarrow speaks here (s3:// without s3fs)
                 from fsspec.implementations.arrow import ArrowFSWrapper
 
-                from dataset_card.contract.shards import filesystem
-
-                arrow, self.root = filesystem(output)
-                self.fs = ArrowFSWrapper(arrow)
+                self.fs, self.root = ArrowFSWrapper(folder.fs), folder.root
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name) if self.local else posixpath.join(self.root, name)
@@ -183,9 +182,9 @@ class _Files:
             pass
 
 
-def holder_of(output: str) -> Holder | None:
+def holder_of(folder: OutputFolder) -> Holder | None:
     """The lease's holder (None when no run holds one)."""
-    files = _Files(output)
+    files = _Files(folder)
     data = files.read(files.path(layout.LEASE_FILE))
     try:
         return Holder.from_json(data) if data else None
@@ -194,11 +193,11 @@ def holder_of(output: str) -> Holder | None:
 
 
 class Lease:
-    """This run's lease on `output` (see the module docstring)."""
+    """This run's lease on `folder` (see the module docstring)."""
 
-    def __init__(self, output: str, run_id: str, ttl_s: float = TTL_S, log=print):
-        self.output, self.run_id, self.ttl_s, self.log = output, run_id, ttl_s, log
-        self.files = _Files(output)
+    def __init__(self, folder: OutputFolder, run_id: str, ttl_s: float = TTL_S, log=print):
+        self.folder, self.run_id, self.ttl_s, self.log = folder, run_id, ttl_s, log
+        self.files = _Files(folder)
         self.path = self.files.path(layout.LEASE_FILE)
         self.lost: str | None = None  # why the lease was lost, once it is
         self._stop = threading.Event()
@@ -239,7 +238,7 @@ class Lease:
             aside = f"{self.path}.stale-{uuid.uuid4().hex[:8]}"
             if self.files.rename(self.path, aside):  # only one taker wins this rename
                 self.files.delete(aside)
-                self.log(f"taking over the lease of {self.output} from a run that is gone"
+                self.log(f"taking over the lease of {self.folder} from a run that is gone"
                          + (f" ({old.describe()})" if old else "") + "; what it committed is kept")
         raise LeaseHeld(f"could not take the lease {self.path}: another run keeps taking it; stop the other runs "
                         "writing this folder and try again")
@@ -251,7 +250,7 @@ class Lease:
         else:
             takeover = (f"if it is gone, rerun after its lease expires (in {max(0.0, old.ttl_s - ago):.0f} s), "
                         f"or delete {self.path} to take over now")
-        return (f"{self.output} is being written by another run ({old.describe()}, lease renewed {ago:.0f} s ago): "
+        return (f"{self.folder} is being written by another run ({old.describe()}, lease renewed {ago:.0f} s ago): "
                 f"wait for it to finish, or {takeover}; --overwrite cannot delete a folder a live run is writing")
 
     def _renew_loop(self) -> None:
@@ -279,7 +278,7 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        holder = holder_of(self.output)
+        holder = holder_of(self.folder)
         if holder is not None and holder.run_id == self.run_id:
             self.files.delete(self.path)
 

@@ -8,6 +8,11 @@ task, a rerun) replaces the same files, never adds rows. The data file's Parquet
 many rows and failed inputs the shard holds: a rerun trusts a committed shard only when the files
 agree with it (`labeling.pipeline.plan`).
 
+A labeling run replaces a shard that already has a data file through a journal (`commit_shard(...,
+journal=True)`): the three new files are written beside the old, the journal naming their renames
+is committed (`.journal/shard-SSSSS.json`), then the renames run; a run that finds a journal
+finishes it first (`recover`), so a killed replacement never leaves a shard's files from two runs.
+
 Writes retry transient errors with backoff. An error no retry fixes (no space, no permission, a
 read-only filesystem, a symbolic-link loop) becomes `OutputWriteError`, one sentence naming the
 path and what to do, and the write's temporary file is removed.
@@ -23,6 +28,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -30,6 +36,9 @@ import pyarrow.parquet as pq
 
 from dataset_card.contract import layout
 from dataset_card.contract.schema import SCHEMA_METADATA_KEY, read_file_metadata
+
+if TYPE_CHECKING:
+    from dataset_card.contract.output_folder import OutputFolder
 
 # Row groups are the unit the training loader shuffles and splits over workers: small enough to
 # spread a shard over many workers, large enough to read efficiently.
@@ -57,6 +66,7 @@ _ADVICE = {
     errno.ENOTDIR: "a file stands where a folder must be: move it away",
     errno.EEXIST: "a file stands where a folder must be: move it away",
 }
+JOURNAL_DIR = ".journal"  # a replacement's renames, committed before they run
 RETRIES = 4  # attempts of a write that fails with a transient error
 BACKOFF_S = 0.5  # first wait; doubled after each attempt
 
@@ -216,8 +226,7 @@ def read_footer(fs: pafs.FileSystem, path: str) -> tuple[int, dict]:
 
 
 def commit_shard(
-    fs: pafs.FileSystem,
-    root: str,
+    folder: OutputFolder,
     index: int,
     num_shards: int,
     rows: pa.Table,
@@ -225,34 +234,84 @@ def commit_shard(
     stats: layout.ShardStats,
     footer: dict | None = None,
     row_group_size: int = ROW_GROUP_SIZE,
+    journal: bool = False,
 ) -> str:
     """Write shard `index`'s errors, statistics, then data (the commit point). Returns the data path.
 
-    `footer` (run id, manifest hash, counts) goes into the data file's Parquet metadata.
+    `footer` (run id, manifest hash, counts) goes into the data file's Parquet metadata. With
+    `journal`, a shard that has a data file already has its three files replaced together (see the
+    module docstring); else each is renamed into place in turn.
     """
     errors = errors.cast(layout.ERRORS_SCHEMA)
-    _atomic_write(fs, posixpath.join(root, layout.errors_path(index, num_shards)),
-                  lambda s: write_parquet(errors, s))
-    write_bytes(fs, posixpath.join(root, layout.stats_path(index, num_shards)), stats.to_json().encode())
-    data = posixpath.join(root, layout.data_path(index, num_shards))
     if footer:
         rows = with_footer(rows, **footer)
-    _atomic_write(fs, data, lambda s: write_parquet(rows, s, row_group_size))
+    data, errors_path, stats_path = folder.shard_paths(index, num_shards)
+    writes = {errors_path: lambda s: write_parquet(errors, s),
+              stats_path: lambda s: s.write(stats.to_json().encode()),
+              data: lambda s: write_parquet(rows, s, row_group_size)}
+    if journal and exists(folder.fs, data):
+        _replace(folder, index, writes)
+    else:
+        for path, write in writes.items():
+            _atomic_write(folder.fs, path, write)
     return data
 
 
-def committed_shards(fs: pafs.FileSystem, root: str, num_shards: int) -> set[int]:
-    """Indices of shards whose data file exists under `root` for a run of `num_shards` shards."""
-    selector = pafs.FileSelector(posixpath.join(root, layout.DATA_DIR), allow_not_found=True)
-    names = {posixpath.basename(info.path) for info in fs.get_file_info(selector)}
+def _replace(folder: OutputFolder, index: int, writes: dict[str, Callable]) -> None:
+    """Replace a committed shard's files together: staged beside them, a journal, then the renames."""
+    fs = folder.fs
+    attempt = uuid.uuid4().hex[:12]
+    renames = []
+    try:
+        for target, write in writes.items():
+            staging = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.{attempt}.rewrite")
+            renames.append([staging, target])
+
+            def one(staging=staging, write=write):
+                fs.create_dir(posixpath.dirname(staging), recursive=True)  # a folder deleted by hand
+                with fs.open_output_stream(staging) as stream:
+                    write(stream)
+
+            retrying(one, target)
+    except BaseException:  # nothing was renamed yet: the old files stand; remove the new ones
+        for staging, _ in renames:
+            _delete_quietly(fs, staging)
+        raise
+    journal_path = folder.path(JOURNAL_DIR, f"shard-{index:05d}.json")
+    write_bytes(fs, journal_path, json.dumps(renames).encode())  # the replacement's commit point
+    _apply(fs, journal_path)
+
+
+def _apply(fs: pafs.FileSystem, journal_path: str) -> None:
+    """The journal's renames, then the journal; a rename no retry fixes is one sentence naming its
+    target (the journal stays: the next run finishes it)."""
+    for staging, target in json.loads(read_bytes(fs, journal_path).decode()):
+        if exists(fs, staging):
+            retrying(lambda staging=staging, target=target: fs.move(staging, target), target)
+    retrying(lambda: fs.delete_file(journal_path), journal_path)
+
+
+def recover(folder: OutputFolder) -> int:
+    """Finish the renames of replacements a killed run had committed; returns how many."""
+    selector = pafs.FileSelector(folder.path(JOURNAL_DIR), allow_not_found=True)
+    journals = sorted(i.path for i in folder.fs.get_file_info(selector)
+                      if i.type == pafs.FileType.File and i.path.endswith(".json"))
+    for path in journals:
+        _apply(folder.fs, path)
+    return len(journals)
+
+
+def committed_shards(folder: OutputFolder, num_shards: int) -> set[int]:
+    """Indices of shards whose data file exists in `folder` for a run of `num_shards` shards."""
+    names = set(folder.list_files(layout.DATA_DIR))
     return {i for i in range(num_shards) if posixpath.basename(layout.data_path(i, num_shards)) in names}
 
 
-def probe_output(output: str) -> int | None:
-    """Create `output` if needed and write (then remove) a small file in it, so that a folder this
+def probe_output(folder: OutputFolder) -> int | None:
+    """Create `folder` if needed and write (then remove) a small file in it, so that a folder this
     user cannot write fails now, in one sentence, not after the cluster started. Returns the free
     bytes of its filesystem where that is known (local paths), else None."""
-    fs, root = filesystem(output)
+    fs, root, output = folder.fs, folder.root, folder.uri
     probe = posixpath.join(root, f".probe-{uuid.uuid4().hex[:12]}")
 
     def attempt() -> None:

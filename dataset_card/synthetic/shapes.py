@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import posixpath
 from collections.abc import Callable, Collection
 
 import numpy as np
@@ -18,6 +17,7 @@ from PIL import Image
 
 from dataset_card.card.readme import write_minimal_card
 from dataset_card.contract import codecs, invariants, layout, painting, shards
+from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.schema import build_features, rows_to_table
 
 SEMANTIC_CLASSES = (
@@ -121,9 +121,9 @@ def row_statistics(stats: layout.ShardStats, row: dict, semantic: np.ndarray, pa
                   invariants.map_figures(row["instances"], semantic, painted, things))
 
 
-def write_labeled_folder(root: str, metadata: layout.DatasetMetadata, example: Callable[[int], tuple],
+def write_labeled_folder(root: str | OutputFolder, metadata: layout.DatasetMetadata, example: Callable[[int], tuple],
                          num_images: int, num_shards: int, manifest: dict) -> layout.DatasetMetadata:
-    """Write a complete labeled folder (shards, errors, stats, metadata, manifest, card) under `root`.
+    """Write a complete labeled folder (shards, errors, stats, metadata, manifest, card) at `root`.
 
     `example(i)` gives image i as (image_id, label, rgb (H, W, 3) uint8, semantic (H, W), masks: list of
     (H, W) bool); it is called for i = 0, 1, ... in order, so it may draw from one generator. The
@@ -131,7 +131,7 @@ def write_labeled_folder(root: str, metadata: layout.DatasetMetadata, example: C
     does. `manifest` adds to the manifest's schema version and counts.
     """
     features = build_features(metadata.class_names, metadata.semantic_class_names)
-    fs, base = shards.filesystem(root)
+    folder = OutputFolder.open(root)
     bounds = np.linspace(0, num_images, num_shards + 1).astype(int)
     for s in range(num_shards):
         rows, stats = [], layout.ShardStats(shard=s)
@@ -141,17 +141,17 @@ def write_labeled_folder(root: str, metadata: layout.DatasetMetadata, example: C
             rows.append(row)
             row_statistics(stats, row, semantic, painted, metadata.thing_ids)
         errors = pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA)
-        shards.commit_shard(fs, base, s, num_shards, rows_to_table(rows, features, metadata.painting.to_dict()),
+        shards.commit_shard(folder, s, num_shards, rows_to_table(rows, features, metadata.painting.to_dict()),
                             errors, stats)
-    shards.write_bytes(fs, posixpath.join(base, layout.METADATA_FILE), metadata.to_json().encode())
+    folder.write_bytes(layout.METADATA_FILE, metadata.to_json().encode())
     manifest = {"schema_version": metadata.schema_version, "num_inputs": num_images, "num_shards": num_shards,
                 **manifest}
-    shards.write_bytes(fs, posixpath.join(base, layout.MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
-    write_minimal_card(base, metadata)
+    folder.write_bytes(layout.MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+    write_minimal_card(folder, metadata)
     return metadata
 
 
-def write_synthetic_dataset(root: str, num_images: int = 32, num_shards: int = 2, size: tuple[int, int] = (64, 80),
+def write_synthetic_dataset(root: str | OutputFolder, num_images: int = 32, num_shards: int = 2, size: tuple[int, int] = (64, 80),
                             seed: int = 0) -> layout.DatasetMetadata:
     """Write a complete labeled folder of synthetic shape images under `root`."""
     rng = np.random.default_rng(seed)
@@ -166,7 +166,7 @@ def write_synthetic_dataset(root: str, num_images: int = 32, num_shards: int = 2
                                 {"source": "dataset_card.synthetic.shapes", "seed": seed})
 
 
-def write_colour_task(root: str, num_images: int, seed: int, size: int = 64) -> layout.DatasetMetadata:
+def write_colour_task(root: str | OutputFolder, num_images: int, seed: int, size: int = 64) -> layout.DatasetMetadata:
     """A labeled folder whose image class is the semantic class of its one or two small shapes
     (red ellipse / green rectangle / blue ellipse) on a background of any colour.
 
@@ -191,8 +191,8 @@ def write_colour_task(root: str, num_images: int, seed: int, size: int = 64) -> 
             masks.append(mask)
         rows.append(synthetic_row(f"{metadata.class_names[label]}/{i:06d}", label,
                                   rgb.clip(0, 255).astype(np.uint8), semantic, masks, metadata.thing_ids)[0])
-    fs, base = shards.filesystem(root)
-    shards.commit_shard(fs, base, 0, 1, rows_to_table(rows, features, metadata.painting.to_dict()),
+    folder = OutputFolder.open(root)
+    shards.commit_shard(folder, 0, 1, rows_to_table(rows, features, metadata.painting.to_dict()),
                         pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA), layout.ShardStats(shard=0))
-    shards.write_bytes(fs, posixpath.join(base, layout.METADATA_FILE), metadata.to_json().encode())
+    folder.write_bytes(layout.METADATA_FILE, metadata.to_json().encode())
     return metadata

@@ -20,7 +20,7 @@ import numpy as np
 
 from dataset_card.contract import codecs, painting
 
-# `instance_mask` is a 16-bit PNG; id 0 means "no instance".
+# `instance_mask` holds at most 16-bit ids (`codecs.encode_instance_mask`); id 0 means "no instance".
 MAX_INSTANCES = 65535
 
 def number_by_area(masks: Sequence[Mapping], min_area: int = 1) -> list[tuple[int, Mapping, int]]:

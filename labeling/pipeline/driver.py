@@ -2,7 +2,7 @@
 workers write, commit shards as they complete, verify the folder, close.
 
     input list ──► read + header check (CPU tasks) ──► ModelPredictor: decode, SAM + semantic (actors, GPU)
-        ──► upsample + align + paint + PNG (CPU tasks) ──► write parts (CPU tasks, `writer.write_parts`)
+        ──► upsample + align + paint + encode maps (CPU tasks) ──► write parts (CPU tasks, `writer.write_parts`)
         ──► driver: part results (shard, part, indices) ──► commit tasks (`writer.commit`)
 
 The driver never sees a labeled row: the write stage leaves rows in per-shard part files and
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import posixpath
 import sys
 import time
 import warnings
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 from dataset_card.card.source import CardOptions
 from dataset_card.contract import layout, shards
 from dataset_card.contract.lease import Lease, new_run_id
+from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.painting import DEFAULT_RULE, PaintingRule, rule_named
 from dataset_card.contract.schema import arrow_schema
 from labeling.inputs.input_list import InputError, Inputs
@@ -49,7 +49,7 @@ from labeling.pipeline.preprocess import WORK_SCHEMA, read_stage
 # has a handful of odd files in 1.28M, so a tenth failing is a systematic fault, not bad luck.
 DEFAULT_MAX_FAILURE_RATE = 0.1
 # Output bytes per image, for the free-space check (estimates from ImageNet-sized photos: the
-# JPEG ~110 KB plus two PNG maps and the RLEs ~40 KB; labels only ~40 KB).
+# JPEG ~110 KB plus the two label maps (zstd-compressed .npy) and the RLEs ~40 KB; labels only ~40 KB).
 BYTES_PER_IMAGE = {"inline": 150_000, "reference": 40_000}
 
 
@@ -272,16 +272,18 @@ def _drive(ds: ray.data.Dataset, tracker: commits.ShardTracker, queue: commits.C
 
 
 def _pipeline(work: pa.Table, listed: Inputs, cfg: LabelingConfig, choice: ModelChoice, post: PostprocessConfig,
-              schema: pa.Schema, block_rows: int, run_id: str, task_cpus: float) -> ray.data.Dataset:
+              schema: pa.Schema, block_rows: int, folder: OutputFolder, run_id: str,
+              task_cpus: float) -> ray.data.Dataset:
     ds = build_dataset(work, listed, cfg, choice, post, schema, block_rows)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
         return ds.map_batches(writer.write_parts, batch_size=None, batch_format="pyarrow", num_cpus=task_cpus,
-                              fn_kwargs={"output": cfg.output, "run_id": run_id}, **failures.TASK_RETRIES)
+                              fn_kwargs={"folder": folder, "run_id": run_id}, **failures.TASK_RETRIES)
 
 
 def _label(work_plan: plan.Plan, listed: Inputs, cfg: LabelingConfig, choice: ModelChoice, post: PostprocessConfig,
-           schema: pa.Schema, queue: commits.Commits, run_id: str, lease: Lease | None, log) -> _Progress:
+           schema: pa.Schema, queue: commits.Commits, folder: OutputFolder, run_id: str, lease: Lease | None,
+           log) -> _Progress:
     """Label the plan's inputs and commit its shards; returns what the driver saw."""
     indices = work_plan.indices()
     shard_of = np.full(len(listed), -1, np.int64)  # 8 bytes an input, not a dict entry
@@ -303,14 +305,14 @@ def _label(work_plan: plan.Plan, listed: Inputs, cfg: LabelingConfig, choice: Mo
         for message in _QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
         work = work_table(listed, indices, shard_of)
-        _drive(_pipeline(work, listed, cfg, choice, post, schema, block_rows, run_id, layout_.task_cpus),
+        _drive(_pipeline(work, listed, cfg, choice, post, schema, block_rows, folder, run_id, layout_.task_cpus),
                tracker, queue, progress, lease)
         missing = sorted(int(i) for owed in tracker.missing().values() for i in owed)
         if missing:  # blocks Ray gave up on: each input once more, alone
             log(f"{len(missing)} inputs came back from no worker; labeling them again one at a time")
             alone = dataclasses.replace(cfg, read_batch_size=1, model_batch_size=1, postprocess_batch_size=1)
             work = work_table(listed, missing, shard_of)
-            _drive(_pipeline(work, listed, alone, choice, post, schema, 1, run_id, layout_.task_cpus),
+            _drive(_pipeline(work, listed, alone, choice, post, schema, 1, folder, run_id, layout_.task_cpus),
                    tracker, queue, progress, lease)
         for s, owed in tracker.missing().items():
             if owed.size:  # still nothing: recorded, so the shard commits and the run ends
@@ -368,30 +370,30 @@ def run_labeling(cfg: LabelingConfig, log=print, choice: ModelChoice | None = No
     local_choice = choice.materialize()  # tiny twins built once here; actors build their own
     models = local_choice.describe()
     semantic_classes = local_choice.semantic_classes()
-    _check_space(shards.probe_output(cfg.output), cfg, len(listed), log)
+    folder = OutputFolder.open(cfg.output)  # the one opening of the output in this run
+    _check_space(shards.probe_output(folder), cfg, len(listed), log)
     run_id = new_run_id()
-    lease = Lease(cfg.output, run_id, log=log).take()
+    lease = Lease(folder, run_id, log=log).take()
     try:
-        return _run(cfg, listed, rule, choice, models, semantic_classes, run_id, lease, log, start, wall_start,
-                    listing_s)
+        return _run(cfg, folder, listed, rule, choice, models, semantic_classes, run_id, lease, log, start,
+                    wall_start, listing_s)
     finally:
         lease.release()
 
 
-def _run(cfg: LabelingConfig, listed: Inputs, rule: PaintingRule, choice: ModelChoice, models: dict,
-         semantic_classes, run_id: str, lease: Lease, log, start: float, wall_start: float, listing_s: float) -> dict:
+def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: PaintingRule, choice: ModelChoice,
+         models: dict, semantic_classes, run_id: str, lease: Lease, log, start: float, wall_start: float,
+         listing_s: float) -> dict:
     metadata = layout.DatasetMetadata(listed.class_names, semantic_classes,
                                       semantic_source=models["semantic"]["checkpoint"], painting=rule)
-    fs, root = shards.filesystem(cfg.output)
     new_manifest = manifest.build(len(listed), listed.sha256(), cfg.shard_size, cfg.arguments(), models,
                                   cfg.execution(), listed.class_names)
-    resumed, used = manifest.prepare(fs, root, new_manifest, cfg.overwrite, cfg.output)
+    resumed, used = manifest.prepare(folder, new_manifest, cfg.overwrite)
     labels_hash = manifest.labels_hash(used)
-    parts_root = posixpath.join(root, layout.PARTS_DIR)
-    shards.delete_dir_quietly(fs, parts_root)  # rows a killed run left uncommitted
-    recovered = writer.recover(fs, root)
-    shards.write_bytes(fs, posixpath.join(root, layout.METADATA_FILE), metadata.to_json().encode())
-    work_plan = plan.make_plan(fs, root, listed, used["num_shards"], labels_hash, cfg.retry_errors, cfg.no_repair)
+    folder.delete_dir_quietly(layout.PARTS_DIR)  # rows a killed run left uncommitted
+    recovered = shards.recover(folder)
+    folder.write_bytes(layout.METADATA_FILE, metadata.to_json().encode())
+    work_plan = plan.make_plan(folder, listed, used["num_shards"], labels_hash, cfg.retry_errors, cfg.no_repair)
     retried = sum(len(w.todo) for w in work_plan.work.values() if not w.reason and w.reuse)
     log(f"{len(listed)} inputs in {len(listed.class_names)} classes -> {work_plan.num_shards} shards of about "
         f"{cfg.shard_size}" + (f"; resuming: {len(work_plan.committed)} shards already committed" if resumed else "")
@@ -416,7 +418,7 @@ def _run(cfg: LabelingConfig, listed: Inputs, rule: PaintingRule, choice: ModelC
         mine = inputs_of[shard]
         inputs = columns.take(pa.array(mine.indices, pa.int64())).append_column(
             "index", pa.array(mine.indices, pa.int64()))
-        return writer.CommitJob(cfg.output, shard, work_plan.num_shards, inputs, mine.digest, tuple(parts),
+        return writer.CommitJob(folder, shard, work_plan.num_shards, inputs, mine.digest, tuple(parts),
                                 tuple(int(i) for i in todo), contract, footer, tuple(sorted(metadata.thing_ids)),
                                 reuse=work_plan.work[shard].reuse, lost=lost)
 
@@ -435,17 +437,17 @@ def _run(cfg: LabelingConfig, listed: Inputs, rule: PaintingRule, choice: ModelC
                             failures.FailureWindow(cfg.max_failure_rate, cfg.failure_window), check.add,
                             max_in_flight=max(2, cpus // 4))
     try:
-        progress = _label(work_plan, listed, cfg, choice, post, schema, queue, run_id, lease, log) \
+        progress = _label(work_plan, listed, cfg, choice, post, schema, queue, folder, run_id, lease, log) \
             if needs_ray else None
     except BaseException:
         queue.drain()  # what is committing finishes; nothing else starts
-        shards.delete_dir_quietly(fs, parts_root)
+        folder.delete_dir_quietly(layout.PARTS_DIR)
         raise
-    shards.delete_dir_quietly(fs, parts_root)
+    folder.delete_dir_quietly(layout.PARTS_DIR)
     check.judge(final=True)
 
-    committed = shards.committed_shards(fs, root, work_plan.num_shards)
-    total = summary.folder_stats(fs, root, committed, work_plan.num_shards)
+    committed = shards.committed_shards(folder, work_plan.num_shards)
+    total = summary.folder_stats(folder, committed, work_plan.num_shards)
     per_actor = resources.gpus_per_actor if resources and work_plan.indices() else 0.0
     wall = time.perf_counter() - start
     # Start-up: listing, model checks, Ray and model actors; labeling: from the first read to the end.
@@ -453,12 +455,12 @@ def _run(cfg: LabelingConfig, listed: Inputs, rule: PaintingRule, choice: ModelC
     startup = min(first_read) - wall_start if first_read else wall
     driver_bytes = (progress.driver_bytes if progress else 0) + queue.bytes_received
     stats = summary.run_stats(total, len(listed), queue.results, wall, 0.0, per_actor,
-                              summary.read_previous(fs, root), startup_s=startup,
-                              failed_by_type=summary.failures_in(fs, root, committed, work_plan.num_shards),
+                              summary.read_previous(folder), startup_s=startup,
+                              failed_by_type=summary.failures_in(folder, committed, work_plan.num_shards),
                               driver_bytes=driver_bytes, listing_s=listing_s)
-    summary.write(fs, root, stats)
-    summary.write_card(cfg.output, root, metadata, has_errors=stats["failed"] > 0, log=log, options=cfg.card,
+    summary.write(folder, stats)
+    summary.write_card(folder, metadata, has_errors=stats["failed"] > 0, log=log, options=cfg.card,
                        tiny_random=cfg.models == "tiny-random")
-    summary.verify_folder(cfg.output)
+    summary.verify_folder(folder)
     log(summary.closing_line(stats, cfg.output))
     return stats

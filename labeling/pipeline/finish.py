@@ -11,11 +11,10 @@ import sys
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
-import pyarrow.fs as pafs
-
 from dataset_card.card.readme import minimal_card
 from dataset_card.card.source import CardOptions
 from dataset_card.contract import layout, shards
+from dataset_card.contract.output_folder import OutputFolder
 from labeling.pipeline.writer import ShardResult
 
 # With real models ImageNet images have tens of instances; under one on average means a wrong
@@ -24,11 +23,10 @@ LOW_INSTANCE_MIN_IMAGES = 200
 LOW_INSTANCE_MEAN = 1.0
 
 
-def folder_stats(fs: pafs.FileSystem, root: str, committed: Iterable[int], num_shards: int) -> layout.ShardStats:
+def folder_stats(folder: OutputFolder, committed: Iterable[int], num_shards: int) -> layout.ShardStats:
     """Per-shard statistics of the committed shards, summed (no mask is decoded)."""
     def read(shard: int) -> layout.ShardStats:
-        path = posixpath.join(root, layout.stats_path(shard, num_shards))
-        return layout.ShardStats.from_json(shards.read_bytes(fs, path).decode())
+        return layout.ShardStats.from_json(folder.read_bytes(layout.stats_path(shard, num_shards)).decode())
 
     total = layout.ShardStats(shard=-1)
     with ThreadPoolExecutor(16) as pool:  # thousands of small files on an object store
@@ -37,12 +35,12 @@ def folder_stats(fs: pafs.FileSystem, root: str, committed: Iterable[int], num_s
     return total
 
 
-def failures_in(fs: pafs.FileSystem, root: str, committed: Iterable[int], num_shards: int) -> dict[str, int]:
+def failures_in(folder: OutputFolder, committed: Iterable[int], num_shards: int) -> dict[str, int]:
     """Failed inputs by reason, counted in the committed shards' errors tables."""
     from dataset_card.card.run_summary import errors_by_type
 
-    paths = [posixpath.join(root, layout.errors_path(s, num_shards)) for s in sorted(committed)]
-    return errors_by_type(fs, [p for p in paths if shards.exists(fs, p)])
+    names = [layout.errors_path(s, num_shards) for s in sorted(committed)]
+    return errors_by_type(folder, [n for n in names if folder.exists(n)])
 
 
 def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[ShardResult], wall_time_s: float,
@@ -88,13 +86,13 @@ def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[Shard
     }
 
 
-def read_previous(fs: pafs.FileSystem, root: str) -> dict | None:
-    path = posixpath.join(root, layout.RUN_STATS_FILE)
-    return json.loads(shards.read_bytes(fs, path).decode()) if shards.exists(fs, path) else None
+def read_previous(folder: OutputFolder) -> dict | None:
+    name = layout.RUN_STATS_FILE
+    return json.loads(folder.read_bytes(name).decode()) if folder.exists(name) else None
 
 
-def write(fs: pafs.FileSystem, root: str, stats: Mapping) -> None:
-    shards.write_bytes(fs, posixpath.join(root, layout.RUN_STATS_FILE), json.dumps(stats, indent=2).encode())
+def write(folder: OutputFolder, stats: Mapping) -> None:
+    folder.write_bytes(layout.RUN_STATS_FILE, json.dumps(stats, indent=2).encode())
 
 
 def closing_line(stats: Mapping, output: str = "OUTPUT") -> str:
@@ -142,13 +140,13 @@ class OutputInvalid(RuntimeError):
     """The run finished but the folder fails validation; the message says what to do."""
 
 
-def verify_folder(output: str) -> None:
-    """Raise OutputInvalid unless `output` passes `python -m dataset_card validate` (the fast form)."""
+def verify_folder(folder: OutputFolder) -> None:
+    """Raise OutputInvalid unless `folder` passes `python -m dataset_card validate` (the fast form)."""
     from dataset_card.validate import validate
 
-    report = validate(output)
+    report = validate(folder)
     if not report.ok:
-        raise OutputInvalid(f"the run ended but {output} fails validation:\n{report.format(limit=20)}\n"
+        raise OutputInvalid(f"the run ended but {folder} fails validation:\n{report.format(limit=20)}\n"
                             "Rerun the same command to repair the shards named above.")
 
 
@@ -156,7 +154,7 @@ def _is_full_card(text: str) -> bool:
     return text.startswith("---") and "\npretty_name:" in text.split("\n---", 1)[0]
 
 
-def write_card(output: str, root: str, metadata: layout.DatasetMetadata, has_errors: bool, log=print,
+def write_card(folder: OutputFolder, metadata: layout.DatasetMetadata, has_errors: bool, log=print,
                options: CardOptions | None = None, tiny_random: bool = False) -> None:
     """The full dataset card (`options`: what the user told it). If building it fails, an earlier
     full card is kept (it is then out of date, and the run says so), else the minimal card is
@@ -164,14 +162,13 @@ def write_card(output: str, root: str, metadata: layout.DatasetMetadata, has_err
     from dataset_card.card.build import BuildConfig, build_card
 
     try:
-        build_card(output, BuildConfig(options=options or CardOptions()))
+        build_card(folder, BuildConfig(options=options or CardOptions()))
         return
     except Exception as err:  # the labels are done; a card failure must not hide that
         reason = f"{type(err).__name__}: {err}" if not isinstance(err, shards.OutputWriteError) else str(err)
-    fs, _ = shards.filesystem(output)
-    path = posixpath.join(root, layout.CARD_FILE)
-    previous = shards.read_bytes(fs, path).decode(errors="replace") if shards.exists(fs, path) else ""
-    rebuild = f"rebuild it with: python -m dataset_card build {output}"
+    name = layout.CARD_FILE
+    previous = folder.read_bytes(name).decode(errors="replace") if folder.exists(name) else ""
+    rebuild = f"rebuild it with: python -m dataset_card build {folder}"
     if _is_full_card(previous):
         log(f"warning: the dataset card could not be rebuilt ({reason}); the previous full card is kept and is out "
             f"of date: {rebuild}")
@@ -181,6 +178,6 @@ def write_card(output: str, root: str, metadata: layout.DatasetMetadata, has_err
         body = ("# Multi-granular labeled images\n\n**Labeled with `--models tiny-random`: randomly initialised "
                 "tiny models, so these labels are meaningless** (for offline smoke runs and tests only).") \
             if tiny_random else ""
-        shards.write_bytes(fs, path, str(minimal_card(metadata, has_errors, body, image_reference=True)).encode())
+        folder.write_bytes(name, str(minimal_card(metadata, has_errors, body, image_reference=True)).encode())
     except shards.OutputWriteError as err:
         log(f"warning: no dataset card was written ({err})")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import posixpath
 from collections.abc import Mapping, Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from dataset_card.contract import layout, shards
+from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.schema import SCHEMA_VERSION
 
 # Keys two manifests must agree on for a rerun to resume (the inputs, "created" and "execution"
@@ -146,45 +146,45 @@ def differences(old: Mapping, new: Mapping) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def read(fs: pafs.FileSystem, root: str) -> dict | None:
-    path = posixpath.join(root, layout.MANIFEST_FILE)
-    if not shards.exists(fs, path):
+def read(folder: OutputFolder) -> dict | None:
+    if not folder.exists(layout.MANIFEST_FILE):
         return None
-    return json.loads(shards.read_bytes(fs, path).decode())
+    return json.loads(folder.read_bytes(layout.MANIFEST_FILE).decode())
 
 
-def write(fs: pafs.FileSystem, root: str, manifest: Mapping) -> None:
-    shards.write_bytes(fs, posixpath.join(root, layout.MANIFEST_FILE), json.dumps(manifest, indent=2).encode())
+def write(folder: OutputFolder, manifest: Mapping) -> None:
+    folder.write_bytes(layout.MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
 
 
 # Everything a run writes under OUTPUT (and nothing else: --overwrite never deletes a stranger's file).
-OWNED = (layout.DATA_DIR, layout.ERRORS_DIR, layout.STATS_DIR, ".journal", layout.PARTS_DIR, "assets",
+OWNED = (layout.DATA_DIR, layout.ERRORS_DIR, layout.STATS_DIR, shards.JOURNAL_DIR, layout.PARTS_DIR, "assets",
          layout.MANIFEST_FILE, layout.RUN_STATS_FILE, layout.METADATA_FILE, layout.CARD_FILE, layout.CARD_OPTIONS_FILE)
 
 
-def clear(fs: pafs.FileSystem, root: str) -> None:
-    """Delete what a labeling run writes under `root`."""
+def clear(folder: OutputFolder) -> None:
+    """Delete what a labeling run writes in `folder`."""
     for name in OWNED:
-        path = posixpath.join(root, name)
-        info = fs.get_file_info(path)
+        path = folder.path(name)
+        info = folder.fs.get_file_info(path)
         if info.type == pafs.FileType.Directory:
-            fs.delete_dir(path)
+            folder.fs.delete_dir(path)
         elif info.type == pafs.FileType.File:
-            fs.delete_file(path)
+            folder.fs.delete_file(path)
 
 
-def _has_data(fs: pafs.FileSystem, root: str) -> bool:
-    selector = pafs.FileSelector(posixpath.join(root, layout.DATA_DIR), allow_not_found=True)
-    return any(i.type == pafs.FileType.File for i in fs.get_file_info(selector))
+def _has_data(folder: OutputFolder) -> bool:
+    selector = pafs.FileSelector(folder.path(layout.DATA_DIR), allow_not_found=True)
+    return any(i.type == pafs.FileType.File for i in folder.fs.get_file_info(selector))
 
 
-def prepare(fs: pafs.FileSystem, root: str, new: Mapping, overwrite: bool, output: str) -> tuple[bool, dict]:
-    """Make `root` ready for the run described by `new`: (whether it resumes an earlier run, the
+def prepare(folder: OutputFolder, new: Mapping, overwrite: bool) -> tuple[bool, dict]:
+    """Make `folder` ready for the run described by `new`: (whether it resumes an earlier run, the
     manifest the run goes on with, now written). A resumed folder keeps its shard count.
 
     Raises ResumeRefused when the folder holds another run and `overwrite` is False.
     """
-    old = read(fs, root)
+    output = folder.uri
+    old = read(folder)
     manifest = dict(new)
     if old is not None and not overwrite:
         diff = differences(old, new)
@@ -202,11 +202,11 @@ def prepare(fs: pafs.FileSystem, root: str, new: Mapping, overwrite: bool, outpu
                 f" inputs would make its shards hold about {new['num_inputs'] / old['num_shards']:.0f} images each "
                 f"against --shard-size {new['shard_size']}: label into another --output, or pass --overwrite")
         manifest["created"] = old.get("created", manifest["created"])
-    elif old is None and _has_data(fs, root) and not overwrite:
+    elif old is None and _has_data(folder) and not overwrite:
         raise ResumeRefused(f"{output} holds data files but no {layout.MANIFEST_FILE}: choose an empty --output, "
                             "or pass --overwrite to delete them")
     if overwrite:
-        clear(fs, root)
-    fs.create_dir(root, recursive=True)
-    write(fs, root, manifest)
+        clear(folder)
+    folder.fs.create_dir(folder.root, recursive=True)
+    write(folder, manifest)
     return old is not None and not overwrite, manifest

@@ -19,7 +19,6 @@ whole shard is relabeled. `--no-repair` refuses instead.
 from __future__ import annotations
 
 import hashlib
-import posixpath
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dataset_card.contract import layout, shards
+from dataset_card.contract.output_folder import OutputFolder
 from labeling.inputs.input_list import Inputs
 
 
@@ -108,13 +108,12 @@ def _column(fs: pafs.FileSystem, path: str, name: str) -> list:
         return pq.read_table(f, columns=[name]).column(0).to_pylist()
 
 
-def inspect(fs: pafs.FileSystem, root: str, shard: ShardInputs, num_shards: int, listed: Inputs,
+def inspect(folder: OutputFolder, shard: ShardInputs, num_shards: int, listed: Inputs,
             labels_hash: str, retry_errors: bool) -> ShardState | None:
     """None when shard `shard` is committed and verified (and nothing is to be retried), else what to do."""
     everything = shard.indices.tolist()
-    data, errors, stats = (posixpath.join(root, p) for p in (layout.data_path(shard.index, num_shards),
-                                                              layout.errors_path(shard.index, num_shards),
-                                                              layout.stats_path(shard.index, num_shards)))
+    fs = folder.fs
+    data, errors, stats = folder.shard_paths(shard.index, num_shards)
     if not shards.exists(fs, data):
         if shards.exists(fs, errors) or shards.exists(fs, stats):
             return ShardState(shard, everything, reason="its data file is missing though its errors table or "
@@ -164,12 +163,12 @@ def inspect(fs: pafs.FileSystem, root: str, shard: ShardInputs, num_shards: int,
     return ShardState(shard, todo, reuse=True)  # --retry-errors
 
 
-def make_plan(fs: pafs.FileSystem, root: str, listed: Inputs, num_shards: int, labels_hash: str,
+def make_plan(folder: OutputFolder, listed: Inputs, num_shards: int, labels_hash: str,
               retry_errors: bool, no_repair: bool = False, workers: int = 16) -> Plan:
     """Inspect every shard (in parallel: thousands of small reads on an object store)."""
     plan = Plan(num_shards, assign(listed, num_shards))
     with ThreadPoolExecutor(workers) as pool:
-        states = list(pool.map(lambda s: inspect(fs, root, s, num_shards, listed, labels_hash, retry_errors),
+        states = list(pool.map(lambda s: inspect(folder, s, num_shards, listed, labels_hash, retry_errors),
                                plan.shards))
     for shard, state in zip(plan.shards, states):
         if state is None:

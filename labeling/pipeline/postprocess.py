@@ -8,9 +8,10 @@
   masks ever exists, so an 8000x8000 image stays within a few hundred MB.
 - the original image: its bytes (`image_storage` "inline") or only its path, sha256 and length
   ("reference", a labels-only release; `dataset_card.contract.images`);
-- alignment and painting (`labeling.labelers.alignment`, under the contract's painting rule), PNG
-  encoding (`dataset_card.contract.codecs`), and the per-row statistics the shard statistics are summed
-  from, the alignment invariants' figures among them (`dataset_card.contract.invariants`).
+- alignment and painting (`labeling.labelers.alignment`, under the contract's painting rule), the
+  label maps' encoding (zstd-compressed `.npy`, schema v3: `dataset_card.contract.codecs`), and the
+  per-row statistics the shard statistics are summed from, the alignment invariants' figures among
+  them (`dataset_card.contract.invariants`).
 """
 
 from __future__ import annotations

@@ -18,9 +18,8 @@ A failure is recorded in the row's `error_*` columns instead of raised (an undec
 stage "decode", anything else at "model"). When a whole batch fails, it is retried one image at a
 time, so one bad image cannot take the others with it. A fatal accelerator error (not
 out-of-memory) is no image's fault: the actor's process ends and Ray restarts it and retries the
-batch (`failures.restart_on_fatal_device_error`). Upsampling, alignment, painting and PNG encoding
-happen later on CPUs
-(`labeling.pipeline.postprocess`).
+batch (`failures.restart_on_fatal_device_error`). Upsampling, alignment, painting and the label
+maps' encoding happen later on CPUs (`labeling.pipeline.postprocess`).
 """
 
 from __future__ import annotations

@@ -8,17 +8,18 @@ coordinates (`labeling.pipeline.commits`); no image, mask or row ever reaches it
    the shard's parts (keeping each input index once: a retried task may have written a row twice),
    merges the rows and failures the shard already holds when it is being updated (the rows of
    inputs still listed and not being redone), checks that rows + failures equal the shard's
-   inputs, and writes errors, statistics, then the data file with its footer (run id, manifest
-   hash, input digest and counts). A shard that already has a data file is replaced through a
-   journal: the three new files are written beside the old, the journal naming their renames is
-   committed, then the renames run; a run that finds a journal finishes it first (`recover`).
-   Either way no input is ever both in the data and in the errors table.
+   inputs, and hands its rows, errors table, statistics and footer (run id, manifest hash, input
+   digest and counts) to the commit protocol (`shards.commit_shard`, journaled: a shard that
+   already has a data file has its three files replaced together; a killed replacement is
+   finished by the next run, `shards.recover`). No input is ever both in the data and in the
+   errors table.
+
+Both run on the cluster with the run's `OutputFolder` (pickled into the task), never a path to open again.
 """
 
 from __future__ import annotations
 
 import json
-import posixpath
 import time
 import uuid
 from collections.abc import Sequence
@@ -27,15 +28,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from dataset_card.contract import codecs, invariants, layout, painting, shards
 from dataset_card.contract.lease import holder_of
+from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.schema import validate_schema
 from labeling.pipeline import failures
-
-JOURNAL_DIR = ".journal"
 
 # What the write stage returns per part file: all the driver ever receives about labeled images.
 PART_SCHEMA = pa.schema([
@@ -124,14 +123,14 @@ def _result(shard: int, staged: pa.Table) -> ShardResult:
 # 1. The write stage
 
 
-def _write_part(fs: pafs.FileSystem, root: str, shard: int, rows: pa.Table, run_id: str) -> str:
-    folder = posixpath.join(root, layout.parts_dir(shard))
+def _write_part(folder: OutputFolder, shard: int, rows: pa.Table, run_id: str) -> str:
+    fs, parts = folder.fs, folder.path(layout.parts_dir(shard))
 
     def attempt() -> str:
         name = f"{run_id}-{uuid.uuid4().hex[:12]}.parquet"  # a new name for every attempt
-        path = posixpath.join(folder, name)
+        path = folder.path(layout.parts_dir(shard), name)
         try:
-            fs.create_dir(folder, recursive=True)
+            fs.create_dir(parts, recursive=True)
             with fs.open_output_stream(path) as stream:  # temporary: uncompressed, one row group
                 shards.write_parquet(rows, stream, row_group_size=max(1, rows.num_rows), compression=None)
         except BaseException:
@@ -142,25 +141,19 @@ def _write_part(fs: pafs.FileSystem, root: str, shard: int, rows: pa.Table, run_
             raise
         return name
 
-    return shards.retrying(attempt, folder)
+    return shards.retrying(attempt, parts)
 
 
-_FILESYSTEMS: dict[str, tuple[pafs.FileSystem, str]] = {}  # per worker process
-
-
-def write_parts(batch: pa.Table, output: str, run_id: str) -> pa.Table:
+def write_parts(batch: pa.Table, folder: OutputFolder, run_id: str) -> pa.Table:
     """The pipeline's last stage: post-processed rows (`postprocess.staged_schema`) -> one part file
-    per shard they belong to; returns PART_SCHEMA rows (no image, mask or label data)."""
-    if output not in _FILESYSTEMS:
-        _FILESYSTEMS[output] = shards.filesystem(output)
-    fs, root = _FILESYSTEMS[output]
+    per shard they belong to in `folder`; returns PART_SCHEMA rows (no image, mask or label data)."""
     out = []
     shard_column = batch.column("shard")
     for shard in pc.unique(shard_column).to_pylist():
         rows = batch.filter(pc.equal(shard_column, shard))
         started = pc.min(rows.column("started_at")).as_py() or 0.0
         try:
-            part, error = _write_part(fs, root, shard, rows, run_id), ""
+            part, error = _write_part(folder, shard, rows, run_id), ""
         except shards.OutputWriteError as err:
             part, error = "", str(err)
         out.append({"shard": shard, "part": part, "indices": rows.column("index").to_pylist(), "started_at": started,
@@ -176,7 +169,7 @@ def write_parts(batch: pa.Table, output: str, run_id: str) -> pa.Table:
 class CommitJob:
     """Everything a commit task needs (what the driver sends: the shard's input list, no rows)."""
 
-    output: str
+    folder: OutputFolder
     shard: int
     num_shards: int
     inputs: pa.Table  # index, path, image_id, label: the shard's current inputs, in input order
@@ -191,26 +184,12 @@ class CommitJob:
     check_lease: bool = True
 
 
-def _paths(root: str, shard: int, num_shards: int) -> tuple[str, str, str]:
-    return tuple(posixpath.join(root, p) for p in (layout.data_path(shard, num_shards),
-                                                   layout.errors_path(shard, num_shards),
-                                                   layout.stats_path(shard, num_shards)))
-
-
-def read_errors(fs: pafs.FileSystem, root: str, shard: int, num_shards: int) -> pa.Table:
-    path = _paths(root, shard, num_shards)[1]
-    if not shards.exists(fs, path):
-        return layout.ERRORS_SCHEMA.empty_table()
-    with fs.open_input_file(path) as f:
-        return pq.read_table(f).cast(layout.ERRORS_SCHEMA)
-
-
-def read_parts(fs: pafs.FileSystem, root: str, shard: int, parts: Sequence[str], todo: Sequence[int]) -> pa.Table | None:
+def read_parts(folder: OutputFolder, shard: int, parts: Sequence[str], todo: Sequence[int]) -> pa.Table | None:
     """The staged rows of `todo` from the shard's part files, each input index once."""
     wanted = pa.array(sorted(set(todo)), pa.int64())
     tables = []
     for name in parts:
-        with fs.open_input_file(posixpath.join(root, layout.parts_dir(shard), name)) as f:
+        with folder.fs.open_input_file(folder.path(layout.parts_dir(shard), name)) as f:
             table = pq.read_table(f)
         tables.append(table.filter(pc.is_in(table.column("index"), wanted)))
     if not tables:
@@ -223,9 +202,9 @@ def read_parts(fs: pafs.FileSystem, root: str, shard: int, parts: Sequence[str],
 def commit(job: CommitJob) -> ShardResult:
     """Merge, check and commit one shard (see the module docstring); runs as a Ray task."""
     start = time.perf_counter()
-    fs, root = shards.filesystem(job.output)
-    data_path, errors_path, stats_path = _paths(root, job.shard, job.num_shards)
-    staged = read_parts(fs, root, job.shard, job.parts, job.todo)
+    folder = job.folder
+    data_path = folder.path(layout.data_path(job.shard, job.num_shards))
+    staged = read_parts(folder, job.shard, job.parts, job.todo)
     if job.lost is not None and job.lost.num_rows:
         staged = job.lost if staged is None else pa.concat_tables([staged, job.lost.cast(staged.schema)])
     order = {p: i for p, i in zip(job.inputs.column("path").to_pylist(), job.inputs.column("index").to_pylist())}
@@ -235,8 +214,8 @@ def commit(job: CommitJob) -> ShardResult:
 
     new_paths = set(staged.column("path").to_pylist()) if staged is not None else set()
     data_parts, error_parts, stats = [], [], layout.ShardStats(shard=job.shard)
-    if job.reuse and shards.exists(fs, data_path):
-        with fs.open_input_file(data_path) as f:
+    if job.reuse and shards.exists(folder.fs, data_path):
+        with folder.fs.open_input_file(data_path) as f:
             old = pq.read_table(f)
         redone = {image_id for p, image_id in zip(staged.column("path").to_pylist(),
                                                   staged.column("image_id").to_pylist())} if staged else set()
@@ -244,7 +223,7 @@ def commit(job: CommitJob) -> ShardResult:
         old = old.filter(pa.array(keep, pa.bool_()))
         add_stored_rows(stats, old, job.thing_ids)
         data_parts.append(old.select(job.contract.names).cast(job.contract))
-        old_errors = read_errors(fs, root, job.shard, job.num_shards)
+        old_errors = folder.read_errors(job.shard, job.num_shards)
         keep = [p in order and p not in new_paths for p in old_errors.column("path").to_pylist()]
         error_parts.append(old_errors.filter(pa.array(keep, pa.bool_())))
     if staged is not None:
@@ -264,68 +243,15 @@ def commit(job: CommitJob) -> ShardResult:
     footer = {**job.footer, "shard": job.shard, "num_shards": job.num_shards, "inputs": job.inputs.num_rows,
               "inputs_sha256": job.digest, "rows": data.num_rows, "errors": errors.num_rows}
     if job.check_lease:
-        holder = holder_of(job.output)
+        holder = holder_of(folder)
         if holder is None or holder.run_id != job.footer.get("run_id"):
-            raise LeaseLost(f"shard {job.shard} was not committed: another run took over the lease of {job.output}")
-    rows_per_group = shards.row_group_rows(data)
-    if shards.exists(fs, data_path):
-        _rewrite(fs, root, job.shard, {errors_path: lambda s: shards.write_parquet(errors, s),
-                                       stats_path: lambda s: s.write(stats.to_json().encode()),
-                                       data_path: lambda s: shards.write_parquet(shards.with_footer(data, **footer), s,
-                                                                                 rows_per_group)})
-    else:
-        shards.commit_shard(fs, root, job.shard, job.num_shards, data, errors, stats, footer=footer,
-                            row_group_size=rows_per_group)
-    shards.delete_dir_quietly(fs, posixpath.join(root, layout.parts_dir(job.shard)))
+            raise LeaseLost(f"shard {job.shard} was not committed: another run took over the lease of {folder}")
+    shards.commit_shard(folder, job.shard, job.num_shards, data, errors, stats, footer=footer,
+                        row_group_size=shards.row_group_rows(data), journal=True)
+    folder.delete_dir_quietly(layout.parts_dir(job.shard))
     result = _result(job.shard, staged) if staged is not None else ShardResult(job.shard, 0)
     result.stage_time_s["commit"] = time.perf_counter() - start
     return result
-
-
-def _rewrite(fs: pafs.FileSystem, root: str, shard: int, writes: dict) -> None:
-    """Replace a committed shard's files together: staged beside them, a journal, then the renames."""
-    attempt = uuid.uuid4().hex[:12]
-    journal = []
-    try:
-        for target, write in writes.items():
-            staging = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.{attempt}.rewrite")
-            journal.append([staging, target])
-
-            def one(staging=staging, write=write):
-                fs.create_dir(posixpath.dirname(staging), recursive=True)  # a folder deleted by hand
-                with fs.open_output_stream(staging) as stream:
-                    write(stream)
-
-            shards.retrying(one, target)
-    except BaseException:  # nothing was renamed yet: the old files stand; remove the new ones
-        for staging, _ in journal:
-            try:
-                fs.delete_file(staging)
-            except OSError:
-                pass
-        raise
-    journal_path = posixpath.join(root, JOURNAL_DIR, f"shard-{shard:05d}.json")
-    shards.write_bytes(fs, journal_path, json.dumps(journal).encode())  # the rewrite's commit point
-    _apply(fs, journal_path)
-
-
-def _apply(fs: pafs.FileSystem, journal_path: str) -> None:
-    """The journal's renames, then the journal; a rename no retry fixes is one sentence naming its
-    target (the journal stays: the next run finishes it)."""
-    for staging, target in json.loads(shards.read_bytes(fs, journal_path).decode()):
-        if shards.exists(fs, staging):
-            shards.retrying(lambda staging=staging, target=target: fs.move(staging, target), target)
-    shards.retrying(lambda: fs.delete_file(journal_path), journal_path)
-
-
-def recover(fs: pafs.FileSystem, root: str) -> int:
-    """Finish the renames of rewrites a killed run had committed; returns how many."""
-    selector = pafs.FileSelector(posixpath.join(root, JOURNAL_DIR), allow_not_found=True)
-    journals = sorted(i.path for i in fs.get_file_info(selector)
-                      if i.type == pafs.FileType.File and i.path.endswith(".json"))
-    for path in journals:
-        _apply(fs, path)
-    return len(journals)
 
 
 def lost_rows(work: pa.Table, schema: pa.Schema) -> pa.Table:
