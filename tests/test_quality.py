@@ -11,6 +11,7 @@ from dataset_card.contract import codecs, layout, shards
 from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.schema import build_features, rows_to_table
 from dataset_card.synthetic.shapes import synthetic_row
+from labeling import evaluate as evaluate_command
 from labeling.quality import ground_truth as gt_io
 from labeling.quality import metrics, report
 
@@ -165,8 +166,8 @@ def test_file_name_mismatch_is_reported(tmp_path, ground_truth):
 def test_cli_writes_quality_json_and_prints_table(tmp_path, ground_truth, capsys):
     instances, _ = ground_truth
     pred = _write_pred(tmp_path / "pred", [PERSON, CAR], _semantic(PERSON, CAR))
-    assert report.main(["--pred", str(pred), "--gt", str(instances)]) == 0
+    assert evaluate_command.main(["--pred", str(pred), "--gt", str(instances)]) == 0
     assert "instances AR@100" in capsys.readouterr().out
     assert json.loads((pred / "quality.json").read_text())["instances"]["AR@100"] == pytest.approx(1.0)
-    assert report.main(["--pred", str(tmp_path / "nowhere"), "--gt", str(instances)]) == 2
+    assert evaluate_command.main(["--pred", str(tmp_path / "nowhere"), "--gt", str(instances)]) == 2
     assert "error:" in capsys.readouterr().err
