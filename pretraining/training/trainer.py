@@ -32,7 +32,7 @@ from pretraining.models.curriculum import Curriculum
 from pretraining.training import checkpoint as ckpt
 from pretraining.training.config import TrainConfig, to_dict
 from pretraining.training.distributed import Distributed, gather, mean_over_ranks, param_hash
-from pretraining.training.init_weights import initialize
+from pretraining.training.init_weights import InitReport, initialize
 from pretraining.training.loss_meter import LossMeter, MicroStep, NonFiniteLoss
 from pretraining.training.monitor import Monitor, reconstruction_figure, step_scalars
 from pretraining.training.resume import RunError, check_resume, complete_summary, dataset_fingerprint
@@ -51,6 +51,8 @@ from pretraining.training.strategy_log import StrategyLog
 
 
 class Trainer:
+    """One run: built by `__init__` (see the module's docstring), stepped by `pretraining.train.train_loop`."""
+
     def __init__(self, cfg: TrainConfig, data: str, run_dir: Path, distributed: Distributed,
                  images: str | None = None, new_data: bool = False, init: str | None = None,
                  show_progress: bool = True):
@@ -102,17 +104,7 @@ class Trainer:
         self.curriculum = Curriculum(model.cfg.masking.curriculum, device)
         self.global_step, self.position = 0, (0, 0)  # optimizer steps done; next (epoch, micro-step) to load
         if resumed is not None:
-            model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scaler.load_state_dict(state["scaler"])
-            self.curriculum.load_state_dict(state["curriculum"].get("adaptive", {}))
-            self.global_step, self.position = state["global_step"], (state["position"]["epoch"],
-                                                                     state["position"]["step"])
-            ckpt.set_rng_state(state["rng"][distributed.rank])
-            self.say(f"resuming from {latest}: optimizer step {self.global_step}, epoch {self.position[0]}, "
-                     f"batch {self.position[1]}")
-            for note in plan.notes:
-                self.say(note)
+            self._restore(latest, state, plan.notes)
 
         mcfg = model.cfg
         spec = SampleSpec(img_size=mcfg.img_size, patch_size=mcfg.patch_size, modalities=mcfg.modalities,
@@ -122,12 +114,7 @@ class Trainer:
         self.loader = PretrainingLoader(dataset, spec, cfg.data, distributed.rank, distributed.world_size,
                                         self.position, cfg.accum_steps, pin_memory=device.type == "cuda")
         if main:  # only now: a start refused above leaves nothing behind
-            write_json(run_dir / CONFIG_FILE, to_dict(cfg))
-            write_json(run_dir / RUN_FILE, self.run_info)
-            if init_report is not None:
-                write_json(run_dir / INIT_FILE, dataclasses.asdict(init_report))
-                for line in [*init_report.lines(), f"init: the report is in {run_dir / INIT_FILE}"]:
-                    self.say(line)
+            self._write_run_files(init_report)
         steps_per_epoch = self.loader.steps_per_epoch  # micro-steps of epoch 0; later epochs may differ slightly
         self.train_model = torch.compile(model) if cfg.compile else model
         if distributed.world_size > 1:
@@ -149,6 +136,28 @@ class Trainer:
         self.window = {"samples": 0, "wait": 0.0, "start": time.perf_counter()}  # what perf/* averages over
         self.last, self.saved_at, self.lr = {}, self.global_step, self.peak_lr
         self.epoch_steps: dict[int, int] = {}  # micro-steps of each epoch, as the loader plans it
+
+    def _restore(self, latest: Path, state: dict, notes: list[str]) -> None:
+        """Continue from checkpoint `latest`: weights, optimizer, scaler, curriculum, position, this rank's RNG."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.curriculum.load_state_dict(state["curriculum"].get("adaptive", {}))
+        self.global_step, self.position = state["global_step"], (state["position"]["epoch"], state["position"]["step"])
+        ckpt.set_rng_state(state["rng"][self.distributed.rank])
+        self.say(f"resuming from {latest}: optimizer step {self.global_step}, epoch {self.position[0]}, "
+                 f"batch {self.position[1]}")
+        for note in notes:
+            self.say(note)
+
+    def _write_run_files(self, init_report: InitReport | None) -> None:
+        """config.json, run.json and, after --init, init.json (rank 0)."""
+        write_json(self.run_dir / CONFIG_FILE, to_dict(self.cfg))
+        write_json(self.run_dir / RUN_FILE, self.run_info)
+        if init_report is not None:
+            write_json(self.run_dir / INIT_FILE, dataclasses.asdict(init_report))
+            for line in [*init_report.lines(), f"init: the report is in {self.run_dir / INIT_FILE}"]:
+                self.say(line)
 
     def say(self, line: str) -> None:
         """A line for the user on stderr (rank 0 only), beside the progress bar."""
