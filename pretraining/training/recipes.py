@@ -6,6 +6,7 @@ the paper does not contradict: AdamW with betas (0.9, 0.95), weight decay 0.05, 
 The global batch is data.batch_size x ranks x accum_steps: the base recipes are sized for 4096
 (MAE's batch) as 256 per GPU on 16 GPUs; on 8 GPUs add `--set accum_steps=2` to keep it, or let
 the learning rate scale with the smaller batch. See docs/training.md for the choices and commands.
+Each recipe holds its model's whole resolved config (`models.factory.model_config`).
 """
 
 from __future__ import annotations
