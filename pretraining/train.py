@@ -39,6 +39,7 @@ from pretraining.training.distributed import Distributed, setup_distributed
 from pretraining.training.monitor import Monitor
 from pretraining.training.recipes import RECIPES, get_recipe
 from pretraining.training.resume import RunError
+from pretraining.training.run_folder import rerun_config
 from pretraining.training.storage import StorageError
 from pretraining.training.trainer import Trainer
 
@@ -132,8 +133,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="for a labels-only dataset (labeled with --image-storage reference): the folder it was "
                              "labeled from; each row's image is read from ROOT/<image.path> and checked against its "
                              "stored size and sha256")
-    parser.add_argument("--config", default="tiny", choices=sorted(RECIPES), metavar="NAME",
-                        help=f"named recipe: {', '.join(RECIPES)} (default: tiny)")
+    parser.add_argument("--config", default=None, choices=sorted(RECIPES), metavar="NAME",
+                        help=f"named recipe: {', '.join(RECIPES)} (default: tiny; a rerun continues the config "
+                             "stored in --output, and --set overrides it)")
     parser.add_argument("--output", required=True, help="run folder: config, checkpoints, logs, figures")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set data.batch_size=128 --set model.img_size=96")
@@ -156,7 +158,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = apply_overrides(get_recipe(args.config), args.set)
+        # A rerun continues the stored config (today's recipe defaults never leak into an existing run).
+        base = rerun_config(Path(args.output), args.config)
+        cfg = apply_overrides(base if base is not None else get_recipe(args.config or "tiny"), args.set)
         hooks = []
         if args.probe_data:
             from pretraining.evaluation.probe import PeriodicProbeConfig, probe_hook

@@ -123,7 +123,7 @@ def test_an_old_run_folder_exports_initialises_and_resumes(shapes, tmp_path, cap
 # A factory default that changes after a run ------------------------------------------------------------------
 
 
-def test_a_changed_factory_default_changes_neither_resume_nor_export(shapes, tmp_path, monkeypatch, capsys):
+def test_a_changed_factory_default_changes_neither_resume_nor_export(shapes, tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert train_main(_args(shapes, run)) == 0
     same = shutil.copytree(run, tmp_path / "same")
@@ -137,15 +137,27 @@ def test_a_changed_factory_default_changes_neither_resume_nor_export(shapes, tmp
     with torch.no_grad():
         assert torch.equal(after.encode_rgb(x), before.encode_rgb(x))
 
-    # The same command would resume with another loss: refused in one sentence that says how to resume.
-    capsys.readouterr()
-    assert train_main(_args(shapes, run, "epochs=2")) == 2
-    err = capsys.readouterr().err
-    assert "another config (differing: model.lambda_rgb)" in err and "--set model.lambda_rgb=1.0" in err
-    assert err.count("\n") == 1
-    assert train_main(_args(shapes, run, "epochs=2", "model.lambda_rgb=1.0")) == 0
+    # The same command resumes with the run's stored config, not today's default; so does the run as if
+    # nothing had changed.
+    assert train_main(_args(shapes, run, "epochs=2")) == 0
+    assert json.loads((run / "config.json").read_text())["model"]["lambda_rgb"] == 1.0
     monkeypatch.undo()
-    assert train_main(_args(shapes, same, "epochs=2")) == 0  # the run as if nothing had changed
+    assert train_main(_args(shapes, same, "epochs=2")) == 0
     final = [ckpt.load_checkpoint(ckpt.latest_checkpoint(r)) for r in (run, same)]
     assert final[0]["config"] == final[1]["config"] and final[0]["global_step"] == 4
     assert all(torch.equal(final[0]["model"][k], final[1]["model"][k]) for k in final[1]["model"])
+
+
+def test_a_rerun_continues_the_stored_config_and_names_its_recipe(shapes, tmp_path, capsys):
+    """A rerun starts from RUN/config.json: its --set overrides apply to what the run stored (a changed
+    setting is still refused), and --config, when given, must name the run's recipe."""
+    run = tmp_path / "run"
+    assert train_main(_args(shapes, run)) == 0
+    assert train_main(["--data", str(shapes), "--output", str(run), "--no-progress", "--set", "epochs=2"]) == 0
+    assert json.loads((run / "summary.json").read_text())["global_step"] == 4
+    capsys.readouterr()
+    assert train_main(_args(shapes, run, "epochs=3", "model.lambda_rgb=2.0")) == 2
+    assert "differing: model.lambda_rgb" in capsys.readouterr().err
+    assert train_main(["--data", str(shapes), "--output", str(run), "--config", "mae_base", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "was started from --config tiny, not mae_base" in err and err.count("\n") == 1

@@ -21,6 +21,7 @@ from typing import IO
 
 from pretraining.models.autoencoder import MaskedAutoencoder, ModelConfig
 from pretraining.models.factory import model_config
+from pretraining.training.checkpoint import list_checkpoints
 from pretraining.training.config import ConfigError, TrainConfig, from_dict, to_dict
 from pretraining.training.storage import writing
 
@@ -69,6 +70,27 @@ def stored_config(state: dict) -> tuple[TrainConfig, dict]:
     """(the config, the run info) a checkpoint stores."""
     run = json.loads(state["run"])
     return from_dict(TrainConfig, upgrade(json.loads(state["config"]), run)), run
+
+
+def rerun_config(run_dir: Path, recipe: str | None) -> TrainConfig | None:
+    """What a rerun of the command in `run_dir` starts from before its `--set` overrides: the config the
+    run stored at its last start (RUN/config.json), so today's recipe and factory defaults never leak
+    into a run that exists; None for a new run, or one whose start kept no checkpoint (a corrected retry
+    starts from the recipe). `recipe` (--config, None when not given) must name the run's recipe."""
+    path, run_path = run_dir / CONFIG_FILE, run_dir / RUN_FILE
+    if not path.is_file() or not list_checkpoints(run_dir):
+        return None
+    try:
+        stored = json.loads(path.read_text())
+        run = json.loads(run_path.read_text()) if run_path.is_file() else {}
+        cfg = from_dict(TrainConfig, upgrade(stored, run))
+    except (json.JSONDecodeError, KeyError) as err:
+        raise ConfigError(f"{path} cannot be read back ({err.__class__.__name__}: {err}); restore it from a "
+                          "checkpoint's config, or start a new --output.") from err
+    if recipe is not None and recipe != cfg.name:
+        raise ConfigError(f"{run_dir} was started from --config {cfg.name}, not {recipe}: rerun with --config "
+                          f"{cfg.name} (or without --config) to resume it, or choose another --output.")
+    return cfg
 
 
 def build_model(model: ModelConfig | dict) -> MaskedAutoencoder:
