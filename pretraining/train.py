@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,11 +35,11 @@ from dataset_card.contract.images import ImageReferenceError
 from pretraining.data.loader import DataError, LabeledDataset
 from pretraining.data.prefetch import DevicePrefetcher
 from pretraining.training import checkpoint as ckpt
-from pretraining.training.config import ConfigError, TrainConfig, apply_overrides
+from pretraining.training.config import AMENDABLE_KEYS, ConfigError, TrainConfig, amend, apply_overrides
 from pretraining.training.distributed import Distributed, setup_distributed
 from pretraining.training.monitor import Monitor
 from pretraining.training.recipes import RECIPES, get_recipe
-from pretraining.training.resume import RunError
+from pretraining.training.resume import DivergedError, RunError
 from pretraining.training.run_folder import rerun_config
 from pretraining.training.storage import StorageError
 from pretraining.training.trainer import Trainer
@@ -68,15 +69,24 @@ Hook = Callable[[EpochEnd], None]
 
 
 def train(cfg: TrainConfig, data: str, output: str, hooks: Sequence[Hook] = (), progress: bool = True,
-          images: str | None = None, new_data: bool = False, init: str | None = None) -> dict:
+          images: str | None = None, new_data: bool = False, init: str | None = None,
+          amend: Sequence[str] = (), dry_run: bool = False) -> dict:
     """Train (or resume) the run in `output` on the labeled dataset in `data`; returns its summary
     (with "complete": True when the run had already finished and nothing was done).
     `images`: the image folder of a labels-only dataset (`--images`). `new_data`: resume on a
     dataset other than the checkpoint's, on purpose (`--new-data`). `init`: a checkpoint whose
-    encoder weights a new run starts from (`--init`; training/init_weights.py); ignored on resume."""
+    encoder weights a new run starts from (`--init`; training/init_weights.py); ignored on resume.
+    `amend`: the keys `cfg` changes on purpose on resume (`--amend`; config.AMENDABLE_KEYS).
+    `dry_run`: check the start and print its banner, joining no process group, building and writing nothing."""
+    if dry_run:  # every process of the launch checks its own start; rank 0 prints
+        world = Distributed(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                            torch.device("cpu"))
+        trainer = Trainer(cfg, data, Path(output), world, images, new_data, init, progress, amend, dry_run=True)
+        return trainer.complete
     distributed = setup_distributed(cfg.data.num_workers)
     try:
-        trainer = Trainer(cfg, data, Path(output), distributed, images, new_data, init, show_progress=progress)
+        trainer = Trainer(cfg, data, Path(output), distributed, images, new_data, init, show_progress=progress,
+                          amend=amend)
         return trainer.complete if trainer.complete is not None else train_loop(trainer, hooks)
     finally:
         if distributed.world_size > 1 and dist.is_initialized():
@@ -90,7 +100,7 @@ def train_loop(t: Trainer, hooks: Sequence[Hook] = ()) -> dict:
     waited_from = time.perf_counter()
     for batch in DevicePrefetcher(t.loader, t.device):  # the next batch's copy overlaps this step on a GPU
         epoch, step = batch.epoch, batch.step
-        micro = step % cfg.accum_steps
+        micro = step % t.accum_steps
         if micro == 0:  # the optimizer step's learning rate and masking weights, from its fractional epoch
             progress = t.progress_at(epoch, step)
             t.set_lr(learning_rate(progress * cfg.epochs, t.peak_lr, cfg.optim.min_lr, cfg.optim.warmup_epochs,
@@ -98,7 +108,7 @@ def train_loop(t: Trainer, hooks: Sequence[Hook] = ()) -> dict:
             weights = t.masking_weights(progress)
         inputs = batch.to(t.device, weights)
         t.window["wait"] += time.perf_counter() - waited_from
-        last_micro = micro == cfg.accum_steps - 1
+        last_micro = micro == t.accum_steps - 1
         out = t.forward_backward(inputs, sync=last_micro)
         t.keep_losses(out, inputs, epoch, step)
         if not last_micro:
@@ -139,6 +149,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="run folder: config, checkpoints, logs, figures")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set data.batch_size=128 --set model.img_size=96")
+    parser.add_argument("--amend", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a setting of a run on resume, on purpose, recorded in RUN/run.json with its step: "
+                             f"{', '.join(sorted(AMENDABLE_KEYS))} (e.g. --amend optim.base_lr=7.5e-5 --amend "
+                             "precision=fp32); on a fresh start it acts as --set")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the start (config, resume, data, the global batch's split over this launch's "
+                             "processes) and print its banner, without training or writing anything")
     parser.add_argument("--init", metavar="PATH",
                         help="start a new run's encoder from another checkpoint's weights: a run folder or one of its "
                              "checkpoints, a timm export folder, or MAE's released .pth; decoders and the optimizer "
@@ -155,12 +172,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def resume_command(argv: Sequence[str] | None, amendments: Sequence[str]) -> str:
+    """The command that reran this one with `--amend` each of `amendments` (earlier --amend of the same keys
+    dropped): the user's own command line, or `python -m pretraining.train ARGS` when called with `argv`."""
+    if argv is None:
+        prefix, args = sys.orig_argv[:sys.orig_argv.index("-m") + 2] if "-m" in sys.orig_argv \
+            else sys.orig_argv[:2], sys.argv[1:]
+    else:
+        prefix, args = ["python", "-m", "pretraining.train"], list(argv)
+    keys = {a.partition("=")[0] for a in amendments}
+    kept, i = [], 0
+    while i < len(args):
+        if args[i] == "--amend" and i + 1 < len(args) and args[i + 1].partition("=")[0] in keys:
+            i += 2
+            continue
+        kept.append(args[i])
+        i += 1
+    return shlex.join([*prefix, *kept, *[a for item in amendments for a in ("--amend", item)]])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         # A rerun continues the stored config (today's recipe defaults never leak into an existing run).
         base = rerun_config(Path(args.output), args.config)
-        cfg = apply_overrides(base if base is not None else get_recipe(args.config or "tiny"), args.set)
+        cfg, amended = amend(apply_overrides(base if base is not None else get_recipe(args.config or "tiny"),
+                                             args.set), args.amend)
         hooks = []
         if args.probe_data:
             from pretraining.evaluation.probe import PeriodicProbeConfig, probe_hook
@@ -170,7 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             hooks.append(probe_hook(args.probe_data, cfg=PeriodicProbeConfig(every=args.probe_every,
                                                                            kind=args.probe_kind)))
         summary = train(cfg, args.data, args.output, hooks=hooks, progress=not args.no_progress, images=args.images,
-                        new_data=args.new_data, init=args.init)
+                        new_data=args.new_data, init=args.init, amend=amended, dry_run=args.dry_run)
+    except DivergedError as err:  # the exact command that resumes it, on one line
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else None
+        command = resume_command(argv, err.amend)
+        how = (f"rerun your torchrun launch (e.g. workflows/pretrain.sh) with {shlex.join(['--amend', *err.amend])} "
+               f"appended; its training command: {command}") if launcher else f"resume with: {command}"
+        print(f"error: {err.reason}; {how}", file=sys.stderr)
+        return 2
     except (ConfigError, DataError, RunError, ckpt.CheckpointError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -178,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {str(err).strip().splitlines()[-1].split('ImageReferenceError: ')[-1]}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if summary.get("dry_run"):
+        print(f"dry run: {args.output} would start as above; nothing was trained or written")
         return 0
     loss = summary["last"].get("loss")
     last = f"last loss {loss:.4f}" if loss is not None else "no loss recorded"

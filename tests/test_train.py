@@ -290,7 +290,7 @@ def test_gradient_accumulation_matches_one_step_over_the_joined_batch(data_dir, 
     # mean of equal micro-batches the mean of the joined batch.
     sets = ["epochs=1", "data.num_workers=0", "log_samples=true", "figure_every=0", "checkpoint_every=1000"]
     runs = {}
-    for name, extra in [("accum", ["data.batch_size=4", "accum_steps=2"]), ("whole", ["data.batch_size=8"])]:
+    for name, extra in [("accum", ["data.batch_size=4", "global_batch=8"]), ("whole", ["data.batch_size=8"])]:
         assert train(apply_overrides(tiny(), [*sets, *extra]), data_dir, str(tmp_path / name),
                      progress=False)["global_step"] == 8
         lines = (tmp_path / name / "samples-rank0.jsonl").read_text().splitlines()

@@ -115,7 +115,7 @@ def test_epochs_may_grow_on_resume_and_the_schedules_follow_the_new_total(data, 
 def test_a_start_that_took_no_step_blocks_no_corrected_retry(data, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(_args(data / "other", run, "data.batch_size=64")) == 2  # 8 rows cannot fill a step of 64
-    assert "lower data.batch_size" in capsys.readouterr().err
+    assert "lower the global batch" in capsys.readouterr().err
     assert not (run / "config.json").exists() and not (run / "run.json").exists()
     # Even a config.json an earlier attempt left behind (no checkpoint: no step was kept) does not block.
     run.mkdir(exist_ok=True)

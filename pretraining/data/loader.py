@@ -250,7 +250,8 @@ def plan_epoch(units: Sequence[Unit], seed: int, epoch: int, world_size: int, wo
     if steps == 0:
         total = sum(u.num_rows for u in units)
         raise DataError(f"{total} rows cannot fill one step of {batch_size} samples x {world_size} ranks "
-                        f"x {step_multiple} accumulation steps: lower data.batch_size or use more data.")
+                        f"x {step_multiple} accumulation steps: use more data, or lower the global batch "
+                        "(global_batch, or data.batch_size where the config has none).")
     return EpochPlan(streams, steps)
 
 

@@ -60,6 +60,9 @@ class ModelConfig:
     lambda_semantic: float = 1.0
     lambda_instance: float = 1.0
     lambda_rgb: float = 1.0
+    # The semantic head's linear layer and its logits in fp32 under bf16/fp16 autocast (MultiMAE keeps its
+    # semantic output adapter in fp32); the same parameters either way, a no-op without autocast (CPU).
+    semantic_head_fp32: bool = False
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     timm_arch: str = "vit_base_patch16_224"
 
@@ -132,15 +135,17 @@ class MaskedAutoencoder(nn.Module):
                                cfg.semantic_downsample, cfg.input_modalities)
         patch_dims = {m: cfg.patch_dim(m) for m in cfg.modalities}
         shared = (cfg.embed_dim, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
+        fp32_heads = ("semantic",) if cfg.semantic_head_fp32 else ()
         if cfg.decoder == "mae":
             self.decoder = MAEDecoder(*shared, cfg.patch_dim("rgb"), grid, cfg.mlp_ratio)
         elif cfg.decoder == "multimae":
-            self.decoder = MultiMAEDecoder(cfg.modalities, *shared, patch_dims, grid, cfg.mlp_ratio)
+            self.decoder = MultiMAEDecoder(cfg.modalities, *shared, patch_dims, grid, cfg.mlp_ratio, fp32_heads)
         elif cfg.decoder == "parallel":
-            self.decoder = ParallelDecoder(cfg.modalities, *shared, patch_dims, grid, cfg.mlp_ratio, cfg.decoder_units)
+            self.decoder = ParallelDecoder(cfg.modalities, *shared, patch_dims, grid, cfg.mlp_ratio, cfg.decoder_units,
+                                           fp32_heads)
         else:
             self.decoder = CascadedDecoder(cfg.modalities, *shared, patch_dims, grid, cfg.mlp_ratio, cfg.decoder_units,
-                                           link_shift=int(cfg.cascade_link == "shuffled"))
+                                           fp32_heads, link_shift=int(cfg.cascade_link == "shuffled"))
         self.apply(_init_weights)
 
     # Masking -----------------------------------------------------------------------------------

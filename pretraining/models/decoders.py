@@ -11,7 +11,8 @@
   cross-attention.
 - `MAEDecoder` (MAE): RGB only, mask tokens and visible tokens through plain transformer blocks.
 
-Every decoder maps (x (B, 1 + V, D), visible (B, V)) to {modality: (B, N, patch_dim)}.
+Every decoder maps (x (B, 1 + V, D), visible (B, V)) to {modality: (B, N, patch_dim)}. A modality
+in `fp32_heads` gets a `Float32Linear` head: its logits in fp32 under autocast.
 """
 
 from __future__ import annotations
@@ -76,15 +77,28 @@ class DecoderUnit(nn.Module):
         return self.blocks(self.cross(x, context))
 
 
+class Float32Linear(nn.Linear):
+    """nn.Linear computed in fp32 even under autocast: (..., in) -> (..., out) fp32. The same parameters
+    and state_dict keys as nn.Linear; without autocast (CPU runs) exactly nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight, self.bias)
+
+
+def _head(dim: int, patch_dim: int, fp32: bool) -> nn.Linear:
+    return (Float32Linear if fp32 else nn.Linear)(dim, patch_dim)
+
+
 class DecoderStage(nn.Module):
-    """One modality: `units` decoder units (1 in C2FMAE), then a norm and the head."""
+    """One modality: `units` decoder units (1 in C2FMAE), then a norm and the head (fp32 if `head_fp32`)."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, patch_dim: int, mlp_ratio: float = 4.0,
-                 units: int = 1):
+                 units: int = 1, head_fp32: bool = False):
         super().__init__()
         self.units = nn.ModuleList([DecoderUnit(dim, depth, num_heads, mlp_ratio) for _ in range(units)])
         self.norm = LayerNorm(dim)
-        self.head = nn.Linear(dim, patch_dim)
+        self.head = _head(dim, patch_dim, head_fp32)
 
     def forward(self, queries: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """queries: (B, N, Dd), context: (B, L, Dd) -> (output tokens (B, N, Dd), prediction (B, N, patch_dim))."""
@@ -107,7 +121,7 @@ class ParallelDecoder(nn.Module):
 
     def __init__(self, modalities: tuple[str, ...], encoder_dim: int, dim: int, depth: int, num_heads: int,
                  patch_dims: dict[str, int], grid_size: int, mlp_ratio: float = 4.0,
-                 stage_units: tuple[int, ...] | None = None):
+                 stage_units: tuple[int, ...] | None = None, fp32_heads: tuple[str, ...] = ()):
         super().__init__()
         stage_units = stage_units or (1,) * len(modalities)
         self.modalities = modalities
@@ -117,7 +131,7 @@ class ParallelDecoder(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(grid_size, dim), persistent=False)  # (N, Dd)
         self.modality_embed = nn.Parameter(torch.zeros(len(modalities), 1, dim))  # (M, 1, Dd)
         self.stages = nn.ModuleDict({
-            m: DecoderStage(dim, depth, num_heads, patch_dims[m], mlp_ratio, units)
+            m: DecoderStage(dim, depth, num_heads, patch_dims[m], mlp_ratio, units, m in fp32_heads)
             for m, units in zip(modalities, stage_units)
         })
 
@@ -176,7 +190,7 @@ class OutputAdapter(nn.Module):
     """
 
     def __init__(self, modalities: tuple[str, ...], index: int, encoder_dim: int, dim: int, depth: int,
-                 num_heads: int, patch_dim: int, grid_size: int, mlp_ratio: float = 4.0):
+                 num_heads: int, patch_dim: int, grid_size: int, mlp_ratio: float = 4.0, head_fp32: bool = False):
         super().__init__()
         self.index, self.num_modalities, self.num_positions = index, len(modalities), grid_size**2
         self.proj_context = nn.Linear(encoder_dim, dim)
@@ -189,7 +203,7 @@ class OutputAdapter(nn.Module):
         self.blocks = nn.Sequential(*[
             Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm) for _ in range(depth)
         ])
-        self.head = nn.Linear(dim, patch_dim)
+        self.head = _head(dim, patch_dim, head_fp32)
 
     def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """x: (B, 1 + V, D), visible: (B, V) -> (B, N, patch_dim)."""
@@ -208,10 +222,12 @@ class MultiMAEDecoder(nn.Module):
     """MultiMAE's decoders: one independent `OutputAdapter` per modality."""
 
     def __init__(self, modalities: tuple[str, ...], encoder_dim: int, dim: int, depth: int, num_heads: int,
-                 patch_dims: dict[str, int], grid_size: int, mlp_ratio: float = 4.0):
+                 patch_dims: dict[str, int], grid_size: int, mlp_ratio: float = 4.0,
+                 fp32_heads: tuple[str, ...] = ()):
         super().__init__()
         self.adapters = nn.ModuleDict({
-            m: OutputAdapter(modalities, i, encoder_dim, dim, depth, num_heads, patch_dims[m], grid_size, mlp_ratio)
+            m: OutputAdapter(modalities, i, encoder_dim, dim, depth, num_heads, patch_dims[m], grid_size, mlp_ratio,
+                             m in fp32_heads)
             for i, m in enumerate(modalities)
         })
 

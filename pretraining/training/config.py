@@ -37,7 +37,11 @@ class OptimConfig:
     lr: float | None = None  # an absolute learning rate instead of the scaled base_lr
     min_lr: float = 0.0  # where the cosine ends
     betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.05  # not applied to biases, norms, position embeddings and tokens
+    # Decays every weight of 2 or more dimensions: the linear and conv weights, the class token and the
+    # modality and class embeddings (as MAE, whose optimizer also decays its class and mask tokens); not
+    # biases, norms or the 1-d mask tokens (timm's param_groups_weight_decay). Position embeddings are
+    # fixed sin-cos buffers, not parameters.
+    weight_decay: float = 0.05
     warmup_epochs: float = 40.0
     clip_grad: float | None = None  # max gradient norm; MAE does not clip
 
@@ -51,7 +55,10 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: int = 400
-    accum_steps: int = 1  # micro-batches per optimizer step
+    # Samples per optimizer step over all processes. The run splits it into data.batch_size-capped
+    # micro-batches per process and accumulation steps for the world size it finds (training/allocation.py);
+    # None: one micro-batch of data.batch_size per process (global = batch_size x processes).
+    global_batch: int | None = None
     seed: int = 0
     precision: str = "bf16"  # bf16 | fp16 (with loss scaling) | fp32; autocast on GPU only (CPU runs in fp32)
     compile: bool = False  # torch.compile the model
@@ -66,18 +73,27 @@ class TrainConfig:
     def __post_init__(self):
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ConfigError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}.")
-        for name in ("epochs", "accum_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+        for name in ("epochs", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.keep_every_epochs < 0:
             raise ConfigError(f"keep_every_epochs must be 0 (off) or a number of epochs, got {self.keep_every_epochs}.")
         if self.data.batch_size < 1:
             raise ConfigError(f"data.batch_size must be at least 1, got {self.data.batch_size}.")
+        if self.global_batch is not None and self.global_batch < 1:
+            raise ConfigError(f"global_batch must be at least 1 (or None), got {self.global_batch}.")
 
 
 # Keys that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_KEYS = frozenset({"checkpoint_every", "keep_checkpoints", "keep_every_epochs", "log_every", "figure_every",
                             "compile", "log_samples", "log_grad_share", "data.prefetch_factor"})
+# Keys a resume may change on purpose, with `--amend KEY=VALUE` (recorded in run.json with its step): they
+# change what is computed from then on, not the model's shape, the data or the seed. The learning rate and
+# its schedule's tail, clipping, precision, the loss weights, the semantic head's precision, the loader's
+# workers and decode path, and the per-process batch cap (the global batch stays: training/allocation.py).
+AMENDABLE_KEYS = frozenset({"optim.lr", "optim.base_lr", "optim.min_lr", "optim.warmup_epochs", "optim.clip_grad",
+                            "precision", "model.lambda_semantic", "model.lambda_instance", "model.lambda_rgb",
+                            "model.semantic_head_fp32", "data.num_workers", "data.decode", "data.batch_size"})
 
 
 def _parse(text: str, current: Any, key: str) -> Any:
@@ -147,6 +163,9 @@ def apply_overrides(cfg: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
         if not sep or not key:
             raise ConfigError(f"--set {item}: write overrides as key=value, e.g. data.batch_size=32.")
         path = key.split(".")
+        if path == ["accum_steps"]:
+            raise ConfigError(f"--set {item}: accumulation is derived now: set global_batch (samples per optimizer "
+                              "step over all processes) and data.batch_size (the most one process computes at once).")
         if path[0] == "model_args":
             raise ConfigError(f"--set {item}: the model's fields are now set as {_model_spelling(path[1:])}="
                               f"{text or 'VALUE'} (model_args is gone: the run config holds the whole model config).")
@@ -167,6 +186,22 @@ def apply_overrides(cfg: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
         return dataclasses.replace(cfg, model=rederive(cfg.model, model, given))
     except (TypeError, ValueError) as err:  # ModelConfig's (or MaskingConfig's) own validation
         raise ConfigError(f"--set {' '.join(items)}: {err}") from err
+
+
+def amend(cfg: TrainConfig, amendments: Iterable[str]) -> tuple[TrainConfig, list[str]]:
+    """`cfg` with `--amend KEY=VALUE` strings applied as `--set` would, and their keys; a key outside
+    AMENDABLE_KEYS (and the free RESUMABLE_KEYS) is a ConfigError naming what may change."""
+    items = list(amendments)
+    keys = [item.partition("=")[0].strip() for item in items]
+    for key in keys:
+        if key not in AMENDABLE_KEYS | RESUMABLE_KEYS:
+            raise ConfigError(f"--amend {key}: only {', '.join(sorted(AMENDABLE_KEYS))} (and the cadence keys) may "
+                              "change within a run, never the model's shape, the data or the seed; start a new "
+                              "--output for that.")
+    try:
+        return apply_overrides(cfg, items), keys
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("--set ", "--amend ", 1)) from err
 
 
 def to_dict(cfg: Any) -> dict:

@@ -3,9 +3,11 @@
 The optimisation recipe is MAE's, which the paper's relatives (MultiMAE, SemMAE) start from and
 the paper does not contradict: AdamW with betas (0.9, 0.95), weight decay 0.05, learning rate
 1.5e-4 x global batch / 256, 40 warm-up epochs then a cosine to 0, no gradient clipping.
-The global batch is data.batch_size x ranks x accum_steps: the base recipes are sized for 4096
-(MAE's batch) as 256 per GPU on 16 GPUs; on 8 GPUs add `--set accum_steps=2` to keep it, or let
-the learning rate scale with the smaller batch. See docs/training.md for the choices and commands.
+The base recipes own their global batch, 4096 (MAE's): the run splits it over the GPUs it finds
+into per-GPU micro-batches of at most `data.batch_size` (256) and accumulation steps
+(training/allocation.py): 256 x 8 x 2 on one node, 128 x 32 x 1 on four; the learning rate is
+2.4e-3 either way. The tiny twin states no global batch: one CPU process, one micro-batch of
+`data.batch_size` (what a test or the demo sets). See docs/training.md for the choices and commands.
 Each recipe holds its model's whole resolved config (`models.factory.model_config`).
 """
 
@@ -19,6 +21,7 @@ from pretraining.data.loader import DataConfig
 from pretraining.models.factory import model_config
 from pretraining.training.config import ConfigError, OptimConfig, TrainConfig
 
+# batch_size: the most one GPU computes at once (lower it where 256 does not fit: accumulation makes up the rest).
 _BASE_DATA = DataConfig(batch_size=256, num_workers=10, shuffle_buffer=2048, prefetch_factor=4,
                         augment=AugmentConfig(scale=(0.2, 1.0)))
 
@@ -27,7 +30,8 @@ def tiny() -> TrainConfig:
     """The tiny twin: a 2-block ViT-Ti C2FMAE at 64 px that trains on 2 CPU cores in minutes (tests, demo).
 
     A 4 x 4 patch grid is too small for the paper's 1/6 visible share (8 tokens), so half the
-    tokens stay visible; the batch is small, so the learning rate is set, not scaled.
+    tokens stay visible; the batch is small, so the learning rate is set, not scaled. No global
+    batch: each process trains on one micro-batch of data.batch_size (32, or `--set data.batch_size=8`).
     """
     return TrainConfig(
         name="tiny",
@@ -46,7 +50,7 @@ def tiny() -> TrainConfig:
 def c2fmae_base_400ep() -> TrainConfig:
     """C2FMAE ViT-B/16, 400 epochs (the paper's 83.7 top-1 row)."""
     return TrainConfig(name="c2fmae_base_400ep", model=model_config("c2fmae_vit_base_patch16"),
-                       data=_BASE_DATA,
+                       data=_BASE_DATA, global_batch=4096,
                        optim=OptimConfig(), epochs=400, checkpoint_every=1000, log_every=50, figure_every=5000)
 
 

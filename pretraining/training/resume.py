@@ -1,15 +1,18 @@
 """Resuming a run: what a checkpoint binds (config, processes, dataset), what may change, when it is done.
 
 A run folder is bound by its newest readable checkpoint, which stores the whole resolved config
-(the model's included; training/run_folder.py reads it back) and the run info (world size, the
-dataset's fingerprint). Without a checkpoint nothing
-is bound: a first attempt that failed before its first checkpoint never blocks a corrected retry.
-With one, a rerun must agree with it:
+(the model's included; training/run_folder.py reads it back) and the run info (world size, global
+batch, the dataset's fingerprint). Without a checkpoint nothing is bound: a first attempt that
+failed before its first checkpoint never blocks a corrected retry. With one, a rerun must agree with it:
 
-- the config, `model.*` included, except the cadence keys (`config.RESUMABLE_KEYS`) and `epochs`, which may grow (the
-  learning-rate and curriculum schedules are functions of progress = position / epochs, so they
-  are recomputed over the new total from the next step on);
-- the number of processes (it fixes the data order and the global batch);
+- the config, `model.*` included, except the cadence keys (`config.RESUMABLE_KEYS`), `epochs`, which may
+  grow (the learning-rate and curriculum schedules are functions of progress = position / epochs, so
+  they are recomputed over the new total from the next step on), and the keys the rerun amends on
+  purpose with `--amend KEY=VALUE` (`config.AMENDABLE_KEYS`: learning rate and schedule tail,
+  clipping, precision, loss weights, loader workers and decode path, the per-process batch cap),
+  each recorded in run.json's "amendments" with the optimizer step it applies from;
+- the number of processes (it fixes the data order) and the global batch (with the learning rate
+  it is the recipe's; `--amend data.batch_size` may change how it is split, never its size);
 - the number of semantic classes (`model.num_semantic_classes`, the dataset's: it sizes the model's
   semantic head);
 - the dataset's fingerprint (`dataset_fingerprint`), unless `--new-data` says a change is on purpose.
@@ -23,12 +26,20 @@ import hashlib
 import json
 import posixpath
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataset_card.contract import layout, shards
 from pretraining.data.loader import LabeledDataset
-from pretraining.training.config import RESUMABLE_KEYS, TrainConfig, differing_keys, flatten, to_dict
+from pretraining.training.config import (
+    AMENDABLE_KEYS,
+    RESUMABLE_KEYS,
+    TrainConfig,
+    differing_keys,
+    flatten,
+    to_dict,
+)
 from pretraining.training.run_folder import SUMMARY_FILE
 
 # manifest.json keys that change when the same data is labeled again (a resumed labeling run), not
@@ -38,6 +49,16 @@ VOLATILE_MANIFEST_KEYS = ("created", "execution")
 
 class RunError(RuntimeError):
     """The run cannot start or continue; the message says what to do."""
+
+
+class DivergedError(RunError):
+    """A non-finite loss stopped the run (`reason`); `amend` holds the `--amend KEY=VALUE` that resume it
+    more carefully, which the message names."""
+
+    def __init__(self, reason: str, amend: list[str]):
+        super().__init__(f"{reason}; resume it from its last checkpoint by adding "
+                         f"{' '.join('--amend ' + a for a in amend)} to its command.")
+        self.reason, self.amend = reason, amend
 
 
 def _sha256(data: object) -> str:
@@ -65,33 +86,49 @@ class Resume:
     """What a rerun does with a run folder's newest checkpoint."""
 
     complete: bool = False  # the checkpoint is at the end of the configured epochs: nothing to do
-    notes: list[str] = field(default_factory=list)  # lines for the user (extended epochs, new data)
+    notes: list[str] = field(default_factory=list)  # lines for the user (extended epochs, new data, amendments)
+    amendments: list[dict] = field(default_factory=list)  # {"step", "key", "from", "to"} of this rerun's --amend
 
 
 def check_resume(checkpoint: Path, saved_config: dict, saved_run: dict, cfg: TrainConfig, run_info: dict,
-                 position: tuple[int, int], new_data: bool = False) -> Resume:
-    """Refuse (RunError, one sentence) a rerun that disagrees with `checkpoint`; else say what it does."""
+                 position: tuple[int, int], new_data: bool = False, amend: Sequence[str] = (),
+                 step: int = 0) -> Resume:
+    """Refuse (RunError, one sentence) a rerun that disagrees with `checkpoint`; else say what it does.
+    `amend`: the keys the rerun changes on purpose (`--amend`), applied from optimizer step `step`."""
     run_dir = checkpoint.parent.parent
+    current = to_dict(cfg)
     # The class count is the dataset's (set at start): a change is told apart below, in its own sentence.
-    keys = differing_keys(saved_config, to_dict(cfg),
-                          ignore=RESUMABLE_KEYS | {"epochs", "model.num_semantic_classes"})
-    if keys:  # e.g. a changed factory default: the checkpoint's values, as the --set that restores them
+    keys = differing_keys(saved_config, current, ignore=RESUMABLE_KEYS | {"epochs", "model.num_semantic_classes"})
+    refused = [k for k in keys if k not in amend]
+    if refused:  # e.g. a changed factory default: the checkpoint's values, as the --set that restores them
         stored = flatten(saved_config)
-        restore = " ".join(f"--set {shlex.quote(f'{k}={stored[k]!r}')}" for k in keys[:3] if k in stored)
-        raise RunError(f"checkpoint {checkpoint} comes from another config (differing: {', '.join(keys)}); use "
+        restore = " ".join(f"--set {shlex.quote(f'{k}={stored[k]!r}')}" for k in refused[:3] if k in stored)
+        amendable = [k for k in refused if k in AMENDABLE_KEYS]
+        raise RunError(f"checkpoint {checkpoint} comes from another config (differing: {', '.join(refused)}); use "
                        "a new --output, or the run's own --config and --set to resume it"
-                       + (f" ({restore} gives the checkpoint's values{', and more' if len(keys) > 3 else ''})."
-                          if restore else "."))
+                       + (f" ({restore} gives the checkpoint's values{', and more' if len(refused) > 3 else ''})"
+                          if restore else "")
+                       + (f"; to change {', '.join(amendable)} on purpose, pass --amend KEY=VALUE instead of --set"
+                          if amendable else "") + ".")
+    stored, now = flatten(saved_config), flatten(current)
+    amendments = [{"step": step, "key": k, "from": stored.get(k), "to": now.get(k)} for k in keys]
     if saved_run.get("world_size") != run_info["world_size"]:
         raise RunError(f"{run_dir} was trained on {saved_run.get('world_size')} processes, not "
                        f"{run_info['world_size']}: resume it with the same number of GPUs (the data order "
                        "and learning rate depend on it), or start a new --output.")
+    saved_batch = saved_run.get("global_batch")
+    if saved_batch is not None and saved_batch != run_info["global_batch"]:
+        raise RunError(f"{run_dir} trains at a global batch of {saved_batch}, not {run_info['global_batch']}: the "
+                       "global batch cannot change within a run (without a global_batch in its config, "
+                       "data.batch_size is each process's whole batch), so keep its data.batch_size or start a new "
+                       "--output.")
     saved_classes = saved_config["model"]["num_semantic_classes"]
     if saved_classes != cfg.model.num_semantic_classes:
         raise RunError(f"{run_dir} was trained with {saved_classes} semantic classes but --data {run_info['data']} "
                        f"has {cfg.model.num_semantic_classes}: the model's semantic head cannot change, so train on "
                        "that data in a new --output.")
-    notes = []
+    notes = [f"amended from optimizer step {a['step']} on: {a['key']} {a['from']} -> {a['to']} (--amend; recorded "
+             "in run.json)" for a in amendments]
     saved_data, data = saved_run.get("dataset"), run_info["dataset"]
     if saved_data is not None and saved_data != data:
         differing = ", ".join(f"{k} {saved_data.get(k)} -> {data[k]}" if k in ("rows", "images") else k
@@ -110,7 +147,7 @@ def check_resume(checkpoint: Path, saved_config: dict, saved_run: dict, cfg: Tra
         notes.append(f"extending the run from {saved_epochs} to {cfg.epochs} epochs: the learning-rate and masking "
                      f"schedules are recomputed over {cfg.epochs} epochs from epoch {position[0]}, batch "
                      f"{position[1]} on.")
-    return Resume(complete=position[0] >= cfg.epochs, notes=notes)
+    return Resume(complete=position[0] >= cfg.epochs, notes=notes, amendments=amendments)
 
 
 def complete_summary(run_dir: Path, state: dict) -> dict:

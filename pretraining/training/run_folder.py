@@ -51,15 +51,24 @@ def open_samples_log(path: Path, position: tuple[int, int]) -> IO[str]:
 def upgrade(config: dict, run: dict) -> dict:
     """A stored config (config.json or a checkpoint's "config") in today's form; `run` is its run info.
 
+    A config with `accum_steps` (before the global batch was the recipe's) gets the global batch it
+    trained at, which today's allocation splits back into the same batch and accumulation.
     An old config names its model (`"model": "c2fmae_vit_tiny_patch16"`) and keeps only the factory's
     keyword overrides (`"model_args"`): that is all it holds, so today's factory resolves it, once,
     with the semantic class count the run recorded.
     """
+    if "accum_steps" in config:  # written before global_batch: batch x processes x accumulation was its batch
+        accum = config["accum_steps"]
+        config = {k: v for k, v in config.items() if k != "accum_steps"}
+        if accum != 1:
+            config["global_batch"] = config["data"]["batch_size"] * run.get("world_size", 1) * accum
     if not isinstance(config.get("model"), str):
         return config
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("model_args", {}).items()}
     try:
-        model = model_config(config["model"], num_semantic_classes=run["num_semantic_classes"], **args)
+        # What such a run trained with: its semantic head followed autocast (the switch came later).
+        model = model_config(config["model"], num_semantic_classes=run["num_semantic_classes"],
+                             **{"semantic_head_fp32": False, **args})
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"the run's stored config (model {config['model']} with model_args {args}) no longer "
                           f"resolves ({err.__class__.__name__}: {err}); use the code version that wrote it.") from err

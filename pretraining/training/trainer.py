@@ -1,11 +1,13 @@
 """A training run, built and held: `Trainer.__init__` sets the run up, its methods are the loop's steps.
 
-`__init__`, in order: open the dataset; take the newest readable checkpoint, if any, and check that
-the rerun agrees with it (training/resume.py; a finished run builds nothing: `complete` holds its
-summary); build the model from the config (on resume: the checkpoint's stored model config), start
-its encoder from --init on a fresh run; the optimizer, grad scaler and curriculum, restored on
-resume; the loader from the data position; write config.json, run.json (and init.json) on rank 0;
-compile and wrap in DDP; TensorBoard, the sample log and the progress bar.
+`__init__`, in order: open the dataset; split the global batch for this world size
+(training/allocation.py); take the newest readable checkpoint, if any, and check that the rerun
+agrees with it, its `--amend`s recorded (training/resume.py; a finished run builds nothing:
+`complete` holds its summary; a dry run stops here with the banner); build the model from the
+config (on resume: the checkpoint's stored model config), start its encoder from --init on a fresh
+run; the optimizer, grad scaler and curriculum, restored on resume; the loader from the data
+position; write config.json, run.json (and init.json) on rank 0; print the banner; wrap in DDP,
+then compile; TensorBoard, the sample log and the progress bar.
 
 The loop that drives the methods is `pretraining.train.train_loop`; state lives in attributes
 (`global_step`, `position`, `last`, ...), so the methods share it without closures.
@@ -19,6 +21,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,16 +29,23 @@ from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pretraining.data.loader import PretrainingLoader, SampleSpec, open_labeled_dataset
-from pretraining.models.autoencoder import PretrainOutput
+from pretraining.data.loader import DataConfig, PretrainingLoader, SampleSpec, open_labeled_dataset
+from pretraining.models.autoencoder import ModelConfig, PretrainOutput
 from pretraining.models.curriculum import Curriculum
 from pretraining.training import checkpoint as ckpt
+from pretraining.training.allocation import allocate, banner, peak_lr
 from pretraining.training.config import TrainConfig, to_dict
 from pretraining.training.distributed import Distributed, gather, mean_over_ranks, param_hash
 from pretraining.training.init_weights import InitReport, initialize
 from pretraining.training.loss_meter import LossMeter, MicroStep, NonFiniteLoss
 from pretraining.training.monitor import Monitor, reconstruction_figure, step_scalars
-from pretraining.training.resume import RunError, check_resume, complete_summary, dataset_fingerprint
+from pretraining.training.resume import (
+    DivergedError,
+    RunError,
+    check_resume,
+    complete_summary,
+    dataset_fingerprint,
+)
 from pretraining.training.run_folder import (
     CONFIG_FILE,
     INIT_FILE,
@@ -55,31 +65,53 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data: str, run_dir: Path, distributed: Distributed,
                  images: str | None = None, new_data: bool = False, init: str | None = None,
-                 show_progress: bool = True):
+                 show_progress: bool = True, amend: Sequence[str] = (), dry_run: bool = False):
         self.run_dir, self.distributed = run_dir, distributed
         self.device, self.main = device, main = distributed.device, distributed.main
         self.dataset = dataset = open_labeled_dataset(data, images)
         num_classes = dataset.metadata.num_semantic_classes  # the model's semantic head follows the data
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_semantic_classes=num_classes))
-        global_batch = cfg.data.batch_size * distributed.world_size * cfg.accum_steps
-        self.peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * global_batch / 256
-        self.run_info = {"data": str(data), "world_size": distributed.world_size, "global_batch": global_batch,
-                         "lr": self.peak_lr, "dataset_rows": dataset.num_rows, "num_semantic_classes": num_classes,
+        # The recipe's global batch, split for this world size; the peak lr follows the global batch only.
+        self.allocation = alloc = allocate(cfg.global_batch, cfg.data.batch_size, distributed.world_size)
+        self.accum_steps = alloc.accum
+        self.peak_lr = peak_lr(cfg.optim.lr, cfg.optim.base_lr, alloc.global_batch)
+        self.run_info = {"data": str(data), "world_size": distributed.world_size, "global_batch": alloc.global_batch,
+                         "per_gpu_batch": alloc.per_gpu, "accum_steps": alloc.accum, "lr": self.peak_lr,
+                         "dataset_rows": dataset.num_rows, "num_semantic_classes": num_classes,
                          "dataset": dataset_fingerprint(dataset),
-                         "init": None}  # --init's source and sha256, when the run started from another checkpoint
+                         "init": None,  # --init's source and sha256, when the run started from another checkpoint
+                         "amendments": []}  # every --amend of a resume: {"step", "key", "from", "to"}
         # The newest readable checkpoint binds the run (config, processes, data); an unreadable newer one is moved aside.
         self.complete: dict | None = None
-        resumed = ckpt.load_newest_readable(run_dir, move_aside=main, warn=self.say)
+        resumed = ckpt.load_newest_readable(run_dir, move_aside=main and not dry_run, warn=self.say)
+        position = (0, 0)
         if resumed is not None:
             latest, state = resumed
             stored, saved_run = stored_config(state)
-            plan = check_resume(latest, to_dict(stored), saved_run, cfg, self.run_info,
-                                (state["position"]["epoch"], state["position"]["step"]), new_data)
+            position = (state["position"]["epoch"], state["position"]["step"])
+            plan = check_resume(latest, to_dict(stored), saved_run, cfg, self.run_info, position, new_data, amend,
+                                state["global_step"])
             if plan.complete:  # a rerun of a finished run: say so and change nothing
                 self.complete = {**complete_summary(run_dir, state), "complete": True}
                 return
-            cfg = dataclasses.replace(cfg, model=stored.model)  # what the run was built with, not today's defaults
+            self.run_info["amendments"] = saved_run.get("amendments", []) + plan.amendments
+            # What the run was built with, not today's defaults; an amended field (a loss weight) is this rerun's.
+            model_amended = {k.split(".", 1)[1]: getattr(cfg.model, k.split(".", 1)[1])
+                             for k in amend if k.startswith("model.")}
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(stored.model, **model_amended))
+            # Checkpoints lie between optimizer steps: step k of the epoch, in this split's micro-steps.
+            saved_accum = allocate(stored.global_batch, stored.data.batch_size, saved_run["world_size"]).accum
+            position = (position[0], position[1] // saved_accum * alloc.accum)
+        elif amend:
+            self.say(f"no checkpoint in {run_dir} to amend: --amend {' '.join(amend)} applies to this fresh start "
+                     "as --set would.")
         self.cfg = cfg
+        if dry_run:  # the banner (and any refusal above), nothing built, nothing written
+            loader = PretrainingLoader(dataset, self._sample_spec(cfg.model), self._data_config(), distributed.rank,
+                                       distributed.world_size, position, alloc.accum)
+            self.say(self.banner(loader.steps_per_epoch))
+            self.complete = {"dry_run": True}
+            return
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = model = build_model(cfg.model)
@@ -102,31 +134,34 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)  # bf16: no scaling
 
         self.curriculum = Curriculum(model.cfg.masking.curriculum, device)
-        self.global_step, self.position = 0, (0, 0)  # optimizer steps done; next (epoch, micro-step) to load
+        self.global_step, self.position = 0, position  # optimizer steps done; next (epoch, micro-step) to load
         if resumed is not None:
             self._restore(latest, state, plan.notes)
 
         mcfg = model.cfg
-        spec = SampleSpec(img_size=mcfg.img_size, patch_size=mcfg.patch_size, modalities=mcfg.modalities,
-                          masking=mcfg.masking, augment=cfg.data.augment, ignore_value=dataset.metadata.ignore_value,
-                          seed=cfg.seed, epochs=cfg.epochs, instance_offset_unit=mcfg.offset_unit_pixels,
-                          num_semantic_classes=num_classes)
-        self.loader = PretrainingLoader(dataset, spec, cfg.data, distributed.rank, distributed.world_size,
-                                        self.position, cfg.accum_steps, pin_memory=device.type == "cuda")
+        self.loader = PretrainingLoader(dataset, self._sample_spec(mcfg), self._data_config(), distributed.rank,
+                                        distributed.world_size, self.position, alloc.accum,
+                                        pin_memory=device.type == "cuda")
+        steps_per_epoch = self.loader.steps_per_epoch  # micro-steps of epoch 0; later epochs may differ slightly
+        self.run_info["steps_per_epoch"] = steps_per_epoch // alloc.accum
         if main:  # only now: a start refused above leaves nothing behind
             self._write_run_files(init_report)
-        steps_per_epoch = self.loader.steps_per_epoch  # micro-steps of epoch 0; later epochs may differ slightly
-        self.train_model = torch.compile(model) if cfg.compile else model
+        self.say(self.banner(steps_per_epoch))
+        # DDP first, then compile (PyTorch's documented order): compiling the DDP module lets dynamo split the
+        # graph at DDP's buckets, so gradient all-reduce overlaps backward. `self.model` stays the bare module.
+        self.train_model = model
         if distributed.world_size > 1:
             # broadcast_buffers=False: the only buffers are fixed sin-cos position embeddings, equal on every rank.
             self.train_model = DistributedDataParallel(
-                self.train_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
         # purge_step hides what a killed run logged after the checkpoint resumed from.
         self.monitor = Monitor(run_dir, enabled=main, purge_step=self.global_step + 1)
         self.strategies = StrategyLog(mcfg.modalities, device)
         self.samples_log = open_samples_log(samples_log_path(run_dir, distributed.rank), self.position) \
             if cfg.log_samples else None
-        self.bar = tqdm(total=cfg.epochs * steps_per_epoch // cfg.accum_steps, initial=self.global_step, unit="step",
+        self.bar = tqdm(total=cfg.epochs * steps_per_epoch // alloc.accum, initial=self.global_step, unit="step",
                         disable=not (main and show_progress), dynamic_ncols=True)
         if resumed is not None and main and self.keeps(self.position) \
                 and not ckpt.kept_path(run_dir, self.position[0]).exists():
@@ -141,9 +176,10 @@ class Trainer:
         """Continue from checkpoint `latest`: weights, optimizer, scaler, curriculum, position, this rank's RNG."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without fp16 (precision may be amended): a fresh scale then
+            self.scaler.load_state_dict(state["scaler"])
         self.curriculum.load_state_dict(state["curriculum"].get("adaptive", {}))
-        self.global_step, self.position = state["global_step"], (state["position"]["epoch"], state["position"]["step"])
+        self.global_step = state["global_step"]  # self.position: the checkpoint's, in this split's micro-steps
         ckpt.set_rng_state(state["rng"][self.distributed.rank])
         self.say(f"resuming from {latest}: optimizer step {self.global_step}, epoch {self.position[0]}, "
                  f"batch {self.position[1]}")
@@ -158,6 +194,25 @@ class Trainer:
             write_json(self.run_dir / INIT_FILE, dataclasses.asdict(init_report))
             for line in [*init_report.lines(), f"init: the report is in {self.run_dir / INIT_FILE}"]:
                 self.say(line)
+
+    def _sample_spec(self, mcfg: ModelConfig) -> SampleSpec:
+        cfg, metadata = self.cfg, self.dataset.metadata
+        return SampleSpec(img_size=mcfg.img_size, patch_size=mcfg.patch_size, modalities=mcfg.modalities,
+                          masking=mcfg.masking, augment=cfg.data.augment, ignore_value=metadata.ignore_value,
+                          seed=cfg.seed, epochs=cfg.epochs, instance_offset_unit=mcfg.offset_unit_pixels,
+                          num_semantic_classes=metadata.num_semantic_classes)
+
+    def _data_config(self) -> DataConfig:
+        """The loader's config: data.batch_size is the allocation's per-process micro-batch."""
+        return dataclasses.replace(self.cfg.data, batch_size=self.allocation.per_gpu)
+
+    def banner(self, steps_per_epoch: int) -> str:
+        """What this start trains with (training/allocation.py); `steps_per_epoch` in micro-steps."""
+        cfg, alloc = self.cfg, self.allocation
+        rule = "optim.lr, fixed" if cfg.optim.lr is not None else \
+            f"base_lr {cfg.optim.base_lr:g} x {alloc.global_batch} / 256"
+        return banner(cfg.name, alloc, self.peak_lr, rule, cfg.optim.warmup_epochs, cfg.epochs,
+                      steps_per_epoch // alloc.accum, cfg.data.num_workers)
 
     def say(self, line: str) -> None:
         """A line for the user on stderr (rank 0 only), beside the progress bar."""
@@ -192,7 +247,7 @@ class Trainer:
         with no_sync:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 out = self.train_model(inputs)
-            self.scaler.scale(out.loss / self.cfg.accum_steps).backward()
+            self.scaler.scale(out.loss / self.accum_steps).backward()
         return out
 
     def keep_losses(self, out: PretrainOutput, inputs: dict[str, torch.Tensor], epoch: int, step: int) -> None:
@@ -237,9 +292,12 @@ class Trainer:
         try:
             steps = self.meter.check(lambda values: mean_over_ranks(values, self.distributed)) \
                 if self.meter is not None else []
-        except NonFiniteLoss as err:
-            raise RunError(f"{err}. The run stopped; lower optim.lr or use precision=fp32, then rerun to resume "
-                           "from the last checkpoint.") from None
+        except NonFiniteLoss as err:  # the amendments that resume it more carefully: half the lr, in fp32
+            optim, fp32 = self.cfg.optim, self.cfg.precision == "fp32"
+            amend = [f"optim.lr={optim.lr / 2:g}" if optim.lr is not None else f"optim.base_lr={optim.base_lr / 2:g}",
+                     *([] if fp32 else ["precision=fp32"])]
+            raise DivergedError(f"{err}. The run stopped: nothing was saved after its last checkpoint, which "
+                                f"can go on at half the learning rate{'' if fp32 else ' in fp32'}", amend) from None
         if self.samples_log is not None and steps:
             with writing(self.samples_log.name):
                 for s in steps:
