@@ -6,9 +6,11 @@
 #   Two nodes (run on each; NODE_RANK 0 and 1, MASTER_ADDR = node 0's address):
 #     NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash workflows/pretrain.sh /data/imagenet-c2f runs/c2fmae_base_400ep c2fmae_base_400ep
 #
-# Rerun the same command to resume from the newest checkpoint in RUN. The base recipes are sized
-# for MAE's global batch of 4096 as 256 per GPU on 16 GPUs; on 8 GPUs pass `--set accum_steps=2`
-# to keep it (see docs/training.md). Cost: the paper reports C2FMAE at about 1.3x MAE's; our
+# Arguments after CONFIG go to `python -m pretraining.train` (`--set key=value`, `--amend key=value`,
+# `--dry-run`). Rerun the same command to resume from the newest checkpoint in RUN. The recipe owns
+# its global batch (4096 for the base recipes): the run splits it over the GPUs it finds (256 per GPU
+# x 2 accumulation steps on 8, 128 x 1 on 32) and prints the split, the peak lr and the schedule at
+# start; nothing here changes it. Cost: the paper reports C2FMAE at about 1.3x MAE's; our
 # forward+backward FLOPs at ViT-B are 1.09x MAE's (benchmarks/pretrain_step.py).
 set -euo pipefail
 data=${1:?usage: pretrain.sh DATA RUN [CONFIG] [--set key=value ...]}

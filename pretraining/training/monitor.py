@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.legend_handler import HandlerTuple  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
@@ -111,8 +112,9 @@ def _semantic(ids: torch.Tensor) -> np.ndarray:
 
 
 def _instance(rep: torch.Tensor) -> np.ndarray:
-    """(3, H, W) boundary + centre offsets -> (H, W, 3): boundaries red, offsets as green/blue around grey
-    (squashed by tanh, the same in every column, whether their unit is the patch or the image)."""
+    """(3, H, W) boundary + centre offsets -> (H, W, 3): the boundary in the red channel (a boundary pixel
+    without offset is pink, (1, 0.5, 0.5)), offsets as green/blue around grey-teal (squashed by tanh, the
+    same in every column, whether their unit is the patch or the image)."""
     b, dy, dx = rep.float().cpu()
     return torch.stack([b.clamp(0, 1), 0.5 + 0.5 * torch.tanh(2 * dy), 0.5 + 0.5 * torch.tanh(2 * dx)],
                        dim=-1).numpy()
@@ -146,15 +148,31 @@ def _notes(modality: str, target: torch.Tensor, visible: torch.Tensor) -> tuple[
     return empty, masked_input, None, target_note
 
 
+def legend_entries(modalities: list[str]) -> list[tuple[tuple[Patch, ...], str]]:
+    """(swatches, label) per legend line, each swatch coloured by the function that draws the panels: the
+    class colours as a strip of the first few, a boundary as `_instance` draws one (red over grey-teal)."""
+    def swatch(rgb: np.ndarray) -> Patch:
+        return Patch(color=tuple(float(c) for c in rgb))
+
+    classes = _semantic(torch.arange(6)[None])[0]  # (6, 3): the first classes' colours
+    ignore = _semantic(torch.tensor([[-1]]))[0, 0]
+    # Instance pixels (boundary, dy, dx): a boundary with no offset, no offset, then offsets down and right.
+    instance = _instance(torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])[:, None])[0]
+    entries = [((swatch(np.full(3, 0.5)),), "grey: masked (hidden from the encoder); in target: visible, no loss")]
+    if "semantic" in modalities:
+        entries += [(tuple(swatch(c) for c in classes), "semantic: one colour per class (tab20, repeating after 20)"),
+                    ((swatch(ignore),), "semantic: ignore")]
+    if "instance" in modalities:
+        entries += [((swatch(instance[0]),), "instance: boundaries"),
+                    (tuple(swatch(c) for c in instance[1:]), "instance: green/blue = offset to the instance centre "
+                                                             "(y/x); teal = no offset")]
+    return entries
+
+
 def _legend(fig: Figure, modalities: list[str]) -> None:
-    grey = [Patch(color=(0.5, 0.5, 0.5), label="grey: masked (hidden from the encoder); in target: visible, no loss")]
-    semantic = [Patch(color=plt.get_cmap("tab20")(0), label="semantic: one colour per class (tab20)"),
-                Patch(color="black", label="semantic: ignore")]
-    instance = [Patch(color="red", label="instance: boundaries"),
-                Patch(color=(0.0, 0.5, 0.5), label="instance: green/blue = offset to the instance centre (y/x); "
-                                                    "teal = no offset")]
-    handles = grey + (semantic if "semantic" in modalities else []) + (instance if "instance" in modalities else [])
-    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    entries = legend_entries(modalities)
+    fig.legend(handles=[h for h, _ in entries], labels=[label for _, label in entries], loc="lower center", ncol=2,
+               fontsize=7, frameon=False, handler_map={tuple: HandlerTuple(ndivide=None, pad=0)})
 
 
 def reconstruction_figure(batch: dict[str, torch.Tensor], reconstruction: dict[str, torch.Tensor],
