@@ -1,7 +1,9 @@
 """Export a run's encoder to timm: `python -m pretraining.export RUN --to timm --output DIR`.
 
 DIR gets timm's hub layout (`config.json` naming the architecture, `model.safetensors`), written by
-timm's own `save_for_hf` from a timm model that accepted our weights with `strict=True`. Then
+timm's own `save_for_hf` from a timm model that accepted our weights with `strict=True`, and a
+README.md saying what the encoder is (config.json's `architecture` must be a registered timm name:
+a 2-block 64 px encoder reads `vit_tiny_patch16_224` there, with `model_args` that reshape it). Then
 
     timm.create_model("local-dir:DIR", pretrained=True, num_classes=0)
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +29,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from pretraining.training import checkpoint as ckpt
-from pretraining.training.config import RESUMABLE_KEYS, ConfigError, differing_keys, to_dict
+from pretraining.training.config import AMENDABLE_KEYS, RESUMABLE_KEYS, ConfigError, differing_keys, to_dict
 from pretraining.training.run_folder import CONFIG_FILE, RUN_FILE, build_model, stored_config, upgrade
 
 
@@ -39,7 +42,7 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) ->
 
     The model is rebuilt from the whole model config stored in the checkpoint itself (never from
     today's factory defaults, nor from the editable RUN/config.json and run.json: those must agree
-    with it, but for the keys a resume may change: cadence and epochs, or the export is refused,
+    with it, but for the keys a resume may change: cadence, amendments and epochs, or the export is refused,
     naming the fields). Runs written before the model config was stored whole are read through
     `run_folder.upgrade`."""
     run_dir = Path(run_dir)
@@ -61,7 +64,8 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) ->
     except ValueError as err:
         raise ExportError(f"{run_dir / CONFIG_FILE} or {RUN_FILE} is not valid JSON ({err}); restore it, or "
                           "delete the file's edits.") from err
-    fields = differing_keys(to_dict(cfg), upgrade(*on_disk), ignore=RESUMABLE_KEYS | {"epochs"})
+    # A resume's amendments (a learning rate, a loss weight) leave an older checkpoint's config behind config.json.
+    fields = differing_keys(to_dict(cfg), upgrade(*on_disk), ignore=RESUMABLE_KEYS | AMENDABLE_KEYS | {"epochs"})
     if on_disk[1].get("num_semantic_classes") != saved_run.get("num_semantic_classes"):
         fields.append(f"{RUN_FILE} num_semantic_classes")
     if fields:
@@ -107,8 +111,35 @@ def _family(model: torch.nn.Module) -> str:
     return "c2fmae" if cfg.decoder == "cascaded" else "multimae"
 
 
-def export_timm(model: torch.nn.Module, output: str | Path) -> tuple[Path, torch.nn.Module]:
-    """Write `output` in timm's hub layout; returns it and the timm model that holds the weights."""
+def readme(model: torch.nn.Module, args: dict, source: str | None = None) -> str:
+    """DIR/README.md: what the weights are, where a reader looks first (config.json's `architecture` must be a
+    name timm has registered, e.g. vit_tiny_patch16_224 for a 2-block 64 px encoder)."""
+    cfg = model.cfg
+    what = (f"a ViT encoder of {cfg.depth} blocks, {cfg.embed_dim} wide, {cfg.num_heads} heads, {cfg.patch_size} px "
+            f"patches, for {cfg.img_size} px images")
+    standard = not args
+    built = (f"`model_args` in config.json ({', '.join(f'{k}={v}' for k, v in args.items())}) make timm's "
+             f"`{cfg.timm_arch}` into this encoder; timm builds a model only from a registered name, which is why "
+             "`architecture` names that one" if not standard else f"it is timm's `{cfg.timm_arch}` exactly")
+    return "\n".join([
+        f"# {_family(model)} encoder: {what}",
+        "",
+        f"Pretrained as `{cfg.arch or _family(model)}` by this project's `pretraining.train`"
+        + (f", exported from `{source}`" if source else "") + f". {built[0].upper()}{built[1:]}.",
+        "Only the RGB path is here (the label adapters and the decoders stay with the run); inputs are",
+        "normalised with ImageNet's mean and std, and `forward_features(images)` gives (B, 1 + N, D) tokens.",
+        "",
+        "```python",
+        "import timm",
+        'encoder = timm.create_model("local-dir:<this folder>", pretrained=True, num_classes=0)',
+        "```",
+        "",
+    ])
+
+
+def export_timm(model: torch.nn.Module, output: str | Path, source: str | None = None) -> tuple[Path, torch.nn.Module]:
+    """Write `output` in timm's hub layout and a README.md saying what it holds (`source`: the checkpoint);
+    returns it and the timm model that holds the weights. Every file gets the mode the umask gives."""
     arch, args = model.cfg.timm_arch, timm_model_args(model)
     encoder = timm.create_model(arch, pretrained=False, num_classes=0, **args)
     try:
@@ -124,6 +155,9 @@ def export_timm(model: torch.nn.Module, output: str | Path) -> tuple[Path, torch
                                        "license": "see the training data's license"}}
     timm.models.save_for_hf(encoder.eval(), output, model_config=model_config, model_args=args,
                             safe_serialization=True, data_config=data_config)
+    (output / "README.md").write_text(readme(model, args, source))
+    # safetensors writes its file as 0600; colleagues on a shared cluster read it like config.json.
+    shutil.copymode(output / "config.json", output / "model.safetensors")
     return output, encoder
 
 
@@ -143,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         model, path = load_run_model(args.run, args.checkpoint)
-        output, _ = export_timm(model, args.output)
+        output, _ = export_timm(model, args.output, source=str(path))
     except (ExportError, ConfigError, ckpt.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

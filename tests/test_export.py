@@ -45,10 +45,16 @@ def test_export_loads_in_timm_both_ways_with_equal_features(run_dir, tmp_path, c
     out = tmp_path / "timm"
     assert main([str(run_dir), "--to", "timm", "--output", str(out)]) == 0
     assert "local-dir:" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    model, _ = load_run_model(run_dir)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    # The weights are as readable as the files beside them (safetensors alone would write 0600).
+    assert len({(out / n).stat().st_mode for n in ("README.md", "config.json", "model.safetensors")}) == 1
+    model, path = load_run_model(run_dir)
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == model.cfg.timm_arch == "vit_tiny_patch16_224"
+    # timm needs a registered name there; the README says first what the weights really are, and where from.
+    first, *rest = (out / "README.md").read_text().splitlines()
+    assert first == "# c2fmae encoder: a ViT encoder of 2 blocks, 192 wide, 3 heads, 16 px patches, for 64 px images"
+    assert str(path) in "\n".join(rest) and "timm builds a model only from a registered name" in "\n".join(rest)
     assert config["num_classes"] == 0
     assert config["pretrained_cfg"]["mean"] == list(IMAGENET_DEFAULT_MEAN)
     assert config["pretrained_cfg"]["std"] == list(IMAGENET_DEFAULT_STD)
