@@ -5,7 +5,9 @@ themselves."""
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from dataset_card.contract import codecs, layout
 from dataset_card.synthetic.shapes import write_synthetic_dataset
 from pretraining.data.loader import DataError, check_taxonomy, open_labeled_dataset
 from pretraining.train import main
+from pretraining.training import checkpoint as ckpt
 from pretraining.training import monitor, storage
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread beats two here
@@ -27,8 +30,8 @@ SETS = ("epochs=1", "data.batch_size=8", "data.num_workers=1", "checkpoint_every
 full_disk = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 
 
-def _args(data, output, *extra) -> list[str]:
-    return ["--data", str(data), "--output", str(output), "--no-progress",
+def _args(data, output, *extra, flags=()) -> list[str]:
+    return ["--data", str(data), "--output", str(output), "--no-progress", *flags,
             *[a for s in (*SETS, *extra) for a in ("--set", s)]]
 
 
@@ -141,6 +144,60 @@ def test_run_files_are_written_atomically_or_not_at_all(tmp_path, monkeypatch):
             raise ValueError("not a disk error")
 
 
+# Divergence ----------------------------------------------------------------------------------------
+
+
+def test_after_a_nan_the_printed_command_resumes_at_half_the_lr_in_fp32(labeled, tmp_path, monkeypatch, capsys):
+    """A NaN at optimizer step 3 (of 4) stops the run after its step-2 checkpoint; the one-line error ends in the
+    command that resumes it with the amendments, which run.json then records with their step."""
+    import pretraining.training.trainer as trainer_module
+
+    build_model = trainer_module.build_model
+
+    def poisoned(config):
+        model = build_model(config)
+        calls = {"n": 0}
+        original = model.loss_term
+
+        def loss_term(modality, *args):
+            calls["n"] += modality == "instance"
+            value = original(modality, *args)
+            return value * float("nan") if modality == "instance" and calls["n"] == 3 else value
+
+        model.loss_term = loss_term
+        return model
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(trainer_module, "build_model", poisoned)
+    assert main(_args(labeled, run, "epochs=2", "data.num_workers=0")) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "not finite at optimizer step 3" in err and "resume with: python -m pretraining.train " in err
+    command = shlex.split(err.split("resume with: ")[1])
+    assert command[-4:] == ["--amend", "optim.lr=0.001", "--amend", "precision=fp32"]  # the tiny recipe's lr, halved
+    assert [p.name for p in ckpt.list_checkpoints(run)][-1] == "step-00000002.pt"
+
+    monkeypatch.undo()  # the cause is gone; the printed command goes on from the checkpoint
+    assert main(command[3:]) == 0
+    captured = capsys.readouterr()
+    assert "amended from optimizer step 2 on: optim.lr 0.002 -> 0.001" in captured.err
+    assert "done: 4 optimizer steps" in captured.out
+    saved = json.loads((run / "run.json").read_text())
+    assert saved["amendments"] == [{"step": 2, "key": "optim.lr", "from": 0.002, "to": 0.001},
+                                   {"step": 2, "key": "precision", "from": "bf16", "to": "fp32"}]
+    assert saved["lr"] == 0.001 and json.loads((run / "config.json").read_text())["precision"] == "fp32"
+    # The amended config is the run's now: the same command again finds it complete, a plain rerun too.
+    assert main(command[3:]) == 0 and "already complete" in capsys.readouterr().out
+    assert main(_args(labeled, run, "epochs=2", "data.num_workers=0")) == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_an_amendment_of_the_models_shape_is_refused_in_one_sentence(labeled, tmp_path, capsys):
+    assert main(_args(labeled, tmp_path / "run", flags=("--amend", "model.depth=3"))) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith("error: --amend model.depth: only ") and "never the model's shape" in err
+    assert not (tmp_path / "run").exists()
+
+
 # Figures -------------------------------------------------------------------------------------------
 
 
@@ -163,3 +220,13 @@ def test_reconstruction_figures_carry_a_legend_and_say_why_a_panel_is_flat():
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert any(t.startswith("grey: masked") for t in legend) and any("semantic: ignore" in t for t in legend)
     assert any("instance: boundaries" in t for t in legend)
+    # Each swatch is the colour the panels draw: a boundary without offset, several classes, no offset.
+    swatches = {label: [p.get_facecolor()[:3] for p in handles] for handles, label in monitor.legend_entries(
+        ["semantic", "instance", "rgb"])}
+    drawn = monitor._instance(torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1))[0, 0]
+    assert swatches["instance: boundaries"] == [pytest.approx(tuple(drawn))] and tuple(drawn) == (1.0, 0.5, 0.5)
+    classes = next(v for k, v in swatches.items() if k.startswith("semantic: one colour per class"))
+    assert len(classes) >= 4 and classes == [pytest.approx(tuple(c)) for c in monitor._semantic(
+        torch.arange(len(classes))[None])[0]]
+    offsets = next(v for k, v in swatches.items() if "teal = no offset" in k)
+    assert offsets[0] == pytest.approx(tuple(monitor._instance(torch.zeros(3, 1, 1))[0, 0]))

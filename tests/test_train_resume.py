@@ -163,3 +163,68 @@ def test_a_resumed_runs_event_file_sorts_after_its_predecessors(tmp_path):
     names = [p.name for p in (tmp_path / "tensorboard").iterdir()]
     seconds = sorted(int(n.split(".")[3]) for n in names)
     assert len(set(seconds)) == 3 and sorted(names) == sorted(names, key=lambda n: int(n.split(".")[3]))
+
+
+# Amendments ------------------------------------------------------------------------------------------------
+
+
+def test_a_changed_setting_is_refused_unless_amended_on_purpose_and_then_recorded(data, finished, tmp_path,
+                                                                                    capsys):
+    run = _copy(finished, tmp_path / "run")
+    capsys.readouterr()
+    assert main(_args(data / "shapes", run, "epochs=2", "optim.lr=0.001")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "differing: optim.lr" in err and "pass --amend KEY=VALUE instead of --set" in err
+    # Without a global batch the per-process batch is the global batch: a cap it cannot be.
+    assert main(_args(data / "shapes", run, "epochs=2", flags=["--amend", "data.batch_size=4"])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "global batch of 8, not 4" in err
+
+    amendments = ["optim.lr=0.001", "optim.clip_grad=0.5", "model.lambda_rgb=2.0", "data.num_workers=1"]
+    assert main(_args(data / "shapes", run, "epochs=2", flags=[a for x in amendments for a in ("--amend", x)])) == 0
+    captured = capsys.readouterr()
+    assert "amended from optimizer step 2 on: model.lambda_rgb 1.0 -> 2.0" in captured.err
+    assert "done: 4 optimizer steps" in captured.out
+    assert json.loads((run / "run.json").read_text())["amendments"] == [
+        {"step": 2, "key": "data.num_workers", "from": 0, "to": 1},
+        {"step": 2, "key": "model.lambda_rgb", "from": 1.0, "to": 2.0},
+        {"step": 2, "key": "optim.clip_grad", "from": None, "to": 0.5},
+        {"step": 2, "key": "optim.lr", "from": 0.002, "to": 0.001}]
+    lr = {e.step: e.value for e in _scalars(run, "lr")}
+    assert lr[2] == pytest.approx(learning_rate(0.5, 2e-3, 0.0, 1.0, 1), rel=1e-5)  # before: the run's own
+    assert lr[3] == pytest.approx(learning_rate(1.0, 1e-3, 0.0, 1.0, 2), rel=1e-5)  # from step 3: the amended
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    assert json.loads(state["config"])["model"]["lambda_rgb"] == 2.0
+
+
+def test_the_per_process_batch_may_be_amended_while_the_global_batch_stays(data, tmp_path, capsys):
+    """A 2-epoch run at 8 x 1, resumed from its step-1 checkpoint at 4 x 2 (a smaller GPU, say): every later
+    optimizer step takes the uninterrupted run's samples, and its loss to float rounding."""
+    sets = ("epochs=2", "global_batch=8", "log_samples=true")
+    whole = tmp_path / "whole"
+    assert main(_args(data / "shapes", whole, *sets)) == 0
+    run = _copy(whole, tmp_path / "run")
+    (run / "summary.json").unlink()
+    for path in ckpt.list_checkpoints(run)[1:]:  # as if stopped after optimizer step 1 (epoch 0, batch 1)
+        path.unlink()
+    capsys.readouterr()
+    assert main(_args(data / "shapes", run, *sets, flags=["--amend", "data.batch_size=4"])) == 0
+    captured = capsys.readouterr()
+    assert "global batch     8 = 4 per process x 1 process x 2 accumulation steps" in captured.out
+    assert "done: 4 optimizer steps" in captured.out
+    saved = json.loads((run / "run.json").read_text())
+    assert (saved["global_batch"], saved["per_gpu_batch"], saved["accum_steps"]) == (8, 4, 2)
+
+    def by_step(folder: Path) -> dict[int, list[dict]]:
+        out: dict[int, list[dict]] = {}
+        for line in (folder / "samples-rank0.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            out.setdefault(record["optimizer_step"], []).append(record)
+        return out
+
+    before, after = by_step(whole), by_step(run)
+    assert sorted(after) == [1, 2, 3, 4] and len(after[1]) == 1 and all(len(after[k]) == 2 for k in (2, 3, 4))
+    for k in (2, 3, 4):
+        assert sorted(i for r in after[k] for i in r["index"]) == sorted(before[k][0]["index"])
+        mean = sum(r["loss"]["loss"] for r in after[k]) / 2
+        assert mean == pytest.approx(before[k][0]["loss"]["loss"], abs=1e-5)

@@ -4,7 +4,7 @@
     RUN/run.json           what the config does not fix: data path, world size, learning rate, dataset
     RUN/init.json          --init's report (training/init_weights.py), when the run started from one
     RUN/summary.json       the last step, losses and parameter hashes, once the run ends
-    RUN/samples-rankR.jsonl  with log_samples: each step's sample ids and losses
+    RUN/samples-rankR.jsonl  with log_samples: each micro-step's optimizer step, data position, sample ids, losses
     RUN/checkpoints/       training/checkpoint.py; each holds the config and run info as well
 
 Resume, export and --init rebuild the model from the stored config (`stored_config`, then
@@ -35,12 +35,17 @@ def samples_log_path(run_dir: Path, rank: int) -> Path:
     return run_dir / f"samples-rank{rank}.jsonl"
 
 
-def open_samples_log(path: Path, position: tuple[int, int]) -> IO[str]:
-    """The per-step sample log, without the lines a killed run wrote after the checkpoint resumed from."""
+def open_samples_log(path: Path, optimizer_step: int, position: tuple[int, int]) -> IO[str]:
+    """The per-step sample log, without the lines a killed run wrote after the checkpoint resumed from (its
+    `optimizer_step`; lines written before they carried theirs: its data `position`, in its own micro-steps)."""
+    def before(record: dict) -> bool:
+        if "optimizer_step" in record:  # the same in any split of the global batch (--amend data.batch_size)
+            return record["optimizer_step"] <= optimizer_step
+        return (record["epoch"], record["step"]) < position
+
     kept = []
     if path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if line and tuple(json.loads(line)[k] for k in ("epoch", "step")) < position]
+        kept = [line for line in path.read_text().splitlines() if line and before(json.loads(line))]
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         log = open(path, "w", buffering=1)  # line-buffered: a killed run keeps what it logged

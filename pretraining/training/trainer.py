@@ -84,11 +84,11 @@ class Trainer:
         # The newest readable checkpoint binds the run (config, processes, data); an unreadable newer one is moved aside.
         self.complete: dict | None = None
         resumed = ckpt.load_newest_readable(run_dir, move_aside=main and not dry_run, warn=self.say)
-        position = (0, 0)
+        position = saved_position = (0, 0)  # the data position to load next: the checkpoint's, in this split
         if resumed is not None:
             latest, state = resumed
             stored, saved_run = stored_config(state)
-            position = (state["position"]["epoch"], state["position"]["step"])
+            position = saved_position = (state["position"]["epoch"], state["position"]["step"])
             plan = check_resume(latest, to_dict(stored), saved_run, cfg, self.run_info, position, new_data, amend,
                                 state["global_step"])
             if plan.complete:  # a rerun of a finished run: say so and change nothing
@@ -109,7 +109,7 @@ class Trainer:
         if dry_run:  # the banner (and any refusal above), nothing built, nothing written
             loader = PretrainingLoader(dataset, self._sample_spec(cfg.model), self._data_config(), distributed.rank,
                                        distributed.world_size, position, alloc.accum)
-            self.say(self.banner(loader.steps_per_epoch))
+            self.show(self.banner(loader.steps_per_epoch))
             self.complete = {"dry_run": True}
             return
 
@@ -146,7 +146,7 @@ class Trainer:
         self.run_info["steps_per_epoch"] = steps_per_epoch // alloc.accum
         if main:  # only now: a start refused above leaves nothing behind
             self._write_run_files(init_report)
-        self.say(self.banner(steps_per_epoch))
+        self.show(self.banner(steps_per_epoch))
         # DDP first, then compile (PyTorch's documented order): compiling the DDP module lets dynamo split the
         # graph at DDP's buckets, so gradient all-reduce overlaps backward. `self.model` stays the bare module.
         self.train_model = model
@@ -159,7 +159,8 @@ class Trainer:
         # purge_step hides what a killed run logged after the checkpoint resumed from.
         self.monitor = Monitor(run_dir, enabled=main, purge_step=self.global_step + 1)
         self.strategies = StrategyLog(mcfg.modalities, device)
-        self.samples_log = open_samples_log(samples_log_path(run_dir, distributed.rank), self.position) \
+        self.samples_log = open_samples_log(samples_log_path(run_dir, distributed.rank), self.global_step,
+                                            saved_position) \
             if cfg.log_samples else None
         self.bar = tqdm(total=cfg.epochs * steps_per_epoch // alloc.accum, initial=self.global_step, unit="step",
                         disable=not (main and show_progress), dynamic_ncols=True)
@@ -218,6 +219,11 @@ class Trainer:
         """A line for the user on stderr (rank 0 only), beside the progress bar."""
         if self.main:
             tqdm.write(line, file=sys.stderr)
+
+    def show(self, block: str) -> None:
+        """The start's banner on stdout (rank 0 only): stderr keeps warnings and the one-sentence errors."""
+        if self.main:
+            tqdm.write(block, file=sys.stdout)
 
     # Schedule ------------------------------------------------------------------------------------
 
@@ -301,7 +307,8 @@ class Trainer:
         if self.samples_log is not None and steps:
             with writing(self.samples_log.name):
                 for s in steps:
-                    self.samples_log.write(json.dumps({"epoch": s.epoch, "step": s.batch, "index": s.index,
+                    self.samples_log.write(json.dumps({"optimizer_step": s.optimizer_step, "epoch": s.epoch,
+                                                       "step": s.batch, "index": s.index,
                                                        "loss": dict(zip(self.meter.names, s.values))}) + "\n")
         if steps:
             self.last = dict(self.meter.last)
