@@ -342,3 +342,28 @@ def test_labels_as_targets_only_keep_maes_visible_share_of_rgb():
     assert create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=5).cfg.masking.num_visible == 98
     given = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=5, input_modalities=("rgb",), num_visible=30)
     assert given.cfg.masking.num_visible == 30
+
+
+@pytest.mark.parametrize("name", ["c2fmae_vit_tiny_patch16", "multimae_vit_tiny_patch16"])
+def test_the_fp32_semantic_head_keeps_its_logits_in_fp32_under_autocast_and_changes_nothing_without(name):
+    """`semantic_head_fp32`: the same parameters; without autocast (every CPU run) the same numbers bit for
+    bit; under bf16 autocast (CPU autocast stands in for the GPU's) fp32 semantic logits, the other heads bf16."""
+    batch = make_batch(64)
+    models = {}
+    for fp32 in (False, True):
+        torch.manual_seed(0)
+        models[fp32] = create_model(name, num_semantic_classes=NUM_CLASSES, semantic_head_fp32=fp32, **SMALL)
+    assert models[True].state_dict().keys() == models[False].state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(models[True].state_dict().values(),
+                                                 models[False].state_dict().values()))
+    masked = models[False].mask_batch(batch, torch.Generator().manual_seed(1), progress=0.5)
+    outs = {fp32: model(masked) for fp32, model in models.items()}
+    assert torch.equal(outs[True].loss, outs[False].loss)
+    for out in outs.values():
+        out.loss.backward()
+    for (n, a), b in zip(models[False].named_parameters(), models[True].parameters()):
+        assert torch.equal(a.grad, b.grad), n
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        predictions = {fp32: model(masked).predictions for fp32, model in models.items()}
+    assert predictions[True]["semantic"].dtype == torch.float32 and predictions[False]["semantic"].dtype == torch.bfloat16
+    assert predictions[True]["rgb"].dtype == predictions[True]["instance"].dtype == torch.bfloat16
