@@ -38,3 +38,32 @@ def test_compiled_model_gives_the_eager_loss_and_gradients():
     assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 10
     for n, g in eager_grads.items():
         torch.testing.assert_close(compiled_grads[n], g, rtol=1e-3, atol=1e-5, msg=f"gradient of {n}")
+
+
+def test_ddp_wraps_the_model_before_compile_and_the_loop_can_still_skip_a_sync(tmp_path, monkeypatch):
+    """PyTorch's documented order (DDP, then torch.compile) so gradient all-reduce overlaps the backward; the
+    compiled module still offers DDP's no_sync for accumulation. A one-process gloo group, dynamo's eager
+    backend (no inductor compile: seconds)."""
+    import functools
+
+    import torch.distributed as dist
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pretraining.training.distributed import Distributed, parallelize
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=6, img_size=64, depth=1, decoder_depth=1)
+        wrapped = parallelize(model, Distributed(0, 2, torch.device("cpu")), compile=True)
+        assert isinstance(wrapped, OptimizedModule) and isinstance(wrapped._orig_mod, DistributedDataParallel)
+        assert wrapped._orig_mod.module is model
+        batch = model.mask_batch(_batch(), torch.Generator().manual_seed(1), progress=0.5)
+        with wrapped.no_sync():
+            wrapped(batch).loss.backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        assert parallelize(model, Distributed(0, 1, torch.device("cpu")), compile=False) is model
+    finally:
+        dist.destroy_process_group()

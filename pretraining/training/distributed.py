@@ -1,5 +1,5 @@
-"""The processes of a run: joining torchrun's process group (or running alone) and the few
-collectives the training loop needs outside DDP's gradient sync."""
+"""The processes of a run: joining torchrun's process group (or running alone), wrapping the model for
+them (DDP, then compile), and the few collectives the training loop needs outside DDP's gradient sync."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,20 @@ def setup_distributed(loader_workers: int = 0) -> Distributed:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Distributed(dist.get_rank() if world_size > 1 else 0, world_size, device)
+
+
+def parallelize(model: torch.nn.Module, distributed: Distributed, compile: bool) -> torch.nn.Module:
+    """The module the loop calls: `model` in DDP when there are several processes, then torch.compile'd when
+    `compile` (PyTorch's documented order: dynamo then splits the graph at DDP's gradient buckets, so their
+    all-reduce overlaps the backward; compiled first, DDP would wait for the whole backward). `model`
+    itself stays the bare module (checkpoints, figures, export)."""
+    wrapped = model
+    if distributed.world_size > 1:
+        # broadcast_buffers=False: the only buffers are fixed sin-cos position embeddings, equal on every rank.
+        device = distributed.device
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          broadcast_buffers=False)
+    return torch.compile(wrapped) if compile else wrapped
 
 
 def mean_over_ranks(values: torch.Tensor, distributed: Distributed) -> torch.Tensor:

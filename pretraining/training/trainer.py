@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 from timm.optim import param_groups_weight_decay
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pretraining.data.loader import DataConfig, PretrainingLoader, SampleSpec, open_labeled_dataset
@@ -35,7 +34,7 @@ from pretraining.models.curriculum import Curriculum
 from pretraining.training import checkpoint as ckpt
 from pretraining.training.allocation import allocate, banner, peak_lr
 from pretraining.training.config import TrainConfig, to_dict
-from pretraining.training.distributed import Distributed, gather, mean_over_ranks, param_hash
+from pretraining.training.distributed import Distributed, gather, mean_over_ranks, parallelize, param_hash
 from pretraining.training.init_weights import InitReport, initialize
 from pretraining.training.loss_meter import LossMeter, MicroStep, NonFiniteLoss
 from pretraining.training.monitor import Monitor, reconstruction_figure, step_scalars
@@ -147,15 +146,7 @@ class Trainer:
         if main:  # only now: a start refused above leaves nothing behind
             self._write_run_files(init_report)
         self.show(self.banner(steps_per_epoch))
-        # DDP first, then compile (PyTorch's documented order): compiling the DDP module lets dynamo split the
-        # graph at DDP's buckets, so gradient all-reduce overlaps backward. `self.model` stays the bare module.
-        self.train_model = model
-        if distributed.world_size > 1:
-            # broadcast_buffers=False: the only buffers are fixed sin-cos position embeddings, equal on every rank.
-            self.train_model = DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
-        if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+        self.train_model = parallelize(model, distributed, cfg.compile)  # DDP, then compile
         # purge_step hides what a killed run logged after the checkpoint resumed from.
         self.monitor = Monitor(run_dir, enabled=main, purge_step=self.global_step + 1)
         self.strategies = StrategyLog(mcfg.modalities, device)
