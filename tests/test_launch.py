@@ -121,11 +121,12 @@ def test_dry_run_prints_the_banner_and_writes_nothing(tmp_path, capsys):
             "--set", "global_batch=16", "--set", "data.batch_size=8", "--set", "data.num_workers=0"]
     assert main(args) == 0
     captured = capsys.readouterr()
-    assert captured.out.splitlines()[:5] == [
+    assert captured.out.splitlines()[:6] == [
         "tiny on 1 process:",
         "  global batch     16 = 8 per process x 1 process x 2 accumulation steps",
         "  peak lr          0.002 (optim.lr, fixed), 1 warm-up epochs, then a cosine",
         "  epochs           10 of 2 optimizer steps (20 in all)",
+        "  numerics         fp32 (no autocast off a GPU); no gradient clipping",
         "  loader workers   0 per process",
     ]
     assert "nothing was trained or written" in captured.out and not run.exists()

@@ -63,7 +63,7 @@ def peak_lr(lr: float | None, base_lr: float, global_batch: int) -> float:
 
 
 def banner(name: str, allocation: Allocation, lr: float, lr_rule: str, warmup_epochs: float, epochs: int,
-           steps_per_epoch: int, workers: int) -> str:
+           steps_per_epoch: int, workers: int, numerics: str) -> str:
     """The block a run prints at start (and `--dry-run` prints alone): what the recipe trains with here."""
     a = allocation
     processes = f"{a.world_size} process{'es' if a.world_size > 1 else ''}"
@@ -73,5 +73,6 @@ def banner(name: str, allocation: Allocation, lr: float, lr_rule: str, warmup_ep
         f"accumulation step{'s' if a.accum > 1 else ''}",
         f"  peak lr          {lr:.3g} ({lr_rule}), {warmup_epochs:g} warm-up epochs, then a cosine",
         f"  epochs           {epochs} of {steps_per_epoch} optimizer steps ({epochs * steps_per_epoch} in all)",
+        f"  numerics         {numerics}",
         f"  loader workers   {workers} per process",
     ])

@@ -203,8 +203,15 @@ class Trainer:
         cfg, alloc = self.cfg, self.allocation
         rule = "optim.lr, fixed" if cfg.optim.lr is not None else \
             f"base_lr {cfg.optim.base_lr:g} x {alloc.global_batch} / 256"
+        if self.device.type != "cuda":
+            precision = "fp32 (no autocast off a GPU)"
+        else:
+            precision = f"{cfg.precision}" + (" autocast" if cfg.precision != "fp32" else "") + \
+                (", semantic head in fp32" if cfg.precision != "fp32" and cfg.model.semantic_head_fp32 else "")
+        clip = f"gradient norm clipped at {cfg.optim.clip_grad:g}" if cfg.optim.clip_grad is not None \
+            else "no gradient clipping"
         return banner(cfg.name, alloc, self.peak_lr, rule, cfg.optim.warmup_epochs, cfg.epochs,
-                      steps_per_epoch // alloc.accum, cfg.data.num_workers)
+                      steps_per_epoch // alloc.accum, cfg.data.num_workers, f"{precision}; {clip}")
 
     def say(self, line: str) -> None:
         """A line for the user on stderr (rank 0 only), beside the progress bar."""
