@@ -131,6 +131,9 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) \
             if device.type == "cuda" else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)  # bf16: no scaling
+        if device.type == "cuda":  # under autocast the fp32 matmuls left (the fp32 semantic head) may use TF32:
+            # fp32 logits at tensor-core speed (docs/DESIGN.md); precision=fp32 keeps full fp32.
+            torch.set_float32_matmul_precision("high" if self.autocast_dtype is not None else "highest")
 
         self.curriculum = Curriculum(model.cfg.masking.curriculum, device)
         self.global_step, self.position = 0, position  # optimizer steps done; next (epoch, micro-step) to load
