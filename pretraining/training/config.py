@@ -8,6 +8,8 @@ field they replace. The `model.*` overrides are applied together, then the model
 follow through the factory's own `derive` (`factory.rederive`): with another img_size, patch_size,
 modalities or input_modalities, `masking.num_positions` and `masking.inputs` follow and
 `masking.num_visible` keeps the config's share of the tokens the encoder reads, unless it is set too.
+A resume may change the `RESUMABLE_KEYS` freely and the `AMENDABLE_KEYS` on purpose (`--amend KEY=VALUE`,
+`amend`); training/resume.py checks the rest against the checkpoint.
 """
 
 from __future__ import annotations
