@@ -217,7 +217,8 @@ def run(args: argparse.Namespace) -> list[Result]:
     peak = matmul_peak(device, torch.bfloat16 if device.type == "cuda" else torch.float32, args.peak_n)
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; measured "
           f"{'bf16' if dtype else 'fp32'} matmul peak {peak / 1e12:.3g} TFLOP/s at n={args.peak_n}", flush=True)
-    overrides = {"img_size": args.img_size, **({"depth": 2, "decoder_depth": 1} if args.smoke else {})}
+    overrides = {"img_size": args.img_size, "semantic_head_fp32": args.semantic_head_fp32 == "on",
+                 **({"depth": 2, "decoder_depth": 1} if args.smoke else {})}
     compile_modes = [{"off": False, "on": True}[c] for c in args.compile.split(",")]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -315,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unique", type=int, default=512, help="distinct scenes in the folder (rows repeat them)")
     parser.add_argument("--image-size", type=int, nargs=2, default=(375, 500), help="stored image H W")
     parser.add_argument("--peak-n", type=int, default=8192, help="matmul size for the measured peak")
+    parser.add_argument("--semantic-head-fp32", choices=("on", "off"), default="on",
+                        help="the semantic head's logits in fp32 under autocast (the factories' default, on); run "
+                             "once with each to measure what it costs (docs/DESIGN.md estimates about 1%%)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.device = args.device or "cpu"
