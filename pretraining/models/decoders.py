@@ -82,6 +82,8 @@ class Float32Linear(nn.Linear):
     and state_dict keys as nn.Linear; without autocast (CPU runs) exactly nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.amp.is_autocast_available(x.device.type):  # the meta device (FLOP counts): no autocast
+            return F.linear(x.float(), self.weight, self.bias)
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(x.float(), self.weight, self.bias)
 
