@@ -134,3 +134,11 @@ def test_dry_run_prints_the_banner_and_writes_nothing(tmp_path, capsys):
     assert main([*args, "--set", "global_batch=33", "--set", "data.batch_size=32"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot fill one step" in err
+
+
+def test_the_resume_command_appends_the_amendments_once():
+    from pretraining.train import resume_command
+
+    argv = ["--data", "d", "--output", "r", "--amend", "optim.lr=0.001", "--set", "epochs=2"]
+    assert resume_command(argv, ["optim.lr=0.0005", "precision=fp32"]) == (
+        "python -m pretraining.train --data d --output r --set epochs=2 --amend optim.lr=0.0005 --amend precision=fp32")

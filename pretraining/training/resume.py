@@ -115,7 +115,7 @@ def check_resume(checkpoint: Path, saved_config: dict, saved_run: dict, cfg: Tra
     if saved_run.get("world_size") != run_info["world_size"]:
         raise RunError(f"{run_dir} was trained on {saved_run.get('world_size')} processes, not "
                        f"{run_info['world_size']}: resume it with the same number of GPUs (the data order "
-                       "and learning rate depend on it), or start a new --output.")
+                       "depends on it), or start a new --output.")
     saved_batch = saved_run.get("global_batch")
     if saved_batch is not None and saved_batch != run_info["global_batch"]:
         raise RunError(f"{run_dir} trains at a global batch of {saved_batch}, not {run_info['global_batch']}: the "
