@@ -99,7 +99,7 @@ def check_resume(checkpoint: Path, saved_config: dict, saved_run: dict, cfg: Tra
     current = to_dict(cfg)
     # The class count is the dataset's (set at start): a change is told apart below, in its own sentence.
     keys = differing_keys(saved_config, current, ignore=RESUMABLE_KEYS | {"epochs", "model.num_semantic_classes"})
-    refused = [k for k in keys if k not in amend]
+    refused = [k for k in keys if k not in amend or k not in AMENDABLE_KEYS]  # (the API's callers too)
     if refused:  # e.g. a changed factory default: the checkpoint's values, as the --set that restores them
         stored = flatten(saved_config)
         restore = " ".join(f"--set {shlex.quote(f'{k}={stored[k]!r}')}" for k in refused[:3] if k in stored)
