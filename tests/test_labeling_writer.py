@@ -267,13 +267,13 @@ def test_resume_trusts_a_shard_only_when_its_files_agree_with_its_footer(tmp_pat
 
 def test_manifest_resume_rules(tmp_path):
     folder = OutputFolder.open(tmp_path / "out")
-    args = {"shard_size": 10, "limit": None}
+    args = {"shard_size": 10, "min_instance_area": 16}
     models = {"instance": {"name": "sam", "sha256": "a"}, "semantic": {"name": "m2f", "sha256": None}}
-    first = manifest.build(25, "hash", 10, args, models, {"read_batch_size": 16}, ("a", "b"))
+    first = manifest.build(25, "hash", 10, args, models, {"read_batch_size": 16, "limit": None}, ("a", "b"))
     assert first["num_shards"] == 3 and first["code_version"] == manifest.code_version()
     assert manifest.prepare(folder, first, overwrite=False) == (False, first)
     # Speed settings, --limit and the inputs may change; the shard count stays the folder's.
-    again = manifest.build(40, "other", 10, {**args, "limit": 40}, models, {"read_batch_size": 64}, ("a", "b"))
+    again = manifest.build(40, "other", 10, args, models, {"read_batch_size": 64, "limit": 40}, ("a", "b"))
     resumed, used = manifest.prepare(folder, again, overwrite=False)
     assert resumed and used["num_shards"] == 3 and used["num_inputs"] == 40
     assert manifest.labels_hash(used) == manifest.labels_hash(first)
@@ -304,10 +304,13 @@ def test_manifest_resume_rules(tmp_path):
     assert posixpath.basename(manifest.OWNED[0]) == "data"
 
 
-def test_the_code_hash_covers_only_code_that_shapes_labels():
-    covered = [entry.split("/")[-1] for entry in manifest.LABEL_CODE]
+def test_the_label_code_covers_only_code_that_shapes_labels():
+    from labeling.pipeline.labels_version import LABEL_CODE
+
+    covered = [entry.split("/")[-1] for entry in LABEL_CODE]
     assert "postprocess.py" in covered and "painting.py" in covered and "labelers" in covered
-    assert not {"driver.py", "writer.py", "sections.py", "card.py", "summary.py"} & set(covered)
+    assert not {"driver.py", "writer.py", "sections.py", "card.py", "summary.py", "environment.py",
+                "labels_version.py"} & set(covered)
 
 
 def test_instance_count_check_warns_once_when_real_models_find_almost_nothing(capsys):
