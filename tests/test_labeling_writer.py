@@ -19,7 +19,7 @@ from dataset_card.contract.schema import arrow_schema
 from dataset_card.synthetic.shapes import SEMANTIC_CLASSES
 from labeling.inputs.input_list import Inputs, inputs_table
 from labeling.labelers.model_input import decode, model_size
-from labeling.pipeline import commits, failures, manifest, plan, writer
+from labeling.pipeline import commits, environment, failures, manifest, plan, writer
 from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema, upsample_masks
 
 CLASS_NAMES = ("class_a", "class_b")
@@ -313,6 +313,27 @@ def test_the_label_code_covers_only_code_that_shapes_labels():
                 "labels_version.py"} & set(covered)
 
 
+def test_each_shard_footer_lists_the_environments_that_made_its_rows(tmp_path):
+    before = {"python": "3.11.7", "torch": "2.3.0+cu121", "gpu": "NVIDIA A100-SXM4-80GB", "compile": False}
+    after = {"python": "3.11.9", "torch": "2.3.0+cu124", "gpu": "NVIDIA H100 80GB HBM3", "compile": False}
+
+    def made_in(table: pa.Table, env: dict) -> pa.Table:  # rows as a model actor in `env` tags them
+        column = pa.array([environment.encode(env)] * table.num_rows, pa.string())
+        return table.set_column(table.schema.get_field_index("environment"), "environment", column)
+
+    def commit(indices, todo, env, reuse=False) -> list[dict]:
+        folder = OutputFolder.open(tmp_path)
+        parts = writer.write_parts(made_in(staged(todo, shard=0), env), folder, "test-run").column("part")
+        writer.commit(job(tmp_path, indices, parts.to_pylist(), todo, reuse=reuse))
+        return shards.read_footer(folder.fs, str(tmp_path / layout.data_path(0, 1)))[1]["environments"]
+
+    assert commit([0, 1, 2], [0, 1, 2], before) == [before]
+    # A resume under newer libraries on other GPUs labels a new input: the shard keeps rows of both.
+    assert sorted(commit([0, 1, 2, 3], [3], after, reuse=True), key=str) == sorted([before, after], key=str)
+    assert commit([0, 1, 2, 3], [0, 1, 2, 3], after, reuse=True) == [after]  # every row relabeled
+    assert writer.environments([], staged([4])) == []  # rows no actor tagged (lost ones) name none
+
+
 def test_instance_count_check_warns_once_when_real_models_find_almost_nothing(capsys):
     from labeling.pipeline.finish import InstanceCountCheck
 
@@ -381,6 +402,7 @@ def test_a_failing_batch_is_retried_image_by_image_and_failures_become_rows():
 
     predictor = ModelPredictor.__new__(ModelPredictor)  # the actor class, with a fake model
     predictor.labeler = labeler
+    predictor.environment = environment.encode(environment.collect("cpu", compiled=False))
     rows = []
     for i, (data, listed_failure) in enumerate([(b"fine", ""), (b"poison", ""), (b"", failures.EMPTY_FILE),
                                                 (b"truncated", "")]):
@@ -399,6 +421,7 @@ def test_a_failing_batch_is_retried_image_by_image_and_failures_become_rows():
     assert "out of memory" in poisoned["error_message"] and poisoned["instances_json"] == "[]"
     assert (empty["error_stage"], empty["error_type"]) == (failures.DECODE, failures.EMPTY_FILE)
     assert (truncated["error_stage"], truncated["error_type"]) == (failures.DECODE, failures.UNDECODABLE)
+    assert {row["environment"] for row in (good, poisoned, empty, truncated)} == {predictor.environment}
 
 
 def test_the_compile_flag_reaches_the_instance_labelers_config():
