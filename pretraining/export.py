@@ -25,10 +25,9 @@ import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from pretraining.models.factory import create_model
-from pretraining.train import CONFIG_FILE, RUN_FILE
 from pretraining.training import checkpoint as ckpt
-from pretraining.training.config import RESUMABLE_KEYS, ConfigError, TrainConfig, differing_keys, from_dict
+from pretraining.training.config import RESUMABLE_KEYS, ConfigError, differing_keys, to_dict
+from pretraining.training.run_folder import CONFIG_FILE, RUN_FILE, build_model, stored_config, upgrade
 
 
 class ExportError(RuntimeError):
@@ -38,9 +37,11 @@ class ExportError(RuntimeError):
 def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[torch.nn.Module, Path]:
     """The model of a run with the weights of `checkpoint` (default: the run's newest checkpoint).
 
-    The model is rebuilt from the config and run info stored in the checkpoint itself, never from
-    the editable RUN/config.json and run.json: those must agree with it (but for the keys a resume
-    may change: cadence and epochs) or the export is refused, naming the fields."""
+    The model is rebuilt from the whole model config stored in the checkpoint itself (never from
+    today's factory defaults, nor from the editable RUN/config.json and run.json: those must agree
+    with it, but for the keys a resume may change: cadence and epochs, or the export is refused,
+    naming the fields). Runs written before the model config was stored whole are read through
+    `run_folder.upgrade`."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file() or not (run_dir / RUN_FILE).is_file():
         raise ExportError(f"{run_dir} is not a training run folder (no {CONFIG_FILE} / {RUN_FILE}); give the "
@@ -51,8 +52,7 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) ->
                           "or pass --checkpoint.")
     state = ckpt.load_checkpoint(path)
     try:
-        saved_config, saved_run = json.loads(state["config"]), json.loads(state["run"])
-        cfg = from_dict(TrainConfig, saved_config)
+        cfg, saved_run = stored_config(state)
     except (KeyError, TypeError, ValueError) as err:
         raise ExportError(f"checkpoint {path} does not record its config ({err.__class__.__name__}: {err}); it was "
                           "not written by this code's pretraining.train.") from err
@@ -61,7 +61,7 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) ->
     except ValueError as err:
         raise ExportError(f"{run_dir / CONFIG_FILE} or {RUN_FILE} is not valid JSON ({err}); restore it, or "
                           "delete the file's edits.") from err
-    fields = differing_keys(saved_config, on_disk[0], ignore=RESUMABLE_KEYS | {"epochs"})
+    fields = differing_keys(to_dict(cfg), upgrade(*on_disk), ignore=RESUMABLE_KEYS | {"epochs"})
     if on_disk[1].get("num_semantic_classes") != saved_run.get("num_semantic_classes"):
         fields.append(f"{RUN_FILE} num_semantic_classes")
     if fields:
@@ -69,11 +69,11 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) ->
                           f"(differing: {', '.join(fields)}); the weights were trained with the checkpoint's, so "
                           "undo the edit (nothing was exported).")
     try:
-        model = create_model(cfg.model, num_semantic_classes=saved_run["num_semantic_classes"], **cfg.model_args)
+        model = build_model(cfg.model)
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise ExportError(f"checkpoint {path} does not load into {cfg.model} built from its own config "
-                          f"({_first_problem(err)}); it is damaged or from another version of this code.") from err
+        raise ExportError(f"checkpoint {path} does not load into {cfg.model.arch or 'the model'} built from its own "
+                          f"config ({_first_problem(err)}); it is damaged or from another version of this code.") from err
     return model.eval(), path
 
 

@@ -87,7 +87,7 @@ def _tampered(run_dir, to, key, value):
 
     shutil.copytree(run_dir, to)
     config = json.loads((to / "config.json").read_text())
-    config["model_args"][key] = value
+    config["model"][key] = value
     (to / "config.json").write_text(json.dumps(config))
     return to
 
@@ -99,7 +99,7 @@ def test_export_refuses_a_config_json_that_disagrees_with_the_checkpoint(run_dir
     run = _tampered(run_dir, tmp_path / "run", key, value)
     assert main([str(run), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "disagrees with the config stored in checkpoint step-" in err and f"model_args.{key}" in err
+    assert "disagrees with the config stored in checkpoint step-" in err and f"model.{key}" in err
     assert err.count("\n") == 1 and "Traceback" not in err and not (tmp_path / "out").exists()
 
 

@@ -327,8 +327,8 @@ def test_pretrained_tiny_encoder_beats_random_init_by_5_points(tmp_path, one_thr
     write_colour_task(tmp_path / "pretrain", 256, seed=0)
     write_colour_task(tmp_path / "probe", 600, seed=1)
     # ~300 optimizer steps of a 4-block, 64-wide C2FMAE at 64 px: seconds of CPU per epoch.
-    small = ["model_args.embed_dim=64", "model_args.depth=4", "model_args.num_heads=4", "model_args.decoder_dim=64",
-             "model_args.decoder_heads=4", "epochs=19", "figure_every=0", "checkpoint_every=1000"]
+    small = ["model.embed_dim=64", "model.depth=4", "model.num_heads=4", "model.decoder_dim=64",
+             "model.decoder_heads=4", "epochs=19", "figure_every=0", "checkpoint_every=1000"]
     assert train.main(["--data", str(tmp_path / "pretrain"), "--config", "tiny", "--output", str(tmp_path / "run"),
                        "--no-progress", *[a for kv in small for a in ("--set", kv)]]) == 0
     assert export.main([str(tmp_path / "run"), "--to", "timm", "--output", str(tmp_path / "timm")]) == 0

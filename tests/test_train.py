@@ -64,12 +64,14 @@ def _env() -> dict:
 
 
 def test_overrides_parse_check_and_round_trip():
-    cfg = apply_overrides(tiny(), ["data.batch_size=12", "optim.betas=(0.8, 0.9)", "model_args.img_size=96",
+    cfg = apply_overrides(tiny(), ["data.batch_size=12", "optim.betas=(0.8, 0.9)", "model.img_size=96",
                                    "compile=true", "optim.lr=None", "optim.base_lr=1"])
     assert cfg.data.batch_size == 12 and cfg.optim.betas == (0.8, 0.9) and cfg.compile is True
-    assert cfg.model_args["img_size"] == 96 and cfg.optim.lr is None and cfg.optim.base_lr == 1.0
+    assert cfg.model.img_size == 96 and cfg.optim.lr is None and cfg.optim.base_lr == 1.0
     assert from_dict(TrainConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
-    assert differing_keys(to_dict(cfg), to_dict(tiny())) == ["data.batch_size", "model_args.img_size",
+    # The image size's derived fields follow it: 36 positions, and the recipe's half of the tokens visible.
+    assert differing_keys(to_dict(cfg), to_dict(tiny())) == ["data.batch_size", "model.img_size",
+                                                             "model.masking.num_positions", "model.masking.num_visible",
                                                              "optim.base_lr", "optim.betas", "optim.lr"]
     assert differing_keys(to_dict(cfg), to_dict(dataclasses.replace(cfg, log_every=1))) == []  # may change
     for bad, match in [("data.batchsize=3", "no field 'batchsize'"), ("data.batch_size=big", "expected a int"),
@@ -84,7 +86,7 @@ def test_recipes_name_registered_models_and_mae_optimisation():
                             "c2fmae_large"}
     for name in RECIPES:
         cfg = get_recipe(name)
-        assert cfg.name == name and cfg.model in MODELS
+        assert cfg.name == name and cfg.model.arch in MODELS
         assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.05
     base = get_recipe("c2fmae_base_400ep")
     assert base.optim.base_lr == 1.5e-4 and base.optim.warmup_epochs == 40 and base.epochs == 400
@@ -198,22 +200,24 @@ def test_rerun_with_another_config_is_refused(data_dir, finished_run, capsys):
     assert "another config" in err and "optim.lr" in err and "Traceback" not in err
     assert main(["--data", str(finished_run), "--output", str(finished_run / "x")]) == 2
     assert "metadata.json" in capsys.readouterr().err
-    assert main(["--data", data_dir, "--output", str(finished_run / "y"), "--set", "model_args.imgsize=3"]) == 2
-    assert "Unknown model option(s) ['imgsize']" in capsys.readouterr().err
+    assert main(["--data", data_dir, "--output", str(finished_run / "y"), "--set", "model.imgsize=3"]) == 2
+    assert "--set model.imgsize: no field 'imgsize'" in capsys.readouterr().err
 
 
 def test_cli_sets_the_curriculum_and_logs_the_realised_strategy_of_every_step(data_dir, tmp_path, capsys):
-    """`--set model_args.curriculum.FIELD` (nested) and `model_args.FIELD` (flat) reach the masking; with
-    log_every=1 each step's realised mix is logged, and it follows the reversed phases step by step."""
+    """`--set model.masking.curriculum.FIELD` reaches the masking; with log_every=1 each step's realised mix
+    is logged, and it follows the reversed phases step by step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     sets = ["epochs=1", "data.batch_size=8", "log_every=1", "checkpoint_every=100", "figure_every=0",
-            "model_args.curriculum.phases=('random', 'instance', 'semantic')", "model_args.curriculum.transition=0.0",
-            "model_args.first_until=0.5", "model_args.second_until=0.75"]
+            "model.masking.curriculum.phases=('random', 'instance', 'semantic')",
+            "model.masking.curriculum.transition=0.0", "model.masking.curriculum.first_until=0.5",
+            "model.masking.curriculum.second_until=0.75"]
     assert main(["--data", data_dir, "--output", str(tmp_path / "run"), "--no-progress",
                  *[a for s in sets for a in ("--set", s)]]) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["model_args"]["curriculum"] == {"phases": ["random", "instance", "semantic"], "transition": 0.0}
+    assert config["model"]["masking"]["curriculum"] == to_dict(CurriculumConfig(
+        phases=("random", "instance", "semantic"), transition=0.0, first_until=0.5, second_until=0.75))
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     used = {s: [e.value for e in events.Scalars(f"strategy/used_{s}")] for s in ("semantic", "instance", "random")}
@@ -226,17 +230,17 @@ def test_cli_sets_the_curriculum_and_logs_the_realised_strategy_of_every_step(da
         assert used["instance"][k] + used["random"][k] == 1.0 and fallback[k] == pytest.approx(1 - used["instance"][k])
     assert used["random"][:4] == [1.0] * 4 and used["instance"][6:] == [0.0, 0.0]
     assert main(["--data", data_dir, "--output", str(tmp_path / "bad"), "--no-progress",
-                 "--set", "model_args.curriculum.frist_until=0.2"]) == 2
+                 "--set", "model.masking.curriculum.frist_until=0.2"]) == 2
     err = capsys.readouterr().err
-    assert "Unknown curriculum option(s) ['frist_until']" in err and "Traceback" not in err
+    assert "no field 'frist_until'" in err and "Traceback" not in err
 
 
 def test_adaptive_curriculum_is_driven_by_the_trainer_and_checkpointed(data_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = apply_overrides(tiny(), ["epochs=1", "data.batch_size=8", "log_every=4", "checkpoint_every=100",
-                                   "figure_every=0", "model_args.curriculum.mode=adaptive",
-                                   "model_args.curriculum.adaptive_warmup=1"])
+                                   "figure_every=0", "model.masking.curriculum.mode=adaptive",
+                                   "model.masking.curriculum.adaptive_warmup=1"])
     train(cfg, data_dir, str(tmp_path / "run"), progress=False)
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))["curriculum"]
     assert state["adaptive"]["seen"].sum() > 8  # per-strategy loss averages, updated after each of the 8 steps
@@ -251,10 +255,12 @@ def test_adaptive_curriculum_is_driven_by_the_trainer_and_checkpointed(data_dir,
 
 
 def test_non_finite_loss_stops_the_run_naming_step_and_terms(data_dir, tmp_path, monkeypatch):
-    import pretraining.train as train_module
+    import pretraining.training.trainer as trainer_module
 
-    def poisoned(name, **kwargs):
-        model = MODELS[name](**kwargs)
+    build_model = trainer_module.build_model
+
+    def poisoned(config):
+        model = build_model(config)
         calls = {"n": 0}
         original = model.loss_term
 
@@ -266,7 +272,7 @@ def test_non_finite_loss_stops_the_run_naming_step_and_terms(data_dir, tmp_path,
         model.loss_term = loss_term
         return model
 
-    monkeypatch.setattr(train_module, "create_model", poisoned)
+    monkeypatch.setattr(trainer_module, "build_model", poisoned)
     cfg = apply_overrides(tiny(), (*FAST, "log_grad_share=false"))  # only the training forward calls loss_term
     with pytest.raises(RunError, match=r"not finite at optimizer step 3 \(epoch 0, batch 2\).*instance=nan"):
         train(cfg, data_dir, str(tmp_path / "run"), progress=False)
@@ -332,7 +338,7 @@ def test_tiny_run_learns_semantics_of_masked_patches(tmp_path):
     write_synthetic_dataset(data, num_images=640, num_shards=10, size=(64, 64), seed=5)
     # Random masking from the start: the curriculum's guided phases hide whole regions in every
     # modality, which a 200-step run cannot learn to fill; this checks that the pipeline learns.
-    cfg = apply_overrides(tiny(), ["model_args.masking=random", "log_samples=true", "figure_every=0",
+    cfg = apply_overrides(tiny(), ["model.masking.strategy=random", "log_samples=true", "figure_every=0",
                                    "checkpoint_every=1000"])
     summary = train(cfg, data, str(tmp_path / "run"), progress=False)
     assert summary["global_step"] == 200

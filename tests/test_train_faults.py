@@ -23,7 +23,7 @@ from pretraining.training import monitor, storage
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread beats two here
 
 SETS = ("epochs=1", "data.batch_size=8", "data.num_workers=1", "checkpoint_every=1", "log_every=1",
-        "figure_every=0", "log_grad_share=false", "model_args.depth=1", "model_args.decoder_dim=64")
+        "figure_every=0", "log_grad_share=false", "model.depth=1", "model.decoder_dim=64")
 full_disk = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 
 

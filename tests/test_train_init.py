@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread beat
 
 # 16 rows / batch 8 = 2 optimizer steps an epoch; a 1-block encoder (as tests/test_train_resume.py).
 SETS = ("epochs=1", "data.batch_size=8", "data.num_workers=0", "checkpoint_every=1", "keep_checkpoints=5",
-        "log_every=1", "figure_every=0", "log_grad_share=false", "model_args.depth=1", "model_args.decoder_dim=64")
+        "log_every=1", "figure_every=0", "log_grad_share=false", "model.depth=1", "model.decoder_dim=64")
 TINY = {"img_size": 64, "depth": 1, "decoder_dim": 64, "num_visible": 24}  # the model SETS gives
 D = 192  # ViT-Ti width
 CLASSES = 4  # the synthetic shapes' semantic classes

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread beat
 
 # 16 rows / batch 8 = 2 optimizer steps an epoch; checkpoints at 1 and 2 (the end). A 1-block encoder.
 SETS = ("epochs=1", "data.batch_size=8", "data.num_workers=0", "checkpoint_every=1", "keep_checkpoints=5",
-        "log_every=1", "figure_every=0", "log_grad_share=false", "model_args.depth=1", "model_args.decoder_dim=64")
+        "log_every=1", "figure_every=0", "log_grad_share=false", "model.depth=1", "model.decoder_dim=64")
 
 
 def _args(data, output, *extra_sets, flags=()) -> list[str]:

@@ -1,15 +1,8 @@
-"""Score a labeled folder against human ground truth, before spending GPU-hours on ImageNet.
-
-  python -m labeling.evaluate --pred OUTPUT --gt instances_val2017.json \\
-      --gt-panoptic-json panoptic_val2017.json --gt-semantic panoptic_val2017/
-
-Instances: class-agnostic COCOeval (AR@1/10/100, by size, AP). Semantic: mIoU, pixel accuracy,
-per-class IoU (our taxonomy mapped to the ground truth's by name, or by --class-map). Alignment:
-the share of ground-truth objects whose best-matching instance carries the right class. Panoptic
-(with COCO panoptic ground truth): PQ, SQ and RQ of the aligned maps (painted instances as things,
-the semantic map as stuff) for things, stuff and all classes, torchmetrics' `PanopticQuality`.
-Prints a table and writes OUTPUT/quality.json, which the dataset card shows.
-"""
+"""The quality report of a labeled folder (`evaluate`) and its table (`format_report`), for the
+`python -m labeling.evaluate` command: instances by class-agnostic COCOeval, the semantic map by
+mIoU, the alignment of the two, and panoptic quality of the painted maps, each against human
+ground truth read by `ground_truth`, computed in `metrics`. `QUALITY_FILE` is where the command
+writes it (the card shows it)."""
 
 from __future__ import annotations
 

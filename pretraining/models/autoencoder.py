@@ -36,6 +36,7 @@ DECODERS = ("cascaded", "parallel", "multimae", "mae")
 
 @dataclass(frozen=True)
 class ModelConfig:
+    arch: str = ""  # the factory name it was resolved by (models/factory.py), a record for messages
     modalities: tuple[str, ...] = MODALITIES  # coarse to fine; the cascade follows this order
     input_modalities: tuple[str, ...] | None = None  # what the encoder reads (None: all); the rest are only targets
     img_size: int = 224

@@ -4,13 +4,16 @@
     multimae_vit_{tiny,small,base}_patch16              MultiMAE's output adapters, random masking
     mae_vit_{tiny,small,base,large}_patch16_dec512d8b   RGB only, MAE decoder, 75% random masking
 
-Each factory takes `num_semantic_classes` (from `DatasetMetadata.num_semantic_classes`; MAE
-ignores it) and keyword overrides of any `ModelConfig`, `MaskingConfig` or `CurriculumConfig`
-field (`curriculum=` also takes a dict of the latter's fields). The ablation switches are
-`decoder="cascaded" | "parallel"` and `masking="progressive" | "random" | "semantic" |
+`model_config(name, **overrides)` resolves a name to its whole `ModelConfig` (what training
+recipes hold and run folders store); `create_model(name, **overrides)` is
+`MaskedAutoencoder(model_config(name, **overrides))`. Overrides: `num_semantic_classes` (from
+`DatasetMetadata.num_semantic_classes`; MAE ignores it) and any `ModelConfig`, `MaskingConfig` or
+`CurriculumConfig` field (`curriculum=` also takes a dict of the latter's fields). The ablation
+switches are `decoder="cascaded" | "parallel"` and `masking="progressive" | "random" | "semantic" |
 "instance"`; `parallel_matched_overrides` gives the parallel decoder the cascade's depth at its
 FLOPs. With another `img_size`, the visible token count keeps the recipe's share of all tokens
-(98 / 588, or 49 / 196 for MAE) unless `num_visible` is given.
+(98 / 588, or 49 / 196 for MAE) unless `num_visible` is given. `derive` fills in the derived
+fields (token counts, input indices) for the factories and for `--set model.*` (`rederive`).
 """
 
 from __future__ import annotations
@@ -31,9 +34,35 @@ SIZES = {  # embed_dim, depth, num_heads: timm's ViT sizes
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
 }
-_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"arch"}  # arch: the factory's own record
 _MASKING_FIELDS = {f.name for f in dataclasses.fields(MaskingConfig)} - {"strategy", "num_positions", "curriculum"}
 _CURRICULUM_FIELDS = {f.name for f in dataclasses.fields(CurriculumConfig)}
+_SHAPE_FIELDS = ("img_size", "patch_size", "modalities", "input_modalities")  # what the token count follows
+
+MAE_VISIBLE_SHARE = 0.25  # MAE's 49 of 196 tokens
+
+# Each family's recipe: its visible share of all tokens, masking strategy, default semantic class
+# count, and the ModelConfig / MaskingConfig fields it fixes (the size's width and depth come from SIZES).
+FAMILIES = {
+    "c2fmae": {"visible_share": 98 / 588, "masking": "progressive", "num_semantic_classes": 133,
+               "recipe": {"decoder": "cascaded", "decoder_dim": 256, "decoder_depth": 2, "decoder_heads": 8}},
+    "multimae": {"visible_share": 98 / 588, "masking": "random", "num_semantic_classes": 133,
+                 "recipe": {"decoder": "multimae", "decoder_dim": 256, "decoder_depth": 2, "decoder_heads": 8,
+                            "allocation": "rounded"}},
+    "mae": {"visible_share": MAE_VISIBLE_SHARE, "masking": "random", "num_semantic_classes": 0,
+            "recipe": {"modalities": ("rgb",), "decoder": "mae", "decoder_dim": 512, "decoder_depth": 8,
+                       "decoder_heads": 16}},
+}
+_NAMES = {"c2fmae": "c2fmae_vit_{}_patch16", "multimae": "multimae_vit_{}_patch16", "mae": "mae_vit_{}_patch16_dec512d8b"}
+_DOCS = {
+    "c2fmae": "C2FMAE, ViT-{}/16 encoder, cascaded 256-d x 2-block stages, progressive masking.",
+    "multimae": "MultiMAE, ViT-{}/16 encoder, its 256-d x 2-block output adapters, 98 visible tokens split by a "
+                "rounded Dirichlet draw.",
+    "mae": "MAE, ViT-{}/16 encoder, 512-d x 8-block decoder, 75% random masking.",
+}
+_SIZES_OF = {"c2fmae": ("tiny", "small", "base", "large"), "multimae": ("tiny", "small", "base"),
+             "mae": ("tiny", "small", "base", "large")}
+_ARCHS = {_NAMES[family].format(size): (family, size) for family, sizes in _SIZES_OF.items() for size in sizes}
 
 
 def _curriculum(overrides: dict, recipe: dict) -> CurriculumConfig:
@@ -50,87 +79,111 @@ def _curriculum(overrides: dict, recipe: dict) -> CurriculumConfig:
     return CurriculumConfig(**fields)
 
 
-MAE_VISIBLE_SHARE = 0.25  # MAE's 49 of 196 tokens
+def derive(fields: dict, masking: dict, visible_share: float) -> ModelConfig:
+    """A ModelConfig with its derived fields filled in: the one place they are derived, for the
+    family factories and for `--set model.*` (`rederive`).
+
+    fields: ModelConfig's fields but `masking` (absent ones take ModelConfig's defaults). masking:
+    MaskingConfig's fields, `curriculum` a CurriculumConfig; what it lacks of `num_positions` (from
+    img_size / patch_size), `inputs` (the indices of input_modalities, when set) and `num_visible`
+    (`visible_share` of the tokens the encoder reads: every modality's positions, or the input
+    modalities' when set) is derived here.
+    """
+    modalities = fields.get("modalities", MODALITIES)
+    num_positions = (fields.get("img_size", 224) // fields.get("patch_size", 16)) ** 2
+    masking = {"num_positions": num_positions, **masking}
+    reads = fields.get("input_modalities")
+    if reads is not None:
+        masking.setdefault("inputs", tuple(modalities.index(m) for m in reads if m in modalities))
+    num_tokens = len(reads if reads is not None else modalities) * num_positions
+    masking.setdefault("num_visible", max(1, round(visible_share * num_tokens)))
+    return ModelConfig(masking=MaskingConfig(**masking), **fields)
 
 
-def build(size: str, num_semantic_classes: int, visible_share: float, masking: str,
-          overrides: dict, **recipe) -> MaskedAutoencoder:
-    """A model of one ViT size from a family's recipe, with the caller's overrides on top."""
+def model_config(name: str, **overrides) -> ModelConfig:
+    """The resolved config of model `name` with keyword overrides of any `ModelConfig`, `MaskingConfig`
+    or `CurriculumConfig` field (`curriculum=` also takes a dict of the latter's fields, `masking=` a
+    strategy name or a whole MaskingConfig), e.g. model_config("c2fmae_vit_base_patch16", img_size=96).
+    `num_semantic_classes` defaults to 133 (MAE: 0); the trainer sets the dataset's."""
+    if name not in _ARCHS:
+        raise ValueError(f"Unknown model {name!r}; choose one of: {', '.join(_ARCHS)}.")
+    family, size = _ARCHS[name]
+    spec = FAMILIES[family]
     embed_dim, depth, num_heads = SIZES[size]
-    overrides = dict(overrides)
-    masking = overrides.pop("masking", masking)
+    recipe, overrides = dict(spec["recipe"]), dict(overrides)
+    masking = overrides.pop("masking", spec["masking"])
     curriculum = _curriculum(overrides, recipe)
     masking_kw = {**{k: recipe.pop(k) for k in list(recipe) if k in _MASKING_FIELDS},
                   **{k: overrides.pop(k) for k in list(overrides) if k in _MASKING_FIELDS}}
     unknown = set(overrides) - _MODEL_FIELDS
     if unknown:
         raise TypeError(f"Unknown model option(s) {sorted(unknown)}; see ModelConfig and MaskingConfig.")
-    kw = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, timm_arch=f"vit_{size}_patch16_224",
-              num_semantic_classes=num_semantic_classes, **recipe)
+    kw = dict(arch=name, embed_dim=embed_dim, depth=depth, num_heads=num_heads, timm_arch=f"vit_{size}_patch16_224",
+              num_semantic_classes=spec["num_semantic_classes"], **recipe)
     kw.update(overrides)
-    num_positions = (kw.get("img_size", 224) // kw.get("patch_size", 16)) ** 2
-    if isinstance(masking, str):
-        modalities = kw.get("modalities", MODALITIES)
-        num_tokens = len(modalities) * num_positions
-        if kw.get("input_modalities") is not None:
-            masking_kw.setdefault("inputs", tuple(modalities.index(m) for m in kw["input_modalities"] if m in modalities))
-            # Labels as targets only: the encoder sees MAE's share of the positions it reads, not the
-            # family's share of every modality's tokens (which would leave half of RGB visible).
-            visible_share, num_tokens = MAE_VISIBLE_SHARE, len(kw["input_modalities"]) * num_positions
-        masking_kw.setdefault("num_visible", max(1, round(visible_share * num_tokens)))
-        masking = MaskingConfig(strategy=masking, num_positions=num_positions, curriculum=curriculum, **masking_kw)
-    return MaskedAutoencoder(ModelConfig(masking=masking, **kw))
+    if not isinstance(masking, str):  # a whole MaskingConfig: nothing to derive
+        return ModelConfig(masking=masking, **kw)
+    # Labels as targets only: the encoder sees MAE's share of the positions it reads, not the family's
+    # share of every modality's tokens (which would leave half of RGB visible).
+    share = MAE_VISIBLE_SHARE if kw.get("input_modalities") is not None else spec["visible_share"]
+    return derive(kw, {"strategy": masking, "curriculum": curriculum, **masking_kw}, share)
 
 
-def _c2fmae(size: str) -> Callable[..., MaskedAutoencoder]:
-    def factory(num_semantic_classes: int = 133, **overrides) -> MaskedAutoencoder:
-        return build(size, num_semantic_classes, 98 / 588, "progressive", overrides,
-                     decoder="cascaded", decoder_dim=256, decoder_depth=2, decoder_heads=8)
+def rederive(cfg: ModelConfig, fields: dict, given: set[str]) -> ModelConfig:
+    """`cfg` with its fields replaced by `fields` (`dataclasses.asdict` form: masking and its curriculum
+    as dicts), derived fields following through `derive`; `given`: the dotted field names set explicitly
+    (`masking.num_visible`, ...), which are kept as given.
 
-    factory.__name__ = factory.__qualname__ = f"c2fmae_vit_{size}_patch16"
-    factory.__doc__ = f"C2FMAE, ViT-{size[0].upper()}/16 encoder, cascaded 256-d x 2-block stages, progressive masking."
+    When img_size, patch_size, modalities or input_modalities change and `masking.num_visible` is not
+    given, the visible count keeps `cfg`'s share of the tokens the encoder reads; input_modalities
+    changed take the factory's share instead (MAE's with input modalities, else the family's).
+    """
+    if "arch" in given:
+        raise ValueError("arch records the factory the config came from; choose another --config, or set "
+                         "the model's fields")
+    fields, masking = dict(fields), dict(fields["masking"])
+    del fields["masking"]
+    masking["curriculum"] = CurriculumConfig(**masking["curriculum"])
+    changed = {k for k in _SHAPE_FIELDS if fields[k] != getattr(cfg, k)}
+    if changed & {"img_size", "patch_size"} and "masking.num_positions" not in given:
+        del masking["num_positions"]
+    if changed & {"modalities", "input_modalities"} and "masking.inputs" not in given:
+        del masking["inputs"]
+    share = 0.0  # unused unless num_visible is derived again
+    if changed and "masking.num_visible" not in given:
+        del masking["num_visible"]
+        share = cfg.masking.num_visible / (len(cfg.input_modalities or cfg.modalities) * cfg.num_positions)
+        if "input_modalities" in changed:
+            family = _ARCHS.get(cfg.arch, ("",))[0]
+            share = MAE_VISIBLE_SHARE if fields["input_modalities"] is not None else \
+                FAMILIES[family]["visible_share"] if family else share
+    return derive(fields, masking, share)
+
+
+def _factory(name: str) -> Callable[..., MaskedAutoencoder]:
+    family, size = _ARCHS[name]
+
+    def factory(num_semantic_classes: int = FAMILIES[family]["num_semantic_classes"], **overrides) -> MaskedAutoencoder:
+        return MaskedAutoencoder(model_config(name, num_semantic_classes=num_semantic_classes, **overrides))
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = _DOCS[family].format(size[0].upper())
     return factory
 
 
-def _multimae(size: str) -> Callable[..., MaskedAutoencoder]:
-    def factory(num_semantic_classes: int = 133, **overrides) -> MaskedAutoencoder:
-        return build(size, num_semantic_classes, 98 / 588, "random", overrides, decoder="multimae",
-                     decoder_dim=256, decoder_depth=2, decoder_heads=8, allocation="rounded")
+MODELS: dict[str, Callable[..., MaskedAutoencoder]] = {name: _factory(name) for name in _ARCHS}
+c2fmae_vit_tiny_patch16 = MODELS["c2fmae_vit_tiny_patch16"]
+c2fmae_vit_small_patch16 = MODELS["c2fmae_vit_small_patch16"]
+c2fmae_vit_base_patch16 = MODELS["c2fmae_vit_base_patch16"]
+c2fmae_vit_large_patch16 = MODELS["c2fmae_vit_large_patch16"]
+multimae_vit_tiny_patch16 = MODELS["multimae_vit_tiny_patch16"]
+multimae_vit_small_patch16 = MODELS["multimae_vit_small_patch16"]
+multimae_vit_base_patch16 = MODELS["multimae_vit_base_patch16"]
+mae_vit_tiny_patch16_dec512d8b = MODELS["mae_vit_tiny_patch16_dec512d8b"]
+mae_vit_small_patch16_dec512d8b = MODELS["mae_vit_small_patch16_dec512d8b"]
+mae_vit_base_patch16_dec512d8b = MODELS["mae_vit_base_patch16_dec512d8b"]
+mae_vit_large_patch16_dec512d8b = MODELS["mae_vit_large_patch16_dec512d8b"]
 
-    factory.__name__ = factory.__qualname__ = f"multimae_vit_{size}_patch16"
-    factory.__doc__ = (f"MultiMAE, ViT-{size[0].upper()}/16 encoder, its 256-d x 2-block output adapters, 98 visible "
-                       "tokens split by a rounded Dirichlet draw.")
-    return factory
-
-
-def _mae(size: str) -> Callable[..., MaskedAutoencoder]:
-    def factory(num_semantic_classes: int = 0, **overrides) -> MaskedAutoencoder:
-        return build(size, num_semantic_classes, 0.25, "random", overrides, modalities=("rgb",),
-                     decoder="mae", decoder_dim=512, decoder_depth=8, decoder_heads=16)
-
-    factory.__name__ = factory.__qualname__ = f"mae_vit_{size}_patch16_dec512d8b"
-    factory.__doc__ = f"MAE, ViT-{size[0].upper()}/16 encoder, 512-d x 8-block decoder, 75% random masking."
-    return factory
-
-
-c2fmae_vit_tiny_patch16 = _c2fmae("tiny")
-c2fmae_vit_small_patch16 = _c2fmae("small")
-c2fmae_vit_base_patch16 = _c2fmae("base")
-c2fmae_vit_large_patch16 = _c2fmae("large")
-multimae_vit_tiny_patch16 = _multimae("tiny")
-multimae_vit_small_patch16 = _multimae("small")
-multimae_vit_base_patch16 = _multimae("base")
-mae_vit_tiny_patch16_dec512d8b = _mae("tiny")
-mae_vit_small_patch16_dec512d8b = _mae("small")
-mae_vit_base_patch16_dec512d8b = _mae("base")
-mae_vit_large_patch16_dec512d8b = _mae("large")
-
-MODELS: dict[str, Callable[..., MaskedAutoencoder]] = {f.__name__: f for f in (
-    c2fmae_vit_tiny_patch16, c2fmae_vit_small_patch16, c2fmae_vit_base_patch16, c2fmae_vit_large_patch16,
-    multimae_vit_tiny_patch16, multimae_vit_small_patch16, multimae_vit_base_patch16,
-    mae_vit_tiny_patch16_dec512d8b, mae_vit_small_patch16_dec512d8b, mae_vit_base_patch16_dec512d8b,
-    mae_vit_large_patch16_dec512d8b,
-)}
 
 def decoder_flops(model: MaskedAutoencoder, batch_size: int = 1) -> int:
     """Forward FLOPs of `model`'s decoder for a batch at the recipe's visible count (torch's
@@ -175,7 +228,6 @@ def parallel_matched_overrides(name: str, num_semantic_classes: int = 133, **ove
 
 
 def create_model(name: str, **kwargs) -> MaskedAutoencoder:
-    """Build a model by its registered name, e.g. create_model("c2fmae_vit_base_patch16", num_semantic_classes=133)."""
-    if name not in MODELS:
-        raise ValueError(f"Unknown model {name!r}; choose one of: {', '.join(MODELS)}.")
-    return MODELS[name](**kwargs)
+    """Build a model by its registered name, e.g. create_model("c2fmae_vit_base_patch16", num_semantic_classes=133):
+    `MaskedAutoencoder(model_config(name, **kwargs))`."""
+    return MaskedAutoencoder(model_config(name, **kwargs))

@@ -207,7 +207,7 @@ def read_probe_split(path: str) -> dict[str, torch.Tensor]:
 # One arm and seed
 
 
-def model_args(arm: Arm, scale: Scale, num_classes: int) -> dict:
+def model_overrides(arm: Arm, scale: Scale, num_classes: int) -> dict:
     from pretraining.models.factory import parallel_matched_overrides
 
     args = dict(img_size=scale.img_size, patch_size=scale.patch_size, embed_dim=scale.embed_dim, depth=scale.depth,
@@ -273,7 +273,7 @@ def run_one(name: str, seed: int, scale: Scale, paths: dict[str, str], output: s
     """Pretrain arm `name` with `seed`, probe its frozen encoder; one row of runs.csv. A finished run's
     row is kept in its folder (result.json) and reused, so runs of several groups share arms."""
     from pretraining.data.loader import DataConfig
-    from pretraining.models.factory import create_model
+    from pretraining.models.factory import create_model, model_config
     from pretraining.train import train
     from pretraining.training.config import OptimConfig, TrainConfig
 
@@ -286,12 +286,12 @@ def run_one(name: str, seed: int, scale: Scale, paths: dict[str, str], output: s
     arm = ARMS[name]
     train_split, val_split = read_probe_split(paths["probe_train"]), read_probe_split(paths["probe_val"])
     num_classes = len(SEMANTIC_CLASSES)
-    args = model_args(arm, scale, num_classes)
+    args = model_overrides(arm, scale, num_classes)
     cpu, wall = time.process_time(), time.perf_counter()
     row = {"arm": name, "seed": seed, "labels": arm.labels, "steps": 0}
     if arm.train:
         cfg = TrainConfig(
-            name=f"ablation-{name}", model=arm.model, model_args=args,
+            name=f"ablation-{name}", model=model_config(arm.model, **args),
             data=DataConfig(batch_size=scale.batch_size, num_workers=scale.num_workers, shuffle_buffer=512,
                             prefetch_factor=2),
             optim=OptimConfig(lr=scale.lr, warmup_epochs=scale.warmup_epochs), epochs=scale.epochs, seed=seed,

@@ -1,11 +1,13 @@
 """The training run's config: frozen dataclasses, `--set key=value` overrides, JSON round trip, diffs.
 
-A run is described by one `TrainConfig` (named recipes in pretraining/training/recipes.py return one).
-`--set data.batch_size=32 --set model_args.img_size=96` replaces fields by dotted path; values are
-parsed as Python literals (numbers, tuples, None, True) and otherwise taken as strings, then
-checked against the field they replace. Under `model_args` (the factory's keyword arguments) a
-dotted key builds a nested dict: `--set model_args.curriculum.first_until=0.2` passes
-`curriculum={"first_until": 0.2}` (merged with what the recipe gives); the factory checks the names.
+A run is described by one `TrainConfig` (named recipes in pretraining/training/recipes.py return one),
+the model's whole resolved `ModelConfig` nested in it. `--set data.batch_size=32 --set model.img_size=96
+--set model.masking.curriculum.first_until=0.2` replaces fields by dotted path; values are parsed as
+Python literals (numbers, tuples, None, True) and otherwise taken as strings, then checked against the
+field they replace. The `model.*` overrides are applied together, then the model's derived fields
+follow through the factory's own `derive` (`factory.rederive`): with another img_size, patch_size,
+modalities or input_modalities, `masking.num_positions` and `masking.inputs` follow and
+`masking.num_visible` keeps the config's share of the tokens the encoder reads, unless it is set too.
 """
 
 from __future__ import annotations
@@ -13,11 +15,16 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pretraining.data.loader import DataConfig
+from pretraining.models.autoencoder import ModelConfig
+from pretraining.models.curriculum import CurriculumConfig
+from pretraining.models.factory import rederive
+from pretraining.models.masking import MaskingConfig
 
 
 class ConfigError(ValueError):
@@ -38,8 +45,9 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     name: str  # the recipe it started from
-    model: str  # a factory name in pretraining.models.factory, e.g. c2fmae_vit_base_patch16
-    model_args: dict[str, Any] = field(default_factory=dict)  # keyword overrides for the factory
+    # The whole resolved model (pretraining.models.factory.model_config); the trainer sets
+    # num_semantic_classes to the dataset's at start.
+    model: ModelConfig
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     epochs: int = 400
@@ -95,42 +103,70 @@ def _parse(text: str, current: Any, key: str) -> Any:
 
 
 def _replace(obj: Any, path: list[str], text: str, key: str) -> Any:
+    """`obj` (a config dataclass, or a dict of one's fields) with the field at `path` parsed from `text`."""
+    values = obj if isinstance(obj, dict) else {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
     name = path[0]
-    if isinstance(obj, dict):
-        if len(path) > 1:
-            inner = obj.get(name, {})
-            if not isinstance(inner, dict):
-                raise ConfigError(f"--set {key}: {name} is a plain value, it has no fields.")
-            return {**obj, name: _replace(inner, path[1:], text, key)}
-        return {**obj, name: _parse(text, obj.get(name), key)}
-    names = {f.name for f in dataclasses.fields(obj)}
-    if name not in names:
-        raise ConfigError(f"--set {key}: no field {name!r}; choose one of {', '.join(sorted(names))}.")
-    current = getattr(obj, name)
+    if name not in values:
+        raise ConfigError(f"--set {key}: no field {name!r}; choose one of {', '.join(sorted(values))}.")
+    current = values[name]
+    group = dataclasses.is_dataclass(current) or isinstance(current, dict)
     if len(path) > 1:
-        if not (dataclasses.is_dataclass(current) or isinstance(current, dict)):
+        if not group:
             raise ConfigError(f"--set {key}: {name} is a plain value, it has no fields.")
         value = _replace(current, path[1:], text, key)
-    elif dataclasses.is_dataclass(current) or isinstance(current, dict):
+    elif group:
         raise ConfigError(f"--set {key}: {name} is a group; set one of its fields ({name}.FIELD=VALUE).")
     else:
         value = _parse(text, current, key)
-    return dataclasses.replace(obj, **{name: value})
+    return {**obj, name: value} if isinstance(obj, dict) else dataclasses.replace(obj, **{name: value})
+
+
+_MASKING_NAMES = {f.name for f in dataclasses.fields(MaskingConfig)}
+_CURRICULUM_NAMES = {f.name for f in dataclasses.fields(CurriculumConfig)}
+
+
+def _model_spelling(old: list[str]) -> str:
+    """Where a `model_args.KEY` override (the factory's keyword arguments) lives in the model config."""
+    if not old:
+        return "model.FIELD"
+    if old[0] == "curriculum":
+        return ".".join(["model.masking", *old])
+    if old[0] in _CURRICULUM_NAMES:
+        return ".".join(["model.masking.curriculum", *old])
+    if old == ["masking"]:
+        return "model.masking.strategy"
+    return ".".join(["model.masking" if old[0] in _MASKING_NAMES else "model", *old])
 
 
 def apply_overrides(cfg: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
-    """Apply `key=value` strings in order; `model_args.KEY` adds or replaces a factory argument."""
+    """Apply `key=value` strings in order; the `model.*` ones together, then the model's derived fields follow."""
+    model, given, items = dataclasses.asdict(cfg.model), set(), []
     for item in overrides:
         key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
         if not sep or not key:
             raise ConfigError(f"--set {item}: write overrides as key=value, e.g. data.batch_size=32.")
+        path = key.split(".")
+        if path[0] == "model_args":
+            raise ConfigError(f"--set {item}: the model's fields are now set as {_model_spelling(path[1:])}="
+                              f"{text or 'VALUE'} (model_args is gone: the run config holds the whole model config).")
+        if path[0] == "model" and len(path) > 1:
+            model = _replace(model, path[1:], text, key)
+            given.add(".".join(path[1:]))
+            items.append(item)
+            continue
         try:
-            cfg = _replace(cfg, key.strip().split("."), text.strip(), key.strip())
+            cfg = _replace(cfg, path, text, key)
         except ConfigError:
             raise
         except (TypeError, ValueError) as err:  # a dataclass's own validation
             raise ConfigError(f"--set {item}: {err}") from err
-    return cfg
+    if not items:
+        return cfg
+    try:
+        return dataclasses.replace(cfg, model=rederive(cfg.model, model, given))
+    except (TypeError, ValueError) as err:  # ModelConfig's (or MaskingConfig's) own validation
+        raise ConfigError(f"--set {' '.join(items)}: {err}") from err
 
 
 def to_dict(cfg: Any) -> dict:
@@ -139,15 +175,15 @@ def to_dict(cfg: Any) -> dict:
 
 def from_dict(cls: type, data: dict) -> Any:
     """Rebuild a (nested) config dataclass from `to_dict` output."""
-    defaults = cls.__dataclass_fields__
+    defaults, types = cls.__dataclass_fields__, typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
         if name not in defaults:
             raise ConfigError(f"config has an unknown key {name!r} (written by another version of this code?).")
         f = defaults[name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            value = from_dict(type(default), value)
+        if dataclasses.is_dataclass(types[name]) and isinstance(value, dict):
+            value = from_dict(types[name], value)
         elif isinstance(default, tuple) and isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
@@ -157,7 +193,7 @@ def from_dict(cls: type, data: dict) -> Any:
 def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in data.items():
-        if isinstance(value, dict) and (value or key != "model_args"):
+        if isinstance(value, dict):
             out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value

@@ -24,7 +24,6 @@ the report says by how much it differs. Nothing is interpolated: a fixed table n
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -36,12 +35,11 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from pretraining.models.adapters import sincos_pos_embed
-from pretraining.models.factory import create_model
 from pretraining.models.masking import MODALITIES
 from pretraining.training import checkpoint as ckpt
 from pretraining.training.resume import RunError
+from pretraining.training.run_folder import stored_config
 
-INIT_FILE = "init.json"
 _TIMM_TO_OURS = (("cls_token", "encoder.cls_token"), ("patch_embed.", "encoder.adapters.rgb."),
                  ("blocks.", "encoder.blocks."), ("norm.", "encoder.norm."))
 # Which dimension of an encoder tensor runs over the width of the residual stream (a reordering permutes it).
@@ -106,13 +104,9 @@ def _sha256(path: Path) -> str:
 
 
 def _source_modalities(data: dict) -> tuple[str, ...] | None:
-    """The modalities of the model a run checkpoint was trained with (rebuilt without memory on the meta device)."""
+    """The modalities of the model a run checkpoint was trained with, from the config it stores."""
     try:
-        config, run = json.loads(data["config"]), json.loads(data["run"])
-        with torch.device("meta"):
-            model = create_model(config["model"], num_semantic_classes=run["num_semantic_classes"],
-                                 **config.get("model_args", {}))
-        return tuple(model.cfg.modalities)
+        return tuple(stored_config(data)[0].model.modalities)
     except (KeyError, TypeError, ValueError):
         return None
 

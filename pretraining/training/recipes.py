@@ -6,6 +6,7 @@ the paper does not contradict: AdamW with betas (0.9, 0.95), weight decay 0.05, 
 The global batch is data.batch_size x ranks x accum_steps: the base recipes are sized for 4096
 (MAE's batch) as 256 per GPU on 16 GPUs; on 8 GPUs add `--set accum_steps=2` to keep it, or let
 the learning rate scale with the smaller batch. See docs/training.md for the choices and commands.
+Each recipe holds its model's whole resolved config (`models.factory.model_config`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import replace
 
 from pretraining.data.augment import AugmentConfig
 from pretraining.data.loader import DataConfig
+from pretraining.models.factory import model_config
 from pretraining.training.config import ConfigError, OptimConfig, TrainConfig
 
 _BASE_DATA = DataConfig(batch_size=256, num_workers=10, shuffle_buffer=2048, prefetch_factor=4,
@@ -29,8 +31,7 @@ def tiny() -> TrainConfig:
     """
     return TrainConfig(
         name="tiny",
-        model="c2fmae_vit_tiny_patch16",
-        model_args={"img_size": 64, "depth": 2, "decoder_dim": 128, "num_visible": 24},
+        model=model_config("c2fmae_vit_tiny_patch16", img_size=64, depth=2, decoder_dim=128, num_visible=24),
         data=DataConfig(batch_size=32, num_workers=1, shuffle_buffer=256, prefetch_factor=2),
         optim=OptimConfig(lr=2e-3, warmup_epochs=1.0),
         epochs=10,
@@ -44,7 +45,8 @@ def tiny() -> TrainConfig:
 
 def c2fmae_base_400ep() -> TrainConfig:
     """C2FMAE ViT-B/16, 400 epochs (the paper's 83.7 top-1 row)."""
-    return TrainConfig(name="c2fmae_base_400ep", model="c2fmae_vit_base_patch16", data=_BASE_DATA,
+    return TrainConfig(name="c2fmae_base_400ep", model=model_config("c2fmae_vit_base_patch16"),
+                       data=_BASE_DATA,
                        optim=OptimConfig(), epochs=400, checkpoint_every=1000, log_every=50, figure_every=5000)
 
 
@@ -57,13 +59,13 @@ def c2fmae_base_1600ep() -> TrainConfig:
 def c2fmae_large() -> TrainConfig:
     """C2FMAE ViT-L/16, 400 epochs (the paper reports no ViT-L recipe; MAE's ViT-L one otherwise)."""
     cfg = c2fmae_base_400ep()
-    return replace(cfg, name="c2fmae_large", model="c2fmae_vit_large_patch16")
+    return replace(cfg, name="c2fmae_large", model=model_config("c2fmae_vit_large_patch16"))
 
 
 def mae_base() -> TrainConfig:
     """MAE ViT-B/16 baseline on the same data and loader, 400 epochs (75% random masking, RGB only)."""
     cfg = c2fmae_base_400ep()
-    return replace(cfg, name="mae_base", model="mae_vit_base_patch16_dec512d8b")
+    return replace(cfg, name="mae_base", model=model_config("mae_vit_base_patch16_dec512d8b"))
 
 
 def multimae_base() -> TrainConfig:
@@ -72,8 +74,8 @@ def multimae_base() -> TrainConfig:
     MultiMAE's own recipe: base lr 1e-4, otherwise MAE's.
     """
     cfg = c2fmae_base_400ep()
-    return replace(cfg, name="multimae_base", model="multimae_vit_base_patch16",
-                          optim=OptimConfig(base_lr=1e-4))
+    return replace(cfg, name="multimae_base", model=model_config("multimae_vit_base_patch16"),
+                   optim=OptimConfig(base_lr=1e-4))
 
 
 RECIPES: dict[str, Callable[[], TrainConfig]] = {f.__name__: f for f in (

@@ -1,15 +1,17 @@
 """Resuming a run: what a checkpoint binds (config, processes, dataset), what may change, when it is done.
 
-A run folder is bound by its newest readable checkpoint, which stores the resolved config and the
-run info (world size, semantic classes, the dataset's fingerprint). Without a checkpoint nothing
+A run folder is bound by its newest readable checkpoint, which stores the whole resolved config
+(the model's included; training/run_folder.py reads it back) and the run info (world size, the
+dataset's fingerprint). Without a checkpoint nothing
 is bound: a first attempt that failed before its first checkpoint never blocks a corrected retry.
 With one, a rerun must agree with it:
 
-- the config, except the cadence keys (`config.RESUMABLE_KEYS`) and `epochs`, which may grow (the
+- the config, `model.*` included, except the cadence keys (`config.RESUMABLE_KEYS`) and `epochs`, which may grow (the
   learning-rate and curriculum schedules are functions of progress = position / epochs, so they
   are recomputed over the new total from the next step on);
 - the number of processes (it fixes the data order and the global batch);
-- the number of semantic classes (it sizes the model's semantic head);
+- the number of semantic classes (`model.num_semantic_classes`, the dataset's: it sizes the model's
+  semantic head);
 - the dataset's fingerprint (`dataset_fingerprint`), unless `--new-data` says a change is on purpose.
 
 A run whose checkpoint is at the end of its epochs is complete: a rerun says so and writes nothing.
@@ -20,12 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataset_card.contract import layout, shards
 from pretraining.data.loader import LabeledDataset
-from pretraining.training.config import RESUMABLE_KEYS, TrainConfig, differing_keys, to_dict
+from pretraining.training.config import RESUMABLE_KEYS, TrainConfig, differing_keys, flatten, to_dict
+from pretraining.training.run_folder import SUMMARY_FILE
 
 # manifest.json keys that change when the same data is labeled again (a resumed labeling run), not
 # with what the rows hold.
@@ -68,18 +72,25 @@ def check_resume(checkpoint: Path, saved_config: dict, saved_run: dict, cfg: Tra
                  position: tuple[int, int], new_data: bool = False) -> Resume:
     """Refuse (RunError, one sentence) a rerun that disagrees with `checkpoint`; else say what it does."""
     run_dir = checkpoint.parent.parent
-    keys = differing_keys(saved_config, to_dict(cfg), ignore=RESUMABLE_KEYS | {"epochs"})
-    if keys:
+    # The class count is the dataset's (set at start): a change is told apart below, in its own sentence.
+    keys = differing_keys(saved_config, to_dict(cfg),
+                          ignore=RESUMABLE_KEYS | {"epochs", "model.num_semantic_classes"})
+    if keys:  # e.g. a changed factory default: the checkpoint's values, as the --set that restores them
+        stored = flatten(saved_config)
+        restore = " ".join(f"--set {shlex.quote(f'{k}={stored[k]!r}')}" for k in keys[:3] if k in stored)
         raise RunError(f"checkpoint {checkpoint} comes from another config (differing: {', '.join(keys)}); use "
-                       "a new --output, or the run's own --config and --set to resume it.")
+                       "a new --output, or the run's own --config and --set to resume it"
+                       + (f" ({restore} gives the checkpoint's values{', and more' if len(keys) > 3 else ''})."
+                          if restore else "."))
     if saved_run.get("world_size") != run_info["world_size"]:
         raise RunError(f"{run_dir} was trained on {saved_run.get('world_size')} processes, not "
                        f"{run_info['world_size']}: resume it with the same number of GPUs (the data order "
                        "and learning rate depend on it), or start a new --output.")
-    if saved_run.get("num_semantic_classes") != run_info["num_semantic_classes"]:
-        raise RunError(f"{run_dir} was trained with {saved_run.get('num_semantic_classes')} semantic classes "
-                       f"but --data {run_info['data']} has {run_info['num_semantic_classes']}: the model's semantic "
-                       "head cannot change, so train on that data in a new --output.")
+    saved_classes = saved_config["model"]["num_semantic_classes"]
+    if saved_classes != cfg.model.num_semantic_classes:
+        raise RunError(f"{run_dir} was trained with {saved_classes} semantic classes but --data {run_info['data']} "
+                       f"has {cfg.model.num_semantic_classes}: the model's semantic head cannot change, so train on "
+                       "that data in a new --output.")
     notes = []
     saved_data, data = saved_run.get("dataset"), run_info["dataset"]
     if saved_data is not None and saved_data != data:
@@ -103,8 +114,8 @@ def check_resume(checkpoint: Path, saved_config: dict, saved_run: dict, cfg: Tra
 
 
 def complete_summary(run_dir: Path, state: dict) -> dict:
-    """The summary of a complete run: summary.json as written, else what its final checkpoint holds."""
-    path = run_dir / "summary.json"
+    """The summary of a complete run: RUN/summary.json as written, else what its final checkpoint holds."""
+    path = run_dir / SUMMARY_FILE
     if path.is_file():
         return json.loads(path.read_text())
     position = state["position"]

@@ -1,0 +1,324 @@
+"""A training run, built and held: `Trainer.__init__` sets the run up, its methods are the loop's steps.
+
+`__init__`, in order: open the dataset; take the newest readable checkpoint, if any, and check that
+the rerun agrees with it (training/resume.py; a finished run builds nothing: `complete` holds its
+summary); build the model from the config (on resume: the checkpoint's stored model config), start
+its encoder from --init on a fresh run; the optimizer, grad scaler and curriculum, restored on
+resume; the loader from the data position; write config.json, run.json (and init.json) on rank 0;
+compile and wrap in DDP; TensorBoard, the sample log and the progress bar.
+
+The loop that drives the methods is `pretraining.train.train_loop`; state lives in attributes
+(`global_step`, `position`, `last`, ...), so the methods share it without closures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from pretraining.data.loader import PretrainingLoader, SampleSpec, open_labeled_dataset
+from pretraining.models.autoencoder import PretrainOutput
+from pretraining.models.curriculum import Curriculum
+from pretraining.training import checkpoint as ckpt
+from pretraining.training.config import TrainConfig, to_dict
+from pretraining.training.distributed import Distributed, gather, mean_over_ranks, param_hash
+from pretraining.training.init_weights import InitReport, initialize
+from pretraining.training.loss_meter import LossMeter, MicroStep, NonFiniteLoss
+from pretraining.training.monitor import Monitor, reconstruction_figure, step_scalars
+from pretraining.training.resume import RunError, check_resume, complete_summary, dataset_fingerprint
+from pretraining.training.run_folder import (
+    CONFIG_FILE,
+    INIT_FILE,
+    RUN_FILE,
+    SUMMARY_FILE,
+    build_model,
+    open_samples_log,
+    samples_log_path,
+    stored_config,
+)
+from pretraining.training.storage import write_json, writing
+from pretraining.training.strategy_log import StrategyLog
+
+
+class Trainer:
+    """One run: built by `__init__` (see the module's docstring), stepped by `pretraining.train.train_loop`."""
+
+    def __init__(self, cfg: TrainConfig, data: str, run_dir: Path, distributed: Distributed,
+                 images: str | None = None, new_data: bool = False, init: str | None = None,
+                 show_progress: bool = True):
+        self.run_dir, self.distributed = run_dir, distributed
+        self.device, self.main = device, main = distributed.device, distributed.main
+        self.dataset = dataset = open_labeled_dataset(data, images)
+        num_classes = dataset.metadata.num_semantic_classes  # the model's semantic head follows the data
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_semantic_classes=num_classes))
+        global_batch = cfg.data.batch_size * distributed.world_size * cfg.accum_steps
+        self.peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * global_batch / 256
+        self.run_info = {"data": str(data), "world_size": distributed.world_size, "global_batch": global_batch,
+                         "lr": self.peak_lr, "dataset_rows": dataset.num_rows, "num_semantic_classes": num_classes,
+                         "dataset": dataset_fingerprint(dataset),
+                         "init": None}  # --init's source and sha256, when the run started from another checkpoint
+        # The newest readable checkpoint binds the run (config, processes, data); an unreadable newer one is moved aside.
+        self.complete: dict | None = None
+        resumed = ckpt.load_newest_readable(run_dir, move_aside=main, warn=self.say)
+        if resumed is not None:
+            latest, state = resumed
+            stored, saved_run = stored_config(state)
+            plan = check_resume(latest, to_dict(stored), saved_run, cfg, self.run_info,
+                                (state["position"]["epoch"], state["position"]["step"]), new_data)
+            if plan.complete:  # a rerun of a finished run: say so and change nothing
+                self.complete = {**complete_summary(run_dir, state), "complete": True}
+                return
+            cfg = dataclasses.replace(cfg, model=stored.model)  # what the run was built with, not today's defaults
+        self.cfg = cfg
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = model = build_model(cfg.model)
+        init_report = None
+        if resumed is not None:  # the checkpoint's weights win; run.json keeps where the run's first weights came from
+            self.run_info["init"] = saved_run.get("init")
+            if init is not None:
+                started = self.run_info["init"]["source"] if self.run_info["init"] else "its own initialisation"
+                self.say(f"--init {init} ignored: resuming from {latest}, whose weights win (the run started from "
+                         f"{started}).")
+        elif init is not None:  # weights only: the optimizer and the schedules start fresh
+            init_report = initialize(model, init)
+            self.run_info["init"] = init_report.provenance()
+        model.to(device)
+        no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+        groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=no_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.peak_lr, betas=cfg.optim.betas, fused=device.type == "cuda")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) \
+            if device.type == "cuda" else None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)  # bf16: no scaling
+
+        self.curriculum = Curriculum(model.cfg.masking.curriculum, device)
+        self.global_step, self.position = 0, (0, 0)  # optimizer steps done; next (epoch, micro-step) to load
+        if resumed is not None:
+            self._restore(latest, state, plan.notes)
+
+        mcfg = model.cfg
+        spec = SampleSpec(img_size=mcfg.img_size, patch_size=mcfg.patch_size, modalities=mcfg.modalities,
+                          masking=mcfg.masking, augment=cfg.data.augment, ignore_value=dataset.metadata.ignore_value,
+                          seed=cfg.seed, epochs=cfg.epochs, instance_offset_unit=mcfg.offset_unit_pixels,
+                          num_semantic_classes=num_classes)
+        self.loader = PretrainingLoader(dataset, spec, cfg.data, distributed.rank, distributed.world_size,
+                                        self.position, cfg.accum_steps, pin_memory=device.type == "cuda")
+        if main:  # only now: a start refused above leaves nothing behind
+            self._write_run_files(init_report)
+        steps_per_epoch = self.loader.steps_per_epoch  # micro-steps of epoch 0; later epochs may differ slightly
+        self.train_model = torch.compile(model) if cfg.compile else model
+        if distributed.world_size > 1:
+            # broadcast_buffers=False: the only buffers are fixed sin-cos position embeddings, equal on every rank.
+            self.train_model = DistributedDataParallel(
+                self.train_model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        # purge_step hides what a killed run logged after the checkpoint resumed from.
+        self.monitor = Monitor(run_dir, enabled=main, purge_step=self.global_step + 1)
+        self.strategies = StrategyLog(mcfg.modalities, device)
+        self.samples_log = open_samples_log(samples_log_path(run_dir, distributed.rank), self.position) \
+            if cfg.log_samples else None
+        self.bar = tqdm(total=cfg.epochs * steps_per_epoch // cfg.accum_steps, initial=self.global_step, unit="step",
+                        disable=not (main and show_progress), dynamic_ncols=True)
+        if resumed is not None and main and self.keeps(self.position) \
+                and not ckpt.kept_path(run_dir, self.position[0]).exists():
+            ckpt.keep_checkpoint(latest, ckpt.kept_path(run_dir, self.position[0]))  # stopped before keeping it
+
+        self.meter: LossMeter | None = None  # made at the first step, when the model has named its loss terms
+        self.window = {"samples": 0, "wait": 0.0, "start": time.perf_counter()}  # what perf/* averages over
+        self.last, self.saved_at, self.lr = {}, self.global_step, self.peak_lr
+        self.epoch_steps: dict[int, int] = {}  # micro-steps of each epoch, as the loader plans it
+
+    def _restore(self, latest: Path, state: dict, notes: list[str]) -> None:
+        """Continue from checkpoint `latest`: weights, optimizer, scaler, curriculum, position, this rank's RNG."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.curriculum.load_state_dict(state["curriculum"].get("adaptive", {}))
+        self.global_step, self.position = state["global_step"], (state["position"]["epoch"], state["position"]["step"])
+        ckpt.set_rng_state(state["rng"][self.distributed.rank])
+        self.say(f"resuming from {latest}: optimizer step {self.global_step}, epoch {self.position[0]}, "
+                 f"batch {self.position[1]}")
+        for note in notes:
+            self.say(note)
+
+    def _write_run_files(self, init_report: InitReport | None) -> None:
+        """config.json, run.json and, after --init, init.json (rank 0)."""
+        write_json(self.run_dir / CONFIG_FILE, to_dict(self.cfg))
+        write_json(self.run_dir / RUN_FILE, self.run_info)
+        if init_report is not None:
+            write_json(self.run_dir / INIT_FILE, dataclasses.asdict(init_report))
+            for line in [*init_report.lines(), f"init: the report is in {self.run_dir / INIT_FILE}"]:
+                self.say(line)
+
+    def say(self, line: str) -> None:
+        """A line for the user on stderr (rank 0 only), beside the progress bar."""
+        if self.main:
+            tqdm.write(line, file=sys.stderr)
+
+    # Schedule ------------------------------------------------------------------------------------
+
+    def progress_at(self, epoch: int, step: int) -> float:
+        """Fractional training progress in [0, 1] at micro-step `step` of `epoch` (what the schedules read)."""
+        if epoch not in self.epoch_steps:
+            self.epoch_steps[epoch] = self.loader.stream.plan(epoch).steps if epoch < self.cfg.epochs else 1
+        return (epoch + step / self.epoch_steps[epoch]) / self.cfg.epochs
+
+    def set_lr(self, lr: float) -> None:
+        self.lr = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def masking_weights(self, progress: float) -> torch.Tensor:
+        """The curriculum's strategy weights for the next optimizer step (logged with it)."""
+        weights = self.curriculum.weights(progress)
+        self.strategies.record_weights(self.global_step + 1, weights)
+        return weights
+
+    # Step ----------------------------------------------------------------------------------------
+
+    def forward_backward(self, inputs: dict[str, torch.Tensor], sync: bool) -> PretrainOutput:
+        """Forward and backward one micro-batch; DDP syncs the gradients only when `sync` (the step's last)."""
+        no_sync = self.train_model.no_sync() if not sync and self.distributed.world_size > 1 \
+            else contextlib.nullcontext()
+        with no_sync:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                out = self.train_model(inputs)
+            self.scaler.scale(out.loss / self.cfg.accum_steps).backward()
+        return out
+
+    def keep_losses(self, out: PretrainOutput, inputs: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+        """Keep the micro-batch's loss terms on the device (read every log_every steps, before checkpoints
+        and at the end: `check_losses`), with its per-strategy losses for the logs and the curriculum."""
+        self.strategies.add(out.strategy, inputs["strategy_requested"], out.sample_terms, out.sample_loss)
+        if self.meter is None or self.meter.names[1:] != tuple(out.terms):
+            self.check_losses()
+            self.meter = LossMeter(["loss", *out.terms])
+        self.meter.add(torch.stack([out.loss.detach().float(), *[t.detach().float() for t in out.terms.values()]]),
+                       MicroStep(self.global_step + 1, epoch, step,
+                                 inputs["index"] if self.samples_log is not None else None))
+        self.window["samples"] += inputs["rgb"].shape[0] * self.distributed.world_size
+
+    def optimizer_step(self, measure_norm: bool) -> torch.Tensor | None:
+        """Step the optimizer; returns the gradient norm before clipping (a device tensor) when clipping or
+        `measure_norm` asks for it, else None. An adaptive curriculum then sees the step's losses."""
+        grad_norm, clip = None, self.cfg.optim.clip_grad
+        if clip is not None or measure_norm:
+            self.scaler.unscale_(self.optimizer)  # fp16: the true gradients (scaler.step does not unscale twice)
+            # An infinite max norm only measures (the gradients are scaled by 1); any torch >= 2.3 has it.
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip is not None else math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss, step_count = self.strategies.end_step()
+        if self.curriculum.adaptive is not None:  # every rank sees the same sums, so all draw with the same weights
+            self.curriculum.update(mean_over_ranks(step_loss, self.distributed),
+                                   mean_over_ranks(step_count, self.distributed))
+        return grad_norm
+
+    def advance(self, epoch: int, step: int) -> None:
+        """Count the optimizer step that ended at micro-step `step` of `epoch`; the next position to load."""
+        self.global_step += 1
+        self.position = (epoch, step + 1) if step + 1 < self.epoch_steps[epoch] else (epoch + 1, 0)
+        self.bar.update(1)
+
+    # Logs ----------------------------------------------------------------------------------------
+
+    def check_losses(self) -> None:
+        """Read the losses since the last check (one sync), write the samples log, stop on a non-finite one."""
+        try:
+            steps = self.meter.check(lambda values: mean_over_ranks(values, self.distributed)) \
+                if self.meter is not None else []
+        except NonFiniteLoss as err:
+            raise RunError(f"{err}. The run stopped; lower optim.lr or use precision=fp32, then rerun to resume "
+                           "from the last checkpoint.") from None
+        if self.samples_log is not None and steps:
+            with writing(self.samples_log.name):
+                for s in steps:
+                    self.samples_log.write(json.dumps({"epoch": s.epoch, "step": s.batch, "index": s.index,
+                                                       "loss": dict(zip(self.meter.names, s.values))}) + "\n")
+        if steps:
+            self.last = dict(self.meter.last)
+            self.bar.set_postfix(epoch=steps[-1].epoch, loss=f"{self.last['loss']:.4f}", lr=f"{self.lr:.2e}",
+                                 refresh=False)
+
+    def log(self, epoch: int, step: int, inputs: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
+        """TensorBoard scalars of the steps since the last log: losses, lr, strategy mix, gradient shares, speed."""
+        self.check_losses()
+        elapsed = time.perf_counter() - self.window["start"]
+        mix, per_step = self.strategies.scalars()
+        for logged_step, values in per_step:
+            self.monitor.scalars(logged_step, values)
+        grad_share, modalities = {}, self.model.cfg.modalities
+        if self.cfg.log_grad_share and self.main and len(modalities) > 1:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                norms = self.model.term_gradient_norms(inputs).tolist()
+            grad_share = {f"grad_share/{m}": n / max(sum(norms), 1e-30) for m, n in zip(modalities, norms)}
+        self.monitor.scalars(self.global_step, {
+            **{f"loss/{n}": v for n, v in self.last.items()}, "lr": self.lr, **mix, **grad_share,
+            **(step_scalars(grad_norm, self.scaler, self.device) if self.main else {}),
+            "perf/images_per_s": self.window["samples"] / elapsed, "perf/data_wait_share": self.window["wait"] / elapsed,
+            "epoch": epoch + (step + 1) / self.epoch_steps[epoch]})
+        self.window = {"samples": 0, "wait": 0.0, "start": time.perf_counter()}
+
+    def figure(self, inputs: dict[str, torch.Tensor], out: PretrainOutput) -> None:
+        recon = self.model.reconstruct(inputs, out)
+        self.monitor.figure(self.global_step, reconstruction_figure(inputs, recon, self.model.visible_mask(out)))
+
+    # Checkpoints -----------------------------------------------------------------------------------
+
+    def keeps(self, position: tuple[int, int]) -> bool:
+        """Whether (epoch, step) ends an epoch whose checkpoint is kept for good (keep_every_epochs)."""
+        every = self.cfg.keep_every_epochs
+        return every > 0 and position[1] == 0 and position[0] > 0 and position[0] % every == 0
+
+    def save(self, epoch: int, step: int) -> Path | None:
+        """Checkpoint the run at data position (epoch, step); returns the file on rank 0."""
+        states = gather(ckpt.rng_state(), self.distributed)
+        if not self.main:
+            return None
+        progress = self.progress_at(epoch, step)
+        weights = torch.as_tensor(self.curriculum.weights(progress), dtype=torch.float64).tolist()
+        return ckpt.save_checkpoint({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "schedule": {"lr": self.optimizer.param_groups[0]["lr"],
+                                                             "peak_lr": self.peak_lr},
+            "curriculum": {"progress": progress, "weights": weights, "adaptive": self.curriculum.state_dict()},
+            "position": {"epoch": epoch, "step": step}, "global_step": self.global_step, "rng": states,
+            "config": json.dumps(to_dict(self.cfg)), "run": json.dumps(self.run_info), "last": self.last,
+        }, self.run_dir, self.global_step, self.cfg.keep_checkpoints)
+
+    def checkpoint(self) -> None:
+        """Check the losses (never save after a non-finite one), save at the current position, keep an epoch's."""
+        self.check_losses()
+        path = self.save(*self.position)
+        self.saved_at = self.global_step
+        if path is not None and self.keeps(self.position):
+            ckpt.keep_checkpoint(path, ckpt.kept_path(self.run_dir, self.position[0]))
+
+    def finish(self) -> dict:
+        """After the last step: read the last losses, save unless just saved, write summary.json, close the logs;
+        returns the summary. Ranks whose parameters differ (DDP lost synchronisation) raise RunError."""
+        self.check_losses()
+        self.bar.close()
+        if self.saved_at != self.global_step:
+            self.save(*self.position)
+        hashes = gather(param_hash(self.model), self.distributed)
+        summary = {"global_step": self.global_step, "position": list(self.position), "last": self.last,
+                   "param_sha256": hashes}
+        if self.main:
+            write_json(self.run_dir / SUMMARY_FILE, summary)
+        if self.samples_log is not None:
+            self.samples_log.close()
+        self.monitor.close()
+        if len(set(hashes)) > 1:
+            raise RunError("ranks ended with different parameters; DDP lost synchronisation (report this as a bug).")
+        return summary
