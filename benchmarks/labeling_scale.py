@@ -57,7 +57,11 @@ class NullLabelers:
 
     preset = "null"
 
-    def pinned(self):
+    @property
+    def instance_params(self) -> dict:
+        return {}
+
+    def pinned(self, recorded=None):
         return self
 
     def materialize(self):

@@ -5,8 +5,10 @@
 
 Without a cluster address it starts Ray on this machine; as a Ray job, with --address or with
 RAY_ADDRESS it joins that cluster. Rerunning the same command resumes: committed shards are
-checked and skipped, and only new inputs are labeled. Rerunning with other arguments, models or
-code is refused unless --overwrite. One run at a time writes a folder (OUTPUT/.lease.json).
+checked and skipped, and only new inputs are labeled. Rerunning with other label-shaping arguments,
+other model weights or a new labels version of the code is refused unless --overwrite; under other
+library versions, CUDA or GPUs it resumes with a warning (--strict-environment refuses), and each
+shard records what made it. One run at a time writes a folder (OUTPUT/.lease.json).
 The dataset card names no dataset and no licence it is not told (ImageNet-1K is recognised by its
 1000 synsets): --pretty-name, --license and --source-dataset tell it.
 """
@@ -46,7 +48,11 @@ def parser() -> argparse.ArgumentParser:
                     help="images per output shard; a shard is the unit of work and of commit (default 1000)")
     io.add_argument("--limit", type=positive_int, default=None, help="label only the first N inputs (trial runs)")
     io.add_argument("--overwrite", action="store_true",
-                    help="delete an earlier run's files in --output and start over (needed when arguments changed)")
+                    help="delete an earlier run's files in --output and start over (needed when label-shaping "
+                         "arguments or models changed)")
+    io.add_argument("--strict-environment", action="store_true",
+                    help="refuse to resume a folder labeled under another environment (Python, library versions, "
+                         "the package's version) instead of warning once and going on")
     io.add_argument("--retry-errors", action="store_true",
                     help="also re-attempt the inputs listed in the errors tables of committed shards")
     io.add_argument("--no-repair", action="store_true",
@@ -66,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
     io.add_argument("--label-column", default="label", help="label column of a table input (default label)")
     io.add_argument("--split", default="train", help="split of a table input (default train)")
 
-    models = p.add_argument_group("models (part of the output: changing them needs --overwrite)")
+    models = p.add_argument_group("models (part of the output: other weights or settings need --overwrite)")
     models.add_argument("--sam-type", default=None, help="SAM model type: vit_h (default), vit_l, vit_b")
     models.add_argument("--sam-checkpoint", default=None,
                         help="path of the SAM checkpoint (default: the official file for --sam-type, cached)")
@@ -75,7 +81,8 @@ def parser() -> argparse.ArgumentParser:
                              "(default facebook/mask2former-swin-large-coco-panoptic)")
     models.add_argument("--semantic-revision", default=None,
                         help="hub branch, tag or commit of --semantic-model (default: its default branch); the "
-                             "manifest records the commit it resolved to, which every model actor loads")
+                             "manifest records the commit it resolved to, which every model actor loads and a "
+                             "resume without this flag reuses")
     models.add_argument("--semantic-shortest-edge", type=positive_int, default=None,
                         help="shorter side of the semantic model's input, aspect kept (default 640; 128 for tiny)")
     models.add_argument("--model-max-side", type=positive_int, default=None,
@@ -146,7 +153,8 @@ def config_from_args(args: argparse.Namespace):
         model_actors=args.model_actors,
         gpus_per_actor=args.gpus_per_actor, actor_cpus=args.actor_cpus, task_cpus=args.task_cpus,
         listing_workers=args.listing_workers, address=args.address, num_cpus=args.num_cpus,
-        object_store_memory=args.object_store_memory, overwrite=args.overwrite, retry_errors=args.retry_errors,
+        object_store_memory=args.object_store_memory, overwrite=args.overwrite,
+        strict_environment=args.strict_environment, retry_errors=args.retry_errors,
         progress=not args.no_progress, image_storage=args.image_storage, no_repair=args.no_repair,
         max_failure_rate=args.max_failure_rate, card=CardOptions.from_args(args),
     )

@@ -256,3 +256,17 @@ def test_cli_build_and_user_errors(labeled, tmp_path, capsys):
     assert main(["build", str(folder)]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_the_card_lists_the_environments_that_made_the_labels():
+    from dataset_card.card.run_summary import environments
+    from dataset_card.card.sections import environments_table
+
+    a100 = {"python": "3.11.7", "torch": "2.3.0+cu121", "gpu": "NVIDIA A100", "compile": False}
+    cpu = {"python": "3.11.9", "torch": "2.3.0+cpu", "gpu": None, "compile": False}
+    found = environments([{"environments": [a100]}, {"environments": [cpu, a100]}, {}])  # {}: an older file
+    assert found == ((a100, 2), (cpu, 1))
+    text = environments_table(found)
+    assert "|  | 2 data files | 1 data file |" in text
+    assert "| `gpu` | `NVIDIA A100` | - |" in text and "| `compile` | off | off |" in text
+    assert "| `torch` | `2.3.0+cu121` | `2.3.0+cpu` |" in text

@@ -4,6 +4,7 @@ resumes, the repair of a damaged folder, the failure-rate stop, a labels-only re
 with --images, and the restart of a model actor after a fatal device error."""
 
 import hashlib
+import importlib.metadata
 import io
 import json
 import os
@@ -24,7 +25,7 @@ from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.schema import validate_features
 from dataset_card.validate import row_problems, validate
 from labeling.inputs.kinds import list_inputs
-from labeling.pipeline import failures, manifest, plan
+from labeling.pipeline import environment, failures, manifest, plan
 from labeling.pipeline.driver import LabelingConfig, run_labeling
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -162,7 +163,7 @@ def test_end_to_end_photos_load_typed_and_aligned(zoo_run):
     saved = json.loads((output / "manifest.json").read_text())
     assert saved["num_inputs"] == 18 and saved["num_shards"] == 5 and saved["shard_size"] == 4
     assert saved["models"]["instance"]["checkpoint"] == "tiny-random"
-    assert saved["code_version"] == manifest.code_version()
+    assert saved["code_version"] == manifest.code_version() and saved["labels_version"] == manifest.LABELS_VERSION
     assert saved["software"]["torch"] and saved["software"]["transformers"] and saved["software"]["pycocotools"]
     assert saved["models"]["semantic"]["revision"] is None  # a local folder: its sha256 names it
     assert saved["models"]["semantic"]["params"]["shortest_edge"] == 128
@@ -181,10 +182,16 @@ def test_end_to_end_photos_load_typed_and_aligned(zoo_run):
     assert stats["instances"] == sum(len(r["instances"]) for r in rows)
     assert set(stats["stage_time_s"]) >= {"read", "instance", "semantic", "postprocess", "commit"}
     assert stats["images_per_s"] > 0 and 0 < stats["driver_bytes_per_image"] < 1000
+    here = environment.collect("cpu", compiled=False)  # the model actors (Ray workers) ran this software
+    software = ("python", "torch", "transformers", "segment-anything", "numpy", "c2fmae", "compile")
     for path in (output / "data").iterdir():  # what the run trusts on resume is in each footer
         footer = json.loads(pq.read_schema(path).metadata[b"c2fmae"])
         assert footer["rows"] == pq.ParquetFile(path).metadata.num_rows
         assert footer["rows"] + footer["errors"] == footer["inputs"] and footer["image_storage"] == "inline"
+        for made_in in footer["environments"]:  # and what made its rows (an empty shard: nothing)
+            assert {k: made_in[k] for k in software} == {k: here[k] for k in software} and made_in["device"]
+        assert len(footer["environments"]) == (1 if footer["inputs"] else 0)
+    assert "The environments that made the labels" in (output / "README.md").read_text()
     shard_stats = [layout.ShardStats.from_json(p.read_text()) for p in sorted((output / "stats").glob("*.json"))]
     assert sum(s.rows for s in shard_stats) == 13 and sum(s.instances for s in shard_stats) == stats["instances"]
     assert "data/train-*.parquet" in (output / "README.md").read_text()
@@ -246,7 +253,7 @@ def test_retry_errors_relabels_only_failed_inputs(zoo_run, tmp_path):
     assert changed == with_failures  # only shards that had failures are rewritten
 
 
-def test_parquet_export_with_limit_and_refused_resume(tmp_path, ray_session):
+def test_parquet_export_with_limit_and_refused_resume(tmp_path, ray_session, monkeypatch):
     """An ImageNet-style Parquet export (Image + ClassLabel columns) as the input; --limit; resume rules."""
     folder, export, output = tmp_path / "photos", tmp_path / "export", tmp_path / "out"
     write_photos(folder, PHOTOS[:5], cls="x")
@@ -268,10 +275,22 @@ def test_parquet_export_with_limit_and_refused_resume(tmp_path, ray_session):
     assert stats["inputs"] == 3 and len(list((output / "data").iterdir())) == 2
     with pytest.raises(manifest.ResumeRefused, match="arguments.shard_size: 2 -> 3"):
         run_labeling(LabelingConfig(**{**cfg.__dict__, "shard_size": 3}), log=lambda m: None)
+    with pytest.raises(manifest.ResumeRefused, match="arguments.min_instance_area: 16 -> 20"):
+        run_labeling(LabelingConfig(**{**cfg.__dict__, "min_instance_area": 20}), log=lambda m: None)
     messages = []
     again = run_labeling(LabelingConfig(**{**cfg.__dict__, "model_batch_size": 2}), log=messages.append)
     assert any("resuming: 2 shards already committed" in m for m in messages)  # batch sizes may change
     assert again["processed"] == 0 and again["written"] == 3
+    assert not [m for m in messages if m.startswith("warning")]  # and are not warned about
+    real = importlib.metadata.version
+    with monkeypatch.context() as m:  # a newer torch build on the driver: resumed, with one warning
+        m.setattr(importlib.metadata, "version", lambda name: "2.9.9+cu999" if name == "torch" else real(name))
+        messages.clear()
+        run_labeling(LabelingConfig(**cfg.__dict__), log=messages.append)
+        warned = [m for m in messages if m.startswith("warning")]
+        assert len(warned) == 1 and "software.torch" in warned[0] and "+cu999" in warned[0], messages
+        with pytest.raises(manifest.ResumeRefused, match="--strict-environment was given"):
+            run_labeling(LabelingConfig(**{**cfg.__dict__, "strict_environment": True}), log=lambda m: None)
     # One more input: only its shard is updated, and only the new image goes through the models.
     more = run_labeling(LabelingConfig(**{**cfg.__dict__, "limit": 4}), log=messages.append)
     assert more["processed"] == 1 and more["written"] == 4 and more["inputs"] == 4

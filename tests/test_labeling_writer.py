@@ -19,7 +19,7 @@ from dataset_card.contract.schema import arrow_schema
 from dataset_card.synthetic.shapes import SEMANTIC_CLASSES
 from labeling.inputs.input_list import Inputs, inputs_table
 from labeling.labelers.model_input import decode, model_size
-from labeling.pipeline import commits, failures, manifest, plan, writer
+from labeling.pipeline import commits, environment, failures, manifest, plan, writer
 from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema, upsample_masks
 
 CLASS_NAMES = ("class_a", "class_b")
@@ -267,13 +267,13 @@ def test_resume_trusts_a_shard_only_when_its_files_agree_with_its_footer(tmp_pat
 
 def test_manifest_resume_rules(tmp_path):
     folder = OutputFolder.open(tmp_path / "out")
-    args = {"shard_size": 10, "limit": None}
+    args = {"shard_size": 10, "min_instance_area": 16}
     models = {"instance": {"name": "sam", "sha256": "a"}, "semantic": {"name": "m2f", "sha256": None}}
-    first = manifest.build(25, "hash", 10, args, models, {"read_batch_size": 16}, ("a", "b"))
+    first = manifest.build(25, "hash", 10, args, models, {"read_batch_size": 16, "limit": None}, ("a", "b"))
     assert first["num_shards"] == 3 and first["code_version"] == manifest.code_version()
     assert manifest.prepare(folder, first, overwrite=False) == (False, first)
     # Speed settings, --limit and the inputs may change; the shard count stays the folder's.
-    again = manifest.build(40, "other", 10, {**args, "limit": 40}, models, {"read_batch_size": 64}, ("a", "b"))
+    again = manifest.build(40, "other", 10, args, models, {"read_batch_size": 64, "limit": 40}, ("a", "b"))
     resumed, used = manifest.prepare(folder, again, overwrite=False)
     assert resumed and used["num_shards"] == 3 and used["num_inputs"] == 40
     assert manifest.labels_hash(used) == manifest.labels_hash(first)
@@ -304,10 +304,34 @@ def test_manifest_resume_rules(tmp_path):
     assert posixpath.basename(manifest.OWNED[0]) == "data"
 
 
-def test_the_code_hash_covers_only_code_that_shapes_labels():
-    covered = [entry.split("/")[-1] for entry in manifest.LABEL_CODE]
+def test_the_label_code_covers_only_code_that_shapes_labels():
+    from labeling.pipeline.labels_version import LABEL_CODE
+
+    covered = [entry.split("/")[-1] for entry in LABEL_CODE]
     assert "postprocess.py" in covered and "painting.py" in covered and "labelers" in covered
-    assert not {"driver.py", "writer.py", "sections.py", "card.py", "summary.py"} & set(covered)
+    assert not {"driver.py", "writer.py", "sections.py", "card.py", "summary.py", "environment.py",
+                "labels_version.py"} & set(covered)
+
+
+def test_each_shard_footer_lists_the_environments_that_made_its_rows(tmp_path):
+    before = {"python": "3.11.7", "torch": "2.3.0+cu121", "gpu": "NVIDIA A100-SXM4-80GB", "compile": False}
+    after = {"python": "3.11.9", "torch": "2.3.0+cu124", "gpu": "NVIDIA H100 80GB HBM3", "compile": False}
+
+    def made_in(table: pa.Table, env: dict) -> pa.Table:  # rows as a model actor in `env` tags them
+        column = pa.array([environment.encode(env)] * table.num_rows, pa.string())
+        return table.set_column(table.schema.get_field_index("environment"), "environment", column)
+
+    def commit(indices, todo, env, reuse=False) -> list[dict]:
+        folder = OutputFolder.open(tmp_path)
+        parts = writer.write_parts(made_in(staged(todo, shard=0), env), folder, "test-run").column("part")
+        writer.commit(job(tmp_path, indices, parts.to_pylist(), todo, reuse=reuse))
+        return shards.read_footer(folder.fs, str(tmp_path / layout.data_path(0, 1)))[1]["environments"]
+
+    assert commit([0, 1, 2], [0, 1, 2], before) == [before]
+    # A resume under newer libraries on other GPUs labels a new input: the shard keeps rows of both.
+    assert sorted(commit([0, 1, 2, 3], [3], after, reuse=True), key=str) == sorted([before, after], key=str)
+    assert commit([0, 1, 2, 3], [0, 1, 2, 3], after, reuse=True) == [after]  # every row relabeled
+    assert writer.environments([], staged([4])) == []  # rows no actor tagged (lost ones) name none
 
 
 def test_instance_count_check_warns_once_when_real_models_find_almost_nothing(capsys):
@@ -378,6 +402,7 @@ def test_a_failing_batch_is_retried_image_by_image_and_failures_become_rows():
 
     predictor = ModelPredictor.__new__(ModelPredictor)  # the actor class, with a fake model
     predictor.labeler = labeler
+    predictor.environment = environment.encode(environment.collect("cpu", compiled=False))
     rows = []
     for i, (data, listed_failure) in enumerate([(b"fine", ""), (b"poison", ""), (b"", failures.EMPTY_FILE),
                                                 (b"truncated", "")]):
@@ -396,6 +421,7 @@ def test_a_failing_batch_is_retried_image_by_image_and_failures_become_rows():
     assert "out of memory" in poisoned["error_message"] and poisoned["instances_json"] == "[]"
     assert (empty["error_stage"], empty["error_type"]) == (failures.DECODE, failures.EMPTY_FILE)
     assert (truncated["error_stage"], truncated["error_type"]) == (failures.DECODE, failures.UNDECODABLE)
+    assert {row["environment"] for row in (good, poisoned, empty, truncated)} == {predictor.environment}
 
 
 def test_the_compile_flag_reaches_the_instance_labelers_config():

@@ -1,7 +1,8 @@
 """The card's facts about a labeled folder (`RunSummary`), read back from its small files (no mask is decoded).
 
 Counts come from the Parquet footers (exact and cheap), distributions from the per-shard
-statistics the labeler wrote (`stats/*.json`), provenance from `manifest.json` and `stats.json`.
+statistics the labeler wrote (`stats/*.json`), provenance from `manifest.json` and `stats.json`,
+and the environments that made the labels from the data files' footers.
 Every reader here tolerates missing keys: older runs and the synthetic dataset write less.
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
-from dataset_card.contract import layout
+from dataset_card.contract import layout, shards
 from dataset_card.contract.output_folder import OutputError, OutputFolder
 from dataset_card.contract.schema import REFERENCE_COLUMNS, SCHEMA_METADATA_KEY
 
@@ -36,6 +37,9 @@ class RunSummary:
     errors_by_type: dict = field(default_factory=dict)
     image_storage: str = "inline"  # "reference": a labels-only release (`dataset_card.contract.images`)
     reference_columns: bool = False  # the data files carry schema.REFERENCE_COLUMNS
+    # Each distinct environment the labels were made in (the footers' "environments") and how many
+    # data files name it; empty for folders written before footers recorded them.
+    environments: tuple[tuple[dict, int], ...] = ()
 
     @property
     def rows(self) -> int:
@@ -45,6 +49,21 @@ class RunSummary:
 def parquet_rows(folder: OutputFolder, name: str) -> int:
     with folder.fs.open_input_file(folder.path(name)) as f:
         return pq.read_metadata(f).num_rows
+
+
+def data_footers(folder: OutputFolder, names: list[str]) -> list[tuple[int, dict]]:
+    """(rows, the contract key's footer value) of each data file, from its Parquet metadata alone."""
+    return [shards.read_footer(folder.fs, folder.path(name)) for name in names]
+
+
+def environments(footers: list[dict]) -> tuple[tuple[dict, int], ...]:
+    """The distinct environments the footers name, each with the number of files naming it, most first."""
+    counts: dict[str, int] = {}
+    for footer in footers:
+        for env in footer.get("environments") or []:
+            key = json.dumps(env, sort_keys=True)
+            counts[key] = counts.get(key, 0) + 1
+    return tuple((json.loads(k), n) for k, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def errors_by_type(folder: OutputFolder, names: list[str]) -> dict[str, int]:
@@ -81,6 +100,7 @@ def read_summary(output: str | OutputFolder) -> RunSummary:
     stats_files = [posixpath.join(layout.STATS_DIR, n) for n in folder.list_files(layout.STATS_DIR)
                    if n.endswith(".json")]
     storage, reference = image_storage(folder, list(data_files))
+    footers = data_footers(folder, list(data_files))
     stats = layout.ShardStats()
     for name in stats_files:
         stats = stats.merge(layout.ShardStats.from_json(folder.read_bytes(name).decode()))
@@ -91,12 +111,13 @@ def read_summary(output: str | OutputFolder) -> RunSummary:
         stats=stats,
         num_stats_files=len(stats_files),
         data_files=data_files,
-        rows_per_file=tuple(parquet_rows(folder, f) for f in data_files),
+        rows_per_file=tuple(rows for rows, _ in footers),
         error_rows=sum(parquet_rows(folder, f) for f in error_files),
         quality=folder.read_json(QUALITY_FILE),
         errors_by_type=errors_by_type(folder, error_files),
         image_storage=storage,
         reference_columns=reference,
+        environments=environments([footer for _, footer in footers]),
     )
 
 

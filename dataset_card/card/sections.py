@@ -133,7 +133,8 @@ def production(summary: RunSummary) -> str:
     else:
         out.append(f"The manifest names no models (semantic source: `{summary.metadata.semantic_source or '?'}`).")
     facts = [("dataset schema version", summary.metadata.schema_version)]
-    for key, name in (("code_version", "code version"), ("created", "created"), ("num_inputs", "inputs"),
+    for key, name in (("labels_version", "labels version"), ("code_version", "code version"), ("created", "created"),
+                      ("num_inputs", "inputs"),
                       ("num_shards", "shards"), ("shard_size", "images per shard"), ("inputs_hash", "inputs sha256")):
         if manifest.get(key) is not None:
             facts.append((name, f"`{manifest[key]}`" if key in ("code_version", "inputs_hash") else manifest[key]))
@@ -145,16 +146,32 @@ def production(summary: RunSummary) -> str:
         facts.append(("throughput", f"{run['images_per_s']:.3g} images/s"))
     for stage, seconds in (run.get("stage_time_s") or {}).items():
         facts.append((f"time in stage `{stage}`", duration(seconds)))
-    for name, version in (manifest.get("software") or {}).items():
-        facts.append((f"`{name}`", version or "not installed"))
+    if not summary.environments:  # a folder from before footers named them: the manifest's record
+        for name, version in (manifest.get("software") or {}).items():
+            facts.append((f"`{name}`", version or "not installed"))
     for record in manifest.get("repaints") or []:
         facts.append(("repainted", f"{record.get('created', '?')}: rule `{(record.get('rule') or {}).get('name')}` "
                                    f"(from schema v{record.get('from_schema_version')})"))
     out.append(table(["", ""], facts))
+    if summary.environments:
+        out.append(environments_table(summary.environments))
     if manifest.get("arguments"):
         out.append("<details><summary>Labeling arguments</summary>\n\n```json\n"
                    + json.dumps(manifest["arguments"], indent=2, sort_keys=True) + "\n```\n\n</details>")
     return "\n\n".join(out)
+
+
+def environments_table(environments: Sequence[tuple[dict, int]]) -> str:
+    """The environments that made the labels (one column each, with the data files it made rows of)."""
+    keys = sorted({k for env, _ in environments for k in env})
+
+    def shown(value) -> str:
+        return "-" if value is None else ("on" if value else "off") if isinstance(value, bool) else f"`{value}`"
+
+    header = ["", *(f"{n} data file{'s' if n > 1 else ''}" for _, n in environments)]
+    return ("The environments that made the labels, as each data file's footer records them (a resumed run may "
+            "have labeled under newer libraries or on other GPUs):\n\n"
+            + table(header, [(f"`{k}`", *(shown(env.get(k)) for env, _ in environments)) for k in keys]))
 
 
 def feature_type(feature) -> str:

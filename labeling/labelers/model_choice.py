@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,11 +109,15 @@ class ModelChoice:
         """The revision to load the semantic model at: None for a local folder (it has none)."""
         return None if os.path.isdir(self.semantic_model) else self.semantic_revision
 
-    def pinned(self) -> ModelChoice:
+    def pinned(self, recorded: Mapping | None = None) -> ModelChoice:
         """This choice with the semantic model's hub revision resolved to its commit hash, so every
         actor loads the same weights even if the repository changes during the run (and the
         manifest can name them). A local folder is returned as is (its content hash names it).
-        A named SAM checkpoint is fetched first, so a missing one is the first error a user sees."""
+        A named SAM checkpoint is fetched first, so a missing one is the first error a user sees.
+
+        recorded: the models an earlier run of the output recorded (its manifest's "models"). When
+        they name this hub repository and no revision is given, their commit is reused rather than
+        the default branch resolved again: a new upstream commit does not stop a resume."""
         from labeling.labelers.checkpoints import CheckpointError, official_checkpoint
 
         choice = self.materialize()
@@ -126,8 +131,11 @@ class ModelChoice:
                 raise ModelLoadError(f"--semantic-revision {self.semantic_revision} was given, but "
                                      f"{choice.semantic_model} is a local folder, which has no revisions: drop it")
             return self
-        return dataclasses.replace(self, semantic_revision=resolve_hub_revision(choice.semantic_model,
-                                                                                self.semantic_revision))
+        revision = self.semantic_revision
+        earlier = (recorded or {}).get("semantic") or {}
+        if revision is None and earlier.get("repo") == choice.semantic_model and earlier.get("revision"):
+            revision = earlier["revision"]
+        return dataclasses.replace(self, semantic_revision=resolve_hub_revision(choice.semantic_model, revision))
 
     def semantic_classes(self) -> tuple[SemanticClass, ...]:
         """The semantic taxonomy, from the model's config alone (no weights are loaded)."""
@@ -148,7 +156,10 @@ class ModelChoice:
 
     def describe(self) -> dict:
         """manifest.json's "models": names, checkpoints, content hashes, the semantic model's hub
-        revision (call on a `pinned` choice to record the commit), and labeler parameters.
+        repository and revision (call on a `pinned` choice to record the commit), and labeler
+        parameters. What identifies a model (`manifest.MODEL_IDENTITY`): SAM's type and weights'
+        sha256, the semantic model's hub repository and commit or local folder's sha256, their
+        parameters; the checkpoint's path is recorded only (the same file elsewhere is the same model).
 
         Resolves (and, for named SAM checkpoints while online, downloads) the weights, so a missing
         checkpoint fails here, before any work starts.
@@ -176,6 +187,7 @@ class ModelChoice:
         return {
             "instance": {
                 "name": f"sam_{choice.sam_type}" + (f" (tiny-random, seed {self.seed})" if tiny else ""),
+                "type": choice.sam_type,
                 "checkpoint": "tiny-random" if tiny else checkpoint,
                 "sha256": sam_sha,
                 "params": dataclasses.asdict(self.instance_config()),
@@ -183,6 +195,7 @@ class ModelChoice:
             "semantic": {
                 "name": "tiny-random mask2former" if tiny else choice.semantic_model,
                 "checkpoint": "tiny-random" if tiny else choice.semantic_model,
+                "repo": None if semantic_sha else choice.semantic_model,  # the hub id; None for a local folder
                 "revision": choice.hub_revision,  # the commit, once pinned; None for a local folder
                 "sha256": semantic_sha,
                 "params": dataclasses.asdict(self.semantic_config()),

@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -53,36 +53,48 @@ DEFAULT_MAX_FAILURE_RATE = 0.1
 BYTES_PER_IMAGE = {"inline": 150_000, "reference": 40_000}
 
 
+def label_shaping(default):
+    """A `LabelingConfig` field that shapes the labels: recorded in the manifest's "arguments",
+    compared on resume and part of every shard's footer hash (`manifest.labels_hash`). Any other
+    field may change between a run and its resume."""
+    return field(default=default, metadata={"labels": True})
+
+
 @dataclass(frozen=True)
 class LabelingConfig:
-    """One labeling run. Fields above `read_batch_size` shape the output and are compared on resume."""
+    """One labeling run. Fields made with `label_shaping` shape the output and are compared on resume;
+    the models are compared by identity (`ModelChoice.describe`), not by the arguments that name them."""
 
     input: str
     output: str
-    models: str = "default"
-    shard_size: int = 1000
-    limit: int | None = None
-    max_pixels: int = 100_000_000
-    input_format: str = "auto"
+    models: str = label_shaping("default")
+    shard_size: int = label_shaping(1000)
+    limit: int | None = None  # picks inputs; shards are keyed by image id, so it may change
+    max_pixels: int = label_shaping(100_000_000)
+    # What a row is: its image and its label.
+    input_format: str = label_shaping("auto")
     file_list: str | None = None
-    image_column: str = "image"
-    label_column: str = "label"
-    split: str = "train"
+    image_column: str = label_shaping("image")
+    label_column: str = label_shaping("label")
+    split: str = label_shaping("train")
+    # The models, compared by what they are: SAM's weights by sha256, the semantic model by repo and
+    # commit (resolved once, then reused on every resume) or a local folder's content hash.
     sam_type: str | None = None
     sam_checkpoint: str | None = None
     semantic_model: str | None = None
     semantic_revision: str | None = None
-    semantic_shortest_edge: int | None = None
-    model_max_side: int | None = None
-    points_per_side: int | None = None
-    pred_iou_thresh: float | None = None
-    stability_score_thresh: float | None = None
-    compile: bool = False  # torch.compile SAM (float rounding may differ from eager: part of the models)
-    min_instance_area: int = 16
-    painting_rule: str = DEFAULT_RULE
-    min_purity: float | None = None
-    image_storage: str = "inline"  # or "reference": a labels-only release (no image bytes)
-    # Execution only: may change between a run and its resume.
+    semantic_shortest_edge: int | None = label_shaping(None)
+    model_max_side: int | None = label_shaping(None)
+    points_per_side: int | None = label_shaping(None)
+    pred_iou_thresh: float | None = label_shaping(None)
+    stability_score_thresh: float | None = label_shaping(None)
+    compile: bool = label_shaping(False)  # torch.compile SAM (float rounding may differ from eager)
+    min_instance_area: int = label_shaping(16)
+    painting_rule: str = label_shaping(DEFAULT_RULE)
+    min_purity: float | None = label_shaping(None)
+    image_storage: str = label_shaping("inline")  # or "reference": a labels-only release (no image bytes)
+    # Execution: may change between a run and its resume (batch sizes give the same labels:
+    # tests/test_label_determinism.py).
     read_batch_size: int = 16
     model_batch_size: int = 8
     postprocess_batch_size: int = 8
@@ -95,6 +107,7 @@ class LabelingConfig:
     num_cpus: int | None = None  # of a local Ray
     object_store_memory: int | None = None  # of a local Ray
     overwrite: bool = False
+    strict_environment: bool = False  # refuse, instead of warning, to resume under another environment
     retry_errors: bool = False
     no_repair: bool = False  # refuse, instead of repairing, committed shards that fail verification
     max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE
@@ -104,17 +117,14 @@ class LabelingConfig:
     card: CardOptions = CardOptions()
 
     def arguments(self) -> dict:
-        """What shapes the output (manifest "arguments"). Where inputs and output live is not in it:
-        a moved dataset resumes, and each shard's footer pins what its inputs are."""
-        names = [f.name for f in dataclasses.fields(self)]
-        return {n: getattr(self, n) for n in names[: names.index("read_batch_size")] if n not in _LOCATIONS}
+        """What shapes the labels (manifest "arguments"): the `label_shaping` fields. Where inputs and
+        output live is not in it: a moved dataset resumes, and each shard's footer pins its inputs."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("labels")}
 
     def execution(self) -> dict:
-        names = [f.name for f in dataclasses.fields(self)]
-        return {n: getattr(self, n) for n in names[names.index("read_batch_size"):] + list(_LOCATIONS) if n != "card"}
-
-
-_LOCATIONS = ("input", "output", "file_list")
+        """Everything else but the card (manifest "execution", recorded only)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not f.metadata.get("labels") and f.name != "card"}
 
 
 # What `--models` implies where the user did not say: real models at SAM's size, twins at theirs.
@@ -366,12 +376,14 @@ def run_labeling(cfg: LabelingConfig, log=print, choice: ModelChoice | None = No
         listed = listed.head(cfg.limit)
     _check_storage(cfg, listed)
     rule = painting_rule(cfg)
-    choice = (choice or model_choice(cfg)).pinned()  # a hub model at one commit for every actor
+    folder = OutputFolder.open(cfg.output)  # the one opening of the output in this run
+    _check_space(shards.probe_output(folder), cfg, len(listed), log)
+    # A hub model at one commit for every actor: on resume, the commit the folder's first run resolved.
+    recorded = None if cfg.overwrite else (manifest.read(folder) or {}).get("models")
+    choice = (choice or model_choice(cfg)).pinned(recorded)
     local_choice = choice.materialize()  # tiny twins built once here; actors build their own
     models = local_choice.describe()
     semantic_classes = local_choice.semantic_classes()
-    folder = OutputFolder.open(cfg.output)  # the one opening of the output in this run
-    _check_space(shards.probe_output(folder), cfg, len(listed), log)
     run_id = new_run_id()
     lease = Lease(folder, run_id, log=log).take()
     try:
@@ -388,7 +400,7 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
                                       semantic_source=models["semantic"]["checkpoint"], painting=rule)
     new_manifest = manifest.build(len(listed), listed.sha256(), cfg.shard_size, cfg.arguments(), models,
                                   cfg.execution(), listed.class_names)
-    resumed, used = manifest.prepare(folder, new_manifest, cfg.overwrite)
+    resumed, used = manifest.prepare(folder, new_manifest, cfg.overwrite, cfg.strict_environment, log)
     labels_hash = manifest.labels_hash(used)
     folder.delete_dir_quietly(layout.PARTS_DIR)  # rows a killed run left uncommitted
     recovered = shards.recover(folder)

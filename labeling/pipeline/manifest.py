@@ -1,12 +1,19 @@
 """manifest.json: what a labeled folder was made from, and whether a rerun may resume it.
 
-A rerun resumes when what shapes the labels is unchanged: the arguments (but `--limit`), the
-models, the code that shapes labels, the library versions and the image classes. Otherwise it is
-refused with the differences listed, unless `--overwrite` clears the folder first. The inputs may
-change: shards are keyed by a hash of each input's id (`labeling.pipeline.plan`), so a rerun with
-added or removed inputs relabels only what is new in the shards they fall into; the manifest then
-records the new inputs. Arguments that only change speed (batch sizes, actor counts, GPUs) are
-recorded under "execution" and may change too.
+A rerun resumes when what gives the labels their meaning is unchanged (`COMPARED`): the labels
+version of the code (`labels_version.LABELS_VERSION`, bumped by hand when labels can change), the
+schema version, the arguments declared label-shaping on `LabelingConfig`'s fields, the models'
+identities (the SAM weights by content hash, not their path; the semantic model by hub repo and the
+commit the folder's first run resolved, or a local folder's content hash; their labeler parameters
+but speed ones) and the image classes. Otherwise it is refused with the differences listed, unless
+`--overwrite` clears the folder first. The inputs may change: shards are keyed by a hash of each
+input's id (`labeling.pipeline.plan`), so a rerun with added or removed inputs relabels only what is
+new in the shards they fall into; the manifest then records the new inputs. Everything else is
+recorded, not compared: speed settings and locations ("execution"), and the environment (Python and
+library versions, the package and label-code version: "software", "code_version"; where the model
+checkpoints were read from). A rerun under
+another environment resumes with one warning line (`--strict-environment` refuses instead); each
+shard's footer records the environments its rows were made in (`labeling.pipeline.environment`).
 
 `labels_hash` digests the compared part; every data file's footer carries it, so a shard written
 under other settings is never trusted.
@@ -17,79 +24,40 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
-from importlib import metadata as importlib_metadata
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 
 import pyarrow.fs as pafs
 
 from dataset_card.contract import layout, shards
 from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.schema import SCHEMA_VERSION
+from labeling.pipeline.environment import code_version, software_versions
+from labeling.pipeline.labels_version import LABELS_VERSION
 
-# Keys two manifests must agree on for a rerun to resume (the inputs, "created" and "execution"
-# may differ).
-COMPARED = ("schema_version", "shard_size", "arguments", "models", "code_version", "software", "classes")
-# Arguments that pick inputs rather than shape labels: free to change on resume.
-INPUT_ARGUMENTS = ("limit",)
+# Keys two manifests must agree on for a rerun to resume.
+COMPARED = ("schema_version", "labels_version", "shard_size", "arguments", "models", "classes")
+# What names a model (under "models.<role>"): compared. Its name and checkpoint path are recorded only.
+MODEL_IDENTITY = ("type", "repo", "revision", "sha256", "params")
+# Model parameters that change speed, not labels (beyond float rounding): free to change on resume.
+SPEED_PARAMS = ("batch_size", "points_per_batch", "encoder_batch_size")
+# What the environment is recorded under (with the models' checkpoint paths): a rerun where they
+# differ resumes with a warning.
+ENVIRONMENT = ("software", "code_version")
 # Shards may hold between a quarter and four times --shard-size images when the inputs of a folder
 # grow or shrink; beyond that a rerun asks for a new folder (its shard count is fixed).
 SHARD_FILL = (0.25, 4.0)
-
-# The code whose change can change a label: the labelers, the read / model / post-process stages,
-# and the contract's codecs, painting rule and schema. The driver, writer, card and docs are not in
-# it, so editing them does not force a relabel.
-LABEL_CODE = ("labeling/labelers", "labeling/pipeline/preprocess.py", "labeling/pipeline/predictors.py",
-              "labeling/pipeline/postprocess.py", "dataset_card/contract/codecs.py", "dataset_card/contract/painting.py",
-              "dataset_card/contract/schema.py", "dataset_card/contract/invariants.py")
-
-# Libraries whose release can change the labels (a resize's numerics, mask decoding, RLE): recorded,
-# and a rerun with other versions does not resume (its shards would not match the earlier ones).
-SOFTWARE = ("torch", "torchvision", "transformers", "segment-anything", "pycocotools", "opencv-python-headless",
-            "numpy", "pillow")
-
-
-# Model parameters that change speed, not labels (beyond float rounding): free to change on resume.
-SPEED_PARAMS = ("batch_size", "points_per_batch", "encoder_batch_size")
-
 
 class ResumeRefused(ValueError):
     """The output folder holds a different run; the message says what differs and what to do."""
 
 
-def code_version() -> str:
-    """`<package version>+<12 hex of the label-shaping sources (LABEL_CODE)>`."""
-    try:
-        version = importlib_metadata.version("c2fmae")
-    except importlib_metadata.PackageNotFoundError:
-        version = "0+unknown"
-    digest = hashlib.sha256()
-    repo = Path(__file__).resolve().parents[2]
-    for entry in LABEL_CODE:
-        path = repo / entry
-        for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            digest.update(f"{source.relative_to(repo).as_posix()}\n".encode())
-            digest.update(source.read_bytes())
-    return f"{version}+{digest.hexdigest()[:12]}"
-
-
-def software_versions() -> dict[str, str | None]:
-    """{distribution: installed version (None when absent)} of SOFTWARE, plus Python's."""
-    import platform
-
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in SOFTWARE:
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def build(num_inputs: int, inputs_hash: str, shard_size: int, arguments: Mapping, models: Mapping,
           execution: Mapping | None = None, class_names: Sequence[str] = ()) -> dict:
+    """A new manifest: `arguments` are the label-shaping ones (`LabelingConfig.arguments`), `models`
+    what `ModelChoice.describe` says; the environment is this process's (the driver's)."""
     return {
         "schema_version": SCHEMA_VERSION,
+        "labels_version": LABELS_VERSION,
         "num_inputs": num_inputs,
         "inputs_hash": inputs_hash,
         "num_shards": num_shards(num_inputs, shard_size),
@@ -107,11 +75,12 @@ def build(num_inputs: int, inputs_hash: str, shard_size: int, arguments: Mapping
 
 
 def _compared(manifest: Mapping) -> dict[str, object]:
-    flat = _flatten({k: manifest.get(k) for k in COMPARED})
+    compared = {k: manifest.get(k) for k in COMPARED}
+    compared["models"] = {role: {k: v for k, v in (model or {}).items() if k in MODEL_IDENTITY}
+                          for role, model in (manifest.get("models") or {}).items()}
+    flat = _flatten(compared)
     for key in [k for k in flat if k.startswith("models.") and k.rsplit(".", 1)[-1] in SPEED_PARAMS]:
         del flat[key]
-    for name in INPUT_ARGUMENTS:
-        flat.pop(f"arguments.{name}", None)
     return json.loads(json.dumps(flat))  # tuples and lists, ints and floats compare as they are stored
 
 
@@ -140,10 +109,30 @@ def _flatten(value, prefix: str = "") -> dict[str, object]:
     return {prefix: value}
 
 
+def _changes(a: Mapping, b: Mapping) -> list[str]:
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def differences(old: Mapping, new: Mapping) -> list[str]:
     """"key: old -> new" for every compared value that differs (nested keys dotted)."""
-    a, b = _compared(old), _compared(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return _changes(_compared(old), _compared(new))
+
+
+def _environment(manifest: Mapping) -> dict[str, object]:
+    recorded = {k: manifest.get(k) for k in ENVIRONMENT}
+    recorded["models"] = {role: {"checkpoint": (model or {}).get("checkpoint")}
+                          for role, model in (manifest.get("models") or {}).items()}
+    return _flatten(recorded)
+
+
+def environment_changes(old: Mapping, new: Mapping) -> list[str]:
+    """"key: old -> new" for every recorded environment value that differs, the models' checkpoint
+    paths among them (never a reason to refuse unless --strict-environment)."""
+    return _changes(_environment(old), _environment(new))
+
+
+def _shown(changes: list[str], limit: int = 8) -> str:
+    return "; ".join(changes[:limit]) + (f"; and {len(changes) - limit} more" if len(changes) > limit else "")
 
 
 def read(folder: OutputFolder) -> dict | None:
@@ -177,23 +166,39 @@ def _has_data(folder: OutputFolder) -> bool:
     return any(i.type == pafs.FileType.File for i in folder.fs.get_file_info(selector))
 
 
-def prepare(folder: OutputFolder, new: Mapping, overwrite: bool) -> tuple[bool, dict]:
+def prepare(folder: OutputFolder, new: Mapping, overwrite: bool, strict_environment: bool = False,
+            log: Callable[[str], None] = print) -> tuple[bool, dict]:
     """Make `folder` ready for the run described by `new`: (whether it resumes an earlier run, the
-    manifest the run goes on with, now written). A resumed folder keeps its shard count.
+    manifest the run goes on with, now written). A resumed folder keeps its shard count, and the
+    record of where and when it was made (its first run's models, environment and date).
 
-    Raises ResumeRefused when the folder holds another run and `overwrite` is False.
+    Raises ResumeRefused when the folder holds another run and `overwrite` is False, or when it was
+    made under another environment and `strict_environment` is True; else such a drift is one line
+    to `log`.
     """
     output = folder.uri
     old = read(folder)
     manifest = dict(new)
     if old is not None and not overwrite:
+        if "labels_version" not in old:
+            raise ResumeRefused(
+                f"{output} was labeled before label fingerprints, so this code cannot tell whether its labels "
+                "mean what new ones would: pass --overwrite to relabel it, or choose another --output")
         diff = differences(old, new)
         if diff:
-            shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
             raise ResumeRefused(
-                f"{output} holds a run with other arguments, models, code or classes ({shown}): rerun with the "
-                "same arguments to resume it, pass --overwrite to delete it and start over, or choose another "
-                "--output")
+                f"{output} holds labels made with other label-shaping arguments, models or labels version "
+                f"({_shown(diff)}): rerun with the same arguments to resume it, pass --overwrite to delete it and "
+                "start over, or choose another --output")
+        drift = environment_changes(old, new)
+        if drift and strict_environment:
+            raise ResumeRefused(
+                f"{output} was labeled under another environment ({_shown(drift)}) and --strict-environment was "
+                "given: resume it under the recorded one, or drop --strict-environment to go on (each shard's "
+                "footer records what made it)")
+        if drift:
+            log(f"warning: {output} was labeled under another environment ({_shown(drift)}); resuming it: each "
+                "shard's footer records the environments that made its rows (--strict-environment refuses instead)")
         manifest["num_shards"] = old["num_shards"]
         fill = new["num_inputs"] / (old["num_shards"] * new["shard_size"])
         if not SHARD_FILL[0] <= fill <= SHARD_FILL[1] and new["num_inputs"] != old.get("num_inputs"):
@@ -201,7 +206,9 @@ def prepare(folder: OutputFolder, new: Mapping, overwrite: bool) -> tuple[bool, 
                 f"{output} was made for {old.get('num_inputs')} inputs in {old['num_shards']} shards; {new['num_inputs']}"
                 f" inputs would make its shards hold about {new['num_inputs'] / old['num_shards']:.0f} images each "
                 f"against --shard-size {new['shard_size']}: label into another --output, or pass --overwrite")
-        manifest["created"] = old.get("created", manifest["created"])
+        for key in ("created", "models", *ENVIRONMENT):  # the same identities; where and when it was made
+            if key in old:
+                manifest[key] = old[key]
     elif old is None and _has_data(folder) and not overwrite:
         raise ResumeRefused(f"{output} holds data files but no {layout.MANIFEST_FILE}: choose an empty --output, "
                             "or pass --overwrite to delete them")

@@ -46,7 +46,7 @@ STAT_FIELDS = [
 TIME_COLUMNS = ("time_read", "time_instance", "time_semantic", "time_postprocess")
 ROUTING_FIELDS = [("index", pa.int64()), ("shard", pa.int64()), ("path", pa.string())] + [
     (name, pa.string()) for name in failures.COLUMNS
-]
+] + [("environment", pa.string())]  # what made the row (`labeling.pipeline.environment`), for the footer
 
 
 def staged_schema(class_names: Sequence[str], semantic_class_names: Sequence[str],
@@ -193,6 +193,7 @@ def postprocess_stage(batch: pa.Table, cfg: PostprocessConfig, schema: pa.Schema
             except Exception as err:  # one odd image fails alone
                 row.update(failures.from_exception(failures.POSTPROCESS, err).as_row())
         labeled.update({k: row[k] for k in ("index", "shard", "path", "image_id", "label", *failures.COLUMNS)})
+        labeled["environment"] = row.get("environment") or ""
         labeled.update({t: row.get(t) or 0.0 for t in (*TIME_COLUMNS, "started_at")})
         labeled["time_postprocess"] = time.perf_counter() - start
         out.append(labeled)

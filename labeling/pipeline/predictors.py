@@ -12,7 +12,9 @@ What it adds per row:
   "counts"}, "bbox", "area", "predicted_iou", "stability_score"}) at model resolution
   (`pixels_h`, `pixels_w`), already COCO-RLE encoded and filtered;
 - `semantic`: the class map at the image's original size (`semantic_h`, `semantic_w` = `height`,
-  `width`) as raw bytes in the contract's dtype (uint8 below 255 classes, else uint16).
+  `width`) as raw bytes in the contract's dtype (uint8 below 255 classes, else uint16);
+- `environment`: what made the labels (this actor's libraries, CUDA, driver, GPU, compile flag:
+  `labeling.pipeline.environment`), collected once at start; the shard's footer lists them.
 
 A failure is recorded in the row's `error_*` columns instead of raised (an undecodable file at
 stage "decode", anything else at "model"). When a whole batch fails, it is retried one image at a
@@ -32,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from dataset_card.contract.codecs import DecodeError
-from labeling.pipeline import failures
+from labeling.pipeline import environment, failures
 from labeling.pipeline.preprocess import DECODED_SCHEMA
 
 MODELS_SCHEMA = pa.schema(
@@ -40,7 +42,7 @@ MODELS_SCHEMA = pa.schema(
     + [("pixels_h", pa.int32()), ("pixels_w", pa.int32()), ("time_read", pa.float64()), ("started_at", pa.float64()),
        ("instances_json", pa.string()), ("time_instance", pa.float64()),
        ("semantic", pa.large_binary()), ("semantic_h", pa.int32()), ("semantic_w", pa.int32()),
-       ("time_semantic", pa.float64())]
+       ("time_semantic", pa.float64()), ("environment", pa.string())]
 )
 
 
@@ -125,13 +127,14 @@ class ModelPredictor:
         device = _device(num_gpus)
         self.labeler = PairedLabeler(choice.instance_labeler(device), choice.semantic_labeler(device), max_side,
                                      max_pixels, cpu_threads)
+        self.environment = environment.encode(environment.collect(device, bool(choice.instance_params.get("compile"))))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         todo = [r for r in rows if not r["error_type"]]
         results = run_each(self.labeler, [r["image_bytes"] for r in todo])
         for row in rows:
-            row.update(_EMPTY)
+            row.update(_EMPTY, environment=self.environment)
         for row, result in zip(todo, results):
             if isinstance(result, DecodeError):
                 row.update(failures.from_exception(failures.DECODE, result).as_row())

@@ -9,7 +9,7 @@ coordinates (`labeling.pipeline.commits`); no image, mask or row ever reaches it
    merges the rows and failures the shard already holds when it is being updated (the rows of
    inputs still listed and not being redone), checks that rows + failures equal the shard's
    inputs, and hands its rows, errors table, statistics and footer (run id, manifest hash, input
-   digest and counts) to the commit protocol (`shards.commit_shard`, journaled: a shard that
+   digest and counts, and the environments its rows were made in) to the commit protocol (`shards.commit_shard`, journaled: a shard that
    already has a data file has its three files replaced together; a killed replacement is
    finished by the next run, `shards.recover`). No input is ever both in the data and in the
    errors table.
@@ -33,8 +33,8 @@ import pyarrow.parquet as pq
 from dataset_card.contract import codecs, invariants, layout, painting, shards
 from dataset_card.contract.lease import holder_of
 from dataset_card.contract.output_folder import OutputFolder
-from dataset_card.contract.schema import validate_schema
-from labeling.pipeline import failures
+from dataset_card.contract.schema import read_file_metadata, validate_schema
+from labeling.pipeline import environment, failures
 
 # What the write stage returns per part file: all the driver ever receives about labeled images.
 PART_SCHEMA = pa.schema([
@@ -214,9 +214,11 @@ def commit(job: CommitJob) -> ShardResult:
 
     new_paths = set(staged.column("path").to_pylist()) if staged is not None else set()
     data_parts, error_parts, stats = [], [], layout.ShardStats(shard=job.shard)
+    made_in: list[dict] = []  # the environments of the rows kept from the shard
     if job.reuse and shards.exists(folder.fs, data_path):
         with folder.fs.open_input_file(data_path) as f:
             old = pq.read_table(f)
+        made_in = read_file_metadata(old.schema).get("environments", [])
         redone = {image_id for p, image_id in zip(staged.column("path").to_pylist(),
                                                   staged.column("image_id").to_pylist())} if staged else set()
         keep = [image_id in by_id and image_id not in redone for image_id in old.column("image_id").to_pylist()]
@@ -226,6 +228,8 @@ def commit(job: CommitJob) -> ShardResult:
         old_errors = folder.read_errors(job.shard, job.num_shards)
         keep = [p in order and p not in new_paths for p in old_errors.column("path").to_pylist()]
         error_parts.append(old_errors.filter(pa.array(keep, pa.bool_())))
+        if not (data_parts[-1].num_rows or error_parts[-1].num_rows):
+            made_in = []
     if staged is not None:
         add_rows(stats, staged)
         data_parts.append(data_table(staged, job.contract))
@@ -241,7 +245,8 @@ def commit(job: CommitJob) -> ShardResult:
                            f"{job.inputs.num_rows} inputs; not committed (a bug: please report it)")
     validate_schema(data.schema, source=layout.data_path(job.shard, job.num_shards))
     footer = {**job.footer, "shard": job.shard, "num_shards": job.num_shards, "inputs": job.inputs.num_rows,
-              "inputs_sha256": job.digest, "rows": data.num_rows, "errors": errors.num_rows}
+              "inputs_sha256": job.digest, "rows": data.num_rows, "errors": errors.num_rows,
+              "environments": environments(made_in, staged)}
     if job.check_lease:
         holder = holder_of(folder)
         if holder is None or holder.run_id != job.footer.get("run_id"):
@@ -252,6 +257,15 @@ def commit(job: CommitJob) -> ShardResult:
     result = _result(job.shard, staged) if staged is not None else ShardResult(job.shard, 0)
     result.stage_time_s["commit"] = time.perf_counter() - start
     return result
+
+
+def environments(kept: Sequence[dict], staged: pa.Table | None) -> list[dict]:
+    """The distinct environments that made a shard's rows: those recorded for the rows it keeps,
+    and those the staged rows carry (`labeling.pipeline.environment`)."""
+    encoded = {environment.encode(e) for e in kept}
+    if staged is not None and "environment" in staged.column_names:
+        encoded.update(pc.unique(staged.column("environment")).to_pylist())
+    return environment.decode_all(encoded - {None})
 
 
 def lost_rows(work: pa.Table, schema: pa.Schema) -> pa.Table:
