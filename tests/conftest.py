@@ -50,3 +50,27 @@ def ray_session():
                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def nan_at_third_instance_loss(monkeypatch):
+    """Patch the trainer so its model's instance loss turns NaN at the third call (optimizer step 3 when
+    only the training forward calls it); `monkeypatch.undo()` removes the cause."""
+    import pretraining.training.trainer as trainer_module
+
+    build_model = trainer_module.build_model
+
+    def poisoned(config):
+        model = build_model(config)
+        calls = {"n": 0}
+        original = model.loss_term
+
+        def loss_term(modality, *args):
+            calls["n"] += modality == "instance"
+            value = original(modality, *args)
+            return value * float("nan") if modality == "instance" and calls["n"] == 3 else value
+
+        model.loss_term = loss_term
+        return model
+
+    monkeypatch.setattr(trainer_module, "build_model", poisoned)

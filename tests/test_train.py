@@ -254,25 +254,7 @@ def test_adaptive_curriculum_is_driven_by_the_trainer_and_checkpointed(data_dir,
     assert len({tuple(step) for step in zip(*weights)}) > 2  # and the weights move with the losses
 
 
-def test_non_finite_loss_stops_the_run_naming_step_and_terms(data_dir, tmp_path, monkeypatch):
-    import pretraining.training.trainer as trainer_module
-
-    build_model = trainer_module.build_model
-
-    def poisoned(config):
-        model = build_model(config)
-        calls = {"n": 0}
-        original = model.loss_term
-
-        def loss_term(modality, *args):
-            calls["n"] += modality == "instance"
-            value = original(modality, *args)
-            return value * float("nan") if modality == "instance" and calls["n"] == 3 else value
-
-        model.loss_term = loss_term
-        return model
-
-    monkeypatch.setattr(trainer_module, "build_model", poisoned)
+def test_non_finite_loss_stops_the_run_naming_step_and_terms(data_dir, tmp_path, nan_at_third_instance_loss):
     cfg = apply_overrides(tiny(), (*FAST, "log_grad_share=false"))  # only the training forward calls loss_term
     with pytest.raises(RunError, match=r"not finite at optimizer step 3 \(epoch 0, batch 2\).*instance=nan"):
         train(cfg, data_dir, str(tmp_path / "run"), progress=False)
