@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from pretraining.models.instances import instance_representation
-from pretraining.models.losses import instance_loss, patchify, rgb_loss, semantic_loss, unpatchify
+from pretraining.models.losses import (
+    best_constant_instance_prediction,
+    constant_instance_loss,
+    instance_loss,
+    patchify,
+    rgb_loss,
+    semantic_loss,
+    unpatchify,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: one thread beats two here
 
@@ -81,3 +89,47 @@ def test_sample_reduction_makes_the_mean_of_halves_the_mean_of_the_whole():
     assert not torch.allclose(token_halves, terms(slice(0, 4), "token"), rtol=1e-3)  # the mean of means drifts
     with pytest.raises(ValueError, match="loss reduction"):
         terms(slice(0, 4), "pixel")
+
+
+def _object_maps(batch: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """(B, size, size) id maps of 1-4 overlapping rectangles each (later ones on top)."""
+    maps = torch.zeros(batch, size, size, dtype=torch.long)
+    for b in range(batch):
+        for k in range(1, int(torch.randint(2, 6, (1,), generator=g)) + 1):
+            y, x = torch.randint(0, size - 6, (2,), generator=g).tolist()
+            h, w = torch.randint(4, size // 2, (2,), generator=g).tolist()
+            maps[b, y:y + h, x:x + w] = k
+    return maps
+
+
+@pytest.mark.parametrize("reduction", ["sample", "token"])
+def test_the_best_constant_instance_prediction_is_the_floor_no_constant_beats(reduction):
+    """The closed form (boundary rate's logit, weighted median offsets) is the best input-independent
+    prediction: no perturbed constant, nor zeros, nor mean offsets score lower; a head that reads its
+    input (here: the target itself) scores far below it."""
+    g, P = _gen(), 4
+    target = instance_representation(_object_maps(6, 32, g), offset_unit=P)  # (6, 3, 32, 32)
+    masked = torch.rand(6, 64, generator=g) < torch.linspace(0.2, 0.9, 6)[:, None]  # uneven counts per sample
+    constant = best_constant_instance_prediction(target, masked, P, reduction)
+    floor = constant_instance_loss(target, masked, P, reduction)
+    assert constant.shape == (P * P * 3,)
+    assert torch.equal(floor, instance_loss(constant.expand(6, 64, -1), target, masked, P, reduction))
+
+    def loss_of(c: torch.Tensor) -> float:
+        return float(instance_loss(c.expand(6, 64, -1), target, masked, P, reduction))
+
+    for _ in range(40):
+        nudged = constant + 0.05 * torch.randn(constant.shape, generator=g)
+        assert loss_of(nudged) >= float(floor) - 1e-6
+    for i in range(0, P * P * 3, 7):  # one coordinate at a time, both ways
+        for step in (-0.02, 0.02):
+            nudged = constant.clone()
+            nudged[i] += step
+            assert loss_of(nudged) >= float(floor) - 1e-6
+    patches = patchify(target, P).reshape(6, 64, -1, 3)[masked]  # (M, P*P, 3)
+    mean_offsets = constant.view(-1, 3).clone()
+    mean_offsets[:, 1:] = patches[..., 1:].mean(0)
+    assert loss_of(torch.zeros_like(constant)) > float(floor) and loss_of(mean_offsets.flatten()) >= float(floor)
+    reads_input = patchify(target, P).reshape(6, 64, -1, 3).clone()
+    reads_input[..., 0] = reads_input[..., 0] * 16 - 8  # confident boundary logits
+    assert float(instance_loss(reads_input.flatten(2), target, masked, P, reduction)) < 0.1 * float(floor)

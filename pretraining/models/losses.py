@@ -96,3 +96,44 @@ def instance_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor
     boundary = F.binary_cross_entropy_with_logits(pred[..., 0], target[..., 0], reduction="none").mean(-1)  # (B, N)
     offsets = (pred[..., 1:] - target[..., 1:]).abs().mean(dim=(-2, -1))  # (B, N)
     return _mean_over(boundary + offsets, masked, reduction)
+
+
+def _weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(M, K) values, (M,) non-negative weights -> (K,): per column, a minimiser of sum_m w_m |x_m - c|."""
+    order = values.argsort(dim=0)  # (M, K)
+    cumulative = weights[order].cumsum(dim=0)  # (M, K)
+    first = (cumulative < cumulative[-1:] / 2).sum(dim=0, keepdim=True)  # (1, K): where half the weight is reached
+    return values.gather(0, order).gather(0, first.clamp(max=values.shape[0] - 1))[0]
+
+
+def best_constant_instance_prediction(target: torch.Tensor, masked: torch.Tensor, patch_size: int,
+                                      reduction: str = "sample", eps: float = 1e-6) -> torch.Tensor:
+    """The input-independent prediction with the lowest `instance_loss` on these targets: (P*P*3,), one
+    value per pixel of a patch and channel, the same for every patch of every image (what a head that
+    learned nothing from its input could at best predict).
+
+    target: (B, 3, H, W) from `instance_representation`, masked: (B, N) bool. Each masked patch weighs
+    as the reduction weighs it (under "sample" 1 / its sample's masked count). Per pixel of a patch, the
+    boundary logit is that of the weighted boundary rate (cross-entropy's minimiser; the rate clamped
+    to [eps, 1 - eps]) and each offset the weighted median (L1's minimiser).
+    """
+    B, N = masked.shape
+    patches = patchify(target, patch_size).reshape(B, N, -1, 3)  # (B, N, P*P, 3)
+    weights = masked.float()
+    if reduction in ("sample", "none"):
+        weights = weights / weights.sum(1, keepdim=True).clamp(min=1)
+    weights = weights.flatten()  # (B*N,)
+    kept = weights > 0
+    patches, weights = patches.flatten(0, 1)[kept], weights[kept]  # (M, P*P, 3), (M,)
+    rate = (weights[:, None] * patches[..., 0]).sum(0) / weights.sum()  # (P*P,)
+    offsets = _weighted_median(patches[..., 1:].flatten(1), weights).view(-1, 2)  # (P*P, 2)
+    return torch.cat([torch.logit(rate.clamp(eps, 1 - eps))[:, None], offsets], dim=-1).flatten()
+
+
+def constant_instance_loss(target: torch.Tensor, masked: torch.Tensor, patch_size: int,
+                           reduction: str = "sample") -> torch.Tensor:
+    """`instance_loss` of `best_constant_instance_prediction` on the same targets: the floor an instance
+    head must beat to have learned anything from its input (compute it on held-out scenes)."""
+    B, N = masked.shape
+    constant = best_constant_instance_prediction(target, masked, patch_size, reduction)
+    return instance_loss(constant.expand(B, N, -1), target, masked, patch_size, reduction)
