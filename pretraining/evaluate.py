@@ -138,8 +138,9 @@ def run_finetune(args) -> dict:
     device = setup_device(args.device)
     data = _data(args, classification=True)
     torch.manual_seed(cfg.seed)  # the new head (and a --random-init encoder) start the same in every run
-    model = load_timm_model(args.model, args.checkpoint, args.random_init, num_classes=len(data.class_names),
-                            global_pool=cfg.global_pool, drop_path_rate=cfg.drop_path, img_size=cfg.img_size)
+    model = load_timm_model(args.model, args.checkpoint, args.random_init, head_init_std=cfg.head_init_std,
+                            num_classes=len(data.class_names), global_pool=cfg.global_pool,
+                            drop_path_rate=cfg.drop_path, img_size=cfg.img_size)
     return finetune.finetune(model, data, cfg, args.output, device)
 
 

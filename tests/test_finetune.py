@@ -1,5 +1,7 @@
-"""Fine-tuning: loading exported / checkpointed timm encoders, exact resumption, ViTDet key conversion."""
+"""Fine-tuning: loading exported / checkpointed timm encoders, the new head, exact resumption, ViTDet key
+conversion."""
 
+import dataclasses
 import json
 import os
 import re
@@ -78,6 +80,51 @@ def test_model_spec_mistakes_say_what_to_do(tmp_path):
         load_timm_model("vit_tiny_patch16_224", str(tmp_path / "missing.safetensors"))
 
 
+def test_a_new_head_starts_as_maes_and_a_head_the_weights_carry_is_kept(encoder_dir, tmp_path):
+    spec = f"local-dir:{encoder_dir / 'timm'}"
+    torch.manual_seed(0)
+    new = load_timm_model(spec, head_init_std=2e-5, num_classes=1000, global_pool="avg").head
+    assert 1.9e-5 < new.weight.std().item() < 2.1e-5 and not new.bias.any()  # MAE's trunc_normal_(std=2e-5)
+    torch.manual_seed(0)
+    assert 0.019 < load_timm_model(spec, num_classes=1000, global_pool="avg").head.weight.std().item() < 0.021  # timm's
+    # A fine-tuned classifier evaluated or fine-tuned again keeps the head it learned.
+    classifier = timm.create_model("vit_tiny_patch16_224", num_classes=7, img_size=32, global_pool="avg", **ARGS)
+    save_for_hf(classifier, str(tmp_path / "classifier"), safe_serialization=True)
+    kept = load_timm_model(f"local-dir:{tmp_path / 'classifier'}", head_init_std=2e-5, num_classes=7, global_pool="avg")
+    assert torch.equal(kept.head.weight, classifier.head.weight)
+
+
+def test_the_finetune_command_builds_its_head_at_the_recipes_std(encoder_dir, labeled, tmp_path, monkeypatch):
+    heads = []
+
+    def capture(model, data, cfg, output, device, progress=True):
+        heads.append(model.head)
+        return {"top1": 0.0, "top5": 0.0, "best_top1": 0.0, "epochs": cfg.epochs}
+
+    monkeypatch.setattr(finetune, "finetune", capture)
+    for std in ("2e-5", "0.5"):
+        main(["finetune", "--model", f"local-dir:{encoder_dir / 'timm'}", "--data", str(labeled), "--config", "tiny",
+              "--val-fraction", "0.3", "--output", str(tmp_path), "--set", f"head_init_std={std}"])
+    assert finetune.FinetuneConfig().head_init_std == 2e-5
+    assert heads[0].weight.abs().max() < 1e-4 < heads[1].weight.std()  # 5 std of 2e-5 and not heads[0].bias.any()
+
+
+def test_layer_decay_and_weight_decay_are_maes():
+    depth, decay = 3, 0.65
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32, global_pool="avg",
+                              **{**ARGS, "depth": depth})
+    optimizer = finetune.make_optimizer(model, finetune.FinetuneConfig(layer_decay=decay))
+    names = {id(p): n for n, p in model.named_parameters()}
+    group = {names[id(p)]: (g["lr_scale"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    assert set(group) == set(names.values())
+    expected = {"cls_token": (decay ** (depth + 1), 0.0), "pos_embed": (decay ** (depth + 1), 0.0),
+                "patch_embed.proj.weight": (decay ** (depth + 1), 0.05), "blocks.0.attn.qkv.weight": (decay**depth, 0.05),
+                "blocks.2.norm1.weight": (decay, 0.0), "blocks.2.mlp.fc2.weight": (decay, 0.05),
+                "fc_norm.weight": (1.0, 0.0), "head.weight": (1.0, 0.05), "head.bias": (1.0, 0.0)}
+    for name, (scale, wd) in expected.items():
+        assert group[name] == (pytest.approx(scale), wd), name
+
+
 # --- augmentation --------------------------------------------------------------------------------------
 
 
@@ -141,6 +188,16 @@ def test_resuming_with_other_settings_is_refused(encoder_dir, labeled, tmp_path)
     finetune.save_checkpoint(str(tmp_path / "checkpoint.pt"), {"config": {"epochs": 5}})
     with pytest.raises(SystemExit, match="written with epochs=5.*new --output"):
         run_finetune(encoder_dir, labeled, tmp_path)
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_only_with_the_value_it_ran_with(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    config = dataclasses.asdict(finetune.finetune_tiny())
+    old = {k: v for k, v in config.items() if k != "head_init_std"}  # written before the setting existed
+    finetune.save_checkpoint(path, {"config": old})
+    with pytest.raises(finetune.RunError, match=r"head_init_std=0.02, not 2e-05 .*--set head_init_std=0.02 resumes"):
+        finetune.load_checkpoint(path, config)
+    assert finetune.load_checkpoint(path, {**config, "head_init_std": 0.02})["config"] == old
 
 
 # --- ViTDet --------------------------------------------------------------------------------------------

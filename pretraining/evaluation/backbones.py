@@ -21,11 +21,14 @@ class UserError(Exception):
     """A mistake in the command line or the files it names; printed as one sentence."""
 
 
-def load_timm_model(spec: str, checkpoint: str | None = None, random_init: bool = False, **kwargs) -> nn.Module:
+def load_timm_model(spec: str, checkpoint: str | None = None, random_init: bool = False,
+                    head_init_std: float | None = None, **kwargs) -> nn.Module:
     """A timm ViT from `spec` (`local-dir:DIR`, a folder, or an architecture name) with its weights.
 
     `kwargs` go to `timm.create_model` (num_classes, global_pool, drop_path_rate, img_size, ...). The
-    position embedding is resampled to `img_size`; a missing head / fc_norm is freshly initialised.
+    position embedding is resampled to `img_size`; a missing head / fc_norm is freshly initialised:
+    timm's init (weights with std 0.02), or with `head_init_std` a head the weights lack gets weights
+    of that std (truncated normal) and a zero bias, as MAE's fine-tuning does with 2e-5.
     """
     folder = spec.removeprefix("local-dir:") if spec.startswith("local-dir:") or os.path.isdir(spec) else None
     if folder is not None:
@@ -54,13 +57,17 @@ def load_timm_model(spec: str, checkpoint: str | None = None, random_init: bool 
     except (RuntimeError, TypeError, ValueError) as err:
         raise UserError(f"timm cannot build {spec} with {kwargs} ({err})") from err
     if weights is not None:
-        load_weights(model, weights)
+        fresh = load_weights(model, weights)
+        if head_init_std is not None and "head.weight" in fresh:
+            nn.init.trunc_normal_(model.head.weight, std=head_init_std)
+            nn.init.zeros_(model.head.bias)
     return model
 
 
-def load_weights(model: nn.Module, path: str) -> None:
+def load_weights(model: nn.Module, path: str) -> list[str]:
     """Load a timm ViT checkpoint into `model`, resampling pos_embed and dropping a mismatched head;
-    anything else that does not fit is a UserError naming the first offending key."""
+    anything else that does not fit is a UserError naming the first offending key. Returns the keys
+    the weights lacked (only those of MAY_BE_MISSING), which keep the model's own initialisation."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     if not os.path.isfile(path):
@@ -77,13 +84,14 @@ def load_weights(model: nn.Module, path: str) -> None:
         raise UserError(f"{path} does not fit {model.default_cfg.get('architecture', type(model).__name__)}: "
                         f"{bad[0]} is {tuple(state[bad[0]].shape)}, the model's is {tuple(own[bad[0]].shape)}; "
                         f"pass the architecture the weights were trained with")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in MAY_BE_MISSING]
+    lacked, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in lacked if k not in MAY_BE_MISSING]
     unexpected = [k for k in unexpected if k not in MAY_BE_UNEXPECTED]
     if missing or unexpected:
         first = f"lacks {missing[0]}" if missing else f"has {unexpected[0]} that the model does not"
         raise UserError(f"{path} {first} ({len(missing)} missing, {len(unexpected)} unexpected keys); pass the "
                         f"architecture the weights were trained with")
+    return list(lacked)
 
 
 def setup_device(name: str | None) -> torch.device:

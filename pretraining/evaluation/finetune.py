@@ -54,6 +54,7 @@ class FinetuneConfig:
     auto_augment: str = "rand-m9-mstd0.5-inc1"
     reprob: float = 0.25
     global_pool: str = "avg"  # MAE fine-tunes on the mean patch token (with a fresh fc_norm)
+    head_init_std: float = 2e-5  # the new classifier's weights: truncated normal of this std, bias 0 (MAE's)
     img_size: int = 224
     clip_grad: float = 0.0  # 0 = no clipping (MAE's default)
     seed: int = 0
@@ -84,6 +85,9 @@ class RunError(ValueError):
 
 # Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = ("num_workers",)
+# Settings added after runs were written, with the value those runs had: an older checkpoint is read as
+# having run with it, so resuming it under today's default is refused, and `--set KEY=OLD` resumes it.
+ADDED_SETTINGS = {"head_init_std": 0.02, "roi_aligned": False}
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -98,10 +102,12 @@ def load_checkpoint(path: str, config: dict) -> dict | None:
     if not os.path.isfile(path):
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
-    changed = [k for k, v in config.items() if k not in RESUMABLE_CHANGES and state["config"].get(k) != v]
+    written = {**{k: v for k, v in ADDED_SETTINGS.items() if k in config}, **state["config"]}
+    changed = [k for k, v in config.items() if k not in RESUMABLE_CHANGES and written.get(k) != v]
     if changed:
         k = changed[0]
-        raise RunError(f"{path} was written with {k}={state['config'].get(k)!r}, not {config[k]!r}; rerun with "
+        before = f" (it predates the setting; --set {k}={written[k]} resumes it)" if k not in state["config"] else ""
+        raise RunError(f"{path} was written with {k}={written.get(k)!r}, not {config[k]!r}{before}; rerun with "
                        f"the same settings to resume, or pass a new --output")
     return state
 
@@ -165,6 +171,14 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device: torch.devi
     return {"top1": 100.0 * counts[0].item() / n, "top5": 100.0 * counts[1].item() / n, "samples": counts[2].item()}
 
 
+def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW with timm's layer-wise lr decay, which gives MAE's scales for a ViT: patch / position embeddings
+    and class token decay^(depth + 1), block i decay^(depth - i), fc_norm and head 1; no weight decay on
+    1-d parameters, pos_embed and cls_token. Each group's `lr_scale` is applied by timm's scheduler."""
+    return create_optimizer_v2(model, "adamw", lr=cfg.base_lr * cfg.batch_size / 256, weight_decay=cfg.weight_decay,
+                               layer_decay=cfg.layer_decay, betas=(cfg.beta1, cfg.beta2))
+
+
 def finetune(model: nn.Module, data: EvalData, cfg: FinetuneConfig, output: str, device: torch.device,
              progress: bool = True) -> dict[str, float]:
     """Fine-tune `model` (a timm classifier with data.class_names outputs) on data.train and score
@@ -198,9 +212,7 @@ def finetune(model: nn.Module, data: EvalData, cfg: FinetuneConfig, output: str,
                        f"--set batch_size")
 
     model.to(device)
-    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.base_lr * cfg.batch_size / 256,
-                                    weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
-                                    betas=(cfg.beta1, cfg.beta2))
+    optimizer = make_optimizer(model, cfg)
     warmup = cfg.warmup_epochs * updates_per_epoch
     scheduler = CosineLRScheduler(optimizer, t_initial=max(1, cfg.epochs * updates_per_epoch - warmup),
                                   lr_min=cfg.min_lr, warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True,
