@@ -10,13 +10,13 @@ import torch.nn as nn
 from pycocotools.coco import COCO
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import save_for_hf
-from torchvision.ops import masks_to_boxes
+from torchvision.ops import MultiScaleRoIAlign, masks_to_boxes
 
 from pretraining.evaluate import main
 from pretraining.evaluation import detect, loop
 from pretraining.evaluation.coco import DetectionSet, coco_ap, load_coco, to_coco_results
 from pretraining.evaluation.folders import EvalDataError
-from pretraining.evaluation.maskrcnn import windowed_vit
+from pretraining.evaluation.maskrcnn import LEVELS, LevelRoIAlign, windowed_vit
 from pretraining.evaluation.synthetic_layouts import COCO_CATEGORY_IDS, write_coco_layout
 from pretraining.evaluation.transforms import detection_transform
 
@@ -197,6 +197,54 @@ def test_mask_rcnn_trains_every_parameter_and_returns_coco_outputs():
     with torch.no_grad():
         out = model([torch.rand(3, 40, 64)])[0]
     assert out["masks"].shape[1:] == (1, 40, 64) and out["boxes"].shape[1] == 4  # in the input image's pixels
+
+
+def test_roi_align_pools_the_features_each_box_covers_from_torchvisions_level():
+    # Features that read their own coordinates: channel 0 is the column index, channel 1 the row index
+    # (image 1 adds 1000). Bilinear sampling of a ramp is exact, so a box's pooled mean is the feature
+    # coordinate of its centre: aligned, pixel centres sit at half-integers (x * scale - 0.5).
+    size, strides = 512, (4, 8, 16, 32)  # a patch-16 ViT's pyramid
+    features = {}
+    for name, stride in zip(LEVELS, strides):
+        n = size // stride
+        ramp = torch.stack(torch.meshgrid(torch.arange(float(n)), torch.arange(float(n)), indexing="xy"))
+        features[name] = torch.stack([ramp, ramp + 1000])  # (2, 2, n, n)
+    features["pool"] = torch.zeros(2, 2, 4, 4)  # the RPN's extra level: never pooled
+    # Sides 20, 150, 300, 460 fall on levels 2, 3, 4, 5 by torchvision's rule floor(4 + log2(side / 224)).
+    boxes = [torch.tensor([[40.0, 50, 60, 70], [150, 120, 300, 270]]), torch.tensor([[100.0, 100, 400, 400],
+                                                                                     [26, 26, 486, 486]])]
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    aligned = LevelRoIAlign(LEVELS, 7, strides)(features, boxes, [(size, size)] * 2)
+    assert aligned.shape == (4, 2, 7, 7)
+    centres = torch.cat(boxes).view(4, 2, 2).mean(1)  # (R, 2) box centres x, y in pixels
+    offset = torch.tensor([0.0, 0.0, 1000.0, 1000.0])[:, None]  # each box reads its own image
+    torch.testing.assert_close(aligned.mean((2, 3)), centres * torch.tensor(scales)[:, None] - 0.5 + offset)
+    # torchvision's pooler assigns the same levels, and samples half a feature cell off.
+    legacy = MultiScaleRoIAlign(list(LEVELS), 7, sampling_ratio=0)(features, boxes, [(size, size)] * 2)
+    torch.testing.assert_close(legacy, aligned + 0.5)
+    torch.testing.assert_close(LevelRoIAlign(LEVELS, 7, strides, aligned=False)(features, boxes, [(size, size)] * 2),
+                               legacy)
+    with pytest.raises(ValueError, match="not one power of two per level"):  # a patch-14 encoder's pyramid
+        LevelRoIAlign(LEVELS, 7, (3.5, 7, 14, 28))
+
+
+def test_the_detector_pools_with_aligned_roi_align_on_its_own_pyramids_levels():
+    images = torch.rand(2, 3, 64, 64)
+    boxes = [torch.tensor([[3.0, 5, 20, 30], [10, 2, 60, 63]]), torch.tensor([[30.0, 30, 34, 35]])]
+    for aligned in (True, False):
+        cfg = detect.DetectConfig(**{**vars(detect.detect_tiny()), "roi_aligned": aligned})
+        model = detect.build_detector(tiny_vit(), 3, cfg, MEAN, STD)  # patch 8: strides 2, 4, 8, 16
+        heads = model.roi_heads
+        assert isinstance(heads.box_roi_pool, LevelRoIAlign) and isinstance(heads.mask_roi_pool, LevelRoIAlign)
+        assert heads.box_roi_pool.aligned is heads.mask_roi_pool.aligned is aligned
+        assert (heads.box_roi_pool.output_size, heads.mask_roi_pool.output_size) == ((7, 7), (14, 14))
+        with torch.no_grad():
+            features = model.backbone(images)
+        pooled = heads.box_roi_pool(features, boxes, [(64, 64)] * 2)
+        # The legacy sampling is exactly torchvision's pooler, whose scales are inferred from the maps.
+        torchvision_pooled = MultiScaleRoIAlign(list(LEVELS), 7, sampling_ratio=0)(features, boxes, [(64, 64)] * 2)
+        assert torch.allclose(pooled, torchvision_pooled, atol=1e-6) is not aligned
+    assert detect.DetectConfig().roi_aligned is detect.detect_tiny().roi_aligned is True
 
 
 def test_detector_layer_decay_covers_every_parameter_once():

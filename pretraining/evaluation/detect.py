@@ -55,6 +55,7 @@ class DetectConfig:
     anchor_sizes: str = "32,64,128,256,512"
     proposals: int = 1000  # RPN proposals kept per image in training (2000 before NMS)
     rois_per_image: int = 512  # proposals sampled per image for the box and mask heads (25% positive)
+    roi_aligned: bool = True  # RoIAlign with half-pixel-centred sampling (ViTDet's ROIAlignV2); False: torchvision's legacy
     score_thresh: float = 0.05  # detections kept for evaluation score at least this (ViTDet's test threshold)
     checkpoint_every: int = 5000
     eval_every: int = 0  # also score AP every N iterations (a multiple of checkpoint_every); 0: only at the end
@@ -98,11 +99,11 @@ def build_detector(encoder: nn.Module, num_classes: int, cfg: DetectConfig, mean
         raise RunError(f"--set global_blocks={cfg.global_blocks}: the encoder has blocks 0..{depth - 1}")
     try:
         vit = windowed_vit(encoder, cfg.image_size, cfg.window_size, global_blocks, cfg.drop_path, cfg.rel_pos)
+        return mask_rcnn(SimpleFeaturePyramid(vit, cfg.fpn_channels), num_classes, cfg.image_size, mean, std,
+                         cfg.box_fc, cfg.head_convs, _ints(cfg.anchor_sizes, "anchor_sizes"), cfg.proposals,
+                         cfg.rois_per_image, cfg.score_thresh, cfg.roi_aligned)
     except ValueError as err:
         raise RunError(str(err)) from err
-    return mask_rcnn(SimpleFeaturePyramid(vit, cfg.fpn_channels), num_classes, cfg.image_size, mean, std,
-                     cfg.box_fc, cfg.head_convs, _ints(cfg.anchor_sizes, "anchor_sizes"), cfg.proposals, cfg.rois_per_image,
-                     cfg.score_thresh)
 
 
 @torch.no_grad()
