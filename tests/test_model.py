@@ -213,8 +213,9 @@ def test_reconstruct_keeps_visible_patches():
 
 # Baselines and controls ---------------------------------------------------------------------------
 
-# MultiMAE as its public code (EPFL-VILAB/MultiMAE, multimae/output_adapters.py and multimae.py)
-# builds it, and what we keep different on purpose (each checked below where it can be):
+# MultiMAE as its public code (EPFL-VILAB/MultiMAE: multimae/multimae.py, input_adapters.py,
+# output_adapters.py, run_pretraining_multimae.py, cfgs/pretrain/multimae-b_98_rgb+-depth-semseg_400e.yaml)
+# builds and trains it, and what we keep different on purpose, each checked below by the test named after it.
 KEPT_DIFFERENCES = {
     "modalities": "instance (our boundary + offset representation) instead of depth, as C2FMAE uses",
     "rgb adapters": "one RGB output adapter with the per-patch normalised loss; MultiMAE's pretraining config adds "
@@ -223,6 +224,20 @@ KEPT_DIFFERENCES = {
     "initialisation": "MAE's (xavier-uniform linears, N(0, 0.02) tokens) for every model, so init is not a variable",
     "global token": "first in the encoder sequence and the context (MultiMAE appends it last; attention ignores order)",
     "semantic input": "label map taken at 1/4 resolution by nearest pixel (MultiMAE resizes with PIL)",
+    "final encoder norm": "the encoder ends in a LayerNorm (MultiMAE's has none; its adapters normalise their "
+                          "projected context): one encoder for every arm, exported as timm's ViT with its `norm`",
+    "modality embeddings": "a learned embedding per modality added to its encoder tokens (MultiMAE tells modalities "
+                           "apart by their own input projections only). Each modality has its own projection with "
+                           "a bias, so the embedding only reparametrises that bias (for RGB the export folds it "
+                           "into pos_embed); kept so every arm shares one encoder",
+    "semantic head precision": "bf16 autocast with the semantic adapter's last linear layer and its logits in fp32 "
+                               "(MultiMAE: fp16 with loss scaling, its whole semantic adapter in fp32); the same "
+                               "switch and precision as C2FMAE's, so precision is not a variable between the arms",
+    "weight decay": "every parameter of 2 or more dimensions is decayed, the global token and the encoder's, "
+                    "class and adapters' embeddings included (MultiMAE exempts its global token, class embedding, "
+                    "mask tokens and task embeddings): one grouping, MAE's, for every arm",
+    "global batch": "4096 at MultiMAE's base lr 1e-4 scaled linearly, peak 1.6e-3 (MultiMAE: 8 GPUs x 256 = 2048 "
+                    "at 8e-4): every arm takes the same optimizer steps; --set global_batch=2048 gives MultiMAE's own",
 }
 
 
@@ -257,7 +272,82 @@ def test_multimae_is_faithful_to_the_public_output_adapters_and_task_sampling():
     with torch.no_grad():
         rgb = model(batch).predictions["rgb"]
     assert torch.allclose(rgb, rgb[:1, :1].expand_as(rgb), atol=1e-6)
-    assert set(KEPT_DIFFERENCES) == {"modalities", "rgb adapters", "initialisation", "global token", "semantic input"}
+
+
+def test_multimae_keeps_exactly_its_declared_differences():
+    from timm.optim import param_groups_weight_decay
+
+    from pretraining.models.decoders import Float32Linear
+    from pretraining.training.allocation import peak_lr
+    from pretraining.training.config import apply_overrides
+    from pretraining.training.recipes import get_recipe
+
+    assert set(KEPT_DIFFERENCES) == {"modalities", "rgb adapters", "initialisation", "global token", "semantic input",
+                                     "final encoder norm", "modality embeddings", "semantic head precision",
+                                     "weight decay", "global batch"}
+    torch.manual_seed(0)
+    model = create_model("multimae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, **SMALL)
+    encoder, batch = model.encoder, model.mask_batch(make_batch(64), torch.Generator().manual_seed(0))
+    inputs = {m: batch[m] for m in encoder.inputs}
+
+    # final encoder norm: the encoder's output tokens are layer-normalised (weight 1, bias 0 at init).
+    with torch.no_grad():
+        out = encoder(inputs, batch["visible"])  # (B, 1 + V, D)
+    assert isinstance(encoder.norm, torch.nn.LayerNorm)
+    torch.testing.assert_close(out.mean(-1), torch.zeros(out.shape[:2]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(out.shape[:2]), atol=1e-3, rtol=0)
+
+    # modality embeddings: learned, one per modality, and moving each into its projection's bias changes nothing.
+    assert encoder.modality_embed.requires_grad and encoder.modality_embed.shape == (3, encoder.norm.normalized_shape[0])
+    with torch.no_grad():
+        before = encoder.tokens(inputs)
+        for i, m in enumerate(encoder.modalities):
+            adapter = encoder.adapters[m]
+            proj = adapter.patch_embed.proj if m == "semantic" else adapter.proj
+            proj.bias += encoder.modality_embed[i]
+        encoder.modality_embed.zero_()
+        torch.testing.assert_close(encoder.tokens(inputs), before, atol=1e-5, rtol=1e-5)
+
+    # semantic head precision: only the semantic head is fp32, as in C2FMAE, under the same recipe precision.
+    heads = {m: type(a.head) for m, a in model.decoder.adapters.items()}
+    assert heads == {"semantic": Float32Linear, "instance": torch.nn.Linear, "rgb": torch.nn.Linear}
+    assert model.cfg.semantic_head_fp32 and create_model("c2fmae_vit_tiny_patch16", **SMALL).cfg.semantic_head_fp32
+    multimae, c2fmae = get_recipe("multimae_base"), get_recipe("c2fmae_base_400ep")
+    assert multimae.precision == c2fmae.precision == "bf16"
+
+    # weight decay: the trainer's grouping (timm's, the model declaring no exemptions) decays the tokens.
+    assert not hasattr(model, "no_weight_decay")
+    groups = param_groups_weight_decay(model, 0.05)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert {"encoder.cls_token", "encoder.modality_embed", "encoder.adapters.semantic.class_embed.weight",
+            "decoder.adapters.rgb.modality_embed"} <= names
+    assert "decoder.adapters.rgb.mask_token" not in names  # 1-d: never decayed
+
+    # global batch: C2FMAE's 4096 at MultiMAE's base lr; --set global_batch=2048 is MultiMAE's own run.
+    assert multimae.global_batch == c2fmae.global_batch == 4096 and multimae.optim.base_lr == 1e-4
+    assert peak_lr(multimae.optim.lr, multimae.optim.base_lr, multimae.global_batch) == pytest.approx(1.6e-3)
+    own = apply_overrides(multimae, ["global_batch=2048"])
+    assert peak_lr(own.optim.lr, own.optim.base_lr, own.global_batch) == pytest.approx(8e-4)
+
+
+# The control of docs/evaluation.md: C2FMAE and MultiMAE at one lr and global batch, either way round.
+ONE_LR_CONTROLS = {
+    "multimae_base at C2FMAE's lr": ("multimae_base", ["optim.base_lr=1.5e-4"], "c2fmae_base_400ep"),
+    "c2fmae_base_400ep at MultiMAE's lr": ("c2fmae_base_400ep", ["optim.base_lr=1e-4"], "multimae_base"),
+}
+
+
+@pytest.mark.parametrize("control", list(ONE_LR_CONTROLS))
+def test_the_one_lr_control_gives_both_arms_the_same_optimisation(control):
+    from pretraining.training.config import apply_overrides
+    from pretraining.training.recipes import get_recipe
+
+    name, overrides, other = ONE_LR_CONTROLS[control]
+    changed, reference = apply_overrides(get_recipe(name), overrides), get_recipe(other)
+    assert changed.optim == reference.optim and changed.global_batch == reference.global_batch
+    assert (changed.epochs, changed.precision, changed.data) == (reference.epochs, reference.precision, reference.data)
+    assert changed.model.decoder != reference.model.decoder  # the arms still differ in what the control isolates
 
 
 def test_parallel_matched_has_the_cascades_depth_per_modality_and_its_flops():
