@@ -17,7 +17,7 @@ from timm.models import save_for_hf
 
 from dataset_card.synthetic.shapes import write_synthetic_dataset
 from pretraining.evaluate import main
-from pretraining.evaluation import finetune
+from pretraining.evaluation import detect, finetune
 from pretraining.evaluation.backbones import UserError, load_timm_model
 from pretraining.evaluation.vitdet import ConversionError, save_vitdet_checkpoint, timm_to_vitdet
 
@@ -190,14 +190,16 @@ def test_resuming_with_other_settings_is_refused(encoder_dir, labeled, tmp_path)
         run_finetune(encoder_dir, labeled, tmp_path)
 
 
-def test_a_checkpoint_older_than_a_setting_resumes_only_with_the_value_it_ran_with(tmp_path):
+@pytest.mark.parametrize("recipe, key, before", [(finetune.finetune_tiny, "head_init_std", 0.02),
+                                                  (detect.detect_tiny, "roi_aligned", False)])
+def test_a_checkpoint_older_than_a_setting_resumes_only_with_the_value_it_ran_with(tmp_path, recipe, key, before):
     path = str(tmp_path / "checkpoint.pt")
-    config = dataclasses.asdict(finetune.finetune_tiny())
-    old = {k: v for k, v in config.items() if k != "head_init_std"}  # written before the setting existed
+    config = dataclasses.asdict(recipe())
+    old = {k: v for k, v in config.items() if k != key}  # written before the setting existed
     finetune.save_checkpoint(path, {"config": old})
-    with pytest.raises(finetune.RunError, match=r"head_init_std=0.02, not 2e-05 .*--set head_init_std=0.02 resumes"):
+    with pytest.raises(finetune.RunError, match=rf"{key}={before!r}, not {config[key]!r} .*--set {key}={before} resumes"):
         finetune.load_checkpoint(path, config)
-    assert finetune.load_checkpoint(path, {**config, "head_init_std": 0.02})["config"] == old
+    assert finetune.load_checkpoint(path, {**config, key: before})["config"] == old
 
 
 # --- ViTDet --------------------------------------------------------------------------------------------

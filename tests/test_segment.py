@@ -145,6 +145,19 @@ def test_upernet_pyramid_has_strides_4_to_32_and_every_parameter_learns():
     assert [n for n, p in model.named_parameters() if p.grad is None] == []  # nothing unused: DDP-safe
 
 
+def test_upernet_heads_start_as_mmsegmentations():
+    torch.manual_seed(0)
+    model = UperNetSegmenter(tiny_vit(), num_classes=16, blocks=[0, 0, 1, 1], channels=64, aux_channels=32)
+    for name in ("decode", "aux"):
+        convs = [m for m in model.head[name].modules() if isinstance(m, nn.Conv2d)]
+        classifier = model.head[name].classifier[1]
+        for conv in convs:
+            fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+            expected = 0.01 if conv is classifier else (2 / fan_out) ** 0.5  # mmcv's kaiming_init: fan-out, ReLU
+            assert conv.weight.std().item() == pytest.approx(expected, rel=0.1), (name, conv)
+            assert conv.bias is None or not conv.bias.any()
+
+
 def test_upernet_keeps_only_the_blocks_it_reads():
     model = UperNetSegmenter(tiny_vit(depth=4), num_classes=3, blocks=[0, 0, 1, 1], channels=8, aux_channels=8)
     assert len(model.encoder.blocks) == 2 and isinstance(model.encoder.norm, nn.Identity)

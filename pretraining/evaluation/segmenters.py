@@ -90,6 +90,11 @@ class UperNetSegmenter(nn.Module):
                                    "decode": UperNetHead(config, in_channels=dims),
                                    "aux": UperNetFCNHead(config, in_channels=dims, in_index=2)})
         for name in ("decode", "aux"):
+            for module in self.head[name].modules():  # mmcv's ConvModule initialisation (PyTorch's is smaller)
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
             classifier = self.head[name].classifier
             nn.init.normal_(classifier.weight, std=0.01)  # mmsegmentation's classifier initialisation
             nn.init.zeros_(classifier.bias)
