@@ -101,3 +101,37 @@ def test_the_model_actor_pool_grows_with_the_cluster_between_a_minimum_and_a_max
     assert fixed.min_size == fixed.max_size == 3
     assert "growing with the cluster" in elastic.describe() and "growing" not in cluster.plan_layout(
         cpus=64, gpus=8, model_actors=3).describe()
+
+
+def test_stats_report_billed_gpu_time_beside_model_time(monkeypatch):
+    import ray
+    import ray._private.state
+
+    from dataset_card.contract import layout
+    from labeling.pipeline import finish
+
+    hour = 3600.0
+    table = {  # Ray's actor table (times in ms): two model actors of this job, one of another job, one other class
+        "a": {"JobID": "01000000", "ActorClassName": "MapWorker(MapBatches(ModelPredictor))", "StartTime": hour * 500,
+              "EndTime": 2.5 * hour * 1000},
+        "b": {"JobID": "01000000", "ActorClassName": "MapWorker(MapBatches(ModelPredictor))",
+              "StartTime": hour * 1000, "EndTime": 0},  # still alive: counted up to now
+        "c": {"JobID": "02000000", "ActorClassName": "MapWorker(MapBatches(ModelPredictor))", "StartTime": 0,
+              "EndTime": 9 * hour * 1000},
+        "d": {"JobID": "01000000", "ActorClassName": "MapWorker(MapBatches(read_stage))", "StartTime": 0,
+              "EndTime": 9 * hour * 1000},
+    }
+    monkeypatch.setattr(ray._private.state, "actors", lambda: table)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: type("Ctx", (), {"get_job_id": lambda self: "01000000"})())
+    lifetime = cluster.model_actor_seconds(now_s=4 * hour)  # a pending actor (no start time) holds nothing
+    assert lifetime == 2 * hour + 3 * hour
+
+    # 5 actor-hours at half a GPU each held 2.5 GPU-hours; the models computed for 0.5 of them.
+    stats = finish.run_stats(layout.ShardStats(shard=-1), 10, [], wall_time_s=10.0, commit_time_s=0.0,
+                             gpus_per_actor=0.5, actor_lifetime_s=lifetime)
+    assert (stats["gpu_hours"], stats["billed_gpu_hours"]) == (0.0, 2.5)
+    assert finish.gpu_time(model_s=hour, gpus_per_actor=0.5, actor_lifetime_s=lifetime) == {
+        "gpu_hours": 0.5, "billed_gpu_hours": 2.5}
+    assert finish.gpu_time(hour, 1.0, None)["billed_gpu_hours"] is None  # Ray could not say: unknown, not zero
+    again = finish.run_stats(layout.ShardStats(shard=-1), 10, [], 10.0, 0.0, 0.5, previous=stats)
+    assert again["previous_runs"][-1]["billed_gpu_hours"] == 2.5

@@ -470,6 +470,7 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
     committed = shards.committed_shards(folder, work_plan.num_shards)
     total = summary.folder_stats(folder, committed, work_plan.num_shards)
     per_actor = resources.gpus_per_actor if resources and work_plan.indices() else 0.0
+    actor_s = cluster.model_actor_seconds() if per_actor else 0.0  # billed GPU time: the actors' lifetimes
     wall = time.perf_counter() - start
     # Start-up: listing, model checks, Ray and model actors; labeling: from the first read to the end.
     first_read = progress.first_read if progress else []
@@ -478,7 +479,7 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
     stats = summary.run_stats(total, len(listed), queue.results, wall, 0.0, per_actor,
                               summary.read_previous(folder), startup_s=startup,
                               failed_by_type=summary.failures_in(folder, committed, work_plan.num_shards),
-                              driver_bytes=driver_bytes, listing_s=listing_s)
+                              driver_bytes=driver_bytes, listing_s=listing_s, actor_lifetime_s=actor_s)
     summary.write(folder, stats)
     summary.write_card(folder, metadata, has_errors=stats["failed"] > 0, log=log, options=cfg.card,
                        tiny_random=cfg.models == "tiny-random")
