@@ -2,8 +2,19 @@
 use stops the run in one sentence; real models never go to CPUs unasked; a cluster without GPUs is
 waited on when GPUs can come, else refused), and the pool that grows and shrinks with the cluster."""
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
 import pytest
 import torch
+from test_labeling_pipeline import assert_exactly_once
+from test_labeling_processes import RUN, env, free_ports, random_images, stop_group
 
 from labeling.pipeline import cluster, environment
 from labeling.pipeline.predictors import GPUUnavailable, ModelPredictor
@@ -135,3 +146,156 @@ def test_stats_report_billed_gpu_time_beside_model_time(monkeypatch):
     assert finish.gpu_time(hour, 1.0, None)["billed_gpu_hours"] is None  # Ray could not say: unknown, not zero
     again = finish.run_stats(layout.ShardStats(shard=-1), 10, [], 10.0, 0.0, 0.5, previous=stats)
     assert again["previous_runs"][-1]["billed_gpu_hours"] == 2.5
+
+
+# --- a two-node Ray cluster on this host: two `ray start` processes, each in its own process group ---
+
+class LocalCluster:
+    """Ray nodes started by this test (a head, then workers), each `ray start --block` in its own process
+    group with its own ports and temporary folder; only those groups are ever stopped."""
+
+    def __init__(self, env: dict):
+        self.env, self.nodes, self.temp_dirs = env, [], []
+        self.ray_bin = str(Path(sys.executable).parent / "ray")
+        self.address = None
+
+    def add_node(self, num_cpus: int) -> subprocess.Popen:
+        gcs, client, agent, agent_grpc, node, objects, metrics, runtime_env, workers = free_ports(9)
+        temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+        self.temp_dirs.append(temp_dir)
+        where = (["--head", f"--port={gcs}", "--include-dashboard=false", f"--ray-client-server-port={client}"]
+                 if self.address is None else [f"--address={self.address}"])
+        proc = subprocess.Popen(
+            [self.ray_bin, "start", "--block", *where, f"--num-cpus={num_cpus}",
+             "--num-gpus=0", f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+             f"--node-manager-port={node}", f"--object-manager-port={objects}", f"--metrics-export-port={metrics}",
+             f"--runtime-env-agent-port={runtime_env}", f"--min-worker-port={workers}",
+             f"--max-worker-port={workers + 40}", f"--temp-dir={temp_dir}", f"--object-store-memory={150 * 2**20}"],
+            env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.nodes.append(proc)
+        if self.address is None:  # the address Ray itself resolves for this host (a driver joining 127.0.0.1 would too)
+            from ray._private.services import get_node_ip_address
+
+            self.address = f"{get_node_ip_address()}:{gcs}"
+        return proc
+
+    def kill(self, node: subprocess.Popen) -> None:
+        """The node dies at once, as a lost machine does: its whole process group, SIGKILL."""
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait(30)
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):  # workers first, the head last
+            stop_group(node)
+        for temp_dir in self.temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def descendants_running(root_pid: int, marker: str) -> list[int]:
+    """Processes below `root_pid` whose command line (Ray's process title) contains `marker`."""
+    parent, title = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                title[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+
+    def below(pid: int) -> bool:
+        while pid > 1:
+            pid = parent.get(pid, 0)
+            if pid == root_pid:
+                return True
+        return False
+
+    return [pid for pid, text in title.items() if marker in text and below(pid)]
+
+
+def wait_for(condition, timeout_s: float, what: str, run: subprocess.Popen) -> None:
+    deadline = time.time() + timeout_s
+    while not condition():
+        if run.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {run.stdout.read()[-3000:] if run.stdout else ''}")
+        if time.time() > deadline:
+            pytest.fail(f"no {what} within {timeout_s} s")
+        time.sleep(0.2)
+
+
+MODEL_ACTOR = "ModelPredictor"  # in the title Ray gives each model actor's process
+TWO_NODE_FLAGS = ["--models", "tiny-random", "--actor-cpus", "0.5", "--task-cpus", "0.25", "--read-batch-size", "2",
+                  "--model-batch-size", "2", "--postprocess-batch-size", "2", "--shard-size", "4", "--no-progress"]
+
+
+@pytest.fixture
+def local_cluster():
+    cluster_env = env(RAY_AUTH_MODE="disabled", RAY_health_check_period_ms="1000",
+                      RAY_health_check_failure_threshold="3",
+                      PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    made = LocalCluster(cluster_env)
+    yield made
+    made.stop()
+
+
+def start_run(local_cluster: LocalCluster, images: Path, output: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(RUN + ["--input", str(images), "--output", str(output), "--address",
+                                   local_cluster.address, *TWO_NODE_FLAGS, *extra],
+                            env=local_cluster.env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def parts_written(output: Path) -> bool:
+    return any((output / ".parts").rglob("*.parquet")) if (output / ".parts").exists() else False
+
+
+def finish(run: subprocess.Popen, timeout_s: float) -> str:
+    try:
+        out, _ = run.communicate(timeout=timeout_s)
+    finally:
+        stop_group(run)
+    assert run.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_node_killed_mid_run_and_the_run_still_labels_every_input_exactly_once(tmp_path, local_cluster):
+    images, output = tmp_path / "train", tmp_path / "out"
+    random_images(images, 24)
+    local_cluster.add_node(num_cpus=2)
+    doomed = local_cluster.add_node(num_cpus=2)
+    run = start_run(local_cluster, images, output)
+    try:
+        # The kill lands while the doomed node holds a model actor and labels are being written.
+        wait_for(lambda: descendants_running(doomed.pid, MODEL_ACTOR), 180, "model actor on the second node", run)
+        wait_for(lambda: parts_written(output), 180, "labeled part", run)
+        local_cluster.kill(doomed)
+        out = finish(run, 180)
+    finally:
+        stop_group(run)
+    assert "labeled 24 of 24 inputs, 0 failed" in out, out[-4000:]
+    rows, errors = assert_exactly_once(output, images)
+    assert len(rows) == 24 and not errors
+    assert len({r["image_id"] for r in rows}) == 24
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_node_added_mid_run_receives_model_actors(tmp_path, local_cluster):
+    images, output = tmp_path / "train", tmp_path / "out"
+    random_images(images, 24)
+    local_cluster.add_node(num_cpus=2)
+    run = start_run(local_cluster, images, output)
+    try:
+        wait_for(lambda: parts_written(output), 180, "labeled part", run)
+        joined = local_cluster.add_node(num_cpus=2)
+        wait_for(lambda: descendants_running(joined.pid, MODEL_ACTOR), 60, "model actor on the node that joined", run)
+        out = finish(run, 180)
+    finally:
+        stop_group(run)
+    assert "growing with the cluster" in out  # the pool was planned elastic, not fixed at the head's size
+    rows, errors = assert_exactly_once(output, images)
+    assert len(rows) == 24 and not errors
