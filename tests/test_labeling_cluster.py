@@ -286,16 +286,16 @@ def test_a_node_killed_mid_run_and_the_run_still_labels_every_input_exactly_once
 @pytest.mark.ray
 def test_a_node_added_mid_run_receives_model_actors(tmp_path, local_cluster):
     images, output = tmp_path / "train", tmp_path / "out"
-    random_images(images, 24)
-    local_cluster.add_node(num_cpus=2)
-    run = start_run(local_cluster, images, output)
+    random_images(images, 32)
+    head = local_cluster.add_node(num_cpus=1)  # room for one model actor: the pool starts at one
+    run = start_run(local_cluster, images, output, "--max-model-actors", "4")
     try:
-        wait_for(lambda: parts_written(output), 180, "labeled part", run)
-        joined = local_cluster.add_node(num_cpus=2)
-        wait_for(lambda: descendants_running(joined.pid, MODEL_ACTOR), 60, "model actor on the node that joined", run)
+        wait_for(lambda: descendants_running(head.pid, MODEL_ACTOR), 180, "model actor on the head", run)
+        joined = local_cluster.add_node(num_cpus=2)  # while the first actor works through the backlog
+        wait_for(lambda: descendants_running(joined.pid, MODEL_ACTOR), 120, "model actor on the node that joined", run)
         out = finish(run, 180)
     finally:
         stop_group(run)
-    assert "growing with the cluster" in out  # the pool was planned elastic, not fixed at the head's size
+    assert "model actors: 1 (growing with the cluster up to 4, at least 1)" in out, out[-4000:]
     rows, errors = assert_exactly_once(output, images)
-    assert len(rows) == 24 and not errors
+    assert len(rows) == 32 and not errors
