@@ -76,6 +76,25 @@ def test_a_fixed_cluster_without_gpus_is_refused_unless_cpus_are_asked_for(monke
         cluster.plan_layout(8, 2, gpus_per_actor=0, device="cuda")
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_run_of_real_models_on_a_fixed_cluster_without_gpus_is_refused_before_any_work(tmp_path, ray_session):
+    import dataclasses
+
+    from labeling.pipeline.driver import LabelingConfig, model_choice, run_labeling
+
+    random_images(tmp_path / "train", 4)
+    cfg = LabelingConfig(input=str(tmp_path / "train"), output=str(tmp_path / "out"), models="default",
+                         progress=False)
+    tiny = model_choice(dataclasses.replace(cfg, models="tiny-random"))  # stands in for the real models' weights
+    assert not cluster.can_add_gpus()  # a local Ray: no autoscaler, no node type to launch
+    with pytest.raises(cluster.ClusterError) as err:
+        run_labeling(cfg, log=lambda m: None, choice=tiny)
+    assert one_sentence(str(err.value)) and "--device cpu" in str(err.value) and "add GPU nodes" in str(err.value)
+    assert not list((tmp_path / "out").glob("data/*"))
+    assert not (tmp_path / "out" / ".lease.json").exists()  # the lease is given back: the next run may start
+
+
 def test_a_cluster_that_can_add_gpus_is_waited_on_with_a_message(monkeypatch):
     import ray.autoscaler.sdk
 
