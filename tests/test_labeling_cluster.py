@@ -69,6 +69,10 @@ def test_a_fixed_cluster_without_gpus_is_refused_unless_cpus_are_asked_for(monke
     assert (asked.device, asked.gpus_per_actor, asked.model_actors) == ("cpu", 0.0, 8)
     tiny = cluster.plan_actors("auto", cpu_allowed=True, wait_for_gpus_s=None, log=print)
     assert tiny.device == "cpu"
+    with pytest.raises(cluster.ClusterError, match="no GPUs"):  # GPUs asked for by --gpus-per-actor
+        cluster.plan_actors("auto", cpu_allowed=True, wait_for_gpus_s=None, log=print, gpus_per_actor=1.0)
+    with pytest.raises(cluster.ClusterError, match="drop one"):
+        cluster.plan_actors("cpu", cpu_allowed=True, wait_for_gpus_s=None, log=print, gpus_per_actor=1.0)
     fixed_cluster(monkeypatch, cpus=8, gpus=2)  # GPUs present: the tiny twins use them too
     assert cluster.plan_actors("auto", cpu_allowed=True, wait_for_gpus_s=None, log=print).device == "cuda"
     assert cluster.plan_actors("cpu", cpu_allowed=True, wait_for_gpus_s=None, log=print).device == "cpu"

@@ -186,13 +186,16 @@ class Layout:
                 f"{self.actor_cpus:g} CPU each")
 
 
-def model_device(requested: str, cpu_allowed: bool, gpus: float) -> str:
+def model_device(requested: str, cpu_allowed: bool, gpus: float, gpus_per_actor: float | None = None) -> str:
     """"cuda" or "cpu" for the model actors. `requested` is --device; `cpu_allowed`: the models are small
-    enough for CPUs (the tiny twins), which "auto" then uses on a cluster without GPUs."""
+    enough for CPUs (the tiny twins), which "auto" then uses on a cluster without GPUs, unless
+    --gpus-per-actor asks for GPUs."""
     if requested not in DEVICES:
         raise ClusterError(f"--device {requested!r} is not one of {', '.join(DEVICES)}")
+    if requested == "cpu" and gpus_per_actor:
+        raise ClusterError(f"--gpus-per-actor {gpus_per_actor:g} asks for GPUs but --device cpu for CPUs: drop one")
     if requested == "auto":
-        return "cuda" if gpus > 0 or not cpu_allowed else "cpu"
+        return "cuda" if gpus > 0 or not cpu_allowed or gpus_per_actor else "cpu"
     return requested
 
 
@@ -294,7 +297,7 @@ def plan_actors(device: str, cpu_allowed: bool, wait_for_gpus_s: float | None, l
     autoscaler, or `wait_for_gpus_s` given; None: 30 minutes with an autoscaler, else no wait), else
     the refusal; then `plan_layout`."""
     cpus, gpus = cluster_cpus_gpus()
-    device = model_device(device, cpu_allowed, gpus)
+    device = model_device(device, cpu_allowed, gpus, overrides.get("gpus_per_actor"))
     if device == "cuda" and gpus <= 0:
         timeout = wait_for_gpus_s if wait_for_gpus_s is not None else (DEFAULT_GPU_WAIT_S if can_add_gpus() else 0)
         if timeout > 0:
