@@ -152,12 +152,14 @@ def test_stats_report_billed_gpu_time_beside_model_time(monkeypatch):
               "StartTime": hour * 1000, "EndTime": 0},  # still alive: counted up to now
         "c": {"JobID": "02000000", "ActorClassName": "MapWorker(MapBatches(ModelPredictor))", "StartTime": 0,
               "EndTime": 9 * hour * 1000},
-        "d": {"JobID": "01000000", "ActorClassName": "MapWorker(MapBatches(read_stage))", "StartTime": 0,
+        "d": {"JobID": "01000000", "ActorClassName": "MapWorker(MapBatches(read_stage))", "StartTime": 1,
               "EndTime": 9 * hour * 1000},
+        "e": {"JobID": "01000000", "ActorClassName": "MapWorker(MapBatches(ModelPredictor))", "StartTime": 1,
+              "EndTime": hour * 100},  # an earlier run of this driver
     }
     monkeypatch.setattr(ray._private.state, "actors", lambda: table)
     monkeypatch.setattr(ray, "get_runtime_context", lambda: type("Ctx", (), {"get_job_id": lambda self: "01000000"})())
-    lifetime = cluster.model_actor_seconds(now_s=4 * hour)  # a pending actor (no start time) holds nothing
+    lifetime = cluster.model_actor_seconds(since_s=hour / 4, now_s=4 * hour)
     assert lifetime == 2 * hour + 3 * hour
 
     # 5 actor-hours at half a GPU each held 2.5 GPU-hours; the models computed for 0.5 of them.

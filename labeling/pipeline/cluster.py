@@ -307,9 +307,10 @@ def plan_actors(device: str, cpu_allowed: bool, wait_for_gpus_s: float | None, l
     return plan_layout(cpus, gpus, device=device, **overrides)
 
 
-def model_actor_seconds(now_s: float | None = None) -> float | None:
-    """The summed lifetimes (seconds) of this job's model actors, from Ray's actor table: each from its
-    start to its end (or `now_s`), loading and idle time included. None when Ray's table cannot be read."""
+def model_actor_seconds(since_s: float = 0.0, now_s: float | None = None) -> float | None:
+    """The summed lifetimes (seconds) of this job's model actors started after `since_s` (this run's
+    start: a driver may run several), from Ray's actor table: each from its start to its end (or
+    `now_s`), loading and idle time included. None when Ray's table cannot be read."""
     try:
         import ray._private.state
 
@@ -318,8 +319,9 @@ def model_actor_seconds(now_s: float | None = None) -> float | None:
     except Exception:  # an older or newer Ray without this table: unknown, not zero
         return None
     now_ms = (now_s if now_s is not None else time.time()) * 1000.0
-    return sum(((a.get("EndTime") or now_ms) - a["StartTime"]) / 1000.0 for a in actors
-               if a.get("JobID") == job and "ModelPredictor" in a.get("ActorClassName", "") and a.get("StartTime"))
+    mine = [a for a in actors if a.get("JobID") == job and "ModelPredictor" in a.get("ActorClassName", "")
+            and a.get("StartTime") and a["StartTime"] >= since_s * 1000.0]  # no start time: never started
+    return sum(((a.get("EndTime") or now_ms) - a["StartTime"]) / 1000.0 for a in mine)
 
 
 def actor_start_failure(err: BaseException) -> str | None:

@@ -470,7 +470,7 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
     committed = shards.committed_shards(folder, work_plan.num_shards)
     total = summary.folder_stats(folder, committed, work_plan.num_shards)
     per_actor = resources.gpus_per_actor if resources and work_plan.indices() else 0.0
-    actor_s = cluster.model_actor_seconds() if per_actor else 0.0  # billed GPU time: the actors' lifetimes
+    actor_s = cluster.model_actor_seconds(since_s=wall_start) if per_actor else 0.0  # billed GPU time: the actors' lifetimes
     wall = time.perf_counter() - start
     # Start-up: listing, model checks, Ray and model actors; labeling: from the first read to the end.
     first_read = progress.first_read if progress else []
