@@ -3,8 +3,8 @@
 `ModelPredictor` is constructed from a `ModelChoice` and the device the run planned ("cuda": the
 actor's own GPU, or "cpu", asked for) and called on Arrow batches. An actor that was given a GPU
 and sees no CUDA device fails at start (`GPUUnavailable`, one sentence naming the driver and torch's
-CUDA build) instead of labeling on its CPU. It holds SAM and the semantic model together, so every GPU runs both and none
-waits for another's model. What it reads per row: `image_id`, the original file bytes
+CUDA build) instead of labeling on its CPU. It holds SAM and the semantic model together, so every
+GPU runs both and none waits for another's model. What it reads per row: `image_id`, the original file bytes
 (`image_bytes`) and the size the read stage found in the header (`width`, `height`); rows whose
 `error_type` is set are passed through untouched. It decodes the bytes itself, in a thread pool,
 while the device works (`labeling.labelers.paired`): model-size pixels never cross the object store.
