@@ -114,12 +114,23 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--num-cpus", type=int, default=None, help="CPUs of a locally started Ray (default: all)")
     run.add_argument("--object-store-memory", type=int, default=None,
                      help="object store bytes of a locally started Ray (default: Ray's)")
+    run.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                     help="where the model actors run: auto (default) is a GPU, and the CPUs only for "
+                          "--models tiny-random on a cluster without GPUs; cpu runs real models on CPUs (slow); "
+                          "a model actor given a GPU it cannot use stops the run")
+    run.add_argument("--wait-for-gpus", type=float, default=None, metavar="SECONDS",
+                     help="on a cluster without GPUs yet, wait this long for the first GPU node (default: 1800 "
+                          "when the cluster's autoscaler can add GPU nodes, else refuse at once)")
     run.add_argument("--gpus-per-actor", type=float, default=None,
-                     help="GPUs per model actor (default 1; 0.5 on a one-GPU cluster, so both models share it; "
-                          "0 without GPUs: models run on CPUs)")
+                     help="GPUs per model actor (default 1; 0.5 on a one-GPU cluster, so both models share it)")
     run.add_argument("--model-actors", type=positive_int, default=None,
-                     help="model actors, each holding SAM and the semantic model (default: one per GPU slot; "
-                          "without GPUs one per CPU)")
+                     help="a fixed number of model actors, each holding SAM and the semantic model (default: "
+                          "a pool that starts at one per GPU slot, or one per CPU with --device cpu, and grows "
+                          "onto nodes that join)")
+    run.add_argument("--min-model-actors", type=positive_int, default=None,
+                     help="the pool never shrinks below this many model actors (default 1)")
+    run.add_argument("--max-model-actors", type=positive_int, default=None,
+                     help="the pool never grows beyond this many model actors (default: what the cluster fits)")
     run.add_argument("--actor-cpus", type=float, default=None,
                      help="CPUs Ray reserves per model actor (default 1 with GPUs, 0.5 without)")
     run.add_argument("--task-cpus", type=float, default=None,
@@ -150,7 +161,8 @@ def config_from_args(args: argparse.Namespace):
         min_instance_area=args.min_instance_area, painting_rule=args.painting_rule, min_purity=args.min_purity,
         read_batch_size=args.read_batch_size,
         model_batch_size=args.model_batch_size, postprocess_batch_size=args.postprocess_batch_size,
-        model_actors=args.model_actors,
+        model_actors=args.model_actors, min_model_actors=args.min_model_actors,
+        max_model_actors=args.max_model_actors, device=args.device, wait_for_gpus=args.wait_for_gpus,
         gpus_per_actor=args.gpus_per_actor, actor_cpus=args.actor_cpus, task_cpus=args.task_cpus,
         listing_workers=args.listing_workers, address=args.address, num_cpus=args.num_cpus,
         object_store_memory=args.object_store_memory, overwrite=args.overwrite,

@@ -38,7 +38,8 @@ MANIFEST = {
     "code_version": "0123abc", "created": "2026-03-14T09:26:53+00:00",
 }
 RUN_STATS = {"inputs": NUM_IMAGES + 1, "written": NUM_IMAGES, "failed": 1, "failed_by_type": {"decode": 1},
-             "wall_time_s": 5432.0, "images_per_s": 0.0022, "stage_time_s": {"model": 5000.0}, "gpu_hours": 12.5}
+             "wall_time_s": 5432.0, "images_per_s": 0.0022, "stage_time_s": {"model": 5000.0}, "gpu_hours": 12.5,
+             "billed_gpu_hours": 20.0}
 QUALITY = {"instance_mask_ap": 0.4123, "semantic": {"miou": 0.55, "pixel_accuracy": 0.8}}
 
 
@@ -107,7 +108,7 @@ def test_body_states_provenance_statistics_quality_and_citations(built):
     assert stats.rows == NUM_IMAGES and stats.errors == 1
     for expected in [
         "sam_vit_h_4b8939.pth", "a7bf3b02" * 8, "`pred_iou_thresh` | 0.88", "`0123abc`", "2026-03-14T09:26:53",
-        "1 h 30 min", "| GPU-hours | 12.50 |", f"{stats.instances:,} instances",
+        "1 h 30 min", "| GPU-hours in the models | 12.50 |", "| GPU-hours billed | 20.00 |", f"{stats.instances:,} instances",
         "| labeled | 12 | 92.3% |", "| failed | 1 | 7.7% |", "| `decode` | 1 |",
         "| images | " + " | ".join(map(str, stats.instances_per_image)) + " |",
         "| instances | " + " | ".join(map(str, stats.purity)) + " |",

@@ -104,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"laid out {photos} images from skimage.data under {out / 'photos'}")
 
     if args.sam_checkpoint:
+        import torch
+
+        # Real models run on CPUs only when asked: the demo asks on a machine without a GPU.
         models = ["--models", "default", "--sam-checkpoint", args.sam_checkpoint, "--sam-type", args.sam_type,
-                  "--semantic-model", args.semantic_model]
+                  "--semantic-model", args.semantic_model, *([] if torch.cuda.is_available() else ["--device", "cpu"])]
     else:
         models = ["--models", "tiny-random", "--points-per-side", "8"]
     labels = out / "labels"

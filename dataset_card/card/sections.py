@@ -141,7 +141,9 @@ def production(summary: RunSummary) -> str:
     if run.get("wall_time_s") is not None:
         facts.append(("wall time", duration(run["wall_time_s"])))
     if run.get("gpu_hours") is not None:
-        facts.append(("GPU-hours", f"{run['gpu_hours']:.2f}"))
+        facts.append(("GPU-hours in the models", f"{run['gpu_hours']:.2f}"))
+    if run.get("billed_gpu_hours") is not None:  # the model actors' lifetimes: what the cluster bills
+        facts.append(("GPU-hours billed", f"{run['billed_gpu_hours']:.2f}"))
     if run.get("images_per_s") is not None:
         facts.append(("throughput", f"{run['images_per_s']:.3g} images/s"))
     for stage, seconds in (run.get("stage_time_s") or {}).items():

@@ -98,7 +98,11 @@ class LabelingConfig:
     read_batch_size: int = 16
     model_batch_size: int = 8
     postprocess_batch_size: int = 8
-    model_actors: int | None = None  # None: see cluster.plan_layout
+    device: str = "auto"  # model actors on "cuda", or "cpu" when asked (auto: CPUs only for the tiny twins)
+    wait_for_gpus: float | None = None  # seconds to wait for a first GPU (None: 30 min with an autoscaler)
+    model_actors: int | None = None  # a fixed pool; None: see cluster.plan_layout
+    min_model_actors: int | None = None
+    max_model_actors: int | None = None  # None: as many as the cluster fits, as it grows
     gpus_per_actor: float | None = None
     actor_cpus: float | None = None
     task_cpus: float | None = None
@@ -197,33 +201,36 @@ def work_table(listed: Inputs, indices: Sequence[int], shard_of: np.ndarray) -> 
     }).cast(WORK_SCHEMA)
 
 
-def resource_layout(cfg: LabelingConfig) -> cluster.Layout:
-    return cluster.current_layout(gpus_per_actor=cfg.gpus_per_actor, model_actors=cfg.model_actors,
-                                  actor_cpus=cfg.actor_cpus,
-                                  task_cpus=cfg.task_cpus)
+def resource_layout(cfg: LabelingConfig, log=print) -> cluster.Layout:
+    """The model actors' device and pool on the joined cluster (waiting for a first GPU where it can come)."""
+    return cluster.plan_actors(cfg.device, cfg.models == "tiny-random", cfg.wait_for_gpus, log,
+                               gpus_per_actor=cfg.gpus_per_actor, model_actors=cfg.model_actors,
+                               actor_cpus=cfg.actor_cpus, task_cpus=cfg.task_cpus,
+                               min_actors=cfg.min_model_actors, max_actors=cfg.max_model_actors)
 
 
 def build_dataset(work: pa.Table, listed: Inputs, cfg: LabelingConfig, choice: ModelChoice,
-                  post: PostprocessConfig, schema: pa.Schema, block_rows: int) -> ray.data.Dataset:
+                  post: PostprocessConfig, schema: pa.Schema, block_rows: int,
+                  layout_: cluster.Layout) -> ray.data.Dataset:
     """The lazy Ray Data pipeline over `work` (WORK_SCHEMA rows), yielding `schema` batches."""
     blocks = [work.slice(i, block_rows) for i in range(0, work.num_rows, block_rows)]
     with warnings.catch_warnings():
         # Bounded retries go through `ray_remote_args`, deprecated in Ray 2.60 with no replacement yet.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        return _stages(ray.data.from_arrow(blocks), listed, cfg, choice, post, schema, resource_layout(cfg))
+        return _stages(ray.data.from_arrow(blocks), listed, cfg, choice, post, schema, layout_)
 
 
 def _stages(ds, listed, cfg, choice, post, schema, plan: cluster.Layout) -> ray.data.Dataset:
     retries, actor_retries = failures.TASK_RETRIES, failures.ACTOR_RETRIES  # the failure policy's
     ds = ds.map_batches(read_stage, batch_size=cfg.read_batch_size, batch_format="pyarrow", num_cpus=plan.task_cpus,
                         fn_kwargs={"source": listed.source, "max_pixels": cfg.max_pixels}, **retries)
-    # One pool of actors that each hold both models (no GPU waits for another's model). Fixed size:
-    # every actor has loaded its models before an image is read.
-    model_args = {"choice": choice, "num_gpus": plan.gpus_per_actor, "threads": plan.threads,
+    # One pool of actors that each hold both models (no GPU waits for another's model); it grows onto
+    # nodes that join (`Layout.pool`). The first actors have loaded their models before an image is read.
+    model_args = {"choice": choice, "device": plan.device, "threads": plan.threads,
                   "max_side": model_max_side(cfg), "max_pixels": cfg.max_pixels}
     ds = ds.map_batches(ModelPredictor, batch_size=cfg.model_batch_size, batch_format="pyarrow",
                         fn_constructor_kwargs=model_args,
-                        compute=ray.data.ActorPoolStrategy(size=plan.model_actors),
+                        compute=plan.pool(),
                         num_gpus=plan.gpus_per_actor, num_cpus=plan.actor_cpus, **actor_retries)
     return ds.map_batches(postprocess_stage, batch_size=cfg.postprocess_batch_size, batch_format="pyarrow",
                           num_cpus=plan.task_cpus, fn_kwargs={"cfg": post, "schema": schema}, **retries)
@@ -283,17 +290,18 @@ def _drive(ds: ray.data.Dataset, tracker: commits.ShardTracker, queue: commits.C
 
 def _pipeline(work: pa.Table, listed: Inputs, cfg: LabelingConfig, choice: ModelChoice, post: PostprocessConfig,
               schema: pa.Schema, block_rows: int, folder: OutputFolder, run_id: str,
-              task_cpus: float) -> ray.data.Dataset:
-    ds = build_dataset(work, listed, cfg, choice, post, schema, block_rows)
+              layout_: cluster.Layout) -> ray.data.Dataset:
+    ds = build_dataset(work, listed, cfg, choice, post, schema, block_rows, layout_)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        return ds.map_batches(writer.write_parts, batch_size=None, batch_format="pyarrow", num_cpus=task_cpus,
+        return ds.map_batches(writer.write_parts, batch_size=None, batch_format="pyarrow",
+                              num_cpus=layout_.task_cpus,
                               fn_kwargs={"folder": folder, "run_id": run_id}, **failures.TASK_RETRIES)
 
 
 def _label(work_plan: plan.Plan, listed: Inputs, cfg: LabelingConfig, choice: ModelChoice, post: PostprocessConfig,
            schema: pa.Schema, queue: commits.Commits, folder: OutputFolder, run_id: str, lease: Lease | None,
-           log) -> _Progress:
+           log, layout_: cluster.Layout) -> _Progress:
     """Label the plan's inputs and commit its shards; returns what the driver saw."""
     indices = work_plan.indices()
     shard_of = np.full(len(listed), -1, np.int64)  # 8 bytes an input, not a dict entry
@@ -308,21 +316,20 @@ def _label(work_plan: plan.Plan, listed: Inputs, cfg: LabelingConfig, choice: Mo
     if not indices:
         queue.poll(wait=True)
         return progress
-    layout_ = resource_layout(cfg)
     block_rows = max(1, min(256, math.ceil(len(indices) / 64)))
     _configure_ray_data(_errored_blocks(cfg.max_failure_rate, math.ceil(len(indices) / block_rows)))
     with progress.bar, warnings.catch_warnings(), cluster.filtered_stderr():
         for message in _QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
         work = work_table(listed, indices, shard_of)
-        _drive(_pipeline(work, listed, cfg, choice, post, schema, block_rows, folder, run_id, layout_.task_cpus),
+        _drive(_pipeline(work, listed, cfg, choice, post, schema, block_rows, folder, run_id, layout_),
                tracker, queue, progress, lease)
         missing = sorted(int(i) for owed in tracker.missing().values() for i in owed)
         if missing:  # blocks Ray gave up on: each input once more, alone
             log(f"{len(missing)} inputs came back from no worker; labeling them again one at a time")
             alone = dataclasses.replace(cfg, read_batch_size=1, model_batch_size=1, postprocess_batch_size=1)
             work = work_table(listed, missing, shard_of)
-            _drive(_pipeline(work, listed, alone, choice, post, schema, 1, folder, run_id, layout_.task_cpus),
+            _drive(_pipeline(work, listed, alone, choice, post, schema, 1, folder, run_id, layout_),
                    tracker, queue, progress, lease)
         for s, owed in tracker.missing().items():
             if owed.size:  # still nothing: recorded, so the shard commits and the run ends
@@ -440,20 +447,22 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
         cluster.connect(cfg.address, cfg.num_cpus, cfg.object_store_memory)
         cluster.check_shared(cfg.input, "--input", probe_write=False)
         cluster.check_shared(cfg.output, "--output", probe_write=True)
-        resources = resource_layout(cfg)  # refuses a layout whose actors cannot all start
+        resources = resource_layout(cfg, log)  # refuses a layout whose actors cannot all start
         if work_plan.indices():
-            log(f"model actors: {resources.model_actors}, each with SAM and the "
-                f"semantic model, {resources.gpus_per_actor:g} GPU and {resources.actor_cpus:g} CPU each")
+            log(resources.describe())
     cpus = int(ray.cluster_resources().get("CPU", 1)) if needs_ray else 1
     queue = commits.Commits(make_job, resources.task_cpus if resources else 1.0,
                             failures.FailureWindow(cfg.max_failure_rate, cfg.failure_window), check.add,
                             max_in_flight=max(2, cpus // 4))
     try:
-        progress = _label(work_plan, listed, cfg, choice, post, schema, queue, folder, run_id, lease, log) \
-            if needs_ray else None
-    except BaseException:
+        progress = _label(work_plan, listed, cfg, choice, post, schema, queue, folder, run_id, lease, log,
+                          resources) if needs_ray else None
+    except BaseException as err:
         queue.drain()  # what is committing finishes; nothing else starts
         folder.delete_dir_quietly(layout.PARTS_DIR)
+        no_device = cluster.actor_start_failure(err)  # a model actor without the GPU it was given
+        if no_device:
+            raise cluster.ClusterError(no_device) from None
         raise
     folder.delete_dir_quietly(layout.PARTS_DIR)
     check.judge(final=True)
@@ -461,6 +470,7 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
     committed = shards.committed_shards(folder, work_plan.num_shards)
     total = summary.folder_stats(folder, committed, work_plan.num_shards)
     per_actor = resources.gpus_per_actor if resources and work_plan.indices() else 0.0
+    actor_s = cluster.model_actor_seconds(since_s=wall_start) if per_actor else 0.0  # billed GPU time: the actors' lifetimes
     wall = time.perf_counter() - start
     # Start-up: listing, model checks, Ray and model actors; labeling: from the first read to the end.
     first_read = progress.first_read if progress else []
@@ -469,7 +479,7 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
     stats = summary.run_stats(total, len(listed), queue.results, wall, 0.0, per_actor,
                               summary.read_previous(folder), startup_s=startup,
                               failed_by_type=summary.failures_in(folder, committed, work_plan.num_shards),
-                              driver_bytes=driver_bytes, listing_s=listing_s)
+                              driver_bytes=driver_bytes, listing_s=listing_s, actor_lifetime_s=actor_s)
     summary.write(folder, stats)
     summary.write_card(folder, metadata, has_errors=stats["failed"] > 0, log=log, options=cfg.card,
                        tiny_random=cfg.models == "tiny-random")

@@ -60,6 +60,23 @@ def _nvidia_driver() -> str | None:
         return None
 
 
+def no_cuda_sentence() -> str:
+    """Why a model actor that was given a GPU cannot use it, and what to do, in one sentence: the
+    NVIDIA driver this host runs (if any can be read) and the CUDA torch was built for."""
+    import torch
+
+    driver = _nvidia_driver()
+    host = f"NVIDIA driver {driver}" if driver else "no NVIDIA driver readable (/proc/driver/nvidia, nvidia-smi)"
+    if torch.version.cuda is None:
+        build, fix = f"torch {torch.__version__} built without CUDA", "install a CUDA build of torch on the GPU nodes"
+    else:
+        build = f"torch {torch.__version__} built for CUDA {torch.version.cuda}"
+        fix = (f"install a driver that supports CUDA {torch.version.cuda} or a torch build for this driver, "
+               "and check that the GPU is visible (nvidia-smi)")
+    return (f"a model actor was given a GPU but torch sees no CUDA device on {platform.node()} ({host}, {build}): "
+            f"{fix}, or run the models on CPUs with --device cpu")
+
+
 def collect(device: str, compiled: bool) -> dict:
     """This process's environment for labels made on `device` ("cuda" or "cpu"), SAM compiled or not."""
     import torch

@@ -46,13 +46,14 @@ def failures_in(folder: OutputFolder, committed: Iterable[int], num_shards: int)
 def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[ShardResult], wall_time_s: float,
               commit_time_s: float, gpus_per_actor: float, previous: Mapping | None = None,
               startup_s: float = 0.0, failed_by_type: Mapping[str, int] | None = None, driver_bytes: int = 0,
-              listing_s: float = 0.0) -> dict:
+              listing_s: float = 0.0, actor_lifetime_s: float | None = None) -> dict:
     """stats.json: totals over the folder; wall time, images/s and stage times of this run.
 
     startup_s: the part of the wall time before the first image was read (listing, model checks,
     starting Ray and the model actors); `labeling_s` is the rest. failed_by_type: the errors
     tables' counts (the card's source too); by default the statistics files'. driver_bytes: what
     the driver received from the cluster (the write stage's results and the commits' results).
+    actor_lifetime_s: the model actors' summed lifetimes (`gpu_time`).
     """
     results = list(results)
     processed = sum(r.processed for r in results)
@@ -66,7 +67,7 @@ def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[Shard
     runs = list((previous or {}).get("previous_runs", []))
     if previous:
         runs.append({k: previous.get(k) for k in ("processed", "wall_time_s", "startup_s", "images_per_s",
-                                                  "gpu_hours")})
+                                                  "gpu_hours", "billed_gpu_hours")})
     return {
         "inputs": num_inputs,
         "written": total.rows,
@@ -81,9 +82,18 @@ def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[Shard
         "listing_s": round(listing_s, 3),
         "driver_bytes_per_image": round(driver_bytes / processed, 1) if processed else 0.0,
         "stage_time_s": {k: round(v, 3) for k, v in stage.items()},
-        "gpu_hours": round(model_s * gpus_per_actor / 3600.0, 6),
+        **gpu_time(model_s, gpus_per_actor, actor_lifetime_s),
         "previous_runs": runs,
     }
+
+
+def gpu_time(model_s: float, gpus_per_actor: float, actor_lifetime_s: float | None) -> dict:
+    """This run's GPU time, two ways: `gpu_hours`, the models' own seconds per image summed (SAM and the
+    semantic model) x GPUs each, and `billed_gpu_hours`, the model actors' lifetimes x GPUs each: the GPU
+    time the run held, as a cluster bills it (loading the models and waiting for images included; None
+    when Ray could not say). Their ratio is how busy the GPUs were kept."""
+    billed = None if actor_lifetime_s is None else round(actor_lifetime_s * gpus_per_actor / 3600.0, 6)
+    return {"gpu_hours": round(model_s * gpus_per_actor / 3600.0, 6), "billed_gpu_hours": billed}
 
 
 def read_previous(folder: OutputFolder) -> dict | None:

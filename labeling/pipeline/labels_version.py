@@ -22,7 +22,7 @@ from pathlib import Path
 
 # Bump when labels made by the same models and arguments can change (and record the digest below).
 LABELS_VERSION = 1
-LABEL_CODE_DIGEST = "1746d12befc6a2d1ed54c6320380560e269a8d430939fba215cac6149183e421"
+LABEL_CODE_DIGEST = "6ffd6267425105f989f327a36d7f7c418c970b004f97f2e6d2d4df9dcd12b9ca"
 
 # The code whose change can change a label: the labelers, the read / model / post-process stages,
 # and the contract's codecs, painting rule and schema. The driver, writer, card and docs are not in

@@ -1,8 +1,10 @@
 """The model stage's Ray actor: both labelers on one device, mapping Arrow batches (the predictor interface).
 
-`ModelPredictor` is constructed from a `ModelChoice` (on the actor's own GPU, or the CPU) and called
-on Arrow batches. It holds SAM and the semantic model together, so every GPU runs both and none
-waits for another's model. What it reads per row: `image_id`, the original file bytes
+`ModelPredictor` is constructed from a `ModelChoice` and the device the run planned ("cuda": the
+actor's own GPU, or "cpu", asked for) and called on Arrow batches. An actor that was given a GPU
+and sees no CUDA device fails at start (`GPUUnavailable`, one sentence naming the driver and torch's
+CUDA build) instead of labeling on its CPU. It holds SAM and the semantic model together, so every
+GPU runs both and none waits for another's model. What it reads per row: `image_id`, the original file bytes
 (`image_bytes`) and the size the read stage found in the header (`width`, `height`); rows whose
 `error_type` is set are passed through untouched. It decodes the bytes itself, in a thread pool,
 while the device works (`labeling.labelers.paired`): model-size pixels never cross the object store.
@@ -78,10 +80,17 @@ def _free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _device(num_gpus: float) -> str:
+class GPUUnavailable(RuntimeError):
+    """A model actor was given a GPU but torch sees no CUDA device; the message says what to do."""
+
+
+def _device(requested: str) -> str:
+    """`requested` ("cuda" or "cpu") if this process can use it; never a silent fall back to the CPU."""
     import torch
 
-    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+    if requested == "cpu" or torch.cuda.is_available():
+        return requested
+    raise GPUUnavailable(environment.no_cuda_sentence())
 
 
 def _quiet_loading(threads: int | None) -> None:
@@ -115,8 +124,9 @@ _EMPTY = {"instances_json": "[]", "semantic": b"", "semantic_h": 0, "semantic_w"
 class ModelPredictor:
     """SAM and the semantic model for DECODED_SCHEMA batches -> MODELS_SCHEMA batches."""
 
-    def __init__(self, choice, num_gpus: float = 0.0, threads: int | None = None, max_side: int = 1024,
+    def __init__(self, choice, device: str = "cpu", threads: int | None = None, max_side: int = 1024,
                  max_pixels: int = 100_000_000, cpu_threads: int = 4):
+        device = _device(device)  # before any library loads: an actor without its GPU stops at once
         from PIL import Image
 
         from labeling.labelers.paired import PairedLabeler
@@ -124,7 +134,6 @@ class ModelPredictor:
         _quiet_loading(threads)
         Image.MAX_IMAGE_PIXELS = max_pixels  # our own limit, checked from the header, decides:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL only warns below 2x of it
-        device = _device(num_gpus)
         self.labeler = PairedLabeler(choice.instance_labeler(device), choice.semantic_labeler(device), max_side,
                                      max_pixels, cpu_threads)
         self.environment = environment.encode(environment.collect(device, bool(choice.instance_params.get("compile"))))
