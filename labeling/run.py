@@ -104,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
                         help="a thing mask with less of its class than this is dropped, not an object (default 0.75)")
 
     from dataset_card.card.source import CardOptions
+    from dataset_card.contract.lease import TTL_S
+    from dataset_card.contract.shards import RETRY_S
 
     CardOptions.add_arguments(p.add_argument_group(
         "dataset card (what it says of the images; may change when resuming; kept in OUTPUT/card.json)"))
@@ -131,6 +133,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--max-failure-rate", type=float, default=0.1,
                      help="stop (committed shards kept) when more than this share of the images in the most recent "
                           "committed shards (2000 images) failed (default 0.1; 1 never stops)")
+    run.add_argument("--storage-retry-seconds", type=float, default=RETRY_S,
+                     help="how long a write to --output retries a transient error (a storage outage) before the "
+                          f"run stops, committed shards kept (default {RETRY_S:g}; the lease's time-to-live is kept "
+                          f"at twice this, at least {TTL_S:g} s)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -156,7 +162,8 @@ def config_from_args(args: argparse.Namespace):
         object_store_memory=args.object_store_memory, overwrite=args.overwrite,
         strict_environment=args.strict_environment, retry_errors=args.retry_errors,
         progress=not args.no_progress, image_storage=args.image_storage, no_repair=args.no_repair,
-        max_failure_rate=args.max_failure_rate, card=CardOptions.from_args(args),
+        max_failure_rate=args.max_failure_rate, storage_retry_s=args.storage_retry_seconds,
+        card=CardOptions.from_args(args),
     )
 
 

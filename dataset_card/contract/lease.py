@@ -12,6 +12,9 @@ renewed the lease and how long a renewal holds (`ttl_s`).
 - A taken-over lease is first renamed away (atomic on a filesystem), so of two runs that find
   the same stale lease only one takes it. On an object store that rename is a copy and a delete:
   there the guarantee is only as good as the store's conditional write.
+- Its time-to-live is at least twice the output's write-retry window (`ttl_for`): a run riding out
+  a storage outage its writes survive (`shards.retrying`) keeps its lease, whose renewals fail
+  meanwhile and are tolerated for a whole `ttl_s`.
 - A background thread renews the lease every `ttl_s / 4`; when it finds another run's lease (its
   own was taken over) or cannot renew for a whole `ttl_s`, `lost` is set and the run stops before
   committing more. `release` deletes the file if it is still this run's.
@@ -35,6 +38,12 @@ from dataset_card.contract import layout
 from dataset_card.contract.output_folder import OutputFolder
 
 TTL_S = 300.0
+
+
+def ttl_for(retry_s: float) -> float:
+    """The time-to-live of a run's lease whose writes retry for `retry_s`: TTL_S, or twice the
+    retry window when that is longer (renewals fail during an outage too)."""
+    return max(TTL_S, 2.0 * retry_s)
 
 
 class LeaseHeld(RuntimeError):

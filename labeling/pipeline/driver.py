@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from dataset_card.card.source import CardOptions
 from dataset_card.contract import layout, shards
-from dataset_card.contract.lease import Lease, new_run_id
+from dataset_card.contract.lease import Lease, new_run_id, ttl_for
 from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.painting import DEFAULT_RULE, PaintingRule, rule_named
 from dataset_card.contract.schema import arrow_schema
@@ -111,6 +111,7 @@ class LabelingConfig:
     retry_errors: bool = False
     no_repair: bool = False  # refuse, instead of repairing, committed shards that fail verification
     max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE
+    storage_retry_s: float = shards.RETRY_S  # writes retry a transient error this long (a storage outage)
     failure_window: int = 2000  # images of the most recent committed shards the rate is judged over
     progress: bool = True
     # What the dataset card says of the images (name, licence, source): OUTPUT/card.json keeps it.
@@ -376,7 +377,7 @@ def run_labeling(cfg: LabelingConfig, log=print, choice: ModelChoice | None = No
         listed = listed.head(cfg.limit)
     _check_storage(cfg, listed)
     rule = painting_rule(cfg)
-    folder = OutputFolder.open(cfg.output)  # the one opening of the output in this run
+    folder = OutputFolder.open(cfg.output, retry_s=cfg.storage_retry_s)  # the one opening of the output in this run
     _check_space(shards.probe_output(folder), cfg, len(listed), log)
     # A hub model at one commit for every actor: on resume, the commit the folder's first run resolved.
     recorded = None if cfg.overwrite else (manifest.read(folder) or {}).get("models")
@@ -385,7 +386,7 @@ def run_labeling(cfg: LabelingConfig, log=print, choice: ModelChoice | None = No
     models = local_choice.describe()
     semantic_classes = local_choice.semantic_classes()
     run_id = new_run_id()
-    lease = Lease(folder, run_id, log=log).take()
+    lease = Lease(folder, run_id, ttl_s=ttl_for(folder.retry_s), log=log).take()
     try:
         return _run(cfg, folder, listed, rule, choice, models, semantic_classes, run_id, lease, log, start,
                     wall_start, listing_s)
