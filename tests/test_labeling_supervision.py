@@ -80,7 +80,6 @@ class OutageFs:
 @pytest.mark.ray
 def test_a_storage_outage_longer_than_a_few_retries_is_ridden_out(tmp_path, ray_session, monkeypatch):
     import ray.cloudpickle
-
     from test_labeling_pipeline import assert_exactly_once
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers get OutageFs by value
