@@ -109,3 +109,105 @@ def test_the_lease_outlives_the_write_retry_window():
 
     assert ttl_for(shards.RETRY_S) >= 2 * shards.RETRY_S and ttl_for(1.0) == TTL_S
     assert OutputFolder.open("/tmp/x", retry_s=7.0).retry_s == 7.0
+
+
+# --- what restarts an actor, what is retried, what is the image's failure
+
+@pytest.mark.parametrize("message, kind", [
+    ("CUDA error: an illegal memory access was encountered", "poisoned"),
+    ("CUDA error: device-side assert triggered", "poisoned"),
+    ("CUDA error: unspecified launch failure", "poisoned"),
+    ("CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, opa, opb, m, n, k, ...)`", "poisoned"),
+    ("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR", "poisoned"),
+    ("CUDA error: misaligned address", "poisoned"),
+    ("CUDA error: some error this code has never seen", "poisoned"),  # unknown CUDA errors: a new process
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", "out_of_memory"),
+    ("CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", "out_of_memory"),
+    ("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.",
+     "other"),
+    ("cuDNN error: CUDNN_STATUS_BAD_PARAM", "other"),
+    ("CUBLAS_STATUS_NOT_SUPPORTED when calling `cublasGemmStridedBatchedEx(...)`", "other"),
+    ("CUDA error: invalid configuration argument", "other"),
+    ("CUDA error: no kernel image is available for execution on the device", "other"),
+    ("cannot reshape array of size 12 into shape (5,)", "other"),
+])
+def test_only_errors_that_poison_the_cuda_context_restart_the_actor(message, kind):
+    from labeling.pipeline import failures
+
+    assert failures.classify(RuntimeError(message)) == kind
+    wrapped = ValueError("the batch failed")
+    wrapped.__cause__ = RuntimeError(message)
+    assert failures.classify(wrapped) == kind  # found through the chain
+    assert failures.is_fatal_device_error(RuntimeError(message)) == (kind == "poisoned")
+
+
+def test_torch_out_of_memory_and_accelerator_errors_are_told_apart_by_type():
+    import torch
+
+    from labeling.pipeline import failures
+
+    assert failures.classify(torch.OutOfMemoryError("Tried to allocate 20 MiB")) == failures.OUT_OF_MEMORY
+    assert failures.classify(torch.AcceleratorError("CUDA error: an illegal memory access")) == failures.POISONED
+
+
+def test_a_transient_out_of_memory_is_retried_with_smaller_batches_never_recorded():
+    import torch
+
+    from labeling.pipeline import failures
+
+    calls, freed = [], []
+
+    def model(images):  # out of memory once on a batch of more than two, then fine
+        calls.append(list(images))
+        if len(images) > 2 and len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        if "bad" in images:
+            raise ValueError("a shape this model cannot take")
+        return [f"labels of {i}" for i in images]
+
+    out = failures.run_each(model, ["a", "b", "c", "d"], free=lambda: freed.append(1), wait_s=0.0)
+    assert out == ["labels of a", "labels of b", "labels of c", "labels of d"]
+    assert calls == [["a", "b", "c", "d"], ["a", "b"], ["c", "d"]] and freed  # halves, after freeing memory
+    calls.clear()
+    out = failures.run_each(model, ["x", "bad"], free=lambda: None, wait_s=0.0)
+    assert out[0] == "labels of x" and isinstance(out[1], ValueError)  # a real failure is still recorded
+
+    alone = {"n": 0}
+
+    def tight(images):  # a single image out of memory twice (memory others held), then it fits
+        alone["n"] += 1
+        if alone["n"] <= 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return ["ok"] * len(images)
+
+    assert failures.run_each(tight, ["big"], free=lambda: None, wait_s=0.0) == ["ok"]
+
+
+def test_the_predictor_records_no_failure_for_a_simulated_oom(monkeypatch):
+    import pyarrow as pa
+    import torch
+
+    from labeling.labelers.paired import ImageLabels
+    from labeling.pipeline import environment, failures
+    from labeling.pipeline.predictors import ModelPredictor
+    from labeling.pipeline.preprocess import DECODED_SCHEMA
+
+    monkeypatch.setattr(failures, "OOM_WAIT_S", 0.0)
+    raised = []
+
+    def labeler(images):  # a fake model: out of memory on its first call, then labels
+        if not raised:
+            raised.append(len(images))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return [ImageLabels([], np.zeros((6, 8), np.uint8), (6, 8), {"decode": 0.0, "instance": 0.1,
+                                                                     "semantic": 0.1}) for _ in images]
+
+    predictor = ModelPredictor.__new__(ModelPredictor)
+    predictor.labeler = labeler
+    predictor.environment = environment.encode(environment.collect("cpu", compiled=False))
+    rows = [{"index": i, "shard": 0, "path": f"p{i}", "image_id": f"p{i}", "label": 0, "image_path": f"p{i}",
+             "error_stage": "", "error_type": "", "error_message": "", "image_bytes": b"jpeg", "width": 8,
+             "height": 6, "time_read": 0.0, "started_at": 0.0} for i in range(4)]
+    out = predictor(pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)).to_pylist()
+    assert raised == [4] and [r["error_type"] for r in out] == ["", "", "", ""]
+    assert all(r["semantic_h"] == 6 for r in out)

@@ -17,10 +17,11 @@ What it adds per row:
   `labeling.pipeline.environment`), collected once at start; the shard's footer lists them.
 
 A failure is recorded in the row's `error_*` columns instead of raised (an undecodable file at
-stage "decode", anything else at "model"). When a whole batch fails, it is retried one image at a
-time, so one bad image cannot take the others with it. A fatal accelerator error (not
-out-of-memory) is no image's fault: the actor's process ends and Ray restarts it and retries the
-batch (`failures.restart_on_fatal_device_error`). Upsampling, alignment, painting and the label
+stage "decode", anything else at "model"). The batch runs under the failure policy
+(`failures.run_each`): a batch that fails is retried one image at a time, so one bad image cannot
+take the others with it; out-of-memory is retried in smaller batches, never recorded; a fatal
+accelerator error is no image's fault: the actor's process ends and Ray restarts it and retries
+the batch. Upsampling, alignment, painting and the label
 maps' encoding happen later on CPUs (`labeling.pipeline.postprocess`).
 """
 
@@ -28,13 +29,13 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from dataset_card.contract.codecs import DecodeError
 from labeling.pipeline import environment, failures
+from labeling.pipeline.failures import run_each
 from labeling.pipeline.preprocess import DECODED_SCHEMA
 
 MODELS_SCHEMA = pa.schema(
@@ -44,38 +45,6 @@ MODELS_SCHEMA = pa.schema(
        ("semantic", pa.large_binary()), ("semantic_h", pa.int32()), ("semantic_w", pa.int32()),
        ("time_semantic", pa.float64()), ("environment", pa.string())]
 )
-
-
-def run_each(fn: Callable[[list], list], items: Sequence) -> list:
-    """fn(items), or when that raises, fn([item]) for each item: a result or the exception it raised.
-
-    A fatal device error (`failures.is_fatal_device_error`) is raised, never recorded."""
-    if not items:
-        return []
-    try:
-        results = fn(list(items))
-        if len(results) != len(items):
-            raise RuntimeError(f"the model returned {len(results)} results for {len(items)} images")
-        return list(results)
-    except Exception as err:  # find the culprit: retry alone, so the others still get labels
-        failures.restart_on_fatal_device_error(err)  # a poisoned CUDA context: a new actor, not a failure
-        _free_accelerator_memory()
-    out = []
-    for item in items:
-        try:
-            out.append(fn([item])[0])
-        except Exception as err:
-            failures.restart_on_fatal_device_error(err)
-            _free_accelerator_memory()
-            out.append(err)
-    return out
-
-
-def _free_accelerator_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _device(num_gpus: float) -> str:
