@@ -211,3 +211,20 @@ def test_the_predictor_records_no_failure_for_a_simulated_oom(monkeypatch):
     out = predictor(pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)).to_pylist()
     assert raised == [4] and [r["error_type"] for r in out] == ["", "", "", ""]
     assert all(r["semantic_h"] == 6 for r in out)
+
+
+def test_a_failing_stderr_filter_never_blocks_the_driver():
+    import subprocess
+
+    code = ("import os\n"
+            "from labeling.pipeline.cluster import filtered_stderr\n"
+            "with filtered_stderr(drop=(None,)):  # a filter that fails on its first line\n"
+            "    for i in range(20000):  # ~1 MB: far more than a pipe holds\n"
+            "        os.write(2, b'line %06d of what Ray writes to stderr\\n' % i)\n"
+            "    os.write(2, b'last line\\n')\n"
+            "print('the driver went on', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0 and "the driver went on" in done.stdout
+    assert "the stderr filter stopped" in done.stderr and "stderr is unfiltered now" in done.stderr
+    assert "line 019999 of what Ray writes" in done.stderr and "last line" in done.stderr  # nothing lost
