@@ -228,3 +228,70 @@ def test_a_failing_stderr_filter_never_blocks_the_driver():
     assert done.returncode == 0 and "the driver went on" in done.stdout
     assert "the stderr filter stopped" in done.stderr and "stderr is unfiltered now" in done.stderr
     assert "line 019999 of what Ray writes" in done.stderr and "last line" in done.stderr  # nothing lost
+
+
+def _stop_group(proc) -> None:
+    """End `proc`'s own process group (never anything else)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(15)
+        except Exception:
+            continue
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_driver_killed_mid_run_is_restarted_and_the_run_ends_complete(tmp_path):
+    import json
+    import signal
+    import subprocess
+
+    from test_labeling_pipeline import assert_exactly_once
+
+    root = Path(__file__).resolve().parents[1]
+    images, output = tmp_path / "train", tmp_path / "out"
+    random_images(images, 24)
+    command = [sys.executable, str(root / "labeling" / "run.py"), "--input", str(images), "--output", str(output),
+               "--shard-size", "4", "--models", "tiny-random", "--model-actors", "1", "--actor-cpus", "0.5",
+               "--task-cpus", "0.5", "--read-batch-size", "2", "--model-batch-size", "2",
+               "--postprocess-batch-size", "2", "--no-progress", "--num-cpus", "2",
+               "--object-store-memory", str(200 * 2**20), "--max-restarts", "1"]
+    env = dict(os.environ, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", RAY_ADDRESS="")
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        data = output / "data"
+        while not (data.exists() and any(data.iterdir())) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        driver_pid = json.loads((output / ".lease.json").read_text())["pid"]
+        assert driver_pid != proc.pid  # the supervisor runs the driver as its child
+        killed_with = len(list(data.iterdir()))
+        os.kill(driver_pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=400)
+    finally:
+        _stop_group(proc)
+    assert proc.returncode == 0, err[-3000:]
+    assert 1 <= killed_with < 6
+    assert "the labeling driver was killed by SIGKILL; restarting it (1 of 1): the run resumes" in err
+    assert f"driver restart 1 of 1: resuming {output}" in out and "labeled 24 of 24 inputs, 0 failed" in out
+    stats = json.loads((output / "stats.json").read_text())
+    assert stats["driver_restarts"] == 1 and stats["written"] == 24
+    rows, errors = assert_exactly_once(output, images)
+    assert len(rows) == 24 and not errors
+
+
+def test_a_driver_that_explains_its_error_is_not_restarted(tmp_path, capsys):
+    from labeling import run
+
+    # A missing input is a sentence, exit status 2: restarting would repeat it.
+    code = run.main(["--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out"), "--models",
+                     "tiny-random", "--max-restarts", "3", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "restarting" not in err

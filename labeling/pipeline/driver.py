@@ -113,6 +113,7 @@ class LabelingConfig:
     max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE
     storage_retry_s: float = shards.RETRY_S  # writes retry a transient error this long (a storage outage)
     failure_window: int = 2000  # images of the most recent committed shards the rate is judged over
+    driver_restarts: int = 0  # restarts of the driver before this one (`labeling/run.py --max-restarts`)
     progress: bool = True
     # What the dataset card says of the images (name, licence, source): OUTPUT/card.json keeps it.
     card: CardOptions = CardOptions()
@@ -471,6 +472,7 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
                               summary.read_previous(folder), startup_s=startup,
                               failed_by_type=summary.failures_in(folder, committed, work_plan.num_shards),
                               driver_bytes=driver_bytes, listing_s=listing_s)
+    stats["driver_restarts"] = cfg.driver_restarts
     summary.write(folder, stats)
     summary.write_card(folder, metadata, has_errors=stats["failed"] > 0, log=log, options=cfg.card,
                        tiny_random=cfg.models == "tiny-random")
