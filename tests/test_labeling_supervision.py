@@ -15,8 +15,6 @@ import pytest
 
 from dataset_card.contract import shards
 from dataset_card.contract.output_folder import OutputFolder
-from labeling.pipeline import driver
-from labeling.pipeline.driver import LabelingConfig, run_labeling
 
 SMALL = {"models": "tiny-random", "model_actors": 1, "actor_cpus": 0.5, "task_cpus": 0.5, "model_batch_size": 4,
          "read_batch_size": 4, "postprocess_batch_size": 4, "progress": False}
@@ -81,6 +79,9 @@ class OutageFs:
 def test_a_storage_outage_longer_than_a_few_retries_is_ridden_out(tmp_path, ray_session, monkeypatch):
     import ray.cloudpickle
     from test_labeling_pipeline import assert_exactly_once
+
+    from labeling.pipeline import driver
+    from labeling.pipeline.driver import LabelingConfig, run_labeling
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers get OutageFs by value
     images, output, state = tmp_path / "train", tmp_path / "out", tmp_path / "state"
@@ -295,3 +296,52 @@ def test_a_driver_that_explains_its_error_is_not_restarted(tmp_path, capsys):
                      "tiny-random", "--max-restarts", "3", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "restarting" not in err
+
+
+# --- a decoder crash costs one file
+
+def decode_or_die(data: bytes, max_pixels: int, max_side: int):
+    """`model_input.decode`, except that the file b"crash" kills the process decoding it."""
+    import signal
+
+    from labeling.labelers import model_input
+
+    if data == b"crash":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return model_input.decode(data, max_pixels, max_side)
+
+
+def test_a_decoder_crash_on_one_file_is_that_files_failure_and_the_caller_goes_on():
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from dataset_card.contract.codecs import DecodeError
+    from labeling.labelers.decode_pool import CRASH_MESSAGE, DecodePool
+    from labeling.pipeline import failures
+
+    def png(h, w):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((h, w, 3), 7, np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    files = [png(20, 30), b"crash", png(40, 10), png(300, 100), png(8, 8)]
+    pool = DecodePool(2, max_pixels=1_000_000, max_side=64, decode=decode_or_die)
+
+    def decode(data):
+        try:
+            return pool(data)
+        except DecodeError as err:
+            return err
+
+    with ThreadPoolExecutor(4) as threads:  # as the paired labeler calls it: from several threads at once
+        out = list(threads.map(decode, files))
+    assert isinstance(out[1], DecodeError) and str(out[1]) == CRASH_MESSAGE
+    assert [o[0].shape for i, o in enumerate(out) if i != 1] == [(20, 30, 3), (40, 10, 3), (64, 21, 3), (8, 8, 3)]
+    assert out[3][1:] == (100, 300)  # the original size, the pixels shrunk to 64
+    assert failures.from_exception(failures.DECODE, out[1]).error_type == failures.UNDECODABLE
+    assert pool(files[4])[0].shape == (8, 8, 3)  # the pool was replaced and goes on
+    with pytest.raises(DecodeError, match="cannot read image header"):
+        pool(b"not an image")  # an ordinary decode error travels back as itself
+    pool.close()

@@ -4,7 +4,8 @@
 on Arrow batches. It holds SAM and the semantic model together, so every GPU runs both and none
 waits for another's model. What it reads per row: `image_id`, the original file bytes
 (`image_bytes`) and the size the read stage found in the header (`width`, `height`); rows whose
-`error_type` is set are passed through untouched. It decodes the bytes itself, in a thread pool,
+`error_type` is set are passed through untouched. It decodes the bytes itself, in a small pool of
+processes it owns (`labeling.labelers.decode_pool`: a decoder crash costs one file, never the actor),
 while the device works (`labeling.labelers.paired`): model-size pixels never cross the object store.
 What it adds per row:
 
@@ -88,6 +89,7 @@ class ModelPredictor:
                  max_pixels: int = 100_000_000, cpu_threads: int = 4):
         from PIL import Image
 
+        from labeling.labelers.decode_pool import DecodePool
         from labeling.labelers.paired import PairedLabeler
 
         _quiet_loading(threads)
@@ -95,7 +97,7 @@ class ModelPredictor:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL only warns below 2x of it
         device = _device(num_gpus)
         self.labeler = PairedLabeler(choice.instance_labeler(device), choice.semantic_labeler(device), max_side,
-                                     max_pixels, cpu_threads)
+                                     max_pixels, cpu_threads, decoder=DecodePool(cpu_threads, max_pixels, max_side))
         self.environment = environment.encode(environment.collect(device, bool(choice.instance_params.get("compile"))))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
