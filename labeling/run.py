@@ -85,6 +85,10 @@ def parser() -> argparse.ArgumentParser:
                         help="hub branch, tag or commit of --semantic-model (default: its default branch); the "
                              "manifest records the commit it resolved to, which every model actor loads and a "
                              "resume without this flag reuses")
+    models.add_argument("--staged-models", default=None,
+                        help="a folder python -m labeling.stage_models filled (shared by the nodes, or the same path "
+                             "on each): every actor loads both models from it, nothing is downloaded; the manifest "
+                             "names the models as without it")
     models.add_argument("--semantic-shortest-edge", type=positive_int, default=None,
                         help="shorter side of the semantic model's input, aspect kept (default 640; 128 for tiny)")
     models.add_argument("--model-max-side", type=positive_int, default=None,
@@ -156,7 +160,8 @@ def config_from_args(args: argparse.Namespace):
         max_pixels=args.max_pixels, input_format=args.input_format, file_list=args.file_list,
         image_column=args.image_column, label_column=args.label_column, split=args.split,
         sam_type=args.sam_type, sam_checkpoint=args.sam_checkpoint, semantic_model=args.semantic_model,
-        semantic_revision=args.semantic_revision, semantic_shortest_edge=args.semantic_shortest_edge,
+        semantic_revision=args.semantic_revision, staged_models=args.staged_models,
+        semantic_shortest_edge=args.semantic_shortest_edge,
         model_max_side=args.model_max_side, points_per_side=args.points_per_side,
         pred_iou_thresh=args.pred_iou_thresh, compile=args.compile, stability_score_thresh=args.stability_score_thresh,
         min_instance_area=args.min_instance_area, painting_rule=args.painting_rule, min_purity=args.min_purity,

@@ -83,6 +83,7 @@ class LabelingConfig:
     sam_checkpoint: str | None = None
     semantic_model: str | None = None
     semantic_revision: str | None = None
+    staged_models: str | None = None  # a folder from `python -m labeling.stage_models`: actors load from it
     semantic_shortest_edge: int | None = label_shaping(None)
     model_max_side: int | None = label_shaping(None)
     points_per_side: int | None = label_shaping(None)
@@ -161,6 +162,7 @@ def model_choice(cfg: LabelingConfig) -> ModelChoice:
         sam_checkpoint=cfg.sam_checkpoint,
         semantic_model=cfg.semantic_model or base.semantic_model,
         semantic_revision=cfg.semantic_revision,
+        staged=cfg.staged_models,
         instance_params=instance,
         semantic_params=semantic,
     )
