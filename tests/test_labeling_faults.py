@@ -78,7 +78,7 @@ def test_a_lease_taken_over_is_noticed_by_its_renewal(tmp_path):
     assert holder_of(out).run_id == "intruder"  # release deletes only its own lease
     assert Holder.from_json(Holder("r", "h", 1, "0", "s", 0.0, 1.0).to_json()).run_id == "r"
     in_memory = OutputFolder.open("memory://c2fmae-lease/out")
-    with Lease(in_memory, "run-a"):  # object stores: fsspec's exclusive create
+    with Lease(in_memory, "run-a"):  # a store without conditional writes: checked, then written (one warning)
         with pytest.raises(LeaseHeld):
             Lease(in_memory, "run-b").take()
     assert holder_of(in_memory) is None
