@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
 import sys
 
 if __package__ in (None, ""):  # run as a script: import this checkout's packages, not labeling/*.py
@@ -83,6 +85,10 @@ def parser() -> argparse.ArgumentParser:
                         help="hub branch, tag or commit of --semantic-model (default: its default branch); the "
                              "manifest records the commit it resolved to, which every model actor loads and a "
                              "resume without this flag reuses")
+    models.add_argument("--staged-models", default=None,
+                        help="a folder python -m labeling.stage_models filled (shared by the nodes, or the same path "
+                             "on each): every actor loads both models from it, nothing is downloaded; the manifest "
+                             "names the models as without it")
     models.add_argument("--semantic-shortest-edge", type=positive_int, default=None,
                         help="shorter side of the semantic model's input, aspect kept (default 640; 128 for tiny)")
     models.add_argument("--model-max-side", type=positive_int, default=None,
@@ -104,6 +110,8 @@ def parser() -> argparse.ArgumentParser:
                         help="a thing mask with less of its class than this is dropped, not an object (default 0.75)")
 
     from dataset_card.card.source import CardOptions
+    from dataset_card.contract.lease import TTL_S
+    from dataset_card.contract.shards import RETRY_S
 
     CardOptions.add_arguments(p.add_argument_group(
         "dataset card (what it says of the images; may change when resuming; kept in OUTPUT/card.json)"))
@@ -142,6 +150,14 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--max-failure-rate", type=float, default=0.1,
                      help="stop (committed shards kept) when more than this share of the images in the most recent "
                           "committed shards (2000 images) failed (default 0.1; 1 never stops)")
+    run.add_argument("--storage-retry-seconds", type=float, default=RETRY_S,
+                     help="how long a write to --output retries a transient error (a storage outage) before the "
+                          f"run stops, committed shards kept (default {RETRY_S:g}; the lease's time-to-live is kept "
+                          f"at twice this, at least {TTL_S:g} s)")
+    run.add_argument("--max-restarts", type=int, default=0,
+                     help="restart the driver up to this many times when it dies (killed, out of memory, a crash; "
+                          "not after an error it explains): the run resumes; each restart is in the log and "
+                          "stats.json (default 0)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -155,7 +171,8 @@ def config_from_args(args: argparse.Namespace):
         max_pixels=args.max_pixels, input_format=args.input_format, file_list=args.file_list,
         image_column=args.image_column, label_column=args.label_column, split=args.split,
         sam_type=args.sam_type, sam_checkpoint=args.sam_checkpoint, semantic_model=args.semantic_model,
-        semantic_revision=args.semantic_revision, semantic_shortest_edge=args.semantic_shortest_edge,
+        semantic_revision=args.semantic_revision, staged_models=args.staged_models,
+        semantic_shortest_edge=args.semantic_shortest_edge,
         model_max_side=args.model_max_side, points_per_side=args.points_per_side,
         pred_iou_thresh=args.pred_iou_thresh, compile=args.compile, stability_score_thresh=args.stability_score_thresh,
         min_instance_area=args.min_instance_area, painting_rule=args.painting_rule, min_purity=args.min_purity,
@@ -168,12 +185,53 @@ def config_from_args(args: argparse.Namespace):
         object_store_memory=args.object_store_memory, overwrite=args.overwrite,
         strict_environment=args.strict_environment, retry_errors=args.retry_errors,
         progress=not args.no_progress, image_storage=args.image_storage, no_repair=args.no_repair,
-        max_failure_rate=args.max_failure_rate, card=CardOptions.from_args(args),
+        max_failure_rate=args.max_failure_rate, storage_retry_s=args.storage_retry_seconds,
+        driver_restarts=int(os.environ.get(RESTARTS_ENV, "0")),
+        card=CardOptions.from_args(args),
     )
 
 
+# Set in the driver processes `supervise` starts: how many restarts came before this one.
+RESTARTS_ENV = "C2FMAE_LABELING_RESTARTS"
+# Exit statuses after which a restart would only repeat the error: done (0), an error the driver
+# explained in one sentence (2), a command-line error (2), stopped by the user (130).
+_FINAL = (0, 2, 130, -signal.SIGINT, -signal.SIGTERM)
+
+
+def supervise(argv: list[str], max_restarts: int) -> int:
+    """Run the driver as a child process, and start it again (up to `max_restarts` times) when it
+    dies; every rerun resumes the folder. SIGINT / SIGTERM reach the child and end supervision."""
+    stopping = []
+
+    def forward(signum, frame):
+        stopping.append(signum)
+        if child is not None:
+            child.send_signal(signum)
+
+    child = None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    for restart in range(max_restarts + 1):
+        env = dict(os.environ, **{RESTARTS_ENV: str(restart)})
+        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], env=env)
+        code = child.wait()
+        if code in _FINAL or stopping:
+            return 130 if stopping and code != 0 else code
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        if restart == max_restarts:
+            print(f"error: the labeling driver {how} after {max_restarts} restarts; rerun the same command to "
+                  "resume (what it committed is kept)", file=sys.stderr, flush=True)
+            return code if code > 0 else 1
+        print(f"the labeling driver {how}; restarting it ({restart + 1} of {max_restarts}): the run resumes",
+              file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    if args.max_restarts > 0 and RESTARTS_ENV not in os.environ:
+        return supervise(argv, args.max_restarts)
     from dataset_card.contract.lease import LeaseHeld
     from dataset_card.contract.shards import OutputWriteError
     from labeling.inputs.input_list import InputError
@@ -187,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     from labeling.pipeline.writer import LeaseLost
 
     cfg = config_from_args(args)
+    if cfg.driver_restarts:
+        print(f"driver restart {cfg.driver_restarts} of {args.max_restarts}: resuming {cfg.output}", flush=True)
     try:
         run_labeling(cfg, log=lambda message: print(message, flush=True))
     except FailureRateExceeded as err:

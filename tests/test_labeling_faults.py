@@ -78,7 +78,7 @@ def test_a_lease_taken_over_is_noticed_by_its_renewal(tmp_path):
     assert holder_of(out).run_id == "intruder"  # release deletes only its own lease
     assert Holder.from_json(Holder("r", "h", 1, "0", "s", 0.0, 1.0).to_json()).run_id == "r"
     in_memory = OutputFolder.open("memory://c2fmae-lease/out")
-    with Lease(in_memory, "run-a"):  # object stores: fsspec's exclusive create
+    with Lease(in_memory, "run-a"):  # a store without conditional writes: checked, then written (one warning)
         with pytest.raises(LeaseHeld):
             Lease(in_memory, "run-b").take()
     assert holder_of(in_memory) is None
@@ -174,7 +174,13 @@ def test_a_rewrite_that_cannot_be_renamed_is_one_sentence_and_the_next_run_finis
 
 def test_transient_write_errors_are_retried_with_backoff(tmp_path, monkeypatch):
     attempts, waits = [], []
-    monkeypatch.setattr(shards, "time", types.SimpleNamespace(sleep=waits.append))  # asked for, not timed
+    clock = types.SimpleNamespace(now=0.0)
+
+    def sleep(seconds):  # asked for, not timed
+        waits.append(seconds)
+        clock.now += seconds
+
+    monkeypatch.setattr(shards, "time", types.SimpleNamespace(sleep=sleep, monotonic=lambda: clock.now))
 
     def flaky():
         attempts.append(len(waits))
@@ -184,9 +190,11 @@ def test_transient_write_errors_are_retried_with_backoff(tmp_path, monkeypatch):
 
     assert shards.retrying(flaky, "somewhere", backoff_s=0.01) == "written"
     assert attempts == [0, 1, 2] and waits == [0.01, 0.02]  # a wait before each retry, doubled
+    waits.clear()
     with pytest.raises(shards.OutputWriteError, match="check the path"):
-        shards.retrying(lambda: (_ for _ in ()).throw(OSError(errno.EIO, "down")), "somewhere", attempts=2,
-                        backoff_s=0.0)
+        shards.retrying(lambda: (_ for _ in ()).throw(OSError(errno.EIO, "down")), "somewhere", retry_s=100.0,
+                        backoff_s=1.0)
+    assert waits == [1, 2, 4, 8, 16, 30, 30] and sum(waits) <= 100  # doubled up to 30 s, within the window
 
 
 def test_an_unwritable_output_is_refused_before_anything_starts(tmp_path):

@@ -286,5 +286,6 @@ def test_help_explains_every_flag():
     for flag in ("--input", "--output", "--models", "--shard-size", "--limit", "--overwrite", "--retry-errors",
                  "--max-pixels", "--gpus-per-actor", "--model-actors", "--model-batch-size", "--semantic-revision",
                  "--semantic-shortest-edge", "--painting-rule", "--min-purity", "--image-storage",
-                 "--max-failure-rate", "--no-repair", "--compile"):
+                 "--max-failure-rate", "--no-repair", "--compile", "--storage-retry-seconds", "--max-restarts",
+                 "--staged-models"):
         assert flag in done.stdout

@@ -390,7 +390,7 @@ def test_a_failing_batch_is_retried_image_by_image_and_failures_become_rows():
 
     def labeler(images):  # the paired labeler's contract: labels, or the DecodeError of an image
         if any(data == b"poison" for data in images):
-            raise RuntimeError("CUDA out of memory (pretend)")
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (pretend)")
         return [codecs.DecodeError("cannot decode image: truncated") if data == b"truncated" else
                 ImageLabels([{"rle": codecs.encode_rle(np.ones((3, 4), bool)), "bbox": [0, 0, 1, 1], "area": 12,
                               "predicted_iou": 0.9, "stability_score": 0.9}], np.full((6, 8), 2, np.uint8), (3, 4),
@@ -418,7 +418,7 @@ def test_a_failing_batch_is_retried_image_by_image_and_failures_become_rows():
     assert good["semantic"] == np.full((6, 8), 2, np.uint8).tobytes()
     assert (good["time_read"], good["time_instance"], good["time_semantic"]) == (0.75, 1.0, 2.0)
     assert (poisoned["error_stage"], poisoned["error_type"]) == (failures.MODEL, failures.MODEL_FAILED)
-    assert "out of memory" in poisoned["error_message"] and poisoned["instances_json"] == "[]"
+    assert "shapes cannot be multiplied" in poisoned["error_message"] and poisoned["instances_json"] == "[]"
     assert (empty["error_stage"], empty["error_type"]) == (failures.DECODE, failures.EMPTY_FILE)
     assert (truncated["error_stage"], truncated["error_type"]) == (failures.DECODE, failures.UNDECODABLE)
     assert {row["environment"] for row in (good, poisoned, empty, truncated)} == {predictor.environment}

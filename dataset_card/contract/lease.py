@@ -4,14 +4,19 @@
 process's start time, so a reused pid is not mistaken for it), when it started, when it last
 renewed the lease and how long a renewal holds (`ttl_s`).
 
-- `Lease.take` creates the file exclusively (O_EXCL on a filesystem; fsspec's exclusive mode,
-  a conditional write, on an object store). When the file exists, a holder on this host whose
+- `Lease.take` creates the file exclusively where the storage can: O_EXCL on a filesystem, a
+  conditional write on S3 through s3fs (PutObject with `If-None-Match: *`, `EXCLUSIVE_STORES`).
+  Elsewhere (gs:// and other fsspec stores, s3:// without s3fs) it checks, then writes, and says
+  in one warning line that two runs started at the same moment could both take it. When the file exists, a holder on this host whose
   process is gone is taken over at once (so a killed run's rerun resumes immediately), a holder
   on another host once it has not renewed within its time-to-live; any other holder makes the
   take fail with `LeaseHeld`, one sentence naming it and how to take over.
 - A taken-over lease is first renamed away (atomic on a filesystem), so of two runs that find
   the same stale lease only one takes it. On an object store that rename is a copy and a delete:
   there the guarantee is only as good as the store's conditional write.
+- Its time-to-live is at least twice the output's write-retry window (`ttl_for`): a run riding out
+  a storage outage its writes survive (`shards.retrying`) keeps its lease, whose renewals fail
+  meanwhile and are tolerated for a whole `ttl_s`.
 - A background thread renews the lease every `ttl_s / 4`; when it finds another run's lease (its
   own was taken over) or cannot renew for a whole `ttl_s`, `lost` is set and the run stops before
   committing more. `release` deletes the file if it is still this run's.
@@ -35,6 +40,15 @@ from dataset_card.contract import layout
 from dataset_card.contract.output_folder import OutputFolder
 
 TTL_S = 300.0
+# fsspec filesystems whose exclusive create ("xb") is a conditional write the store itself enforces:
+# s3fs sends PutObject with If-None-Match: * (AWS S3 and stores that implement conditional writes).
+EXCLUSIVE_STORES = ("S3FileSystem",)
+
+
+def ttl_for(retry_s: float) -> float:
+    """The time-to-live of a run's lease whose writes retry for `retry_s`: TTL_S, or twice the
+    retry window when that is longer (renewals fail during an outage too)."""
+    return max(TTL_S, 2.0 * retry_s)
 
 
 class LeaseHeld(RuntimeError):
@@ -99,6 +113,7 @@ class _Files:
     def __init__(self, folder: OutputFolder):
         output = folder.uri
         self.local = "://" not in output or output.startswith("file://")
+        self.store = "a local filesystem"
         if self.local:
             self.root = os.path.abspath(output.removeprefix("file://"))
         else:
@@ -110,6 +125,9 @@ class _Files:
                 from fsspec.implementations.arrow import ArrowFSWrapper
 
                 self.fs, self.root = ArrowFSWrapper(folder.fs), folder.root
+            self.store = type(self.fs).__name__
+        # Whether creating a file exclusively is enforced by the storage (else: check, then write).
+        self.exclusive = self.local or self.store in EXCLUSIVE_STORES
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name) if self.local else posixpath.join(self.root, name)
@@ -128,17 +146,17 @@ class _Files:
                 self.delete(path)  # ours, cut short (no space?): leave nothing behind
                 raise
             return True
-        try:
-            with self.fs.open(path, "xb") as f:
-                f.write(data)
-            return True
-        except FileExistsError:
-            return False
-        except (NotImplementedError, ValueError):  # no exclusive mode: check, then write
-            if self.fs.exists(path):
+        if self.exclusive:
+            try:
+                with self.fs.open(path, "xb") as f:
+                    f.write(data)
+                return True
+            except FileExistsError:
                 return False
-            self.fs.pipe_file(path, data)
-            return True
+        if self.fs.exists(path):  # no exclusive create here: check, then write (`Lease.take` warns)
+            return False
+        self.fs.pipe_file(path, data)
+        return True
 
     def read(self, path: str) -> bytes | None:
         try:
@@ -220,6 +238,11 @@ class Lease:
             raise write_error(err, self.path) from err
 
     def _take(self) -> Lease:
+        if not self.files.exclusive:
+            self.log(f"warning: the lease {self.path} cannot be created exclusively on this storage "
+                     f"({self.files.store}): two runs started at the same moment could both write {self.folder}; "
+                     "start one run at a time" + (" (install s3fs to make it exclusive on s3://)"
+                                                  if self.folder.uri.startswith("s3://") else ""))
         for _ in range(3):
             if self.files.create_exclusive(self.path, self._holder().to_json()):
                 self._renewed = time.time()

@@ -35,15 +35,17 @@ class OutputFolder:
     uri: str  # as the user named it: what messages say
     fs: pafs.FileSystem
     root: str  # the folder's path inside `fs`
+    retry_s: float = shards.RETRY_S  # how long its writes retry a transient error (`shards.retrying`)
 
     @classmethod
-    def open(cls, output: str | os.PathLike | OutputFolder) -> OutputFolder:
+    def open(cls, output: str | os.PathLike | OutputFolder, retry_s: float = shards.RETRY_S) -> OutputFolder:
         """The folder at `output` (a local path or a URL such as s3://bucket/prefix); a folder value
-        is returned as it is. Nothing is read or created."""
+        is returned as it is. Nothing is read or created. `retry_s`: how long writes into it retry
+        a transient error (a storage outage) before the run stops."""
         if isinstance(output, OutputFolder):
             return output
         uri = os.fspath(output)
-        return cls(uri, *shards.filesystem(uri))
+        return cls(uri, *shards.filesystem(uri), retry_s)
 
     def __str__(self) -> str:
         return self.uri
@@ -68,7 +70,7 @@ class OutputFolder:
 
     def write_bytes(self, relative: str, data: bytes) -> None:
         """Written under a temporary name and renamed into place (`shards.write_bytes`)."""
-        shards.write_bytes(self.fs, self.path(relative), data)
+        shards.write_bytes(self.fs, self.path(relative), data, self.retry_s)
 
     def delete_dir_quietly(self, relative: str) -> None:
         shards.delete_dir_quietly(self.fs, self.path(relative))

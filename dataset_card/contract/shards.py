@@ -13,9 +13,11 @@ journal=True)`): the three new files are written beside the old, the journal nam
 is committed (`.journal/shard-SSSSS.json`), then the renames run; a run that finds a journal
 finishes it first (`recover`), so a killed replacement never leaves a shard's files from two runs.
 
-Writes retry transient errors with backoff. An error no retry fixes (no space, no permission, a
-read-only filesystem, a symbolic-link loop) becomes `OutputWriteError`, one sentence naming the
-path and what to do, and the write's temporary file is removed.
+Writes retry transient errors with backoff for a window of minutes (`RETRY_S`, a run's
+`--storage-retry-seconds`, carried by its `OutputFolder`), so a storage outage shorter than that is
+ridden out. An error no retry fixes (no space, no permission, a read-only filesystem, a
+symbolic-link loop) becomes `OutputWriteError` at once, one sentence naming the path and what to
+do, and the write's temporary file is removed.
 """
 
 from __future__ import annotations
@@ -67,8 +69,12 @@ _ADVICE = {
     errno.EEXIST: "a file stands where a folder must be: move it away",
 }
 JOURNAL_DIR = ".journal"  # a replacement's renames, committed before they run
-RETRIES = 4  # attempts of a write that fails with a transient error
-BACKOFF_S = 0.5  # first wait; doubled after each attempt
+# A write failing with a transient error (a dropped connection, a storage outage) is retried for
+# this long: an NFS server restart or an object store's bad minutes, not seconds. The lease's
+# time-to-live is kept above it (`lease.ttl_for`), so a run riding out an outage keeps its folder.
+RETRY_S = 240.0
+BACKOFF_S = 0.5  # first wait; doubled after each attempt ...
+MAX_BACKOFF_S = 30.0  # ... up to this
 
 
 class OutputWriteError(RuntimeError):
@@ -104,17 +110,20 @@ def filesystem(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
-def retrying(write: Callable[[], object], path: str, attempts: int = RETRIES, backoff_s: float = BACKOFF_S):
-    """`write()`, retried with exponential backoff on transient OSErrors; a permanent one (or the
-    last attempt's) raises `OutputWriteError` naming `path`."""
-    for attempt in range(attempts):
+def retrying(write: Callable[[], object], path: str, retry_s: float = RETRY_S, backoff_s: float = BACKOFF_S):
+    """`write()`, retried with exponential backoff (from `backoff_s`, doubled up to MAX_BACKOFF_S) on
+    transient OSErrors for up to `retry_s` seconds; a permanent error, or a transient one whose next
+    retry would start after the window, raises `OutputWriteError` naming `path`."""
+    deadline = time.monotonic() + retry_s
+    wait = backoff_s
+    while True:
         try:
             return write()
         except OSError as err:
-            if err.errno in _ADVICE or attempt == attempts - 1:
+            if err.errno in _ADVICE or time.monotonic() + wait > deadline:
                 raise write_error(err, path) from err
-            time.sleep(backoff_s * 2**attempt)
-    raise AssertionError("unreachable")
+            time.sleep(wait)
+            wait = min(2 * wait, MAX_BACKOFF_S)
 
 
 def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
@@ -124,7 +133,7 @@ def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
         pass
 
 
-def _atomic_write(fs: pafs.FileSystem, path: str, write) -> None:
+def _atomic_write(fs: pafs.FileSystem, path: str, write, retry_s: float = RETRY_S) -> None:
     """`write(stream)` into a fresh temporary name, renamed to `path`; each retry uses a new name and
     a failed attempt leaves nothing behind."""
 
@@ -139,11 +148,11 @@ def _atomic_write(fs: pafs.FileSystem, path: str, write) -> None:
             _delete_quietly(fs, tmp)
             raise
 
-    retrying(attempt, path)
+    retrying(attempt, path, retry_s)
 
 
-def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    _atomic_write(fs, path, lambda stream: stream.write(data))
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes, retry_s: float = RETRY_S) -> None:
+    _atomic_write(fs, path, lambda stream: stream.write(data), retry_s)
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
@@ -253,7 +262,7 @@ def commit_shard(
         _replace(folder, index, writes)
     else:
         for path, write in writes.items():
-            _atomic_write(folder.fs, path, write)
+            _atomic_write(folder.fs, path, write, folder.retry_s)
     return data
 
 
@@ -272,23 +281,23 @@ def _replace(folder: OutputFolder, index: int, writes: dict[str, Callable]) -> N
                 with fs.open_output_stream(staging) as stream:
                     write(stream)
 
-            retrying(one, target)
+            retrying(one, target, folder.retry_s)
     except BaseException:  # nothing was renamed yet: the old files stand; remove the new ones
         for staging, _ in renames:
             _delete_quietly(fs, staging)
         raise
     journal_path = folder.path(JOURNAL_DIR, f"shard-{index:05d}.json")
-    write_bytes(fs, journal_path, json.dumps(renames).encode())  # the replacement's commit point
-    _apply(fs, journal_path)
+    write_bytes(fs, journal_path, json.dumps(renames).encode(), folder.retry_s)  # the replacement's commit point
+    _apply(fs, journal_path, folder.retry_s)
 
 
-def _apply(fs: pafs.FileSystem, journal_path: str) -> None:
+def _apply(fs: pafs.FileSystem, journal_path: str, retry_s: float = RETRY_S) -> None:
     """The journal's renames, then the journal; a rename no retry fixes is one sentence naming its
     target (the journal stays: the next run finishes it)."""
     for staging, target in json.loads(read_bytes(fs, journal_path).decode()):
         if exists(fs, staging):
-            retrying(lambda staging=staging, target=target: fs.move(staging, target), target)
-    retrying(lambda: fs.delete_file(journal_path), journal_path)
+            retrying(lambda staging=staging, target=target: fs.move(staging, target), target, retry_s)
+    retrying(lambda: fs.delete_file(journal_path), journal_path, retry_s)
 
 
 def recover(folder: OutputFolder) -> int:
@@ -297,7 +306,7 @@ def recover(folder: OutputFolder) -> int:
     journals = sorted(i.path for i in folder.fs.get_file_info(selector)
                       if i.type == pafs.FileType.File and i.path.endswith(".json"))
     for path in journals:
-        _apply(folder.fs, path)
+        _apply(folder.fs, path, folder.retry_s)
     return len(journals)
 
 
@@ -322,7 +331,8 @@ def probe_output(folder: OutputFolder) -> int | None:
         finally:
             _delete_quietly(fs, probe)
 
-    retrying(attempt, probe if "://" in output else os.path.join(os.path.abspath(output), posixpath.basename(probe)))
+    retrying(attempt, probe if "://" in output else os.path.join(os.path.abspath(output), posixpath.basename(probe)),
+             folder.retry_s)
     if isinstance(fs, pafs.LocalFileSystem):
         return shutil.disk_usage(root).free
     return None

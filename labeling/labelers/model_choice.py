@@ -8,6 +8,11 @@
 
 A `ModelChoice` is small and picklable: Ray sends it to every model actor, which builds its
 labeler from it once (`instance_labeler` / `semantic_labeler`).
+
+`staged`: a folder `python -m labeling.stage_models` filled (`staged.json` names its files); the
+actors load both models from it (no download), and the manifest names them as it would without it:
+SAM by the SHA-256 recorded at staging (the head neither downloads nor hashes the checkpoint), the
+semantic model by hub repository and commit.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -34,6 +40,7 @@ TINY_RANDOM_WARNING = (
 
 
 _TINY_BUILT: dict = {}  # seed -> TinyModels built in this process
+STAGED_FILE = "staged.json"  # in a folder of staged models (`labeling.stage_models`)
 
 
 class ModelLoadError(RuntimeError):
@@ -50,13 +57,31 @@ class ModelChoice:
     instance_params: dict = field(default_factory=dict)  # InstanceLabelerConfig overrides
     semantic_params: dict = field(default_factory=dict)  # SemanticLabelerConfig overrides
     seed: int = 0  # tiny-random only
+    staged: str | None = None  # a folder of staged models to load from (`labeling.stage_models`)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ModelLoadError(f"unknown --models {self.preset!r}; use one of {', '.join(PRESETS)}")
 
+    def staged_models(self) -> dict:
+        """`staged.json` of the `staged` folder; one sentence when this node cannot read it."""
+        path = os.path.join(self.staged, STAGED_FILE)
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"no staged models at {self.staged} ({type(err).__name__}: cannot read {path}): run "
+                                 f"python -m labeling.stage_models --out {self.staged} (on every node, or on a path "
+                                 "they share)") from err
+
     def materialize(self) -> ModelChoice:
-        """For tiny-random: build the twins in a temporary folder (removed at exit) and point at them."""
+        """Where the weights are read from: the staged folder's files; for tiny-random, twins built in a
+        temporary folder (removed at exit)."""
+        if self.staged:
+            staged = self.staged_models()
+            return dataclasses.replace(self, sam_type=staged["instance"]["type"],
+                                       sam_checkpoint=os.path.join(self.staged, staged["instance"]["file"]),
+                                       semantic_model=os.path.join(self.staged, staged["semantic"]["folder"]))
         if self.preset != "tiny-random" or self.sam_checkpoint:
             return self
         if self.seed not in _TINY_BUILT:  # once per process (and seed)
@@ -120,6 +145,8 @@ class ModelChoice:
         the default branch resolved again: a new upstream commit does not stop a resume."""
         from labeling.labelers.checkpoints import CheckpointError, official_checkpoint
 
+        if self.staged:
+            return self._pinned_staged()
         choice = self.materialize()
         if choice.sam_checkpoint is None:
             try:
@@ -136,6 +163,22 @@ class ModelChoice:
         if revision is None and earlier.get("repo") == choice.semantic_model and earlier.get("revision"):
             revision = earlier["revision"]
         return dataclasses.replace(self, semantic_revision=resolve_hub_revision(choice.semantic_model, revision))
+
+    def _pinned_staged(self) -> ModelChoice:
+        """A staged choice at the staged commit, after checking the folder holds the models asked for."""
+        staged = self.staged_models()
+        if self.sam_checkpoint:
+            raise ModelLoadError(f"--sam-checkpoint and --staged-models {self.staged} were both given: pass one")
+        if self.preset == "default":
+            asked = {"SAM type": (self.sam_type, staged["instance"]["type"]),
+                     "semantic model": (self.semantic_model, staged["semantic"]["repo"] or self.semantic_model)}
+            if self.semantic_revision:
+                asked["semantic revision"] = (self.semantic_revision, staged["semantic"]["revision"])
+            wrong = [f"{name} {want!r} (staged: {have!r})" for name, (want, have) in asked.items() if want != have]
+            if wrong:
+                raise ModelLoadError(f"{self.staged} holds other models than this run asks for: {'; '.join(wrong)}: "
+                                     "stage them again with the same flags, or drop the flags to use what is staged")
+        return dataclasses.replace(self, semantic_revision=staged["semantic"]["revision"])
 
     def semantic_classes(self) -> tuple[SemanticClass, ...]:
         """The semantic taxonomy, from the model's config alone (no weights are loaded)."""
@@ -173,7 +216,10 @@ class ModelChoice:
 
         choice = self.materialize()
         tiny = self.preset == "tiny-random"
-        if choice.sam_checkpoint is None:
+        staged = self.staged_models() if self.staged else None
+        if staged:  # checked once, when staged: the head reads the hash instead of the 2.5 GB file
+            checkpoint, sam_sha = choice.sam_checkpoint, staged["instance"]["sha256"]
+        elif choice.sam_checkpoint is None:
             try:
                 checkpoint = official_checkpoint(choice.sam_type)
             except CheckpointError as err:
@@ -183,7 +229,11 @@ class ModelChoice:
             if not os.path.isfile(choice.sam_checkpoint):
                 raise ModelLoadError(f"SAM checkpoint {choice.sam_checkpoint} does not exist; check --sam-checkpoint")
             checkpoint, sam_sha = choice.sam_checkpoint, file_sha256(choice.sam_checkpoint)
-        semantic_sha = _folder_sha256(choice.semantic_model) if os.path.isdir(choice.semantic_model) else None
+        if staged and staged["semantic"]["repo"]:  # named by its hub identity, not by the staged copy's hash
+            repo, revision, semantic_sha = staged["semantic"]["repo"], staged["semantic"]["revision"], None
+        else:
+            semantic_sha = _folder_sha256(choice.semantic_model) if os.path.isdir(choice.semantic_model) else None
+            repo, revision = (None if semantic_sha else choice.semantic_model), choice.hub_revision
         return {
             "instance": {
                 "name": f"sam_{choice.sam_type}" + (f" (tiny-random, seed {self.seed})" if tiny else ""),
@@ -193,10 +243,10 @@ class ModelChoice:
                 "params": dataclasses.asdict(self.instance_config()),
             },
             "semantic": {
-                "name": "tiny-random mask2former" if tiny else choice.semantic_model,
+                "name": "tiny-random mask2former" if tiny else (repo or choice.semantic_model),
                 "checkpoint": "tiny-random" if tiny else choice.semantic_model,
-                "repo": None if semantic_sha else choice.semantic_model,  # the hub id; None for a local folder
-                "revision": choice.hub_revision,  # the commit, once pinned; None for a local folder
+                "repo": repo,  # the hub id; None for a local folder
+                "revision": revision,  # the commit, once pinned; None for a local folder
                 "sha256": semantic_sha,
                 "params": dataclasses.asdict(self.semantic_config()),
             },

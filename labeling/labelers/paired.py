@@ -11,7 +11,9 @@ the `DecodeError` that image raised. The work is split so the device rarely wait
 - the instance labeler's device pass takes images as they become ready, and hands each finished
   image's CPU half (RLE strings, cleanup) back to the pool, which runs it while the semantic model
   computes;
-- only the original bytes travel to the actor: model-size pixels exist only here.
+- only the original bytes travel to the actor: model-size pixels exist only here;
+- `decoder` does the decoding and shrinking; the model actor passes a `DecodePool` (processes of
+  its own, so a decoder crash costs one file, not the actor); by default it happens in the thread.
 
 Nothing here imports Ray or `datasets` (the GPU benchmark runs this class on a bare CUDA box).
 """
@@ -19,7 +21,7 @@ Nothing here imports Ray or `datasets` (the GPU benchmark runs this class on a b
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -42,15 +44,17 @@ class ImageLabels:
 
 class PairedLabeler:
     def __init__(self, instance: InstanceLabeler, semantic: SemanticLabeler, max_side: int,
-                 max_pixels: int = 100_000_000, threads: int = 4):
+                 max_pixels: int = 100_000_000, threads: int = 4,
+                 decoder: Callable[[bytes], tuple[np.ndarray, int, int]] | None = None):
         self.instance, self.semantic = instance, semantic
         self.max_side, self.max_pixels = max_side, max_pixels
+        self.decoder = decoder or (lambda data: decode(data, max_pixels, max_side))
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="labeling-cpu")
 
     def _prepare(self, data: bytes):
         start = time.perf_counter()
         cv2.setNumThreads(1)  # parallel across images, not inside one
-        pixels, width, height = decode(data, self.max_pixels, self.max_side)
+        pixels, width, height = self.decoder(data)
         sam_input = self.instance.prepare(pixels)
         semantic_input = self.semantic.prepare(pixels, (height, width))
         return pixels.shape[:2], sam_input, semantic_input, time.perf_counter() - start
@@ -86,3 +90,5 @@ class PairedLabeler:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self.decoder, "close"):
+            self.decoder.close()

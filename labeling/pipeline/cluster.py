@@ -62,7 +62,17 @@ def filtered_stderr(drop: tuple[str, ...] = KNOWN_FALSE_ALARMS):
         if pending:
             os.write(original, pending)
 
-    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    def guarded_pump() -> None:
+        """The pump, which must never leave the process writing into a pipe nobody reads (a full
+        pipe would block the driver's next write to stderr): if it fails, stderr is given back
+        unfiltered and what is still in the pipe is passed on as it is."""
+        try:
+            pump()
+        except BaseException as err:
+            os.dup2(original, 2)  # new writes go straight to stderr; the pipe's write end closes
+            _pass_on(read_end, original, f"(the stderr filter stopped: {err!r}; stderr is unfiltered now)\n")
+
+    thread = threading.Thread(target=guarded_pump, name="stderr-filter", daemon=True)
     thread.start()
     try:
         yield
@@ -72,6 +82,24 @@ def filtered_stderr(drop: tuple[str, ...] = KNOWN_FALSE_ALARMS):
         thread.join(timeout=5)
         os.close(read_end)
         os.close(original)
+
+
+def _pass_on(read_end: int, original: int, note: str) -> None:
+    """Copy the pipe at `read_end` to `original` until it closes, after `note`; write errors are ignored
+    (draining is what matters: a writer must never block on a full pipe)."""
+    data = note.encode()
+    while True:
+        try:
+            if data:
+                os.write(original, data)
+        except OSError:
+            pass
+        try:
+            data = os.read(read_end, 65536)
+        except OSError:
+            return
+        if not data:
+            return
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None) -> str:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from dataset_card.card.source import CardOptions
 from dataset_card.contract import layout, shards
-from dataset_card.contract.lease import Lease, new_run_id
+from dataset_card.contract.lease import Lease, new_run_id, ttl_for
 from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.painting import DEFAULT_RULE, PaintingRule, rule_named
 from dataset_card.contract.schema import arrow_schema
@@ -83,6 +83,7 @@ class LabelingConfig:
     sam_checkpoint: str | None = None
     semantic_model: str | None = None
     semantic_revision: str | None = None
+    staged_models: str | None = None  # a folder from `python -m labeling.stage_models`: actors load from it
     semantic_shortest_edge: int | None = label_shaping(None)
     model_max_side: int | None = label_shaping(None)
     points_per_side: int | None = label_shaping(None)
@@ -115,7 +116,9 @@ class LabelingConfig:
     retry_errors: bool = False
     no_repair: bool = False  # refuse, instead of repairing, committed shards that fail verification
     max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE
+    storage_retry_s: float = shards.RETRY_S  # writes retry a transient error this long (a storage outage)
     failure_window: int = 2000  # images of the most recent committed shards the rate is judged over
+    driver_restarts: int = 0  # restarts of the driver before this one (`labeling/run.py --max-restarts`)
     progress: bool = True
     # What the dataset card says of the images (name, licence, source): OUTPUT/card.json keeps it.
     card: CardOptions = CardOptions()
@@ -163,6 +166,7 @@ def model_choice(cfg: LabelingConfig) -> ModelChoice:
         sam_checkpoint=cfg.sam_checkpoint,
         semantic_model=cfg.semantic_model or base.semantic_model,
         semantic_revision=cfg.semantic_revision,
+        staged=cfg.staged_models,
         instance_params=instance,
         semantic_params=semantic,
     )
@@ -383,7 +387,7 @@ def run_labeling(cfg: LabelingConfig, log=print, choice: ModelChoice | None = No
         listed = listed.head(cfg.limit)
     _check_storage(cfg, listed)
     rule = painting_rule(cfg)
-    folder = OutputFolder.open(cfg.output)  # the one opening of the output in this run
+    folder = OutputFolder.open(cfg.output, retry_s=cfg.storage_retry_s)  # the one opening of the output in this run
     _check_space(shards.probe_output(folder), cfg, len(listed), log)
     # A hub model at one commit for every actor: on resume, the commit the folder's first run resolved.
     recorded = None if cfg.overwrite else (manifest.read(folder) or {}).get("models")
@@ -392,7 +396,7 @@ def run_labeling(cfg: LabelingConfig, log=print, choice: ModelChoice | None = No
     models = local_choice.describe()
     semantic_classes = local_choice.semantic_classes()
     run_id = new_run_id()
-    lease = Lease(folder, run_id, log=log).take()
+    lease = Lease(folder, run_id, ttl_s=ttl_for(folder.retry_s), log=log).take()
     try:
         return _run(cfg, folder, listed, rule, choice, models, semantic_classes, run_id, lease, log, start,
                     wall_start, listing_s)
@@ -480,6 +484,7 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
                               summary.read_previous(folder), startup_s=startup,
                               failed_by_type=summary.failures_in(folder, committed, work_plan.num_shards),
                               driver_bytes=driver_bytes, listing_s=listing_s, actor_lifetime_s=actor_s)
+    stats["driver_restarts"] = cfg.driver_restarts
     summary.write(folder, stats)
     summary.write_card(folder, metadata, has_errors=stats["failed"] > 0, log=log, options=cfg.card,
                        tiny_random=cfg.models == "tiny-random")

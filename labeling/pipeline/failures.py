@@ -3,12 +3,14 @@
 - Every stage catches what one image can cause and turns it into a `Failure`; the row then
   travels on with empty payload and lands in its shard's errors table
   (`dataset_card.contract.layout.ERRORS_SCHEMA`).
-- An accelerator error that leaves the process's CUDA context unusable (an illegal address, a
-  device-side assert, a launch failure; not out-of-memory) is not the image's fault and would fail
-  every later image on that actor: `restart_on_fatal_device_error` ends the actor's process, Ray
-  starts a new one and retries the batch (`ACTOR_RETRIES`). Predictors call it on every exception
-  their model raises, before recording a failure. A batch that kills every actor it lands on runs
-  out of retries and its images are labeled alone in the second pass.
+- Model exceptions are classified (`classify`): an accelerator error that leaves the process's
+  CUDA context unusable (a sticky CUDA error: an illegal address, a device-side assert, a launch
+  failure, a library's execution failure) is not the image's fault and would fail every later
+  image on that actor: `restart_on_fatal_device_error` ends the actor's process, Ray starts a new
+  one and retries the batch (`ACTOR_RETRIES`). Out-of-memory is transient: `run_each` retries
+  with smaller batches, never records it. A deterministic error (an unsupported shape or kernel,
+  a bad argument) is the image's failure like any other. A batch that kills every actor it lands
+  on runs out of retries and its images are labeled alone in the second pass.
 - `FailureWindow`: a run stops (committed shards kept) when more than `--max-failure-rate` of the
   images in its most recent committed shards failed, so a systematic fault does not grind through
   1.28M images one failure at a time.
@@ -19,7 +21,9 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dataset_card.contract.codecs import DecodeError
@@ -90,39 +94,128 @@ def from_exception(stage: str, err: BaseException) -> Failure:
     return Failure(stage, default, f"{type(err).__name__}: {message}"[:2000])
 
 
-# Messages of CUDA runtime / driver / library errors that poison the process's context.
-_FATAL_DEVICE = ("cuda error", "cuda driver error", "cudnn_status", "cublas_status", "cusolver_status",
-                 "cufft_status", "device-side assert", "illegal memory access", "unspecified launch failure",
-                 "an illegal instruction", "uncorrectable ecc error", "nccl error", "cudaerror")
+# What an exception raised by a model means for the process that raised it (`classify`):
+POISONED = "poisoned"  # the CUDA context is unusable: only a new process recovers
+OUT_OF_MEMORY = "out_of_memory"  # transient: retried with fewer images, never the image's failure
+OTHER = "other"  # the input's or the code's: recorded as the image's failure
+
+# Sticky CUDA errors: after one, every later call in the process fails (the CUDA programming guide's
+# "sticky" errors: a kernel faulted, asserted or hung), and the libraries' execution failures that
+# report one. Matched in lower-cased messages.
+_POISONED = ("illegal memory access", "an illegal instruction", "misaligned address", "invalid program counter",
+             "hardware stack error", "device-side assert", "unspecified launch failure", "launch timed out",
+             "uncorrectable ecc error", "cuda driver error", "nccl error", "cublas_status_execution_failed",
+             "cudnn_status_execution_failed", "cudnn_status_internal_error", "cudnn_status_mapping_error",
+             "cufft_exec_failed", "cusolver_status_execution_failed")
+# Library statuses that mean an allocation failed: out-of-memory by another name.
+_OUT_OF_MEMORY = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
+                  "cusolver_status_alloc_failed", "cufft_alloc_failed", "cublas_status_not_initialized")
+# Errors CUDA reports for one call and forgets: an argument, a shape or a kernel the device or the
+# library does not support (deterministic: the same input fails the same way in a new process).
+_NOT_STICKY = ("invalid argument", "invalid configuration argument", "invalid value", "no kernel image",
+               "not supported", "cudnn_status_bad_param", "cudnn_status_not_supported", "cudnn_status_arch_mismatch",
+               "cublas_status_invalid_value", "cublas_status_not_supported", "cublas_status_arch_mismatch",
+               "invalid device function")
+
+
+def classify(err: BaseException) -> str:
+    """POISONED, OUT_OF_MEMORY or OTHER for an exception a model raised, looking through chained
+    causes (`raise ... from err`): out-of-memory (torch's OutOfMemoryError, or an allocation status
+    of cuBLAS / cuDNN) first; then a sticky CUDA error; an unsupported shape, argument or kernel is
+    OTHER. Any other CUDA runtime error (`CUDA error: ...`, torch's AcceleratorError) counts as
+    POISONED: restarting the actor costs a model load, while a poisoned context would fail every
+    image after it."""
+    seen: set[int] = set()
+    chain = []
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    texts = [(type(e).__name__, str(e).lower()) for e in chain]
+    if any(name == "OutOfMemoryError" or any(m in text for m in _OUT_OF_MEMORY) for name, text in texts):
+        return OUT_OF_MEMORY
+    if any(any(m in text for m in _POISONED) for _, text in texts):
+        return POISONED
+    if any(any(m in text for m in _NOT_STICKY) for _, text in texts):
+        return OTHER
+    if any(name == "AcceleratorError" or "cuda error" in text for name, text in texts):
+        return POISONED
+    return OTHER
 
 
 def is_fatal_device_error(err: BaseException) -> bool:
     """True for an accelerator error after which the process's CUDA context cannot be trusted (only
-    a new process recovers); False for out-of-memory (the batch is retried image by image) and for
-    anything else. Looks through chained causes (`raise ... from err`)."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        name = type(current).__name__
-        text = str(current).lower()
-        if name == "OutOfMemoryError" or "out of memory" in text:
-            return False
-        if name == "AcceleratorError" or any(marker in text for marker in _FATAL_DEVICE):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    a new process recovers): `classify(err) == POISONED`."""
+    return classify(err) == POISONED
 
 
 def restart_on_fatal_device_error(err: BaseException) -> None:
     """Called by a predictor on every exception its model raises: a fatal device error ends this
     actor's process (Ray restarts the actor and retries the batch on a fresh CUDA context; the
-    images are not blamed); anything else returns, and the caller records the failure."""
-    if not is_fatal_device_error(err):
-        return
-    print(f"fatal accelerator error, restarting this model actor: {clean_message(str(err))[:500]}",
-          file=sys.stderr, flush=True)
+    images are not blamed); anything else returns."""
+    if is_fatal_device_error(err):
+        _restart(f"fatal accelerator error, restarting this model actor: {clean_message(str(err))[:500]}")
+
+
+def _restart(why: str) -> None:
+    print(why, file=sys.stderr, flush=True)
     os._exit(DEVICE_ERROR_EXIT_CODE)
+
+
+# An image that runs out of memory alone is tried this many times (the memory others held may be
+# free by then) before the actor's process is restarted (a fresh allocator) and Ray retries its batch.
+OOM_TRIES = 3
+OOM_WAIT_S = 1.0
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_each(fn: Callable[[list], list], items: Sequence, free: Callable[[], None] = _free_accelerator_memory,
+             wait_s: float = OOM_WAIT_S) -> list:
+    """fn(items): a result or the exception it raised, per item, under the failure policy.
+
+    - A batch that fails is retried one item at a time, so one bad image cannot take the others
+      with it; the exception an item raises alone is its result (the caller records it).
+    - Out-of-memory is never an item's failure: the batch is split in halves (smaller batches)
+      down to single items, and an item still out of memory alone is tried OOM_TRIES times, then
+      this actor's process is restarted and Ray retries the batch.
+    - A fatal device error (`classify` -> POISONED) restarts the actor's process at once.
+    """
+    if not items:
+        return []
+    try:
+        results = fn(list(items))
+        if len(results) != len(items):
+            raise RuntimeError(f"the model returned {len(results)} results for {len(items)} images")
+        return list(results)
+    except Exception as err:  # find the culprit: retry smaller, so the others still get labels
+        restart_on_fatal_device_error(err)  # a poisoned CUDA context: a new actor, not a failure
+        free()
+        if classify(err) == OUT_OF_MEMORY and len(items) > 1:
+            half = (len(items) + 1) // 2
+            return run_each(fn, items[:half], free, wait_s) + run_each(fn, items[half:], free, wait_s)
+    return [_run_alone(fn, item, free, wait_s) for item in items]
+
+
+def _run_alone(fn: Callable[[list], list], item, free: Callable[[], None], wait_s: float):
+    for attempt in range(OOM_TRIES):
+        try:
+            return fn([item])[0]
+        except Exception as err:
+            restart_on_fatal_device_error(err)
+            free()
+            if classify(err) != OUT_OF_MEMORY:
+                return err
+            time.sleep(wait_s * (attempt + 1))
+    _restart(f"out of memory on one image alone, {OOM_TRIES} times: restarting this model actor (Ray retries "
+             "its batch)")
+    raise AssertionError("unreachable")
 
 
 class FailureRateExceeded(RuntimeError):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 # Bump when labels made by the same models and arguments can change (and record the digest below).
 LABELS_VERSION = 1
-LABEL_CODE_DIGEST = "6ffd6267425105f989f327a36d7f7c418c970b004f97f2e6d2d4df9dcd12b9ca"
+LABEL_CODE_DIGEST = "50f710a21df5b37cb9b2250a13c11df2a569dbf18a90c9f56d2182f5048c5896"
 
 # The code whose change can change a label: the labelers, the read / model / post-process stages,
 # and the contract's codecs, painting rule and schema. The driver, writer, card and docs are not in

@@ -6,7 +6,8 @@ and sees no CUDA device fails at start (`GPUUnavailable`, one sentence naming th
 CUDA build) instead of labeling on its CPU. It holds SAM and the semantic model together, so every
 GPU runs both and none waits for another's model. What it reads per row: `image_id`, the original file bytes
 (`image_bytes`) and the size the read stage found in the header (`width`, `height`); rows whose
-`error_type` is set are passed through untouched. It decodes the bytes itself, in a thread pool,
+`error_type` is set are passed through untouched. It decodes the bytes itself, in a small pool of
+processes it owns (`labeling.labelers.decode_pool`: a decoder crash costs one file, never the actor),
 while the device works (`labeling.labelers.paired`): model-size pixels never cross the object store.
 What it adds per row:
 
@@ -19,10 +20,11 @@ What it adds per row:
   `labeling.pipeline.environment`), collected once at start; the shard's footer lists them.
 
 A failure is recorded in the row's `error_*` columns instead of raised (an undecodable file at
-stage "decode", anything else at "model"). When a whole batch fails, it is retried one image at a
-time, so one bad image cannot take the others with it. A fatal accelerator error (not
-out-of-memory) is no image's fault: the actor's process ends and Ray restarts it and retries the
-batch (`failures.restart_on_fatal_device_error`). Upsampling, alignment, painting and the label
+stage "decode", anything else at "model"). The batch runs under the failure policy
+(`failures.run_each`): a batch that fails is retried one image at a time, so one bad image cannot
+take the others with it; out-of-memory is retried in smaller batches, never recorded; a fatal
+accelerator error is no image's fault: the actor's process ends and Ray restarts it and retries
+the batch. Upsampling, alignment, painting and the label
 maps' encoding happen later on CPUs (`labeling.pipeline.postprocess`).
 """
 
@@ -30,13 +32,13 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from dataset_card.contract.codecs import DecodeError
 from labeling.pipeline import environment, failures
+from labeling.pipeline.failures import run_each
 from labeling.pipeline.preprocess import DECODED_SCHEMA
 
 MODELS_SCHEMA = pa.schema(
@@ -46,38 +48,6 @@ MODELS_SCHEMA = pa.schema(
        ("semantic", pa.large_binary()), ("semantic_h", pa.int32()), ("semantic_w", pa.int32()),
        ("time_semantic", pa.float64()), ("environment", pa.string())]
 )
-
-
-def run_each(fn: Callable[[list], list], items: Sequence) -> list:
-    """fn(items), or when that raises, fn([item]) for each item: a result or the exception it raised.
-
-    A fatal device error (`failures.is_fatal_device_error`) is raised, never recorded."""
-    if not items:
-        return []
-    try:
-        results = fn(list(items))
-        if len(results) != len(items):
-            raise RuntimeError(f"the model returned {len(results)} results for {len(items)} images")
-        return list(results)
-    except Exception as err:  # find the culprit: retry alone, so the others still get labels
-        failures.restart_on_fatal_device_error(err)  # a poisoned CUDA context: a new actor, not a failure
-        _free_accelerator_memory()
-    out = []
-    for item in items:
-        try:
-            out.append(fn([item])[0])
-        except Exception as err:
-            failures.restart_on_fatal_device_error(err)
-            _free_accelerator_memory()
-            out.append(err)
-    return out
-
-
-def _free_accelerator_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class GPUUnavailable(RuntimeError):
@@ -129,13 +99,14 @@ class ModelPredictor:
         device = _device(device)  # before any library loads: an actor without its GPU stops at once
         from PIL import Image
 
+        from labeling.labelers.decode_pool import DecodePool
         from labeling.labelers.paired import PairedLabeler
 
         _quiet_loading(threads)
         Image.MAX_IMAGE_PIXELS = max_pixels  # our own limit, checked from the header, decides:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL only warns below 2x of it
         self.labeler = PairedLabeler(choice.instance_labeler(device), choice.semantic_labeler(device), max_side,
-                                     max_pixels, cpu_threads)
+                                     max_pixels, cpu_threads, decoder=DecodePool(cpu_threads, max_pixels, max_side))
         self.environment = environment.encode(environment.collect(device, bool(choice.instance_params.get("compile"))))
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dataset_card.contract import codecs, invariants, layout, painting, shards
+from dataset_card.contract.layout import LEASE_FILE
 from dataset_card.contract.lease import holder_of
 from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.schema import read_file_metadata, validate_schema
@@ -141,7 +142,7 @@ def _write_part(folder: OutputFolder, shard: int, rows: pa.Table, run_id: str) -
             raise
         return name
 
-    return shards.retrying(attempt, parts)
+    return shards.retrying(attempt, parts, folder.retry_s)
 
 
 def write_parts(batch: pa.Table, folder: OutputFolder, run_id: str) -> pa.Table:
@@ -189,8 +190,13 @@ def read_parts(folder: OutputFolder, shard: int, parts: Sequence[str], todo: Seq
     wanted = pa.array(sorted(set(todo)), pa.int64())
     tables = []
     for name in parts:
-        with folder.fs.open_input_file(folder.path(layout.parts_dir(shard), name)) as f:
-            table = pq.read_table(f)
+        path = folder.path(layout.parts_dir(shard), name)
+
+        def read(path=path) -> pa.Table:
+            with folder.fs.open_input_file(path) as f:
+                return pq.read_table(f)
+
+        table = shards.retrying(read, path, folder.retry_s)  # a storage outage is ridden out as for writes
         tables.append(table.filter(pc.is_in(table.column("index"), wanted)))
     if not tables:
         return None
@@ -248,7 +254,7 @@ def commit(job: CommitJob) -> ShardResult:
               "inputs_sha256": job.digest, "rows": data.num_rows, "errors": errors.num_rows,
               "environments": environments(made_in, staged)}
     if job.check_lease:
-        holder = holder_of(folder)
+        holder = shards.retrying(lambda: holder_of(folder), folder.path(LEASE_FILE), folder.retry_s)
         if holder is None or holder.run_id != job.footer.get("run_id"):
             raise LeaseLost(f"shard {job.shard} was not committed: another run took over the lease of {folder}")
     shards.commit_shard(folder, job.shard, job.num_shards, data, errors, stats, footer=footer,
