@@ -1,7 +1,8 @@
 """Label an image folder (or a Parquet / datasets table) into Parquet shards with Ray.
 
-    python labeling/run.py --input /data/imagenet/train --output /data/imagenet-c2f
-    ray job submit --working-dir . -- python labeling/run.py --input ... --output s3://bucket/imagenet-c2f
+    python labeling/run.py --input /data/imagenet/train --output /data/imagenet-c2f --models default
+    ray job submit --working-dir . -- python labeling/run.py --input ... --output s3://bucket/imagenet-c2f --models default
+    python labeling/run.py --input demo_images --output /tmp/out --models tiny-random   # offline smoke run
 
 Without a cluster address it starts Ray on this machine; as a Ray job, with --address or with
 RAY_ADDRESS it joins that cluster. Rerunning the same command resumes: committed shards are

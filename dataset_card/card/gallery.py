@@ -115,8 +115,9 @@ def gallery_png(samples: Sequence[dict], metadata: layout.DatasetMetadata, max_l
         panels = (rgb, semantic_overlay(rgb, semantic, palette),
                   instance_overlay(rgb, instances, np.random.default_rng([seed, r])))
         label = metadata.class_names[row["label"]] if 0 <= row["label"] < len(metadata.class_names) else row["label"]
+        painted = len(np.unique(instances[instances > 0]))  # ids in the map: painted objects, not every mask
         titles = (f"{row['image_id']} ({label})", f"{len(ids)} semantic classes",
-                  f"{len(np.unique(instances[instances > 0]))} instances")
+                  f"{painted} painted object{'s' if painted != 1 else ''}")
         for ax, panel, title in zip(axes[r], panels, titles):
             ax.imshow(panel, interpolation="nearest")
             ax.set_title(title, fontsize=9)

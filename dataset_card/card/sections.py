@@ -112,8 +112,10 @@ def overview(summary: RunSummary, config: CardConfig, assets: Mapping[str, str])
         "They are the multi-granular inputs (semantic -> instance -> RGB) that C2FMAE pretraining reads."
         + ("" if config.source_datasets or config.license != "unknown" else f" {UNTOLD}")
         + _picture(assets, "gallery.png", "Sample images with their semantic and instance labels")
-        + ("\n\n*A fixed random sample: the image, its semantic classes, its instances (random colours, white "
-           "outlines).*" if "gallery.png" in assets else "")
+        + ("\n\n*A fixed random sample: the image, its semantic classes, its painted objects (the ids in "
+           "`instance_mask`, random colours, white outlines). The count over each instance panel is of those "
+           "objects; the statistics below count every kept mask (objects, parts, stuff and dropped).*"
+           if "gallery.png" in assets else "")
     )
 
 
@@ -236,7 +238,8 @@ def statistics(summary: RunSummary, shares: Sequence[ClassShare], assets: Mappin
     if not stats.rows:
         return "\n\n".join(out)
     out.append(f"### Instances per image\n\n{stats.instances:,} instances, {stats.instances / stats.rows:.1f} per "
-               "image on average.\n\n"
+               "image on average: every mask kept in `instances`, whatever its level (objects, parts, stuff and "
+               "dropped masks; the painted objects alone are counted under Objects and in Coverage below).\n\n"
                + _histogram("instances", bin_labels(layout.INSTANCE_COUNT_EDGES), stats.instances_per_image, "images")
                + _picture(assets, "instances_per_image.png", "Histogram of instances per image"))
     out.append("### Mask coverage\n\nShare of each image's pixels that `instance_mask` assigns to an instance "

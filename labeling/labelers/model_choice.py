@@ -123,7 +123,7 @@ class ModelChoice:
         choice = self.materialize()
         if choice.sam_checkpoint is None:
             try:
-                official_checkpoint(choice.sam_type)
+                official_checkpoint(choice.sam_type, flag="--sam-checkpoint")
             except CheckpointError as err:
                 raise ModelLoadError(str(err)) from err
         if os.path.isdir(choice.semantic_model):
@@ -175,7 +175,7 @@ class ModelChoice:
         tiny = self.preset == "tiny-random"
         if choice.sam_checkpoint is None:
             try:
-                checkpoint = official_checkpoint(choice.sam_type)
+                checkpoint = official_checkpoint(choice.sam_type, flag="--sam-checkpoint")
             except CheckpointError as err:
                 raise ModelLoadError(str(err)) from err
             sam_sha = OFFICIAL_CHECKPOINTS[choice.sam_type][1]  # verified when it was downloaded
