@@ -2,6 +2,7 @@
 so a trial folder grows into a larger sample and then the full run, relabeling nothing it did."""
 
 import io
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -140,5 +141,13 @@ def test_a_trial_grows_into_a_larger_sample_then_the_full_run_relabeling_nothing
         assert {k: rows[k] for k in done} == done  # and what the trial labeled is kept byte for byte
         assert len(list((output / "data").glob("train-*.parquet"))) == 4  # shards planned for all 14
         assert validate(str(output)).ok
+        # Coverage is measured while labeling, summed over the folder's rows (kept ones too), and on the card.
+        saved = json.loads((output / "stats.json").read_text())["coverage"]
+        assert saved["images"] == expected == sum(saved["instance_regions_per_image"].values())
+        assert sum(saved["largest_mask_level"].values()) == expected
+        assert any(line.startswith(f"coverage of {expected} images: ") for line in log)
+        card = (output / "README.md").read_text()
+        assert "### Regions for instance-guided masking" in card and "assets/masking_coverage.png" in card
+        assert (output / "assets" / "masking_coverage.png").stat().st_size > 10_000
         done = rows
     assert any("4 inputs (a sample of 14, seed 0)" in line for line in log)

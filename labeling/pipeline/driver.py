@@ -481,9 +481,14 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
                               summary.read_previous(folder), startup_s=startup,
                               failed_by_type=summary.failures_in(folder, committed, work_plan.num_shards),
                               driver_bytes=driver_bytes, listing_s=listing_s)
+    stats["coverage"] = summary.coverage_stats(total)
     summary.write(folder, stats)
     summary.write_card(folder, metadata, has_errors=stats["failed"] > 0, log=log, options=cfg.card,
                        tiny_random=cfg.models == "tiny-random")
     summary.verify_folder(folder)
+    log(summary.coverage_line(stats["coverage"]))
+    warning = summary.few_regions_warning(stats["coverage"]) if cfg.models == "default" else None
+    if warning:
+        log(warning)
     log(summary.closing_line(stats, cfg.output))
     return stats
