@@ -149,5 +149,6 @@ def test_a_trial_grows_into_a_larger_sample_then_the_full_run_relabeling_nothing
         card = (output / "README.md").read_text()
         assert "### Regions for instance-guided masking" in card and "assets/masking_coverage.png" in card
         assert (output / "assets" / "masking_coverage.png").stat().st_size > 10_000
+        assert ("class-stratified, 4 of 14 inputs (`--sample 4`, seed 0)" in card) == (sample is not None)
         done = rows
     assert any("4 inputs (a sample of 14, seed 0)" in line for line in log)

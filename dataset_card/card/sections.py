@@ -140,6 +140,11 @@ def production(summary: RunSummary) -> str:
                       ("num_shards", "shards"), ("shard_size", "images per shard"), ("inputs_hash", "inputs sha256")):
         if manifest.get(key) is not None:
             facts.append((name, f"`{manifest[key]}`" if key in ("code_version", "inputs_hash") else manifest[key]))
+    sample = (manifest.get("execution") or {}).get("sample")
+    if sample is not None and manifest.get("planned_inputs") is not None:  # a trial: `--sample N`
+        facts.append(("sample", f"class-stratified, {manifest.get('num_inputs')} of {manifest['planned_inputs']:,} "
+                                f"inputs (`--sample {sample}`, seed {(manifest.get('execution') or {}).get('sample_seed', 0)}"
+                                "); the shards are planned for all of them"))
     if run.get("wall_time_s") is not None:
         facts.append(("wall time", duration(run["wall_time_s"])))
     if run.get("gpu_hours") is not None:
