@@ -60,10 +60,13 @@ def test_the_order_depends_on_ids_and_seed_only_not_on_listing_order():
     rng = random.Random(0)
     ids = [f"c{c}/img_{i}" for c in range(5) for i in range(rng.randint(1, 9))]
     classes = [i.split("/")[0] for i in ids]
-    order = [ids[i] for i in stratified_order(ids, classes, seed=3)]
+    names = sorted(set(classes))
+    order = [ids[i] for i in stratified_order(ids, [names.index(c) for c in classes], names, seed=3)]
     shuffled = list(zip(ids, classes))
     rng.shuffle(shuffled)
-    again = [shuffled[i][0] for i in stratified_order([s[0] for s in shuffled], [s[1] for s in shuffled], seed=3)]
+    renamed = names[::-1]  # the same classes under other indices: the order follows names, not indices
+    again = [shuffled[i][0] for i in stratified_order([s[0] for s in shuffled],
+                                                      [renamed.index(s[1]) for s in shuffled], renamed, seed=3)]
     assert order == again and sorted(order) == sorted(ids)
     # Round-robin: each prefix's class counts are within one of each other while every class has images.
     smallest = min(Counter(classes).values())

@@ -29,18 +29,23 @@ def _key(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-def stratified_order(image_ids: Sequence[str], classes: Sequence[str], seed: int = 0) -> np.ndarray:
-    """(n,) int64 input indices in round-robin order over `classes` (one name per input), each class's
-    inputs in the order of their seeded key; the first N of it are the sample of N."""
+def stratified_order(image_ids: Sequence[str], labels: Sequence[int], class_names: Sequence[str],
+                     seed: int = 0) -> np.ndarray:
+    """(n,) int64 input indices in round-robin order over the classes (`labels`: each input's index into
+    `class_names`; one outside it is unlabeled), each class's inputs in the order of their seeded key;
+    the first N of it are the sample of N."""
     n = len(image_ids)
     if n == 0:
         return np.zeros(0, np.int64)
-    names, group = np.unique(np.asarray(classes, dtype=object).astype(str), return_inverse=True)
+    labels = np.asarray(labels, np.int64)
+    labels = np.where((labels >= 0) & (labels < len(class_names)), labels, -1)
+    present, group = np.unique(labels, return_inverse=True)  # (G,) labels, (n,) group of each input
     keys = np.fromiter((_key(f"{seed}:{i}") for i in image_ids), np.uint64, count=n)
     by_class = np.lexsort((np.arange(n), keys, group))  # class, then key (then index: equal keys)
-    starts = np.searchsorted(group[by_class], np.arange(len(names)))
+    starts = np.searchsorted(group[by_class], np.arange(len(present)))
     rank = np.empty(n, np.int64)
     rank[by_class] = np.arange(n) - starts[group[by_class]]  # place of each input within its class
+    names = [class_names[c] if c >= 0 else "" for c in present.tolist()]
     class_key = np.fromiter((_key(f"{seed}:class:{name}") for name in names), np.uint64, count=len(names))
     return np.lexsort((group, class_key[group], rank)).astype(np.int64)  # round, then class key
 
@@ -51,9 +56,8 @@ def draw_sample(listed: Inputs, size: int, seed: int = 0) -> Inputs:
     if size < 1:
         raise InputError(f"--sample {size} draws nothing; pass a positive number of images")
     table = listed.table
-    drawable = np.flatnonzero(np.asarray(table.column("error_type").to_pylist(), dtype=object) == "")
+    drawable = np.flatnonzero(table.column("error_type").to_numpy(zero_copy_only=False) == "")
     labels = table.column("label").to_numpy()[drawable]
-    names = [listed.class_names[i] if 0 <= i < len(listed.class_names) else "" for i in labels.tolist()]
     ids = table.column("image_id").take(drawable).to_pylist()
-    chosen = np.sort(drawable[stratified_order(ids, names, seed)[:size]])
+    chosen = np.sort(drawable[stratified_order(ids, labels, listed.class_names, seed)[:size]])
     return listed.subset(chosen)
