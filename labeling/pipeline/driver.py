@@ -417,7 +417,7 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
     folder.write_bytes(layout.METADATA_FILE, metadata.to_json().encode())
     work_plan = plan.make_plan(folder, listed, used["num_shards"], labels_hash, cfg.retry_errors, cfg.no_repair)
     retried = sum(len(w.todo) for w in work_plan.work.values() if not w.reason and w.reuse)
-    sampled = f" (a sample of {listed.planned}, seed {cfg.sample_seed})" if listed.listed is not None else ""
+    sampled = f" (a sample of {listed.planned}, seed {cfg.sample_seed})" if listed.sampled_from is not None else ""
     log(f"{len(listed)} inputs{sampled} in {len(listed.class_names)} classes -> {work_plan.num_shards} shards of "
         f"about {cfg.shard_size}" + (f"; resuming: {len(work_plan.committed)} shards already committed" if resumed else "")
         + (f"; finished {recovered} interrupted shard rewrites" if recovered else "")
