@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from dataset_card.contract import codecs, invariants, layout, painting, shards
+from dataset_card.contract import codecs, coverage, invariants, layout, painting, shards
 from dataset_card.contract.output_folder import OutputError, OutputFolder
 from dataset_card.contract.schema import (
     REFERENCE_COLUMNS,
@@ -62,7 +62,8 @@ def repaint_row(row: dict, metadata: layout.DatasetMetadata, rule: painting.Pain
     classes, counts = np.unique(semantic, return_counts=True)
     stats.add_row(len(instances), float(np.count_nonzero(instance_map)) / max(1, instance_map.size),
                   [inst["category_purity"] for inst in instances], dict(zip(classes.tolist(), counts.tolist())),
-                  painting.level_counts(instances), invariants.map_figures(instances, semantic, instance_map, things))
+                  painting.level_counts(instances), invariants.map_figures(instances, semantic, instance_map, things),
+                  coverage.measure(instances, instance_map))
     if not stored.startswith(codecs.ZSTD_MAGIC):  # a v2 PNG
         stored = codecs.encode_mask(semantic.astype(semantic_mask_dtype(metadata.num_semantic_classes)))
     return stored, codecs.encode_instance_mask(instance_map), instances

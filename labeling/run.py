@@ -1,7 +1,9 @@
 """Label an image folder (or a Parquet / datasets table) into Parquet shards with Ray.
 
-    python labeling/run.py --input /data/imagenet/train --output /data/imagenet-c2f
-    ray job submit --working-dir . -- python labeling/run.py --input ... --output s3://bucket/imagenet-c2f
+    python labeling/run.py --input /data/imagenet/train --output /data/imagenet-c2f --models default
+    python labeling/run.py --input /data/imagenet/train --output /data/imagenet-c2f --models default --sample 1000
+    ray job submit --working-dir . -- python labeling/run.py --input ... --output s3://bucket/imagenet-c2f --models default
+    python labeling/run.py --input demo_images --output /tmp/out --models tiny-random   # offline smoke run
 
 Without a cluster address it starts Ray on this machine; as a Ray job, with --address or with
 RAY_ADDRESS it joins that cluster. Rerunning the same command resumes: committed shards are
@@ -48,7 +50,15 @@ def parser() -> argparse.ArgumentParser:
                          "tiny-random: small random twins for offline smoke runs (meaningless labels)")
     io.add_argument("--shard-size", type=positive_int, default=1000,
                     help="images per output shard; a shard is the unit of work and of commit (default 1000)")
-    io.add_argument("--limit", type=positive_int, default=None, help="label only the first N inputs (trial runs)")
+    io.add_argument("--limit", type=positive_int, default=None,
+                    help="label only the first N inputs in sorted order (the first classes: a smoke test, not a "
+                         "sample; its folder is sized for N inputs)")
+    io.add_argument("--sample", type=positive_int, default=None,
+                    help="label a class-stratified sample of N inputs (round-robin over the classes, seeded), in "
+                         "shards planned for every input: the trial folder grows into a larger --sample or the "
+                         "full run (the same command without --sample), which label only what is new")
+    io.add_argument("--sample-seed", type=int, default=0,
+                    help="which sample --sample draws (default 0); keep it when growing a trial")
     io.add_argument("--overwrite", action="store_true",
                     help="delete an earlier run's files in --output and start over (needed when label-shaping "
                          "arguments or models changed)")
@@ -168,6 +178,7 @@ def config_from_args(args: argparse.Namespace):
 
     return LabelingConfig(
         input=args.input, output=args.output, models=args.models, shard_size=args.shard_size, limit=args.limit,
+        sample=args.sample, sample_seed=args.sample_seed,
         max_pixels=args.max_pixels, input_format=args.input_format, file_list=args.file_list,
         image_column=args.image_column, label_column=args.label_column, split=args.split,
         sam_type=args.sam_type, sam_checkpoint=args.sam_checkpoint, semantic_model=args.semantic_model,

@@ -112,6 +112,9 @@ def test_body_states_provenance_statistics_quality_and_citations(built):
         "| labeled | 12 | 92.3% |", "| failed | 1 | 7.7% |", "| `decode` | 1 |",
         "| images | " + " | ".join(map(str, stats.instances_per_image)) + " |",
         "| instances | " + " | ".join(map(str, stats.purity)) + " |",
+        "| painted objects | " + " | ".join(f"{c:,}" for c in stats.painted_per_image) + " |",
+        "| instance regions | " + " | ".join(f"{c:,}" for c in stats.regions_per_image) + " |",
+        "painted objects (the ids in `instance_mask`", "every kept mask (objects, parts, stuff and dropped)",
         "| `instance_mask_ap` | 0.4123 |", "| `semantic.miou` | 0.55 |",
         "arXiv:2603.09955", "{Segment Anything}", "Masked-attention Mask Transformer", "Microsoft COCO",
         "ImageNet Large Scale Visual Recognition Challenge", "ImageNet terms of access",
@@ -130,7 +133,7 @@ def test_embedded_pictures_exist_and_the_gallery_has_a_row_per_sample(built):
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert sorted(links) == sorted(f"assets/{n}" for n in
                                    ("gallery.png", "instances_per_image.png", "coverage.png", "purity.png",
-                                    "semantic_classes.png"))
+                                    "semantic_classes.png", "masking_coverage.png"))
     sizes = {link: Image.open(root / link).size for link in links}
     width, height = sizes["assets/gallery.png"]
     assert width == 1200 and height == round(100 * (3.2 * GALLERY + 1.0))

@@ -29,6 +29,11 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
     assert len(ds) == 45 and ds.features["label"].names == ["graphics", "scenes", "science"]  # sorted folder names
     assert (labels / "assets" / "gallery.png").stat().st_size > 10_000
     assert "dataset_info" in (labels / "README.md").read_text()
+    # Coverage (issue 29): measured while labeling, in stats.json and on the card with its figure.
+    coverage = json.loads((labels / "stats.json").read_text())["coverage"]
+    assert coverage["images"] == 45 == sum(coverage["instance_regions_per_image"].values())
+    assert "### Regions for instance-guided masking" in (labels / "README.md").read_text()
+    assert (labels / "assets" / "masking_coverage.png").stat().st_size > 10_000
     check = subprocess.run([sys.executable, "-m", "dataset_card", "validate", str(labels)], cwd=ROOT)
     assert check.returncode == 0
 

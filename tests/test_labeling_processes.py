@@ -277,7 +277,7 @@ def test_default_models_offline_fail_with_one_sentence(tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "vit_h" in last and "put it at" in last
+    assert last.startswith("error: ") and "vit_h" in last and "put it at" in last and "--sam-checkpoint" in last
 
 
 def test_help_explains_every_flag():

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dataset_card.contract import codecs, images, layout, painting, shards
+from dataset_card.contract import codecs, coverage, images, layout, painting, shards
 from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.schema import arrow_schema
 from dataset_card.synthetic.shapes import SEMANTIC_CLASSES
@@ -134,6 +134,9 @@ def test_postprocess_gives_full_size_contract_rows():
     np.testing.assert_array_equal(painted == 1, whole & (semantic == 2))  # the object, clipped to its class
     assert json.loads(ok["stat_levels"]) == {"object": 1, "part": 1, "stuff": 0, "dropped": 0}
     assert json.loads(ok["stat_figures"])["painted"] == 1
+    # Coverage, measured from the painted map: one object, its region at the trainer's patch grid.
+    assert (ok["stat_painted"], ok["stat_largest"]) == (1, "object")
+    assert ok["stat_regions"] == coverage.regions(painted) == 1
     assert ok["stat_instances"] == 2 and 0 < ok["stat_coverage"] < 1
     assert sum(ok["stat_semantic_counts"]) == 40 * 60
     assert ok["image"]["bytes"] == jpeg(40, 60, 0) and ok["image"]["path"] == "class_a/img0.jpg"

@@ -116,8 +116,11 @@ def test_repaint_upgrades_a_v2_folder_keeping_every_value(v2, capsys, monkeypatc
         assert new["semantic_mask"]["bytes"][:4] == new["instance_mask"]["bytes"][:4] == codecs.ZSTD_MAGIC
         assert all(np.array_equal(a, b) for a, b in zip(maps(old), maps(new)))
         assert old["instances"] == new["instances"] and old["image"] == new["image"]
-    # Only re-encoded: the statistics are as they were.
-    assert [json.loads((v2 / layout.stats_path(i, 2)).read_text()) for i in range(2)] == stats_before
+    # Only re-encoded: the statistics are as they were (with the fields this version adds at their
+    # defaults: coverage was not measured for these rows).
+    stats_after = [json.loads((v2 / layout.stats_path(i, 2)).read_text()) for i in range(2)]
+    assert [{k: s[k] for k in b} for s, b in zip(stats_after, stats_before)] == stats_before
+    assert all(s["coverage_measured"] == 0 for s in stats_after)
     assert json.loads((v2 / layout.MANIFEST_FILE).read_text())["repaints"][0]["from_schema_version"] == 2
     assert open_labeled_dataset(str(v2)).num_rows == 6
     ds = datasets.load_dataset(str(v2), split="train", cache_dir=str(v2.parent / "cache"))

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from dataset_card.card.run_summary import ClassShare, bin_labels
-from dataset_card.contract import codecs, layout
+from dataset_card.contract import codecs, coverage, layout
 from dataset_card.contract.output_folder import OutputFolder
 
 GALLERY_COLUMNS = ("image_id", "label", "image", "width", "height", "semantic_mask", "instance_mask")
@@ -115,8 +115,9 @@ def gallery_png(samples: Sequence[dict], metadata: layout.DatasetMetadata, max_l
         panels = (rgb, semantic_overlay(rgb, semantic, palette),
                   instance_overlay(rgb, instances, np.random.default_rng([seed, r])))
         label = metadata.class_names[row["label"]] if 0 <= row["label"] < len(metadata.class_names) else row["label"]
+        painted = len(np.unique(instances[instances > 0]))  # ids in the map: painted objects, not every mask
         titles = (f"{row['image_id']} ({label})", f"{len(ids)} semantic classes",
-                  f"{len(np.unique(instances[instances > 0]))} instances")
+                  f"{painted} painted object{'s' if painted != 1 else ''}")
         for ax, panel, title in zip(axes[r], panels, titles):
             ax.imshow(panel, interpolation="nearest")
             ax.set_title(title, fontsize=9)
@@ -150,9 +151,30 @@ def classes_png(shares: Sequence[ClassShare], title: str) -> bytes:
     return _png(fig)
 
 
+def coverage_png(stats: layout.ShardStats) -> bytes:
+    """Painted objects and instance regions per image side by side, and the largest mask's level."""
+    fig = Figure(figsize=(12, 3.4), layout="constrained")
+    counts, levels = fig.subplots(1, 2, width_ratios=(3, 1))
+    labels, x = bin_labels(coverage.COUNT_EDGES), np.arange(len(coverage.COUNT_EDGES) - 1)
+    counts.bar(x - 0.2, stats.painted_per_image, 0.4, label="painted objects", color="#4c72b0")
+    counts.bar(x + 0.2, stats.regions_per_image, 0.4, label=f"instance regions ({coverage.IMG_SIZE} px, patch "
+               f"{coverage.PATCH_SIZE})", color="#dd8452")
+    counts.axvspan(-0.5, coverage.MIN_REGIONS - 0.5, color="#c44e52", alpha=0.08,
+                   label=f"under {coverage.MIN_REGIONS} regions: masked randomly")
+    counts.set_xticks(x, labels, fontsize=8)
+    counts.set(title="What instance-guided masking will see, per image", xlabel="count per image", ylabel="images")
+    counts.legend(fontsize=8)
+    shown = [level for level in coverage.LARGEST_LEVELS if stats.largest_mask.get(level)]
+    levels.bar(range(len(shown)), [stats.largest_mask[level] for level in shown], color="#55a868")
+    levels.set_xticks(range(len(shown)), shown, fontsize=8)
+    levels.set(title="Level of the largest mask", ylabel="images")
+    return _png(fig)
+
+
 def statistics_pngs(stats: layout.ShardStats, shares: Sequence[ClassShare], top: int = 20) -> dict[str, bytes]:
     """Asset file name -> PNG of each distribution in the summed shard statistics."""
     return {
+        **({"masking_coverage.png": coverage_png(stats)} if stats.coverage_measured else {}),
         "instances_per_image.png": bar_png(bin_labels(layout.INSTANCE_COUNT_EDGES), stats.instances_per_image,
                                            "Instances per image", "instances", "images"),
         "coverage.png": bar_png(bin_labels(layout.FRACTION_EDGES, percent=True), stats.coverage,

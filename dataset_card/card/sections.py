@@ -13,7 +13,7 @@ import datasets
 
 from dataset_card.card.run_summary import ClassShare, RunSummary, bin_labels
 from dataset_card.card.source import IMAGENET_TERMS, CardConfig, names_imagenet_1k
-from dataset_card.contract import invariants, layout
+from dataset_card.contract import coverage, invariants, layout
 from dataset_card.contract.schema import COLUMNS, SCHEMA_VERSION, build_features, semantic_mask_dtype
 
 COLUMN_DOCS = {
@@ -112,8 +112,10 @@ def overview(summary: RunSummary, config: CardConfig, assets: Mapping[str, str])
         "They are the multi-granular inputs (semantic -> instance -> RGB) that C2FMAE pretraining reads."
         + ("" if config.source_datasets or config.license != "unknown" else f" {UNTOLD}")
         + _picture(assets, "gallery.png", "Sample images with their semantic and instance labels")
-        + ("\n\n*A fixed random sample: the image, its semantic classes, its instances (random colours, white "
-           "outlines).*" if "gallery.png" in assets else "")
+        + ("\n\n*A fixed random sample: the image, its semantic classes, its painted objects (the ids in "
+           "`instance_mask`, random colours, white outlines). The count over each instance panel is of those "
+           "objects; the statistics below count every kept mask (objects, parts, stuff and dropped).*"
+           if "gallery.png" in assets else "")
     )
 
 
@@ -138,6 +140,11 @@ def production(summary: RunSummary) -> str:
                       ("num_shards", "shards"), ("shard_size", "images per shard"), ("inputs_hash", "inputs sha256")):
         if manifest.get(key) is not None:
             facts.append((name, f"`{manifest[key]}`" if key in ("code_version", "inputs_hash") else manifest[key]))
+    sample = (manifest.get("execution") or {}).get("sample")
+    if sample is not None and manifest.get("planned_inputs") is not None:  # a trial: `--sample N`
+        facts.append(("sample", f"class-stratified, {manifest.get('num_inputs')} of {manifest['planned_inputs']:,} "
+                                f"inputs (`--sample {sample}`, seed {(manifest.get('execution') or {}).get('sample_seed', 0)}"
+                                "); the shards are planned for all of them"))
     if run.get("wall_time_s") is not None:
         facts.append(("wall time", duration(run["wall_time_s"])))
     if run.get("gpu_hours") is not None:
@@ -238,7 +245,8 @@ def statistics(summary: RunSummary, shares: Sequence[ClassShare], assets: Mappin
     if not stats.rows:
         return "\n\n".join(out)
     out.append(f"### Instances per image\n\n{stats.instances:,} instances, {stats.instances / stats.rows:.1f} per "
-               "image on average.\n\n"
+               "image on average: every mask kept in `instances`, whatever its level (objects, parts, stuff and "
+               "dropped masks; the painted objects alone are counted under Objects and Regions below).\n\n"
                + _histogram("instances", bin_labels(layout.INSTANCE_COUNT_EDGES), stats.instances_per_image, "images")
                + _picture(assets, "instances_per_image.png", "Histogram of instances per image"))
     out.append("### Mask coverage\n\nShare of each image's pixels that `instance_mask` assigns to an instance "
@@ -252,6 +260,7 @@ def statistics(summary: RunSummary, shares: Sequence[ClassShare], assets: Mappin
                + table(["class", "id", "kind", "pixels", "images containing it"], rows)
                + _picture(assets, "semantic_classes.png", "Pixel share of the top semantic classes"))
     out.append(objects_section(summary))
+    out.append(coverage_section(summary, assets))
     pure = sum(stats.purity[-1:]) / max(sum(stats.purity), 1)
     out.append("### Instance purity\n\nThe share of an instance's pixels that belong to its majority semantic class "
                f"(`category_purity`): how well the two label sources agree. {percent(pure)} of instances are at "
@@ -264,6 +273,36 @@ def statistics(summary: RunSummary, shares: Sequence[ClassShare], assets: Mappin
 def painting_phrase(rule) -> str:
     return ("each object clipped to its semantic class region" if rule.paint == "objects"
             else "every mask, smaller ones on top")
+
+
+def coverage_section(summary: RunSummary, assets: Mapping[str, str]) -> str:
+    """What instance-guided masking will see of each image (`dataset_card.contract.coverage`)."""
+    stats = summary.stats
+    head = "### Regions for instance-guided masking"
+    if not stats.coverage_measured:
+        return head + ("\n\nNot measured: these statistics were written before the labeler measured regions "
+                       "(relabeling, or `python -m dataset_card repaint` under another rule, measures them).")
+    images = stats.coverage_measured
+    few = sum(stats.regions_per_image[:coverage.MIN_REGIONS]) / images
+    labels = bin_labels(coverage.COUNT_EDGES)
+    partial = (f" (measured on {images:,} of {stats.rows:,} images: the others were labeled before coverage was "
+               "measured)") if images < stats.rows else ""
+    levels = [(f"`{level}`", f"{stats.largest_mask.get(level, 0):,}", percent(stats.largest_mask.get(level, 0) / images))
+              for level in coverage.LARGEST_LEVELS if stats.largest_mask.get(level)]
+    return (
+        f"{head}\n\nPer image{partial}: the painted objects (ids in `instance_mask`), and the instance regions at "
+        f"the pretraining patch grid (the map resized whole to {coverage.IMG_SIZE} x {coverage.IMG_SIZE}, each "
+        f"{coverage.PATCH_SIZE}-pixel patch taking its most frequent id; the regions are the distinct ids). "
+        f"Instance-guided masking needs at least {coverage.MIN_REGIONS} regions and masks randomly otherwise: "
+        f"**{percent(few)} of the images have fewer.** Training crops show part of an image, usually with fewer "
+        "regions.\n\n"
+        + table(["per image", *labels], [("painted objects", *(f"{c:,}" for c in stats.painted_per_image)),
+                                         ("instance regions", *(f"{c:,}" for c in stats.regions_per_image))])
+        + "\n\nWhat each image's largest mask (SAM's biggest kept segment) became: `stuff` or `dropped` means the "
+          "image's main segment is no painted object.\n\n"
+        + table(["largest mask", "images", "share"], levels)
+        + _picture(assets, "masking_coverage.png", "Painted objects and instance regions per image")
+    )
 
 
 def objects_section(summary: RunSummary) -> str:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import pyarrow as pa
 
+from dataset_card.contract import coverage
 from dataset_card.contract.painting import DEFAULT_RULE, RULES, PaintingRule
 from dataset_card.contract.schema import SCHEMA_VERSION, SchemaError, semantic_ignore_value, version_problem
 
@@ -197,12 +198,24 @@ class ShardStats:
     agreement_sum: float = 0.0  # the sum of those shares, for their mean
     painted_nested: int = 0  # ... lying >= 90% inside a same-class painted instance (invariant 3)
     painted_nested_any: int = 0  # ... inside a painted instance of any class
+    # Coverage: what instance-guided masking will see (`dataset_card.contract.coverage`).
+    coverage_measured: int = 0  # images measured (0 in folders labeled before it was)
+    painted_per_image: list[int] = field(default_factory=lambda: [0] * (len(coverage.COUNT_EDGES) - 1))
+    regions_per_image: list[int] = field(default_factory=lambda: [0] * (len(coverage.COUNT_EDGES) - 1))
+    largest_mask: dict[str, int] = field(default_factory=dict)  # level of each image's largest mask -> images
 
     def add_row(self, num_instances: int, covered_fraction: float, purities: Sequence[float],
-                semantic_counts: dict[int, int], levels: Mapping[str, int] | None = None, figures=None) -> None:
+                semantic_counts: dict[int, int], levels: Mapping[str, int] | None = None, figures=None,
+                measured: coverage.RowCoverage | None = None) -> None:
         """One labeled image: its instance count, share of pixels under any instance, instance
         purities, and pixel count per semantic class (ignore value included under its own id);
-        `levels` counts its instances by level, `figures` is its `invariants.MapFigures`."""
+        `levels` counts its instances by level, `figures` is its `invariants.MapFigures`, `measured`
+        its `coverage.measure`."""
+        if measured is not None:
+            self.coverage_measured += 1
+            _add(self.painted_per_image, coverage.histogram([measured.painted]))
+            _add(self.regions_per_image, coverage.histogram([measured.regions]))
+            self.largest_mask[measured.largest] = self.largest_mask.get(measured.largest, 0) + 1
         for level, n in (levels or {}).items():
             self.levels[level] = self.levels.get(level, 0) + int(n)
         if figures is not None:
@@ -233,11 +246,11 @@ class ShardStats:
         out = ShardStats(shard=-1)
         for name in ("rows", "errors", "instances", "pixels", "covered_fraction_sum", "purity_sum", "painted",
                      "painted_not_thing", "painted_disagreeing", "agreement_sum", "painted_nested",
-                     "painted_nested_any"):
+                     "painted_nested_any", "coverage_measured"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
-        for name in ("instances_per_image", "coverage", "purity"):
+        for name in ("instances_per_image", "coverage", "purity", "painted_per_image", "regions_per_image"):
             setattr(out, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])
-        for name in ("errors_by_type", "semantic_pixels", "semantic_images", "levels"):
+        for name in ("errors_by_type", "semantic_pixels", "semantic_images", "levels", "largest_mask"):
             merged = dict(getattr(self, name))
             for k, v in getattr(other, name).items():
                 merged[k] = merged.get(k, 0) + v

@@ -16,7 +16,7 @@ import pyarrow as pa
 from PIL import Image
 
 from dataset_card.card.readme import write_minimal_card
-from dataset_card.contract import codecs, invariants, layout, painting, shards
+from dataset_card.contract import codecs, coverage, invariants, layout, painting, shards
 from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.schema import build_features, rows_to_table
 
@@ -118,7 +118,8 @@ def row_statistics(stats: layout.ShardStats, row: dict, semantic: np.ndarray, pa
     stats.add_row(len(row["instances"]), float((painted > 0).mean()),
                   [inst["category_purity"] for inst in row["instances"]], dict(zip(classes.tolist(), counts.tolist())),
                   painting.level_counts(row["instances"]),
-                  invariants.map_figures(row["instances"], semantic, painted, things))
+                  invariants.map_figures(row["instances"], semantic, painted, things),
+                  coverage.measure(row["instances"], painted))
 
 
 def write_labeled_folder(root: str | OutputFolder, metadata: layout.DatasetMetadata, example: Callable[[int], tuple],

@@ -38,13 +38,24 @@ class Inputs:
     table: pa.Table  # INPUT_SCHEMA, row i = input index i, in sorted order
     skipped_files: int = 0  # files listed but not images (other extensions)
     notes: tuple[str, ...] = ()  # what the listing skipped and why (links followed once), for the log
+    sampled_from: int | None = None  # inputs listed before a sample kept these (`--sample`); None: all are here
 
     def __len__(self) -> int:
         return self.table.num_rows
 
+    @property
+    def planned(self) -> int:
+        """The inputs a new folder's shards are sized for: every listed input, also under `--sample`
+        (so a sample grows into the full run in the same shards), only the kept ones under `--limit`."""
+        return len(self) if self.sampled_from is None else self.sampled_from
+
     def head(self, n: int) -> Inputs:
         """The first `n` inputs (`--limit`)."""
         return replace(self, table=self.table.slice(0, n))
+
+    def subset(self, indices) -> Inputs:
+        """The inputs at `indices` (ascending), remembering how many were listed (`--sample`)."""
+        return replace(self, table=self.table.take(indices), sampled_from=self.planned)
 
     def sha256(self) -> str:
         """sha256 of the sorted input list (one `path` per line), for manifest.json."""

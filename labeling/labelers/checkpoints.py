@@ -60,9 +60,10 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def official_checkpoint(model_type: str, cache_dir: str | None = None) -> str:
+def official_checkpoint(model_type: str, cache_dir: str | None = None, flag: str | None = None) -> str:
     """Path of the official `model_type` checkpoint in `cache_dir`, downloaded and verified if absent
-    (by one process at a time: see the module docstring)."""
+    (by one process at a time: see the module docstring). `flag`: the caller's option that takes a
+    checkpoint's path, named in the error when the download fails."""
     file_name, sha256 = OFFICIAL_CHECKPOINTS[model_type]
     cache_dir = cache_dir or default_cache_dir()
     path = os.path.join(cache_dir, file_name)
@@ -81,7 +82,7 @@ def official_checkpoint(model_type: str, cache_dir: str | None = None) -> str:
     except (OSError, ConnectionError) as err:  # URLError and socket errors are OSErrors
         raise CheckpointError(
             f"Could not download the SAM {model_type} checkpoint ({err}); download {url} yourself and put it "
-            f"at {path}, or pass its path as the checkpoint."
+            f"at {path}, or pass its path {f'with {flag}' if flag else 'as the checkpoint'}."
         ) from err
     return path
 

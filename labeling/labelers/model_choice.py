@@ -150,7 +150,7 @@ class ModelChoice:
         choice = self.materialize()
         if choice.sam_checkpoint is None:
             try:
-                official_checkpoint(choice.sam_type)
+                official_checkpoint(choice.sam_type, flag="--sam-checkpoint")
             except CheckpointError as err:
                 raise ModelLoadError(str(err)) from err
         if os.path.isdir(choice.semantic_model):
@@ -221,7 +221,7 @@ class ModelChoice:
             checkpoint, sam_sha = choice.sam_checkpoint, staged["instance"]["sha256"]
         elif choice.sam_checkpoint is None:
             try:
-                checkpoint = official_checkpoint(choice.sam_type)
+                checkpoint = official_checkpoint(choice.sam_type, flag="--sam-checkpoint")
             except CheckpointError as err:
                 raise ModelLoadError(str(err)) from err
             sam_sha = OFFICIAL_CHECKPOINTS[choice.sam_type][1]  # verified when it was downloaded

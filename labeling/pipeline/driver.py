@@ -38,6 +38,7 @@ from dataset_card.contract.painting import DEFAULT_RULE, PaintingRule, rule_name
 from dataset_card.contract.schema import arrow_schema
 from labeling.inputs.input_list import InputError, Inputs
 from labeling.inputs.kinds import list_inputs
+from labeling.inputs.sample import draw_sample
 from labeling.labelers.model_choice import TINY_RANDOM_WARNING, ModelChoice
 from labeling.pipeline import cluster, commits, failures, manifest, plan, writer
 from labeling.pipeline import finish as summary
@@ -70,6 +71,10 @@ class LabelingConfig:
     models: str = label_shaping("default")
     shard_size: int = label_shaping(1000)
     limit: int | None = None  # picks inputs; shards are keyed by image id, so it may change
+    # --sample N: a class-stratified sample (labeling.inputs.sample) in shards planned for every input,
+    # so a larger sample or the full run resumes the folder and labels only what is new.
+    sample: int | None = None
+    sample_seed: int = 0
     max_pixels: int = label_shaping(100_000_000)
     # What a row is: its image and its label.
     input_format: str = label_shaping("auto")
@@ -383,8 +388,13 @@ def run_labeling(cfg: LabelingConfig, log=print, choice: ModelChoice | None = No
     listing_s = time.perf_counter() - listing_start
     for note in listed.notes:
         log(f"warning: {note}")
+    if cfg.limit is not None and cfg.sample is not None:
+        raise InputError("--limit and --sample both pick the inputs: pass one of them (--sample for a trial that "
+                         "can grow into the full run)")
     if cfg.limit is not None:
         listed = listed.head(cfg.limit)
+    if cfg.sample is not None:
+        listed = draw_sample(listed, cfg.sample, cfg.sample_seed)
     _check_storage(cfg, listed)
     rule = painting_rule(cfg)
     folder = OutputFolder.open(cfg.output, retry_s=cfg.storage_retry_s)  # the one opening of the output in this run
@@ -410,7 +420,7 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
     metadata = layout.DatasetMetadata(listed.class_names, semantic_classes,
                                       semantic_source=models["semantic"]["checkpoint"], painting=rule)
     new_manifest = manifest.build(len(listed), listed.sha256(), cfg.shard_size, cfg.arguments(), models,
-                                  cfg.execution(), listed.class_names)
+                                  cfg.execution(), listed.class_names, planned_inputs=listed.planned)
     resumed, used = manifest.prepare(folder, new_manifest, cfg.overwrite, cfg.strict_environment, log)
     labels_hash = manifest.labels_hash(used)
     folder.delete_dir_quietly(layout.PARTS_DIR)  # rows a killed run left uncommitted
@@ -418,8 +428,9 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
     folder.write_bytes(layout.METADATA_FILE, metadata.to_json().encode())
     work_plan = plan.make_plan(folder, listed, used["num_shards"], labels_hash, cfg.retry_errors, cfg.no_repair)
     retried = sum(len(w.todo) for w in work_plan.work.values() if not w.reason and w.reuse)
-    log(f"{len(listed)} inputs in {len(listed.class_names)} classes -> {work_plan.num_shards} shards of about "
-        f"{cfg.shard_size}" + (f"; resuming: {len(work_plan.committed)} shards already committed" if resumed else "")
+    sampled = f" (a sample of {listed.planned}, seed {cfg.sample_seed})" if listed.sampled_from is not None else ""
+    log(f"{len(listed)} inputs{sampled} in {len(listed.class_names)} classes -> {work_plan.num_shards} shards of "
+        f"about {cfg.shard_size}" + (f"; resuming: {len(work_plan.committed)} shards already committed" if resumed else "")
         + (f"; finished {recovered} interrupted shard rewrites" if recovered else "")
         + (f"; retrying {retried} failed inputs" if retried else ""))
     for s, state in sorted(work_plan.work.items()):
@@ -485,9 +496,14 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
                               failed_by_type=summary.failures_in(folder, committed, work_plan.num_shards),
                               driver_bytes=driver_bytes, listing_s=listing_s, actor_lifetime_s=actor_s)
     stats["driver_restarts"] = cfg.driver_restarts
+    stats["coverage"] = summary.coverage_stats(total)
     summary.write(folder, stats)
     summary.write_card(folder, metadata, has_errors=stats["failed"] > 0, log=log, options=cfg.card,
                        tiny_random=cfg.models == "tiny-random")
     summary.verify_folder(folder)
+    log(summary.coverage_line(stats["coverage"]))
+    warning = summary.few_regions_warning(stats["coverage"]) if cfg.models == "default" else None
+    if warning:
+        log(warning)
     log(summary.closing_line(stats, cfg.output))
     return stats

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from dataset_card.card.readme import minimal_card
 from dataset_card.card.source import CardOptions
-from dataset_card.contract import layout, shards
+from dataset_card.contract import coverage, layout, shards
 from dataset_card.contract.output_folder import OutputFolder
 from labeling.pipeline.writer import ShardResult
 
@@ -144,6 +144,54 @@ class InstanceCountCheck:
         bar = "!" * 100
         print(f"\n{bar}\n{message}\n{bar}\n", file=sys.stderr, flush=True)
         return message
+
+
+# Instance-guided masking falls back to random masking on an image with fewer than
+# `coverage.MIN_REGIONS` instance regions at the trainer's patch grid; when more than this share of
+# the images do, the curriculum's instance phase would be mostly random masking, and the run warns.
+FEW_REGIONS_SHARE = 0.5
+
+
+def coverage_stats(total: layout.ShardStats) -> dict:
+    """stats.json's "coverage": per-image histograms of what instance-guided masking will see
+    (`dataset_card.contract.coverage`), summed from the shard statistics, keyed by readable bins."""
+    from dataset_card.card.run_summary import bin_labels
+
+    labels = bin_labels(coverage.COUNT_EDGES)
+    images = total.coverage_measured
+    few = sum(total.regions_per_image[:coverage.MIN_REGIONS])  # the bins 0 and 1
+    return {
+        "images": images,
+        "patch_grid": f"{coverage.IMG_SIZE} px, patch {coverage.PATCH_SIZE}",
+        "painted_objects_per_image": dict(zip(labels, total.painted_per_image)),
+        "instance_regions_per_image": dict(zip(labels, total.regions_per_image)),
+        "largest_mask_level": dict(sorted(total.largest_mask.items(), key=lambda kv: -kv[1])),
+        "share_under_min_regions": round(few / images, 4) if images else 0.0,
+    }
+
+
+def coverage_line(cov: Mapping) -> str:
+    """The run's coverage in one line (printed before the closing line)."""
+    images = cov["images"]
+    if not images:
+        return "coverage: no image measured"
+    largest = cov["largest_mask_level"]
+    painted = cov["painted_objects_per_image"]
+    return (f"coverage of {images} images: {cov['share_under_min_regions']:.1%} have under {coverage.MIN_REGIONS} "
+            f"instance regions at the trainer's patch grid ({cov['patch_grid']}; instance-guided masking falls back "
+            f"to random there), {painted.get('0', 0) / images:.1%} no painted object; the largest mask is stuff in "
+            f"{largest.get('stuff', 0) / images:.1%} and dropped in {largest.get('dropped', 0) / images:.1%}")
+
+
+def few_regions_warning(cov: Mapping, threshold: float = FEW_REGIONS_SHARE) -> str | None:
+    """A warning when more than `threshold` of the images have under `coverage.MIN_REGIONS` regions."""
+    if not cov["images"] or cov["share_under_min_regions"] <= threshold:
+        return None
+    return (f"warning: {cov['share_under_min_regions']:.0%} of the images have fewer than {coverage.MIN_REGIONS} "
+            f"instance regions at the trainer's patch grid (more than {threshold:.0%}): instance-guided masking "
+            "falls back to random masking on them, so the curriculum's instance phase would be mostly random. The "
+            "card's \"Regions for instance-guided masking\" shows why (no painted object, the largest mask stuff or "
+            "dropped).")
 
 
 class OutputInvalid(RuntimeError):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 # Bump when labels made by the same models and arguments can change (and record the digest below).
 LABELS_VERSION = 1
-LABEL_CODE_DIGEST = "50f710a21df5b37cb9b2250a13c11df2a569dbf18a90c9f56d2182f5048c5896"
+LABEL_CODE_DIGEST = "d688de1cb5c1e904aa9171be66492e39cd3aba6412649eeab6e629cd27c5bc22"
 
 # The code whose change can change a label: the labelers, the read / model / post-process stages,
 # and the contract's codecs, painting rule and schema. The driver, writer, card and docs are not in

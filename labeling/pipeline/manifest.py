@@ -52,15 +52,19 @@ class ResumeRefused(ValueError):
 
 
 def build(num_inputs: int, inputs_hash: str, shard_size: int, arguments: Mapping, models: Mapping,
-          execution: Mapping | None = None, class_names: Sequence[str] = ()) -> dict:
+          execution: Mapping | None = None, class_names: Sequence[str] = (), planned_inputs: int | None = None) -> dict:
     """A new manifest: `arguments` are the label-shaping ones (`LabelingConfig.arguments`), `models`
-    what `ModelChoice.describe` says; the environment is this process's (the driver's)."""
+    what `ModelChoice.describe` says; the environment is this process's (the driver's).
+    `planned_inputs`: the inputs the shards are sized for when a `--sample` labels only some of them
+    (default `num_inputs`)."""
+    planned = num_inputs if planned_inputs is None else planned_inputs
     return {
         "schema_version": SCHEMA_VERSION,
         "labels_version": LABELS_VERSION,
         "num_inputs": num_inputs,
+        "planned_inputs": planned,
         "inputs_hash": inputs_hash,
-        "num_shards": num_shards(num_inputs, shard_size),
+        "num_shards": num_shards(planned, shard_size),
         "shard_size": shard_size,
         "arguments": dict(arguments),
         "models": dict(models),
@@ -200,11 +204,13 @@ def prepare(folder: OutputFolder, new: Mapping, overwrite: bool, strict_environm
             log(f"warning: {output} was labeled under another environment ({_shown(drift)}); resuming it: each "
                 "shard's footer records the environments that made its rows (--strict-environment refuses instead)")
         manifest["num_shards"] = old["num_shards"]
-        fill = new["num_inputs"] / (old["num_shards"] * new["shard_size"])
-        if not SHARD_FILL[0] <= fill <= SHARD_FILL[1] and new["num_inputs"] != old.get("num_inputs"):
+        # A --sample fills its shards only partly: the fill is judged on the inputs they are planned for.
+        planned, was = new.get("planned_inputs", new["num_inputs"]), old.get("planned_inputs", old.get("num_inputs"))
+        fill = planned / (old["num_shards"] * new["shard_size"])
+        if not SHARD_FILL[0] <= fill <= SHARD_FILL[1] and planned != was:
             raise ResumeRefused(
-                f"{output} was made for {old.get('num_inputs')} inputs in {old['num_shards']} shards; {new['num_inputs']}"
-                f" inputs would make its shards hold about {new['num_inputs'] / old['num_shards']:.0f} images each "
+                f"{output} was made for {was} inputs in {old['num_shards']} shards; {planned}"
+                f" inputs would make its shards hold about {planned / old['num_shards']:.0f} images each "
                 f"against --shard-size {new['shard_size']}: label into another --output, or pass --overwrite")
         for key in ("created", "models", *ENVIRONMENT):  # the same identities; where and when it was made
             if key in old:

@@ -11,7 +11,8 @@
 - alignment and painting (`labeling.labelers.alignment`, under the contract's painting rule), the
   label maps' encoding (zstd-compressed `.npy`, schema v3: `dataset_card.contract.codecs`), and the
   per-row statistics the shard statistics are summed from, the alignment invariants' figures among
-  them (`dataset_card.contract.invariants`).
+  them (`dataset_card.contract.invariants`), and the row's coverage: painted objects, instance
+  regions at the trainer's patch grid, the level of the largest mask (`dataset_card.contract.coverage`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from dataset_card.contract import codecs, images, invariants, painting
+from dataset_card.contract import codecs, coverage, images, invariants, painting
 from dataset_card.contract.painting import DEFAULT_RULE, RULES, PaintingRule
 from dataset_card.contract.schema import arrow_schema, semantic_mask_dtype
 from labeling.labelers import alignment
@@ -42,6 +43,10 @@ STAT_FIELDS = [
     ("stat_semantic_counts", pa.list_(pa.int64())),
     ("stat_levels", pa.string()),  # JSON {level: instances}
     ("stat_figures", pa.string()),  # JSON of the row's invariants.MapFigures
+    # What instance-guided masking will see (dataset_card.contract.coverage.measure): measured, never painted.
+    ("stat_painted", pa.int32()),
+    ("stat_regions", pa.int32()),
+    ("stat_largest", pa.string()),
 ]
 TIME_COLUMNS = ("time_read", "time_instance", "time_semantic", "time_postprocess")
 ROUTING_FIELDS = [("index", pa.int64()), ("shard", pa.int64()), ("path", pa.string())] + [
@@ -155,6 +160,7 @@ def label_row(row: Mapping, cfg: PostprocessConfig) -> dict:
                                               min_area=cfg.min_instance_area, ignore_value=cfg.ignore_value)
     counts = class_pixel_counts(semantic)
     figures = invariants.map_figures(instances, semantic, instance_map, cfg.thing_ids)
+    measured = coverage.measure(instances, instance_map)
     original = row["image_bytes"]
     return {
         "image": {"bytes": original if cfg.image_storage == "inline" else None, "path": row["image_path"]},
@@ -172,12 +178,16 @@ def label_row(row: Mapping, cfg: PostprocessConfig) -> dict:
         "stat_semantic_counts": list(counts.values()),
         "stat_levels": json.dumps(painting.level_counts(instances)),
         "stat_figures": json.dumps(dataclasses.asdict(figures)),
+        "stat_painted": measured.painted,
+        "stat_regions": measured.regions,
+        "stat_largest": measured.largest,
     }
 
 
 _NULL_PAYLOAD = {"image": None, "image_sha256": None, "image_nbytes": None, "width": None, "height": None, "semantic_mask": None, "instance_mask": None,
                  "instances": None, "stat_instances": 0, "stat_coverage": 0.0, "stat_purities": [],
-                 "stat_semantic_ids": [], "stat_semantic_counts": [], "stat_levels": "{}", "stat_figures": ""}
+                 "stat_semantic_ids": [], "stat_semantic_counts": [], "stat_levels": "{}", "stat_figures": "",
+                 "stat_painted": 0, "stat_regions": 0, "stat_largest": ""}
 
 
 def postprocess_stage(batch: pa.Table, cfg: PostprocessConfig, schema: pa.Schema) -> pa.Table:

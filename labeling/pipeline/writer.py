@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dataset_card.contract import codecs, invariants, layout, painting, shards
+from dataset_card.contract import codecs, coverage, invariants, layout, painting, shards
 from dataset_card.contract.layout import LEASE_FILE
 from dataset_card.contract.lease import holder_of
 from dataset_card.contract.output_folder import OutputFolder
@@ -88,12 +88,14 @@ def add_rows(stats: layout.ShardStats, staged: pa.Table) -> None:
     """Per-row statistics the post-process stage computed, for its successful rows."""
     ok = staged.filter(pc.equal(staged.column("error_type"), ""))
     columns = ok.select(["stat_instances", "stat_coverage", "stat_purities", "stat_semantic_ids",
-                         "stat_semantic_counts", "stat_levels", "stat_figures"]).to_pydict()
-    for n, coverage, purities, ids, counts, levels, figures in zip(*columns.values()):
+                         "stat_semantic_counts", "stat_levels", "stat_figures", "stat_painted", "stat_regions",
+                         "stat_largest"]).to_pydict()
+    for n, covered, purities, ids, counts, levels, figures, painted, regions, largest in zip(*columns.values()):
         found = invariants.MapFigures(**json.loads(figures)) if figures else None
         if found is not None:  # JSON turned the agreement keys into strings
             found.agreement = {int(k): v for k, v in found.agreement.items()}
-        stats.add_row(n, coverage, purities, dict(zip(ids, counts)), json.loads(levels or "{}"), found)
+        stats.add_row(n, covered, purities, dict(zip(ids, counts)), json.loads(levels or "{}"), found,
+                      coverage.RowCoverage(painted, regions, largest))
 
 
 def add_stored_rows(stats: layout.ShardStats, rows: pa.Table, thing_ids: Sequence[int]) -> None:
@@ -106,7 +108,8 @@ def add_stored_rows(stats: layout.ShardStats, rows: pa.Table, thing_ids: Sequenc
         stats.add_row(len(instances), float(np.count_nonzero(instance_map)) / max(1, instance_map.size),
                       [inst["category_purity"] for inst in instances], dict(zip(classes.tolist(), counts.tolist())),
                       painting.level_counts(instances), invariants.map_figures(instances, semantic, instance_map,
-                                                                               thing_ids))
+                                                                               thing_ids),
+                      coverage.measure(instances, instance_map))
 
 
 def _result(shard: int, staged: pa.Table) -> ShardResult:
