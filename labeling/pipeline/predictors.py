@@ -127,7 +127,7 @@ class ModelPredictor:
         device = _device(num_gpus)
         self.labeler = PairedLabeler(choice.instance_labeler(device), choice.semantic_labeler(device), max_side,
                                      max_pixels, cpu_threads)
-        self.environment = environment.encode(environment.collect(device, bool(choice.instance_params.get("compile"))))
+        self.environment = environment.encode(environment.collect(device, self.labeler.instance.compiled))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
