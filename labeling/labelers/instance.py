@@ -5,10 +5,13 @@ same parameters, computed with less work and few device round trips:
 
 - `prepare` (CPU, thread-safe): crops resized for the encoder with segment_anything's own resize;
 - the image encoder runs on `encoder_batch_size` crops per call (of any images), its attention
-  through PyTorch's fused kernels (`sam_fast.fused_encoder`), bf16 autocast on a GPU;
+  through PyTorch's fused kernels (`sam_fast.fused_encoder`), under bf16 autocast on a GPU; its
+  input goes to the device through page-locked memory without a host wait;
 - the prompt decoder runs `points_per_batch` prompts per call, mixing the crops of an encoder call
-  (`sam_fast.decode_points`); all calls of a wave are queued before anything is read back;
-- predicted-IoU filtering, then the exact stability score and box of each candidate computed only
+  (`sam_fast.decode_points`), on a GPU a bf16 copy of the decoder with bf16 activations end to end;
+  all calls of a wave are queued without a host wait;
+- predicted-IoU filtering (one host wait per wave, for the survivors' counts), then the exact
+  stability score and box of each candidate computed only
   on the output tiles that can hold its pixels (`mask_postprocess.tile_stats`), crop-edge filter
   and box NMS, all on the device;
 - only NMS survivors are upsampled again, inside their boxes, and their COCO RLE run boundaries
@@ -323,7 +326,8 @@ class InstanceLabeler:
         if cfg.stability_score_thresh > 0.0:
             keep &= stability >= cfg.stability_score_thresh
         keep &= ~is_box_near_crop_edge(boxes, crop_box, [0, 0, image_size[1], image_size[0]])
-        return _Candidates(low[keep], iou[keep], stability[keep], boxes[keep])
+        index = torch.nonzero(keep).squeeze(1)  # one host wait (a boolean index per tensor would be four)
+        return _Candidates(low[index], iou[index], stability[index], boxes[index])
 
     def _image_result(self, image: _Pending) -> DeviceResult:
         """Upsample every kept mask of an image inside its box, find its RLE run boundaries, and
@@ -335,9 +339,12 @@ class InstanceLabeler:
                 continue
             x0, y0 = crop.box[0], crop.box[1]
             windows = torch.stack([c.boxes[:, 1], c.boxes[:, 0], c.boxes[:, 3] + 1, c.boxes[:, 2] + 1], 1)
-            empty = c.boxes.sum(1) == 0  # batched_mask_to_box's [0, 0, 0, 0]; may still be a one-pixel mask
-            if empty.any():  # an empty box is ambiguous: look at the whole window above the threshold
-                windows[empty] = windows_above(c.low[empty], self.sam.mask_threshold, taps_y[0], taps_x[0])
+            # An empty box (batched_mask_to_box's [0, 0, 0, 0]) may still be a one-pixel mask: it is
+            # ambiguous, so such a mask gets the whole window above the threshold instead (computed for
+            # all masks, cheap at low resolution: no host wait to pick them).
+            empty = c.boxes.sum(1) == 0
+            above = windows_above(c.low, self.sam.mask_threshold, taps_y[0], taps_x[0])
+            windows = torch.where(empty[:, None], above, windows)
             # Masks of similar window sizes share a chunk (padded to its largest window): little waste.
             order = torch.argsort((windows[:, 2:] - windows[:, :2]).clamp_min(1).prod(1))
             areas = torch.zeros(len(windows), dtype=torch.int64, device=self.device)
@@ -346,14 +353,18 @@ class InstanceLabeler:
                 index = order[lo:hi]
                 binary = self._binary_windows(c.low[index], taps_y, taps_x, windows[index])
                 areas[index] = binary.flatten(1).sum(1)
-                origins = windows[index, :2] + torch.tensor([y0, x0], device=self.device)
+                origins = windows[index, :2].clone()
+                origins[:, 0] += y0
+                origins[:, 1] += x0
                 owner, position = window_changes(binary, origins, height, width)
                 owners.append(index[owner])
                 positions.append(position)
             owner, by_mask = torch.sort(torch.cat(owners), stable=True)  # back to the masks' order
             changes.append(torch.cat(positions)[by_mask])
             count = torch.bincount(owner, minlength=len(windows))
-            boxes = c.boxes + torch.tensor([x0, y0, x0, y0], device=self.device)  # uncropped XYXY
+            boxes = c.boxes.clone()  # uncropped XYXY (scalar adds: no host-to-device copy)
+            boxes[:, 0::2] += x0
+            boxes[:, 1::2] += y0
             metas.append(torch.cat([torch.full_like(c.iou, j)[:, None], c.iou[:, None], c.stability[:, None],
                                     boxes.double(), areas[:, None].double(), count[:, None].double()], 1).double())
         meta = torch.cat(metas) if metas else torch.zeros(0, _META, dtype=torch.float64, device=self.device)
