@@ -258,7 +258,8 @@ class InstanceLabeler:
         counts = torch.stack([keep[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])]).tolist()  # the host waits
         out = []
         for a, b, count in zip(bounds[:-1], bounds[1:], counts):
-            index = torch.nonzero_static(keep[a:b], size=count).squeeze(1) + a
+            # The survivors' positions, in order, without another wait: a stable sort puts them first.
+            index = torch.sort((~keep[a:b]).to(torch.uint8), stable=True).indices[:count] + a
             out.append((low.index_select(0, index), iou.index_select(0, index)))
         return out
 
