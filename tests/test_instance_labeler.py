@@ -410,3 +410,15 @@ def test_the_sam_speed_flags_reach_the_labeler_and_do_not_shape_labels():
     assert manifest.differences(old, new) == []
     assert config_from_args(parser().parse_args(args)).compile is None  # None: compiled on a GPU, eager on CPUs
     assert config_from_args(parser().parse_args(args + ["--no-compile"])).compile is False
+
+
+def test_the_relative_position_table_is_segment_anythings():
+    """Built on the tensor's device (no blocking copy on a GPU), bit for bit the stock table."""
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    from labeling.labelers.sam_fast import rel_pos_table
+
+    generator = torch.Generator().manual_seed(0)
+    for q_size, k_size, rows in ((14, 14, 27), (64, 64, 127), (14, 64, 127), (64, 64, 27)):
+        rel_pos = torch.randn(rows, 8, generator=generator)
+        assert torch.equal(rel_pos_table(q_size, k_size, rel_pos), get_rel_pos(q_size, k_size, rel_pos))

@@ -34,12 +34,24 @@ class FusedAttention(Attention):
         bias = None
         if self.use_rel_pos:  # decomposed relative positions (MViTv2): a row term plus a column term
             r_q = q.reshape(B * self.num_heads, H, W, -1)
-            rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(H, H, self.rel_pos_h))  # (B*heads, H, W, H)
-            rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(W, W, self.rel_pos_w))  # (B*heads, H, W, W)
+            rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rel_pos_table(H, H, self.rel_pos_h))  # (B*heads, H, W, H)
+            rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rel_pos_table(W, W, self.rel_pos_w))  # (B*heads, H, W, W)
             bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, self.num_heads, H * W, H * W)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale head_dim ** -0.5, as the stock
         x = x.view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
         return self.proj(x)
+
+
+def rel_pos_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """segment_anything's `get_rel_pos` (q_size, k_size, C), its index built on rel_pos's device: the
+    stock one builds it on the CPU, and indexing a GPU tensor with it waits for a blocking copy."""
+    if rel_pos.shape[0] != 2 * max(q_size, k_size) - 1:  # another input size: the stock interpolation
+        return get_rel_pos(q_size, k_size, rel_pos)
+    device = rel_pos.device
+    q_coords = torch.arange(q_size, device=device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=device)[None, :] * max(q_size / k_size, 1.0)
+    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos[relative.long()]
 
 
 def fused_encoder(encoder: ImageEncoderViT) -> ImageEncoderViT:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 # Bump when labels made by the same models and arguments can change (and record the digest below).
 LABELS_VERSION = 2
-LABEL_CODE_DIGEST = "1d003a39aecc74d03e208a9d3053568b7b9e02a96e9e15431c05474d4979acee"
+LABEL_CODE_DIGEST = "ba4521ad22e9b6561fb80bd4e3988df14e40bee7ca4475868a692ec73d2ccdb5"
 
 # The code whose change can change a label: the labelers, the read / model / post-process stages,
 # and the contract's codecs, painting rule and schema. The driver, writer, card and docs are not in
