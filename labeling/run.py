@@ -107,9 +107,10 @@ def parser() -> argparse.ArgumentParser:
                         help="SAM automatic-mask point grid per side (default: the labeler's; 8 for tiny)")
     models.add_argument("--pred-iou-thresh", type=float, default=None, help="SAM predicted-IoU threshold")
     models.add_argument("--stability-score-thresh", type=float, default=None, help="SAM stability threshold")
-    models.add_argument("--compile", action="store_true",
-                        help="torch.compile SAM's encoder and decoder call (GPU runs: one graph each, compiled "
-                             "once per actor; masks equal eager ones up to float rounding)")
+    models.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile SAM's encoder and decoder call (one graph each, compiled once per actor; "
+                             "masks equal eager ones up to float rounding, within tests/test_instance_labeler.py's "
+                             "tolerance). Default: on where the models run on a GPU, off on CPUs")
     models.add_argument("--min-instance-area", type=int, default=16,
                         help="instances smaller than this many pixels (at full size) are dropped (default 16)")
     models.add_argument("--painting-rule", default="objects", choices=("objects", "parts"),
@@ -155,6 +156,12 @@ def parser() -> argparse.ArgumentParser:
                      help="CPUs per read / post-process task (default 1 with GPUs, 0.25 without)")
     run.add_argument("--read-batch-size", type=positive_int, default=16, help="images per read/decode batch")
     run.add_argument("--model-batch-size", type=positive_int, default=8, help="images per model call")
+    run.add_argument("--sam-points-per-batch", type=positive_int, default=None,
+                     help="SAM prompts per decoder call, padded (default 256 on a GPU, 64 on CPUs); speed and memory "
+                          "only: labels change by float rounding at most")
+    run.add_argument("--sam-encoder-batch-size", type=positive_int, default=None,
+                     help="image crops per SAM encoder call, padded (default 4 on a GPU, 1 on CPUs); speed and memory "
+                          "only: labels change by float rounding at most")
     run.add_argument("--postprocess-batch-size", type=positive_int, default=8, help="images per post-process batch")
     run.add_argument("--listing-workers", type=positive_int, default=32, help="threads listing class folders")
     run.add_argument("--max-failure-rate", type=float, default=0.1,
@@ -189,6 +196,7 @@ def config_from_args(args: argparse.Namespace):
         min_instance_area=args.min_instance_area, painting_rule=args.painting_rule, min_purity=args.min_purity,
         read_batch_size=args.read_batch_size,
         model_batch_size=args.model_batch_size, postprocess_batch_size=args.postprocess_batch_size,
+        sam_points_per_batch=args.sam_points_per_batch, sam_encoder_batch_size=args.sam_encoder_batch_size,
         model_actors=args.model_actors, min_model_actors=args.min_model_actors,
         max_model_actors=args.max_model_actors, device=args.device, wait_for_gpus=args.wait_for_gpus,
         gpus_per_actor=args.gpus_per_actor, actor_cpus=args.actor_cpus, task_cpus=args.task_cpus,

@@ -1,6 +1,7 @@
 """The fast instance labeler gives the stock generator's masks (same model, same parameters)."""
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -113,24 +114,98 @@ def test_fp32_batch1_equals_stock(sam, images, stock):
         np.testing.assert_allclose([r["bbox"] for r in out], [r["bbox"] for r in ref], atol=1.0)
 
 
+def close_to(reference: list[list[dict]], ours: list[list[dict]]) -> None:
+    """The bf16 tolerance against fp32 masks (docs/labelers.md): over all images, mask counts within
+    2 %, median matched IoU >= 0.99, and >= 80 % of the reference masks matched at IoU >= 0.9.
+    (Measured on CPU, 2026-12-07, bf16 decoder against the stock fp32 generator: counts 721 vs
+    721, median 0.997, 84 %; the earlier bf16-autocast decoder with fp32 embeddings: 711, 0.993, 80 %.)"""
+    ious = np.concatenate([_match(ref, out) for ref, out in zip(reference, ours)])
+    total_ref, total_ours = sum(map(len, reference)), sum(map(len, ours))
+    assert abs(total_ours - total_ref) <= 0.02 * total_ref, (total_ours, total_ref)
+    assert np.median(ious) >= 0.99, np.median(ious)
+    assert (ious >= 0.9).sum() >= 0.8 * total_ref, (ious >= 0.9).sum() / total_ref
+
+
 def test_batched_bf16_close_to_stock(sam, images, stock):
-    """Several images per encoder call under bf16 autocast (on CPU here, as on a GPU)."""
+    """Several images per encoder call, the encoder under bf16 autocast and the mask decoder in bf16
+    end to end (on CPU here, as on a GPU), against the stock generator in fp32."""
     cfg = InstanceLabelerConfig(**PARAMS, encoder_batch_size=4, points_per_batch=256, bf16=True, bf16_on_cpu=True)
-    ours = InstanceLabeler(sam, cfg)(images)
-    ious = np.concatenate([_match(ref, out) for ref, out in zip(stock, ours)])
-    total_ref, total_ours = sum(map(len, stock)), sum(map(len, ours))
-    assert abs(total_ours - total_ref) <= 0.02 * total_ref
-    assert np.median(ious) >= 0.99
+    labeler = InstanceLabeler(sam, cfg)
+    assert {p.dtype for p in labeler.decoder.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in sam.mask_decoder.parameters()} == {torch.float32}  # the model itself is untouched
+    close_to(stock, labeler(images))
+
+
+def test_the_decoder_runs_in_bf16_end_to_end(sam):
+    """Given bf16 embeddings and the bf16 decoder copy, every floating activation of the decoder
+    call is bf16 (the prompt encoder's fp32 outputs are cast), the mask logits included."""
+    from labeling.labelers.sam_fast import bf16_decoder, decode_points
+
+    decoder = bf16_decoder(sam.mask_decoder)
+    seen = set()
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.add(o.dtype) if torch.is_tensor(o) else None)
+             for m in decoder.modules()]
+    embeddings = torch.randn(2, 32, 16, 16, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        low, iou = decode_points(sam, embeddings, torch.tensor([0, 1, 1]), torch.rand(3, 2, dtype=torch.float64) * 256,
+                                 decoder)
+    for hook in hooks:
+        hook.remove()
+    assert seen == {torch.bfloat16} and low.dtype == iou.dtype == torch.bfloat16
+
+
+def test_point_embeddings_are_the_prompt_encoders(sam):
+    from labeling.labelers.sam_fast import point_embeddings
+
+    coords = torch.rand(7, 2, dtype=torch.float64) * 256
+    sparse, dense = sam.prompt_encoder(points=(coords[:, None], torch.ones(7, 1, dtype=torch.int)), boxes=None,
+                                       masks=None)
+    ours = point_embeddings(sam.prompt_encoder, coords)
+    torch.testing.assert_close(ours[0], sparse, atol=0, rtol=0)
+    torch.testing.assert_close(ours[1], dense, atol=0, rtol=0)
 
 
 @pytest.mark.gpu
 def test_cuda_fast_mode_close_to_stock(sam, images, stock):
-    """The production mode: encoder batches and bf16 autocast on a GPU."""
-    ours = InstanceLabeler(copy.deepcopy(sam), InstanceLabelerConfig(**PARAMS, points_per_batch=256), "cuda")(images)
-    ious = np.concatenate([_match(ref, out) for ref, out in zip(stock, ours)])
-    total_ref, total_ours = sum(map(len, stock)), sum(map(len, ours))
-    assert abs(total_ours - total_ref) <= 0.02 * total_ref
-    assert np.median(ious) >= 0.99
+    """The production mode: encoder batches, bf16, compiled (the default on CUDA) on a GPU."""
+    labeler = InstanceLabeler(copy.deepcopy(sam), InstanceLabelerConfig(**PARAMS, points_per_batch=256), "cuda")
+    assert labeler.compiled
+    try:
+        close_to(stock, labeler(images))
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_compiled_masks_agree_with_eager_on_gpu(sam, images):
+    """Inductor's kernels change float rounding only: compiled masks are the eager ones within the
+    bf16 tolerance (the condition for compile being on by default on CUDA)."""
+    cfg = InstanceLabelerConfig(**PARAMS, points_per_batch=256)
+    eager = InstanceLabeler(copy.deepcopy(sam), dataclasses.replace(cfg, compile=False), "cuda")(images)
+    try:
+        compiled = InstanceLabeler(copy.deepcopy(sam), dataclasses.replace(cfg, compile=True), "cuda")(images)
+    finally:
+        torch._dynamo.reset()
+    close_to(eager, compiled)
+
+
+@pytest.mark.gpu
+def test_a_wave_queues_encoder_and_decoder_without_a_host_sync(sam, images):
+    """Under torch.cuda.set_sync_debug_mode("error") any host wait raises: the input copies, the
+    encoder call and every decoder call of a wave run without one (the predicted-IoU filter after
+    them waits once, for the survivors' counts)."""
+    labeler = InstanceLabeler(copy.deepcopy(sam), InstanceLabelerConfig(**PARAMS, points_per_batch=64, compile=False),
+                              "cuda")
+    crops = [crop for image in images[:4] for crop in labeler.prepare(image).crops]
+    with torch.inference_mode():
+        labeler._decode_calls(labeler._encode(crops), crops)  # warm-up: library handles, allocations
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            low, iou, bounds = labeler._decode_calls(labeler._encode(crops), crops)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert low.dtype == torch.bfloat16 and len(iou) == bounds[-1] == 3 * PARAMS["points_per_side"] ** 2 * 4
 
 
 def test_crops_and_small_regions_equal_stock(sam, images):
@@ -315,3 +390,35 @@ def test_the_compile_switch_traces_whole_graphs_and_keeps_the_masks(sam, images,
     finally:
         torch._dynamo.reset()
     assert plain and compiled == plain
+
+
+def test_the_sam_speed_flags_reach_the_labeler_and_do_not_shape_labels():
+    """--sam-points-per-batch and --sam-encoder-batch-size set the labeler's call sizes; a resume may
+    change them (recorded, not compared: every call is padded to them, labels change by rounding at most)."""
+    from labeling.pipeline import manifest
+    from labeling.pipeline.driver import LabelingConfig, model_choice
+    from labeling.run import config_from_args, parser
+
+    args = ["--input", "in", "--output", "out", "--models", "default"]
+    cfg = config_from_args(parser().parse_args(args + ["--sam-points-per-batch", "128", "--sam-encoder-batch-size", "2"]))
+    params = model_choice(cfg).instance_params
+    assert InstanceLabelerConfig(**params).points_per_batch == 128 and params["encoder_batch_size"] == 2
+    plain = LabelingConfig(input="in", output="out")
+    assert cfg.arguments() == plain.arguments()
+    old, new = ({"arguments": c.arguments(), "models": {"sam": {"params": model_choice(c).instance_params}}}
+                for c in (plain, cfg))
+    assert manifest.differences(old, new) == []
+    assert config_from_args(parser().parse_args(args)).compile is None  # None: compiled on a GPU, eager on CPUs
+    assert config_from_args(parser().parse_args(args + ["--no-compile"])).compile is False
+
+
+def test_the_relative_position_table_is_segment_anythings():
+    """Built on the tensor's device (no blocking copy on a GPU), bit for bit the stock table."""
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    from labeling.labelers.sam_fast import rel_pos_table
+
+    generator = torch.Generator().manual_seed(0)
+    for q_size, k_size, rows in ((14, 14, 27), (64, 64, 127), (14, 64, 127), (64, 64, 27)):
+        rel_pos = torch.randn(rows, 8, generator=generator)
+        assert torch.equal(rel_pos_table(q_size, k_size, rel_pos), get_rel_pos(q_size, k_size, rel_pos))

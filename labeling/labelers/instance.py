@@ -5,10 +5,13 @@ same parameters, computed with less work and few device round trips:
 
 - `prepare` (CPU, thread-safe): crops resized for the encoder with segment_anything's own resize;
 - the image encoder runs on `encoder_batch_size` crops per call (of any images), its attention
-  through PyTorch's fused kernels (`sam_fast.fused_encoder`), bf16 autocast on a GPU;
+  through PyTorch's fused kernels (`sam_fast.fused_encoder`), under bf16 autocast on a GPU; its
+  input goes to the device through page-locked memory without a host wait;
 - the prompt decoder runs `points_per_batch` prompts per call, mixing the crops of an encoder call
-  (`sam_fast.decode_points`); all calls of a wave are queued before anything is read back;
-- predicted-IoU filtering, then the exact stability score and box of each candidate computed only
+  (`sam_fast.decode_points`), on a GPU a bf16 copy of the decoder with bf16 activations end to end;
+  all calls of a wave are queued without a host wait;
+- predicted-IoU filtering (one host wait per wave, for the survivors' counts), then the exact
+  stability score and box of each candidate computed only
   on the output tiles that can hold its pixels (`mask_postprocess.tile_stats`), crop-edge filter
   and box NMS, all on the device;
 - only NMS survivors are upsampled again, inside their boxes, and their COCO RLE run boundaries
@@ -52,10 +55,11 @@ from labeling.labelers.mask_postprocess import (
     window_changes,
     windows_above,
 )
-from labeling.labelers.sam_fast import decode_points, fused_encoder
+from labeling.labelers.sam_fast import bf16_decoder, decode_points, fused_encoder
 from labeling.labelers.timing import StageClock
 
 FILTER_BATCH = 1024  # candidates whose stability and boxes are computed together (bounds memory)
+TAPS_CACHE = 256  # image sizes whose upsampling taps stay on the device
 
 
 @dataclass(frozen=True)
@@ -73,10 +77,11 @@ class InstanceLabelerConfig:
     min_mask_region_area: int = 0  # holes and islands smaller than this are removed (SA-1B: 100)
     max_mask_fraction: float | None = None  # masks covering this share of the image or more are dropped (SA-1B: 0.95)
     encoder_batch_size: int | None = None  # crops per image-encoder call, padded (None: 4 on CUDA, 1 elsewhere)
-    bf16: bool = True  # bf16 autocast for encoder and decoder, on CUDA only (unless bf16_on_cpu)
+    bf16: bool = True  # on CUDA only (unless bf16_on_cpu): the encoder under bf16 autocast, the mask decoder in bf16
     bf16_on_cpu: bool = False  # tests use it to check the bf16 path without a GPU
     fused_attention: bool = True  # the encoder's attention through F.scaled_dot_product_attention
-    compile: bool = False  # torch.compile the encoder and the decoder call (fixed shapes: one graph each)
+    compile: bool | None = None  # torch.compile the encoder and the decoder call (fixed shapes: one graph each);
+    # None: on CUDA, off elsewhere (inductor's kernels change float rounding only: tests/test_instance_labeler.py)
     window_pixels: int = 1 << 22  # upsampled pixels per post-processing chunk (bounds memory)
 
 
@@ -150,11 +155,18 @@ class InstanceLabeler:
         self.point_grids = build_all_layer_point_grids(
             self.cfg.points_per_side, self.cfg.crop_n_layers, self.cfg.crop_n_points_downscale_factor
         )
-        use_bf16 = self.cfg.bf16 and (self.device.type == "cuda" or self.cfg.bf16_on_cpu)
+        use_bf16 = self.cfg.bf16 and (cuda or self.cfg.bf16_on_cpu)
         self._autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        # The decoder's activations are bf16 end to end (its per-prompt copies of the image embedding are
+        # most of its memory traffic): a bf16 copy of its weights, fed bf16 embeddings.
+        self.dtype = torch.bfloat16 if use_bf16 else torch.float32
+        self.decoder = bf16_decoder(self.sam.mask_decoder) if use_bf16 else self.sam.mask_decoder
+        self.compiled = cuda if self.cfg.compile is None else self.cfg.compile
         encoder = fused_encoder(self.sam.image_encoder) if self.cfg.fused_attention else self.sam.image_encoder
-        self._encoder = torch.compile(encoder) if self.cfg.compile else encoder
-        self._decode = torch.compile(decode_points) if self.cfg.compile else decode_points
+        self._encoder = torch.compile(encoder) if self.compiled else encoder
+        self._decode = torch.compile(decode_points) if self.compiled else decode_points
+        self._pin = cuda  # host buffers copied to the device without waiting (page-locked, non_blocking)
+        self._taps: dict[tuple[int, ...], tuple] = {}  # axis_taps on the device, by sizes
         self.clock = StageClock()  # seconds per stage; benchmarks swap in a syncing clock
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[list[dict]]:
@@ -181,13 +193,14 @@ class InstanceLabeler:
         """
         pending: dict[int, _Pending] = {}
         for wave in self._waves(images, pending):
+            crops = [crop for _, crop in wave]
             with self.clock("encoder"):
-                features = self._encode([crop.pixels for _, crop in wave])
+                features = self._encode(crops)
             with self.clock("decoder"):
-                low, iou, owner = self._decode_wave(features, [crop for _, crop in wave])
-            for j, (i, crop) in enumerate(wave):
+                candidates = self._decode_wave(features, crops)
+            for (i, crop), (low, iou) in zip(wave, candidates):
                 with self.clock("filter"):
-                    kept, taps = self._crop_candidates(low, iou, owner == j, crop, pending[i].image.size)
+                    kept, taps = self._crop_candidates(low, iou, crop, pending[i].image.size)
                 pending[i].crops.append((crop, kept, taps))
                 if len(pending[i].crops) == len(pending[i].image.crops):
                     with self.clock("masks"):
@@ -207,56 +220,94 @@ class InstanceLabeler:
         if wave:
             yield wave
 
-    def _encode(self, crops: list[np.ndarray]) -> torch.Tensor:
-        """Image embeddings (encoder_batch_size, C, h, w); rows past len(crops) embed blank inputs."""
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the device; on CUDA through page-locked memory, so the host does not wait."""
+        if self._pin and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
+    def _encode(self, crops: list[PreparedCrop]) -> torch.Tensor:
+        """Image embeddings (encoder_batch_size, C, h, w) in the decoder's dtype; rows past len(crops)
+        embed blank inputs."""
         size = self.sam.image_encoder.img_size
-        batch = torch.zeros(self.encoder_batch_size, 3, size, size, device=self.device)
-        for k, pixels in enumerate(crops):  # normalised and padded exactly as SamPredictor does
-            batch[k] = self.sam.preprocess(torch.as_tensor(pixels, device=self.device).permute(2, 0, 1)[None])[0]
+        pixels = torch.zeros(self.encoder_batch_size, size, size, 3, dtype=torch.uint8, pin_memory=self._pin)
+        extent = torch.zeros(self.encoder_batch_size, 2, dtype=torch.int64, pin_memory=self._pin)
+        for k, crop in enumerate(crops):
+            h, w = crop.pixels.shape[:2]
+            pixels[k, :h, :w] = torch.from_numpy(crop.pixels)
+            extent[k, 0], extent[k, 1] = h, w
+        x = self._to_device(pixels).permute(0, 3, 1, 2).float()  # (B, 3, size, size)
+        extent = self._to_device(extent)
+        # Normalised, and zero past each crop, exactly as SamPredictor's preprocess and padding do.
+        x = (x - self.sam.pixel_mean) / self.sam.pixel_std
+        ar = torch.arange(size, device=self.device)
+        inside = (ar[None, :, None] < extent[:, 0, None, None]) & (ar[None, None, :] < extent[:, 1, None, None])
+        batch = torch.where(inside[:, None], x, 0.0)
         with torch.autocast(**self._autocast):
-            return self._encoder(batch).float()
+            return self._encoder(batch).to(self.dtype)
 
-    def _decode_wave(self, features: torch.Tensor, crops: list[PreparedCrop]):
-        """Every point prompt of the wave's crops through the decoder, `points_per_batch` per call,
-        and the predicted-IoU filter.
+    def _decode_wave(self, features: torch.Tensor, crops: list[PreparedCrop]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every point prompt of the wave's crops through the decoder (`_decode_calls`), then the
+        predicted-IoU filter, which waits once for the number of survivors of each crop.
 
-        Returns the candidates' low-resolution logits (N, h, w) in the decoder's dtype, predicted
-        IoUs (N,) and crops (N,), in the stock generator's order (prompt-major, three per prompt).
+        Returns per crop its candidates' low-resolution logits (n, h, w) in the decoder's dtype and
+        predicted IoUs (n,) float32, in the stock generator's order (prompt-major, three per prompt).
+        """
+        low, iou, bounds = self._decode_calls(features, crops)
+        keep = iou > self.cfg.pred_iou_thresh if self.cfg.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
+        counts = torch.stack([keep[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])]).tolist()  # the host waits
+        out = []
+        for a, b, count in zip(bounds[:-1], bounds[1:], counts):
+            # The survivors' positions, in order, without another wait: a stable sort puts them first.
+            index = torch.sort((~keep[a:b]).to(torch.uint8), stable=True).indices[:count] + a
+            out.append((low.index_select(0, index), iou.index_select(0, index)))
+        return out
+
+    def _decode_calls(self, features: torch.Tensor, crops: list[PreparedCrop]) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """The decoder over every point prompt of the wave's crops, `points_per_batch` per call (the
+        last padded), in the decoder's dtype (bf16 end to end on a GPU); queued without a host wait.
+
+        Returns low-resolution logits (M, h, w), predicted IoUs (M,) float32 of all M = 3 x prompts
+        candidates, prompt-major, and the bounds [0, ..., M] of each crop's candidates in them.
         """
         coords, owner = [], []
         for j, crop in enumerate(crops):
             points = self.point_grids[crop.layer] * np.array(crop.size)[None, ::-1]
             coords.append(self.transform.apply_coords(points, crop.size))
             owner.append(np.full(len(points), j))
-        coords = torch.as_tensor(np.concatenate(coords), device=self.device)  # float64, as the stock generator's
-        owner = torch.as_tensor(np.concatenate(owner), device=self.device)
-        total, step = len(coords), self.points_per_batch
-        lows, ious, owners = [], [], []
-        for start in range(0, total, step):
-            n = min(total, start + step) - start
-            chunk_coords, chunk_owner = coords.new_zeros(step, 2), owner.new_zeros(step)
-            chunk_coords[:n], chunk_owner[:n] = coords[start : start + n], owner[start : start + n]
-            with torch.autocast(**self._autocast):
-                low, iou = self._decode(self.sam, features, chunk_owner, chunk_coords)
-            low, iou = low[:n].flatten(0, 1), iou[:n].flatten(0, 1).float()  # (n * 3, h, w), (n * 3,)
-            which = chunk_owner[:n].repeat_interleave(3)
-            if self.cfg.pred_iou_thresh > 0.0:
-                keep = iou > self.cfg.pred_iou_thresh
-                low, iou, which = low[keep], iou[keep], which[keep]
+        total, step = sum(map(len, coords)), self.points_per_batch
+        padded = -(-total // step) * step
+        all_coords = torch.zeros(padded, 2, dtype=torch.float64)  # float64, as the stock generator's
+        all_owner = torch.zeros(padded, dtype=torch.int64)
+        all_coords[:total] = torch.from_numpy(np.concatenate(coords))
+        all_owner[:total] = torch.from_numpy(np.concatenate(owner))
+        all_coords, all_owner = self._to_device(all_coords), self._to_device(all_owner)
+        lows, ious = [], []
+        for start in range(0, padded, step):
+            low, iou = self._decode(self.sam, features, all_owner[start : start + step],
+                                    all_coords[start : start + step], self.decoder)
             lows.append(low)
             ious.append(iou)
-            owners.append(which)
-        return torch.cat(lows), torch.cat(ious), torch.cat(owners)
+        low = torch.cat(lows)[:total].flatten(0, 1)  # (total * 3, h, w)
+        iou = torch.cat(ious)[:total].flatten(0, 1).float()  # (total * 3,)
+        return low, iou, [int(b) for b in np.cumsum([0] + [3 * len(c) for c in coords])]
 
-    def _crop_candidates(self, low, iou, mine, crop: PreparedCrop, image_size) -> tuple[_Candidates, tuple]:
+    def _axis_taps(self, *sizes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`axis_taps(*sizes)` on the device, kept for the last TAPS_CACHE sizes (images share sizes)."""
+        if sizes not in self._taps:
+            if len(self._taps) >= TAPS_CACHE:
+                del self._taps[next(iter(self._taps))]
+            self._taps[sizes] = tuple(self._to_device(t) for t in axis_taps(*sizes))
+        return self._taps[sizes]
+
+    def _crop_candidates(self, low, iou, crop: PreparedCrop, image_size) -> tuple[_Candidates, tuple]:
         """A crop's candidates through the stability and crop-edge filters and box NMS."""
         cfg, model_len = self.cfg, self.sam.image_encoder.img_size
         input_size = crop.pixels.shape[:2]
-        taps_y = [t.to(self.device) for t in axis_taps(low.shape[-2], model_len, input_size[0], crop.size[0])]
-        taps_x = [t.to(self.device) for t in axis_taps(low.shape[-1], model_len, input_size[1], crop.size[1])]
-        index = torch.nonzero(mine).squeeze(1)
-        parts = [self._filter(low[chunk].float(), iou[chunk], taps_y, taps_x, crop.box, image_size)
-                 for chunk in index.split(FILTER_BATCH)]
+        taps_y = self._axis_taps(low.shape[-2], model_len, input_size[0], crop.size[0])
+        taps_x = self._axis_taps(low.shape[-1], model_len, input_size[1], crop.size[1])
+        parts = [self._filter(low[lo : lo + FILTER_BATCH].float(), iou[lo : lo + FILTER_BATCH], taps_y, taps_x,
+                              crop.box, image_size) for lo in range(0, len(iou), FILTER_BATCH)]
         if not parts:
             empty = torch.zeros(0, device=self.device)
             none = torch.zeros(0, 4, dtype=torch.int64, device=self.device)
@@ -276,7 +327,8 @@ class InstanceLabeler:
         if cfg.stability_score_thresh > 0.0:
             keep &= stability >= cfg.stability_score_thresh
         keep &= ~is_box_near_crop_edge(boxes, crop_box, [0, 0, image_size[1], image_size[0]])
-        return _Candidates(low[keep], iou[keep], stability[keep], boxes[keep])
+        index = torch.nonzero(keep).squeeze(1)  # one host wait (a boolean index per tensor would be four)
+        return _Candidates(low[index], iou[index], stability[index], boxes[index])
 
     def _image_result(self, image: _Pending) -> DeviceResult:
         """Upsample every kept mask of an image inside its box, find its RLE run boundaries, and
@@ -288,9 +340,12 @@ class InstanceLabeler:
                 continue
             x0, y0 = crop.box[0], crop.box[1]
             windows = torch.stack([c.boxes[:, 1], c.boxes[:, 0], c.boxes[:, 3] + 1, c.boxes[:, 2] + 1], 1)
-            empty = c.boxes.sum(1) == 0  # batched_mask_to_box's [0, 0, 0, 0]; may still be a one-pixel mask
-            if empty.any():  # an empty box is ambiguous: look at the whole window above the threshold
-                windows[empty] = windows_above(c.low[empty], self.sam.mask_threshold, taps_y[0], taps_x[0])
+            # An empty box (batched_mask_to_box's [0, 0, 0, 0]) may still be a one-pixel mask: it is
+            # ambiguous, so such a mask gets the whole window above the threshold instead (computed for
+            # all masks, cheap at low resolution: no host wait to pick them).
+            empty = c.boxes.sum(1) == 0
+            above = windows_above(c.low, self.sam.mask_threshold, taps_y[0], taps_x[0])
+            windows = torch.where(empty[:, None], above, windows)
             # Masks of similar window sizes share a chunk (padded to its largest window): little waste.
             order = torch.argsort((windows[:, 2:] - windows[:, :2]).clamp_min(1).prod(1))
             areas = torch.zeros(len(windows), dtype=torch.int64, device=self.device)
@@ -299,14 +354,18 @@ class InstanceLabeler:
                 index = order[lo:hi]
                 binary = self._binary_windows(c.low[index], taps_y, taps_x, windows[index])
                 areas[index] = binary.flatten(1).sum(1)
-                origins = windows[index, :2] + torch.tensor([y0, x0], device=self.device)
+                origins = windows[index, :2].clone()
+                origins[:, 0] += y0
+                origins[:, 1] += x0
                 owner, position = window_changes(binary, origins, height, width)
                 owners.append(index[owner])
                 positions.append(position)
             owner, by_mask = torch.sort(torch.cat(owners), stable=True)  # back to the masks' order
             changes.append(torch.cat(positions)[by_mask])
             count = torch.bincount(owner, minlength=len(windows))
-            boxes = c.boxes + torch.tensor([x0, y0, x0, y0], device=self.device)  # uncropped XYXY
+            boxes = c.boxes.clone()  # uncropped XYXY (scalar adds: no host-to-device copy)
+            boxes[:, 0::2] += x0
+            boxes[:, 1::2] += y0
             metas.append(torch.cat([torch.full_like(c.iou, j)[:, None], c.iou[:, None], c.stability[:, None],
                                     boxes.double(), areas[:, None].double(), count[:, None].double()], 1).double())
         meta = torch.cat(metas) if metas else torch.zeros(0, _META, dtype=torch.float64, device=self.device)

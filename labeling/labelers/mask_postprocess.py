@@ -164,15 +164,16 @@ def tile_stats(low: torch.Tensor, taps_y: tuple[torch.Tensor, torch.Tensor], tap
             counts[j].index_add_(0, m, (values > threshold).flatten(1).float().sum(1).long())
         positive = values > box_threshold
         any_r, any_c = positive.any(2), positive.any(1)  # (K, tile)
-        has = any_r.any(1)
+        # A tile without a positive pixel gives the reductions' identities (big, -1): no compaction
+        # (a host wait on a GPU) is needed to leave it out.
         tile_top = torch.where(any_r, rows, big).amin(1)
         tile_bottom = torch.where(any_r, rows, -1).amax(1)
         tile_left = torch.where(any_c, cols, big).amin(1)
         tile_right = torch.where(any_c, cols, -1).amax(1)
-        top.scatter_reduce_(0, m[has], tile_top[has], "amin")
-        bottom.scatter_reduce_(0, m[has], tile_bottom[has], "amax")
-        left.scatter_reduce_(0, m[has], tile_left[has], "amin")
-        right.scatter_reduce_(0, m[has], tile_right[has], "amax")
+        top.scatter_reduce_(0, m, tile_top, "amin")
+        bottom.scatter_reduce_(0, m, tile_bottom, "amax")
+        left.scatter_reduce_(0, m, tile_left, "amin")
+        right.scatter_reduce_(0, m, tile_right, "amax")
     boxes = torch.stack([left, top, right, bottom], 1)
     return counts, torch.where((bottom >= 0)[:, None], boxes, torch.zeros_like(boxes))
 

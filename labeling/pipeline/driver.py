@@ -94,7 +94,7 @@ class LabelingConfig:
     points_per_side: int | None = label_shaping(None)
     pred_iou_thresh: float | None = label_shaping(None)
     stability_score_thresh: float | None = label_shaping(None)
-    compile: bool = label_shaping(False)  # torch.compile SAM (float rounding may differ from eager)
+    compile: bool | None = label_shaping(None)  # torch.compile SAM; None: on a GPU (float rounding may differ)
     min_instance_area: int = label_shaping(16)
     painting_rule: str = label_shaping(DEFAULT_RULE)
     min_purity: float | None = label_shaping(None)
@@ -103,6 +103,11 @@ class LabelingConfig:
     # tests/test_label_determinism.py).
     read_batch_size: int = 16
     model_batch_size: int = 8
+    # SAM's prompts per decoder call and crops per encoder call (None: the labeler's defaults); every call
+    # is padded to them, so they change speed and memory, and labels by float rounding at most
+    # (manifest.SPEED_PARAMS: recorded, not compared).
+    sam_points_per_batch: int | None = None
+    sam_encoder_batch_size: int | None = None
     postprocess_batch_size: int = 8
     device: str = "auto"  # model actors on "cuda", or "cpu" when asked (auto: CPUs only for the tiny twins)
     wait_for_gpus: float | None = None  # seconds to wait for a first GPU (None: 30 min with an autoscaler)
@@ -159,8 +164,11 @@ def model_choice(cfg: LabelingConfig) -> ModelChoice:
     for name in ("points_per_side", "pred_iou_thresh", "stability_score_thresh"):
         if getattr(cfg, name) is not None:
             instance[name] = getattr(cfg, name)
-    if cfg.compile:
-        instance["compile"] = True
+    if cfg.compile is not None:
+        instance["compile"] = cfg.compile
+    for name in ("points_per_batch", "encoder_batch_size"):
+        if getattr(cfg, f"sam_{name}") is not None:
+            instance[name] = getattr(cfg, f"sam_{name}")
     semantic = dict(preset["semantic"])
     if cfg.semantic_shortest_edge is not None:
         semantic["shortest_edge"] = cfg.semantic_shortest_edge

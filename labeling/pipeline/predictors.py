@@ -107,7 +107,7 @@ class ModelPredictor:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL only warns below 2x of it
         self.labeler = PairedLabeler(choice.instance_labeler(device), choice.semantic_labeler(device), max_side,
                                      max_pixels, cpu_threads, decoder=DecodePool(cpu_threads, max_pixels, max_side))
-        self.environment = environment.encode(environment.collect(device, bool(choice.instance_params.get("compile"))))
+        self.environment = environment.encode(environment.collect(device, self.labeler.instance.compiled))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
