@@ -150,6 +150,7 @@ def run_one(name: str, seed: int, scale: Scale, paths: dict[str, str], run_dir: 
         torch.manual_seed(seed)
         model = create_model(arm.model, num_semantic_classes=num_classes, **args)
     row["train_wall_s"], row["train_cpu_s"] = time.perf_counter() - wall, time.process_time() - cpu
+    model = model.cpu()  # the probes' tensors live on the host (a GPU run's model comes back from the device)
     row.update(probe(model, train_split, val_split, scale.patch_size, seed, scale.probe_epochs,
                      scale.patch_probe_epochs, scale.finetune_epochs))
     row["wall_s"], row["cpu_s"] = time.perf_counter() - wall, time.process_time() - cpu
