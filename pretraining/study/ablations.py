@@ -223,7 +223,8 @@ def report(rows: list[dict], scale: Scale, output: Path, expected: list[tuple[st
     lines = [title, *print_tables(rows)]
     if missing:
         lines.append(f"incomplete: {len(missing)} runs missing, e.g. {missing[:4]}; run them (--parts) and --report")
-    lines.append(f"train CPU {sum(r['cpu_s'] for r in rows) / 60:.1f} min over {len(rows)} runs; config {asdict(scale)}")
+    lines.append(f"CPU (training and probes) {sum(r['cpu_s'] for r in rows) / 60:.1f} min over {len(rows)} runs; "
+                 f"config {asdict(scale)}")
     lines.append(last_line(rows))
     return lines
 
