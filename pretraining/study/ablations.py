@@ -77,7 +77,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset_card.synthetic.scenes import SEMANTIC_CLASSES, write_scenes
+from dataset_card.synthetic.scenes import APPEARANCE_FILE, SEMANTIC_CLASSES, write_scenes
 from pretraining.study.arms import ARMS, GROUPS, SCALES, Scale, model_overrides
 from pretraining.study.tables import last_line, plot, print_tables, write_csvs
 
@@ -92,7 +92,7 @@ def write_data(root: Path, scale: Scale, variants: set[str]) -> dict[str, str]:
                                       ("probe_val", scale.probe_val, 2000, "clean")]:
         key = name.removeprefix("train-") if name.startswith("train-") else name
         paths[key] = str(root / name)
-        if not (root / name / "appearance.npy").exists():
+        if not (root / name / APPEARANCE_FILE).exists():
             shutil.rmtree(root / name, ignore_errors=True)
             write_scenes(paths[key], count, scale.img_size, seed=seed, labels=labels, task="appearance")
     return paths
