@@ -3,11 +3,19 @@ model should learn (pretraining/study/ablations.py trains and probes on it).
 
 A scene is a stuff background (one stuff class, or two split by a tilted horizon) with 2-5 objects
 painted back to front, so later objects occlude earlier ones. An object's semantic class is its
-*shape* (`SHAPES`); its colour and texture are random, so no pixel statistic gives the class away.
-Stuff classes (`STUFF`) are told apart by texture (a smooth gradient, grainy noise, bricks) in
-random colours. The image class is the shape of the object with the largest visible area. Labels
-are exact: the semantic map holds each pixel's stuff or shape class, and each object's visible
-pixels are one instance (occlusion can cut an object in two; it stays one instance).
+*shape* (`SHAPES`); its colours are random, so no colour gives the class away. Stuff classes
+(`STUFF`) are told apart by texture (a smooth gradient, grainy noise, bricks) in random colours.
+Labels are exact: the semantic map holds each pixel's stuff or shape class, and each object's
+visible pixels are one instance (occlusion can cut an object in two; it stays one instance).
+
+Two tasks (`task=`) say what the image class is:
+- "shape": the shape of the object with the largest visible area; objects are flat, striped or
+  checked at random. The class is a function of the semantic map: a label-informed task.
+- "appearance": the texture of the largest object, one of `APPEARANCES` (flat, stripes, checker,
+  dots, speckle, grid), the other objects' textures random. Geometry and paint come from separate
+  generators, so the label maps (shapes and instances only) say nothing about the class, while the
+  RGB shows it. `Scene.shape` keeps the largest object's shape for the label-informed probe, and
+  `Scene.appearance` every object pixel's texture (the dense texture probe no arm is trained on).
 
 Label variants (`labels=`), the same images in each:
 - "clean": the exact maps.
@@ -37,6 +45,11 @@ SEMANTIC_CLASSES = (
     *(layout.SemanticClass(len(STUFF) + i, name, True) for i, name in enumerate(SHAPES)),
 )
 LABEL_VARIANTS = ("clean", "noisy", "shuffled")
+TASKS = ("shape", "appearance")
+APPEARANCE_FILE = "appearance.npy"  # beside the shards: per-pixel object textures
+# The appearance task's classes: object textures, none of them a stuff texture, each in random colours.
+APPEARANCES = ("flat", "stripes", "checker", "dots", "speckle", "grid")
+_SHAPE_TASK_TEXTURES = ("flat", "stripes", "checker", "flat")
 
 
 @dataclass(frozen=True)
@@ -44,11 +57,14 @@ class Scene:
     rgb: np.ndarray  # (H, W, 3) uint8
     semantic: np.ndarray  # (H, W) uint8 class ids (STUFF then SHAPES)
     masks: list[np.ndarray]  # (H, W) bool visible pixels of each object, back to front; none empty
-    label: int  # image class: index into SHAPES of the largest visible object
+    label: int  # image class: the task's class of the largest visible object (SHAPES or APPEARANCES index)
+    shape: int  # index into SHAPES of the largest visible object (the label-informed probe's class)
+    appearance: np.ndarray  # (H, W) int8 index into APPEARANCES of each object pixel's texture; -1 on stuff
 
 
-def metadata() -> layout.DatasetMetadata:
-    return layout.DatasetMetadata(SHAPES, SEMANTIC_CLASSES, semantic_source="procedural scenes (exact)")
+def metadata(task: str = "shape") -> layout.DatasetMetadata:
+    return layout.DatasetMetadata(APPEARANCES if task == "appearance" else SHAPES, SEMANTIC_CLASSES,
+                                  semantic_source="procedural scenes (exact)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,11 +97,20 @@ def _texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, kind: str
         offset = (yy // h % 2) * (w // 2)
         mortar = (yy % h == 0) | ((xx + offset) % w == 0)
         return np.where(mortar[..., None], a * 0.35, a + rng.normal(0, 6, (*yy.shape, 3)))
+    if kind == "dots":  # discs on a square grid
+        period = rng.integers(4, 7)
+        dy, dx = (yy + rng.integers(period)) % period - period / 2, (xx + rng.integers(period)) % period - period / 2
+        return np.where((np.hypot(dy, dx) < period / 3)[..., None], a, b)
+    if kind == "speckle":  # every pixel one of two colours at random
+        return np.where((rng.random(yy.shape) < 0.5)[..., None], a, b)
+    if kind == "grid":  # thin lines in both directions
+        period = rng.integers(4, 7)
+        lines = ((yy + rng.integers(period)) % period == 0) | ((xx + rng.integers(period)) % period == 0)
+        return np.where(lines[..., None], a, b)
     raise ValueError(kind)
 
 
 _STUFF_TEXTURE = {"sky": "gradient", "ground": "grain", "wall": "bricks"}
-_OBJECT_TEXTURES = ("flat", "stripes", "checker", "flat")
 
 
 def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, radius: float,
@@ -109,7 +134,12 @@ def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float
     raise ValueError(shape)
 
 
-def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _geometry(rng: np.random.Generator, size: int, shapes: list[int], target_radius: tuple[float, float],
+              other_radius: tuple[float, float], target_centre: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Where everything is, no pixel colours: (stuff (H, W) uint8 stuff class of every pixel, owner (H, W)
+    int: which object each pixel shows, -1 none). Object 0 has a radius in `target_radius` and its centre
+    in `target_centre` (shares of the image size), the others a radius in `other_radius` anywhere; objects
+    are painted in random order, so later ones occlude earlier ones."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     kinds = rng.choice(len(STUFF), size=2, replace=False)
     if rng.random() < 0.4:
@@ -117,49 +147,73 @@ def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     else:
         horizon = rng.uniform(0.3, 0.7) * size + np.tan(rng.uniform(-0.4, 0.4)) * (xx - size / 2)
         below = yy > horizon
+    stuff = np.where(below, kinds[1], kinds[0]).astype(np.uint8)
+    radii = rng.uniform(*other_radius, len(shapes)) * size
+    radii[0] = rng.uniform(*target_radius) * size
+    owner = np.full((size, size), -1)
+    for i in rng.permutation(len(shapes)):
+        cy, cx = rng.uniform(*(target_centre if i == 0 else (0.15, 0.85)), 2) * size
+        mask = _shape_mask(SHAPES[shapes[i]], yy, xx, cy, cx, radii[i], rng.uniform(0, 2 * np.pi), rng.uniform(0.8, 1.25))
+        owner[mask] = i
+    return stuff, owner
+
+
+def _paint(rng: np.random.Generator, stuff: np.ndarray, owner: np.ndarray, textures: list[str]) -> np.ndarray:
+    """(H, W, 3) float RGB: each stuff region in its class's texture, object i's visible pixels in
+    `textures[i]`, all in colours drawn from `rng`."""
+    size = stuff.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     rgb = np.empty((size, size, 3))
-    semantic = np.where(below, kinds[1], kinds[0]).astype(np.uint8)
-    for k in kinds:
-        region = semantic == k
+    for k in np.unique(stuff):
+        region = stuff == k
         rgb[region] = _texture(rng, yy, xx, _STUFF_TEXTURE[STUFF[k]])[region]
-    return rgb, semantic
+    for i, kind in enumerate(textures):
+        region = owner == i
+        rgb[region] = _texture(rng, yy, xx, kind)[region]
+    return rgb
 
 
 def render_scene(rng: np.random.Generator, size: int = 48, target: int | None = None, tries: int = 50,
                  target_radius: tuple[float, float] = (0.28, 0.38),
                  other_radius: tuple[float, float] = (0.08, 0.16),
-                 target_centre: tuple[float, float] = (0.35, 0.65)) -> Scene:
-    """One scene; with `target` (an index into SHAPES), redrawn (up to `tries` times) until the image
-    class is that shape. One object (the first) has a radius in `target_radius` and its centre in
-    `target_centre` (shares of the image size; near the middle, as photographed objects are), the
-    others a radius in `other_radius` anywhere, so the class-defining object is usually the largest.
+                 target_centre: tuple[float, float] = (0.35, 0.65), task: str = "shape",
+                 paint_rng: np.random.Generator | None = None) -> Scene:
+    """One scene of `task` ("shape" or "appearance"); with `target` (an index into the task's
+    classes), one whose image class is that. The first of 2-5 objects is big and near the middle (as
+    photographed objects are), so it is usually the largest.
+
+    shape: the scene is redrawn (up to `tries` times) until the largest object's shape is `target`;
+    objects take a random texture of `_SHAPE_TASK_TEXTURES`. appearance: the geometry is drawn once
+    from `rng`, then the largest object takes texture `target` and the others random ones, all painted
+    from `paint_rng` (default `rng`). With a separate `paint_rng`, the label maps are a function of
+    `rng` alone and the image class of `paint_rng` alone: the maps cannot tell the class.
     """
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    for _ in range(tries):
-        rgb, semantic = _background(rng, size)
+    if task not in TASKS:
+        raise ValueError(f"Unknown scene task {task!r}; use one of {', '.join(TASKS)}.")
+    paint_rng = rng if paint_rng is None else paint_rng
+    for _ in range(tries if task == "shape" else 1):
         count = int(rng.integers(2, 6))
         shapes = [int(rng.integers(len(SHAPES))) for _ in range(count)]
-        radii = rng.uniform(*other_radius, count) * size
-        radii[0] = rng.uniform(*target_radius) * size
-        if target is not None:
+        if target is not None and task == "shape":
             shapes[0] = target
-        owner = np.full((size, size), -1)  # which object each pixel shows
-        for i in rng.permutation(count):  # painting order: later objects occlude earlier ones
-            cy, cx = rng.uniform(*(target_centre if i == 0 else (0.15, 0.85)), 2) * size
-            mask = _shape_mask(SHAPES[shapes[i]], yy, xx, cy, cx, radii[i], rng.uniform(0, 2 * np.pi),
-                               rng.uniform(0.8, 1.25))
-            kind = _OBJECT_TEXTURES[int(rng.integers(len(_OBJECT_TEXTURES)))]
-            rgb[mask] = _texture(rng, yy, xx, kind)[mask]
-            owner[mask] = i
-        visible = [owner == i for i in range(count)]
-        areas = [int(v.sum()) for v in visible]
-        label = shapes[int(np.argmax(areas))]
-        if target is None or label == target:
+        stuff, owner = _geometry(rng, size, shapes, target_radius, other_radius, target_centre)
+        areas = [int((owner == i).sum()) for i in range(count)]
+        largest = int(np.argmax(areas))
+        if task == "appearance" or target is None or shapes[largest] == target:
             break
+    choices = APPEARANCES if task == "appearance" else _SHAPE_TASK_TEXTURES
+    textures = [choices[int(paint_rng.integers(len(choices)))] for _ in range(count)]
+    if task == "appearance" and target is not None:
+        textures[largest] = APPEARANCES[target]
+    rgb = _paint(paint_rng, stuff, owner, textures)
     kept = [i for i in range(count) if areas[i] > 0]
+    semantic, appearance = stuff.copy(), np.full(stuff.shape, -1, np.int8)
     for i in kept:
-        semantic[visible[i]] = len(STUFF) + shapes[i]
-    return Scene(rgb.clip(0, 255).astype(np.uint8), semantic, [visible[i] for i in kept], label)
+        semantic[owner == i] = len(STUFF) + shapes[i]
+        appearance[owner == i] = APPEARANCES.index(textures[i])
+    label = APPEARANCES.index(textures[largest]) if task == "appearance" else shapes[largest]
+    return Scene(rgb.clip(0, 255).astype(np.uint8), semantic, [owner == i for i in kept], label, shapes[largest],
+                 appearance)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,17 +286,26 @@ def noisy_labels(rng: np.random.Generator, scene: Scene, noise_rate: float) -> t
 
 
 def write_scenes(root: str, num_images: int, size: int = 48, seed: int = 0, labels: str = "clean",
-                 noise_rate: float = 0.2, num_shards: int = 1) -> layout.DatasetMetadata:
-    """A complete labeled folder of `num_images` scenes (classes balanced) under `root`.
+                 noise_rate: float = 0.2, num_shards: int = 1, task: str = "shape") -> layout.DatasetMetadata:
+    """A complete labeled folder of `num_images` scenes of `task` (classes balanced) under `root`, and
+    beside its shards `appearance.npy`: (num_images, size, size) int8, each object pixel's texture
+    (index into APPEARANCES, -1 on stuff), the dense texture probe's labels.
 
-    The images depend only on (num_images, size, seed), never on `labels`, so the variants of one
-    seed are the same images with different maps.
+    The images depend only on (num_images, size, seed, task), never on `labels`, so the variants of one
+    seed are the same images with different maps. In the appearance task the geometry (hence the
+    clean maps) comes from one generator and the paint (hence the class) from another.
     """
     if labels not in LABEL_VARIANTS:
         raise ValueError(f"Unknown label variant {labels!r}; use one of {', '.join(LABEL_VARIANTS)}.")
+    if task not in TASKS:
+        raise ValueError(f"Unknown scene task {task!r}; use one of {', '.join(TASKS)}.")
     rng = np.random.default_rng([seed, 0])
     noise_rng = np.random.default_rng([seed, 1])
-    scenes = [render_scene(rng, size, target=i % len(SHAPES)) for i in range(num_images)]
+    paint_rng = np.random.default_rng([seed, 2]) if task == "appearance" else rng
+    classes = metadata(task).class_names
+    scenes = [render_scene(rng, size, target=i % len(classes), task=task, paint_rng=paint_rng)
+              for i in range(num_images)]
+
     def example(i: int) -> tuple:
         scene = scenes[i]
         if labels == "shuffled":
@@ -252,8 +315,10 @@ def write_scenes(root: str, num_images: int, size: int = 48, seed: int = 0, labe
             semantic, masks = noisy_labels(noise_rng, scene, noise_rate)
         else:
             semantic, masks = scene.semantic, scene.masks
-        return f"{SHAPES[scene.label]}/{i:06d}", scene.label, scene.rgb, semantic, masks
+        return f"{classes[scene.label]}/{i:06d}", scene.label, scene.rgb, semantic, masks
 
-    return write_labeled_folder(root, metadata(), example, num_images, num_shards,
-                                {"source": "dataset_card.synthetic.scenes", "seed": seed, "size": size, "labels": labels,
-                                 "noise_rate": noise_rate})
+    written = write_labeled_folder(root, metadata(task), example, num_images, num_shards,
+                                   {"source": "dataset_card.synthetic.scenes", "seed": seed, "size": size,
+                                    "labels": labels, "noise_rate": noise_rate, "task": task})
+    np.save(f"{root}/{APPEARANCE_FILE}", np.stack([scene.appearance for scene in scenes]))
+    return written

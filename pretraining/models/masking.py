@@ -44,6 +44,9 @@ class MaskingConfig:
     allocation: str = "largest_remainder"  # how the split becomes token counts (see `visible_tokens`); rounded is MultiMAE's
     num_positions: int = 196  # patch positions per modality, (img_size / patch_size) ** 2
     inputs: tuple[int, ...] | None = None  # modalities (indices) the encoder may see; None: all of them
+    # Controls of the RGB exposure (pretraining/study/ablations.py); RGB is the last modality:
+    rgb_share: float | None = None  # every sample's RGB share of the budget, fixed (None: the Dirichlet draw's)
+    label_dropout: float = 0.0  # chance that a sample's encoder sees no label tokens (its budget all RGB)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def __post_init__(self):
@@ -55,6 +58,10 @@ class MaskingConfig:
             raise ValueError(f"Unknown guided_mode {self.guided_mode!r}; use whole or within.")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"Unknown allocation {self.allocation!r}; use largest_remainder or rounded.")
+        if self.rgb_share is not None and not 0.0 < self.rgb_share <= 1.0:
+            raise ValueError(f"rgb_share must be in (0, 1], got {self.rgb_share}.")
+        if not 0.0 <= self.label_dropout <= 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1], got {self.label_dropout}.")
         if self.inputs is not None:
             object.__setattr__(self, "inputs", tuple(self.inputs))  # JSON gives lists
             if self.num_visible > len(self.inputs) * self.num_positions:
@@ -102,16 +109,25 @@ def draw_masking(rng: np.random.Generator, cfg: MaskingConfig, num_modalities: i
 
     Returns
       strategy_key () float64 uniform: chooses the strategy under the step's curriculum weights;
-      proportions  (M,) float64, a Dirichlet(alpha) split of the visible budget over modalities;
+      proportions  (M,) float64, a Dirichlet(alpha) split of the visible budget over modalities; with
+                   `rgb_share`, RGB (the last) takes that share and the draw splits the rest; with
+                   `label_dropout`, at that rate RGB takes it all (one more uniform, drawn only then);
       keys         (K, N) float32 uniforms: row 0 orders the regions, row 1 the positions inside a
                    region, row 2 + m the positions of modality m; with `allocation="rounded"`, M
                    more rows order the tokens added or dropped to reach the budget (K = 2M + 2,
                    else M + 2).
     """
     rows = num_modalities + 2 + (num_modalities if cfg.allocation == "rounded" else 0)
+    strategy_key = np.float64(rng.random())
+    proportions = rng.dirichlet([cfg.dirichlet_alpha] * num_modalities)
+    if num_modalities > 1 and cfg.rgb_share is not None:
+        labels = rng.dirichlet([cfg.dirichlet_alpha] * (num_modalities - 1))
+        proportions = np.append((1 - cfg.rgb_share) * labels, cfg.rgb_share)
+    if num_modalities > 1 and cfg.label_dropout > 0 and rng.random() < cfg.label_dropout:
+        proportions = np.eye(num_modalities)[-1]
     return {
-        "strategy_key": np.float64(rng.random()),
-        "proportions": rng.dirichlet([cfg.dirichlet_alpha] * num_modalities),
+        "strategy_key": strategy_key,
+        "proportions": proportions,
         "keys": rng.random((rows, cfg.num_positions), dtype=np.float32),
     }
 

@@ -1,3 +1,5 @@
 """Research on whether C2FMAE learns what the paper claims: the controlled ablation study on
-procedural scenes (`python -m pretraining.study.ablations`) and the probes only it uses (attention
-mass on objects, a per-patch semantic probe). Not part of the downstream protocols in `evaluation/`."""
+procedural scenes (`python -m pretraining.study.ablations`; its arms in `arms.py`, reports in
+`tables.py`) and the probes only it uses (`probes.py`: linear, k-NN, short fine-tune, dense texture,
+instance loss against the constant predictor; attention mass on objects; a per-patch linear probe).
+Not part of the downstream protocols in `evaluation/`."""
