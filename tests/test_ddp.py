@@ -82,3 +82,52 @@ def test_ddp_two_ranks_equal_one_process_accumulating_the_same_global_batch(tmp_
         for term, value in r0["loss"].items():
             assert value == r1["loss"][term]  # all-reduced: the same on every rank
             assert abs((micro[0]["loss"][term] + micro[1]["loss"][term]) / 2 - value) < 1e-5, f"{step} {term}"
+
+
+# Another allocation at the same global batch ---------------------------------------------------------------
+
+
+def _optimizer_steps(root: str, layout, start: tuple[int, int] = (0, 0), epoch_layout=None, epochs: int = 1) -> dict:
+    """(epoch, optimizer step) -> sorted sample indices over every rank of `layout` (a Layout; 0 workers
+    = the stream in the process), from micro-step `start` on."""
+    from pretraining.data.augment import AugmentConfig
+    from pretraining.data.loader import DataConfig, PretrainingLoader, SampleSpec, open_labeled_dataset
+    from pretraining.models.masking import MaskingConfig
+
+    spec = SampleSpec(img_size=32, patch_size=8, modalities=("semantic", "instance", "rgb"),
+                      masking=MaskingConfig(num_visible=12, num_positions=16), augment=AugmentConfig(),
+                      ignore_value=255, seed=3, epochs=epochs)
+    data = DataConfig(batch_size=layout.batch_size, num_workers=0 if layout.workers == 1 else layout.workers,
+                      shuffle_buffer=16)
+    out: dict = defaultdict(list)
+    for rank in range(layout.world_size):
+        for batch in PretrainingLoader(open_labeled_dataset(root), spec, data, rank, layout.world_size, start,
+                                       layout.accum, epoch_layout=epoch_layout):
+            out[batch.epoch, batch.step // layout.accum] += [int(i) for c in batch.chunks for i in c["index"]]
+    return {k: sorted(v) for k, v in out.items()}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_epoch_resumed_on_another_split_of_the_global_batch_takes_the_samples_it_would_have(tmp_path):
+    """An epoch dealt over 2 ranks x 4 samples (2 streams), resumed after optimizer step 3 on 1 rank x 4 x 2
+    accumulation steps, 1 rank x 8 or 4 ranks x 1 x 2: the epoch's remaining optimizer steps take the same
+    samples, none repeated or skipped; the next epoch is dealt over the new streams and covers the data once."""
+    from pretraining.data.loader import Layout, sources
+
+    root = str(tmp_path / "shapes")
+    write_synthetic_dataset(root, num_images=64, num_shards=8, size=(40, 48), seed=1)
+    trained = Layout(world_size=2, workers=1, batch_size=4, accum=1)
+    whole = _optimizer_steps(root, trained)
+    assert len(whole) == 8 and all(len(v) == 8 for v in whole.values())
+    for n, layout in enumerate((Layout(1, 1, 4, 2), Layout(1, 1, 8, 1), Layout(4, 1, 1, 2))):
+        resumed = _optimizer_steps(root, layout, (0, 3 * layout.accum), trained, epochs=2 if n == 0 else 1)
+        assert sorted(k for k in resumed if k[0] == 0) == [(0, j) for j in range(3, 8)]
+        for j in range(3, 8):
+            assert resumed[0, j] == whole[0, j], (layout, j)
+        if n == 0:
+            assert sorted(i for k, v in resumed.items() if k[0] == 1 for i in v) == list(range(64))
+    # With the same layout the pieces are each worker's own stream; otherwise the canonical order is cut anew.
+    assert sources(trained, trained, 1, 0, 0) == [(1, 0, 4)]
+    assert [sources(trained, Layout(1, 2, 4, 2), 0, w, m) for m in (0, 1) for w in (0, 1)] == [
+        [(0, 0, 2)], [(0, 2, 2)], [(1, 0, 2)], [(1, 2, 2)]]
+    assert sources(Layout(1, 2, 4, 2), trained, 1, 0, 0) == [(0, 2, 2), (1, 2, 2)]

@@ -28,7 +28,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 from tqdm import tqdm
 
-from pretraining.data.loader import DataConfig, PretrainingLoader, SampleSpec, open_labeled_dataset
+from pretraining.data.loader import DataConfig, Layout, PretrainingLoader, SampleSpec, open_labeled_dataset
 from pretraining.models.autoencoder import ModelConfig, PretrainOutput
 from pretraining.models.curriculum import Curriculum
 from pretraining.training import checkpoint as ckpt
@@ -59,6 +59,27 @@ from pretraining.training.storage import write_json, writing
 from pretraining.training.strategy_log import StrategyLog
 
 
+def saved_progress(state: dict, stored: TrainConfig, saved_run: dict) -> tuple[int, Layout | None]:
+    """(optimizer steps done in the checkpoint's epoch, the layout that epoch is dealt in; None at its start).
+    Checkpoints written before the position held global samples and a layout: their run's own split."""
+    position = state["position"]
+    split = allocate(stored.global_batch, stored.data.batch_size, saved_run["world_size"])
+    if "samples" in position:
+        done, layout = position["samples"] // split.global_batch, Layout(**position["layout"])
+    else:
+        done = position["step"] // split.accum
+        layout = Layout(split.world_size, max(1, stored.data.num_workers), split.per_gpu, split.accum)
+    return done, layout if done > 0 else None
+
+
+def allocations(saved_run: dict, run_info: dict, step: int) -> list[dict]:
+    """run.json's "allocations" on resume at optimizer `step`: the saved ones, and this one if it differs."""
+    keys = ("world_size", "per_gpu_batch", "accum_steps")
+    saved = saved_run.get("allocations") or [{"step": 0, **{k: saved_run.get(k) for k in keys}}]
+    now = {k: run_info[k] for k in keys}
+    return saved if {k: saved[-1][k] for k in keys} == now else [*saved, {"step": step, **now}]
+
+
 class Trainer:
     """One run: built by `__init__` (see the module's docstring), stepped by `pretraining.train.train_loop`."""
 
@@ -79,9 +100,13 @@ class Trainer:
                          "dataset_rows": dataset.num_rows, "num_semantic_classes": num_classes,
                          "dataset": dataset_fingerprint(dataset),
                          "init": None,  # --init's source and sha256, when the run started from another checkpoint
-                         "amendments": []}  # every --amend of a resume: {"step", "key", "from", "to"}
+                         "amendments": [],  # every --amend of a resume: {"step", "key", "from", "to"}
+                         # every split the run trained in, from its optimizer step on
+                         "allocations": [{"step": 0, "world_size": alloc.world_size, "per_gpu_batch": alloc.per_gpu,
+                                          "accum_steps": alloc.accum}]}
         # The newest readable checkpoint binds the run (config, processes, data); an unreadable newer one is moved aside.
         self.complete: dict | None = None
+        epoch_layout = None  # the layout of the epoch a resume continues (None: this allocation's own)
         resumed = ckpt.load_newest_readable(run_dir, move_aside=main and not dry_run, warn=self.say)
         position = saved_position = (0, 0)  # the data position to load next: the checkpoint's, in this split
         if resumed is not None:
@@ -94,20 +119,22 @@ class Trainer:
                 self.complete = {**complete_summary(run_dir, state), "complete": True}
                 return
             self.run_info["amendments"] = saved_run.get("amendments", []) + plan.amendments
+            self.run_info["allocations"] = allocations(saved_run, self.run_info, state["global_step"])
             # What the run was built with, not today's defaults; an amended field (a loss weight) is this rerun's.
             model_amended = {k.split(".", 1)[1]: getattr(cfg.model, k.split(".", 1)[1])
                              for k in amend if k.startswith("model.")}
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(stored.model, **model_amended))
-            # Checkpoints lie between optimizer steps: step k of the epoch, in this split's micro-steps.
-            saved_accum = allocate(stored.global_batch, stored.data.batch_size, saved_run["world_size"]).accum
-            position = (position[0], position[1] // saved_accum * alloc.accum)
+            # Checkpoints lie between optimizer steps: optimizer step k of the epoch, in this split's micro-steps;
+            # the epoch in progress keeps the layout it was dealt in (another allocation's, maybe).
+            done, epoch_layout = saved_progress(state, stored, saved_run)
+            position = (position[0], done * alloc.accum)
         elif amend:
             self.say(f"no checkpoint in {run_dir} to amend: --amend {' '.join(amend)} applies to this fresh start "
                      "as --set would.")
         self.cfg = cfg
         if dry_run:  # the banner (and any refusal above), nothing built, nothing written
             loader = PretrainingLoader(dataset, self._sample_spec(cfg.model), self._data_config(), distributed.rank,
-                                       distributed.world_size, position, alloc.accum)
+                                       distributed.world_size, position, alloc.accum, epoch_layout=epoch_layout)
             self.show(self.banner(loader.steps_per_epoch))
             self.complete = {"dry_run": True}
             return
@@ -143,7 +170,7 @@ class Trainer:
         mcfg = model.cfg
         self.loader = PretrainingLoader(dataset, self._sample_spec(mcfg), self._data_config(), distributed.rank,
                                         distributed.world_size, self.position, alloc.accum,
-                                        pin_memory=device.type == "cuda")
+                                        pin_memory=device.type == "cuda", epoch_layout=epoch_layout)
         steps_per_epoch = self.loader.steps_per_epoch  # micro-steps of epoch 0; later epochs may differ slightly
         self.run_info["steps_per_epoch"] = steps_per_epoch // alloc.accum
         if main:  # only now: a start refused above leaves nothing behind
@@ -156,6 +183,10 @@ class Trainer:
         self.samples_log = open_samples_log(samples_log_path(run_dir, distributed.rank), self.global_step,
                                             saved_position) \
             if cfg.log_samples else None
+        if main and cfg.log_samples:  # the log of a rank this allocation lacks ends at the checkpoint too
+            for path in run_dir.glob("samples-rank*.jsonl"):
+                if int(path.stem.removeprefix("samples-rank")) >= distributed.world_size:
+                    open_samples_log(path, self.global_step, saved_position).close()
         self.bar = tqdm(total=cfg.epochs * steps_per_epoch // alloc.accum, initial=self.global_step, unit="step",
                         disable=not (main and show_progress), dynamic_ncols=True)
         if resumed is not None and main and self.keeps(self.position) \
@@ -175,7 +206,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.curriculum.load_state_dict(state["curriculum"].get("adaptive", {}))
         self.global_step = state["global_step"]  # self.position: the checkpoint's, in this split's micro-steps
-        ckpt.set_rng_state(state["rng"][self.distributed.rank])
+        # On more processes than saved, rank r takes rank r mod saved's states (the data's randomness is per sample).
+        ckpt.set_rng_state(state["rng"][self.distributed.rank % len(state["rng"])])
         self.say(f"resuming from {latest}: optimizer step {self.global_step}, epoch {self.position[0]}, "
                  f"batch {self.position[1]}")
         for note in notes:
@@ -231,7 +263,7 @@ class Trainer:
     def progress_at(self, epoch: int, step: int) -> float:
         """Fractional training progress in [0, 1] at micro-step `step` of `epoch` (what the schedules read)."""
         if epoch not in self.epoch_steps:
-            self.epoch_steps[epoch] = self.loader.stream.plan(epoch).steps if epoch < self.cfg.epochs else 1
+            self.epoch_steps[epoch] = self.loader.stream.steps(epoch) if epoch < self.cfg.epochs else 1
         return (epoch + step / self.epoch_steps[epoch]) / self.cfg.epochs
 
     def set_lr(self, lr: float) -> None:
@@ -346,6 +378,13 @@ class Trainer:
         every = self.cfg.keep_every_epochs
         return every > 0 and position[1] == 0 and position[0] > 0 and position[0] % every == 0
 
+    def position_state(self, epoch: int, step: int) -> dict:
+        """The data position (epoch, micro-`step` of this split) as a checkpoint holds it: also in global samples
+        done in the epoch, with the layout the epoch is dealt in, which any allocation of the global batch reads."""
+        layout = self.loader.stream.layout_of(epoch)
+        return {"epoch": epoch, "step": step, "samples": step // self.accum_steps * self.allocation.global_batch,
+                "layout": dataclasses.asdict(layout)}
+
     def save(self, epoch: int, step: int) -> Path | None:
         """Checkpoint the run at data position (epoch, step); returns the file on rank 0."""
         states = gather(ckpt.rng_state(), self.distributed)
@@ -358,7 +397,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "schedule": {"lr": self.optimizer.param_groups[0]["lr"],
                                                              "peak_lr": self.peak_lr},
             "curriculum": {"progress": progress, "weights": weights, "adaptive": self.curriculum.state_dict()},
-            "position": {"epoch": epoch, "step": step}, "global_step": self.global_step, "rng": states,
+            "position": self.position_state(epoch, step), "global_step": self.global_step, "rng": states,
             "config": json.dumps(to_dict(self.cfg)), "run": json.dumps(self.run_info), "last": self.last,
         }, self.run_dir, self.global_step, self.cfg.keep_checkpoints)
 
