@@ -228,3 +228,55 @@ def test_the_per_process_batch_may_be_amended_while_the_global_batch_stays(data,
         assert sorted(i for r in after[k] for i in r["index"]) == sorted(before[k][0]["index"])
         mean = sum(r["loss"]["loss"] for r in after[k]) / 2
         assert mean == pytest.approx(before[k][0]["loss"]["loss"], abs=1e-5)
+
+
+# Checkpoint cadence ----------------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_written_in_the_background_by_the_clock_exports_inits_and_resumes(data, finished, tmp_path,
+                                                                                      capsys):
+    """checkpoint_minutes (here: due at every log step) with the background writer, the step cadence off: the
+    files are the synchronous writer's, bit for bit in every tensor; export, --init and resume read them, and
+    the resumed run ends where the uninterrupted one does."""
+    from pretraining.export import main as export
+
+    timed = ("checkpoint_every=1000", "checkpoint_minutes=1e-9", "checkpoint_async=true")
+    run, synchronous = tmp_path / "timed", tmp_path / "synchronous"
+    assert main(_args(data / "shapes", run, *timed)) == 0
+    assert main(_args(data / "shapes", synchronous, "checkpoint_async=false")) == 0  # by steps, in the loop
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000001.pt", "step-00000002.pt"]
+    for name in ("step-00000001.pt", "step-00000002.pt"):
+        ours, theirs = (ckpt.load_checkpoint(r / "checkpoints" / name) for r in (run, synchronous))
+        assert ours["position"] == theirs["position"] and ours["global_step"] == theirs["global_step"]
+        for part in ("model", "optimizer"):
+            a, b = (torch.utils._pytree.tree_leaves(s[part]) for s in (ours, theirs))
+            assert len(a) == len(b) and all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+                                            for x, y in zip(a, b))
+    first = run / "checkpoints" / "step-00000001.pt"
+    assert export([str(run), "--output", str(tmp_path / "timm"), "--checkpoint", str(first)]) == 0
+    assert main(_args(data / "shapes", tmp_path / "init", flags=["--init", str(first)])) == 0
+    (run / "summary.json").unlink()
+    (run / "checkpoints" / "step-00000002.pt").unlink()
+    capsys.readouterr()
+    assert main(_args(data / "shapes", run, *timed)) == 0
+    assert "resuming from" in capsys.readouterr().err
+    final = [ckpt.load_checkpoint(ckpt.latest_checkpoint(r))["model"] for r in (finished, run)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_failed_background_write_is_one_sentence_and_the_previous_checkpoint_stays(tmp_path):
+    from pretraining.training.storage import StorageError
+
+    writer = ckpt.CheckpointWriter(asynchronous=True)
+    state = {"w": torch.arange(4.0)}
+    writer.save(state, tmp_path, 1, keep=3)
+    state["w"].add_(1)  # training goes on writing its tensors: the checkpoint holds the copy
+    writer.wait()
+    (tmp_path / "checkpoints" / ".step-00000002.pt.tmp").symlink_to("/dev/full")  # every write fails: ENOSPC
+    writer.save(state, tmp_path, 2, keep=3)
+    with pytest.raises(StorageError, match=r"cannot write .*step-00000002.pt \(the disk is full"):
+        writer.close()
+    assert torch.equal(ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path, 1))["w"], torch.arange(4.0))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000001.pt"]
+    assert not (tmp_path / "checkpoints" / ".step-00000002.pt.tmp").exists()

@@ -196,6 +196,8 @@ class Trainer:
         self.meter: LossMeter | None = None  # made at the first step, when the model has named its loss terms
         self.window = {"samples": 0, "wait": 0.0, "start": time.perf_counter()}  # what perf/* averages over
         self.last, self.saved_at, self.lr = {}, self.global_step, self.peak_lr
+        self.saved_time = time.monotonic()  # when the last checkpoint was taken (checkpoint_minutes)
+        self.writer = ckpt.CheckpointWriter(cfg.checkpoint_async and main)  # rank 0 writes
         self.epoch_steps: dict[int, int] = {}  # micro-steps of each epoch, as the loader plans it
 
     def _restore(self, latest: Path, state: dict, notes: list[str]) -> None:
@@ -386,28 +388,35 @@ class Trainer:
                 "layout": dataclasses.asdict(layout)}
 
     def save(self, epoch: int, step: int) -> Path | None:
-        """Checkpoint the run at data position (epoch, step); returns the file on rank 0."""
+        """Checkpoint the run at data position (epoch, step) (in the background with checkpoint_async), and keep
+        it for good if the position ends a kept epoch; returns the file on rank 0."""
         states = gather(ckpt.rng_state(), self.distributed)
+        self.saved_at, self.saved_time = self.global_step, time.monotonic()
         if not self.main:
             return None
+        kept = ckpt.kept_path(self.run_dir, epoch) if self.keeps((epoch, step)) else None
         progress = self.progress_at(epoch, step)
         weights = torch.as_tensor(self.curriculum.weights(progress), dtype=torch.float64).tolist()
-        return ckpt.save_checkpoint({
+        return self.writer.save({
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "schedule": {"lr": self.optimizer.param_groups[0]["lr"],
                                                              "peak_lr": self.peak_lr},
             "curriculum": {"progress": progress, "weights": weights, "adaptive": self.curriculum.state_dict()},
             "position": self.position_state(epoch, step), "global_step": self.global_step, "rng": states,
             "config": json.dumps(to_dict(self.cfg)), "run": json.dumps(self.run_info), "last": self.last,
-        }, self.run_dir, self.global_step, self.cfg.keep_checkpoints)
+        }, self.run_dir, self.global_step, self.cfg.keep_checkpoints,
+            then=(lambda path: ckpt.keep_checkpoint(path, kept)) if kept is not None else None)
 
     def checkpoint(self) -> None:
         """Check the losses (never save after a non-finite one), save at the current position, keep an epoch's."""
         self.check_losses()
-        path = self.save(*self.position)
-        self.saved_at = self.global_step
-        if path is not None and self.keeps(self.position):
-            ckpt.keep_checkpoint(path, ckpt.kept_path(self.run_dir, self.position[0]))
+        self.save(*self.position)
+
+    def checkpoint_due(self) -> bool:
+        """Whether checkpoint_minutes have passed since the last checkpoint, by rank 0's clock (every rank
+        gets its answer: the loop asks at log steps, where the ranks already synchronise)."""
+        minutes = self.cfg.checkpoint_minutes
+        return minutes > 0 and gather(time.monotonic() - self.saved_time >= 60 * minutes, self.distributed)[0]
 
     def finish(self) -> dict:
         """After the last step: read the last losses, save unless just saved, write summary.json, close the logs;
@@ -416,6 +425,7 @@ class Trainer:
         self.bar.close()
         if self.saved_at != self.global_step:
             self.save(*self.position)
+        self.writer.close()  # the last checkpoint is on disk before the summary says the run is done
         hashes = gather(param_hash(self.model), self.distributed)
         summary = {"global_step": self.global_step, "position": list(self.position), "last": self.last,
                    "param_sha256": hashes}
