@@ -126,6 +126,8 @@ def train_loop(t: Trainer, hooks: Sequence[Hook] = ()) -> dict:
         if log_now:
             t.log(epoch, step, inputs, grad_norm)
             t.writer.poll()  # a background checkpoint write that failed stops the run now
+        if t.grad_share_due():
+            t.log_grad_share(inputs)
         if t.main and cfg.figure_every and t.global_step % cfg.figure_every == 0:
             t.figure(inputs, out)
         if t.global_step % cfg.checkpoint_every == 0 or t.keeps(t.position) or (log_now and t.checkpoint_due()):

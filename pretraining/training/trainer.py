@@ -351,23 +351,35 @@ class Trainer:
                                  refresh=False)
 
     def log(self, epoch: int, step: int, inputs: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
-        """TensorBoard scalars of the steps since the last log: losses, lr, strategy mix, gradient shares, speed."""
+        """TensorBoard scalars of the steps since the last log: losses, lr, strategy mix, speed."""
         self.check_losses()
         elapsed = time.perf_counter() - self.window["start"]
         mix, per_step = self.strategies.scalars()
         for logged_step, values in per_step:
             self.monitor.scalars(logged_step, values)
-        grad_share, modalities = {}, self.model.cfg.modalities
-        if self.cfg.log_grad_share and self.main and len(modalities) > 1:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                norms = self.model.term_gradient_norms(inputs).tolist()
-            grad_share = {f"grad_share/{m}": n / max(sum(norms), 1e-30) for m, n in zip(modalities, norms)}
         self.monitor.scalars(self.global_step, {
-            **{f"loss/{n}": v for n, v in self.last.items()}, "lr": self.lr, **mix, **grad_share,
+            **{f"loss/{n}": v for n, v in self.last.items()}, "lr": self.lr, **mix,
             **(step_scalars(grad_norm, self.scaler, self.device) if self.main else {}),
             "perf/images_per_s": self.window["samples"] / elapsed, "perf/data_wait_share": self.window["wait"] / elapsed,
             "epoch": epoch + (step + 1) / self.epoch_steps[epoch]})
         self.window = {"samples": 0, "wait": 0.0, "start": time.perf_counter()}
+
+    def grad_share_due(self) -> bool:
+        """Whether this optimizer step logs gradient shares: every grad_share_every steps (0: every log step)."""
+        cfg = self.cfg
+        return cfg.log_grad_share and self.global_step % (cfg.grad_share_every or cfg.log_every) == 0
+
+    def log_grad_share(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Each weighted loss term's share of the gradient on the encoder's output tokens, on the step's last
+        micro-batch (rank 0: a decoder forward and one decoder backward per term; the other ranks wait for it at
+        the next step's all-reduce, so it costs the whole run that time: docs/training.md, Cadence)."""
+        modalities = self.model.cfg.modalities
+        if not self.main or len(modalities) < 2:
+            return
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            norms = self.model.term_gradient_norms(inputs).tolist()
+        self.monitor.scalars(self.global_step, {f"grad_share/{m}": n / max(sum(norms), 1e-30)
+                                                for m, n in zip(modalities, norms)})
 
     def figure(self, inputs: dict[str, torch.Tensor], out: PretrainOutput) -> None:
         recon = self.model.reconstruct(inputs, out)
