@@ -280,3 +280,27 @@ def test_a_failed_background_write_is_one_sentence_and_the_previous_checkpoint_s
     assert torch.equal(ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path, 1))["w"], torch.arange(4.0))
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000001.pt"]
     assert not (tmp_path / "checkpoints" / ".step-00000002.pt.tmp").exists()
+
+
+def test_a_run_without_a_global_batch_resumes_on_other_processes_once_it_states_its_batch(finished):
+    """The tiny twin's batch is data.batch_size per process: on another number of processes the refusal names
+    the global batch to state, and stating it resumes (the split changes, the batch does not)."""
+    import dataclasses
+
+    from pretraining.training.config import to_dict
+    from pretraining.training.resume import RunError, check_resume
+    from pretraining.training.run_folder import stored_config
+
+    path = ckpt.latest_checkpoint(finished)
+    stored, saved_run = stored_config(ckpt.load_checkpoint(path))
+    saved_run = {**saved_run, "world_size": 2, "global_batch": 16, "per_gpu_batch": 8, "accum_steps": 1}
+    here = {**saved_run, "world_size": 1, "global_batch": 8}
+    with pytest.raises(RunError) as err:
+        check_resume(path, to_dict(stored), saved_run, stored, here, (0, 1))
+    assert "add --set global_batch=16 to resume it on 1 processes" in str(err.value) and "\n" not in str(err.value)
+    stated = dataclasses.replace(stored, global_batch=16)
+    plan = check_resume(path, to_dict(stored), saved_run, stated,
+                        {**here, "global_batch": 16, "per_gpu_batch": 8, "accum_steps": 2}, (0, 1))
+    assert plan.amendments == [] and plan.notes[0].startswith(
+        "resuming on 1 processes (8 per process x 2 accumulation steps; the run trained on 2, 8 x 1): the same "
+        "global batch of 16; the rest of epoch 0 takes the samples each optimizer step would have taken")

@@ -106,8 +106,8 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep:
 class CheckpointWriter:
     """Writes checkpoints (`save_checkpoint`), in the background when `asynchronous`.
 
-    Asynchronous: `save` copies the state's tensors to host memory (pinned buffers reused from one save
-    to the next, one device synchronisation) and returns; a background thread serialises, fsyncs and
+    Asynchronous: `save` copies the state's tensors into host buffers reused from one save to the next
+    (pinned for device tensors: non-blocking copies, one synchronisation) and returns; a background thread serialises, fsyncs and
     renames, so training stalls only for the copy. One write at a time: a save while the previous
     write is still going waits for it first. A failed write (a full disk) is raised, as its one sentence,
     by `poll` (the loop calls it at log steps), by the next `save` or by `close`. The file is the same
@@ -133,19 +133,18 @@ class CheckpointWriter:
         """`state` with every tensor copied to host memory that training will not write to."""
         if isinstance(state, dict):
             out = {k: self._host_copy(v, f"{key}/{k}") for k, v in state.items()}
-            if not key and self.buffers:
+            if not key and torch.cuda.is_available() and any(b.is_pinned() for b in self.buffers.values()):
                 torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
             return out
         if isinstance(state, list | tuple):
             return type(state)(self._host_copy(v, f"{key}/{i}") for i, v in enumerate(state))
         if not isinstance(state, torch.Tensor):
             return state
-        if state.device.type == "cpu":
-            return state.detach().clone()
-        buffer = self.buffers.get(key)
+        buffer = self.buffers.get(key)  # reused: the previous write is done (`save` waited for it)
         if buffer is None or buffer.shape != state.shape or buffer.dtype != state.dtype:
-            buffer = self.buffers[key] = torch.empty(state.shape, dtype=state.dtype, pin_memory=True)
-        return buffer.copy_(state.detach(), non_blocking=True)
+            buffer = self.buffers[key] = torch.empty(state.shape, dtype=state.dtype,
+                                                     pin_memory=state.device.type == "cuda")
+        return buffer.copy_(state.detach(), non_blocking=state.device.type == "cuda")
 
     def poll(self) -> None:
         """Raise a finished background write's error (StorageError for a disk fault), if any."""
