@@ -233,6 +233,7 @@ def test_the_per_process_batch_may_be_amended_while_the_global_batch_stays(data,
 # Checkpoint cadence ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_in_the_background_by_the_clock_exports_inits_and_resumes(data, finished, tmp_path,
                                                                                       capsys):
     """checkpoint_minutes (here: due at every log step) with the background writer, the step cadence off: the
