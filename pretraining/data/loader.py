@@ -22,7 +22,10 @@ global sample index), so a sample looks the same whichever rank or worker draws 
 
 Resuming at (epoch, step) recomputes the epoch's order from the seed and skips the first `step`
 chunks of each stream without reading or decoding them: the shuffle buffer runs over row positions
-only, and a row group is read when its first remaining row is due.
+only, and a row group is read when its first remaining row is due. An epoch resumed on another
+split of the same global batch (another world size, per-process batch or worker count) is finished
+in the `Layout` it was dealt in: `sources` cuts each remaining optimizer step's samples out of that
+layout's streams for the new ranks and workers, so every step takes the samples it would have.
 """
 
 from __future__ import annotations
