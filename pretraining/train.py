@@ -87,7 +87,12 @@ def train(cfg: TrainConfig, data: str, output: str, hooks: Sequence[Hook] = (), 
     try:
         trainer = Trainer(cfg, data, Path(output), distributed, images, new_data, init, show_progress=progress,
                           amend=amend)
-        return trainer.complete if trainer.complete is not None else train_loop(trainer, hooks)
+        if trainer.complete is not None:
+            return trainer.complete
+        try:
+            return train_loop(trainer, hooks)
+        finally:  # after an error: a checkpoint in flight still lands (its own error would hide this one)
+            trainer.writer.close(raise_errors=False)
     finally:
         if distributed.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -120,9 +125,12 @@ def train_loop(t: Trainer, hooks: Sequence[Hook] = ()) -> dict:
         t.advance(epoch, step)
         if log_now:
             t.log(epoch, step, inputs, grad_norm)
+            t.writer.poll()  # a background checkpoint write that failed stops the run now
+        if t.grad_share_due():
+            t.log_grad_share(inputs)
         if t.main and cfg.figure_every and t.global_step % cfg.figure_every == 0:
             t.figure(inputs, out)
-        if t.global_step % cfg.checkpoint_every == 0 or t.keeps(t.position):
+        if t.global_step % cfg.checkpoint_every == 0 or t.keeps(t.position) or (log_now and t.checkpoint_due()):
             t.checkpoint()
         if t.position[1] == 0 and hooks:  # an epoch just ended
             t.check_losses()

@@ -228,3 +228,80 @@ def test_the_per_process_batch_may_be_amended_while_the_global_batch_stays(data,
         assert sorted(i for r in after[k] for i in r["index"]) == sorted(before[k][0]["index"])
         mean = sum(r["loss"]["loss"] for r in after[k]) / 2
         assert mean == pytest.approx(before[k][0]["loss"]["loss"], abs=1e-5)
+
+
+# Checkpoint cadence ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_in_the_background_by_the_clock_exports_inits_and_resumes(data, finished, tmp_path,
+                                                                                      capsys):
+    """checkpoint_minutes (here: due at every log step) with the background writer, the step cadence off: the
+    files are the synchronous writer's, bit for bit in every tensor; export, --init and resume read them, and
+    the resumed run ends where the uninterrupted one does."""
+    from pretraining.export import main as export
+
+    timed = ("checkpoint_every=1000", "checkpoint_minutes=1e-9", "checkpoint_async=true")
+    run, synchronous = tmp_path / "timed", tmp_path / "synchronous"
+    assert main(_args(data / "shapes", run, *timed)) == 0
+    assert main(_args(data / "shapes", synchronous, "checkpoint_async=false")) == 0  # by steps, in the loop
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-00000001.pt", "step-00000002.pt"]
+    for name in ("step-00000001.pt", "step-00000002.pt"):
+        ours, theirs = (ckpt.load_checkpoint(r / "checkpoints" / name) for r in (run, synchronous))
+        assert ours["position"] == theirs["position"] and ours["global_step"] == theirs["global_step"]
+        for part in ("model", "optimizer"):
+            a, b = (torch.utils._pytree.tree_leaves(s[part]) for s in (ours, theirs))
+            assert len(a) == len(b) and all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+                                            for x, y in zip(a, b))
+    first = run / "checkpoints" / "step-00000001.pt"
+    assert export([str(run), "--output", str(tmp_path / "timm"), "--checkpoint", str(first)]) == 0
+    assert main(_args(data / "shapes", tmp_path / "init", flags=["--init", str(first)])) == 0
+    (run / "summary.json").unlink()
+    (run / "checkpoints" / "step-00000002.pt").unlink()
+    capsys.readouterr()
+    assert main(_args(data / "shapes", run, *timed)) == 0
+    assert "resuming from" in capsys.readouterr().err
+    final = [ckpt.load_checkpoint(ckpt.latest_checkpoint(r))["model"] for r in (finished, run)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_failed_background_write_is_one_sentence_and_the_previous_checkpoint_stays(tmp_path):
+    from pretraining.training.storage import StorageError
+
+    writer = ckpt.CheckpointWriter(asynchronous=True)
+    state = {"w": torch.arange(4.0)}
+    writer.save(state, tmp_path, 1, keep=3)
+    state["w"].add_(1)  # training goes on writing its tensors: the checkpoint holds the copy
+    writer.wait()
+    (tmp_path / "checkpoints" / ".step-00000002.pt.tmp").symlink_to("/dev/full")  # every write fails: ENOSPC
+    writer.save(state, tmp_path, 2, keep=3)
+    with pytest.raises(StorageError, match=r"cannot write .*step-00000002.pt \(the disk is full"):
+        writer.close()
+    assert torch.equal(ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path, 1))["w"], torch.arange(4.0))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000001.pt"]
+    assert not (tmp_path / "checkpoints" / ".step-00000002.pt.tmp").exists()
+
+
+def test_a_run_without_a_global_batch_resumes_on_other_processes_once_it_states_its_batch(finished):
+    """The tiny twin's batch is data.batch_size per process: on another number of processes the refusal names
+    the global batch to state, and stating it resumes (the split changes, the batch does not)."""
+    import dataclasses
+
+    from pretraining.training.config import to_dict
+    from pretraining.training.resume import RunError, check_resume
+    from pretraining.training.run_folder import stored_config
+
+    path = ckpt.latest_checkpoint(finished)
+    stored, saved_run = stored_config(ckpt.load_checkpoint(path))
+    saved_run = {**saved_run, "world_size": 2, "global_batch": 16, "per_gpu_batch": 8, "accum_steps": 1}
+    here = {**saved_run, "world_size": 1, "global_batch": 8}
+    with pytest.raises(RunError) as err:
+        check_resume(path, to_dict(stored), saved_run, stored, here, (0, 1))
+    assert "add --set global_batch=16 to resume it on 1 processes" in str(err.value) and "\n" not in str(err.value)
+    stated = dataclasses.replace(stored, global_batch=16)
+    plan = check_resume(path, to_dict(stored), saved_run, stated,
+                        {**here, "global_batch": 16, "per_gpu_batch": 8, "accum_steps": 2}, (0, 1))
+    assert plan.amendments == [] and plan.notes[0].startswith(
+        "resuming on 1 processes (8 per process x 2 accumulation steps; the run trained on 2, 8 x 1): the same "
+        "global batch of 16; the rest of epoch 0 takes the samples each optimizer step would have taken")

@@ -22,7 +22,10 @@ global sample index), so a sample looks the same whichever rank or worker draws 
 
 Resuming at (epoch, step) recomputes the epoch's order from the seed and skips the first `step`
 chunks of each stream without reading or decoding them: the shuffle buffer runs over row positions
-only, and a row group is read when its first remaining row is due.
+only, and a row group is read when its first remaining row is due. An epoch resumed on another
+split of the same global batch (another world size, per-process batch or worker count) is finished
+in the `Layout` it was dealt in: `sources` cuts each remaining optimizer step's samples out of that
+layout's streams for the new ranks and workers, so every step takes the samples it would have.
 """
 
 from __future__ import annotations
@@ -255,6 +258,53 @@ def plan_epoch(units: Sequence[Unit], seed: int, epoch: int, world_size: int, wo
     return EpochPlan(streams, steps)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How an epoch's samples are dealt: `world_size` x `workers` streams (stream rank * workers + worker);
+    each rank computes micro-batches of `batch_size` (its workers' chunks, `chunk_sizes`), `accum` of them per
+    optimizer step. An epoch is planned with the layout it starts in (`plan_epoch`)."""
+
+    world_size: int
+    workers: int  # streams per rank: max(1, DataLoader workers)
+    batch_size: int  # samples per rank per micro-step
+    accum: int = 1  # micro-steps per optimizer step
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size * self.accum
+
+    def chunk(self, stream: int) -> int:
+        """Samples `stream` gives each micro-step."""
+        return chunk_sizes(self.batch_size, self.workers)[stream % self.workers]
+
+    def pieces(self) -> list[tuple[int, int, int]]:
+        """One optimizer step's samples in their canonical order (by rank, then micro-step, then worker):
+        (stream, offset within the stream's share of the step, count). Stream s's share of optimizer step j
+        is its positions [j, j + 1) x accum x chunk(s)."""
+        return [(r * self.workers + w, a * self.chunk(w), self.chunk(w))
+                for r in range(self.world_size) for a in range(self.accum) for w in range(self.workers)]
+
+
+def sources(epoch_layout: Layout, layout: Layout, rank: int, worker: int, micro: int) -> list[tuple[int, int, int]]:
+    """Where worker `worker` of `rank` finds its chunk of micro-step `micro` of an optimizer step under `layout`,
+    in an epoch dealt by `epoch_layout` (the same global batch): (stream of `epoch_layout`, offset within the
+    stream's share of the step, count) pieces. Both layouts order a step's samples canonically
+    (`Layout.pieces`) and `layout` cuts that order into its own chunks, so an optimizer step takes the same
+    samples under any layout; with `layout == epoch_layout` the piece is the worker's own stream."""
+    if epoch_layout.global_batch != layout.global_batch:
+        raise ValueError(f"layouts of global batch {epoch_layout.global_batch} and {layout.global_batch} cannot "
+                         "share an epoch")
+    chunks = chunk_sizes(layout.batch_size, layout.workers)
+    start = (rank * layout.accum + micro) * layout.batch_size + sum(chunks[:worker])
+    stop, out, at = start + chunks[worker], [], 0
+    for stream, offset, count in epoch_layout.pieces():
+        lo, hi = max(start, at), min(stop, at + count)
+        if lo < hi:
+            out.append((stream, offset + lo - at, hi - lo))
+        at += count
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------
 # Streams and the loader
@@ -303,24 +353,67 @@ class _RowReader:
         return f"{path} row {row} (image_id {image_id})"
 
 
+class _StreamRows:
+    """The rows stream `stream` of an epoch's plan emits at `positions` (increasing), read on demand: a unit
+    is read when its first row still due is asked for, and only its rows due at later `positions` are kept
+    (memory about one shuffle buffer)."""
+
+    def __init__(self, plan: EpochPlan, stream: int, chunk: int, rng: np.random.Generator, shuffle_buffer: int,
+                 positions: np.ndarray, reader: _RowReader):
+        self.units, self.reader = plan.streams[stream], reader
+        self.starts = np.cumsum([0] + [u.num_rows for u in self.units])  # first flat row of each unit
+        self.order = shuffle_buffer_order(int(self.starts[-1]), shuffle_buffer, rng)[: plan.steps * chunk]
+        wanted = np.zeros(len(self.order), dtype=bool)
+        wanted[positions] = True
+        self.due = np.full(int(self.starts[-1]), -1)  # flat row -> its position, if this reader emits it
+        self.due[self.order[wanted]] = np.flatnonzero(wanted)
+        self.pending: dict[int, dict] = {}
+
+    def take(self, position: int) -> tuple[int, dict, Unit, int]:
+        """(global sample index, row, its unit, its offset in the unit) at `position` of the stream."""
+        flat = int(self.order[position])
+        u = bisect.bisect_right(self.starts, flat) - 1
+        first = int(self.starts[u])
+        if flat not in self.pending:  # first row of this unit still due: read the unit
+            for offset, row in enumerate(self.reader.read(self.units[u])):
+                if self.due[first + offset] >= position:
+                    self.pending[first + offset] = row
+        return self.units[u].first_index + flat - first, self.pending.pop(flat), self.units[u], flat - first
+
+
 class PretrainingStream(IterableDataset):
     """Yields (epoch, step, chunk) for this rank's worker streams from `start` to the last epoch.
 
     Each DataLoader worker serves one stream and yields one chunk per step, so the DataLoader's
-    round robin over workers hands the training loop the W chunks of a step in a row.
+    round robin over workers hands the training loop the W chunks of a step in a row. `epoch_layout`:
+    the layout the start epoch began in, when a resume changed it (another world size, per-process batch
+    or worker count at the same global batch); the rest of that epoch is taken from its streams
+    (`sources`), so every optimizer step takes the samples it would have taken.
     """
 
     def __init__(self, dataset: LabeledDataset, spec: SampleSpec, batch_size: int, shuffle_buffer: int,
                  rank: int, world_size: int, num_workers: int, start: tuple[int, int] = (0, 0),
-                 step_multiple: int = 1):
+                 step_multiple: int = 1, epoch_layout: Layout | None = None):
         self.dataset, self.spec = dataset, spec
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
         self.start, self.step_multiple = start, step_multiple
+        self.layout = Layout(world_size, self.workers, batch_size, step_multiple)
+        self.start_layout = epoch_layout if epoch_layout is not None and start[1] > 0 else self.layout
+
+    def layout_of(self, epoch: int) -> Layout:
+        """The layout `epoch` is dealt by: the start epoch's own, else this stream's."""
+        return self.start_layout if epoch == self.start[0] else self.layout
 
     def plan(self, epoch: int) -> EpochPlan:
-        return plan_epoch(self.dataset.units, self.spec.seed, epoch, self.world_size, self.workers,
-                          self.batch_size, self.step_multiple)
+        layout = self.layout_of(epoch)
+        return plan_epoch(self.dataset.units, self.spec.seed, epoch, layout.world_size, layout.workers,
+                          layout.batch_size, layout.accum)
+
+    def steps(self, epoch: int) -> int:
+        """Micro-steps of `epoch` in this stream's layout."""
+        layout = self.layout_of(epoch)
+        return self.plan(epoch).steps // layout.accum * self.step_multiple
 
     def __iter__(self) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
         info = get_worker_info()
@@ -330,40 +423,36 @@ class PretrainingStream(IterableDataset):
         start_epoch, start_step = self.start
         try:
             for epoch in range(start_epoch, self.spec.epochs):
-                first = start_step if epoch == start_epoch else 0
+                first = start_step // self.step_multiple if epoch == start_epoch else 0
                 yield from self._epoch(epoch, worker, first, reader, transform)
         except DataError as err:
             yield WorkerFailure("data", str(err))
         except ImageReferenceError as err:
             yield WorkerFailure("image", str(err))
 
-    def _epoch(self, epoch: int, worker: int, first_step: int, reader: _RowReader, transform):
-        plan = self.plan(epoch)
-        stream = self.rank * self.workers + worker
-        units = plan.streams[stream]
-        chunk = chunk_sizes(self.batch_size, self.workers)[worker]
-        starts = np.cumsum([0] + [u.num_rows for u in units])  # (len(units)+1,) first flat row of each unit
-        rng = np.random.default_rng([self.spec.seed, epoch, stream])
-        order = shuffle_buffer_order(int(starts[-1]), self.shuffle_buffer, rng)[: plan.steps * chunk]
-        due = np.full(int(starts[-1]), -1)  # flat row -> its position in `order` (-1: dropped)
-        due[order] = np.arange(len(order))
-        pending: dict[int, dict] = {}
-        for step in range(first_step, plan.steps):
-            samples = []
-            for position in range(step * chunk, (step + 1) * chunk):
-                flat = int(order[position])
-                u = bisect.bisect_right(starts, flat) - 1
-                if flat not in pending:  # first row of this unit still due: read the unit
-                    for offset, row in enumerate(reader.read(units[u])):
-                        if due[starts[u] + offset] >= position:
-                            pending[int(starts[u]) + offset] = row
-                row = pending.pop(flat)
-                index = units[u].first_index + flat - int(starts[u])
-                try:
-                    samples.append(make_sample(row, index, epoch, self.spec, transform))
-                except (DataError, codecs.DecodeError) as err:  # name the row, not a worker's sample index
-                    raise DataError(f"{reader.where(units[u], flat - int(starts[u]))}: {err}") from err
-            yield epoch, step, collate(samples)
+    def _epoch(self, epoch: int, worker: int, first: int, reader: _RowReader, transform):
+        """This worker's chunks of `epoch` from optimizer step `first` on."""
+        plan, dealt, layout = self.plan(epoch), self.layout_of(epoch), self.layout
+        steps = plan.steps // dealt.accum  # optimizer steps
+        pieces = [sources(dealt, layout, self.rank, worker, micro) for micro in range(layout.accum)]
+        share = {s: dealt.accum * dealt.chunk(s) for s in {s for micro in pieces for s, _, _ in micro}}
+        rows = {}
+        for s in share:  # the positions this worker reads from stream s, in the order it reads them
+            positions = [j * share[s] + offset + i for j in range(first, steps) for micro in pieces
+                         for stream, offset, count in micro if stream == s for i in range(count)]
+            rows[s] = _StreamRows(plan, s, dealt.chunk(s), np.random.default_rng([self.spec.seed, epoch, s]),
+                                  self.shuffle_buffer, np.asarray(positions, dtype=np.int64), reader)
+        for j in range(first, steps):
+            for micro, micro_pieces in enumerate(pieces):
+                samples = []
+                for s, offset, count in micro_pieces:
+                    for position in range(j * share[s] + offset, j * share[s] + offset + count):
+                        index, row, unit, offset_in_unit = rows[s].take(position)
+                        try:
+                            samples.append(make_sample(row, index, epoch, self.spec, transform))
+                        except (DataError, codecs.DecodeError) as err:  # name the row, not a worker's sample index
+                            raise DataError(f"{reader.where(unit, offset_in_unit)}: {err}") from err
+                yield epoch, j * layout.accum + micro, collate(samples)
 
 
 class PretrainingLoader:
@@ -371,11 +460,14 @@ class PretrainingLoader:
 
     def __init__(self, dataset: LabeledDataset, spec: SampleSpec, cfg: DataConfig, rank: int = 0,
                  world_size: int = 1, start: tuple[int, int] = (0, 0), step_multiple: int = 1,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, epoch_layout: Layout | None = None):
         spec = dataclasses.replace(spec, decode_on_device=cfg.decode == "device")
         self.stream = PretrainingStream(dataset, spec, cfg.batch_size, cfg.shuffle_buffer, rank, world_size,
-                                        cfg.num_workers, start, step_multiple)
-        self.steps_per_epoch = self.stream.plan(0).steps  # checked here, in the main process: errors are clear
+                                        cfg.num_workers, start, step_multiple, epoch_layout)
+        # Checked here, in the main process, so errors are clear; micro-steps of epoch 0 in this layout.
+        self.steps_per_epoch = plan_epoch(dataset.units, spec.seed, 0, world_size, self.stream.workers,
+                                          cfg.batch_size, step_multiple).steps
+        self.stream.steps(start[0])  # the start epoch's plan too (another layout's, after a resume)
         self.workers = self.stream.workers
         extra = {"prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
         # A private generator: creating the iterator must not draw from the global RNG (exact resumes).

@@ -5,7 +5,9 @@ optimizer, grad scaler, the schedule's and curriculum's position, the data posit
 each rank's RNG states and the resolved config. A checkpoint is written to a dot-prefixed
 temporary file, flushed to disk and renamed, so a run killed mid-write leaves the previous
 checkpoint as the latest. A disk error while writing is one sentence (`storage.StorageError`) and
-leaves no temporary file. On resume, a newest checkpoint that cannot be read is moved aside
+leaves no temporary file. `CheckpointWriter` writes them on a background thread from a host copy
+(`checkpoint_async`, on by default), so training stalls only for the copy. On resume, a newest
+checkpoint that cannot be read is moved aside
 (`step-N.pt.unreadable`, kept for inspection) and the one before it is used, with a warning.
 
 With `keep_every_epochs`, the checkpoint at the end of every N-th epoch is also kept for good as
@@ -22,6 +24,8 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +100,81 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, step: int, keep:
         _fsync_dir(path.parent)
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
+    return path
+
+
+class CheckpointWriter:
+    """Writes checkpoints (`save_checkpoint`), in the background when `asynchronous`.
+
+    Asynchronous: `save` copies the state's tensors into host buffers reused from one save to the next
+    (pinned for device tensors: non-blocking copies, one synchronisation) and returns; a background thread serialises, fsyncs and
+    renames, so training stalls only for the copy. One write at a time: a save while the previous
+    write is still going waits for it first. A failed write (a full disk) is raised, as its one sentence,
+    by `poll` (the loop calls it at log steps), by the next `save` or by `close`. The file is the same
+    as a synchronous save's, committed by the same rename, so every reader (resume, export, --init) reads it.
+    """
+
+    def __init__(self, asynchronous: bool):
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if asynchronous else None
+        self.pending: Future | None = None
+        self.buffers: dict[str, torch.Tensor] = {}  # host copies of device tensors, by their place in the state
+
+    def save(self, state: dict[str, Any], run_dir: str | Path, step: int, keep: int,
+             then: Callable[[Path], None] | None = None) -> Path:
+        """Checkpoint `state` as optimizer step `step` (`save_checkpoint`), then call `then(path)` (after the
+        write, in the background too); returns the path it is (or will be) at."""
+        self.wait()
+        if self.executor is None:
+            return _write(state, run_dir, step, keep, then)
+        self.pending = self.executor.submit(_write, self._host_copy(state), run_dir, step, keep, then)
+        return checkpoint_path(run_dir, step)
+
+    def _host_copy(self, state: Any, key: str = "") -> Any:
+        """`state` with every tensor copied to host memory that training will not write to."""
+        if isinstance(state, dict):
+            out = {k: self._host_copy(v, f"{key}/{k}") for k, v in state.items()}
+            if not key and torch.cuda.is_available() and any(b.is_pinned() for b in self.buffers.values()):
+                torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+            return out
+        if isinstance(state, list | tuple):
+            return type(state)(self._host_copy(v, f"{key}/{i}") for i, v in enumerate(state))
+        if not isinstance(state, torch.Tensor):
+            return state
+        buffer = self.buffers.get(key)  # reused: the previous write is done (`save` waited for it)
+        if buffer is None or buffer.shape != state.shape or buffer.dtype != state.dtype:
+            buffer = self.buffers[key] = torch.empty(state.shape, dtype=state.dtype,
+                                                     pin_memory=state.device.type == "cuda")
+        return buffer.copy_(state.detach(), non_blocking=state.device.type == "cuda")
+
+    def poll(self) -> None:
+        """Raise a finished background write's error (StorageError for a disk fault), if any."""
+        if self.pending is not None and self.pending.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Wait for the write in flight; raise its error."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Wait for the write in flight and stop the thread (`raise_errors=False` when another error is on its way)."""
+        try:
+            if raise_errors:
+                self.wait()
+            elif self.pending is not None:
+                with contextlib.suppress(Exception):
+                    self.pending.result()
+        finally:
+            if self.executor is not None:
+                self.executor.shutdown(wait=True)
+
+
+def _write(state: dict[str, Any], run_dir: str | Path, step: int, keep: int,
+           then: Callable[[Path], None] | None) -> Path:
+    path = save_checkpoint(state, run_dir, step, keep)
+    if then is not None:
+        then(path)
     return path
 
 

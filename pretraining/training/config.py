@@ -65,12 +65,15 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp16 (with loss scaling) | fp32; autocast on GPU only (CPU runs in fp32)
     compile: bool = False  # torch.compile the model
     checkpoint_every: int = 1000  # optimizer steps; a checkpoint is also written at the end
+    checkpoint_minutes: float = 0.0  # also when this much wall time passed since the last one (read at log steps); 0 = off
+    checkpoint_async: bool = True  # write checkpoints on a background thread from a host copy (training/checkpoint.py)
     keep_checkpoints: int = 3
     keep_every_epochs: int = 0  # also keep checkpoints/epoch-NNNN.pt at the end of every N-th epoch for good; 0 = never
     log_every: int = 50  # optimizer steps between TensorBoard scalars
     figure_every: int = 2000  # optimizer steps between reconstruction figures; 0 = never
     log_samples: bool = False  # write the sample ids and losses of every step to RUN/samples-rankR.jsonl
-    log_grad_share: bool = True  # at each log step, each loss term's share of the gradient on the encoder's output
+    log_grad_share: bool = True  # log each loss term's share of the gradient on the encoder's output
+    grad_share_every: int = 0  # optimizer steps between those diagnostics; 0 = at every log step
 
     def __post_init__(self):
         if self.precision not in ("bf16", "fp16", "fp32"):
@@ -78,6 +81,11 @@ class TrainConfig:
         for name in ("epochs", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.grad_share_every < 0:
+            raise ConfigError(f"grad_share_every must be 0 (every log step) or a number of steps, got "
+                              f"{self.grad_share_every}.")
+        if self.checkpoint_minutes < 0:
+            raise ConfigError(f"checkpoint_minutes must be 0 (off) or a number of minutes, got {self.checkpoint_minutes}.")
         if self.keep_every_epochs < 0:
             raise ConfigError(f"keep_every_epochs must be 0 (off) or a number of epochs, got {self.keep_every_epochs}.")
         if self.data.batch_size < 1:
@@ -87,8 +95,9 @@ class TrainConfig:
 
 
 # Keys that may change when a run is resumed: they do not change what is computed.
-RESUMABLE_KEYS = frozenset({"checkpoint_every", "keep_checkpoints", "keep_every_epochs", "log_every", "figure_every",
-                            "compile", "log_samples", "log_grad_share", "data.prefetch_factor"})
+RESUMABLE_KEYS = frozenset({"checkpoint_every", "checkpoint_minutes", "checkpoint_async", "keep_checkpoints",
+                            "keep_every_epochs", "log_every", "figure_every", "compile", "log_samples",
+                            "log_grad_share", "grad_share_every", "data.prefetch_factor"})
 # Keys a resume may change on purpose, with `--amend KEY=VALUE` (recorded in run.json with its step): they
 # change what is computed from then on, not the model's shape, the data or the seed. The learning rate and
 # its schedule's tail, clipping, precision, the loss weights, the semantic head's precision, the loader's

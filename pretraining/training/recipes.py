@@ -51,7 +51,8 @@ def c2fmae_base_400ep() -> TrainConfig:
     """C2FMAE ViT-B/16, 400 epochs (the paper's 83.7 top-1 row)."""
     return TrainConfig(name="c2fmae_base_400ep", model=model_config("c2fmae_vit_base_patch16"),
                        data=_BASE_DATA, global_batch=4096,
-                       optim=OptimConfig(), epochs=400, checkpoint_every=1000, log_every=50, figure_every=5000)
+                       optim=OptimConfig(), epochs=400, checkpoint_every=1000, log_every=50, figure_every=5000,
+                       grad_share_every=250)
 
 
 def c2fmae_base_1600ep() -> TrainConfig:

@@ -11,8 +11,11 @@ failed before its first checkpoint never blocks a corrected retry. With one, a r
   purpose with `--amend KEY=VALUE` (`config.AMENDABLE_KEYS`: learning rate and schedule tail,
   clipping, precision, loss weights, loader workers and decode path, the per-process batch cap),
   each recorded in run.json's "amendments" with the optimizer step it applies from;
-- the number of processes (it fixes the data order) and the global batch (with the learning rate
-  it is the recipe's; `--amend data.batch_size` may change how it is split, never its size);
+- the global batch (with the learning rate it is the recipe's): another number of processes, or
+  `--amend data.batch_size`, changes how it is split, never its size. The epoch in progress keeps the
+  layout it was dealt in (the checkpoint's position holds it, with the samples done in the epoch), so
+  its remaining optimizer steps take the samples they would have taken (`data.loader.sources`);
+  later epochs are dealt over the new allocation's streams. Not bit-exact (sums reduce in another order);
 - the number of semantic classes (`model.num_semantic_classes`, the dataset's: it sizes the model's
   semantic head);
 - the dataset's fingerprint (`dataset_fingerprint`), unless `--new-data` says a change is on purpose.
@@ -99,6 +102,8 @@ def check_resume(checkpoint: Path, saved_config: dict, saved_run: dict, cfg: Tra
     current = to_dict(cfg)
     # The class count is the dataset's (set at start): a change is told apart below, in its own sentence.
     keys = differing_keys(saved_config, current, ignore=RESUMABLE_KEYS | {"epochs", "model.num_semantic_classes"})
+    if saved_config.get("global_batch") is None and current["global_batch"] == saved_run.get("global_batch"):
+        keys = [k for k in keys if k != "global_batch"]  # the batch such a run trained at, stated: no change
     refused = [k for k in keys if k not in amend or k not in AMENDABLE_KEYS]  # (the API's callers too)
     if refused:  # e.g. a changed factory default: the checkpoint's values, as the --set that restores them
         stored = flatten(saved_config)
@@ -112,23 +117,34 @@ def check_resume(checkpoint: Path, saved_config: dict, saved_run: dict, cfg: Tra
                           if amendable else "") + ".")
     stored, now = flatten(saved_config), flatten(current)
     amendments = [{"step": step, "key": k, "from": stored.get(k), "to": now.get(k)} for k in keys]
-    if saved_run.get("world_size") != run_info["world_size"]:
-        raise RunError(f"{run_dir} was trained on {saved_run.get('world_size')} processes, not "
-                       f"{run_info['world_size']}: resume it with the same number of GPUs (the data order "
-                       "depends on it), or start a new --output.")
+    notes = [f"amended from optimizer step {a['step']} on: {a['key']} {a['from']} -> {a['to']} (--amend; recorded "
+             "in run.json)" for a in amendments]
     saved_batch = saved_run.get("global_batch")
     if saved_batch is not None and saved_batch != run_info["global_batch"]:
+        per_process = saved_config.get("global_batch") is None and saved_run.get("world_size") != run_info["world_size"]
         raise RunError(f"{run_dir} trains at a global batch of {saved_batch}, not {run_info['global_batch']}: the "
-                       "global batch cannot change within a run (without a global_batch in its config, "
-                       "data.batch_size is each process's whole batch), so keep its data.batch_size or start a new "
-                       "--output.")
+                       "global batch cannot change within a run"
+                       + (f" (its config has no global_batch: each of its {saved_run.get('world_size')} processes took "
+                          f"data.batch_size {saved_config['data']['batch_size']}), so add --set global_batch="
+                          f"{saved_batch} to resume it on {run_info['world_size']} processes, or start a new --output."
+                          if per_process else
+                          " (without a global_batch in its config, data.batch_size is each process's whole batch), so "
+                          "keep its data.batch_size or start a new --output."))
+    saved_split = (saved_run.get("world_size"), saved_run.get("per_gpu_batch"), saved_run.get("accum_steps"))
+    split = (run_info["world_size"], run_info["per_gpu_batch"], run_info["accum_steps"])
+    if saved_run.get("world_size") != run_info["world_size"]:  # the same global batch on another allocation
+        notes.append(f"resuming on {split[0]} processes ({split[1]} per process x {split[2]} accumulation steps; "
+                     f"the run trained on {saved_split[0]}, {saved_split[1]} x {saved_split[2]}): the same global batch "
+                     f"of {run_info['global_batch']}"
+                     + (f"; the rest of epoch {position[0]} takes the samples each optimizer step would have taken"
+                        if position[1] > 0 else "")
+                     + "; later epochs are dealt over this allocation's streams; not bit-exact (sums are reduced in "
+                     "another order).")
     saved_classes = saved_config["model"]["num_semantic_classes"]
     if saved_classes != cfg.model.num_semantic_classes:
         raise RunError(f"{run_dir} was trained with {saved_classes} semantic classes but --data {run_info['data']} "
                        f"has {cfg.model.num_semantic_classes}: the model's semantic head cannot change, so train on "
                        "that data in a new --output.")
-    notes = [f"amended from optimizer step {a['step']} on: {a['key']} {a['from']} -> {a['to']} (--amend; recorded "
-             "in run.json)" for a in amendments]
     saved_data, data = saved_run.get("dataset"), run_info["dataset"]
     if saved_data is not None and saved_data != data:
         differing = ", ".join(f"{k} {saved_data.get(k)} -> {data[k]}" if k in ("rows", "images") else k

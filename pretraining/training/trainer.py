@@ -28,7 +28,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 from tqdm import tqdm
 
-from pretraining.data.loader import DataConfig, PretrainingLoader, SampleSpec, open_labeled_dataset
+from pretraining.data.loader import DataConfig, Layout, PretrainingLoader, SampleSpec, open_labeled_dataset
 from pretraining.models.autoencoder import ModelConfig, PretrainOutput
 from pretraining.models.curriculum import Curriculum
 from pretraining.training import checkpoint as ckpt
@@ -59,6 +59,27 @@ from pretraining.training.storage import write_json, writing
 from pretraining.training.strategy_log import StrategyLog
 
 
+def saved_progress(state: dict, stored: TrainConfig, saved_run: dict) -> tuple[int, Layout | None]:
+    """(optimizer steps done in the checkpoint's epoch, the layout that epoch is dealt in; None at its start).
+    Checkpoints written before the position held global samples and a layout: their run's own split."""
+    position = state["position"]
+    split = allocate(stored.global_batch, stored.data.batch_size, saved_run["world_size"])
+    if "samples" in position:
+        done, layout = position["samples"] // split.global_batch, Layout(**position["layout"])
+    else:
+        done = position["step"] // split.accum
+        layout = Layout(split.world_size, max(1, stored.data.num_workers), split.per_gpu, split.accum)
+    return done, layout if done > 0 else None
+
+
+def allocations(saved_run: dict, run_info: dict, step: int) -> list[dict]:
+    """run.json's "allocations" on resume at optimizer `step`: the saved ones, and this one if it differs."""
+    keys = ("world_size", "per_gpu_batch", "accum_steps")
+    saved = saved_run.get("allocations") or [{"step": 0, **{k: saved_run.get(k) for k in keys}}]
+    now = {k: run_info[k] for k in keys}
+    return saved if {k: saved[-1][k] for k in keys} == now else [*saved, {"step": step, **now}]
+
+
 class Trainer:
     """One run: built by `__init__` (see the module's docstring), stepped by `pretraining.train.train_loop`."""
 
@@ -79,9 +100,13 @@ class Trainer:
                          "dataset_rows": dataset.num_rows, "num_semantic_classes": num_classes,
                          "dataset": dataset_fingerprint(dataset),
                          "init": None,  # --init's source and sha256, when the run started from another checkpoint
-                         "amendments": []}  # every --amend of a resume: {"step", "key", "from", "to"}
+                         "amendments": [],  # every --amend of a resume: {"step", "key", "from", "to"}
+                         # every split the run trained in, from its optimizer step on
+                         "allocations": [{"step": 0, "world_size": alloc.world_size, "per_gpu_batch": alloc.per_gpu,
+                                          "accum_steps": alloc.accum}]}
         # The newest readable checkpoint binds the run (config, processes, data); an unreadable newer one is moved aside.
         self.complete: dict | None = None
+        epoch_layout = None  # the layout of the epoch a resume continues (None: this allocation's own)
         resumed = ckpt.load_newest_readable(run_dir, move_aside=main and not dry_run, warn=self.say)
         position = saved_position = (0, 0)  # the data position to load next: the checkpoint's, in this split
         if resumed is not None:
@@ -94,20 +119,22 @@ class Trainer:
                 self.complete = {**complete_summary(run_dir, state), "complete": True}
                 return
             self.run_info["amendments"] = saved_run.get("amendments", []) + plan.amendments
+            self.run_info["allocations"] = allocations(saved_run, self.run_info, state["global_step"])
             # What the run was built with, not today's defaults; an amended field (a loss weight) is this rerun's.
             model_amended = {k.split(".", 1)[1]: getattr(cfg.model, k.split(".", 1)[1])
                              for k in amend if k.startswith("model.")}
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(stored.model, **model_amended))
-            # Checkpoints lie between optimizer steps: step k of the epoch, in this split's micro-steps.
-            saved_accum = allocate(stored.global_batch, stored.data.batch_size, saved_run["world_size"]).accum
-            position = (position[0], position[1] // saved_accum * alloc.accum)
+            # Checkpoints lie between optimizer steps: optimizer step k of the epoch, in this split's micro-steps;
+            # the epoch in progress keeps the layout it was dealt in (another allocation's, maybe).
+            done, epoch_layout = saved_progress(state, stored, saved_run)
+            position = (position[0], done * alloc.accum)
         elif amend:
             self.say(f"no checkpoint in {run_dir} to amend: --amend {' '.join(amend)} applies to this fresh start "
                      "as --set would.")
         self.cfg = cfg
         if dry_run:  # the banner (and any refusal above), nothing built, nothing written
             loader = PretrainingLoader(dataset, self._sample_spec(cfg.model), self._data_config(), distributed.rank,
-                                       distributed.world_size, position, alloc.accum)
+                                       distributed.world_size, position, alloc.accum, epoch_layout=epoch_layout)
             self.show(self.banner(loader.steps_per_epoch))
             self.complete = {"dry_run": True}
             return
@@ -143,7 +170,7 @@ class Trainer:
         mcfg = model.cfg
         self.loader = PretrainingLoader(dataset, self._sample_spec(mcfg), self._data_config(), distributed.rank,
                                         distributed.world_size, self.position, alloc.accum,
-                                        pin_memory=device.type == "cuda")
+                                        pin_memory=device.type == "cuda", epoch_layout=epoch_layout)
         steps_per_epoch = self.loader.steps_per_epoch  # micro-steps of epoch 0; later epochs may differ slightly
         self.run_info["steps_per_epoch"] = steps_per_epoch // alloc.accum
         if main:  # only now: a start refused above leaves nothing behind
@@ -156,6 +183,10 @@ class Trainer:
         self.samples_log = open_samples_log(samples_log_path(run_dir, distributed.rank), self.global_step,
                                             saved_position) \
             if cfg.log_samples else None
+        if main and cfg.log_samples:  # the log of a rank this allocation lacks ends at the checkpoint too
+            for path in run_dir.glob("samples-rank*.jsonl"):
+                if int(path.stem.removeprefix("samples-rank")) >= distributed.world_size:
+                    open_samples_log(path, self.global_step, saved_position).close()
         self.bar = tqdm(total=cfg.epochs * steps_per_epoch // alloc.accum, initial=self.global_step, unit="step",
                         disable=not (main and show_progress), dynamic_ncols=True)
         if resumed is not None and main and self.keeps(self.position) \
@@ -165,6 +196,8 @@ class Trainer:
         self.meter: LossMeter | None = None  # made at the first step, when the model has named its loss terms
         self.window = {"samples": 0, "wait": 0.0, "start": time.perf_counter()}  # what perf/* averages over
         self.last, self.saved_at, self.lr = {}, self.global_step, self.peak_lr
+        self.saved_time = time.monotonic()  # when the last checkpoint was taken (checkpoint_minutes)
+        self.writer = ckpt.CheckpointWriter(cfg.checkpoint_async and main)  # rank 0 writes
         self.epoch_steps: dict[int, int] = {}  # micro-steps of each epoch, as the loader plans it
 
     def _restore(self, latest: Path, state: dict, notes: list[str]) -> None:
@@ -175,7 +208,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.curriculum.load_state_dict(state["curriculum"].get("adaptive", {}))
         self.global_step = state["global_step"]  # self.position: the checkpoint's, in this split's micro-steps
-        ckpt.set_rng_state(state["rng"][self.distributed.rank])
+        # On more processes than saved, rank r takes rank r mod saved's states (the data's randomness is per sample).
+        ckpt.set_rng_state(state["rng"][self.distributed.rank % len(state["rng"])])
         self.say(f"resuming from {latest}: optimizer step {self.global_step}, epoch {self.position[0]}, "
                  f"batch {self.position[1]}")
         for note in notes:
@@ -231,7 +265,7 @@ class Trainer:
     def progress_at(self, epoch: int, step: int) -> float:
         """Fractional training progress in [0, 1] at micro-step `step` of `epoch` (what the schedules read)."""
         if epoch not in self.epoch_steps:
-            self.epoch_steps[epoch] = self.loader.stream.plan(epoch).steps if epoch < self.cfg.epochs else 1
+            self.epoch_steps[epoch] = self.loader.stream.steps(epoch) if epoch < self.cfg.epochs else 1
         return (epoch + step / self.epoch_steps[epoch]) / self.cfg.epochs
 
     def set_lr(self, lr: float) -> None:
@@ -317,23 +351,35 @@ class Trainer:
                                  refresh=False)
 
     def log(self, epoch: int, step: int, inputs: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
-        """TensorBoard scalars of the steps since the last log: losses, lr, strategy mix, gradient shares, speed."""
+        """TensorBoard scalars of the steps since the last log: losses, lr, strategy mix, speed."""
         self.check_losses()
         elapsed = time.perf_counter() - self.window["start"]
         mix, per_step = self.strategies.scalars()
         for logged_step, values in per_step:
             self.monitor.scalars(logged_step, values)
-        grad_share, modalities = {}, self.model.cfg.modalities
-        if self.cfg.log_grad_share and self.main and len(modalities) > 1:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                norms = self.model.term_gradient_norms(inputs).tolist()
-            grad_share = {f"grad_share/{m}": n / max(sum(norms), 1e-30) for m, n in zip(modalities, norms)}
         self.monitor.scalars(self.global_step, {
-            **{f"loss/{n}": v for n, v in self.last.items()}, "lr": self.lr, **mix, **grad_share,
+            **{f"loss/{n}": v for n, v in self.last.items()}, "lr": self.lr, **mix,
             **(step_scalars(grad_norm, self.scaler, self.device) if self.main else {}),
             "perf/images_per_s": self.window["samples"] / elapsed, "perf/data_wait_share": self.window["wait"] / elapsed,
             "epoch": epoch + (step + 1) / self.epoch_steps[epoch]})
         self.window = {"samples": 0, "wait": 0.0, "start": time.perf_counter()}
+
+    def grad_share_due(self) -> bool:
+        """Whether this optimizer step logs gradient shares: every grad_share_every steps (0: every log step)."""
+        cfg = self.cfg
+        return cfg.log_grad_share and self.global_step % (cfg.grad_share_every or cfg.log_every) == 0
+
+    def log_grad_share(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Each weighted loss term's share of the gradient on the encoder's output tokens, on the step's last
+        micro-batch (rank 0: a decoder forward and one decoder backward per term; the other ranks wait for it at
+        the next step's all-reduce, so it costs the whole run that time: docs/training.md, Cadence)."""
+        modalities = self.model.cfg.modalities
+        if not self.main or len(modalities) < 2:
+            return
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            norms = self.model.term_gradient_norms(inputs).tolist()
+        self.monitor.scalars(self.global_step, {f"grad_share/{m}": n / max(sum(norms), 1e-30)
+                                                for m, n in zip(modalities, norms)})
 
     def figure(self, inputs: dict[str, torch.Tensor], out: PretrainOutput) -> None:
         recon = self.model.reconstruct(inputs, out)
@@ -346,29 +392,43 @@ class Trainer:
         every = self.cfg.keep_every_epochs
         return every > 0 and position[1] == 0 and position[0] > 0 and position[0] % every == 0
 
+    def position_state(self, epoch: int, step: int) -> dict:
+        """The data position (epoch, micro-`step` of this split) as a checkpoint holds it: also in global samples
+        done in the epoch, with the layout the epoch is dealt in, which any allocation of the global batch reads."""
+        layout = self.loader.stream.layout_of(epoch)
+        return {"epoch": epoch, "step": step, "samples": step // self.accum_steps * self.allocation.global_batch,
+                "layout": dataclasses.asdict(layout)}
+
     def save(self, epoch: int, step: int) -> Path | None:
-        """Checkpoint the run at data position (epoch, step); returns the file on rank 0."""
+        """Checkpoint the run at data position (epoch, step) (in the background with checkpoint_async), and keep
+        it for good if the position ends a kept epoch; returns the file on rank 0."""
         states = gather(ckpt.rng_state(), self.distributed)
+        self.saved_at, self.saved_time = self.global_step, time.monotonic()
         if not self.main:
             return None
+        kept = ckpt.kept_path(self.run_dir, epoch) if self.keeps((epoch, step)) else None
         progress = self.progress_at(epoch, step)
         weights = torch.as_tensor(self.curriculum.weights(progress), dtype=torch.float64).tolist()
-        return ckpt.save_checkpoint({
+        return self.writer.save({
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "schedule": {"lr": self.optimizer.param_groups[0]["lr"],
                                                              "peak_lr": self.peak_lr},
             "curriculum": {"progress": progress, "weights": weights, "adaptive": self.curriculum.state_dict()},
-            "position": {"epoch": epoch, "step": step}, "global_step": self.global_step, "rng": states,
+            "position": self.position_state(epoch, step), "global_step": self.global_step, "rng": states,
             "config": json.dumps(to_dict(self.cfg)), "run": json.dumps(self.run_info), "last": self.last,
-        }, self.run_dir, self.global_step, self.cfg.keep_checkpoints)
+        }, self.run_dir, self.global_step, self.cfg.keep_checkpoints,
+            then=(lambda path: ckpt.keep_checkpoint(path, kept)) if kept is not None else None)
 
     def checkpoint(self) -> None:
         """Check the losses (never save after a non-finite one), save at the current position, keep an epoch's."""
         self.check_losses()
-        path = self.save(*self.position)
-        self.saved_at = self.global_step
-        if path is not None and self.keeps(self.position):
-            ckpt.keep_checkpoint(path, ckpt.kept_path(self.run_dir, self.position[0]))
+        self.save(*self.position)
+
+    def checkpoint_due(self) -> bool:
+        """Whether checkpoint_minutes have passed since the last checkpoint, by rank 0's clock (every rank
+        gets its answer: the loop asks at log steps, where the ranks already synchronise)."""
+        minutes = self.cfg.checkpoint_minutes
+        return minutes > 0 and gather(time.monotonic() - self.saved_time >= 60 * minutes, self.distributed)[0]
 
     def finish(self) -> dict:
         """After the last step: read the last losses, save unless just saved, write summary.json, close the logs;
@@ -377,6 +437,7 @@ class Trainer:
         self.bar.close()
         if self.saved_at != self.global_step:
             self.save(*self.position)
+        self.writer.close()  # the last checkpoint is on disk before the summary says the run is done
         hashes = gather(param_hash(self.model), self.distributed)
         summary = {"global_step": self.global_step, "position": list(self.position), "last": self.last,
                    "param_sha256": hashes}
