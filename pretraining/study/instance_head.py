@@ -45,7 +45,7 @@ def measure_instance_head(model, batches: Iterable[dict[str, torch.Tensor]], gen
     ("rgb", "semantic", "instance", "instance_ids"); a batch without "visible" is masked here by
     `model.mask_batch(batch, generator, progress)` (progress 1.0: the curriculum's last phase, random
     masking, by default). Both losses use the model's `loss_reduction` over all batches pooled, the
-    constant fitted on that pool. Gradient shares: the mean over batches of each term's gradient norm
+    constant fitted on that pool (both with the model's `instance_offset_loss`). Gradient shares: the mean over batches of each term's gradient norm
     (`term_gradient_norms`, weights included), as shares of their sum. The model is left in the
     training mode it came in; its parameters get no gradients.
     """
@@ -72,9 +72,10 @@ def measure_instance_head(model, batches: Iterable[dict[str, torch.Tensor]], gen
     if not predictions:
         raise ValueError("No held-out batches were given; pass at least one batch of scenes.")
     P, reduction = model.cfg.patch_size, model.cfg.loss_reduction
+    offset_loss = getattr(model.cfg, "instance_offset_loss", "l1")
     pred, target, mask = torch.cat(predictions), torch.cat(targets), torch.cat(masked)
-    head = float(losses.instance_loss(pred, target, mask, P, reduction))
-    constant = float(losses.constant_instance_loss(target, mask, P, reduction))
+    head = float(losses.instance_loss(pred, target, mask, P, reduction, offset_loss))
+    constant = float(losses.constant_instance_loss(target, mask, P, reduction, offset_loss))
     mean_norms = torch.stack(norms).mean(0)
     shares = (mean_norms / mean_norms.sum().clamp(min=1e-30)).tolist()
     return InstanceHeadReading(head, constant, constant - head, dict(zip(model.cfg.modalities, shares)), len(pred))
