@@ -117,7 +117,7 @@ def _scene_batch(n: int, size: int, seed: int, patch: int) -> dict[str, torch.Te
             "instance_ids": ids, "instance": instance_representation(ids, offset_unit=patch)}
 
 
-MARGIN = 0.01  # the head must beat the best constant by 1% of the constant's loss (docs/model.md, Losses)
+MARGIN = 0.02  # the head must beat the best constant by 2% of the constant's loss (docs/model.md, Losses)
 
 
 @pytest.mark.slow
