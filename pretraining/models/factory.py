@@ -46,10 +46,10 @@ MAE_VISIBLE_SHARE = 0.25  # MAE's 49 of 196 tokens
 FAMILIES = {
     "c2fmae": {"visible_share": 98 / 588, "masking": "progressive", "num_semantic_classes": 133,
                "recipe": {"decoder": "cascaded", "decoder_dim": 256, "decoder_depth": 2, "decoder_heads": 8,
-                          "semantic_head_fp32": True, "instance_offset_loss": "mse"}},
+                          "semantic_head_fp32": True}},
     "multimae": {"visible_share": 98 / 588, "masking": "random", "num_semantic_classes": 133,
                  "recipe": {"decoder": "multimae", "decoder_dim": 256, "decoder_depth": 2, "decoder_heads": 8,
-                            "allocation": "rounded", "semantic_head_fp32": True, "instance_offset_loss": "mse"}},
+                            "allocation": "rounded", "semantic_head_fp32": True}},
     "mae": {"visible_share": MAE_VISIBLE_SHARE, "masking": "random", "num_semantic_classes": 0,
             "recipe": {"modalities": ("rgb",), "decoder": "mae", "decoder_dim": 512, "decoder_depth": 8,
                        "decoder_heads": 16}},
