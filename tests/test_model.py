@@ -81,6 +81,21 @@ def test_every_parameter_gets_a_gradient(name):
     assert not missing
 
 
+@pytest.mark.parametrize("offset_loss", ["l1", "mse"])
+def test_the_instance_term_alone_reaches_the_instance_head_and_the_encoder(offset_loss):
+    torch.manual_seed(0)
+    model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, instance_offset_loss=offset_loss,
+                         **SMALL)
+    out = model(model.mask_batch(make_batch(64), torch.Generator().manual_seed(0)))
+    out.terms["instance"].backward()
+    stage = model.decoder.stages["instance"]
+    for module in (stage.head, stage.units[0].cross.attn.q, model.encoder.blocks[0].attn.qkv):
+        assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+    assert model.decoder.stages["rgb"].head.weight.grad is None  # nothing finer than instance
+    with pytest.raises(ValueError, match="instance_offset_loss"):
+        create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=NUM_CLASSES, instance_offset_loss="huber", **SMALL)
+
+
 @pytest.mark.parametrize("decoder", ["cascaded", "parallel"])
 def test_cascade_carries_semantic_stage_into_rgb(decoder):
     torch.manual_seed(0)

@@ -55,6 +55,7 @@ class ModelConfig:
     decoder_units: tuple[int, ...] | None = None  # cascaded / parallel: (cross-attn + blocks) units per stage; None = 1 each
     cascade_link: str = "image"  # cascaded: image | shuffled (each sample's link carries another sample's tokens)
     instance_offset_unit: str = "patch"  # the instance offsets' unit: patch | image (docs/model.md)
+    instance_offset_loss: str = "l1"  # the instance offsets' loss: l1 | mse (docs/model.md, Losses)
     norm_pix_loss: bool = True
     loss_reduction: str = "sample"  # sample | token: how masked patches are averaged (losses._mean_over)
     lambda_semantic: float = 1.0
@@ -79,6 +80,9 @@ class ModelConfig:
             raise ValueError(f"Unknown cascade_link {self.cascade_link!r}; use image or shuffled.")
         if self.instance_offset_unit not in ("patch", "image"):
             raise ValueError(f"Unknown instance_offset_unit {self.instance_offset_unit!r}; use patch or image.")
+        if self.instance_offset_loss not in losses.OFFSET_LOSSES:
+            raise ValueError(f"Unknown instance_offset_loss {self.instance_offset_loss!r}; use one of "
+                             f"{losses.OFFSET_LOSSES}.")
         if self.loss_reduction not in losses.REDUCTIONS:
             raise ValueError(f"Unknown loss_reduction {self.loss_reduction!r}; use one of {losses.REDUCTIONS}.")
         if self.decoder == "mae" and self.modalities != ("rgb",):
@@ -232,7 +236,8 @@ class MaskedAutoencoder(nn.Module):
         if modality == "rgb":
             return losses.rgb_loss(pred, batch["rgb"], masked, cfg.patch_size, cfg.norm_pix_loss, reduction)
         if modality == "instance":
-            return losses.instance_loss(pred, batch["instance"], masked, cfg.patch_size, reduction)
+            return losses.instance_loss(pred, batch["instance"], masked, cfg.patch_size, reduction,
+                                        cfg.instance_offset_loss)
         labels = downsample_labels(batch["semantic"], cfg.semantic_downsample)  # (B, H/4, W/4)
         return losses.semantic_loss(pred, labels, masked, cfg.patch_size // cfg.semantic_downsample,
                                     cfg.num_semantic_classes, reduction)

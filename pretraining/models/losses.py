@@ -83,18 +83,25 @@ def semantic_loss(pred: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor
     return _mean_over(per_pixel, target >= 0, reduction)
 
 
+OFFSET_LOSSES = ("l1", "mse")  # the instance offsets' loss (docs/model.md, Losses)
+
+
 def instance_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, patch_size: int,
-                  reduction: str = "sample") -> torch.Tensor:
-    """Binary cross-entropy on the boundary channel plus L1 on the centre offsets, masked patches only.
+                  reduction: str = "sample", offset_loss: str = "l1") -> torch.Tensor:
+    """Binary cross-entropy on the boundary channel plus L1 (or squared error, `offset_loss="mse"`) on
+    the centre offsets, masked patches only.
 
     pred: (B, N, P*P*3) (channel 0 boundary logits, 1-2 offsets), target: (B, 3, H, W) from
     `instance_representation`, masked: (B, N) bool.
     """
+    if offset_loss not in OFFSET_LOSSES:
+        raise ValueError(f"Unknown instance offset loss {offset_loss!r}; use one of {OFFSET_LOSSES}.")
     B, N, _ = pred.shape
     pred = pred.reshape(B, N, -1, 3)  # (B, N, P*P, 3)
     target = patchify(target, patch_size).reshape(B, N, -1, 3)
     boundary = F.binary_cross_entropy_with_logits(pred[..., 0], target[..., 0], reduction="none").mean(-1)  # (B, N)
-    offsets = (pred[..., 1:] - target[..., 1:]).abs().mean(dim=(-2, -1))  # (B, N)
+    error = pred[..., 1:] - target[..., 1:]  # (B, N, P*P, 2)
+    offsets = (error.abs() if offset_loss == "l1" else error.pow(2)).mean(dim=(-2, -1))  # (B, N)
     return _mean_over(boundary + offsets, masked, reduction)
 
 
@@ -107,7 +114,8 @@ def _weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tenso
 
 
 def best_constant_instance_prediction(target: torch.Tensor, masked: torch.Tensor, patch_size: int,
-                                      reduction: str = "sample", eps: float = 1e-6) -> torch.Tensor:
+                                      reduction: str = "sample", eps: float = 1e-6,
+                                      offset_loss: str = "l1") -> torch.Tensor:
     """The input-independent prediction with the lowest `instance_loss` on these targets: (P*P*3,), one
     value per pixel of a patch and channel, the same for every patch of every image (what a head that
     learned nothing from its input could at best predict).
@@ -115,7 +123,8 @@ def best_constant_instance_prediction(target: torch.Tensor, masked: torch.Tensor
     target: (B, 3, H, W) from `instance_representation`, masked: (B, N) bool. Each masked patch weighs
     as the reduction weighs it (under "sample" 1 / its sample's masked count). Per pixel of a patch, the
     boundary logit is that of the weighted boundary rate (cross-entropy's minimiser; the rate clamped
-    to [eps, 1 - eps]) and each offset the weighted median (L1's minimiser).
+    to [eps, 1 - eps]) and each offset the weighted median (L1's minimiser), or under
+    `offset_loss="mse"` the weighted mean (squared error's).
     """
     B, N = masked.shape
     patches = patchify(target, patch_size).reshape(B, N, -1, 3)  # (B, N, P*P, 3)
@@ -126,14 +135,18 @@ def best_constant_instance_prediction(target: torch.Tensor, masked: torch.Tensor
     kept = weights > 0
     patches, weights = patches.flatten(0, 1)[kept], weights[kept]  # (M, P*P, 3), (M,)
     rate = (weights[:, None] * patches[..., 0]).sum(0) / weights.sum()  # (P*P,)
-    offsets = _weighted_median(patches[..., 1:].flatten(1), weights).view(-1, 2)  # (P*P, 2)
+    values = patches[..., 1:].flatten(1)  # (M, P*P*2)
+    if offset_loss == "mse":
+        offsets = ((weights[:, None] * values).sum(0) / weights.sum()).view(-1, 2)  # (P*P, 2)
+    else:
+        offsets = _weighted_median(values, weights).view(-1, 2)
     return torch.cat([torch.logit(rate.clamp(eps, 1 - eps))[:, None], offsets], dim=-1).flatten()
 
 
 def constant_instance_loss(target: torch.Tensor, masked: torch.Tensor, patch_size: int,
-                           reduction: str = "sample") -> torch.Tensor:
+                           reduction: str = "sample", offset_loss: str = "l1") -> torch.Tensor:
     """`instance_loss` of `best_constant_instance_prediction` on the same targets: the floor an instance
     head must beat to have learned anything from its input (compute it on held-out scenes)."""
     B, N = masked.shape
-    constant = best_constant_instance_prediction(target, masked, patch_size, reduction)
-    return instance_loss(constant.expand(B, N, -1), target, masked, patch_size, reduction)
+    constant = best_constant_instance_prediction(target, masked, patch_size, reduction, offset_loss=offset_loss)
+    return instance_loss(constant.expand(B, N, -1), target, masked, patch_size, reduction, offset_loss)
