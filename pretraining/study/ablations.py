@@ -57,8 +57,8 @@ and reused by every later invocation (any mode of the same OUTPUT), so the quick
 parts, on several machines whose `runs/` folders are then merged. Writes OUTPUT/runs.csv,
 OUTPUT/summary.csv and OUTPUT/ablations.png; prints the tables, and as its last line
 `validity=... c2fmae_minus_mae=... cascade_minus_parallel_matched=... instance_minus_constant=...`:
-the first three in linear-probe points, the last C2FMAE's held-out instance loss minus the best
-constant predictor's (pretraining.models.losses.constant_instance_loss; negative when the head learned).
+the first three in linear-probe points, the last the best constant predictor's held-out instance
+loss minus C2FMAE's (pretraining.study.instance_head; > 0 when the head beats the constant).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ Label-informed (the label maps carry them, so label-reading arms are trained on 
   miou          per-patch linear probe of the semantic classes
 And attn_objects (the class token's last-block attention on the objects) and, for models with an
 instance head, instance_loss and instance_constant: the held-out instance loss and the loss of the
-best constant predictor on the same targets (pretraining.models.losses.constant_instance_loss).
+best constant predictor on the same targets, and instance_share: the instance term's share of the
+gradient (pretraining.study.instance_head).
 """
 
 from __future__ import annotations
@@ -98,25 +99,21 @@ def finetune_accuracy(model, train: dict, val: dict, epochs: int, seed: int, lr:
     return 100.0 * (preds == val["label"]).float().mean().item()
 
 
-@torch.no_grad()
 def instance_losses(model, val: dict, seed: int) -> dict[str, float]:
-    """Held-out instance loss of a model with an instance head, and the best constant predictor's on
-    the same targets and masks (random masking's end of the curriculum); {} for models without one."""
+    """Held-out instance loss of a model with an instance head, the best constant predictor's on the
+    same targets and masks (random masking's end of the curriculum), and the instance term's share of
+    the gradient (`pretraining.study.instance_head`); {} for models without one."""
     from pretraining.models.instances import instance_representation
-    from pretraining.models.losses import constant_instance_loss
+    from pretraining.study.instance_head import measure_instance_head
 
     if "instance" not in model.cfg.modalities:
         return {}
-    model.eval()
     ids = val["instance_ids"]
     batch = {"rgb": val["images"], "semantic": val["semantic"], "instance_ids": ids,
              "instance": instance_representation(ids, model.cfg.offset_unit_pixels, int(ids.max()))}
-    batch = model.mask_batch(batch, torch.Generator().manual_seed(seed), progress=1.0)
-    out = model(batch)
-    masked = ~model.visible_mask(out)["instance"]
-    constant = constant_instance_loss(batch["instance"], masked, model.cfg.patch_size)
-    return {"instance_loss": out.sample_terms["instance"].float().mean().item(),
-            "instance_constant": constant.float().mean().item()}
+    reading = measure_instance_head(model, [batch], torch.Generator().manual_seed(seed))
+    return {"instance_loss": reading.head, "instance_constant": reading.constant,
+            "instance_share": reading.grad_shares["instance"]}
 
 
 def probe(model, train: dict, val: dict, patch_size: int, seed: int, probe_epochs: int, patch_probe_epochs: int,
