@@ -110,7 +110,8 @@ def test_a_cluster_that_can_add_gpus_is_waited_on_with_a_message(monkeypatch):
     monkeypatch.setattr(cluster.time, "sleep", lambda s: None)
     lines = []
     layout = cluster.plan_actors("auto", cpu_allowed=False, wait_for_gpus_s=None, log=lines.append)
-    assert layout.device == "cuda" and layout.model_actors == 2 and layout.gpus_per_actor == 0.5
+    # One actor per GPU after a wait, not the one-GPU machine's two halves: GPUs joining later get one each.
+    assert layout.device == "cuda" and layout.model_actors == 1 and layout.gpus_per_actor == 1.0
     assert "waiting up to 1800 s for the first GPU" in lines[0] and "1 GPUs joined" in lines[1]
     assert requests == [[{"GPU": 1.0, "CPU": 1.0}], []]  # asked the autoscaler for a GPU, then withdrew
 

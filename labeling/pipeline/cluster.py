@@ -323,7 +323,8 @@ def plan_actors(device: str, cpu_allowed: bool, wait_for_gpus_s: float | None, l
     """The run's layout on the cluster it joined: the device (`model_device`); for GPU actors on a
     cluster without GPUs yet, the wait for the first one when the cluster can add GPU nodes (its
     autoscaler, or `wait_for_gpus_s` given; None: 30 minutes with an autoscaler, else no wait), else
-    the refusal; then `plan_layout`."""
+    the refusal; then `plan_layout` (after a wait, one GPU per actor unless `gpus_per_actor` is given:
+    the first GPU is rarely the last to join)."""
     cpus, gpus = cluster_cpus_gpus()
     device = model_device(device, cpu_allowed, gpus, overrides.get("gpus_per_actor"))
     if device == "cuda" and gpus <= 0:
@@ -332,6 +333,8 @@ def plan_actors(device: str, cpu_allowed: bool, wait_for_gpus_s: float | None, l
             bundle = {"GPU": overrides.get("gpus_per_actor") or 1.0, "CPU": overrides.get("actor_cpus") or 1.0}
             wait_for_gpus(timeout, bundle, log)
             cpus, gpus = cluster_cpus_gpus()
+            if overrides.get("gpus_per_actor") is None:  # half a GPU suits a one-GPU machine, not the
+                overrides = {**overrides, "gpus_per_actor": 1.0}  # GPU nodes still joining: one actor each
     return plan_layout(cpus, gpus, device=device, **overrides)
 
 
