@@ -23,11 +23,11 @@ FLOORS = {
     "dataset_card": {"__init__.py": 0, "contract": 0, "card": 1, "synthetic": 2, "validate.py": 2, "repaint.py": 2,
                      "__main__.py": 3},
     "labeling": {"__init__.py": 0, "inputs": 1, "labelers": 1, "quality": 1, "pipeline": 2, "run.py": 3,
-                 "evaluate.py": 3},
+                 "evaluate.py": 3, "stage_models.py": 3},
     "pretraining": {"__init__.py": 0, "models": 1, "evaluation": 1, "data": 2, "training": 3, "train.py": 4,
                     "export.py": 4, "evaluate.py": 4, "study": 5},
 }
-COMMANDS = {"labeling/run.py", "labeling/evaluate.py", "pretraining/train.py", "pretraining/export.py",
+COMMANDS = {"labeling/run.py", "labeling/evaluate.py", "labeling/stage_models.py", "pretraining/train.py", "pretraining/export.py",
             "pretraining/evaluate.py", "dataset_card/__main__.py"}
 
 

@@ -12,8 +12,9 @@ the `DecodeError` that image raised. The work is split so the device rarely wait
   image's CPU half (RLE strings, cleanup) back to the pool, which runs it while the semantic model
   computes;
 - only the original bytes travel to the actor: model-size pixels exist only here;
-- `decoder` does the decoding and shrinking; the model actor passes a `DecodePool` (processes of
-  its own, so a decoder crash costs one file, not the actor); by default it happens in the thread.
+- `decoder` does the decoding and shrinking, by default in the calling thread (the model actor's
+  today); a `labelers.decode_pool.DecodePool` would run it in processes of its own, so a decoder
+  crash costs one file, not the actor.
 
 Nothing here imports Ray or `datasets` (the GPU benchmark runs this class on a bare CUDA box).
 """
