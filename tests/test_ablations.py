@@ -55,7 +55,7 @@ def test_last_line_carries_the_four_figures():
     assert match, line
     validity, c2f_mae, cascade, instance = (float(x) for x in match.groups())
     assert validity == pytest.approx(12.0) and c2f_mae == pytest.approx(2.0)
-    assert cascade == pytest.approx(1.0) and instance == pytest.approx(-0.1)  # loss minus the constant's
+    assert cascade == pytest.approx(1.0) and instance == pytest.approx(0.1)  # the constant's loss minus the head's
 
 
 def test_pieces_run_separately_are_reused_and_merged_by_report(tmp_path, capsys):
