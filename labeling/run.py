@@ -141,7 +141,8 @@ def parser() -> argparse.ArgumentParser:
                      help="on a cluster without GPUs yet, wait this long for the first GPU node (default: 1800 "
                           "when the cluster's autoscaler can add GPU nodes, else refuse at once)")
     run.add_argument("--gpus-per-actor", type=float, default=None,
-                     help="GPUs per model actor (default 1; 0.5 on a one-GPU cluster, so both models share it)")
+                     help="GPUs per model actor (default 1; 0.5 on a one-GPU cluster, so two actors share it, "
+                          "unless the run waited for its first GPU)")
     run.add_argument("--model-actors", type=positive_int, default=None,
                      help="a fixed number of model actors, each holding SAM and the semantic model (default: "
                           "a pool that starts at one per GPU slot, or one per CPU with --device cpu, and grows "
