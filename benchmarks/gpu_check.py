@@ -160,13 +160,11 @@ def labeling_figures(output: str) -> tuple[dict[str, float], dict[str, float]]:
 
 def part_labeling(smoke: bool) -> list[tuple[str, str]]:
     from benchmarks import labeling_gpu
-    from labeling.labelers.semantic import SemanticLabelerConfig
-
     rows = []
     for compiled in ((False,) if smoke else (False, True)):  # inductor on a CPU would take minutes
         argv = ["--smoke"] if smoke else [
             "--images", str(LABELING_IMAGES), "--batch-size", str(MODEL_BATCH_SIZE),
-            "--semantic-batch-size", str(SemanticLabelerConfig().batch_size), "--threads", str(ACTOR_CPU_THREADS)]
+            "--threads", str(ACTOR_CPU_THREADS)]  # the semantic batch: the labeler's default for the device
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             code = labeling_gpu.main(argv + (["--compile"] if compiled else []))

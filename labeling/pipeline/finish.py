@@ -47,7 +47,8 @@ def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[Shard
               commit_time_s: float, gpus_per_actor: float, previous: Mapping | None = None,
               startup_s: float = 0.0, failed_by_type: Mapping[str, int] | None = None, driver_bytes: int = 0,
               listing_s: float = 0.0, actor_lifetime_s: float | None = None) -> dict:
-    """stats.json: totals over the folder; wall time, images/s and stage times of this run.
+    """stats.json: totals over the folder; wall time, images/s, stage times and work counters (`counts`:
+    the semantic model's filler images) of this run.
 
     startup_s: the part of the wall time before the first image was read (listing, model checks,
     starting Ray and the model actors); `labeling_s` is the rest. failed_by_type: the errors
@@ -63,6 +64,10 @@ def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[Shard
         for name, seconds in r.stage_time_s.items():
             stage[name] = stage.get(name, 0.0) + seconds
     stage["commit"] = stage.get("commit", 0.0) + commit_time_s
+    counts: dict[str, int] = {}
+    for r in results:
+        for name, value in r.counts.items():
+            counts[name] = counts.get(name, 0) + value
     model_s = stage.get("instance", 0.0) + stage.get("semantic", 0.0)
     runs = list((previous or {}).get("previous_runs", []))
     if previous:
@@ -82,6 +87,7 @@ def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[Shard
         "listing_s": round(listing_s, 3),
         "driver_bytes_per_image": round(driver_bytes / processed, 1) if processed else 0.0,
         "stage_time_s": {k: round(v, 3) for k, v in stage.items()},
+        "counts": counts,
         **gpu_time(model_s, gpus_per_actor, actor_lifetime_s),
         "previous_runs": runs,
     }
