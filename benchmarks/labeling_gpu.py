@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder-batch-size", type=int, default=None, help="default: the labeler's (4 on CUDA)")
     p.add_argument("--points-per-batch", type=int, default=None, help="default: the labeler's (256 on CUDA)")
     p.add_argument("--semantic-batch-size", type=int, default=None,
-                   help="images per semantic forward pass, fillers included (default: the labeler's, 4 on CUDA, 1 on CPU)")
+                   help="images per semantic forward pass, fillers included (default: the labeler's, 2 on CUDA, 1 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile SAM's encoder and decoder call")
     p.add_argument("--threads", type=int, default=4, help="CPU threads of the labeler's pool")
     args = p.parse_args(argv)

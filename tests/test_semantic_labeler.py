@@ -114,6 +114,13 @@ def test_buckets_at_the_default_sizes_hold_imagenets_common_shapes():
         bucket_of((640, 1100), shapes)
 
 
+def test_without_buckets_nothing_is_padded(tiny):
+    labeler = SemanticLabeler(tiny.semantic_model, SemanticLabelerConfig(shortest_edge=128, bucket_aspects=None))
+    for h, w in [(100, 150), (100, 170), (150, 100)]:
+        item = labeler.prepare(np.zeros((h, w, 3), np.uint8))
+        assert item.input_size == item.content and item.inputs["pixel_values"].shape[-2:] == item.content
+
+
 def test_passes_group_a_buckets_images_in_order():
     a, b = (1, 2), (2, 1)
     assert bucket_passes([a, b, a, a, b, a], 2) == [[0, 2], [3, 5], [1, 4]]
@@ -138,7 +145,7 @@ def test_the_real_processor_form_still_gives_aspect_preserving_inputs(tiny, labe
             ih, iw = item.content
             assert abs(ih * w / h - iw) <= 32 or ih == 32, (h, w, ih, iw)  # aspect kept within one step
             assert min(ih, iw) == 128 or max(ih, iw) >= 213  # the shorter side, unless the longer limit rules
-            assert item.input_size in {(s, l) for s, l in labeler.buckets} | {(l, s) for s, l in labeler.buckets}
+            assert item.input_size in set(labeler.buckets) | {(long, short) for short, long in labeler.buckets}
             pixels = item.inputs["pixel_values"][0]
             assert (pixels[:, ih:] == 0).all() and (pixels[:, :, iw:] == 0).all() and (pixels[:, :ih, :iw] != 0).all()
             out = labeler([image])[0]

@@ -16,17 +16,18 @@ the image's size; the pipeline passes the original size of an image the models s
    canonical shapes of its orientation that holds it: shorter side `shortest_edge`, longer side
    `shortest_edge` times one of `cfg.bucket_aspects` (1 and 4/3 by default) or the longest input
    there is (1056 at the defaults). Which bucket depends on the image's size alone, so its pixels
-   in the pass, and so its map, do not depend on the other images.
+   in the pass, and so its map, do not depend on the other images. `bucket_aspects=None`: no
+   padding, every input size is its own bucket.
 3. `prepare` (CPU, thread-safe) runs the processor on one image and pads it; `label` batches the
-   images of one bucket in forward passes of exactly `batch_size` images (zero images, "fillers",
-   complete a short pass; `fillers` counts them), so kernel shapes never depend on which images
-   share a call, and an image's map is the same alone or in any batch, bit for bit on one machine.
+   images of one bucket in forward passes of exactly `batch_size` images (2 on CUDA, 1 elsewhere,
+   by default; zero images, "fillers", complete a short pass; `fillers` counts them), so kernel
+   shapes never depend on which images share a call, and an image's map is the same alone or in
+   any batch, bit for bit on one machine.
 4. `class_map`, per image, on the device: the low-resolution outputs (1/4 of the input) are
    cropped to the image's part of the padded input, then upsampled bilinearly (PyTorch's
-   `align_corners=False` arithmetic) straight to the output size,
-   a band of rows at a time, and turned into class scores there: for universal models
-   (Mask2Former, MaskFormer, EoMT; OneFormer with its "semantic" task input)
-   `sum_q softmax(class_q)[c] * sigmoid(mask_q)`, the combination of transformers'
+   `align_corners=False` arithmetic) straight to the output size, a band of rows at a time, and
+   turned into class scores there: for universal models (Mask2Former, MaskFormer, EoMT; OneFormer
+   with its "semantic" task input) `sum_q softmax(class_q)[c] * sigmoid(mask_q)`, the combination of transformers'
    `post_process_semantic_segmentation` and of Mask2Former's own inference, with the sigmoid after
    the upsampling as both do; semantic models (SegFormer, UperNet, DPT, ...) give class logits
    directly. Then argmax. Neither a (C, H, W) volume nor a (Q, H, W) one ever exists: an
@@ -67,7 +68,7 @@ PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": t
 
 @dataclass(frozen=True)
 class SemanticLabelerConfig:
-    batch_size: int | None = None  # images per forward pass, always: fillers complete a short one (None: 4 on CUDA, 1 else)
+    batch_size: int | None = None  # images per forward pass, fillers included (None: 2 on CUDA, 1 elsewhere)
     dtype: str = "float16"  # on CUDA: "float16", "bfloat16" or "float32"
     autocast: bool = False  # True: float32 weights, the forward pass under autocast to dtype; False: the model cast
     reduced_on_cpu: bool = False  # apply dtype / autocast on CPU too (tests); else float32 there
@@ -76,7 +77,9 @@ class SemanticLabelerConfig:
     size_divisor: int | None = None  # None: the processor's own (32 for Mask2Former), else 32
     max_input_side: int = 2048  # larger images are area-downscaled to this longer side first
     min_score: float = 0.0  # pixels whose best class score is below this get the ignore value
-    bucket_aspects: tuple[float, ...] = (1.0, 4 / 3)  # canonical longer / shorter sides; the longest input is one too
+    # Canonical longer / shorter sides of the buckets (the longest input is one too); None: no padding,
+    # each input size its own bucket.
+    bucket_aspects: tuple[float, ...] | None = (1.0, 4 / 3)
     upsample_chunk: int = 1 << 25  # score elements (classes x rows x width) upsampled at once
 
 
@@ -236,15 +239,15 @@ class SemanticLabeler:
         self.dtype = torch.float32 if self.autocast else compute  # of the weights and inputs
         self.compute_dtype = compute
         self.model = model.to(self.device, self.dtype).eval()
-        self.batch_size = self.cfg.batch_size or (4 if self.device.type == "cuda" else 1)
+        self.batch_size = self.cfg.batch_size or (2 if self.device.type == "cuda" else 1)
         self.fillers = 0  # filler images computed so far (`label`); the model actor reports the increase
         self.classes = class_taxonomy(model.config)
         self.ignore_value = semantic_ignore_value(len(self.classes))
         image_processor = getattr(self.processor, "image_processor", self.processor)
         self.size_divisor = int(self.cfg.size_divisor or getattr(image_processor, "size_divisor", None) or 32)
         self.longest_edge = self.cfg.longest_edge or math.ceil(self.cfg.shortest_edge * LONGEST_PER_SHORTEST)
-        self.buckets = canonical_shapes(self.cfg.shortest_edge, self.longest_edge, self.size_divisor,
-                                        self.cfg.bucket_aspects)
+        self.buckets = None if self.cfg.bucket_aspects is None else canonical_shapes(
+            self.cfg.shortest_edge, self.longest_edge, self.size_divisor, self.cfg.bucket_aspects)
         self.clock = StageClock()  # seconds per stage; benchmarks swap in a syncing clock
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
@@ -264,7 +267,7 @@ class SemanticLabeler:
         size = tuple(image.shape[:2]) if size is None else (int(size[0]), int(size[1]))
         shrunk = _shrink(image, self.cfg.max_input_side)
         content = self.input_size(*shrunk.shape[:2])
-        bucket = bucket_of(content, self.buckets)
+        bucket = content if self.buckets is None else bucket_of(content, self.buckets)
         return SemanticInput(bucket, pad_inputs(self._inputs(shrunk, content), bucket), size, content)
 
     def _inputs(self, image: np.ndarray, input_size: tuple[int, int]) -> dict:
