@@ -7,9 +7,10 @@
 #
 # Needs: a Ray cluster whose every node has this project's dependencies installed and sees INPUT and
 # OUTPUT (one shared filesystem at the same path, or s3:// / gs:// with credentials on every node).
-# Models: without --staged-models the driver fetches the SAM ViT-H checkpoint (2.5 GB, hash-checked,
-# into ~/.cache) and every model actor fetches the Mask2Former weights from the Hub; on nodes without
-# internet stage both first (python -m labeling.stage_models --out DIR) and pass --staged-models DIR.
+# Models: without --staged-models the driver and every node fetch the SAM ViT-H checkpoint (2.5 GB,
+# hash-checked, into ~/.cache/torch) and every model actor fetches Mask2Former from the Hub; on nodes
+# without internet stage both first (python -m labeling.stage_models --out DIR) and pass
+# --staged-models DIR.
 # Rerun the same command after any failure: committed shards are checked (footer, counts, errors
 # table) and kept, damaged ones repaired, and every input ends up exactly once, in the data or in
 # the errors table; --max-restarts N also restarts a driver that dies. One run writes OUTPUT at a
