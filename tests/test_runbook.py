@@ -80,3 +80,24 @@ def test_the_imagenet_script_passes_flags_labeling_has(commands):
     header = re.sub(r"`python -m pretraining\.train[^`]*`", "", header)  # the trainer's flags: not this job's
     unknown = set(FLAG.findall(header)) - RAY_FLAGS - set().union(*commands.values())
     assert not unknown, f"workflows/label_imagenet.sh's comments name flags its commands lack: {sorted(unknown)}"
+
+
+def settings_row(flag: str) -> list[str]:
+    """The cells after the flag's own in the runbook's table of settings per model actor."""
+    row = re.search(rf"^\| `{re.escape(flag)}`[^|]*\|(.*)\|$", runbook(), flags=re.M)
+    assert row, f"the runbook's settings table has no row for {flag}"
+    return [cell.strip() for cell in row.group(1).split("|")]
+
+
+def test_the_runbooks_defaults_per_actor_are_the_codes():
+    from labeling.labelers.semantic import SemanticLabelerConfig
+    from labeling.pipeline.cluster import plan_layout
+    from labeling.pipeline.driver import LabelingConfig
+
+    several, one = plan_layout(cpus=64, gpus=8), plan_layout(cpus=16, gpus=1)
+    default, what = settings_row("--gpus-per-actor")
+    assert default.startswith(f"{several.gpus_per_actor:g} (") and f"default is {one.gpus_per_actor:g} on a one-GPU" in default
+    assert settings_row("--actor-cpus")[0] == f"{several.actor_cpus:g} / {several.task_cpus:g}"
+    default, what = settings_row("--model-batch-size")
+    assert default == str(LabelingConfig.model_batch_size)
+    assert SemanticLabelerConfig.batch_size == 1 and "Mask2Former runs one image a pass" in what
