@@ -25,8 +25,9 @@
 # Speed, estimates only (no GPU has run this code yet): ours, from FLOP counts (docs/labelers.md),
 # 12-20 images/s per H100, i.e. 18-30 H100-hours for the train split; an independent one from the
 # code's structure (issue 30), 4-8 images/s, i.e. 45-90 H100-hours. A trial (--sample N) measures
-# it: stats.json's images_per_s and billed_gpu_hours. On 16 GPUs, 18-90 H100-hours is about 1-6
-# hours of wall time, plus listing (minutes: class folders are listed in parallel) and model loading.
+# it: stats.json's processed / labeling_s / GPUs, and billed_gpu_hours. On 16 GPUs, 18-90
+# H100-hours is about 1-6 hours of wall time, plus listing (minutes: class folders are listed in
+# parallel) and model loading.
 set -euo pipefail
 input=${1:?usage: label_imagenet.sh INPUT OUTPUT [extra labeling/run.py flags]}
 output=${2:?usage: label_imagenet.sh INPUT OUTPUT [extra labeling/run.py flags]}
