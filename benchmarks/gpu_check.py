@@ -299,13 +299,18 @@ def ablation_mode(smoke: bool) -> str | None:
     return None
 
 
+SMOKE_ARMS = ("random_init", "mae", "c2fmae")
+
+
 def part_ablation(smoke: bool) -> list[tuple[str, str]]:
     mode = ablation_mode(smoke)
     if mode is None:
         return [("mini-ablation", "not run: pretraining.study.ablations has no --mini or --smoke mode")]
+    # The smoke run proves the hook on three arms and one seed (the study's own smoke test runs them all).
+    pieces = ["--arms", *SMOKE_ARMS, "--seed-ids", "0"] if smoke else []
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        done = subprocess.run([sys.executable, "-m", "pretraining.study.ablations", mode, "--output", tmp],
+        done = subprocess.run([sys.executable, "-m", "pretraining.study.ablations", mode, *pieces, "--output", tmp],
                               cwd=ROOT, env=env, capture_output=True, text=True)
     print(done.stdout[-6000:], done.stderr[-3000:], sep="\n", flush=True)
     if done.returncode:
