@@ -12,7 +12,7 @@ Parts (each reuses the benchmark or entry point that owns the work; nothing is m
      CPU threads; SAM's prompt and encoder batches the labeler's defaults), compile off and on:
      images/s and each stage's ms per image (`benchmarks/labeling_gpu.py`);
   c  training speed: C2FMAE and MAE ViT-B, synthetic batches and loader-fed at the recipe's
-     per-GPU batch and loader workers, JPEGs decoded in the workers and on the device, 60 timed
+     per-GPU batch and loader workers (which decode every image: the one decode path), 60 timed
      loader-fed steps each (`benchmarks/train_gpu.py`);
   d  about 150 steps of the real trainer (`pretraining.train.train_loop`) at the recipe's per-GPU
      batch and peak learning rate, held constant, without accumulation, on a written folder: loss
@@ -75,7 +75,7 @@ PARTS = tuple(NEEDS)
 MODEL_BATCH_SIZE = 8  # LabelingConfig.model_batch_size: images per model-actor call
 ACTOR_CPU_THREADS = 4  # ModelPredictor's cpu_threads: the actor's decode / finish pool
 LABELING_IMAGES = 32  # images per timed pass (two passes per compile setting, after a warm-up batch)
-LOADER_STEPS = 60  # timed loader-fed steps per model and decode path
+LOADER_STEPS = 60  # timed loader-fed steps per model
 TRAINER_STEPS = 150  # part d's optimizer steps
 TRAINER_LOG_EVERY = 25
 
@@ -196,7 +196,7 @@ def part_training(smoke: bool) -> list[tuple[str, str]]:
         smoke=smoke, device="cuda" if cuda else "cpu", models="c2fmae,mae", size="tiny" if smoke else "base",
         img_size=64 if smoke else 224, batch_size=4 if smoke else data.batch_size, steps=2 if smoke else 20,
         loader_steps=2 if smoke else LOADER_STEPS, warmup=1 if smoke else 5, compile="off",
-        decode="worker,device", workers=0 if smoke else data.num_workers, unique=4 if smoke else 512,
+        workers=0 if smoke else data.num_workers, unique=4 if smoke else 512,
         image_size=(96, 128) if smoke else (375, 500), peak_n=256 if smoke else 8192, semantic_head_fp32="on")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
