@@ -105,7 +105,8 @@ def overview(summary: RunSummary, config: CardConfig, assets: Mapping[str, str])
         + f"{summary.rows:,} images with machine-generated labels at three granularities: the image-level class "
         f"({len(md.class_names):,} classes), a semantic segmentation map over {md.num_semantic_classes} classes "
         f"({things} things, {md.num_semantic_classes - things} stuff), and every automatic instance mask "
-        f"({stats.instances:,} in all{per_image}) as COCO RLE, each marked object, part, stuff or dropped, with the "
+        f"({stats.instances:,} in all{per_image}) as COCO RLE, each marked object, part, stuff or dropped"
+        f"{' (or class-agnostic object)' if md.painting.salience else ''}, with the "
         f"objects painted into an instance id map ({painting_phrase(md.painting)}). "
         f"Instances come from {instance}, semantic classes from {semantic}, aligned per pixel; "
         f"no person checked them.{failed}\n\n"
@@ -326,7 +327,7 @@ def objects_section(summary: RunSummary) -> str:
             ("painted ids that are no thing-class instance", percent(stats.painted_not_thing / stats.painted), "0"),
             (f"painted instances under {invariants.MIN_AGREEMENT:.0%} on their class",
              percent(stats.painted_disagreeing / stats.painted), "0"),
-            ("mean share of a painted instance's pixels on its class", percent(mean),
+            ("mean share of a painted instance's pixels on its class", percent(mean) if classed else "-",
              f"≥ {invariants.MIN_MEAN_AGREEMENT:.0%}"),
             (f"painted instances ≥ {invariants.NESTED_SHARE:.0%} inside a painted one of their class",
              percent(stats.painted_nested / stats.painted), f"≤ {invariants.MAX_NESTED:.0%}"),

@@ -334,7 +334,8 @@ def _coco_rle(rle: Mapping) -> dict:
 
 
 def level_counts(instances: Sequence[Mapping]) -> dict[str, int]:
-    out = dict.fromkeys(LEVELS, 0)
+    """Instances per level: every level of every rule, and "object_agnostic" where it occurs."""
+    out = dict.fromkeys((level for level in LEVELS if level != AGNOSTIC), 0)
     for inst in instances:
         out[inst["level"]] = out.get(inst["level"], 0) + 1
     return out
