@@ -27,5 +27,7 @@ shift 2
 cd "$(dirname "$0")/.."
 # --working-dir ships this checkout to every node; the nodes' Python environment must already
 # have the project's dependencies (pip install -e . in the cluster image).
+# --painting-rule salient: subjects outside COCO's 80 thing classes (fish, insects, instruments...) are
+# painted as class-agnostic objects (docs/DESIGN.md, "ImageNet's default").
 ray job submit --working-dir . -- python labeling/run.py --input "$input" --output "$output" --models default \
-       --shard-size 1000 --gpus-per-actor 1 "$@"
+       --shard-size 1000 --gpus-per-actor 1 --painting-rule salient "$@"

@@ -132,9 +132,10 @@ class Figures:
     def __str__(self) -> str:
         if not self.painted:
             return f"no painted instance in the {self.rows:,} rows checked"
+        mean = f"{self.mean_agreement:.2%}" if self.painted > self.agnostic else "- (no class instance)"
         return (f"{self.painted:,} painted instances in {self.rows:,} rows: {self.share(self.not_thing):.1%} not a "
                 f"thing-class instance, {self.share(self.disagreeing):.1%} under {MIN_AGREEMENT:.0%} of "
-                f"their class, mean agreement {self.mean_agreement:.2%}, {self.share(self.nested):.1%} nested "
+                f"their class, mean agreement {mean}, {self.share(self.nested):.1%} nested "
                 f">= {NESTED_SHARE:.0%} in a same-class painted instance "
                 f"({self.share(self.nested_any):.1%} in one of any class)"
                 + (f"; {self.agnostic:,} of them class-agnostic objects" if self.agnostic else ""))

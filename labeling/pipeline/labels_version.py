@@ -22,7 +22,7 @@ from pathlib import Path
 
 # Bump when labels made by the same models and arguments can change (and record the digest below).
 LABELS_VERSION = 2
-LABEL_CODE_DIGEST = "de07f09be2aa93d5512f20b3690f4bc028ef719fdf07e2129ff4ed5fd891b684"
+LABEL_CODE_DIGEST = "8eb39f0f13f921db842ba5e5f5bcbca27152b9f9784cc40002a3e95a6753f3fd"
 
 # The code whose change can change a label: the labelers, the read / model / post-process stages,
 # and the contract's codecs, painting rule and schema. The driver, writer, card and docs are not in
