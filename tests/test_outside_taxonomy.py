@@ -79,6 +79,9 @@ def test_salient_paints_the_objects_a_taxonomy_lacks_and_coverage_shows_it(outsi
         painted = {i["id"] for i in row["instances"] if i["level"] == "object_agnostic"}
         assert painted and set(np.unique(instance_map)) - {0} == painted  # only class-agnostic objects
         assert coverage.measure(row["instances"], instance_map).painted == len(painted)
+    line = finish.coverage_line({**after, "largest_mask_level": {"object_agnostic": 3, "stuff": 9}})
+    assert line.endswith("a class-agnostic object in 25.0%")  # where the largest mask is the painted subject
+    assert "class-agnostic" not in finish.coverage_line(before)
     report = validate(str(salient_root), full=True)
     assert report.ok, report
     assert report.figures.agnostic == report.figures.painted > 0 and report.figures.not_thing == 0
