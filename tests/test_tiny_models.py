@@ -93,4 +93,5 @@ def test_the_ade20k_twin_loads_through_the_real_code_with_ades_taxonomy(tmp_path
     choice = ModelChoice(preset="tiny-random", semantic_model=ADE20K_SEMANTIC_MODEL)
     assert [c.name for c in choice.semantic_classes()] == list(ADE20K_CLASS_NAMES)
     assert choice.describe()["semantic"]["name"] == "tiny-random mask2former (ade20k)"
+    assert choice.materialize().describe()["semantic"]["name"] == "tiny-random mask2former (ade20k)"  # as the driver
     assert len(ModelChoice(preset="tiny-random").semantic_classes()) == len(TINY_CLASSES)

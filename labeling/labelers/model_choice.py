@@ -259,8 +259,7 @@ class ModelChoice:
                 "params": dataclasses.asdict(self.instance_config()),
             },
             "semantic": {
-                "name": (f"tiny-random mask2former{' (ade20k)' if self.semantic_model == ADE20K_SEMANTIC_MODEL else ''}"
-                         if tiny else (repo or choice.semantic_model)),
+                "name": tiny_semantic_name(choice.semantic_model) if tiny else (repo or choice.semantic_model),
                 "checkpoint": "tiny-random" if tiny else choice.semantic_model,
                 "repo": repo,  # the hub id; None for a local folder
                 "revision": revision,  # the commit, once pinned; None for a local folder
@@ -268,6 +267,13 @@ class ModelChoice:
                 "params": dataclasses.asdict(self.semantic_config()),
             },
         }
+
+
+def tiny_semantic_name(folder: str) -> str:
+    """The manifest's name of a tiny semantic twin built in `folder` (`materialize`)."""
+    from labeling.labelers.tiny_models import TINY_ADE_SEMANTIC_DIR
+
+    return "tiny-random mask2former" + (" (ade20k)" if os.path.basename(folder) == TINY_ADE_SEMANTIC_DIR else "")
 
 
 def resolve_hub_revision(repo_id: str, revision: str | None = None) -> str:

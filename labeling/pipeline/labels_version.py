@@ -22,7 +22,7 @@ from pathlib import Path
 
 # Bump when labels made by the same models and arguments can change (and record the digest below).
 LABELS_VERSION = 2
-LABEL_CODE_DIGEST = "8eb39f0f13f921db842ba5e5f5bcbca27152b9f9784cc40002a3e95a6753f3fd"
+LABEL_CODE_DIGEST = "3b5b007144927f7f072bb5c0f1278312e6ad05451c8af622bf0e1027fb475ac2"
 
 # The code whose change can change a label: the labelers, the read / model / post-process stages,
 # and the contract's codecs, painting rule and schema. The driver, writer, card and docs are not in
