@@ -220,7 +220,7 @@ def paint_instances(instances: Sequence[MutableMapping], semantic: np.ndarray, t
         inst["level"], inst["parent"] = level, parent
     if rule.paint == "objects":
         instance_map = _settle(instances, objects, instance_map, semantic, rule.containment, crops)
-    if rule.salience is not None:
+    if rule.paint == "objects" and rule.salience is not None:
         _paint_agnostic(instances, order, instance_map, rule.salience, rule.containment, crops)
     visible = id_counts(instance_map, max((int(inst["id"]) for inst in instances), default=0))
     for inst in instances:
@@ -303,9 +303,11 @@ def _paint_agnostic(instances: Sequence[MutableMapping], order: Sequence[int], i
         inst = instances[i]
         if inst["level"] not in ("stuff", "dropped"):
             continue
+        area = int(inst["area"])  # the full mask's pixels: most masks fail before any decode
+        if not salience.passes(inst["score"], inst["stability_score"], area / (height * width), 0.0):
+            continue
         crop = crops[i] if crops is not None and crops[i] is not None else mask_crop(inst["rle"])
         y0, x0, inside = crop
-        area = int(inside.sum())
         if not salience.passes(inst["score"], inst["stability_score"], area / (height * width),
                                border_share(crop, height, width)):
             continue
