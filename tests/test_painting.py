@@ -255,7 +255,7 @@ def test_random_scenes_under_salient_keep_the_invariants_and_repaint_alike():
         np.testing.assert_array_equal(np.where(classed, instance_map, 0), objects_map)
         for inst, before in zip(instances, objects_instances):
             assert inst["level"] == before["level"] or before["level"] in ("stuff", "dropped")
-            assert (inst["visible_area"] > 0) == (inst["level"] in painting.PAINTED_LEVELS)
+            assert (inst["visible_area"] > 0) == (inst["level"] in ("object", painting.AGNOSTIC))
         agnostic += len(figures.agnostic)
         again = [dict(i, level="", parent=0, visible_area=0) for i in instances]
         np.testing.assert_array_equal(painting.paint_instances(again, semantic, THINGS, SALIENT, NUM_CLASSES),

@@ -62,8 +62,6 @@ from dataset_card.contract import codecs
 
 AGNOSTIC = "object_agnostic"  # the level of a class-agnostic object (rule "salient")
 LEVELS = ("object", "part", "stuff", "dropped", AGNOSTIC)
-PAINTED_LEVELS = ("object", AGNOSTIC)  # the levels whose instances `instance_mask` shows under "objects" painting
-AGNOSTIC_CATEGORY = "object (no class)"  # how the card and overlays name a class-agnostic object
 
 
 @dataclass(frozen=True)
