@@ -23,7 +23,8 @@ def stuff_only_labeler(semantic: np.ndarray) -> np.ndarray:
     """What a semantic model without the objects' classes says: each object pixel gets the image's
     most common stuff class (an argmax always names some class of the taxonomy)."""
     stuff = semantic < len(scenes.STUFF)
-    return np.where(stuff, semantic, np.bincount(semantic[stuff], minlength=len(scenes.STUFF)).argmax()).astype(np.uint8)
+    background = np.bincount(semantic[stuff], minlength=len(scenes.STUFF)).argmax()
+    return np.where(stuff, semantic, background).astype(np.uint8)
 
 
 def sam_masks(scene: scenes.Scene) -> list[np.ndarray]:

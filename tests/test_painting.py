@@ -24,7 +24,8 @@ def instances_for(masks, semantic, scores=None):
         out.append({"id": k, "rle": codecs.encode_rle(m), "area": int(m.sum()), "category_id": category,
                     "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)],
                     "category_purity": float(np.float32(counts[category] / m.sum())), "level": "", "parent": 0,
-                    "score": scores[k - 1][0] if scores else 0.95, "stability_score": scores[k - 1][1] if scores else 0.97})
+                    "score": scores[k - 1][0] if scores else 0.95,
+                    "stability_score": scores[k - 1][1] if scores else 0.97})
     return out
 
 

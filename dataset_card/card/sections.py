@@ -334,7 +334,8 @@ def objects_section(summary: RunSummary) -> str:
             ("... inside a painted one of any class", percent(stats.painted_nested_any / stats.painted), "-"),
         ]
         if stats.painted_agnostic:  # rule "salient": objects outside the taxonomy, painted without a class
-            rows.insert(1, ("... class-agnostic objects (`object_agnostic`: no thing class, exempt from the class rows)",
+            rows.insert(1, ("... class-agnostic objects (`object_agnostic`: no thing class, "
+                            "exempt from the class rows)",
                             f"{stats.painted_agnostic:,} ({percent(stats.painted_agnostic / stats.painted)})", ""))
         checked = "required (`python -m dataset_card validate` checks it)" if rule.paint == "objects" else \
             "required of the `objects` rule (not this one)"

@@ -117,7 +117,8 @@ class Figures:
         self.agnostic += len(figures.agnostic)
 
     def merge(self, other: Figures) -> None:
-        for name in ("rows", "painted", "not_thing", "disagreeing", "agreement_sum", "nested", "nested_any", "agnostic"):
+        for name in ("rows", "painted", "not_thing", "disagreeing", "agreement_sum", "nested", "nested_any",
+                     "agnostic"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @property

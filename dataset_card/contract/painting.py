@@ -2,10 +2,12 @@
 
 Every automatic mask stays in `instances`; the rule says what each one is (`level`, `parent`) and
 which of them the map shows. Both follow from the stored fields (`category_id`,
-`category_purity`, `rle`; for "salient" also `score` and `stability_score`), the semantic map and the taxonomy's thing classes alone, so a labeled
-folder can be repainted under another rule without running a model (`python -m dataset_card repaint`).
+`category_purity`, `rle`; for "salient" also `score` and `stability_score`), the semantic map and
+the taxonomy's thing classes alone, so a labeled folder can be repainted under another rule
+without running a model (`python -m dataset_card repaint`).
 
-Levels (the same under every rule but for "object_agnostic"), decided in id order (ids are numbered by area, largest first):
+Levels (the same under every rule but for "object_agnostic"), decided in id order (ids are
+numbered by area, largest first):
 - "stuff": the mask's majority class is a stuff class (sky, wall, grass): a region, not an object;
 - "dropped": a thing class, but under `min_purity` of the mask is that class (SAM merged the
   object with its surroundings, or the semantic model disagrees), or no class at all (ignore);
@@ -77,7 +79,9 @@ class Salience:
 
     def passes(self, score: float, stability: float, area_share: float, border_share: float) -> bool:
         """The confident, object-sized, not-background tests (wholeness is decided while painting)."""
-        return (np.float32(score) >= np.float32(self.min_score) and np.float32(stability) >= np.float32(self.min_stability)
+        confident = (np.float32(score) >= np.float32(self.min_score)
+                     and np.float32(stability) >= np.float32(self.min_stability))  # float32 as stored
+        return (bool(confident)
                 and self.min_area <= area_share <= self.max_area and border_share <= self.max_border)
 
 
