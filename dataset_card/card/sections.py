@@ -302,7 +302,8 @@ def coverage_section(summary: RunSummary, assets: Mapping[str, str]) -> str:
         + table(["per image", *labels], [("painted objects", *(f"{c:,}" for c in stats.painted_per_image)),
                                          ("instance regions", *(f"{c:,}" for c in stats.regions_per_image))])
         + "\n\nWhat each image's largest mask (SAM's biggest kept segment) became: `stuff` or `dropped` means the "
-          "image's main segment is no painted object.\n\n"
+          "image's main segment is no painted object (`object_agnostic`: painted without a class, rule "
+          "`salient`).\n\n"
         + table(["largest mask", "images", "share"], levels)
         + _picture(assets, "masking_coverage.png", "Painted objects and instance regions per image")
     )
