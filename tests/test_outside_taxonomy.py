@@ -110,3 +110,14 @@ def test_inside_the_taxonomy_salient_labels_as_objects_does(tmp_path):
         assert a["instance_mask"] == b["instance_mask"] and a["instances"] == b["instances"]
     assert stats(tmp_path / "objects").painted == stats(tmp_path / "salient").painted > 0
     assert painting.DEFAULT_RULE == "objects"  # the default (docs/DESIGN.md says why)
+
+
+def test_the_quality_gate_scores_a_class_agnostic_object_as_a_segment_without_a_class():
+    from labeling.quality.metrics import panoptic_prediction
+
+    semantic = np.zeros((4, 6), np.uint8)  # our class 0 everywhere (ground truth's stuff 7)
+    instance_map = np.zeros((4, 6), np.uint16)
+    instance_map[1:3, 1:3], instance_map[1:3, 4:6] = 1, 2
+    instances = [{"id": 1, "category_id": 0, "level": "object_agnostic"}, {"id": 2, "category_id": 0, "level": "object"}]
+    out = panoptic_prediction(semantic, instance_map, instances, np.array([7]), gt_things=(), unmatched=99)
+    assert (out[1:3, 1:3, 0] == 99).all() and (out[1:3, 4:6, 0] == 7).all() and (out[..., 1] == instance_map).all()
