@@ -121,3 +121,15 @@ def test_the_quality_gate_scores_a_class_agnostic_object_as_a_segment_without_a_
     instances = [{"id": 1, "category_id": 0, "level": "object_agnostic"}, {"id": 2, "category_id": 0, "level": "object"}]
     out = panoptic_prediction(semantic, instance_map, instances, np.array([7]), gt_things=(), unmatched=99)
     assert (out[1:3, 1:3, 0] == 99).all() and (out[1:3, 4:6, 0] == 7).all() and (out[..., 1] == instance_map).all()
+
+
+def test_the_command_line_switch_is_a_label_shaping_field():
+    from labeling import run
+    from labeling.pipeline.driver import painting_rule
+
+    cfg = run.config_from_args(run.parser().parse_args(
+        ["--input", "in", "--output", "out", "--models", "tiny-random", "--painting-rule", "salient"]))
+    assert cfg.arguments()["painting_rule"] == "salient"  # compared on resume, recorded in the manifest
+    assert painting_rule(cfg) == painting.RULES["salient"]
+    default = run.config_from_args(run.parser().parse_args(["--input", "in", "--output", "out", "--models", "default"]))
+    assert painting_rule(default) == painting.RULES["objects"]
