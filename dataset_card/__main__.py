@@ -6,7 +6,7 @@
   validate OUTPUT         check OUTPUT against the dataset contract; exits 1 and names the file
                           and row of each problem (add --full to decode every row, not a sample)
   repaint OUTPUT          recompute instance_mask and the instances' level / parent from the stored
-                          instances and semantic maps under a painting rule (--rule objects|parts),
+                          instances and semantic maps under a painting rule (--rule objects|salient|parts),
                           shard by shard, resumable; turns a schema v1 folder into v2; no model runs
   check OUTPUT            write a small synthetic dataset through the contract, load it back with
                           `datasets.load_dataset`, and validate it (a self-test of the install)
@@ -109,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="processes that decode rows (default 1)")
     p = sub.add_parser("repaint", help="recompute instance_mask under a painting rule, without the models")
     p.add_argument("output", help="output folder of a labeling run (schema v1 or v2)")
-    p.add_argument("--rule", choices=("objects", "parts"), default=None,
-                   help="objects (thing objects clipped to their class; the default for a v1 folder) or parts "
+    p.add_argument("--rule", choices=("objects", "salient", "parts"), default=None,
+                   help="objects (thing objects clipped to their class; the default for a v1 folder), salient "
+                        "(objects, plus whole, salient masks with no thing class as class-agnostic objects) or parts "
                         "(every mask, smaller on top: v1's map); default: the folder's own rule")
     p.add_argument("--min-purity", type=float, default=None,
                    help="share of its class under which a thing mask is dropped, not an object (default 0.75)")

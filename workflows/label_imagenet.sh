@@ -36,5 +36,7 @@ cd "$(dirname "$0")/.."
 # --working-dir uploads this checkout (the files git does not ignore) to every node and puts it first
 # on the workers' PYTHONPATH; the nodes' Python environment must already have the project's
 # dependencies (pip install -e ".[s3]" in the cluster image): nothing is installed per job.
+# --painting-rule salient: subjects outside COCO's 80 thing classes (fish, insects, instruments...) are
+# painted as class-agnostic objects (docs/DESIGN.md, "ImageNet's default").
 ray job submit --working-dir . -- python labeling/run.py --input "$input" --output "$output" --models default \
-       --shard-size 1000 --gpus-per-actor 1 "$@"
+       --shard-size 1000 --gpus-per-actor 1 --painting-rule salient "$@"

@@ -73,8 +73,8 @@ def semantic_mask_dtype(num_semantic_classes: int) -> str:
 
 def instance_struct() -> dict:
     """One automatic mask: its RLE, box, quality scores, the semantic class it was aligned to, and
-    what it is under the painting rule (`level`: object | part | stuff | dropped; `parent`: the id
-    of the object a part belongs to, else 0)."""
+    what it is under the painting rule (`level`: object | part | stuff | dropped, or object_agnostic
+    under the "salient" rule; `parent`: the id of the object a part belongs to, else 0)."""
     import datasets
 
     return {

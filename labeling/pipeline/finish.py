@@ -180,7 +180,9 @@ def coverage_line(cov: Mapping) -> str:
     return (f"coverage of {images} images: {cov['share_under_min_regions']:.1%} have under {coverage.MIN_REGIONS} "
             f"instance regions at the trainer's patch grid ({cov['patch_grid']}; instance-guided masking falls back "
             f"to random there), {painted.get('0', 0) / images:.1%} no painted object; the largest mask is stuff in "
-            f"{largest.get('stuff', 0) / images:.1%} and dropped in {largest.get('dropped', 0) / images:.1%}")
+            f"{largest.get('stuff', 0) / images:.1%} and dropped in {largest.get('dropped', 0) / images:.1%}"
+            + (f", a class-agnostic object in {largest['object_agnostic'] / images:.1%}"
+               if largest.get("object_agnostic") else ""))
 
 
 def few_regions_warning(cov: Mapping, threshold: float = FEW_REGIONS_SHARE) -> str | None:
@@ -191,7 +193,8 @@ def few_regions_warning(cov: Mapping, threshold: float = FEW_REGIONS_SHARE) -> s
             f"instance regions at the trainer's patch grid (more than {threshold:.0%}): instance-guided masking "
             "falls back to random masking on them, so the curriculum's instance phase would be mostly random. The "
             "card's \"Regions for instance-guided masking\" shows why (no painted object, the largest mask stuff or "
-            "dropped).")
+            "dropped); where the images' subjects lie outside the semantic taxonomy, `python -m dataset_card repaint "
+            "OUTPUT --rule salient` paints them as class-agnostic objects.")
 
 
 class OutputInvalid(RuntimeError):
