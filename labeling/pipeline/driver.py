@@ -447,7 +447,8 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
             log(f"{layout.data_path(s, work_plan.num_shards)}: {state.reason}; {action}")
 
     storage = cfg.image_storage
-    contract = arrow_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict(), image_reference=True)
+    contract = arrow_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict(), image_reference=True,
+                            image_bytes=storage == "inline")
     schema = staged_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict())
     post = PostprocessConfig(len(semantic_classes), metadata.ignore_value, cfg.min_instance_area,
                              tuple(sorted(metadata.thing_ids)), rule, storage)
