@@ -4,9 +4,10 @@ What a release holds, and why it differs from OUT:
 - the dataset's files only (`PUBLISHED`): the shards, errors tables, statistics, metadata, card
   and its pictures. Run leftovers (`.lease.json`, `.parts/`, `.journal/`, `*.tmp`: every name
   starting with a dot) and files outside the layout are left out, and listed as such;
-- no internal paths: in every JSON file (the manifest's input, output and checkpoint paths, the
-  Ray address, a local semantic model's folder) a string that is an absolute path or a URL becomes
-  `<redacted>/NAME` (its last component), and the card's text likewise (`redact`);
+- no internal paths: in every JSON file (the manifest's input, output and checkpoint paths, a local
+  semantic model's folder) a string that is an absolute path or a storage URL (s3://, gs://; not
+  http) becomes `<redacted>/NAME` (its last component), a HOST:PORT (the Ray address)
+  `<redacted>`, and the card's text likewise (`redact_value`, `redact_text`);
 - label maps a person can see: each data file gains `semantic_preview` and `instance_preview`, PNG
   `datasets.Image` columns (palette-indexed, so their pixels are the ids, `gallery.palette_png`)
   that the Hub's viewer and `load_dataset` show as pictures. The v3 maps stay as they are, so the
@@ -48,7 +49,10 @@ PUBLISHED = {
 }
 PREVIEWS = ("semantic_preview", "instance_preview")
 REDACTED = "<redacted>"
-_ABSOLUTE = re.compile(r"^(/|~|[A-Za-z]:[\\/]|[a-z][a-z0-9+.-]*://)")  # a path or URL naming a place
+# A local path or a storage URL (s3://, gs://, file://...): where the run's files lay. Web URLs
+# (http, https: a checkpoint's public download) are provenance, and stay.
+_ABSOLUTE = re.compile(r"^(/|~|[A-Za-z]:[\\/]|(?!https?://)[a-z][a-z0-9+.-]*://)")
+_HOST_PORT = re.compile(r"^[\w.-]+:\d+$")  # a cluster address such as the Ray head's 10.0.0.5:6379
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class Plan:
 
     def format(self, dest: str = "DEST") -> str:
         """What would be written and what is left out, one file a line (relative paths only)."""
-        what = {"copy": "", "previews": "  + PNG previews of the label maps", "redact": "  (internal paths redacted)"}
+        what = {"copy": "", "previews": "  + PNG previews of the label maps", "redact": "  (absolute paths redacted)"}
         lines = [f"{len(self.entries)} files, {sum(e.nbytes for e in self.entries) / 1e6:.1f} MB before previews, "
                  f"would be written to {dest}:"]
         lines += [f"  {e.name}  {e.nbytes:,} B{what[e.action]}" for e in self.entries]
@@ -84,11 +88,14 @@ def plan(output: str | OutputFolder, previews: bool = True) -> Plan:
     hidden_dirs = set()
     for info in sorted(infos, key=lambda i: i.path):
         name = posixpath.relpath(info.path, folder.root)
-        if any(part.startswith(".") for part in name.split("/")):
-            top = name.split("/")[0]
+        parts = name.split("/")
+        hidden = next((k for k, part in enumerate(parts) if part.startswith(".")), None)
+        if hidden is not None:
+            top = "/".join(parts[: hidden + 1])
             if top not in hidden_dirs:  # one line per leftover folder, not per file in it
                 hidden_dirs.add(top)
-                out.left_out.append((top + ("/" if top != name else ""), "run leftover: lease, unfinished shard or "
+                folder_like = top != name or info.type == pafs.FileType.Directory
+                out.left_out.append((top + ("/" if folder_like else ""), "run leftover: lease, unfinished shard or "
                                      "temporary file"))
             continue
         if info.type != pafs.FileType.File:
@@ -111,7 +118,7 @@ def redact_value(value, found: set[str]):
         return {k: redact_value(v, found) for k, v in value.items()}
     if isinstance(value, list):
         return [redact_value(v, found) for v in value]
-    if isinstance(value, str) and _ABSOLUTE.match(value) and value not in ("/",):
+    if isinstance(value, str) and (_ABSOLUTE.match(value) or _HOST_PORT.match(value)) and value != "/":
         found.add(value)
         return _redacted(value)
     return value
@@ -125,6 +132,8 @@ def redact_text(text: str, found: set[str]) -> str:
 
 
 def _redacted(value: str) -> str:
+    if _HOST_PORT.match(value):
+        return REDACTED
     name = posixpath.basename(value.rstrip("/\\").replace("\\", "/"))
     return f"{REDACTED}/{name}" if name and "://" not in name else REDACTED
 
@@ -161,7 +170,7 @@ def card_with_previews(text: str) -> str:
     default = next(i for i in info if i.get("config_name") == "default") if isinstance(info, list) else info
     default["features"] = [f for f in default["features"] if f["name"] not in PREVIEWS] + [
         {"name": name, "dtype": "image"} for name in PREVIEWS]
-    note = ("\n\n**Previews.** `semantic_preview` and `instance_preview` show `semantic_mask` and `instance_mask` as "
+    note = ("\n\n## Previews\n\n`semantic_preview` and `instance_preview` show `semantic_mask` and `instance_mask` as "
             "palette PNGs: the Hub's viewer draws them, and each pixel's palette index is its id (`np.asarray(image)`; "
             "an image with 256 or more instances keeps only the colours). The zstd maps stay the labels of record.\n")
     return str(card).rstrip() + note
