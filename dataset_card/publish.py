@@ -180,11 +180,12 @@ def publish(output: str | OutputFolder, dest: str, previews: bool = True, log=pr
     """Write the release of `output` into `dest` (new or empty); returns its plan."""
     folder = OutputFolder.open(output)
     target = OutputFolder.open(dest)
-    if target.fs.get_file_info(target.root).type != pafs.FileType.NotFound and target.fs.get_file_info(
-            pafs.FileSelector(target.root)):
+    kind = target.fs.get_file_info(target.root).type
+    if kind == pafs.FileType.File or (kind == pafs.FileType.Directory
+                                      and target.fs.get_file_info(pafs.FileSelector(target.root))):
         raise OutputError(f"{dest} is not empty: publish into a new or empty folder")
-    if posixpath.commonpath([folder.root, target.root]) == folder.root and type(folder.fs) is type(target.fs):
-        raise OutputError(f"{dest} lies inside {output}: publish to a folder outside it")
+    if type(folder.fs) is type(target.fs) and f"{target.root}/".startswith(f"{folder.root.rstrip('/')}/"):
+        raise OutputError(f"{dest} lies inside {folder}: publish to a folder outside it")
     work = plan(folder, previews)
     metadata = folder.read_metadata()
     found: set[str] = set()

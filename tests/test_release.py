@@ -143,11 +143,13 @@ def test_publish_writes_a_release_that_loads_shows_its_maps_and_names_no_interna
     assert validate(str(dest), full=True).ok  # and the release is still a labeled folder the trainer reads
 
 
-def test_publish_refuses_a_folder_that_is_not_empty(labels_only, tmp_path, capsys):
+def test_publish_refuses_a_folder_that_is_not_empty_or_lies_inside_the_output(labels_only, tmp_path, capsys):
     (tmp_path / "dest").mkdir()
     (tmp_path / "dest" / "x").write_text("mine")
     assert main(["publish", str(labels_only[0]), str(tmp_path / "dest")]) == 2
-    assert "is not empty" in capsys.readouterr().err
+    assert "is not empty: publish into a new or empty folder" in capsys.readouterr().err
+    assert main(["publish", str(labels_only[0]), str(labels_only[0] / "release")]) == 2
+    assert "lies inside" in capsys.readouterr().err and not (labels_only[0] / "release").exists()
 
 
 def test_palette_pngs_keep_the_ids_below_256_and_the_colours_above():
