@@ -102,7 +102,7 @@ def publish(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(plan(args.output, previews=not args.no_previews).format(args.dest))
         return 0
-    work = run(args.output, args.dest, previews=not args.no_previews, log=lambda m: None)
+    work = run(args.output, args.dest, previews=not args.no_previews, workers=args.workers, log=lambda m: None)
     print(f"wrote {len(work.entries)} files to {args.dest}; left out {len(work.left_out)}"
           + (f" ({', '.join(name for name, _ in work.left_out)})" if work.left_out else "")
           + f"; upload it with huggingface_hub's upload_large_folder (docs/card.md)")
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="list what would be written and left out; write nothing")
     p.add_argument("--no-previews", action="store_true",
                    help="copy the data files unchanged, without the PNG previews of the label maps")
+    p.add_argument("--workers", type=int, default=1, help="processes that write the previews (default 1)")
     p = sub.add_parser("show", help="draw one image's labels into a PNG of its size")
     p.add_argument("output", help="output folder of a labeling run")
     p.add_argument("image_id", help="the row's image_id: the input's relative path without extension")

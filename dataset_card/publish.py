@@ -24,6 +24,7 @@ import io
 import json
 import posixpath
 import re
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -176,8 +177,10 @@ def card_with_previews(text: str) -> str:
     return str(card).rstrip() + note
 
 
-def publish(output: str | OutputFolder, dest: str, previews: bool = True, log=print) -> Plan:
-    """Write the release of `output` into `dest` (new or empty); returns its plan."""
+def publish(output: str | OutputFolder, dest: str, previews: bool = True, workers: int = 1, log=print) -> Plan:
+    """Write the release of `output` into `dest` (new or empty); returns its plan. The data files
+    come first and the card last, so a release cut short has no card. `workers`: processes that
+    write the previews (about 14 ms of CPU a 375 x 500 row)."""
     folder = OutputFolder.open(output)
     target = OutputFolder.open(dest)
     kind = target.fs.get_file_info(target.root).type
@@ -187,28 +190,39 @@ def publish(output: str | OutputFolder, dest: str, previews: bool = True, log=pr
     if type(folder.fs) is type(target.fs) and f"{target.root}/".startswith(f"{folder.root.rstrip('/')}/"):
         raise OutputError(f"{dest} lies inside {folder}: publish to a folder outside it")
     work = plan(folder, previews)
-    metadata = folder.read_metadata()
+    num_classes = folder.read_metadata().num_semantic_classes
+    jobs = [(folder, target, e.name, num_classes) for e in work.entries if e.action == "previews"]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
+            for name in pool.map(_write_with_previews, *zip(*jobs)):
+                log(f"wrote {name}")
+    else:
+        for job in jobs:
+            log(f"wrote {_write_with_previews(*job)}")
     found: set[str] = set()
-    texts = {}
-    for entry in work.entries:
-        if entry.action == "redact" and entry.name.endswith(".json"):
-            value = json.loads(folder.read_bytes(entry.name))
-            texts[entry.name] = json.dumps(redact_value(value, found), indent=2).encode()
+    texts = {e.name: json.dumps(redact_value(json.loads(folder.read_bytes(e.name)), found), indent=2).encode()
+             for e in work.entries if e.name.endswith(".json")}
     for entry in work.entries:
         if entry.name in texts:
             target.write_bytes(entry.name, texts[entry.name])
-        elif entry.name == layout.CARD_FILE:
-            text = redact_text(folder.read_bytes(entry.name).decode(), found)
-            target.write_bytes(entry.name, (card_with_previews(text) if previews else text).encode())
-        elif entry.action == "previews":
-            with folder.fs.open_input_file(folder.path(entry.name)) as f:
-                table = pq.read_table(f)
-            sink = io.BytesIO()
-            shards.write_parquet(with_previews(table, metadata.num_semantic_classes), sink,
-                                 shards.row_group_rows(table))
-            target.write_bytes(entry.name, sink.getvalue())
-        else:
+        elif entry.action == "copy":
             target.fs.create_dir(posixpath.dirname(target.path(entry.name)), recursive=True)
             pafs.copy_files(folder.path(entry.name), target.path(entry.name), folder.fs, target.fs)
+        else:
+            continue  # the data files were written above, the card comes last
         log(f"wrote {entry.name}")
+    if any(e.name == layout.CARD_FILE for e in work.entries):
+        text = redact_text(folder.read_bytes(layout.CARD_FILE).decode(), found)
+        target.write_bytes(layout.CARD_FILE, (card_with_previews(text) if previews else text).encode())
+        log(f"wrote {layout.CARD_FILE}")
     return work
+
+
+def _write_with_previews(folder: OutputFolder, target: OutputFolder, name: str, num_semantic_classes: int) -> str:
+    """Data file `name` of `folder` written into `target` with `PREVIEWS` added; returns `name`."""
+    with folder.fs.open_input_file(folder.path(name)) as f:
+        table = pq.read_table(f)
+    sink = io.BytesIO()
+    shards.write_parquet(with_previews(table, num_semantic_classes), sink, shards.row_group_rows(table))
+    target.write_bytes(name, sink.getvalue())
+    return name

@@ -123,7 +123,7 @@ def test_publish_dry_run_lists_the_release_without_leftovers_or_internal_paths(w
 def test_publish_writes_a_release_that_loads_shows_its_maps_and_names_no_internal_place(with_leftovers, tmp_path,
                                                                                        capsys):
     dest = tmp_path / "release"
-    assert main(["publish", str(with_leftovers), str(dest)]) == 0
+    assert main(["publish", str(with_leftovers), str(dest), "--workers", "2"]) == 0
     assert "left out 3" in capsys.readouterr().out
     files = [p for p in dest.rglob("*") if p.is_file()]
     assert not [p for p in files if any(part.startswith(".") for part in p.relative_to(dest).parts)]
