@@ -97,7 +97,8 @@ def repaint(args: argparse.Namespace) -> int:
 
 
 def publish(args: argparse.Namespace) -> int:
-    from dataset_card.publish import plan, publish as run
+    from dataset_card.publish import plan
+    from dataset_card.publish import publish as run
 
     if args.dry_run:
         print(plan(args.output, previews=not args.no_previews).format(args.dest))
@@ -105,7 +106,7 @@ def publish(args: argparse.Namespace) -> int:
     work = run(args.output, args.dest, previews=not args.no_previews, workers=args.workers, log=lambda m: None)
     print(f"wrote {len(work.entries)} files to {args.dest}; left out {len(work.left_out)}"
           + (f" ({', '.join(name for name, _ in work.left_out)})" if work.left_out else "")
-          + f"; upload it with huggingface_hub's upload_large_folder (docs/card.md)")
+          + "; upload it with huggingface_hub's upload_large_folder (docs/card.md)")
     return 0
 
 

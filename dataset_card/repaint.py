@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from dataset_card.contract import codecs, coverage, invariants, images, layout, painting, shards
+from dataset_card.contract import codecs, coverage, images, invariants, layout, painting, shards
 from dataset_card.contract.output_folder import OutputError, OutputFolder
 from dataset_card.contract.schema import (
     REFERENCE_COLUMNS,

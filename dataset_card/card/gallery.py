@@ -18,10 +18,9 @@ import pyarrow.parquet as pq
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-
-from dataset_card.card.run_summary import ClassShare, bin_labels
 from PIL import Image
 
+from dataset_card.card.run_summary import ClassShare, bin_labels
 from dataset_card.contract import codecs, coverage, layout, painting
 from dataset_card.contract.output_folder import OutputFolder
 
