@@ -355,7 +355,7 @@ def label_map(column):  # a zstd-compressed .npy: (H, W) uint8 or uint16
 DATASET = "{dataset}"  # a Hub repo id, or a local copy of this folder
 ds = load_dataset(DATASET, split="train", streaming=True)
 row = next(iter(ds))
-image = row["image"]                              # PIL image, the original file
+image = row["image"]                              # {image}
 semantic = label_map(row["semantic_mask"])        # (H, W) class ids, {ignore} = no class
 instance_map = label_map(row["instance_mask"])    # (H, W) 0 = none, k = instances[k-1]
 label = ds.features["label"].int2str(row["label"])
@@ -393,7 +393,9 @@ print(errors[0]["image_id"], errors[0]["error_type"], errors[0]["message"])
 
 
 def usage(summary: RunSummary, dataset: str) -> str:
-    text = USAGE.format(dataset=dataset, ignore=summary.metadata.ignore_value)
+    image = ("PIL image, the original file" if summary.image_storage == "inline" else
+             "labels only: {'bytes': None, 'path': ...}; join your copy by path")
+    text = USAGE.format(dataset=dataset, ignore=summary.metadata.ignore_value, image=image)
     return text + (USAGE_ERRORS if summary.error_rows else "")
 
 

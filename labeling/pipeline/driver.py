@@ -508,7 +508,7 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
     stats["coverage"] = summary.coverage_stats(total)
     summary.write(folder, stats)
     summary.write_card(folder, metadata, has_errors=stats["failed"] > 0, log=log, options=cfg.card,
-                       tiny_random=cfg.models == "tiny-random")
+                       tiny_random=cfg.models == "tiny-random", image_bytes=cfg.image_storage == "inline")
     summary.verify_folder(folder)
     log(summary.coverage_line(stats["coverage"]))
     warning = summary.few_regions_warning(stats["coverage"]) if cfg.models == "default" else None
