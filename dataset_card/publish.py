@@ -26,6 +26,7 @@ import posixpath
 import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -53,7 +54,8 @@ REDACTED = "<redacted>"
 # A local path or a storage URL (s3://, gs://, file://...): where the run's files lay. Web URLs
 # (http, https: a checkpoint's public download) are provenance, and stay.
 _ABSOLUTE = re.compile(r"^(/|~|[A-Za-z]:[\\/]|(?!https?://)[a-z][a-z0-9+.-]*://)")
-_HOST_PORT = re.compile(r"^[\w.-]+:\d+$")  # a cluster address such as the Ray head's 10.0.0.5:6379
+# A cluster address such as the Ray head's 10.0.0.5:6379 or head-node:6379 (not a time like 16:16).
+_HOST_PORT = re.compile(r"^(?=[^:]*[A-Za-z.])[\w.-]+:\d{2,5}$")
 
 
 @dataclass(frozen=True)
@@ -133,10 +135,12 @@ def redact_text(text: str, found: set[str]) -> str:
 
 
 def _redacted(value: str) -> str:
+    """`<redacted>/NAME` keeping the last component of a path (a URL's path, never its host)."""
     if _HOST_PORT.match(value):
         return REDACTED
-    name = posixpath.basename(value.rstrip("/\\").replace("\\", "/"))
-    return f"{REDACTED}/{name}" if name and "://" not in name else REDACTED
+    path = urlsplit(value).path if "://" in value else value.replace("\\", "/")
+    name = posixpath.basename(path.rstrip("/"))
+    return f"{REDACTED}/{name}" if name else REDACTED
 
 
 def with_previews(table: pa.Table, num_semantic_classes: int) -> pa.Table:

@@ -194,3 +194,16 @@ def test_show_without_the_images_draws_on_grey_and_names_an_unknown_id(labels_on
     assert not (shown == 128).all()
     assert main(["show", str(out), "few_shapes/nope", "--out", str(png)]) == 2
     assert "no row of" in capsys.readouterr().err
+
+
+def test_redaction_keeps_a_paths_last_component_never_a_host_and_leaves_web_urls():
+    from dataset_card.publish import redact_text, redact_value
+
+    found: set[str] = set()
+    value = {"a": ["/data/imagenet/train", "s3://bucket/labels/", "ray://head:10001", "10.0.0.5:6379"],
+             "b": {"c": "C:\\models\\sam.pth", "d": "https://dl.example.org/sam_vit_h.pth", "e": "16:16", "f": 3}}
+    assert redact_value(value, found) == {
+        "a": ["<redacted>/train", "<redacted>/labels", "<redacted>", "<redacted>"],
+        "b": {"c": "<redacted>/sam.pth", "d": "https://dl.example.org/sam_vit_h.pth", "e": "16:16", "f": 3}}
+    assert redact_text("labeled from /data/imagenet/train on 10.0.0.5:6379", found) == \
+        "labeled from <redacted>/train on <redacted>"
