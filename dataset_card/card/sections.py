@@ -29,8 +29,8 @@ COLUMN_DOCS = {
 LABELS_ONLY = (
     "**Labels only.** The rows hold no image bytes (`image.bytes` is null): `image.path` is each image's path "
     "relative to the folder it was labeled from, `image_sha256` and `image_nbytes` its content hash and length. "
-    "Load with `.cast_column(\"image\", datasets.Image(decode=False))` and join your own copy of the images by path; "
-    "`python -m pretraining.train --images ROOT` does so and checks each file.\n\n")
+    "`load_dataset` hands `image` over as that `{bytes, path}` struct, without opening a file: join your own copy "
+    "of the images by path; `python -m pretraining.train --images ROOT` does so and checks each file.\n\n")
 INSTANCE_DOCS = {
     "id": "1..K, numbered by area, largest first (the painting order: later ids on top)",
     "rle": "`{size: [h, w], counts: str}`, COCO compressed RLE (pycocotools) of the full mask",
@@ -193,12 +193,14 @@ def feature_type(feature) -> str:
         return feature.dtype
     if isinstance(feature, (list, datasets.List, datasets.Sequence)):
         return "list of struct"
+    if isinstance(feature, dict):
+        return "struct {" + ", ".join(feature) + "}"
     return type(feature).__name__
 
 
 def schema(summary: RunSummary) -> str:
     md = summary.metadata
-    features = build_features(md.class_names, md.semantic_class_names)
+    features = build_features(md.class_names, md.semantic_class_names, image_bytes=summary.image_storage == "inline")
     docs = dict(COLUMN_DOCS, semantic_mask=COLUMN_DOCS["semantic_mask"].format(ignore=md.ignore_value))
     columns = table(["column", "type", "meaning"], [(f"`{c}`", feature_type(features[c]), docs[c]) for c in COLUMNS])
     instance_fields = table(["field", "meaning"], [(f"`{k}`", v) for k, v in INSTANCE_DOCS.items()])
@@ -362,7 +364,7 @@ def label_map(column):  # a zstd-compressed .npy: (H, W) uint8 or uint16
 DATASET = "{dataset}"  # a Hub repo id, or a local copy of this folder
 ds = load_dataset(DATASET, split="train", streaming=True)
 row = next(iter(ds))
-image = row["image"]                              # PIL image, the original file
+image = row["image"]                              # {image}
 semantic = label_map(row["semantic_mask"])        # (H, W) class ids, {ignore} = no class
 instance_map = label_map(row["instance_mask"])    # (H, W) 0 = none, k = instances[k-1]
 label = ds.features["label"].int2str(row["label"])
@@ -400,7 +402,9 @@ print(errors[0]["image_id"], errors[0]["error_type"], errors[0]["message"])
 
 
 def usage(summary: RunSummary, dataset: str) -> str:
-    text = USAGE.format(dataset=dataset, ignore=summary.metadata.ignore_value)
+    image = ("PIL image, the original file" if summary.image_storage == "inline" else
+             "labels only: {'bytes': None, 'path': ...}; join your copy by path")
+    text = USAGE.format(dataset=dataset, ignore=summary.metadata.ignore_value, image=image)
     return text + (USAGE_ERRORS if summary.error_rows else "")
 
 

@@ -216,10 +216,11 @@ def _is_full_card(text: str) -> bool:
 
 
 def write_card(folder: OutputFolder, metadata: layout.DatasetMetadata, has_errors: bool, log=print,
-               options: CardOptions | None = None, tiny_random: bool = False) -> None:
+               options: CardOptions | None = None, tiny_random: bool = False, image_bytes: bool = True) -> None:
     """The full dataset card (`options`: what the user told it). If building it fails, an earlier
     full card is kept (it is then out of date, and the run says so), else the minimal card is
-    written; the labels are done either way."""
+    written (declaring `image` as the data files do: `image_bytes=False` for a labels-only run);
+    the labels are done either way."""
     from dataset_card.card.build import BuildConfig, build_card
 
     try:
@@ -239,6 +240,7 @@ def write_card(folder: OutputFolder, metadata: layout.DatasetMetadata, has_error
         body = ("# Multi-granular labeled images\n\n**Labeled with `--models tiny-random`: randomly initialised "
                 "tiny models, so these labels are meaningless** (for offline smoke runs and tests only).") \
             if tiny_random else ""
-        folder.write_bytes(name, str(minimal_card(metadata, has_errors, body, image_reference=True)).encode())
+        card = minimal_card(metadata, has_errors, body, image_reference=True, image_bytes=image_bytes)
+        folder.write_bytes(name, str(card).encode())
     except shards.OutputWriteError as err:
         log(f"warning: no dataset card was written ({err})")

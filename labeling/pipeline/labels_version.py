@@ -22,7 +22,7 @@ from pathlib import Path
 
 # Bump when labels made by the same models and arguments can change (and record the digest below).
 LABELS_VERSION = 2
-LABEL_CODE_DIGEST = "ac87c364bdbe80c27287dc949fa9a70298ff2bf66dcf8d46b56bf1f0b569a62b"
+LABEL_CODE_DIGEST = "b285851f88f38d5aa2f16ea2546723cd1eef2a5a2ffe9a2baf3e177232e0a3d8"
 
 # The code whose change can change a label: the labelers, the read / model / post-process stages,
 # and the contract's codecs, painting rule and schema. The driver, writer, card and docs are not in
