@@ -113,10 +113,12 @@ def parser() -> argparse.ArgumentParser:
                              "tolerance). Default: on where the models run on a GPU, off on CPUs")
     models.add_argument("--min-instance-area", type=int, default=16,
                         help="instances smaller than this many pixels (at full size) are dropped (default 16)")
-    models.add_argument("--painting-rule", default="objects", choices=("objects", "parts"),
+    models.add_argument("--painting-rule", default="objects", choices=("objects", "salient", "parts"),
                         help="what instance_mask shows: objects (default: thing objects clipped to their semantic "
-                             "class) or parts (every mask, smaller on top: schema v1's map); python -m dataset_card "
-                             "repaint changes it later without the models")
+                             "class), salient (objects, plus whole, salient SAM masks with no thing class as "
+                             "class-agnostic objects: for images whose subjects the taxonomy lacks, e.g. ImageNet) or "
+                             "parts (every mask, smaller on top: schema v1's map); python -m dataset_card repaint "
+                             "changes it later without the models")
     models.add_argument("--min-purity", type=float, default=None,
                         help="a thing mask with less of its class than this is dropped, not an object (default 0.75)")
 

@@ -56,7 +56,10 @@ def test_thing_rules():
     assert [c.isthing for c in class_taxonomy(coco)] == [True] * 80 + [False] * 53
     cityscapes = Mask2FormerConfig(id2label={i: f"c{i}" for i in range(19)})
     assert [c.id for c in class_taxonomy(cityscapes) if c.isthing] == list(range(11, 19))
-    other = Mask2FormerConfig(id2label={i: f"c{i}" for i in range(150)})
+    ade20k = Mask2FormerConfig(id2label={i: f"c{i}" for i in range(150)})  # ADE20K panoptic's split
+    ade_things = [c.id for c in class_taxonomy(ade20k) if c.isthing]
+    assert len(ade_things) == 100 and 126 in ade_things and not {0, 2, 4, 9, 21} & set(ade_things)
+    other = Mask2FormerConfig(id2label={i: f"c{i}" for i in range(151)})
     assert not any(c.isthing for c in class_taxonomy(other))
     with pytest.raises(ValueError, match="dense"):
         class_taxonomy(Mask2FormerConfig(id2label={0: "a", 2: "b"}))

@@ -61,6 +61,12 @@ from labeling.labelers.timing import StageClock
 DEFAULT_SEMANTIC_MODEL = "facebook/mask2former-swin-large-coco-panoptic"
 COCO_PANOPTIC_CLASSES, COCO_PANOPTIC_THINGS = 133, 80  # ids 0..79 are things, 80..132 stuff
 CITYSCAPES_CLASSES, CITYSCAPES_THINGS = 19, range(11, 19)  # person .. bicycle
+# ADE20K's 150 classes (SceneParsing order) have no thing/stuff split of their own; the ADE20K
+# panoptic benchmark's (Mask2Former, register_ade20k_panoptic.py: 100 things, 50 stuff) is used.
+ADE20K_CLASSES = 150
+ADE20K_STUFF = frozenset((0, 1, 2, 3, 4, 5, 6, 9, 11, 13, 16, 17, 21, 25, 26, 28, 29, 34, 40, 46, 48, 51, 52, 54, 59,
+                          60, 61, 63, 68, 77, 79, 84, 91, 94, 96, 99, 100, 101, 105, 106, 109, 113, 114, 117, 122,
+                          128, 131, 140, 141, 145))  # wall, building, sky, floor, tree, ..., pier, crt screen, shower
 # Detectron2's test-time ratio of the longer to the shorter side limit (800 / 1333).
 LONGEST_PER_SHORTEST = 1333 / 800
 PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -87,7 +93,8 @@ def class_taxonomy(config) -> tuple[SemanticClass, ...]:
     """(id, name, isthing) for every class of a transformers model config, ordered by id.
 
     isthing: the config's `thing_ids` when it has them; else the COCO-panoptic rule (133 classes:
-    ids < 80 are things) or the Cityscapes rule (19 classes: ids 11-18); else unknown -> False.
+    ids < 80 are things), the ADE20K rule (150 classes: all but ADE20K_STUFF) or the Cityscapes rule
+    (19 classes: ids 11-18); else unknown -> False.
     """
     id2label = {int(k): str(v) for k, v in config.id2label.items()}
     ids = sorted(id2label)
@@ -98,6 +105,8 @@ def class_taxonomy(config) -> tuple[SemanticClass, ...]:
         things = {int(i) for i in thing_ids}
     elif len(ids) == COCO_PANOPTIC_CLASSES:
         things = set(range(COCO_PANOPTIC_THINGS))
+    elif len(ids) == ADE20K_CLASSES:
+        things = set(ids) - ADE20K_STUFF
     elif len(ids) == CITYSCAPES_CLASSES:
         things = set(CITYSCAPES_THINGS)
     else:

@@ -447,7 +447,8 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
             log(f"{layout.data_path(s, work_plan.num_shards)}: {state.reason}; {action}")
 
     storage = cfg.image_storage
-    contract = arrow_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict(), image_reference=True)
+    contract = arrow_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict(), image_reference=True,
+                            image_bytes=storage == "inline")
     schema = staged_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict())
     post = PostprocessConfig(len(semantic_classes), metadata.ignore_value, cfg.min_instance_area,
                              tuple(sorted(metadata.thing_ids)), rule, storage)
@@ -507,7 +508,7 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
     stats["coverage"] = summary.coverage_stats(total)
     summary.write(folder, stats)
     summary.write_card(folder, metadata, has_errors=stats["failed"] > 0, log=log, options=cfg.card,
-                       tiny_random=cfg.models == "tiny-random")
+                       tiny_random=cfg.models == "tiny-random", image_bytes=cfg.image_storage == "inline")
     summary.verify_folder(folder)
     log(summary.coverage_line(stats["coverage"]))
     warning = summary.few_regions_warning(stats["coverage"]) if cfg.models == "default" else None

@@ -186,7 +186,9 @@ def coverage_line(cov: Mapping) -> str:
     return (f"coverage of {images} images: {cov['share_under_min_regions']:.1%} have under {coverage.MIN_REGIONS} "
             f"instance regions at the trainer's patch grid ({cov['patch_grid']}; instance-guided masking falls back "
             f"to random there), {painted.get('0', 0) / images:.1%} no painted object; the largest mask is stuff in "
-            f"{largest.get('stuff', 0) / images:.1%} and dropped in {largest.get('dropped', 0) / images:.1%}")
+            f"{largest.get('stuff', 0) / images:.1%} and dropped in {largest.get('dropped', 0) / images:.1%}"
+            + (f", a class-agnostic object in {largest['object_agnostic'] / images:.1%}"
+               if largest.get("object_agnostic") else ""))
 
 
 def few_regions_warning(cov: Mapping, threshold: float = FEW_REGIONS_SHARE) -> str | None:
@@ -197,7 +199,8 @@ def few_regions_warning(cov: Mapping, threshold: float = FEW_REGIONS_SHARE) -> s
             f"instance regions at the trainer's patch grid (more than {threshold:.0%}): instance-guided masking "
             "falls back to random masking on them, so the curriculum's instance phase would be mostly random. The "
             "card's \"Regions for instance-guided masking\" shows why (no painted object, the largest mask stuff or "
-            "dropped).")
+            "dropped); where the images' subjects lie outside the semantic taxonomy, `python -m dataset_card repaint "
+            "OUTPUT --rule salient` paints them as class-agnostic objects.")
 
 
 class OutputInvalid(RuntimeError):
@@ -219,10 +222,11 @@ def _is_full_card(text: str) -> bool:
 
 
 def write_card(folder: OutputFolder, metadata: layout.DatasetMetadata, has_errors: bool, log=print,
-               options: CardOptions | None = None, tiny_random: bool = False) -> None:
+               options: CardOptions | None = None, tiny_random: bool = False, image_bytes: bool = True) -> None:
     """The full dataset card (`options`: what the user told it). If building it fails, an earlier
     full card is kept (it is then out of date, and the run says so), else the minimal card is
-    written; the labels are done either way."""
+    written (declaring `image` as the data files do: `image_bytes=False` for a labels-only run);
+    the labels are done either way."""
     from dataset_card.card.build import BuildConfig, build_card
 
     try:
@@ -242,6 +246,7 @@ def write_card(folder: OutputFolder, metadata: layout.DatasetMetadata, has_error
         body = ("# Multi-granular labeled images\n\n**Labeled with `--models tiny-random`: randomly initialised "
                 "tiny models, so these labels are meaningless** (for offline smoke runs and tests only).") \
             if tiny_random else ""
-        folder.write_bytes(name, str(minimal_card(metadata, has_errors, body, image_reference=True)).encode())
+        card = minimal_card(metadata, has_errors, body, image_reference=True, image_bytes=image_bytes)
+        folder.write_bytes(name, str(card).encode())
     except shards.OutputWriteError as err:
         log(f"warning: no dataset card was written ({err})")
