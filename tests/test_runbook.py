@@ -90,7 +90,7 @@ def settings_row(flag: str) -> list[str]:
 
 
 def test_the_runbooks_defaults_per_actor_are_the_codes():
-    from labeling.labelers.semantic import SemanticLabelerConfig
+    from labeling.labelers.semantic import DEFAULT_BATCH_SIZE, SemanticLabelerConfig
     from labeling.pipeline.cluster import plan_layout
     from labeling.pipeline.driver import LabelingConfig
 
@@ -100,4 +100,6 @@ def test_the_runbooks_defaults_per_actor_are_the_codes():
     assert settings_row("--actor-cpus")[0] == f"{several.actor_cpus:g} / {several.task_cpus:g}"
     default, what = settings_row("--model-batch-size")
     assert default == str(LabelingConfig.model_batch_size)
-    assert SemanticLabelerConfig.batch_size == 1 and "Mask2Former runs one image a pass" in what
+    assert SemanticLabelerConfig.batch_size is None
+    default, what = settings_row("--semantic-batch-size")
+    assert default == f"{DEFAULT_BATCH_SIZE['cuda']} ({DEFAULT_BATCH_SIZE['cpu']} on CPUs)"

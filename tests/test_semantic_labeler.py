@@ -279,3 +279,22 @@ def test_labelers_import_without_ray_or_datasets():
     done = subprocess.run([sys.executable, "-c", _IMPORT_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "person" in done.stdout and " 255 " in done.stdout
+
+
+def test_the_semantic_batch_flag_reaches_the_labeler_and_does_not_shape_labels():
+    """--semantic-batch-size sets the images per pass; a resume may change it (recorded, not compared:
+    an image's label does not depend on its batch, tests/test_label_determinism.py)."""
+    from labeling.labelers.semantic import SemanticLabelerConfig
+    from labeling.pipeline import manifest
+    from labeling.pipeline.driver import LabelingConfig, model_choice
+    from labeling.run import config_from_args, parser
+
+    args = ["--input", "in", "--output", "out", "--models", "default", "--semantic-batch-size", "4"]
+    cfg = config_from_args(parser().parse_args(args))
+    params = model_choice(cfg).semantic_params
+    assert SemanticLabelerConfig(**params).batch_size == 4
+    plain = LabelingConfig(input="in", output="out")
+    assert cfg.arguments() == plain.arguments()
+    old, new = ({"arguments": c.arguments(), "models": {"semantic": {"params": model_choice(c).semantic_params}}}
+                for c in (plain, cfg))
+    assert manifest.differences(old, new) == []

@@ -69,6 +69,7 @@ ADE20K_STUFF = frozenset((0, 1, 2, 3, 4, 5, 6, 9, 11, 13, 16, 17, 21, 25, 26, 28
                           128, 131, 140, 141, 145))  # wall, building, sky, floor, tree, ..., pier, crt screen, shower
 # Detectron2's test-time ratio of the longer to the shorter side limit (800 / 1333).
 LONGEST_PER_SHORTEST = 1333 / 800
+DEFAULT_BATCH_SIZE = {"cuda": 2, "cpu": 1}  # images per forward pass, by device type
 PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -248,7 +249,7 @@ class SemanticLabeler:
         self.dtype = torch.float32 if self.autocast else compute  # of the weights and inputs
         self.compute_dtype = compute
         self.model = model.to(self.device, self.dtype).eval()
-        self.batch_size = self.cfg.batch_size or (2 if self.device.type == "cuda" else 1)
+        self.batch_size = self.cfg.batch_size or DEFAULT_BATCH_SIZE.get(self.device.type, 1)
         self.fillers = 0  # filler images computed so far (`label`); the model actor reports the increase
         self.classes = class_taxonomy(model.config)
         self.ignore_value = semantic_ignore_value(len(self.classes))
