@@ -69,7 +69,7 @@ def bare_loop(listed, n: int, cfg, models, output: str) -> dict:
     from dataset_card.contract.output_folder import OutputFolder
     from dataset_card.contract.schema import arrow_schema
     from labeling.pipeline import manifest, writer
-    from labeling.pipeline.driver import work_table
+    from labeling.pipeline.dataflow import work_table
     from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema
     from labeling.pipeline.preprocess import read_stage
 
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from labeling.pipeline.driver import LabelingConfig, model_choice, model_max_side, run_labeling
+    from labeling.pipeline.config import LabelingConfig, model_choice, model_max_side
+    from labeling.pipeline.driver import run_labeling
     from labeling.pipeline.predictors import ModelPredictor
 
     work_dir = Path(tempfile.mkdtemp(prefix="labeling-overhead-"))

@@ -109,7 +109,8 @@ class _NullSemantic:
 
 def run_one(images: str, output: str, cpus: int, shard_size: int) -> dict:
     """One labeling run in this process (a child of main); returns its figures."""
-    from labeling.pipeline.driver import LabelingConfig, run_labeling
+    from labeling.pipeline.config import LabelingConfig
+    from labeling.pipeline.driver import run_labeling
 
     cfg = LabelingConfig(input=images, output=output, models="tiny-random", shard_size=shard_size, num_cpus=cpus,
                          model_actors=2, actor_cpus=0.25, task_cpus=0.25,

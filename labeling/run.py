@@ -187,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     from dataset_card.card.source import CardOptions
-    from labeling.pipeline.driver import LabelingConfig
+    from labeling.pipeline.config import LabelingConfig
 
     return LabelingConfig(
         input=args.input, output=args.output, models=args.models, shard_size=args.shard_size, limit=args.limit,

@@ -85,7 +85,7 @@ def test_a_part_whose_packages_are_missing_says_what_to_install(monkeypatch):
 
 def test_the_stated_pipeline_settings_are_the_pipelines():
     from benchmarks import gpu_check
-    from labeling.pipeline.driver import LabelingConfig
+    from labeling.pipeline.config import LabelingConfig
     from labeling.pipeline.predictors import ModelPredictor
     from labeling.run import parser
 

@@ -396,7 +396,7 @@ def test_the_sam_speed_flags_reach_the_labeler_and_do_not_shape_labels():
     """--sam-points-per-batch and --sam-encoder-batch-size set the labeler's call sizes; a resume may
     change them (recorded, not compared: every call is padded to them, labels change by rounding at most)."""
     from labeling.pipeline import manifest
-    from labeling.pipeline.driver import LabelingConfig, model_choice
+    from labeling.pipeline.config import LabelingConfig, model_choice
     from labeling.run import config_from_args, parser
 
     args = ["--input", "in", "--output", "out", "--models", "default"]

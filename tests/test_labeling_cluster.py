@@ -85,7 +85,8 @@ def test_a_fixed_cluster_without_gpus_is_refused_unless_cpus_are_asked_for(monke
 def test_a_run_of_real_models_on_a_fixed_cluster_without_gpus_is_refused_before_any_work(tmp_path, ray_session):
     import dataclasses
 
-    from labeling.pipeline.driver import LabelingConfig, model_choice, run_labeling
+    from labeling.pipeline.config import LabelingConfig, model_choice
+    from labeling.pipeline.driver import run_labeling
 
     random_images(tmp_path / "train", 4)
     cfg = LabelingConfig(input=str(tmp_path / "train"), output=str(tmp_path / "out"), models="default",

@@ -289,7 +289,8 @@ def test_a_labels_only_row_finds_its_image_and_refuses_a_changed_one(tmp_path):
 
 
 def test_overwrite_refuses_while_a_live_run_holds_the_output(tmp_path):
-    from labeling.pipeline.driver import LabelingConfig, run_labeling
+    from labeling.pipeline.config import LabelingConfig
+    from labeling.pipeline.driver import run_labeling
 
     (tmp_path / "train" / "cls").mkdir(parents=True)
     (tmp_path / "train" / "cls" / "a.png").write_bytes(b"not read: the run stops before")

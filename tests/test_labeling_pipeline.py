@@ -26,7 +26,8 @@ from dataset_card.contract.schema import validate_features
 from dataset_card.validate import row_problems, validate
 from labeling.inputs.kinds import list_inputs
 from labeling.pipeline import environment, failures, manifest, plan
-from labeling.pipeline.driver import LabelingConfig, run_labeling
+from labeling.pipeline.config import LabelingConfig
+from labeling.pipeline.driver import run_labeling
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -227,7 +227,7 @@ LABEL_ONE_IMAGE = """
 import json, resource, sys
 import pyarrow as pa
 from labeling.inputs.folder import FolderSource
-from labeling.pipeline.driver import LabelingConfig, model_choice, model_max_side
+from labeling.pipeline.config import LabelingConfig, model_choice, model_max_side
 from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema
 from labeling.pipeline.predictors import ModelPredictor
 from labeling.pipeline.preprocess import WORK_SCHEMA, read_stage

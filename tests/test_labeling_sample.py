@@ -124,7 +124,8 @@ def _rows(output: Path) -> dict[str, tuple]:
 @pytest.mark.slow
 def test_a_trial_grows_into_a_larger_sample_then_the_full_run_relabeling_nothing(tmp_path, ray_session):
     from dataset_card.validate import validate
-    from labeling.pipeline.driver import LabelingConfig, run_labeling
+    from labeling.pipeline.config import LabelingConfig
+    from labeling.pipeline.driver import run_labeling
 
     images, output = tmp_path / "train", tmp_path / "out"
     for c, count in enumerate((6, 3, 5)):

@@ -81,7 +81,8 @@ def test_a_storage_outage_longer_than_a_few_retries_is_ridden_out(tmp_path, ray_
     from test_labeling_pipeline import assert_exactly_once
 
     from labeling.pipeline import driver
-    from labeling.pipeline.driver import LabelingConfig, run_labeling
+    from labeling.pipeline.config import LabelingConfig
+    from labeling.pipeline.driver import run_labeling
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers get OutageFs by value
     images, output, state = tmp_path / "train", tmp_path / "out", tmp_path / "state"

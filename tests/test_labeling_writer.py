@@ -430,7 +430,7 @@ def test_a_failing_batch_is_retried_image_by_image_and_failures_become_rows():
 
 def test_the_compile_flag_reaches_the_instance_labelers_config():
     from labeling.labelers.instance import InstanceLabelerConfig
-    from labeling.pipeline.driver import LabelingConfig, model_choice
+    from labeling.pipeline.config import LabelingConfig, model_choice
     from labeling.run import config_from_args, parser
 
     cfg = config_from_args(parser().parse_args(["--input", "in", "--output", "out", "--models", "default", "--compile"]))

@@ -125,7 +125,7 @@ def test_the_quality_gate_scores_a_class_agnostic_object_as_a_segment_without_a_
 
 def test_the_command_line_switch_is_a_label_shaping_field():
     from labeling import run
-    from labeling.pipeline.driver import painting_rule
+    from labeling.pipeline.config import painting_rule
 
     cfg = run.config_from_args(run.parser().parse_args(
         ["--input", "in", "--output", "out", "--models", "tiny-random", "--painting-rule", "salient"]))

@@ -19,7 +19,7 @@ from labeling.labelers.model_choice import ModelChoice, ModelLoadError, resolve_
 from labeling.labelers.semantic import SemanticLabeler, SemanticLabelerConfig
 from labeling.labelers.tiny_models import build_tiny_random_models
 from labeling.pipeline import environment, labels_version, manifest
-from labeling.pipeline.driver import LabelingConfig
+from labeling.pipeline.config import LabelingConfig
 
 REPO = "test-org/tiny-mask2former"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

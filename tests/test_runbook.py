@@ -92,7 +92,7 @@ def settings_row(flag: str) -> list[str]:
 def test_the_runbooks_defaults_per_actor_are_the_codes():
     from labeling.labelers.semantic import DEFAULT_BATCH_SIZE, SemanticLabelerConfig
     from labeling.pipeline.cluster import plan_layout
-    from labeling.pipeline.driver import LabelingConfig
+    from labeling.pipeline.config import LabelingConfig
 
     several, one = plan_layout(cpus=64, gpus=8), plan_layout(cpus=16, gpus=1)
     default, what = settings_row("--gpus-per-actor")

@@ -286,7 +286,7 @@ def test_the_semantic_batch_flag_reaches_the_labeler_and_does_not_shape_labels()
     an image's label does not depend on its batch, tests/test_label_determinism.py)."""
     from labeling.labelers.semantic import SemanticLabelerConfig
     from labeling.pipeline import manifest
-    from labeling.pipeline.driver import LabelingConfig, model_choice
+    from labeling.pipeline.config import LabelingConfig, model_choice
     from labeling.run import config_from_args, parser
 
     args = ["--input", "in", "--output", "out", "--models", "default", "--semantic-batch-size", "4"]

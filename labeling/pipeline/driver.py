@@ -1,8 +1,7 @@
 """The labeling run: list inputs, take the output's lease, plan shards, run the Ray pipeline whose
 workers write, commit shards as they complete, verify the folder, close.
 
-    input list ──► read + header check (CPU tasks) ──► ModelPredictor: decode, SAM + semantic (actors, GPU)
-        ──► upsample + align + paint + encode maps (CPU tasks) ──► write parts (CPU tasks, `writer.write_parts`)
+    input list ──► the Ray Data graph (`dataflow`: read, models, post-process, write parts)
         ──► driver: part results (shard, part, indices) ──► commit tasks (`writer.commit`)
 
 The driver never sees a labeled row: the write stage leaves rows in per-shard part files and
@@ -11,18 +10,17 @@ has arrived (`commits`). Shards are hash buckets of image ids (`plan`), checked 
 trusts them. Inputs whose rows never come back (a block Ray gave up on) get one more pass alone,
 then are recorded as failures: every input ends up exactly once, in the data or the errors table.
 Before its closing line the run checks the folder as `python -m dataset_card validate` does.
+What a run is asked to do is a `config.LabelingConfig`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import sys
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -30,255 +28,23 @@ import pyarrow.compute as pc
 import ray
 from tqdm.auto import tqdm
 
-from dataset_card.card.source import CardOptions
 from dataset_card.contract import layout, shards
 from dataset_card.contract.lease import Lease, new_run_id, ttl_for
 from dataset_card.contract.output_folder import OutputFolder
-from dataset_card.contract.painting import DEFAULT_RULE, PaintingRule, rule_named
+from dataset_card.contract.painting import PaintingRule
 from dataset_card.contract.schema import arrow_schema
 from labeling.inputs.input_list import InputError, Inputs
 from labeling.inputs.kinds import list_inputs
 from labeling.inputs.sample import draw_sample
 from labeling.labelers.model_choice import TINY_RANDOM_WARNING, ModelChoice
-from labeling.pipeline import cluster, commits, failures, manifest, plan, writer
+from labeling.pipeline import cluster, commits, dataflow, failures, manifest, plan, writer
 from labeling.pipeline import finish as summary
-from labeling.pipeline.postprocess import PostprocessConfig, postprocess_stage, staged_schema
-from labeling.pipeline.predictors import ModelPredictor
-from labeling.pipeline.preprocess import WORK_SCHEMA, read_stage
+from labeling.pipeline.config import LabelingConfig, model_choice, painting_rule
+from labeling.pipeline.postprocess import PostprocessConfig, staged_schema
 
-# Stop when more than this share of the most recent images failed (--max-failure-rate): ImageNet
-# has a handful of odd files in 1.28M, so a tenth failing is a systematic fault, not bad luck.
-DEFAULT_MAX_FAILURE_RATE = 0.1
 # Output bytes per image, for the free-space check (estimates from ImageNet-sized photos: the
 # JPEG ~110 KB plus the two label maps (zstd-compressed .npy) and the RLEs ~40 KB; labels only ~40 KB).
 BYTES_PER_IMAGE = {"inline": 150_000, "reference": 40_000}
-
-
-def label_shaping(default):
-    """A `LabelingConfig` field that shapes the labels: recorded in the manifest's "arguments",
-    compared on resume and part of every shard's footer hash (`manifest.labels_hash`). Any other
-    field may change between a run and its resume."""
-    return field(default=default, metadata={"labels": True})
-
-
-@dataclass(frozen=True)
-class LabelingConfig:
-    """One labeling run. Fields made with `label_shaping` shape the output and are compared on resume;
-    the models are compared by identity (`ModelChoice.describe`), not by the arguments that name them."""
-
-    input: str
-    output: str
-    models: str = label_shaping("default")
-    shard_size: int = label_shaping(1000)
-    limit: int | None = None  # picks inputs; shards are keyed by image id, so it may change
-    # --sample N: a class-stratified sample (labeling.inputs.sample) in shards planned for every input,
-    # so a larger sample or the full run resumes the folder and labels only what is new.
-    sample: int | None = None
-    sample_seed: int = 0
-    max_pixels: int = label_shaping(100_000_000)
-    # What a row is: its image and its label.
-    input_format: str = label_shaping("auto")
-    file_list: str | None = None
-    image_column: str = label_shaping("image")
-    label_column: str = label_shaping("label")
-    split: str = label_shaping("train")
-    # The models, compared by what they are: SAM's weights by sha256, the semantic model by repo and
-    # commit (resolved once, then reused on every resume) or a local folder's content hash.
-    sam_type: str | None = None
-    sam_checkpoint: str | None = None
-    semantic_model: str | None = None
-    semantic_revision: str | None = None
-    staged_models: str | None = None  # a folder from `python -m labeling.stage_models`: actors load from it
-    semantic_shortest_edge: int | None = label_shaping(None)
-    model_max_side: int | None = label_shaping(None)
-    points_per_side: int | None = label_shaping(None)
-    pred_iou_thresh: float | None = label_shaping(None)
-    stability_score_thresh: float | None = label_shaping(None)
-    compile: bool | None = label_shaping(None)  # torch.compile SAM; None: on a GPU (float rounding may differ)
-    min_instance_area: int = label_shaping(16)
-    painting_rule: str = label_shaping(DEFAULT_RULE)
-    min_purity: float | None = label_shaping(None)
-    image_storage: str = label_shaping("inline")  # or "reference": a labels-only release (no image bytes)
-    # Execution: may change between a run and its resume (batch sizes give the same labels:
-    # tests/test_label_determinism.py).
-    read_batch_size: int = 16
-    model_batch_size: int = 8
-    # SAM's prompts per decoder call, crops per encoder call and the semantic model's images per pass
-    # (None: the labelers' defaults); every call is padded to them, so they change speed and memory, and
-    # labels by float rounding at most (manifest.SPEED_PARAMS: recorded, not compared).
-    sam_points_per_batch: int | None = None
-    sam_encoder_batch_size: int | None = None
-    semantic_batch_size: int | None = None  # images per semantic forward pass (bucket fillers included)
-    postprocess_batch_size: int = 8
-    device: str = "auto"  # model actors on "cuda", or "cpu" when asked (auto: CPUs only for the tiny twins)
-    wait_for_gpus: float | None = None  # seconds to wait for a first GPU (None: 30 min with an autoscaler)
-    model_actors: int | None = None  # a fixed pool; None: see cluster.plan_layout
-    min_model_actors: int | None = None
-    max_model_actors: int | None = None  # None: as many as the cluster fits, as it grows
-    gpus_per_actor: float | None = None
-    actor_cpus: float | None = None
-    task_cpus: float | None = None
-    listing_workers: int = 32
-    address: str | None = None  # Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)
-    num_cpus: int | None = None  # of a local Ray
-    object_store_memory: int | None = None  # of a local Ray
-    overwrite: bool = False
-    strict_environment: bool = False  # refuse, instead of warning, to resume under another environment
-    retry_errors: bool = False
-    no_repair: bool = False  # refuse, instead of repairing, committed shards that fail verification
-    max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE
-    storage_retry_s: float = shards.RETRY_S  # writes retry a transient error this long (a storage outage)
-    failure_window: int = 2000  # images of the most recent committed shards the rate is judged over
-    driver_restarts: int = 0  # restarts of the driver before this one (`labeling/run.py --max-restarts`)
-    progress: bool = True
-    # What the dataset card says of the images (name, licence, source): OUTPUT/card.json keeps it.
-    card: CardOptions = CardOptions()
-
-    def arguments(self) -> dict:
-        """What shapes the labels (manifest "arguments"): the `label_shaping` fields. Where inputs and
-        output live is not in it: a moved dataset resumes, and each shard's footer pins its inputs."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("labels")}
-
-    def execution(self) -> dict:
-        """Everything else but the card (manifest "execution", recorded only)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if not f.metadata.get("labels") and f.name != "card"}
-
-
-# What `--models` implies where the user did not say: real models at SAM's size, twins at theirs.
-PRESET_DEFAULTS = {
-    # SA-1B's own mask filters (Kirillov et al. 2023): holes and islands under 100 px are cleaned,
-    # and masks covering 95% of the image or more (the image itself, not an object) are dropped.
-    "default": {"model_max_side": 1024, "instance": {"min_mask_region_area": 100, "max_mask_fraction": 0.95},
-                "semantic": {}},
-    # The twins' random scores are low: keep what their structure gives (tens of masks per image);
-    # their images are small (256 px), so is their semantic input.
-    "tiny-random": {"model_max_side": 256,
-                    "instance": {"points_per_side": 8, "pred_iou_thresh": 0.65, "stability_score_thresh": 0.8},
-                    "semantic": {"shortest_edge": 128}},
-}
-
-
-def model_choice(cfg: LabelingConfig) -> ModelChoice:
-    preset = PRESET_DEFAULTS[cfg.models]
-    instance = dict(preset["instance"])
-    for name in ("points_per_side", "pred_iou_thresh", "stability_score_thresh"):
-        if getattr(cfg, name) is not None:
-            instance[name] = getattr(cfg, name)
-    if cfg.compile is not None:
-        instance["compile"] = cfg.compile
-    for name in ("points_per_batch", "encoder_batch_size"):
-        if getattr(cfg, f"sam_{name}") is not None:
-            instance[name] = getattr(cfg, f"sam_{name}")
-    semantic = dict(preset["semantic"])
-    if cfg.semantic_shortest_edge is not None:
-        semantic["shortest_edge"] = cfg.semantic_shortest_edge
-    if cfg.semantic_batch_size is not None:
-        semantic["batch_size"] = cfg.semantic_batch_size
-    base = ModelChoice(preset=cfg.models)
-    return dataclasses.replace(
-        base,
-        sam_type=cfg.sam_type or base.sam_type,
-        sam_checkpoint=cfg.sam_checkpoint,
-        semantic_model=cfg.semantic_model or base.semantic_model,
-        semantic_revision=cfg.semantic_revision,
-        staged=cfg.staged_models,
-        instance_params=instance,
-        semantic_params=semantic,
-    )
-
-
-def painting_rule(cfg: LabelingConfig) -> PaintingRule:
-    try:
-        return rule_named(cfg.painting_rule, min_purity=cfg.min_purity)
-    except ValueError as err:
-        raise InputError(f"{err}") from err
-
-
-def model_max_side(cfg: LabelingConfig) -> int:
-    return cfg.model_max_side or PRESET_DEFAULTS[cfg.models]["model_max_side"]
-
-
-
-
-def work_table(listed: Inputs, indices: Sequence[int], shard_of: np.ndarray) -> pa.Table:
-    """WORK_SCHEMA rows for `indices` (listing failures already marked with stage "list");
-    `shard_of[i]` is input i's shard."""
-    rows = listed.table.take(pa.array(indices, pa.int64()))
-    index = pa.array(indices, pa.int64())
-    listed_failure = pc.not_equal(rows.column("error_type"), "")
-    stage = pc.if_else(listed_failure, failures.LIST, "")
-    return pa.table({
-        "index": index,
-        "shard": pa.array(shard_of[np.asarray(indices, np.int64)], pa.int64()),
-        "path": rows.column("path"),
-        "image_id": rows.column("image_id"),
-        "label": rows.column("label"),
-        "image_path": rows.column("image_path"),
-        "error_stage": stage,
-        "error_type": rows.column("error_type"),
-        "error_message": rows.column("error_message"),
-    }).cast(WORK_SCHEMA)
-
-
-def resource_layout(cfg: LabelingConfig, log=print) -> cluster.Layout:
-    """The model actors' device and pool on the joined cluster (waiting for a first GPU where it can come)."""
-    return cluster.plan_actors(cfg.device, cfg.models == "tiny-random", cfg.wait_for_gpus, log,
-                               gpus_per_actor=cfg.gpus_per_actor, model_actors=cfg.model_actors,
-                               actor_cpus=cfg.actor_cpus, task_cpus=cfg.task_cpus,
-                               min_actors=cfg.min_model_actors, max_actors=cfg.max_model_actors)
-
-
-def build_dataset(work: pa.Table, listed: Inputs, cfg: LabelingConfig, choice: ModelChoice,
-                  post: PostprocessConfig, schema: pa.Schema, block_rows: int,
-                  layout_: cluster.Layout) -> ray.data.Dataset:
-    """The lazy Ray Data pipeline over `work` (WORK_SCHEMA rows), yielding `schema` batches."""
-    blocks = [work.slice(i, block_rows) for i in range(0, work.num_rows, block_rows)]
-    with warnings.catch_warnings():
-        # Bounded retries go through `ray_remote_args`, deprecated in Ray 2.60 with no replacement yet.
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        return _stages(ray.data.from_arrow(blocks), listed, cfg, choice, post, schema, layout_)
-
-
-def _stages(ds, listed, cfg, choice, post, schema, plan: cluster.Layout) -> ray.data.Dataset:
-    retries, actor_retries = failures.TASK_RETRIES, failures.ACTOR_RETRIES  # the failure policy's
-    ds = ds.map_batches(read_stage, batch_size=cfg.read_batch_size, batch_format="pyarrow", num_cpus=plan.task_cpus,
-                        fn_kwargs={"source": listed.source, "max_pixels": cfg.max_pixels}, **retries)
-    # One pool of actors that each hold both models (no GPU waits for another's model); it grows onto
-    # nodes that join (`Layout.pool`). The first actors have loaded their models before an image is read.
-    model_args = {"choice": choice, "device": plan.device, "threads": plan.threads,
-                  "max_side": model_max_side(cfg), "max_pixels": cfg.max_pixels}
-    ds = ds.map_batches(ModelPredictor, batch_size=cfg.model_batch_size, batch_format="pyarrow",
-                        fn_constructor_kwargs=model_args,
-                        compute=plan.pool(),
-                        num_gpus=plan.gpus_per_actor, num_cpus=plan.actor_cpus, **actor_retries)
-    return ds.map_batches(postprocess_stage, batch_size=cfg.postprocess_batch_size, batch_format="pyarrow",
-                          num_cpus=plan.task_cpus, fn_kwargs={"cfg": post, "schema": schema}, **retries)
-
-
-# Model actors must start within this time (a cluster without the GPUs asked for fails clearly
-# instead of waiting forever); no image is read before they are ready.
-ACTOR_START_TIMEOUT_S = 1800
-# Ray Data messages that ask nothing of the user (we turn its bars off on purpose; small inputs
-# leave some actors of a fixed pool idle).
-_QUIET_LOGGERS = ("ray.data._internal.progress",)
-_QUIET_WARNINGS = ("The minimum number of concurrent actors",)
-
-
-def _configure_ray_data(max_errored_blocks: int) -> None:
-    ctx = ray.data.DataContext.get_current()
-    ctx.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
-    # A block Ray gives up on is labeled again alone, then recorded; more than the failure rate's
-    # share of blocks stops the run (a systematic crash, not bad luck).
-    ctx.max_errored_blocks = max_errored_blocks
-    ctx.enable_progress_bars = False  # the driver shows one bar in images, and shard commits
-    ctx.print_on_execution_start = False
-    for name in _QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _errored_blocks(rate: float, num_blocks: int) -> int:
-    return -1 if rate >= 1 else max(1, int(rate * num_blocks))
 
 
 @dataclass
@@ -308,17 +74,6 @@ def _drive(ds: ray.data.Dataset, tracker: commits.ShardTracker, queue: commits.C
             raise writer.LeaseLost(f"stopped: {lease.lost}; what this run committed is kept")
 
 
-def _pipeline(work: pa.Table, listed: Inputs, cfg: LabelingConfig, choice: ModelChoice, post: PostprocessConfig,
-              schema: pa.Schema, block_rows: int, folder: OutputFolder, run_id: str,
-              layout_: cluster.Layout) -> ray.data.Dataset:
-    ds = build_dataset(work, listed, cfg, choice, post, schema, block_rows, layout_)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-        return ds.map_batches(writer.write_parts, batch_size=None, batch_format="pyarrow",
-                              num_cpus=layout_.task_cpus,
-                              fn_kwargs={"folder": folder, "run_id": run_id}, **failures.TASK_RETRIES)
-
-
 def _label(work_plan: plan.Plan, listed: Inputs, cfg: LabelingConfig, choice: ModelChoice, post: PostprocessConfig,
            schema: pa.Schema, queue: commits.Commits, folder: OutputFolder, run_id: str, lease: Lease | None,
            log, layout_: cluster.Layout) -> _Progress:
@@ -337,23 +92,23 @@ def _label(work_plan: plan.Plan, listed: Inputs, cfg: LabelingConfig, choice: Mo
         queue.poll(wait=True)
         return progress
     block_rows = max(1, min(256, math.ceil(len(indices) / 64)))
-    _configure_ray_data(_errored_blocks(cfg.max_failure_rate, math.ceil(len(indices) / block_rows)))
+    dataflow.configure_ray_data(dataflow.errored_blocks(cfg.max_failure_rate, math.ceil(len(indices) / block_rows)))
     with progress.bar, warnings.catch_warnings(), cluster.filtered_stderr():
-        for message in _QUIET_WARNINGS:
+        for message in dataflow.QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
-        work = work_table(listed, indices, shard_of)
-        _drive(_pipeline(work, listed, cfg, choice, post, schema, block_rows, folder, run_id, layout_),
+        work = dataflow.work_table(listed, indices, shard_of)
+        _drive(dataflow.parts_dataset(work, listed, cfg, choice, post, schema, block_rows, folder, run_id, layout_),
                tracker, queue, progress, lease)
         missing = sorted(int(i) for owed in tracker.missing().values() for i in owed)
         if missing:  # blocks Ray gave up on: each input once more, alone
             log(f"{len(missing)} inputs came back from no worker; labeling them again one at a time")
             alone = dataclasses.replace(cfg, read_batch_size=1, model_batch_size=1, postprocess_batch_size=1)
-            work = work_table(listed, missing, shard_of)
-            _drive(_pipeline(work, listed, alone, choice, post, schema, 1, folder, run_id, layout_),
+            work = dataflow.work_table(listed, missing, shard_of)
+            _drive(dataflow.parts_dataset(work, listed, alone, choice, post, schema, 1, folder, run_id, layout_),
                    tracker, queue, progress, lease)
         for s, owed in tracker.missing().items():
             if owed.size:  # still nothing: recorded, so the shard commits and the run ends
-                lost = writer.lost_rows(work_table(listed, owed.tolist(), shard_of), schema)
+                lost = writer.lost_rows(dataflow.work_table(listed, owed.tolist(), shard_of), schema)
                 parts, todo = tracker.take(s)
                 queue.submit(s, parts, todo, lost)
         queue.poll(wait=True)
@@ -474,7 +229,7 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
         cluster.connect(cfg.address, cfg.num_cpus, cfg.object_store_memory)
         cluster.check_shared(cfg.input, "--input", probe_write=False)
         cluster.check_shared(cfg.output, "--output", probe_write=True)
-        resources = resource_layout(cfg, log)  # refuses a layout whose actors cannot all start
+        resources = dataflow.resource_layout(cfg, log)  # refuses a layout whose actors cannot all start
         if work_plan.indices():
             log(resources.describe())
     cpus = int(ray.cluster_resources().get("CPU", 1)) if needs_ray else 1
