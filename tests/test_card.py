@@ -263,8 +263,8 @@ def test_cli_build_and_user_errors(labeled, tmp_path, capsys):
 
 
 def test_the_card_lists_the_environments_that_made_the_labels():
+    from dataset_card.card.provenance import environments_table
     from dataset_card.card.run_summary import environments
-    from dataset_card.card.sections import environments_table
 
     a100 = {"python": "3.11.7", "torch": "2.3.0+cu121", "gpu": "NVIDIA A100", "compile": False}
     cpu = {"python": "3.11.9", "torch": "2.3.0+cpu", "gpu": None, "compile": False}
