@@ -104,7 +104,7 @@ def resource_layout(cfg: LabelingConfig, log=print) -> cluster.Layout:
 ACTOR_START_TIMEOUT_S = 1800
 # Ray Data messages that ask nothing of the user (we turn its bars off on purpose; small inputs
 # leave some actors of a fixed pool idle).
-QUIET_LOGGERS = ("ray.data._internal.progress",)
+_QUIET_LOGGERS = ("ray.data._internal.progress",)
 QUIET_WARNINGS = ("The minimum number of concurrent actors",)
 
 
@@ -116,7 +116,7 @@ def configure_ray_data(max_errored_blocks: int) -> None:
     ctx.max_errored_blocks = max_errored_blocks
     ctx.enable_progress_bars = False  # the driver shows one bar in images, and shard commits
     ctx.print_on_execution_start = False
-    for name in QUIET_LOGGERS:
+    for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
