@@ -337,11 +337,50 @@ def test_a_decoder_crash_on_one_file_is_that_files_failure_and_the_caller_goes_o
 
     with ThreadPoolExecutor(4) as threads:  # as the paired labeler calls it: from several threads at once
         out = list(threads.map(decode, files))
-    assert isinstance(out[1], DecodeError) and str(out[1]) == CRASH_MESSAGE
+    assert isinstance(out[1], DecodeError) and str(out[1]) == CRASH_MESSAGE.format(how="killed by SIGKILL")
     assert [o[0].shape for i, o in enumerate(out) if i != 1] == [(20, 30, 3), (40, 10, 3), (64, 21, 3), (8, 8, 3)]
     assert out[3][1:] == (100, 300)  # the original size, the pixels shrunk to 64
     assert failures.from_exception(failures.DECODE, out[1]).error_type == failures.UNDECODABLE
-    assert pool(files[4])[0].shape == (8, 8, 3)  # the pool was replaced and goes on
+    assert pool(files[4])[0].shape == (8, 8, 3)  # the dead process was replaced
     with pytest.raises(DecodeError, match="cannot read image header"):
         pool(b"not an image")  # an ordinary decode error travels back as itself
     pool.close()
+
+
+def test_a_decoder_crash_in_the_model_actor_fails_that_file_and_labels_the_rest_as_without_it():
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from labeling.pipeline import failures
+    from labeling.pipeline.driver import LabelingConfig, model_choice, model_max_side
+    from labeling.pipeline.predictors import ModelPredictor
+    from labeling.pipeline.preprocess import DECODED_SCHEMA
+
+    def row(i: int, data: bytes, h: int, w: int) -> dict:
+        return {"index": i, "shard": 0, "path": f"p{i}", "image_id": f"p{i}", "label": 0, "image_path": f"p{i}",
+                "error_stage": "", "error_type": "", "error_message": "", "image_bytes": data, "width": w,
+                "height": h, "time_read": 0.0, "started_at": 0.0}
+
+    rng = np.random.default_rng(0)
+    images = []
+    for h, w in ((24, 32), (40, 28), (24, 32)):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+        images.append((buf.getvalue(), h, w))
+    cfg = LabelingConfig(input="unused", output="unused", models="tiny-random")
+    predictor = ModelPredictor(model_choice(cfg), threads=1, max_side=model_max_side(cfg), cpu_threads=2,
+                               decode=decode_or_die)
+    with_crash = [row(0, *images[0]), row(1, b"crash", 16, 16), row(2, *images[1]), row(3, *images[2])]
+    out = predictor(pa.Table.from_pylist(with_crash, schema=DECODED_SCHEMA)).to_pylist()
+    assert [r["error_type"] for r in out] == ["", failures.UNDECODABLE, "", ""]
+    assert out[1]["error_stage"] == failures.DECODE
+    assert out[1]["error_message"].startswith("the image decoder's process died on this file (killed by SIGKILL")
+    # The same actor, models loaded, labels the healthy files exactly as it does without the crash beside them.
+    alone = predictor(pa.Table.from_pylist([row(0, *images[0]), row(2, *images[1]), row(3, *images[2])],
+                                           schema=DECODED_SCHEMA)).to_pylist()
+    for got, want in zip([out[0], out[2], out[3]], alone):
+        assert not want["error_type"] and want["semantic_h"] == want["height"]
+        assert (got["instances_json"], got["semantic"]) == (want["instances_json"], want["semantic"])
+    predictor.labeler.close()
