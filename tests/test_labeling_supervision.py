@@ -384,3 +384,53 @@ def test_a_decoder_crash_in_the_model_actor_fails_that_file_and_labels_the_rest_
         assert not want["error_type"] and want["semantic_h"] == want["height"]
         assert (got["instances_json"], got["semantic"]) == (want["instances_json"], want["semantic"])
     predictor.labeler.close()
+
+
+def test_one_batch_decodes_while_another_holds_the_device_and_device_passes_never_overlap():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from labeling.labelers.paired import PairedLabeler
+
+    first_on_device, second_decoding = threading.Event(), threading.Event()
+    on_device, most_on_device, saw_second_decode = [], [], []
+
+    def decoder(data: bytes):
+        if data == b"second":
+            second_decoding.set()
+        return np.full((2, 3, 3), len(data), np.uint8), 3, 2
+
+    class Instance:  # the device half of a labeler, recording who is on the device
+        def prepare(self, pixels):
+            return pixels
+
+        def device_pass(self, images):
+            on_device.append(1)
+            most_on_device.append(len(on_device))
+            images = list(images)
+            if not first_on_device.is_set():  # the first batch waits on the device for the second to decode
+                first_on_device.set()
+                saw_second_decode.append(second_decoding.wait(10))
+            on_device.pop()
+            yield from images
+
+        def finish(self, pixels):
+            return [{"value": int(pixels[0, 0, 0])}]
+
+    class Semantic:
+        def prepare(self, pixels, size):
+            return pixels
+
+        def label(self, prepared):
+            return [p[:, :, 0] for p in prepared]
+
+    labeler = PairedLabeler(Instance(), Semantic(), max_side=8, threads=2, decoder=decoder)
+    with ThreadPoolExecutor(2) as calls:  # the model actor's two concurrent calls
+        first = calls.submit(labeler, [b"first"])
+        assert first_on_device.wait(10)
+        second = calls.submit(labeler, [b"second"])
+        out = first.result(timeout=20) + second.result(timeout=20)
+    assert saw_second_decode == [True]  # decoding overlapped the other batch's device work
+    assert max(most_on_device) == 1  # device passes took turns
+    assert [labels.masks for labels in out] == [[{"value": 5}], [{"value": 6}]]
+    labeler.close()
