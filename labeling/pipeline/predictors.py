@@ -8,10 +8,12 @@ GPU runs both and none waits for another's model. What it reads per row: `image_
 (`image_bytes`) and the size the read stage found in the header (`width`, `height`); rows whose
 `error_type` is set are passed through untouched. It decodes the bytes itself, while the device
 works (`labeling.labelers.paired`): its CPU threads hand each file to a child process of the
-actor's own (`labeling.labelers.decode_pool`, up to `cpu_threads` of them), so a decoder that
-crashes on a file (a codec's segfault, an abort, the out-of-memory killer) costs that file, an
-`undecodable` row saying the decoder crashed, and the actor goes on with its models loaded.
-Model-size pixels never cross the object store.
+actor's own (`labeling.labelers.decode_pool`, up to `cpu_threads` of them on a GPU, one on a
+CPU), so a decoder that crashes on a file (a codec's segfault, an abort, the out-of-memory
+killer) costs that file, an `undecodable` row saying the decoder crashed, and the actor goes on
+with its models loaded. Model-size pixels never cross the object store. Ray Data calls an actor
+with two batches at once (`cluster.Layout.pool`): their device passes take turns, so one batch's
+decoding and CPU half run while the other's models do.
 What it adds per row:
 
 - `instances_json`: a JSON list of masks in the labelers' format ({"rle": {"size": [h, w],
@@ -109,8 +111,10 @@ class ModelPredictor:
         _quiet_loading(threads)
         Image.MAX_IMAGE_PIXELS = max_pixels  # our own limit, checked from the header, decides:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL only warns below 2x of it
+        # A CPU actor has half a CPU or one: one decoding process is all it can use.
+        decoder = DecodePool(cpu_threads if device == "cuda" else 1, max_pixels, max_side, decode)
         self.labeler = PairedLabeler(choice.instance_labeler(device), choice.semantic_labeler(device), max_side,
-                                     max_pixels, cpu_threads, decoder=DecodePool(cpu_threads, max_pixels, max_side, decode))
+                                     max_pixels, cpu_threads, decoder=decoder)
         self.environment = environment.encode(environment.collect(device, self.labeler.instance.compiled))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
