@@ -1,6 +1,7 @@
 """Supervision of a long labeling run: a storage outage longer than a few retries is ridden out,
 a transient out-of-memory is retried, only errors that poison the CUDA context restart an actor,
-a decoder crash costs one file, the stderr filter cannot block the driver, and a killed driver is
+a decoder crash costs one file (the model actor labels the rest), one batch decodes while another
+holds the device, the stderr filter cannot block the driver, and a killed driver is
 restarted (`--max-restarts`)."""
 
 import errno
@@ -369,7 +370,7 @@ def test_a_decoder_crash_in_the_model_actor_fails_that_file_and_labels_the_rest_
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
         images.append((buf.getvalue(), h, w))
-    cfg = LabelingConfig(input="unused", output="unused", models="tiny-random")
+    cfg = LabelingConfig(input="unused", output="unused", models="tiny-random", points_per_side=4)
     predictor = ModelPredictor(model_choice(cfg), threads=1, max_side=model_max_side(cfg), cpu_threads=2,
                                decode=decode_or_die)
     with_crash = [row(0, *images[0]), row(1, b"crash", 16, 16), row(2, *images[1]), row(3, *images[2])]
