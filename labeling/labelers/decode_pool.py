@@ -150,7 +150,9 @@ class _Worker:
 
 
 class DecodePool:
-    """`decode` (`model_input.decode` by default) in up to `workers` processes; safe from many threads at once."""
+    """`decode` (`model_input.decode` by default) in up to `workers` processes; safe from many threads at once.
+
+    `decode` travels to the processes by name (pickled by reference): a module-level function."""
 
     def __init__(self, workers: int, max_pixels: int, max_side: int,
                  decode: Callable[[bytes, int, int], tuple[np.ndarray, int, int]] | None = None):
