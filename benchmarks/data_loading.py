@@ -24,7 +24,6 @@ size (375 x 500), since the relative cost of the masks depends on how costly the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import statistics
 import tempfile
@@ -147,9 +146,8 @@ def per_core(dataset: LabeledDataset, spec: SampleSpec, img_size: int, samples: 
     """Samples per CPU-second of one loader core (the per-sample work of a worker, timed with
     `time.process_time` in this process on one thread, so other jobs on the machine do not count):
     `rgb_only` (decode, crop, flip, normalise), `c2fmae` (`make_sample`: decode image and both maps,
-    joint crop, masking draws), `c2fmae_v2_png` (the same rows with their maps stored as schema v2
-    stored them, PNG: the format this one replaced) and `c2fmae_device_decode` (`data.decode=device`:
-    the worker reads the JPEG header and crops the maps; the image is decoded on the GPU). Rounds rotate."""
+    joint crop, masking draws) and `c2fmae_v2_png` (the same rows with their maps stored as schema v2
+    stored them, PNG: the format this one replaced). Rounds rotate."""
     from pretraining.data.augment import joint_transform
     from pretraining.data.loader import _RowReader, make_sample
 
@@ -163,15 +161,13 @@ def per_core(dataset: LabeledDataset, spec: SampleSpec, img_size: int, samples: 
                 for row in rows]
     rgb_only = RgbOnly(dataset, img_size, 1).transform
     transform = joint_transform(img_size, spec.augment)
-    device_spec = dataclasses.replace(spec, decode_on_device=True)
 
     def rgb(row, i):
         image = torch.from_numpy(np.require(codecs.decode_image(row["image"]), requirements="W")).permute(2, 0, 1)
         return rgb_only(v2.functional.to_image(image))
 
     arms = {"rgb_only": (rows, rgb), "c2fmae": (rows, lambda row, i: make_sample(row, i, 0, spec, transform)),
-            "c2fmae_v2_png": (png_rows, lambda row, i: make_sample(row, i, 0, spec, transform)),
-            "c2fmae_device_decode": (rows, lambda row, i: make_sample(row, i, 0, device_spec, transform))}
+            "c2fmae_v2_png": (png_rows, lambda row, i: make_sample(row, i, 0, spec, transform))}
     rates: dict[str, list[float]] = {name: [] for name in arms}
     for r in range(rounds):
         for name in list(arms)[r % len(arms):] + list(arms)[:r % len(arms)]:
@@ -207,7 +203,6 @@ def figures(median: dict[str, float]) -> str:
     """The per-core key=value figures of the last line."""
     return (f"loader_over_rgb_only={median['c2fmae'] / median['rgb_only']:.3f} "
             f"v2_png_over_rgb_only={median['c2fmae_v2_png'] / median['rgb_only']:.3f} "
-            f"device_decode_over_rgb_only={median['c2fmae_device_decode'] / median['rgb_only']:.3f} "
             f"c2fmae_samples_per_s_per_core={median['c2fmae']:.0f} rgb_only_samples_per_s_per_core={median['rgb_only']:.0f}")
 
 

@@ -12,7 +12,7 @@ Parts (each reuses the benchmark or entry point that owns the work; nothing is m
      CPU threads; SAM's prompt and encoder batches the labeler's defaults), compile off and on:
      images/s and each stage's ms per image (`benchmarks/labeling_gpu.py`);
   c  training speed: C2FMAE and MAE ViT-B, synthetic batches and loader-fed at the recipe's
-     per-GPU batch and loader workers, JPEGs decoded in the workers and on the device, 60 timed
+     per-GPU batch and loader workers (which decode every image: the one decode path), 60 timed
      loader-fed steps each (`benchmarks/train_gpu.py`);
   d  about 150 steps of the real trainer (`pretraining.train.train_loop`) at the recipe's per-GPU
      batch and peak learning rate, held constant, without accumulation, on a written folder: loss
@@ -75,7 +75,7 @@ PARTS = tuple(NEEDS)
 MODEL_BATCH_SIZE = 8  # LabelingConfig.model_batch_size: images per model-actor call
 ACTOR_CPU_THREADS = 4  # ModelPredictor's cpu_threads: the actor's decode / finish pool
 LABELING_IMAGES = 32  # images per timed pass (two passes per compile setting, after a warm-up batch)
-LOADER_STEPS = 60  # timed loader-fed steps per model and decode path
+LOADER_STEPS = 60  # timed loader-fed steps per model
 TRAINER_STEPS = 150  # part d's optimizer steps
 TRAINER_LOG_EVERY = 25
 
@@ -160,13 +160,11 @@ def labeling_figures(output: str) -> tuple[dict[str, float], dict[str, float]]:
 
 def part_labeling(smoke: bool) -> list[tuple[str, str]]:
     from benchmarks import labeling_gpu
-    from labeling.labelers.semantic import SemanticLabelerConfig
-
     rows = []
     for compiled in ((False,) if smoke else (False, True)):  # inductor on a CPU would take minutes
         argv = ["--smoke"] if smoke else [
             "--images", str(LABELING_IMAGES), "--batch-size", str(MODEL_BATCH_SIZE),
-            "--semantic-batch-size", str(SemanticLabelerConfig().batch_size), "--threads", str(ACTOR_CPU_THREADS)]
+            "--threads", str(ACTOR_CPU_THREADS)]  # the semantic batch: the labeler's default for the device
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             code = labeling_gpu.main(argv + (["--compile"] if compiled else []))
@@ -196,7 +194,7 @@ def part_training(smoke: bool) -> list[tuple[str, str]]:
         smoke=smoke, device="cuda" if cuda else "cpu", models="c2fmae,mae", size="tiny" if smoke else "base",
         img_size=64 if smoke else 224, batch_size=4 if smoke else data.batch_size, steps=2 if smoke else 20,
         loader_steps=2 if smoke else LOADER_STEPS, warmup=1 if smoke else 5, compile="off",
-        decode="worker,device", workers=0 if smoke else data.num_workers, unique=4 if smoke else 512,
+        workers=0 if smoke else data.num_workers, unique=4 if smoke else 512,
         image_size=(96, 128) if smoke else (375, 500), peak_n=256 if smoke else 8192, semantic_head_fp32="on")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -299,13 +297,18 @@ def ablation_mode(smoke: bool) -> str | None:
     return None
 
 
+SMOKE_ARMS = ("random_init", "mae", "c2fmae")
+
+
 def part_ablation(smoke: bool) -> list[tuple[str, str]]:
     mode = ablation_mode(smoke)
     if mode is None:
         return [("mini-ablation", "not run: pretraining.study.ablations has no --mini or --smoke mode")]
+    # The smoke run proves the hook on three arms and one seed (the study's own smoke test runs them all).
+    pieces = ["--arms", *SMOKE_ARMS, "--seed-ids", "0"] if smoke else []
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        done = subprocess.run([sys.executable, "-m", "pretraining.study.ablations", mode, "--output", tmp],
+        done = subprocess.run([sys.executable, "-m", "pretraining.study.ablations", mode, *pieces, "--output", tmp],
                               cwd=ROOT, env=env, capture_output=True, text=True)
     print(done.stdout[-6000:], done.stderr[-3000:], sep="\n", flush=True)
     if done.returncode:

@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-mask-region-area", type=int, default=100, help="SA-1B's cleanup, as the default preset")
     p.add_argument("--encoder-batch-size", type=int, default=None, help="default: the labeler's (4 on CUDA)")
     p.add_argument("--points-per-batch", type=int, default=None, help="default: the labeler's (256 on CUDA)")
-    p.add_argument("--semantic-batch-size", type=int, default=1, help="images per semantic forward pass")
+    p.add_argument("--semantic-batch-size", type=int, default=None,
+                   help="images per semantic forward pass, fillers included (default: the labeler's, 2 on CUDA, 1 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile SAM's encoder and decoder call")
     p.add_argument("--threads", type=int, default=4, help="CPU threads of the labeler's pool")
     args = p.parse_args(argv)
@@ -186,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     run(labeler, images[: args.batch_size], args.batch_size, device)  # warm-up: allocations, kernel choice, compile
     warm_s = time.perf_counter() - start
 
+    fillers = labeler.semantic.fillers
     seconds, results = run(labeler, images, args.batch_size, device)
+    fillers = labeler.semantic.fillers - fillers
     masks = [len(r.masks) for r in results]
 
     clock = StageClock(device, sync=True)
@@ -204,10 +207,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{'tiny twins (smoke)' if smoke else f'SAM {args.sam} + Mask2Former Swin-L'} with random weights")
     print(f"images={n} sizes={sizes[0]}..{sizes[-1]} batch={args.batch_size} points={args.points_per_side}x"
           f"{args.points_per_side} thresholds=({args.pred_iou_thresh}, {args.stability_score_thresh}) "
-          f"semantic_batch={args.semantic_batch_size} compile={args.compile}; not timed: build {build_s:.1f} s, "
+          f"semantic_batch={labeler.semantic.batch_size} compile={args.compile}; not timed: build {build_s:.1f} s, "
           f"warm-up {warm_s:.1f} s")
     print(f"throughput: {n} images in {seconds:.2f} s = {n / seconds:.2f} images/s (decode, both models, RLE)")
     print(f"masks kept per image: mean {np.mean(masks):.1f}, min {min(masks)}, max {max(masks)}")
+    print(f"semantic passes: {fillers} filler images beside {n} images (buckets {labeler.semantic.buckets})")
     print(f"{'stage (device synchronised at each boundary)':<48}{'ms/image':>10}{'share':>8}")
     for key, name in STAGE_NAMES.items():
         value = clock.seconds.get(key, 0.0)

@@ -237,18 +237,17 @@ def run(args: argparse.Namespace) -> list[Result]:
                                      augment=AugmentConfig(), ignore_value=semantic_ignore_value(NUM_CLASSES),
                                      seed=0, epochs=1000,
                                      instance_offset_unit=model.cfg.offset_unit_pixels)
-            loader_cfgs = {f"loader:{d}": DataConfig(batch_size=args.batch_size, num_workers=args.workers,
-                                                     shuffle_buffer=256, prefetch_factor=4 if args.workers else 2,
-                                                     decode=d) for d in args.decode.split(",")}
+            loader_cfg = DataConfig(batch_size=args.batch_size, num_workers=args.workers, shuffle_buffer=256,
+                                    prefetch_factor=4 if args.workers else 2)
             for compiled in compile_modes:
                 stepper = Stepper(model, device, compiled, dtype)
-                for source in ["synthetic", *(loader_cfgs if dataset is not None else [])]:
+                for source in ["synthetic", *(["loader"] if dataset is not None else [])]:
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
                     if source == "synthetic":
                         step_s, wait = time_synthetic(stepper, synthetic, args.steps, args.warmup)
                     else:
-                        loader = PretrainingLoader(dataset, loader_spec, loader_cfgs[source],
+                        loader = PretrainingLoader(dataset, loader_spec, loader_cfg,
                                                    pin_memory=device.type == "cuda")
                         step_s, wait = time_loader(stepper, loader, args.loader_steps, args.warmup)
                     rate = args.batch_size / step_s
@@ -286,7 +285,7 @@ def report(results: list[Result]) -> None:
         figures = {"compile": "on" if compiled else "off",
                    "c2fmae_images_per_s": f"{synth.images_per_s:.4g}", "c2fmae_mfu": f"{synth.mfu:.3g}"}
         if loader:
-            figures.update(loader=loader.source.split(":")[1], c2fmae_loader_images_per_s=f"{loader.images_per_s:.4g}",
+            figures.update(c2fmae_loader_images_per_s=f"{loader.images_per_s:.4g}",
                            loader_over_synthetic=f"{loader.images_per_s / synth.images_per_s:.3f}",
                            data_wait_share=f"{loader.data_wait:.3f}")
         if mae:
@@ -309,9 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loader-steps", type=int, default=15, help="timed loader-fed steps (0: no loader rows)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--compile", default="off,on", help="off, on, or off,on")
-    parser.add_argument("--decode", default=None,
-                        help="loader rows: where JPEGs are decoded, worker and/or device (data.decode); default "
-                             "device on a GPU (nvJPEG), worker,device with --smoke")
+    parser.add_argument("--decode", default=None, help=argparse.SUPPRESS)  # removed: refused below
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="loader workers")
     parser.add_argument("--unique", type=int, default=512, help="distinct scenes in the folder (rows repeat them)")
     parser.add_argument("--image-size", type=int, nargs=2, default=(375, 500), help="stored image H W")
@@ -320,13 +317,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="the semantic head's logits in fp32 under autocast (the factories' default, on); run "
                              "once with each to measure what it costs (docs/DESIGN.md estimates about 1%%)")
     args = parser.parse_args(argv)
+    if args.decode is not None:
+        parser.error("--decode was removed: the loader decodes every image in its workers (docs/training.md says "
+                     "why); drop the flag, and set --workers for more of them.")
     if args.smoke:
         args.device = args.device or "cpu"
         args.size, args.img_size, args.batch_size, args.steps, args.loader_steps = "tiny", 64, 4, 2, 2
         args.warmup, args.compile, args.workers, args.unique, args.image_size, args.peak_n = 1, "off", 0, 4, (96, 128), 256
-        args.decode = args.decode or "worker,device"
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.decode = args.decode or ("device" if torch.device(args.device).type == "cuda" else "worker")
     if torch.device(args.device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     report(run(args))

@@ -6,8 +6,15 @@
   validate OUTPUT         check OUTPUT against the dataset contract; exits 1 and names the file
                           and row of each problem (add --full to decode every row, not a sample)
   repaint OUTPUT          recompute instance_mask and the instances' level / parent from the stored
-                          instances and semantic maps under a painting rule (--rule objects|parts),
+                          instances and semantic maps under a painting rule (--rule objects|salient|parts),
                           shard by shard, resumable; turns a schema v1 folder into v2; no model runs
+  publish OUTPUT DEST     write the copy of OUTPUT to share: the dataset's files without run leftovers
+                          (.lease.json, .parts/, temporary files) or internal paths (redacted in the
+                          manifest and the other JSON files), and PNG previews of the label maps the
+                          Hub's viewer shows; --dry-run lists what it would write and leave out
+  show OUTPUT IMAGE_ID    draw one image's labels over it (--layer semantic|instances|levels) into a
+                          PNG of its size (--out FILE.png); a labels-only folder's over the file under
+                          --images ROOT, else over grey; prints what the colours mean
   check OUTPUT            write a small synthetic dataset through the contract, load it back with
                           `datasets.load_dataset`, and validate it (a self-test of the install)
 
@@ -89,6 +96,31 @@ def repaint(args: argparse.Namespace) -> int:
     return 0
 
 
+def publish(args: argparse.Namespace) -> int:
+    from dataset_card.publish import plan
+    from dataset_card.publish import publish as run
+
+    if args.dry_run:
+        print(plan(args.output, previews=not args.no_previews).format(args.dest))
+        return 0
+    work = run(args.output, args.dest, previews=not args.no_previews, workers=args.workers, log=lambda m: None)
+    print(f"wrote {len(work.entries)} files to {args.dest}; left out {len(work.left_out)}"
+          + (f" ({', '.join(name for name, _ in work.left_out)})" if work.left_out else "")
+          + "; upload it with huggingface_hub's upload_large_folder (docs/card.md)")
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    from dataset_card.show import show as run
+
+    shown = run(args.output, args.image_id, args.layer, args.images)
+    out = args.out or f"{args.image_id.replace('/', '_')}.{args.layer}.png"
+    with open(out, "wb") as f:
+        f.write(shown.png)
+    print("\n".join([f"wrote {out} ({args.layer})", *shown.legend]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dataset_card", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,12 +141,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="processes that decode rows (default 1)")
     p = sub.add_parser("repaint", help="recompute instance_mask under a painting rule, without the models")
     p.add_argument("output", help="output folder of a labeling run (schema v1 or v2)")
-    p.add_argument("--rule", choices=("objects", "parts"), default=None,
-                   help="objects (thing objects clipped to their class; the default for a v1 folder) or parts "
+    p.add_argument("--rule", choices=("objects", "salient", "parts"), default=None,
+                   help="objects (thing objects clipped to their class; the default for a v1 folder), salient "
+                        "(objects, plus whole, salient masks with no thing class as class-agnostic objects) or parts "
                         "(every mask, smaller on top: v1's map); default: the folder's own rule")
     p.add_argument("--min-purity", type=float, default=None,
                    help="share of its class under which a thing mask is dropped, not an object (default 0.75)")
     p.add_argument("--workers", type=int, default=1, help="processes that repaint shards (default 1)")
+    p = sub.add_parser("publish", help="write the shareable copy of OUTPUT into DEST (--dry-run: list it)")
+    p.add_argument("output", help="output folder of a labeling run")
+    p.add_argument("dest", help="a new or empty folder (local path or URL) to write the release into")
+    p.add_argument("--dry-run", action="store_true", help="list what would be written and left out; write nothing")
+    p.add_argument("--no-previews", action="store_true",
+                   help="copy the data files unchanged, without the PNG previews of the label maps")
+    p.add_argument("--workers", type=int, default=1, help="processes that write the previews (default 1)")
+    p = sub.add_parser("show", help="draw one image's labels into a PNG of its size")
+    p.add_argument("output", help="output folder of a labeling run")
+    p.add_argument("image_id", help="the row's image_id: the input's relative path without extension")
+    p.add_argument("--layer", choices=("semantic", "instances", "levels"), default="instances",
+                   help="semantic classes, painted instances (default) or every mask by level")
+    p.add_argument("--out", help="PNG file to write (default IMAGE_ID.LAYER.png here, '/' as '_')")
+    p.add_argument("--images", help="for a labels-only folder: the folder it was labeled from (else grey)")
     p = sub.add_parser("check", help="self-test: write, load and validate a synthetic dataset")
     p.add_argument("output", help="folder to write the synthetic dataset into")
     args = parser.parse_args(argv)
@@ -125,8 +172,12 @@ def main(argv: list[str] | None = None) -> int:
             return validate(args)
         if args.command == "repaint":
             return repaint(args)
+        if args.command == "publish":
+            return publish(args)
+        if args.command == "show":
+            return show(args)
         return check(args.output)
-    except (OutputError, SchemaError, OutputWriteError, ValueError) as err:
+    except (OutputError, SchemaError, OutputWriteError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from dataset_card.contract import codecs, coverage, invariants, layout, painting, shards
+from dataset_card.contract import codecs, coverage, images, invariants, layout, painting, shards
 from dataset_card.contract.output_folder import OutputError, OutputFolder
 from dataset_card.contract.schema import (
     REFERENCE_COLUMNS,
@@ -111,7 +111,8 @@ def repaint_shard(folder: OutputFolder, index: int, num_shards: int, metadata: l
             maps.append({"bytes": instance_map, "path": None})
             instances.append(insts)
     schema = arrow_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict(),
-                          image_reference=REFERENCE_COLUMNS[0] in table.column_names)
+                          image_reference=REFERENCE_COLUMNS[0] in table.column_names,
+                          image_bytes=images.storage_of(table.schema) == images.INLINE)
     columns = {name: table.column(name) for name in table.column_names}
     columns["semantic_mask"] = pa.array(semantics, schema.field("semantic_mask").type)
     columns["instance_mask"] = pa.array(maps, schema.field("instance_mask").type)

@@ -11,10 +11,11 @@ What is checked (all streamed per shard and row group; only `image_id` strings a
 - on a seeded sample of rows from every shard (every row with `full=True`): the image, both maps
   and every RLE decode to the image size, ids are 1..K, `instance_mask` is what the painting rule
   paints from `instances` and `semantic_mask` (`dataset_card.contract.painting`), and each instance's
-  `level`, `parent` and `visible_area` are what the rule says;
+  `level`, `parent` and `visible_area` are what the rule says (and each level one of `painting.LEVELS`);
 - for a rule that paints objects, the alignment invariants of `dataset_card.contract.invariants`: every
-  painted id a thing-class instance, each painted instance >= 95% of its class (98% on average over
-  the rows checked), at most 5% of painted instances nested in a same-class painted instance.
+  painted id a thing-class instance or a class-agnostic object (level "object_agnostic", rule
+  "salient"), each painted class instance >= 95% of its class (98% on average over the rows
+  checked), at most 5% of painted instances nested in a same-class painted instance.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dataset_card.contract import codecs, invariants, layout, painting, shards
 from dataset_card.contract.output_folder import OutputError, OutputFolder
 from dataset_card.contract.schema import (
     SCHEMA_METADATA_KEY,
+    SCHEMA_VERSION,
     SchemaError,
     read_file_metadata,
     validate_schema,
@@ -156,6 +158,10 @@ def row_check(row: dict, metadata: layout.DatasetMetadata) -> tuple[list[str], i
             out.append(f"semantic_mask holds ids {bad[:5].tolist()} outside the {metadata.num_semantic_classes} "
                        f"classes and ignore value {metadata.ignore_value}")
     instances = row["instances"] or []
+    unknown = sorted({str(inst["level"]) for inst in instances} - set(painting.LEVELS))
+    if unknown:
+        out.append(f"instance levels {unknown} are not levels of dataset schema v{SCHEMA_VERSION} "
+                   f"({', '.join(painting.LEVELS)})")
     ids = sorted(int(inst["id"]) for inst in instances)
     if ids != list(range(1, len(ids) + 1)):
         out.append(f"instance ids are {ids[:10]}{'...' if len(ids) > 10 else ''}, not 1..{len(ids)}")

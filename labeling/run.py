@@ -113,10 +113,12 @@ def parser() -> argparse.ArgumentParser:
                              "tolerance). Default: on where the models run on a GPU, off on CPUs")
     models.add_argument("--min-instance-area", type=int, default=16,
                         help="instances smaller than this many pixels (at full size) are dropped (default 16)")
-    models.add_argument("--painting-rule", default="objects", choices=("objects", "parts"),
+    models.add_argument("--painting-rule", default="objects", choices=("objects", "salient", "parts"),
                         help="what instance_mask shows: objects (default: thing objects clipped to their semantic "
-                             "class) or parts (every mask, smaller on top: schema v1's map); python -m dataset_card "
-                             "repaint changes it later without the models")
+                             "class), salient (objects, plus whole, salient SAM masks with no thing class as "
+                             "class-agnostic objects: for images whose subjects the taxonomy lacks, e.g. ImageNet) or "
+                             "parts (every mask, smaller on top: schema v1's map); python -m dataset_card repaint "
+                             "changes it later without the models")
     models.add_argument("--min-purity", type=float, default=None,
                         help="a thing mask with less of its class than this is dropped, not an object (default 0.75)")
 
@@ -163,6 +165,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--sam-encoder-batch-size", type=positive_int, default=None,
                      help="image crops per SAM encoder call, padded (default 4 on a GPU, 1 on CPUs); speed and memory "
                           "only: labels change by float rounding at most")
+    run.add_argument("--semantic-batch-size", type=positive_int, default=None,
+                     help="images per semantic-model pass, same-shape buckets padded with blank fillers (default 2 on "
+                          "a GPU, 1 on CPUs); speed and memory only: an image's label does not depend on its batch")
     run.add_argument("--postprocess-batch-size", type=positive_int, default=8, help="images per post-process batch")
     run.add_argument("--listing-workers", type=positive_int, default=32, help="threads listing class folders")
     run.add_argument("--max-failure-rate", type=float, default=0.1,
@@ -198,6 +203,7 @@ def config_from_args(args: argparse.Namespace):
         read_batch_size=args.read_batch_size,
         model_batch_size=args.model_batch_size, postprocess_batch_size=args.postprocess_batch_size,
         sam_points_per_batch=args.sam_points_per_batch, sam_encoder_batch_size=args.sam_encoder_batch_size,
+        semantic_batch_size=args.semantic_batch_size,
         model_actors=args.model_actors, min_model_actors=args.min_model_actors,
         max_model_actors=args.max_model_actors, device=args.device, wait_for_gpus=args.wait_for_gpus,
         gpus_per_actor=args.gpus_per_actor, actor_cpus=args.actor_cpus, task_cpus=args.task_cpus,

@@ -307,3 +307,31 @@ def test_too_small_for_one_step_is_a_clear_error(dataset_dir):
     ds = open_labeled_dataset(dataset_dir)
     with pytest.raises(DataError, match="cannot fill one step"):
         PretrainingLoader(ds, _spec(), DataConfig(batch_size=64, num_workers=0), 0, 2)
+
+
+# The GPU decode path (data.decode=device) is gone: the workers decode every image ---------------------------
+
+
+@pytest.mark.parametrize("flag", ["--set", "--amend"])
+def test_the_removed_decode_key_is_refused_in_one_sentence_naming_what_to_use(flag):
+    from pretraining.training.config import ConfigError, amend, apply_overrides
+    from pretraining.training.recipes import get_recipe
+
+    give = apply_overrides if flag == "--set" else lambda cfg, items: amend(cfg, items)[0]
+    with pytest.raises(ConfigError) as err:
+        give(get_recipe("tiny"), ["data.decode=device"])
+    assert str(err.value) == (f"{flag} data.decode=device: data.decode was removed: images are always decoded in the "
+                              "loader workers (set data.num_workers for more of them); docs/training.md says why.")
+
+
+@pytest.mark.parametrize("decode", ["worker", "device"])
+def test_a_stored_config_with_data_decode_resumes_on_the_workers(decode):
+    from pretraining.training.config import TrainConfig, from_dict, to_dict
+    from pretraining.training.recipes import get_recipe
+    from pretraining.training.run_folder import upgrade
+
+    cfg = get_recipe("tiny")
+    stored = to_dict(cfg)
+    stored["data"]["decode"] = decode  # as a run written before the removal stored it
+    assert from_dict(TrainConfig, upgrade(stored, {"world_size": 1})) == cfg
+    assert "decode" in stored["data"]  # the caller's dict is left as it was

@@ -1,10 +1,12 @@
 """An image's labels do not depend on the images it is batched with (issue: relabels must repeat).
 
 Both labelers together, from encoded bytes, as a model actor runs them (`PairedLabeler`): eight
-images of mixed sizes (some sharing a size, so they share semantic passes; SAM prompts of several
-images share decoder calls) labeled alone and in batches of 2, 4 and 8, under bf16 autocast and in
-fp32 (and on a GPU where there is one). Every batching must give the same masks and maps, bit for
-bit: every encoder call, decoder call and semantic pass has the same shape whatever shares it.
+images of mixed sizes (in three semantic buckets, two input sizes padded into one, so images of
+other sizes share semantic passes, and zero fillers complete the short ones; SAM prompts of several
+images share decoder calls) labeled alone and in batches of 2, 4 and 8, in reduced precision (SAM
+bf16, the semantic model float16) and in fp32 (and on a GPU where there is one). Every batching must
+give the same masks and maps, bit for bit: every encoder call, decoder call and semantic pass has
+the same shape whatever shares it.
 Without the padding to fixed shapes, this test fails on CPU (masks differ in batches of 2).
 """
 
@@ -52,7 +54,10 @@ def test_labels_are_the_same_alone_and_in_any_batch(tiny, encoded, device, bf16)
     instance = InstanceLabeler(sam, InstanceLabelerConfig(
         points_per_side=6, pred_iou_thresh=0.65, stability_score_thresh=0.8, encoder_batch_size=3,
         points_per_batch=48, bf16=bf16, bf16_on_cpu=bf16), device)  # 36 prompts an image: calls mix images
-    semantic = SemanticLabeler(tiny.semantic_model, SemanticLabelerConfig(batch_size=2, shortest_edge=64), device)
+    semantic = SemanticLabeler(tiny.semantic_model, SemanticLabelerConfig(batch_size=2, shortest_edge=64,
+                                                                          reduced_on_cpu=bf16), device)
+    inputs = [semantic.prepare(np.zeros((h, w, 3), np.uint8)) for h, w in SIZES]
+    assert len({item.input_size for item in inputs}) == 3 and len({item.content for item in inputs}) == 4
     labeler = PairedLabeler(instance, semantic, max_side=256, threads=2)
     alone = [labeler([data])[0] for data in encoded]
     assert sum(len(labels.masks) for labels in alone) >= 2 * len(encoded)

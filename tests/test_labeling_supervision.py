@@ -419,6 +419,8 @@ def test_one_batch_decodes_while_another_holds_the_device_and_device_passes_neve
             return [{"value": int(pixels[0, 0, 0])}]
 
     class Semantic:
+        fillers = 0  # copies padding a pass (none here)
+
         def prepare(self, pixels, size):
             return pixels
 

@@ -397,7 +397,7 @@ def test_a_failing_batch_is_retried_image_by_image_and_failures_become_rows():
         return [codecs.DecodeError("cannot decode image: truncated") if data == b"truncated" else
                 ImageLabels([{"rle": codecs.encode_rle(np.ones((3, 4), bool)), "bbox": [0, 0, 1, 1], "area": 12,
                               "predicted_iou": 0.9, "stability_score": 0.9}], np.full((6, 8), 2, np.uint8), (3, 4),
-                            {"decode": 0.5, "instance": 1.0, "semantic": 2.0})
+                            {"decode": 0.5, "instance": 1.0, "semantic": 2.0}, semantic_fillers=3)
                 for data in images]
 
     results = run_each(labeler, [b"fine", b"poison"])
@@ -420,6 +420,7 @@ def test_a_failing_batch_is_retried_image_by_image_and_failures_become_rows():
     assert (good["semantic_h"], good["semantic_w"], good["pixels_h"], good["pixels_w"]) == (6, 8, 3, 4)
     assert good["semantic"] == np.full((6, 8), 2, np.uint8).tobytes()
     assert (good["time_read"], good["time_instance"], good["time_semantic"]) == (0.75, 1.0, 2.0)
+    assert (good["count_semantic_fillers"], poisoned["count_semantic_fillers"]) == (3, 0)
     assert (poisoned["error_stage"], poisoned["error_type"]) == (failures.MODEL, failures.MODEL_FAILED)
     assert "shapes cannot be multiplied" in poisoned["error_message"] and poisoned["instances_json"] == "[]"
     assert (empty["error_stage"], empty["error_type"]) == (failures.DECODE, failures.EMPTY_FILE)

@@ -21,6 +21,7 @@ STAGES = ("labeling", "pretraining", "dataset_card")
 # parts on lower floors of its own package, and anything of dataset_card's contract below it.
 FLOORS = {
     "dataset_card": {"__init__.py": 0, "contract": 0, "card": 1, "synthetic": 2, "validate.py": 2, "repaint.py": 2,
+                     "publish.py": 2, "show.py": 2,
                      "__main__.py": 3},
     "labeling": {"__init__.py": 0, "inputs": 1, "labelers": 1, "quality": 1, "pipeline": 2, "run.py": 3,
                  "evaluate.py": 3, "stage_models.py": 3},

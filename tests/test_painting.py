@@ -6,13 +6,14 @@ import pytest
 
 from dataset_card.contract import codecs, invariants, painting
 
-OBJECTS, PARTS = painting.RULES["objects"], painting.RULES["parts"]
+OBJECTS, PARTS, SALIENT = painting.RULES["objects"], painting.RULES["parts"], painting.RULES["salient"]
 PERSON, TIE, SKY = 0, 1, 5  # things 0-2, stuff 3-5 (6 classes); 255 = no class
 THINGS, NUM_CLASSES = {0, 1, 2}, 6
 
 
-def instances_for(masks, semantic):
-    """Contract instances of `masks` (already largest first) with their majority class and purity."""
+def instances_for(masks, semantic, scores=None):
+    """Contract instances of `masks` (already largest first) with their majority class and purity;
+    `scores` their (predicted IoU, stability), by default confident ones."""
     out = []
     for k, m in enumerate(masks, start=1):
         counts = np.bincount(semantic[m], minlength=256)
@@ -22,7 +23,9 @@ def instances_for(masks, semantic):
         ys, xs = np.nonzero(m)
         out.append({"id": k, "rle": codecs.encode_rle(m), "area": int(m.sum()), "category_id": category,
                     "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)],
-                    "category_purity": float(np.float32(counts[category] / m.sum())), "level": "", "parent": 0})
+                    "category_purity": float(np.float32(counts[category] / m.sum())), "level": "", "parent": 0,
+                    "score": scores[k - 1][0] if scores else 0.95,
+                    "stability_score": scores[k - 1][1] if scores else 0.97})
     return out
 
 
@@ -32,8 +35,8 @@ def cols(h, w, x0, x1, y0=0, y1=None):
     return m
 
 
-def paint(masks, semantic, rule=OBJECTS):
-    instances = instances_for(masks, semantic)
+def paint(masks, semantic, rule=OBJECTS, scores=None):
+    instances = instances_for(masks, semantic, scores)
     instance_map = painting.paint_instances(instances, semantic, THINGS, rule, NUM_CLASSES)
     return instances, instance_map
 
@@ -158,7 +161,7 @@ def random_scene(rng, h=48, w=64, n=30):
 
 def test_random_scenes_keep_every_invariant_and_repaint_alike():
     rng = np.random.default_rng(0)
-    totals = {level: 0 for level in painting.LEVELS}
+    totals = {level: 0 for level in painting.LEVELS if level != painting.AGNOSTIC}  # "salient" only
     for _ in range(40):
         semantic, masks = random_scene(rng)
         instances, instance_map = paint(masks, semantic)
@@ -187,3 +190,76 @@ def test_folder_level_invariants_are_judged_on_the_sums():
     assert len(problems) == 2 and "97.00%" in problems[0] and "6.0%" in problems[1]
     assert figures.problems(objects=False) == []  # the parts rule promises none of it
     assert invariants.Figures(rows=1, painted=20, agreement_sum=20.0, nested=1).problems(objects=True) == []
+
+
+# The "salient" rule: whole, salient masks without a thing class become class-agnostic objects.
+
+
+def test_salient_paints_a_subject_outside_the_taxonomy_and_not_its_background_parts_or_specks():
+    h, w = 40, 60
+    semantic = np.full((h, w), SKY, np.uint8)  # the semantic model has no class for the fish: "sky" all over
+    sky_band = cols(h, w, 0, 60, 0, 12)  # the full width along the top edge: 0.25 + 0.2 of the border
+    fish = cols(h, w, 10, 40, 15, 35)  # 600 px (25%), off the border
+    fin = cols(h, w, 12, 20, 17, 25)  # inside the fish
+    speck = cols(h, w, 50, 54, 30, 32)  # 8 px: 0.3% of the image
+    doubtful = cols(h, w, 44, 56, 14, 26)  # salient in shape, but SAM is unsure of it
+    masks = [sky_band, fish, doubtful, fin, speck]
+    scores = [(0.95, 0.97), (0.95, 0.97), (0.5, 0.97), (0.95, 0.97), (0.95, 0.97)]
+    before, objects_map = paint(masks, semantic, OBJECTS, scores)
+    assert fields(before) == [("stuff", 0)] * 5 and not objects_map.any()  # nothing: no thing class
+    instances, instance_map = paint(masks, semantic, SALIENT, scores)
+    assert fields(instances) == [("stuff", 0), ("object_agnostic", 0), ("stuff", 0), ("part", 2), ("stuff", 0)]
+    np.testing.assert_array_equal(instance_map, np.where(fish, 2, 0))
+    assert instances[1]["visible_area"] == int(fish.sum()) and instances[1]["category_id"] == SKY  # not its class
+    figures = invariants.map_figures(instances, semantic, instance_map, THINGS)
+    assert figures.painted == 1 and figures.agnostic == [2] and not figures.not_thing and figures.agreement == {}
+    assert painting.border_share((0, 0, sky_band[:12]), h, w) == (60 + 12 + 12) / (2 * (h + w))
+
+
+def test_salient_keeps_class_objects_first_and_paints_agnostic_ones_on_free_pixels_only():
+    h, w = 40, 80
+    semantic = np.full((h, w), SKY, np.uint8)
+    semantic[5:35, 5:35] = PERSON
+    person = cols(h, w, 5, 35, 5, 35)  # 900 px, a class object
+    merged = cols(h, w, 5, 45, 5, 35)  # the person and a strip of sky: purity 0.75 -> object; use 0.8 below
+    bag = cols(h, w, 30, 50, 10, 30)  # 400 px: a quarter on the person, the rest sky (a stuff majority)
+    rule = painting.rule_named("salient", min_purity=0.8)  # `merged` is then dropped
+    instances, instance_map = paint([merged, person, bag], semantic, rule)
+    assert fields(instances) == [("dropped", 0), ("object", 0), ("object_agnostic", 0)]
+    # `merged`: 75% of it is the painted person, under the 50% of its own it needs: not painted.
+    np.testing.assert_array_equal(instance_map == 2, person)
+    np.testing.assert_array_equal(instance_map == 3, bag & ~person)
+    figures = invariants.map_figures(instances, semantic, instance_map, THINGS)
+    assert figures.agnostic == [3] and list(figures.agreement) == [2] and figures.nested_any == []
+
+
+def test_salient_rule_round_trips_and_is_checked():
+    assert painting.PaintingRule.from_dict(SALIENT.to_dict()) == SALIENT
+    assert "salience" not in OBJECTS.to_dict()  # what the objects rule wrote before salience existed
+    strict = painting.rule_named("salient", min_purity=0.9)
+    assert strict.salience == SALIENT.salience and strict.min_purity == 0.9
+    with pytest.raises(ValueError, match="must paint 'objects'"):
+        painting.PaintingRule.from_dict({**PARTS.to_dict(), "salience": SALIENT.to_dict()["salience"]})
+
+
+def test_random_scenes_under_salient_keep_the_invariants_and_repaint_alike():
+    rng = np.random.default_rng(1)
+    agnostic = 0
+    for _ in range(30):
+        semantic, masks = random_scene(rng)
+        objects_instances, objects_map = paint(masks, semantic, OBJECTS)
+        instances, instance_map = paint(masks, semantic, SALIENT)
+        figures = invariants.map_figures(instances, semantic, instance_map, THINGS)
+        assert not figures.not_thing and not figures.disagreeing and not figures.nested
+        # The class objects are the objects rule's, pixel for pixel; the agnostic ones only add.
+        classed = np.isin(instance_map, [i["id"] for i in instances if i["level"] == "object"])
+        np.testing.assert_array_equal(np.where(classed, instance_map, 0), objects_map)
+        for inst, before in zip(instances, objects_instances):
+            assert inst["level"] == before["level"] or before["level"] in ("stuff", "dropped")
+            assert (inst["visible_area"] > 0) == (inst["level"] in ("object", painting.AGNOSTIC))
+        agnostic += len(figures.agnostic)
+        again = [dict(i, level="", parent=0, visible_area=0) for i in instances]
+        np.testing.assert_array_equal(painting.paint_instances(again, semantic, THINGS, SALIENT, NUM_CLASSES),
+                                      instance_map)
+        assert again == instances
+    assert agnostic > 10

@@ -71,3 +71,27 @@ def test_tiny_semantic_loads_offline(tiny):
     with torch.no_grad():
         out = model(pixel_values=pixels)
     assert out.class_queries_logits.shape[-1] == len(TINY_CLASSES) + 1  # + "no object"
+
+
+def test_the_ade20k_twin_loads_through_the_real_code_with_ades_taxonomy(tmp_path):
+    """The broader-taxonomy alternative's twin: ADE20K's 150 names, no thing_ids in its config, the
+    panoptic benchmark's split from `class_taxonomy`, a uint8 map from `SemanticLabeler`."""
+    from labeling.labelers.model_choice import ADE20K_SEMANTIC_MODEL, ModelChoice
+    from labeling.labelers.semantic import SemanticLabeler, SemanticLabelerConfig
+    from labeling.labelers.tiny_models import ADE20K_CLASS_NAMES, build_tiny_ade_semantic
+
+    labeler = SemanticLabeler(build_tiny_ade_semantic(str(tmp_path / "ade")), SemanticLabelerConfig(shortest_edge=64))
+    assert not hasattr(labeler.model.config, "thing_ids") or labeler.model.config.thing_ids is None
+    assert [c.name for c in labeler.classes] == list(ADE20K_CLASS_NAMES) and len(labeler.classes) == 150
+    things = {c.name for c in labeler.classes if c.isthing}
+    assert len(things) == 100 and {"animal", "food", "plaything", "apparel", "person"} <= things
+    assert not {"sky", "wall", "grass", "water", "tree"} & things
+    image = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    (semantic,) = labeler([image])
+    assert semantic.shape == (48, 80) and semantic.dtype == np.uint8 and semantic.max() < 150
+    # `--models tiny-random --semantic-model <the ADE id>` runs on this twin, offline.
+    choice = ModelChoice(preset="tiny-random", semantic_model=ADE20K_SEMANTIC_MODEL)
+    assert [c.name for c in choice.semantic_classes()] == list(ADE20K_CLASS_NAMES)
+    assert choice.describe()["semantic"]["name"] == "tiny-random mask2former (ade20k)"
+    assert choice.materialize().describe()["semantic"]["name"] == "tiny-random mask2former (ade20k)"  # as the driver
+    assert len(ModelChoice(preset="tiny-random").semantic_classes()) == len(TINY_CLASSES)

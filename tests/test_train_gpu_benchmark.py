@@ -33,9 +33,20 @@ def test_smoke_mode_runs_on_cpu_without_ray_datasets_or_pycocotools():
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     rows = [r for r in (line.split() for line in lines) if len(r) == 11 and r[0] in ("c2fmae", "multimae", "mae")]
-    sources = ("synthetic", "loader:worker", "loader:device")  # JPEGs decoded in the workers, or in Batch.to
+    sources = ("synthetic", "loader")
     assert {(r[0], r[1]) for r in rows} == {(m, s) for m in ("c2fmae", "multimae", "mae") for s in sources}
     assert all(float(r[4]) > 0 for r in rows)  # images/s
     figures = dict(item.split("=") for item in lines[-1].split())
     assert float(figures["c2fmae_images_per_s"]) > 0 and 0 <= float(figures["data_wait_share"]) < 1
     assert float(figures["c2fmae_mfu"]) > 0 and "c2fmae_over_mae_step_time" in figures
+
+
+def test_the_removed_decode_flag_is_refused_in_one_sentence(capsys):
+    from benchmarks import train_gpu
+
+    with pytest.raises(SystemExit) as exited:
+        train_gpu.main(["--decode", "device"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith("error: --decode was removed: the loader decodes every image in its workers "
+                          "(docs/training.md says why); drop the flag, and set --workers for more of them.")

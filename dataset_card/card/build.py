@@ -65,7 +65,7 @@ def build_card(output: str | OutputFolder, cfg: BuildConfig = BuildConfig()) -> 
         folder.write_bytes(posixpath.join(ASSETS_DIR, name), png)
     assets = {name: f"{ASSETS_DIR}/{name}" for name in pictures}
     data = readme.full_card_data(summary.metadata, summary.error_rows > 0, summary.rows, config,
-                               summary.reference_columns)
+                               summary.reference_columns, summary.image_storage == "inline")
     text = readme.full_card(data, sections.body(summary, config, shares, assets, cfg.dataset))
     folder.write_bytes(layout.CARD_FILE, str(text).encode())
     return folder.path(layout.CARD_FILE) if "://" not in folder.uri else posixpath.join(folder.uri, layout.CARD_FILE)

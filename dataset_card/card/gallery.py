@@ -2,6 +2,9 @@
 and histograms of the run's statistics. Figures are drawn on matplotlib's Agg canvas (no pyplot
 state, no display) and returned as PNG bytes so they can be written to any filesystem.
 
+The overlays and palettes here are also what `python -m dataset_card show` draws one image with,
+and `palette_png` the label-map previews `python -m dataset_card publish` adds to a release.
+
 Only the sampled rows are read (their row groups, without the `instances` column) and decoded.
 """
 
@@ -15,9 +18,10 @@ import pyarrow.parquet as pq
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from PIL import Image
 
 from dataset_card.card.run_summary import ClassShare, bin_labels
-from dataset_card.contract import codecs, coverage, layout
+from dataset_card.contract import codecs, coverage, layout, painting
 from dataset_card.contract.output_folder import OutputFolder
 
 GALLERY_COLUMNS = ("image_id", "label", "image", "width", "height", "semantic_mask", "instance_mask")
@@ -60,6 +64,40 @@ def class_palette(num_classes: int, seed: int = 0) -> np.ndarray:
     return np.concatenate([base, extra.astype(np.uint8)])[:num_classes]
 
 
+def instance_palette(num_ids: int, seed: int = 0) -> np.ndarray:
+    """(num_ids, 3) uint8 seeded random colours, black for id 0 (no instance)."""
+    colours = np.random.default_rng(seed).integers(40, 256, size=(max(num_ids, 1), 3)).astype(np.uint8)
+    colours[0] = 0
+    return colours
+
+
+def level_palette(levels: Sequence[str] = painting.LEVELS) -> dict[str, np.ndarray]:
+    """Level name -> its uint8 colour: tab20's hues in the order the painting rules list the levels."""
+    return dict(zip(levels, class_palette(len(levels))))
+
+
+def palette_png(values: np.ndarray, palette: np.ndarray, missing: Sequence[int] = (0, 0, 0)) -> bytes:
+    """(H, W) ids -> a PNG that shows each id in its `palette` colour (ids past it in `missing`).
+
+    While every id is below 256 the PNG is palette-indexed: its pixels are the ids themselves
+    (`np.asarray(Image.open(f))` gives the map back) and any image viewer shows the colours;
+    otherwise it holds the colours as RGB (the ids then live only in the stored map).
+    """
+    ids = values.astype(np.int64)
+    if ids.size == 0 or int(ids.max()) < 256:
+        table = np.tile(np.asarray(missing, np.uint8), (256, 1))
+        table[: min(len(palette), 256)] = palette[:256]
+        img = Image.fromarray(ids.astype(np.uint8))
+        img.putpalette(table.ravel().tolist())  # an "L" image with a palette is a "P" image
+    else:
+        table = np.concatenate([palette, np.tile(np.asarray(missing, np.uint8), (int(ids.max()) + 1 - len(palette), 1))]) \
+            if int(ids.max()) >= len(palette) else palette
+        img = Image.fromarray(table[ids].astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
 def _blend(rgb: np.ndarray, colours: np.ndarray, where: np.ndarray) -> np.ndarray:
     out = rgb.astype(np.float32)
     out[where] = (1 - ALPHA) * out[where] + ALPHA * colours[where]
@@ -86,6 +124,22 @@ def instance_overlay(rgb: np.ndarray, instance_map: np.ndarray, rng: np.random.G
     colours = rng.integers(40, 256, size=(int(instance_map.max()) + 1, 3)).astype(np.uint8)
     out = _blend(rgb, colours[instance_map], instance_map > 0)
     out[instance_boundaries(instance_map)] = 255
+    return out
+
+
+def level_overlay(rgb: np.ndarray, instances: Sequence[dict], colours: dict[str, np.ndarray]) -> np.ndarray:
+    """(H, W, 3) uint8 image, the row's `instances` -> every kept mask tinted by its level (larger
+    first, so smaller masks lie on top, as the `parts` rule paints) and outlined in that colour.
+    Levels missing from `colours` are drawn grey."""
+    h, w = rgb.shape[:2]
+    ids, tint = np.zeros((h, w), np.int64), np.zeros((h, w, 3), np.uint8)
+    for inst in sorted(instances, key=lambda i: i["id"]):
+        mask = codecs.decode_rle(inst["rle"], check=False)
+        ids[mask] = inst["id"]
+        tint[mask] = colours.get(inst["level"], np.array([128, 128, 128], np.uint8))
+    out = _blend(rgb, tint, ids > 0)
+    edge = instance_boundaries(ids)
+    out[edge] = tint[edge]
     return out
 
 

@@ -35,11 +35,13 @@ def errors_features(class_names) -> datasets.Features:
 
 
 def card_data(metadata: layout.DatasetMetadata, has_errors: bool, image_reference: bool = False,
-              **extra) -> DatasetCardData:
+              image_bytes: bool = True, **extra) -> DatasetCardData:
     """YAML header: the train split, the errors table as a second config (only when there are
     errors: `datasets` refuses a split with no rows), and the typed features of each.
-    `image_reference`: the data files carry `schema.REFERENCE_COLUMNS` (the labeler writes them)."""
-    features = build_features(metadata.class_names, metadata.semantic_class_names, image_reference)
+    `image_reference`: the data files carry `schema.REFERENCE_COLUMNS` (the labeler writes them);
+    `image_bytes=False`: a labels-only release, whose `image` is declared as its data files declare
+    it (a plain struct: `load_dataset` reads each path without opening the file)."""
+    features = build_features(metadata.class_names, metadata.semantic_class_names, image_reference, image_bytes)
     info = [{"config_name": "default", "features": features._to_yaml_list()}]
     configs = [{"config_name": "default", "data_files": [{"split": "train", "path": layout.DATA_GLOB}]}]
     if has_errors:
@@ -54,12 +56,13 @@ def card_data(metadata: layout.DatasetMetadata, has_errors: bool, image_referenc
 
 
 def full_card_data(metadata: layout.DatasetMetadata, has_errors: bool, num_rows: int,
-                   config: CardConfig, image_reference: bool = False) -> DatasetCardData:
+                   config: CardConfig, image_reference: bool = False, image_bytes: bool = True) -> DatasetCardData:
     """`card_data` plus the Hub metadata a reader filters by: name, licence, tasks, size, source."""
     return card_data(
         metadata,
         has_errors,
         image_reference,
+        image_bytes,
         pretty_name=config.pretty_name,
         license=config.license,
         license_name=config.license_name if config.license == "other" else None,
@@ -77,11 +80,13 @@ def full_card(data: DatasetCardData, body: str) -> DatasetCard:
 
 
 def minimal_card(metadata: layout.DatasetMetadata, has_errors: bool = False, body: str = "",
-                 image_reference: bool = False) -> DatasetCard:
-    data = card_data(metadata, has_errors, image_reference)
+                 image_reference: bool = False, image_bytes: bool = True) -> DatasetCard:
+    data = card_data(metadata, has_errors, image_reference, image_bytes)
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body or '# Multi-granular labeled images'}\n")
 
 
-def write_minimal_card(folder: OutputFolder, metadata: layout.DatasetMetadata, has_errors: bool = False) -> str:
-    folder.write_bytes(layout.CARD_FILE, str(minimal_card(metadata, has_errors)).encode())
+def write_minimal_card(folder: OutputFolder, metadata: layout.DatasetMetadata, has_errors: bool = False,
+                       image_reference: bool = False, image_bytes: bool = True) -> str:
+    card = minimal_card(metadata, has_errors, image_reference=image_reference, image_bytes=image_bytes)
+    folder.write_bytes(layout.CARD_FILE, str(card).encode())
     return folder.path(layout.CARD_FILE)

@@ -29,8 +29,8 @@ COLUMN_DOCS = {
 LABELS_ONLY = (
     "**Labels only.** The rows hold no image bytes (`image.bytes` is null): `image.path` is each image's path "
     "relative to the folder it was labeled from, `image_sha256` and `image_nbytes` its content hash and length. "
-    "Load with `.cast_column(\"image\", datasets.Image(decode=False))` and join your own copy of the images by path; "
-    "`python -m pretraining.train --images ROOT` does so and checks each file.\n\n")
+    "`load_dataset` hands `image` over as that `{bytes, path}` struct, without opening a file: join your own copy "
+    "of the images by path; `python -m pretraining.train --images ROOT` does so and checks each file.\n\n")
 INSTANCE_DOCS = {
     "id": "1..K, numbered by area, largest first (the painting order: later ids on top)",
     "rle": "`{size: [h, w], counts: str}`, COCO compressed RLE (pycocotools) of the full mask",
@@ -41,7 +41,7 @@ INSTANCE_DOCS = {
     "stability_score": "IoU of the mask thresholded at two offsets of the logits",
     "category_id": "majority semantic class under the mask",
     "category_purity": "that class's share of the mask's pixels",
-    "level": "`object` (a thing, painted), `part` (inside a larger object of its class), `stuff` (a stuff class: a region, not an object) or `dropped` (a thing class under the rule's purity, or no class)",
+    "level": "`object` (a thing, painted), `part` (inside a larger object of its class, or of the painted objects under `salient`), `stuff` (a stuff class: a region, not an object), `dropped` (a thing class under the rule's purity, or no class), or under rule `salient` `object_agnostic` (painted: a whole, salient mask with no thing class, an object the taxonomy does not cover; `category_id` is not its class)",
     "parent": "for a part, the `id` of its object; else 0",
 }
 
@@ -105,7 +105,8 @@ def overview(summary: RunSummary, config: CardConfig, assets: Mapping[str, str])
         + f"{summary.rows:,} images with machine-generated labels at three granularities: the image-level class "
         f"({len(md.class_names):,} classes), a semantic segmentation map over {md.num_semantic_classes} classes "
         f"({things} things, {md.num_semantic_classes - things} stuff), and every automatic instance mask "
-        f"({stats.instances:,} in all{per_image}) as COCO RLE, each marked object, part, stuff or dropped, with the "
+        f"({stats.instances:,} in all{per_image}) as COCO RLE, each marked object, part, stuff or dropped"
+        f"{' (or class-agnostic object)' if md.painting.salience else ''}, with the "
         f"objects painted into an instance id map ({painting_phrase(md.painting)}). "
         f"Instances come from {instance}, semantic classes from {semantic}, aligned per pixel; "
         f"no person checked them.{failed}\n\n"
@@ -192,12 +193,14 @@ def feature_type(feature) -> str:
         return feature.dtype
     if isinstance(feature, (list, datasets.List, datasets.Sequence)):
         return "list of struct"
+    if isinstance(feature, dict):
+        return "struct {" + ", ".join(feature) + "}"
     return type(feature).__name__
 
 
 def schema(summary: RunSummary) -> str:
     md = summary.metadata
-    features = build_features(md.class_names, md.semantic_class_names)
+    features = build_features(md.class_names, md.semantic_class_names, image_bytes=summary.image_storage == "inline")
     docs = dict(COLUMN_DOCS, semantic_mask=COLUMN_DOCS["semantic_mask"].format(ignore=md.ignore_value))
     columns = table(["column", "type", "meaning"], [(f"`{c}`", feature_type(features[c]), docs[c]) for c in COLUMNS])
     instance_fields = table(["field", "meaning"], [(f"`{k}`", v) for k, v in INSTANCE_DOCS.items()])
@@ -271,8 +274,10 @@ def statistics(summary: RunSummary, shares: Sequence[ClassShare], assets: Mappin
 
 
 def painting_phrase(rule) -> str:
-    return ("each object clipped to its semantic class region" if rule.paint == "objects"
-            else "every mask, smaller ones on top")
+    if rule.paint != "objects":
+        return "every mask, smaller ones on top"
+    return "each object clipped to its semantic class region" + (
+        ", and whole, salient masks with no thing class as class-agnostic objects" if rule.salience else "")
 
 
 def coverage_section(summary: RunSummary, assets: Mapping[str, str]) -> str:
@@ -299,7 +304,8 @@ def coverage_section(summary: RunSummary, assets: Mapping[str, str]) -> str:
         + table(["per image", *labels], [("painted objects", *(f"{c:,}" for c in stats.painted_per_image)),
                                          ("instance regions", *(f"{c:,}" for c in stats.regions_per_image))])
         + "\n\nWhat each image's largest mask (SAM's biggest kept segment) became: `stuff` or `dropped` means the "
-          "image's main segment is no painted object.\n\n"
+          "image's main segment is no painted object (`object_agnostic`: painted without a class, rule "
+          "`salient`).\n\n"
         + table(["largest mask", "images", "share"], levels)
         + _picture(assets, "masking_coverage.png", "Painted objects and instance regions per image")
     )
@@ -317,18 +323,23 @@ def objects_section(summary: RunSummary) -> str:
                + table(["level", "instances", "share"], [(f"`{level}`", f"{n:,}", percent(n / total))
                                                           for level, n in stats.levels.items()]))
     if stats.painted:
-        mean = stats.agreement_sum / stats.painted
+        classed = stats.painted - stats.painted_agnostic  # class-agnostic objects have no class to agree with
+        mean = stats.agreement_sum / classed if classed else float("nan")
         rows = [
             ("painted instances", f"{stats.painted:,} ({stats.painted / max(stats.rows, 1):.1f} per image)", ""),
             ("painted ids that are no thing-class instance", percent(stats.painted_not_thing / stats.painted), "0"),
             (f"painted instances under {invariants.MIN_AGREEMENT:.0%} on their class",
              percent(stats.painted_disagreeing / stats.painted), "0"),
-            ("mean share of a painted instance's pixels on its class", percent(mean),
+            ("mean share of a painted instance's pixels on its class", percent(mean) if classed else "-",
              f"≥ {invariants.MIN_MEAN_AGREEMENT:.0%}"),
             (f"painted instances ≥ {invariants.NESTED_SHARE:.0%} inside a painted one of their class",
              percent(stats.painted_nested / stats.painted), f"≤ {invariants.MAX_NESTED:.0%}"),
             ("... inside a painted one of any class", percent(stats.painted_nested_any / stats.painted), "-"),
         ]
+        if stats.painted_agnostic:  # rule "salient": objects outside the taxonomy, painted without a class
+            rows.insert(1, ("... class-agnostic objects (`object_agnostic`: no thing class, "
+                            "exempt from the class rows)",
+                            f"{stats.painted_agnostic:,} ({percent(stats.painted_agnostic / stats.painted)})", ""))
         checked = "required (`python -m dataset_card validate` checks it)" if rule.paint == "objects" else \
             "required of the `objects` rule (not this one)"
         out.append("The alignment invariants, over every labeled image:\n\n" + table(["", "measured", checked], rows))
@@ -353,7 +364,7 @@ def label_map(column):  # a zstd-compressed .npy: (H, W) uint8 or uint16
 DATASET = "{dataset}"  # a Hub repo id, or a local copy of this folder
 ds = load_dataset(DATASET, split="train", streaming=True)
 row = next(iter(ds))
-image = row["image"]                              # PIL image, the original file
+image = row["image"]                              # {image}
 semantic = label_map(row["semantic_mask"])        # (H, W) class ids, {ignore} = no class
 instance_map = label_map(row["instance_mask"])    # (H, W) 0 = none, k = instances[k-1]
 label = ds.features["label"].int2str(row["label"])
@@ -391,7 +402,9 @@ print(errors[0]["image_id"], errors[0]["error_type"], errors[0]["message"])
 
 
 def usage(summary: RunSummary, dataset: str) -> str:
-    text = USAGE.format(dataset=dataset, ignore=summary.metadata.ignore_value)
+    image = ("PIL image, the original file" if summary.image_storage == "inline" else
+             "labels only: {'bytes': None, 'path': ...}; join your copy by path")
+    text = USAGE.format(dataset=dataset, ignore=summary.metadata.ignore_value, image=image)
     return text + (USAGE_ERRORS if summary.error_rows else "")
 
 

@@ -14,8 +14,9 @@ Per image (`measure`, from its `instances` and `instance_mask`; the labeler, a s
   trainer's crop of scale 1: its random crops (scale 0.2 to 1) show part of it, usually with fewer
   regions;
 - the level of the largest mask SAM kept (id 1: ids are numbered by area): "object" when it is
-  painted, "stuff" or "dropped" when the image's biggest segment is no painted object, "none" when
-  the image kept no mask.
+  painted, "object_agnostic" when it is painted as an object the taxonomy has no class for (rule
+  "salient"), "stuff" or "dropped" when the image's biggest segment is no painted object, "none"
+  when the image kept no mask.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ PATCH_SIZE = 16
 MIN_REGIONS = 2  # instance-guided masking's minimum (pretraining/models/masking.py `guided_masked`)
 # Histogram bins of painted objects and regions per image: [0,1), [1,2), ..., [50, inf).
 COUNT_EDGES = (0, 1, 2, 3, 4, 5, 10, 20, 50, 10**9)
-LARGEST_LEVELS = ("object", "part", "stuff", "dropped", "none")
+LARGEST_LEVELS = ("object", "object_agnostic", "part", "stuff", "dropped", "none")
 
 
 @dataclass(frozen=True)

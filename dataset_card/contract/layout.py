@@ -198,6 +198,7 @@ class ShardStats:
     agreement_sum: float = 0.0  # the sum of those shares, for their mean
     painted_nested: int = 0  # ... lying >= 90% inside a same-class painted instance (invariant 3)
     painted_nested_any: int = 0  # ... inside a painted instance of any class
+    painted_agnostic: int = 0  # ... that are class-agnostic objects (rule "salient"; not in agreement_sum)
     # Coverage: what instance-guided masking will see (`dataset_card.contract.coverage`).
     coverage_measured: int = 0  # images measured (0 in folders labeled before it was)
     painted_per_image: list[int] = field(default_factory=lambda: [0] * (len(coverage.COUNT_EDGES) - 1))
@@ -225,6 +226,7 @@ class ShardStats:
             self.agreement_sum += float(sum(figures.agreement.values()))
             self.painted_nested += len(figures.nested)
             self.painted_nested_any += len(figures.nested_any)
+            self.painted_agnostic += len(figures.agnostic)
         self.rows += 1
         self.instances += num_instances
         _add(self.instances_per_image, _histogram([num_instances], INSTANCE_COUNT_EDGES))
@@ -246,7 +248,7 @@ class ShardStats:
         out = ShardStats(shard=-1)
         for name in ("rows", "errors", "instances", "pixels", "covered_fraction_sum", "purity_sum", "painted",
                      "painted_not_thing", "painted_disagreeing", "agreement_sum", "painted_nested",
-                     "painted_nested_any", "coverage_measured"):
+                     "painted_nested_any", "painted_agnostic", "coverage_measured"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for name in ("instances_per_image", "coverage", "purity", "painted_per_image", "regions_per_image"):
             setattr(out, name, [a + b for a, b in zip(getattr(self, name), getattr(other, name))])

@@ -51,7 +51,9 @@ TRAINING_COLUMNS = ("image", "semantic_mask", "instance_mask", "label")
 # them). A labels-only release (`image_storage` "reference" in the file metadata) stores no image
 # bytes; `image.path` (relative to the labeled input folder) and these two columns let a reader
 # join the original files and check that they are the ones that were labeled
-# (`dataset_card.contract.images`).
+# (`dataset_card.contract.images`). Its `image` column keeps the Arrow type of an inline one
+# (struct of `bytes` and `path`) but is declared a plain struct, not a `datasets.Image`, so
+# `load_dataset(...)[0]` reads the path without opening a file (`build_features(image_bytes=False)`).
 REFERENCE_COLUMNS = ("image_sha256", "image_nbytes")
 
 
@@ -73,8 +75,8 @@ def semantic_mask_dtype(num_semantic_classes: int) -> str:
 
 def instance_struct() -> dict:
     """One automatic mask: its RLE, box, quality scores, the semantic class it was aligned to, and
-    what it is under the painting rule (`level`: object | part | stuff | dropped; `parent`: the id
-    of the object a part belongs to, else 0)."""
+    what it is under the painting rule (`level`: object | part | stuff | dropped, or object_agnostic
+    under the "salient" rule; `parent`: the id of the object a part belongs to, else 0)."""
     import datasets
 
     return {
@@ -96,21 +98,24 @@ def instance_struct() -> dict:
 
 
 def label_map() -> dict:
-    """The feature of a label map column: its encoded bytes (`codecs.encode_mask`), path unused."""
+    """The feature of a label map column: its encoded bytes (`codecs.encode_mask`), path unused.
+    Also a labels-only release's `image` (bytes null, path relative to the labeled input folder)."""
     import datasets
 
     return {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
 
 
 def build_features(class_names: Sequence[str], semantic_class_names: Sequence[str],
-                   image_reference: bool = False) -> datasets.Features:
+                   image_reference: bool = False, image_bytes: bool = True) -> datasets.Features:
     """The `datasets.Features` of a labeled shard.
 
     `class_names` are the image-level labels (sorted input folder names, e.g. ImageNet synsets);
     `semantic_class_names` is the semantic taxonomy. It does not change any column type here
     (8- and 16-bit maps are both `codecs.encode_mask` bytes) but is taken so callers state the
     taxonomy they write, and so a future version can type the maps by it. `image_reference` adds
-    `REFERENCE_COLUMNS` (what the labeler writes).
+    `REFERENCE_COLUMNS` (what the labeler writes). `image_bytes=False` is a labels-only release:
+    `image` is then the plain {"bytes", "path"} struct (same Arrow type), which `datasets` hands
+    over as it is instead of opening `path` as a file.
 
     The label maps are {"bytes", "path"} structs like an image's (path always null): the Arrow
     type of v2's PNG `datasets.Image` columns, so every reader takes a map's bytes from a row of
@@ -127,7 +132,7 @@ def build_features(class_names: Sequence[str], semantic_class_names: Sequence[st
         {
             "image_id": datasets.Value("string"),
             "label": datasets.ClassLabel(names=list(class_names)),
-            "image": datasets.Image(),
+            "image": datasets.Image() if image_bytes else label_map(),
             "width": datasets.Value("int32"),
             "height": datasets.Value("int32"),
             "semantic_mask": label_map(),
@@ -154,9 +159,9 @@ def read_file_metadata(schema: pa.Schema) -> dict:
 
 
 def arrow_schema(class_names: Sequence[str], semantic_class_names: Sequence[str],
-                 painting: dict | None = None, image_reference: bool = False) -> pa.Schema:
+                 painting: dict | None = None, image_reference: bool = False, image_bytes: bool = True) -> pa.Schema:
     """The Arrow schema a shard is written with: the features plus both metadata keys."""
-    schema = build_features(class_names, semantic_class_names, image_reference).arrow_schema
+    schema = build_features(class_names, semantic_class_names, image_reference, image_bytes).arrow_schema
     metadata = dict(schema.metadata or {})
     metadata[SCHEMA_METADATA_KEY] = file_metadata(painting)
     return schema.with_metadata(metadata)
@@ -196,7 +201,7 @@ def _feature_kinds() -> dict:
 
     return {
         "label": datasets.ClassLabel,
-        "image": datasets.Image,
+        "image": (datasets.Image, dict),  # dict: a labels-only release's (`build_features(image_bytes=False)`)
         "semantic_mask": dict,
         "instance_mask": dict,
     }
@@ -253,9 +258,10 @@ def validate_schema(schema: pa.Schema, columns: Sequence[str] = COLUMNS, source:
                 "folder with `python -m dataset_card repaint OUTPUT`"
             )
         if kind is not None and not isinstance(features[name], kind):
+            expected_kind = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
             raise SchemaError(
                 f"column {name!r}{_where(source)} is a {type(features[name]).__name__} feature, but dataset "
-                f"schema v{SCHEMA_VERSION} expects {kind.__name__}"
+                f"schema v{SCHEMA_VERSION} expects {expected_kind}"
             )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Callable, Collection
 
 import numpy as np
@@ -16,7 +17,7 @@ import pyarrow as pa
 from PIL import Image
 
 from dataset_card.card.readme import write_minimal_card
-from dataset_card.contract import codecs, coverage, invariants, layout, painting, shards
+from dataset_card.contract import codecs, coverage, images, invariants, layout, painting, shards
 from dataset_card.contract.output_folder import OutputFolder
 from dataset_card.contract.schema import build_features, rows_to_table
 
@@ -123,15 +124,21 @@ def row_statistics(stats: layout.ShardStats, row: dict, semantic: np.ndarray, pa
 
 
 def write_labeled_folder(root: str | OutputFolder, metadata: layout.DatasetMetadata, example: Callable[[int], tuple],
-                         num_images: int, num_shards: int, manifest: dict) -> layout.DatasetMetadata:
+                         num_images: int, num_shards: int, manifest: dict,
+                         image_root: str | None = None) -> layout.DatasetMetadata:
     """Write a complete labeled folder (shards, errors, stats, metadata, manifest, card) at `root`.
 
     `example(i)` gives image i as (image_id, label, rgb (H, W, 3) uint8, semantic (H, W), masks: list of
     (H, W) bool); it is called for i = 0, 1, ... in order, so it may draw from one generator. The
     masks are aligned and painted by `metadata`'s thing classes and painting rule, as the labeler
-    does. `manifest` adds to the manifest's schema version and counts.
+    does. `manifest` adds to the manifest's schema version and counts. `image_root` (a local folder)
+    makes a labels-only folder, as `--image-storage reference` does: each image is written there as
+    a file at its `image.path`, and its row keeps that path, its sha256 and length, not its bytes.
     """
-    features = build_features(metadata.class_names, metadata.semantic_class_names)
+    labels_only = image_root is not None
+    features = build_features(metadata.class_names, metadata.semantic_class_names, image_reference=labels_only,
+                              image_bytes=not labels_only)
+    footer = {"image_storage": images.REFERENCE} if labels_only else None
     folder = OutputFolder.open(root)
     bounds = np.linspace(0, num_images, num_shards + 1).astype(int)
     for s in range(num_shards):
@@ -139,22 +146,35 @@ def write_labeled_folder(root: str | OutputFolder, metadata: layout.DatasetMetad
         for i in range(bounds[s], bounds[s + 1]):
             image_id, label, rgb, semantic, masks = example(i)
             row, painted = synthetic_row(image_id, label, rgb, semantic, masks, metadata.thing_ids, metadata.painting)
+            if labels_only:
+                _keep_reference(row, image_root)
             rows.append(row)
             row_statistics(stats, row, semantic, painted, metadata.thing_ids)
         errors = pa.Table.from_pylist([], schema=layout.ERRORS_SCHEMA)
         shards.commit_shard(folder, s, num_shards, rows_to_table(rows, features, metadata.painting.to_dict()),
-                            errors, stats)
+                            errors, stats, footer=footer)
     folder.write_bytes(layout.METADATA_FILE, metadata.to_json().encode())
     manifest = {"schema_version": metadata.schema_version, "num_inputs": num_images, "num_shards": num_shards,
                 **manifest}
     folder.write_bytes(layout.MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
-    write_minimal_card(folder, metadata)
+    write_minimal_card(folder, metadata, image_reference=labels_only, image_bytes=not labels_only)
     return metadata
 
 
+def _keep_reference(row: dict, image_root: str) -> None:
+    """Move `row`'s image bytes into a file under `image_root`, leaving the path, hash and length."""
+    data, path = row["image"]["bytes"], row["image"]["path"]
+    target = os.path.join(image_root, path)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "wb") as f:
+        f.write(data)
+    row.update(image={"bytes": None, "path": path}, image_sha256=images.digest(data), image_nbytes=len(data))
+
+
 def write_synthetic_dataset(root: str | OutputFolder, num_images: int = 32, num_shards: int = 2, size: tuple[int, int] = (64, 80),
-                            seed: int = 0) -> layout.DatasetMetadata:
-    """Write a complete labeled folder of synthetic shape images under `root`."""
+                            seed: int = 0, image_root: str | None = None) -> layout.DatasetMetadata:
+    """Write a complete labeled folder of synthetic shape images under `root` (labels only, the
+    images under `image_root`, when that is given: see `write_labeled_folder`)."""
     rng = np.random.default_rng(seed)
     metadata = layout.DatasetMetadata(CLASS_NAMES, SEMANTIC_CLASSES, semantic_source="synthetic shapes")
 
@@ -164,7 +184,7 @@ def write_synthetic_dataset(root: str | OutputFolder, num_images: int = 32, num_
         return f"{CLASS_NAMES[label]}/{i:06d}", label, rgb, semantic, [m for _, m in shapes]
 
     return write_labeled_folder(root, metadata, example, num_images, num_shards,
-                                {"source": "dataset_card.synthetic.shapes", "seed": seed})
+                                {"source": "dataset_card.synthetic.shapes", "seed": seed}, image_root)
 
 
 def write_colour_task(root: str | OutputFolder, num_images: int, seed: int, size: int = 64) -> layout.DatasetMetadata:

@@ -2,7 +2,8 @@
 
 Masks are numbered 1..K by area, largest first, and each gets its semantic class here; what each
 mask is (`level`, `parent`) and what the map shows follow from the contract's painting rule
-(`dataset_card.contract.painting`: by default, objects clipped to their class region). Every RLE is
+(`dataset_card.contract.painting`: by default, objects clipped to their class region; under
+"salient" also class-agnostic objects, the whole, salient masks without a thing class). Every RLE is
 decoded at most twice (once here, once more when painted, unless its pixels came as a "crop"),
 and everything after a decode happens inside the mask's tight box, so a huge image costs one
 full-size decode at a time and one full-size map, never a stack of masks.

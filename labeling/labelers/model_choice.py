@@ -4,7 +4,15 @@
   "facebook/mask2former-swin-large-coco-panoptic" (a hub id or a local folder).
 - "tiny-random": small randomly initialised twins (`labeling.labelers.tiny_models`), saved to a temporary
   folder and loaded back by path through the same loading code real checkpoints use. Their labels
-  are meaningless; they exist for offline smoke runs, tests and benchmarks.
+  are meaningless; they exist for offline smoke runs, tests and benchmarks. With
+  `--semantic-model` ADE20K_SEMANTIC_MODEL the semantic twin is the ADE20K one (150 classes).
+
+The semantic alternative with a broader taxonomy: ADE20K_SEMANTIC_MODEL
+("facebook/mask2former-swin-large-ade-semantic", `--semantic-model`), Mask2Former Swin-L trained on
+ADE20K's 150 scene-parsing classes, which name kinds COCO's 80 things lack (animal, food, plaything,
+apparel, flower, basket, vase, ...), but coarsely (one "animal" for every animal) and with 50 stuff
+classes of scenes. ADE20K has no thing/stuff split of its own; `semantic.class_taxonomy` takes the
+ADE20K panoptic benchmark's (100 things). The default stays COCO panoptic (docs/DESIGN.md says why).
 
 A `ModelChoice` is small and picklable: Ray sends it to every model actor, which builds its
 labeler from it once (`instance_labeler` / `semantic_labeler`).
@@ -33,6 +41,7 @@ from dataset_card.contract.layout import SemanticClass
 
 DEFAULT_SAM_TYPE = "vit_h"
 DEFAULT_SEMANTIC_MODEL = "facebook/mask2former-swin-large-coco-panoptic"
+ADE20K_SEMANTIC_MODEL = "facebook/mask2former-swin-large-ade-semantic"  # the broader-taxonomy alternative
 PRESETS = ("default", "tiny-random")
 TINY_RANDOM_WARNING = (
     "--models tiny-random: randomly initialised tiny models; the labels are MEANINGLESS "
@@ -95,8 +104,15 @@ class ModelChoice:
             atexit.register(shutil.rmtree, folder, ignore_errors=True)
             _TINY_BUILT[self.seed] = build_tiny_random_models(folder, seed=self.seed)
         tiny = _TINY_BUILT[self.seed]
+        semantic = tiny.semantic_model
+        if self.semantic_model == ADE20K_SEMANTIC_MODEL:  # the ADE20K twin, built beside the others once
+            from labeling.labelers.tiny_models import TINY_ADE_SEMANTIC_DIR, build_tiny_ade_semantic
+
+            semantic = os.path.join(os.path.dirname(tiny.sam_checkpoint), TINY_ADE_SEMANTIC_DIR)
+            if not os.path.isdir(semantic):
+                build_tiny_ade_semantic(semantic, seed=self.seed)
         return dataclasses.replace(self, sam_type=tiny.sam_model_type, sam_checkpoint=tiny.sam_checkpoint,
-                                   semantic_model=tiny.semantic_model)
+                                   semantic_model=semantic)
 
     def instance_config(self):
         from labeling.labelers.instance import InstanceLabelerConfig
@@ -243,7 +259,7 @@ class ModelChoice:
                 "params": dataclasses.asdict(self.instance_config()),
             },
             "semantic": {
-                "name": "tiny-random mask2former" if tiny else (repo or choice.semantic_model),
+                "name": tiny_semantic_name(choice.semantic_model) if tiny else (repo or choice.semantic_model),
                 "checkpoint": "tiny-random" if tiny else choice.semantic_model,
                 "repo": repo,  # the hub id; None for a local folder
                 "revision": revision,  # the commit, once pinned; None for a local folder
@@ -251,6 +267,13 @@ class ModelChoice:
                 "params": dataclasses.asdict(self.semantic_config()),
             },
         }
+
+
+def tiny_semantic_name(folder: str) -> str:
+    """The manifest's name of a tiny semantic twin built in `folder` (`materialize`)."""
+    from labeling.labelers.tiny_models import TINY_ADE_SEMANTIC_DIR
+
+    return "tiny-random mask2former" + (" (ade20k)" if os.path.basename(folder) == TINY_ADE_SEMANTIC_DIR else "")
 
 
 def resolve_hub_revision(repo_id: str, revision: str | None = None) -> str:

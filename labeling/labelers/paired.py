@@ -45,6 +45,7 @@ class ImageLabels:
     semantic: np.ndarray  # (height, width) class map in the contract's dtype
     model_size: tuple[int, int]  # (h, w) the models saw
     seconds: dict[str, float] = field(default_factory=dict)  # this image's share of each step
+    semantic_fillers: int = 0  # the call's semantic filler images, on its first labeled image (0 on the others)
 
 
 class PairedLabeler:
@@ -82,21 +83,22 @@ class PairedLabeler:
                     continue
                 yield prepared[i][1]
 
-        with self.device:  # one batch on the device at a time
+        with self.device:  # one batch on the device at a time (so the semantic fillers counted are this batch's)
             start = time.perf_counter()
             finishing = [self.pool.submit(self.instance.finish, result)
                          for result in self.instance.device_pass(ready())]
             instance_s = time.perf_counter() - start
             good = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
-            start = time.perf_counter()
+            start, fillers = time.perf_counter(), self.semantic.fillers
             maps = self.semantic.label([prepared[i][2] for i in good])
+            fillers = self.semantic.fillers - fillers
             semantic_s = time.perf_counter() - start
         masks = [future.result() for future in finishing]
         instance_s += time.perf_counter() - start - semantic_s  # waiting for the CPU half, if at all
         out: list[ImageLabels | codecs.DecodeError] = list(prepared)
-        for i, image_masks, image_map in zip(good, masks, maps):
+        for n, (i, image_masks, image_map) in enumerate(zip(good, masks, maps)):
             seconds = {"decode": prepared[i][3], "instance": instance_s / len(good), "semantic": semantic_s / len(good)}
-            out[i] = ImageLabels(image_masks, image_map, prepared[i][0], seconds)
+            out[i] = ImageLabels(image_masks, image_map, prepared[i][0], seconds, fillers if n == 0 else 0)
         return out
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """Tiny randomly initialised twins of the labeling models, for tests and local runs without weights.
 
 `build_tiny_random_models(folder)` writes a tiny SAM state dict and a tiny Mask2Former (model +
-image processor) into `folder`; both are then loaded back through the same code paths as the real
+image processor) into `folder`; `build_tiny_ade_semantic(folder)` the twin of the ADE20K alternative
+(150 classes); both are then loaded back through the same code paths as the real
 checkpoints (`checkpoints.load_sam(TINY_SAM_TYPE, path)` and `SemanticLabeler(path)`).
 
 The tiny SAM is SAM's own architecture (segment_anything's modeling classes) at small widths and a
@@ -29,6 +30,28 @@ TINY_SEMANTIC_DIR = "tiny_mask2former"
 # A COCO-panoptic-like taxonomy in miniature: things first, then stuff (see semantic_labeler).
 TINY_CLASSES = ("person", "car", "dog", "sky", "grass", "wall")
 TINY_THING_IDS = (0, 1, 2)
+TINY_ADE_SEMANTIC_DIR = "tiny_mask2former_ade"
+# ADE20K's 150 classes as the published ADE checkpoints' config.json `id2label` names them
+# (facebook/mask2former-swin-large-ade-semantic; "bed " with its trailing space). The twin's config
+# names no `thing_ids`, so `semantic.class_taxonomy` takes the split from its ADE20K rule (by the
+# class count), as for any 150-class config without them.
+ADE20K_CLASS_NAMES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed ", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
+    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
+    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
+    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
+    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
+    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
+    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)
 
 
 @dataclass(frozen=True)
@@ -171,8 +194,10 @@ def build_tiny_sam_random(seed: int = 0) -> Sam:
     return sam
 
 
-def build_tiny_semantic(folder: str, seed: int = 0) -> str:
-    """A tiny random Mask2Former (Swin backbone, 6 classes) and its image processor saved in `folder`."""
+def build_tiny_semantic(folder: str, seed: int = 0, classes: tuple[str, ...] = TINY_CLASSES,
+                        thing_ids: tuple[int, ...] | None = TINY_THING_IDS) -> str:
+    """A tiny random Mask2Former (Swin backbone, `classes`, by default 6) and its image processor saved
+    in `folder`; `thing_ids` go into its config (None: none)."""
     from transformers import (
         Mask2FormerConfig,
         Mask2FormerForUniversalSegmentation,
@@ -189,7 +214,7 @@ def build_tiny_semantic(folder: str, seed: int = 0) -> str:
         window_size=4,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
-    id2label = dict(enumerate(TINY_CLASSES))
+    id2label = dict(enumerate(classes))
     config = Mask2FormerConfig(
         backbone_config=backbone,
         use_pretrained_backbone=False,
@@ -204,7 +229,7 @@ def build_tiny_semantic(folder: str, seed: int = 0) -> str:
         dim_feedforward=64,
         id2label=id2label,
         label2id={name: i for i, name in id2label.items()},
-        thing_ids=list(TINY_THING_IDS),
+        **({} if thing_ids is None else {"thing_ids": list(thing_ids)}),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -219,7 +244,7 @@ def build_tiny_semantic(folder: str, seed: int = 0) -> str:
     # -ade-semantic): a fixed 384 x 384 size, size_divisor 32. The labeler sizes inputs itself (keeping
     # the aspect ratio), so tests exercise what a real checkpoint's config gives it.
     processor = Mask2FormerImageProcessor(
-        size={"height": 384, "width": 384}, size_divisor=32, ignore_index=255, num_labels=len(TINY_CLASSES)
+        size={"height": 384, "width": 384}, size_divisor=32, ignore_index=255, num_labels=len(classes)
     )
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -233,3 +258,10 @@ def build_tiny_random_models(folder: str, seed: int = 0) -> TinyModels:
     torch.save(build_tiny_sam_random(seed).state_dict(), sam_path)
     semantic = build_tiny_semantic(os.path.join(folder, TINY_SEMANTIC_DIR), seed)
     return TinyModels(sam_checkpoint=sam_path, sam_model_type=TINY_SAM_TYPE, semantic_model=semantic)
+
+
+def build_tiny_ade_semantic(folder: str, seed: int = 0) -> str:
+    """The twin of facebook/mask2former-swin-large-ade-semantic (`model_choice.ADE20K_SEMANTIC_MODEL`):
+    a tiny random Mask2Former with ADE20K's 150 class names and no `thing_ids`, and the published
+    ADE processor config's form (384 x 384, size_divisor 32, ignore 255, 150 labels), saved in `folder`."""
+    return build_tiny_semantic(folder, seed, ADE20K_CLASS_NAMES, thing_ids=None)

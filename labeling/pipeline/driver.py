@@ -103,11 +103,12 @@ class LabelingConfig:
     # tests/test_label_determinism.py).
     read_batch_size: int = 16
     model_batch_size: int = 8
-    # SAM's prompts per decoder call and crops per encoder call (None: the labeler's defaults); every call
-    # is padded to them, so they change speed and memory, and labels by float rounding at most
-    # (manifest.SPEED_PARAMS: recorded, not compared).
+    # SAM's prompts per decoder call, crops per encoder call and the semantic model's images per pass
+    # (None: the labelers' defaults); every call is padded to them, so they change speed and memory, and
+    # labels by float rounding at most (manifest.SPEED_PARAMS: recorded, not compared).
     sam_points_per_batch: int | None = None
     sam_encoder_batch_size: int | None = None
+    semantic_batch_size: int | None = None  # images per semantic forward pass (bucket fillers included)
     postprocess_batch_size: int = 8
     device: str = "auto"  # model actors on "cuda", or "cpu" when asked (auto: CPUs only for the tiny twins)
     wait_for_gpus: float | None = None  # seconds to wait for a first GPU (None: 30 min with an autoscaler)
@@ -172,6 +173,8 @@ def model_choice(cfg: LabelingConfig) -> ModelChoice:
     semantic = dict(preset["semantic"])
     if cfg.semantic_shortest_edge is not None:
         semantic["shortest_edge"] = cfg.semantic_shortest_edge
+    if cfg.semantic_batch_size is not None:
+        semantic["batch_size"] = cfg.semantic_batch_size
     base = ModelChoice(preset=cfg.models)
     return dataclasses.replace(
         base,
@@ -447,7 +450,8 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
             log(f"{layout.data_path(s, work_plan.num_shards)}: {state.reason}; {action}")
 
     storage = cfg.image_storage
-    contract = arrow_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict(), image_reference=True)
+    contract = arrow_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict(), image_reference=True,
+                            image_bytes=storage == "inline")
     schema = staged_schema(metadata.class_names, metadata.semantic_class_names, rule.to_dict())
     post = PostprocessConfig(len(semantic_classes), metadata.ignore_value, cfg.min_instance_area,
                              tuple(sorted(metadata.thing_ids)), rule, storage)
@@ -507,7 +511,7 @@ def _run(cfg: LabelingConfig, folder: OutputFolder, listed: Inputs, rule: Painti
     stats["coverage"] = summary.coverage_stats(total)
     summary.write(folder, stats)
     summary.write_card(folder, metadata, has_errors=stats["failed"] > 0, log=log, options=cfg.card,
-                       tiny_random=cfg.models == "tiny-random")
+                       tiny_random=cfg.models == "tiny-random", image_bytes=cfg.image_storage == "inline")
     summary.verify_folder(folder)
     log(summary.coverage_line(stats["coverage"]))
     warning = summary.few_regions_warning(stats["coverage"]) if cfg.models == "default" else None

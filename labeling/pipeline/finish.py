@@ -47,7 +47,8 @@ def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[Shard
               commit_time_s: float, gpus_per_actor: float, previous: Mapping | None = None,
               startup_s: float = 0.0, failed_by_type: Mapping[str, int] | None = None, driver_bytes: int = 0,
               listing_s: float = 0.0, actor_lifetime_s: float | None = None) -> dict:
-    """stats.json: totals over the folder; wall time, images/s and stage times of this run.
+    """stats.json: totals over the folder; wall time, images/s, stage times and work counters (`counts`:
+    the semantic model's filler images) of this run.
 
     startup_s: the part of the wall time before the first image was read (listing, model checks,
     starting Ray and the model actors); `labeling_s` is the rest. failed_by_type: the errors
@@ -63,6 +64,10 @@ def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[Shard
         for name, seconds in r.stage_time_s.items():
             stage[name] = stage.get(name, 0.0) + seconds
     stage["commit"] = stage.get("commit", 0.0) + commit_time_s
+    counts: dict[str, int] = {}
+    for r in results:
+        for name, value in r.counts.items():
+            counts[name] = counts.get(name, 0) + value
     model_s = stage.get("instance", 0.0) + stage.get("semantic", 0.0)
     runs = list((previous or {}).get("previous_runs", []))
     if previous:
@@ -82,6 +87,7 @@ def run_stats(total: layout.ShardStats, num_inputs: int, results: Iterable[Shard
         "listing_s": round(listing_s, 3),
         "driver_bytes_per_image": round(driver_bytes / processed, 1) if processed else 0.0,
         "stage_time_s": {k: round(v, 3) for k, v in stage.items()},
+        "counts": counts,
         **gpu_time(model_s, gpus_per_actor, actor_lifetime_s),
         "previous_runs": runs,
     }
@@ -180,7 +186,9 @@ def coverage_line(cov: Mapping) -> str:
     return (f"coverage of {images} images: {cov['share_under_min_regions']:.1%} have under {coverage.MIN_REGIONS} "
             f"instance regions at the trainer's patch grid ({cov['patch_grid']}; instance-guided masking falls back "
             f"to random there), {painted.get('0', 0) / images:.1%} no painted object; the largest mask is stuff in "
-            f"{largest.get('stuff', 0) / images:.1%} and dropped in {largest.get('dropped', 0) / images:.1%}")
+            f"{largest.get('stuff', 0) / images:.1%} and dropped in {largest.get('dropped', 0) / images:.1%}"
+            + (f", a class-agnostic object in {largest['object_agnostic'] / images:.1%}"
+               if largest.get("object_agnostic") else ""))
 
 
 def few_regions_warning(cov: Mapping, threshold: float = FEW_REGIONS_SHARE) -> str | None:
@@ -191,7 +199,8 @@ def few_regions_warning(cov: Mapping, threshold: float = FEW_REGIONS_SHARE) -> s
             f"instance regions at the trainer's patch grid (more than {threshold:.0%}): instance-guided masking "
             "falls back to random masking on them, so the curriculum's instance phase would be mostly random. The "
             "card's \"Regions for instance-guided masking\" shows why (no painted object, the largest mask stuff or "
-            "dropped).")
+            "dropped); where the images' subjects lie outside the semantic taxonomy, `python -m dataset_card repaint "
+            "OUTPUT --rule salient` paints them as class-agnostic objects.")
 
 
 class OutputInvalid(RuntimeError):
@@ -213,10 +222,11 @@ def _is_full_card(text: str) -> bool:
 
 
 def write_card(folder: OutputFolder, metadata: layout.DatasetMetadata, has_errors: bool, log=print,
-               options: CardOptions | None = None, tiny_random: bool = False) -> None:
+               options: CardOptions | None = None, tiny_random: bool = False, image_bytes: bool = True) -> None:
     """The full dataset card (`options`: what the user told it). If building it fails, an earlier
     full card is kept (it is then out of date, and the run says so), else the minimal card is
-    written; the labels are done either way."""
+    written (declaring `image` as the data files do: `image_bytes=False` for a labels-only run);
+    the labels are done either way."""
     from dataset_card.card.build import BuildConfig, build_card
 
     try:
@@ -236,6 +246,7 @@ def write_card(folder: OutputFolder, metadata: layout.DatasetMetadata, has_error
         body = ("# Multi-granular labeled images\n\n**Labeled with `--models tiny-random`: randomly initialised "
                 "tiny models, so these labels are meaningless** (for offline smoke runs and tests only).") \
             if tiny_random else ""
-        folder.write_bytes(name, str(minimal_card(metadata, has_errors, body, image_reference=True)).encode())
+        card = minimal_card(metadata, has_errors, body, image_reference=True, image_bytes=image_bytes)
+        folder.write_bytes(name, str(card).encode())
     except shards.OutputWriteError as err:
         log(f"warning: no dataset card was written ({err})")

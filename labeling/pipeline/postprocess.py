@@ -49,6 +49,7 @@ STAT_FIELDS = [
     ("stat_largest", pa.string()),
 ]
 TIME_COLUMNS = ("time_read", "time_instance", "time_semantic", "time_postprocess")
+COUNT_COLUMNS = ("count_semantic_fillers",)  # work counters of the model stage, summed into stats.json's "counts"
 ROUTING_FIELDS = [("index", pa.int64()), ("shard", pa.int64()), ("path", pa.string())] + [
     (name, pa.string()) for name in failures.COLUMNS
 ] + [("environment", pa.string())]  # what made the row (`labeling.pipeline.environment`), for the footer
@@ -59,6 +60,7 @@ def staged_schema(class_names: Sequence[str], semantic_class_names: Sequence[str
     """The postprocess output: contract columns (null when the row failed) + routing, stats, times."""
     contract = arrow_schema(class_names, semantic_class_names, painting, image_reference=True)
     fields = (list(contract) + ROUTING_FIELDS + STAT_FIELDS + [(t, pa.float64()) for t in TIME_COLUMNS]
+              + [(c, pa.int64()) for c in COUNT_COLUMNS]
               + [("started_at", pa.float64())])
     return pa.schema(fields)
 
@@ -205,6 +207,7 @@ def postprocess_stage(batch: pa.Table, cfg: PostprocessConfig, schema: pa.Schema
         labeled.update({k: row[k] for k in ("index", "shard", "path", "image_id", "label", *failures.COLUMNS)})
         labeled["environment"] = row.get("environment") or ""
         labeled.update({t: row.get(t) or 0.0 for t in (*TIME_COLUMNS, "started_at")})
+        labeled.update({c: row.get(c) or 0 for c in COUNT_COLUMNS})
         labeled["time_postprocess"] = time.perf_counter() - start
         out.append(labeled)
     return pa.Table.from_pylist(out, schema=schema)

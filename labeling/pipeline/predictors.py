@@ -21,6 +21,8 @@ What it adds per row:
   (`pixels_h`, `pixels_w`), already COCO-RLE encoded and filtered;
 - `semantic`: the class map at the image's original size (`semantic_h`, `semantic_w` = `height`,
   `width`) as raw bytes in the contract's dtype (uint8 below 255 classes, else uint16);
+- `count_semantic_fillers`: the filler images the semantic model computed to complete its passes
+  (`labelers.semantic`), on the first labeled row of each labeler call (0 elsewhere); stats.json sums it;
 - `environment`: what made the labels (this actor's libraries, CUDA, driver, GPU, compile flag:
   `labeling.pipeline.environment`), collected once at start; the shard's footer lists them.
 
@@ -51,7 +53,7 @@ MODELS_SCHEMA = pa.schema(
     + [("pixels_h", pa.int32()), ("pixels_w", pa.int32()), ("time_read", pa.float64()), ("started_at", pa.float64()),
        ("instances_json", pa.string()), ("time_instance", pa.float64()),
        ("semantic", pa.large_binary()), ("semantic_h", pa.int32()), ("semantic_w", pa.int32()),
-       ("time_semantic", pa.float64()), ("environment", pa.string())]
+       ("time_semantic", pa.float64()), ("count_semantic_fillers", pa.int64()), ("environment", pa.string())]
 )
 
 
@@ -93,7 +95,7 @@ def _text(counts) -> str:
 
 
 _EMPTY = {"instances_json": "[]", "semantic": b"", "semantic_h": 0, "semantic_w": 0, "pixels_h": 0, "pixels_w": 0,
-          "time_instance": 0.0, "time_semantic": 0.0}
+          "time_instance": 0.0, "time_semantic": 0.0, "count_semantic_fillers": 0}
 
 
 class ModelPredictor:
@@ -134,5 +136,6 @@ class ModelPredictor:
                            semantic_h=class_map.shape[0], semantic_w=class_map.shape[1],
                            pixels_h=result.model_size[0], pixels_w=result.model_size[1],
                            time_read=row["time_read"] + result.seconds["decode"],
-                           time_instance=result.seconds["instance"], time_semantic=result.seconds["semantic"])
+                           time_instance=result.seconds["instance"], time_semantic=result.seconds["semantic"],
+                           count_semantic_fillers=result.semantic_fillers)
         return pa.Table.from_pylist(rows, schema=MODELS_SCHEMA)

@@ -60,6 +60,7 @@ class ShardResult:
     errors_by_type: dict[str, int] = field(default_factory=dict)  # failures this run recorded
     instances: int = 0
     stage_time_s: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # the rows' count_* columns summed (semantic_fillers)
 
     @property
     def processed(self) -> int:
@@ -120,7 +121,10 @@ def _result(shard: int, staged: pa.Table) -> ShardResult:
             by_type[t] = by_type.get(t, 0) + 1
     times = {c.removeprefix("time_"): float(pc.sum(staged.column(c)).as_py() or 0.0)
              for c in staged.column_names if c.startswith("time_")}
-    return ShardResult(shard, ok.num_rows, by_type, int(pc.sum(ok.column("stat_instances")).as_py() or 0), times)
+    counts = {c.removeprefix("count_"): int(pc.sum(staged.column(c)).as_py() or 0)
+              for c in staged.column_names if c.startswith("count_")}
+    return ShardResult(shard, ok.num_rows, by_type, int(pc.sum(ok.column("stat_instances")).as_py() or 0), times,
+                       counts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ class LabeledRow:
     height: int
     width: int
     instances: list
-    semantic_png: bytes | None
-    instance_png: bytes | None = None
+    semantic_map: bytes | None
+    instance_map_bytes: bytes | None = None
 
 
 def labeled_rows(pred_root: str, with_semantic: bool, with_instance_map: bool = False) -> Iterator[LabeledRow]:
@@ -55,8 +55,8 @@ def labeled_rows(pred_root: str, with_semantic: bool, with_instance_map: bool = 
                     height=row["height"],
                     width=row["width"],
                     instances=row["instances"],
-                    semantic_png=(row["semantic_mask"] or {}).get("bytes") if with_semantic else None,
-                    instance_png=(row["instance_mask"] or {}).get("bytes") if with_instance_map else None,
+                    semantic_map=(row["semantic_mask"] or {}).get("bytes") if with_semantic else None,
+                    instance_map_bytes=(row["instance_mask"] or {}).get("bytes") if with_instance_map else None,
                 )
 
 

@@ -17,6 +17,8 @@ import pycocotools.mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from dataset_card.contract.painting import AGNOSTIC
+
 # COCOeval's `stats` for segmentation, in its order.
 COCO_STAT_NAMES = (
     "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
@@ -130,7 +132,8 @@ def panoptic_prediction(semantic: np.ndarray, instance_map: np.ndarray, instance
     instances are the thing segments (instance id = their `id`); the other pixels take their
     semantic class as a stuff segment (instance id 0), except pixels of a ground-truth thing class
     that no instance covers: a panoptic prediction has no instance-less things, so they join the
-    `unmatched` category (as do classes without a counterpart). Nothing is void: torchmetrics excuses
+    `unmatched` category (as do classes without a counterpart, and class-agnostic objects of the
+    "salient" rule: segments without a class). Nothing is void: torchmetrics excuses
     a ground-truth segment the prediction leaves mostly void, panopticapi counts it as missed.
     """
     category = to_gt[semantic.astype(np.int64)]
@@ -139,8 +142,9 @@ def panoptic_prediction(semantic: np.ndarray, instance_map: np.ndarray, instance
     for inst in instances:
         painted = instance_map == int(inst["id"])
         if painted.any():
-            own = int(inst["category_id"])
-            category[painted] = to_gt[own] if 0 <= own < to_gt.size else unmatched
+            own = int(inst["category_id"])  # a class-agnostic object's is not its class
+            classed = 0 <= own < to_gt.size and inst.get("level") != AGNOSTIC
+            category[painted] = to_gt[own] if classed else unmatched
             instance[painted] = int(inst["id"])
     return np.stack([category, instance], axis=-1)
 

@@ -71,7 +71,7 @@ def evaluate(pred_root: str, gt_instances: str | None = None, semantic_gt: gt_io
             if path is not None:
                 matched = True
                 gt_map = semantic_gt.read(path)
-                pred_map = codecs.decode_mask(row.semantic_png)
+                pred_map = codecs.decode_mask(row.semantic_map)
                 if gt_map.shape != pred_map.shape:
                     raise gt_io.GroundTruthError(
                         f"{path} is {gt_map.shape[1]}x{gt_map.shape[0]} but {row.image_id} was labeled at "
@@ -81,7 +81,7 @@ def evaluate(pred_root: str, gt_instances: str | None = None, semantic_gt: gt_io
                 cm += metrics.confusion_matrix(gt_dense, pred_lookup[pred_map], len(gt_order), ignore_value=-1)
                 if panoptic:
                     categories, segments = semantic_gt.read_panoptic(path)
-                    instance_map = codecs.decode_mask(row.instance_png)
+                    instance_map = codecs.decode_mask(row.instance_map_bytes)
                     pq.update(metrics.panoptic_prediction(pred_map, instance_map, row.instances, to_gt,
                                                           semantic_gt.things, pq.unmatched),
                               metrics.panoptic_target(categories, segments,

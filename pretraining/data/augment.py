@@ -82,7 +82,7 @@ class JointCropFlip:
         return CropBox(p["top"], p["left"], p["height"], p["width"], flip)
 
     def crop_image(self, image: torch.Tensor, box: CropBox) -> torch.Tensor:
-        """(C, H, W) uint8 on any device, C = 3, or 4 with a padding channel -> (3, S, S) uint8:
+        """(C, H, W) uint8, C = 3, or 4 with a padding channel -> (3, S, S) uint8:
         resized (antialiased) and flipped. v2's image kernels on a plain tensor: what `F.resized_crop`
         runs for an Image, without its dispatch."""
         out = F.resized_crop_image(image.as_subclass(torch.Tensor), box.top, box.left, box.height, box.width,
@@ -114,28 +114,6 @@ def sample_seeds(seed: int, epoch: int, index: int) -> tuple[int, int]:
     """(augmentation seed, masking seed): 63-bit seeds that depend only on (run seed, epoch, sample index)."""
     a, b, c, d = (int(x) for x in np.random.SeedSequence([seed, epoch, index]).generate_state(4, dtype=np.uint32))
     return a << 31 ^ b, c << 31 ^ d
-
-
-def augment_masks(
-    height: int,
-    width: int,
-    semantic: np.ndarray | None,
-    instance: np.ndarray | None,
-    transform: JointCropFlip,
-    seed: int,
-) -> tuple[CropBox, np.ndarray | None, np.ndarray | None]:
-    """`augment` for an image decoded later (on the training device): the crop box drawn exactly as
-    `augment` draws it for an image of height x width, and the label maps cropped with it.
-
-    Returns (box, semantic (S, S) or None, instance (S, S) or None), the maps in their own dtype.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        box = transform.draw(height, width)
-    masks = transform.crop_masks(box, *[m for m in (semantic, instance) if m is not None])
-    semantic_out = masks.pop(0) if semantic is not None else None
-    instance_out = masks.pop(0) if instance is not None else None
-    return box, semantic_out, instance_out
 
 
 def augment(

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torchvision.io import ImageReadMode, decode_jpeg
 
-from pretraining.data.augment import CropBox, joint_transform
 from pretraining.data.samples import HOST_KEYS, SampleSpec
 from pretraining.models.curriculum import curriculum_weights
 from pretraining.models.instances import instance_representation
@@ -63,8 +61,6 @@ class Batch:
         spec = self.spec
         moved = self.moved(device).chunks  # a no-op for chunks already there (`DevicePrefetcher`)
         batch = {k: torch.cat([c[k] for c in moved]) for k in moved[0] if k not in HOST_KEYS}
-        if "image_bytes" in moved[0]:
-            batch["rgb"] = self._decoded(moved, device)  # (B, 3, S, S) uint8
         mean, std = _normalisation(device)
         batch["rgb"] = (batch["rgb"].float() / 255 - mean) / std  # (B, 3, S, S)
         for key in ("semantic", "instance_ids"):
@@ -84,17 +80,3 @@ class Batch:
             semantic_range=(-1, spec.ignore_value - 1),
             instance_range=None if self.instance_max is None else (0, self.instance_max))
         return batch
-
-    def _decoded(self, chunks: list[dict], device: torch.device) -> torch.Tensor:
-        """The batch's images decoded on `device` (one batched decode_jpeg call) and cropped with their
-        boxes; images the workers already cropped (not device-decodable) are their raw bytes."""
-        spec = self.spec
-        data = [b for c in chunks for b in c["image_bytes"]]
-        boxes = torch.cat([c["crop"] for c in chunks]).tolist()  # host tensors: no sync
-        jpegs = [d for d, box in zip(data, boxes) if box[5]]
-        decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
-        transform = joint_transform(spec.img_size, spec.augment)
-        return torch.stack([
-            transform.crop_image(next(decoded), CropBox(*box[:4], bool(box[4]))) if box[5]
-            else d.to(device, non_blocking=True).view(3, spec.img_size, spec.img_size)
-            for d, box in zip(data, boxes)])

@@ -31,7 +31,6 @@ layout's streams for the new ranks and workers, so every step takes the samples 
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import heapq
 import posixpath
 from collections import OrderedDict
@@ -80,14 +79,8 @@ class DataConfig:
     shuffle_buffer: int = 1024  # rows held by each stream's shuffle buffer
     prefetch_factor: int = 2  # chunks each worker prepares ahead
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    # Where JPEGs are decoded and cropped: "worker" (the loader workers, on CPU) or "device" (the workers
-    # send the JPEG bytes and the crop box, and `Batch.to` decodes the batch with torchvision's
-    # decode_jpeg on the training device: nvJPEG on a GPU). Label maps are cropped in the workers either way.
-    decode: str = "worker"
-
-    def __post_init__(self):
-        if self.decode not in ("worker", "device"):
-            raise ValueError(f"Unknown data.decode {self.decode!r}; use worker or device.")
+    # Images are decoded and cropped in the workers, always: the GPU decode path (`data.decode=device`) was
+    # removed (docs/training.md, "Why the workers decode").
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,7 +454,6 @@ class PretrainingLoader:
     def __init__(self, dataset: LabeledDataset, spec: SampleSpec, cfg: DataConfig, rank: int = 0,
                  world_size: int = 1, start: tuple[int, int] = (0, 0), step_multiple: int = 1,
                  pin_memory: bool = False, epoch_layout: Layout | None = None):
-        spec = dataclasses.replace(spec, decode_on_device=cfg.decode == "device")
         self.stream = PretrainingStream(dataset, spec, cfg.batch_size, cfg.shuffle_buffer, rank, world_size,
                                         cfg.num_workers, start, step_multiple, epoch_layout)
         # Checked here, in the main process, so errors are clear; micro-steps of epoch 0 in this layout.

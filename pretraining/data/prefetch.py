@@ -51,7 +51,7 @@ class DevicePrefetcher:
             for tensor in chunk.values():
                 # Allocated on the side stream, used on the compute stream: the caching allocator
                 # must not reuse the memory until the compute stream is done with it. (Host entries,
-                # such as encoded JPEGs for decoding on the device, stay where they are.)
+                # such as the largest instance id, stay where they are.)
                 if isinstance(tensor, torch.Tensor) and tensor.is_cuda:
                     tensor.record_stream(compute)
         return batch

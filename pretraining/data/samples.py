@@ -1,25 +1,23 @@
 """One sample, in a loader worker: a raw row -> decoded, jointly cropped maps and the masking's draws.
 
 `make_sample` decodes with the contract's codecs, checks the maps against the image and metadata's
-taxonomy, crops and flips the three maps jointly (or, with `decode_on_device`, leaves the JPEG encoded with its crop box) and draws the
-masking's random numbers from the sample's own seed. `collate` stacks a worker's chunk;
+taxonomy, crops and flips the three maps jointly and draws the masking's random numbers from the
+sample's own seed. `collate` stacks a worker's chunk;
 `pretraining.data.batch.Batch` finishes it on the device.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
 from dataset_card.contract import codecs
 from dataset_card.contract.schema import TRAINING_COLUMNS
-from pretraining.data.augment import AugmentConfig, augment, augment_masks, sample_seeds
+from pretraining.data.augment import AugmentConfig, augment, sample_seeds
 from pretraining.models.masking import MaskingConfig, draw_masking
 
 
@@ -41,7 +39,6 @@ class SampleSpec:
     epochs: int
     instance_offset_unit: int | None = None  # pixels per unit of the instance offsets; None: the image size
     num_semantic_classes: int | None = None  # metadata's taxonomy: other ids (but the ignore value) are refused
-    decode_on_device: bool = False  # JPEGs travel encoded and `Batch.to` decodes them (DataConfig.decode)
 
     @property
     def semantic_dtype(self) -> type:
@@ -64,13 +61,8 @@ def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform) 
     (strategy_key, proportions (M,), keys (K, N)). `Batch.to` finishes the batch on the device.
     """
     augment_seed, masking_seed = sample_seeds(spec.seed, epoch, index)
-    device_size = _device_jpeg_size(row["image"]) if spec.decode_on_device else None
-    on_device = device_size is not None
-    if on_device:
-        rgb, (width, height) = None, device_size
-    else:
-        rgb = image_tensor(row["image"])
-        height, width = rgb.shape[-2:]
+    rgb = image_tensor(row["image"])
+    height, width = rgb.shape[-2:]
     semantic = instance = None
     if spec.reads_masks:
         # As stored (uint8 / uint16): the crop comes before any widening.
@@ -81,16 +73,8 @@ def make_sample(row: dict, index: int, epoch: int, spec: SampleSpec, transform) 
                             f"{instance.shape}; the shard breaks the contract, relabel it.")
         check_taxonomy(semantic, spec.num_semantic_classes, spec.ignore_value)
     sample = {"label": int(row["label"]), "index": index}  # plain ints: collate makes one tensor of each
-    if on_device:  # the JPEG's bytes and its crop box; Batch.to decodes and crops it on the device
-        box, semantic_c, instance_c = augment_masks(height, width, semantic, instance, transform, augment_seed)
-        sample["image_bytes"] = torch.frombuffer(bytearray(row["image"]), dtype=torch.uint8)
-        sample["crop"] = torch.tensor([box.top, box.left, box.height, box.width, box.flip, 1])
-    else:
-        image, semantic_c, instance_c = augment(rgb, semantic, instance, transform, augment_seed)
-        if spec.decode_on_device:  # not a JPEG the device decodes (PNG, CMYK): cropped here, sent raw
-            sample["image_bytes"], sample["crop"] = image.flatten(), torch.zeros(6, dtype=torch.int64)
-        else:
-            sample["rgb"] = image  # (3, S, S) uint8: normalised by Batch.to on the device (4x fewer bytes than float)
+    image, semantic_c, instance_c = augment(rgb, semantic, instance, transform, augment_seed)
+    sample["rgb"] = image  # (3, S, S) uint8: normalised by Batch.to on the device (4x fewer bytes than float)
     if spec.reads_masks:
         # Label maps travel in the smallest dtype that holds them, the same for every row (the ignore
         # value is the largest semantic value); Batch.to makes them int64 and the ignore value -1.
@@ -134,28 +118,13 @@ def image_tensor(data: bytes) -> torch.Tensor:
     return pixels.permute(2, 0, 1)
 
 
-def _device_jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a JPEG whose decode_jpeg pixels are the contract's (RGB or grey), from one
-    read of its header; None for anything else (CMYK, PNG, unreadable bytes), which the worker
-    decodes with `codecs` (and names, if it cannot)."""
-    if data[:3] != b"\xff\xd8\xff":
-        return None
-    try:
-        img = Image.open(io.BytesIO(data))
-    except (OSError, SyntaxError, ValueError):
-        return None
-    return img.size if img.mode in ("RGB", "L") else None
+HOST_KEYS = ("instance_max",)  # chunk entries Batch.to reads on the host
 
 
-HOST_KEYS = ("instance_max", "image_bytes", "crop")  # chunk entries Batch.to reads on the host
-
-
-def collate(samples: Sequence[dict[str, torch.Tensor | int]]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-    """Stack each key (ints become one int64 tensor); the encoded images (of different lengths) stay a list."""
-    def stacked(key: str):
+def collate(samples: Sequence[dict[str, torch.Tensor | int]]) -> dict[str, torch.Tensor]:
+    """Stack each key (ints become one int64 tensor)."""
+    def stacked(key: str) -> torch.Tensor:
         values = [s[key] for s in samples]
-        if key == "image_bytes":
-            return values
         return torch.tensor(values, dtype=torch.int64) if isinstance(values[0], int) else torch.stack(values)
 
     return {key: stacked(key) for key in samples[0]}

@@ -101,10 +101,13 @@ RESUMABLE_KEYS = frozenset({"checkpoint_every", "checkpoint_minutes", "checkpoin
 # Keys a resume may change on purpose, with `--amend KEY=VALUE` (recorded in run.json with its step): they
 # change what is computed from then on, not the model's shape, the data or the seed. The learning rate and
 # its schedule's tail, clipping, precision, the loss weights, the semantic head's precision, the loader's
-# workers and decode path, and the per-process batch cap (the global batch stays: training/allocation.py).
+# workers, and the per-process batch cap (the global batch stays: training/allocation.py).
 AMENDABLE_KEYS = frozenset({"optim.lr", "optim.base_lr", "optim.min_lr", "optim.warmup_epochs", "optim.clip_grad",
                             "precision", "model.lambda_semantic", "model.lambda_instance", "model.lambda_rgb",
-                            "model.semantic_head_fp32", "data.num_workers", "data.decode", "data.batch_size"})
+                            "model.semantic_head_fp32", "data.num_workers", "data.batch_size"})
+# Keys that existed once: giving one is refused with what replaced it (a stored config loses them on upgrade).
+REMOVED_KEYS = {"data.decode": "data.decode was removed: images are always decoded in the loader workers (set "
+                               "data.num_workers for more of them); docs/training.md says why."}
 
 
 def _parse(text: str, current: Any, key: str) -> Any:
@@ -174,6 +177,8 @@ def apply_overrides(cfg: TrainConfig, overrides: Iterable[str]) -> TrainConfig:
         if not sep or not key:
             raise ConfigError(f"--set {item}: write overrides as key=value, e.g. data.batch_size=32.")
         path = key.split(".")
+        if key in REMOVED_KEYS:
+            raise ConfigError(f"--set {item}: {REMOVED_KEYS[key]}")
         if path == ["accum_steps"]:
             raise ConfigError(f"--set {item}: accumulation is derived now: set global_batch (samples per optimizer "
                               "step over all processes) and data.batch_size (the most one process computes at once).")
@@ -204,7 +209,9 @@ def amend(cfg: TrainConfig, amendments: Iterable[str]) -> tuple[TrainConfig, lis
     AMENDABLE_KEYS (and the free RESUMABLE_KEYS) is a ConfigError naming what may change."""
     items = list(amendments)
     keys = [item.partition("=")[0].strip() for item in items]
-    for key in keys:
+    for item, key in zip(items, keys):
+        if key in REMOVED_KEYS:
+            raise ConfigError(f"--amend {item}: {REMOVED_KEYS[key]}")
         if key not in AMENDABLE_KEYS | RESUMABLE_KEYS:
             raise ConfigError(f"--amend {key}: only {', '.join(sorted(AMENDABLE_KEYS))} (and the cadence keys) may "
                               "change within a run, never the model's shape, the data or the seed; start a new "

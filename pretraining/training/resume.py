@@ -9,7 +9,7 @@ failed before its first checkpoint never blocks a corrected retry. With one, a r
   grow (the learning-rate and curriculum schedules are functions of progress = position / epochs, so
   they are recomputed over the new total from the next step on), and the keys the rerun amends on
   purpose with `--amend KEY=VALUE` (`config.AMENDABLE_KEYS`: learning rate and schedule tail,
-  clipping, precision, loss weights, loader workers and decode path, the per-process batch cap),
+  clipping, precision, loss weights, loader workers, the per-process batch cap),
   each recorded in run.json's "amendments" with the optimizer step it applies from;
 - the global batch (with the learning rate it is the recipe's): another number of processes, or
   `--amend data.batch_size`, changes how it is split, never its size. The epoch in progress keeps the

@@ -58,6 +58,8 @@ def upgrade(config: dict, run: dict) -> dict:
 
     A config with `accum_steps` (before the global batch was the recipe's) gets the global batch it
     trained at, which today's allocation splits back into the same batch and accumulation.
+    A config with `data.decode` (removed) loses it: its images are decoded in the workers from now on
+    ("device" decoded the same JPEGs within a grey level, and the key was amendable within a run).
     An old config names its model (`"model": "c2fmae_vit_tiny_patch16"`) and keeps only the factory's
     keyword overrides (`"model_args"`): that is all it holds, so today's factory resolves it, once,
     with the semantic class count the run recorded.
@@ -67,6 +69,8 @@ def upgrade(config: dict, run: dict) -> dict:
         config = {k: v for k, v in config.items() if k != "accum_steps"}
         if accum != 1:
             config["global_batch"] = config["data"]["batch_size"] * run.get("world_size", 1) * accum
+    if "decode" in config.get("data", {}):
+        config = {**config, "data": {k: v for k, v in config["data"].items() if k != "decode"}}
     if not isinstance(config.get("model"), str):
         return config
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("model_args", {}).items()}
