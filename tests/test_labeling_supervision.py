@@ -1,6 +1,7 @@
 """Supervision of a long labeling run: a storage outage longer than a few retries is ridden out,
 a transient out-of-memory is retried, only errors that poison the CUDA context restart an actor,
-a decoder crash costs one file, the stderr filter cannot block the driver, and a killed driver is
+a decoder crash costs one file (the model actor labels the rest), one batch decodes while another
+holds the device, the stderr filter cannot block the driver, and a killed driver is
 restarted (`--max-restarts`)."""
 
 import errno
@@ -338,11 +339,102 @@ def test_a_decoder_crash_on_one_file_is_that_files_failure_and_the_caller_goes_o
 
     with ThreadPoolExecutor(4) as threads:  # as the paired labeler calls it: from several threads at once
         out = list(threads.map(decode, files))
-    assert isinstance(out[1], DecodeError) and str(out[1]) == CRASH_MESSAGE
+    assert isinstance(out[1], DecodeError) and str(out[1]) == CRASH_MESSAGE.format(how="killed by SIGKILL")
     assert [o[0].shape for i, o in enumerate(out) if i != 1] == [(20, 30, 3), (40, 10, 3), (64, 21, 3), (8, 8, 3)]
     assert out[3][1:] == (100, 300)  # the original size, the pixels shrunk to 64
     assert failures.from_exception(failures.DECODE, out[1]).error_type == failures.UNDECODABLE
-    assert pool(files[4])[0].shape == (8, 8, 3)  # the pool was replaced and goes on
+    assert pool(files[4])[0].shape == (8, 8, 3)  # the dead process was replaced
     with pytest.raises(DecodeError, match="cannot read image header"):
         pool(b"not an image")  # an ordinary decode error travels back as itself
     pool.close()
+
+
+def test_a_decoder_crash_in_the_model_actor_fails_that_file_and_labels_the_rest_as_without_it():
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from labeling.pipeline import failures
+    from labeling.pipeline.driver import LabelingConfig, model_choice, model_max_side
+    from labeling.pipeline.predictors import ModelPredictor
+    from labeling.pipeline.preprocess import DECODED_SCHEMA
+
+    def row(i: int, data: bytes, h: int, w: int) -> dict:
+        return {"index": i, "shard": 0, "path": f"p{i}", "image_id": f"p{i}", "label": 0, "image_path": f"p{i}",
+                "error_stage": "", "error_type": "", "error_message": "", "image_bytes": data, "width": w,
+                "height": h, "time_read": 0.0, "started_at": 0.0}
+
+    rng = np.random.default_rng(0)
+    images = []
+    for h, w in ((24, 32), (40, 28), (24, 32)):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+        images.append((buf.getvalue(), h, w))
+    cfg = LabelingConfig(input="unused", output="unused", models="tiny-random", points_per_side=4)
+    predictor = ModelPredictor(model_choice(cfg), threads=1, max_side=model_max_side(cfg), cpu_threads=2,
+                               decode=decode_or_die)
+    with_crash = [row(0, *images[0]), row(1, b"crash", 16, 16), row(2, *images[1]), row(3, *images[2])]
+    out = predictor(pa.Table.from_pylist(with_crash, schema=DECODED_SCHEMA)).to_pylist()
+    assert [r["error_type"] for r in out] == ["", failures.UNDECODABLE, "", ""]
+    assert out[1]["error_stage"] == failures.DECODE
+    assert out[1]["error_message"].startswith("the image decoder's process died on this file (killed by SIGKILL")
+    # The same actor, models loaded, labels the healthy files exactly as it does without the crash beside them.
+    alone = predictor(pa.Table.from_pylist([row(0, *images[0]), row(2, *images[1]), row(3, *images[2])],
+                                           schema=DECODED_SCHEMA)).to_pylist()
+    for got, want in zip([out[0], out[2], out[3]], alone):
+        assert not want["error_type"] and want["semantic_h"] == want["height"]
+        assert (got["instances_json"], got["semantic"]) == (want["instances_json"], want["semantic"])
+    predictor.labeler.close()
+
+
+def test_one_batch_decodes_while_another_holds_the_device_and_device_passes_never_overlap():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from labeling.labelers.paired import PairedLabeler
+
+    first_on_device, second_decoding = threading.Event(), threading.Event()
+    on_device, most_on_device, saw_second_decode = [], [], []
+
+    def decoder(data: bytes):
+        if data == b"second":
+            second_decoding.set()
+        return np.full((2, 3, 3), len(data), np.uint8), 3, 2
+
+    class Instance:  # the device half of a labeler, recording who is on the device
+        def prepare(self, pixels):
+            return pixels
+
+        def device_pass(self, images):
+            on_device.append(1)
+            most_on_device.append(len(on_device))
+            images = list(images)
+            if not first_on_device.is_set():  # the first batch waits on the device for the second to decode
+                first_on_device.set()
+                saw_second_decode.append(second_decoding.wait(10))
+            on_device.pop()
+            yield from images
+
+        def finish(self, pixels):
+            return [{"value": int(pixels[0, 0, 0])}]
+
+    class Semantic:
+        fillers = 0  # copies padding a pass (none here)
+
+        def prepare(self, pixels, size):
+            return pixels
+
+        def label(self, prepared):
+            return [p[:, :, 0] for p in prepared]
+
+    labeler = PairedLabeler(Instance(), Semantic(), max_side=8, threads=2, decoder=decoder)
+    with ThreadPoolExecutor(2) as calls:  # the model actor's two concurrent calls
+        first = calls.submit(labeler, [b"first"])
+        assert first_on_device.wait(10)
+        second = calls.submit(labeler, [b"second"])
+        out = first.result(timeout=20) + second.result(timeout=20)
+    assert saw_second_decode == [True]  # decoding overlapped the other batch's device work
+    assert max(most_on_device) == 1  # device passes took turns
+    assert [labels.masks for labels in out] == [[{"value": 5}], [{"value": 6}]]
+    labeler.close()

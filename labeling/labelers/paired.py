@@ -12,15 +12,19 @@ the `DecodeError` that image raised. The work is split so the device rarely wait
   image's CPU half (RLE strings, cleanup) back to the pool, which runs it while the semantic model
   computes;
 - only the original bytes travel to the actor: model-size pixels exist only here;
-- `decoder` does the decoding and shrinking, by default in the calling thread (the model actor's
-  today); a `labelers.decode_pool.DecodePool` would run it in processes of its own, so a decoder
-  crash costs one file, not the actor.
+- `decoder` does the decoding and shrinking, by default in the calling thread; the model actor
+  passes a `labelers.decode_pool.DecodePool`, which runs it in processes of the actor's own, so a
+  decoder crash costs one file, not the actor;
+- calls may come from several threads at once: the device passes of one call hold a lock, while
+  another call's decoding and CPU halves run beside them (the model actor takes two batches at
+  once, so one batch's CPU work overlaps the next one's device work).
 
 Nothing here imports Ray or `datasets` (the GPU benchmark runs this class on a bare CUDA box).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +56,7 @@ class PairedLabeler:
         self.max_side, self.max_pixels = max_side, max_pixels
         self.decoder = decoder or (lambda data: decode(data, max_pixels, max_side))
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="labeling-cpu")
+        self.device = threading.Lock()
 
     def _prepare(self, data: bytes):
         start = time.perf_counter()
@@ -63,6 +68,9 @@ class PairedLabeler:
 
     def __call__(self, images: Sequence[bytes]) -> list[ImageLabels | codecs.DecodeError]:
         """Labels of each encoded image, or the DecodeError it raised (any other error raises)."""
+        # Decoding starts before the device is free: it overlaps the device work of a batch that another
+        # thread of the actor runs (the model actor takes two calls at once), as that batch's CPU half overlaps this
+        # batch's device work.
         futures = [self.pool.submit(self._prepare, data) for data in images]
         prepared: list = [None] * len(images)
 
@@ -75,14 +83,16 @@ class PairedLabeler:
                     continue
                 yield prepared[i][1]
 
-        start = time.perf_counter()
-        finishing = [self.pool.submit(self.instance.finish, result) for result in self.instance.device_pass(ready())]
-        instance_s = time.perf_counter() - start
-        good = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
-        start, fillers = time.perf_counter(), self.semantic.fillers
-        maps = self.semantic.label([prepared[i][2] for i in good])
-        fillers = self.semantic.fillers - fillers
-        semantic_s = time.perf_counter() - start
+        with self.device:  # one batch on the device at a time (so the semantic fillers counted are this batch's)
+            start = time.perf_counter()
+            finishing = [self.pool.submit(self.instance.finish, result)
+                         for result in self.instance.device_pass(ready())]
+            instance_s = time.perf_counter() - start
+            good = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
+            start, fillers = time.perf_counter(), self.semantic.fillers
+            maps = self.semantic.label([prepared[i][2] for i in good])
+            fillers = self.semantic.fillers - fillers
+            semantic_s = time.perf_counter() - start
         masks = [future.result() for future in finishing]
         instance_s += time.perf_counter() - start - semantic_s  # waiting for the CPU half, if at all
         out: list[ImageLabels | codecs.DecodeError] = list(prepared)

@@ -199,11 +199,15 @@ class Layout:
     max_actors: int | None = None
 
     def pool(self):
-        """Ray Data's actor pool for the model actors: fixed, or autoscaling between min and max."""
+        """Ray Data's actor pool for the model actors: fixed, or autoscaling between min and max.
+
+        Each actor takes two batches at once, in two threads: one batch's decoding and CPU halves
+        run while the other's device passes hold the device (`labelers.paired`)."""
+        overlap = {"max_concurrent_calls_per_actor": 2, "enable_true_multi_threading": True}
         if self.min_actors == self.max_actors:
-            return ray.data.ActorPoolStrategy(size=self.model_actors)
+            return ray.data.ActorPoolStrategy(size=self.model_actors, **overlap)
         return ray.data.ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors,
-                                          initial_size=self.model_actors)
+                                          initial_size=self.model_actors, **overlap)
 
     def describe(self) -> str:
         size = (f"{self.model_actors}" if self.min_actors == self.max_actors else

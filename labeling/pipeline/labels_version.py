@@ -22,7 +22,7 @@ from pathlib import Path
 
 # Bump when labels made by the same models and arguments can change (and record the digest below).
 LABELS_VERSION = 3
-LABEL_CODE_DIGEST = "bac5f2968da71709e91e650906488f3b8fce43cff4c83f4ca4e341130b4cd6ba"
+LABEL_CODE_DIGEST = "2b006349bad2b3f0ce838068e3b910ae79aa75931b83b330b8d957d0b34c2505"
 
 # The code whose change can change a label: the labelers, the read / model / post-process stages,
 # and the contract's codecs, painting rule and schema. The driver, writer, card and docs are not in

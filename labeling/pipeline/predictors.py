@@ -6,11 +6,14 @@ and sees no CUDA device fails at start (`GPUUnavailable`, one sentence naming th
 CUDA build) instead of labeling on its CPU. It holds SAM and the semantic model together, so every
 GPU runs both and none waits for another's model. What it reads per row: `image_id`, the original file bytes
 (`image_bytes`) and the size the read stage found in the header (`width`, `height`); rows whose
-`error_type` is set are passed through untouched. It decodes the bytes itself, in its CPU threads,
-while the device works (`labeling.labelers.paired`): model-size pixels never cross the object store.
-(`labeling.labelers.decode_pool` decodes in processes, so that a codec crash costs one file, not the
-actor; it is not wired in yet: inside a Ray actor its multiprocessing resource tracker died and
-warned that resources might leak, in the healthy-run test.)
+`error_type` is set are passed through untouched. It decodes the bytes itself, while the device
+works (`labeling.labelers.paired`): its CPU threads hand each file to a child process of the
+actor's own (`labeling.labelers.decode_pool`, up to `cpu_threads` of them on a GPU, one on a
+CPU), so a decoder that crashes on a file (a codec's segfault, an abort, the out-of-memory
+killer) costs that file, an `undecodable` row saying the decoder crashed, and the actor goes on
+with its models loaded. Model-size pixels never cross the object store. Ray Data calls an actor
+with two batches at once (`cluster.Layout.pool`): their device passes take turns, so one batch's
+decoding and CPU half run while the other's models do.
 What it adds per row:
 
 - `instances_json`: a JSON list of masks in the labelers' format ({"rle": {"size": [h, w],
@@ -99,17 +102,21 @@ class ModelPredictor:
     """SAM and the semantic model for DECODED_SCHEMA batches -> MODELS_SCHEMA batches."""
 
     def __init__(self, choice, device: str = "cpu", threads: int | None = None, max_side: int = 1024,
-                 max_pixels: int = 100_000_000, cpu_threads: int = 4):
+                 max_pixels: int = 100_000_000, cpu_threads: int = 4, decode=None):
+        """`decode`: what the decoding processes run (`model_input.decode` unless given)."""
         device = _device(device)  # before any library loads: an actor without its GPU stops at once
         from PIL import Image
 
+        from labeling.labelers.decode_pool import DecodePool
         from labeling.labelers.paired import PairedLabeler
 
         _quiet_loading(threads)
         Image.MAX_IMAGE_PIXELS = max_pixels  # our own limit, checked from the header, decides:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL only warns below 2x of it
+        # A CPU actor has half a CPU or one: one decoding process is all it can use.
+        decoder = DecodePool(cpu_threads if device == "cuda" else 1, max_pixels, max_side, decode)
         self.labeler = PairedLabeler(choice.instance_labeler(device), choice.semantic_labeler(device), max_side,
-                                     max_pixels, cpu_threads)
+                                     max_pixels, cpu_threads, decoder=decoder)
         self.environment = environment.encode(environment.collect(device, self.labeler.instance.compiled))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
