@@ -356,7 +356,7 @@ def test_a_decoder_crash_in_the_model_actor_fails_that_file_and_labels_the_rest_
     from PIL import Image
 
     from labeling.pipeline import failures
-    from labeling.pipeline.driver import LabelingConfig, model_choice, model_max_side
+    from labeling.pipeline.config import LabelingConfig, model_choice, model_max_side
     from labeling.pipeline.predictors import ModelPredictor
     from labeling.pipeline.preprocess import DECODED_SCHEMA
 
