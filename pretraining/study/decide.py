@@ -26,7 +26,7 @@ did not change is reused from OUTPUT/stages/, so a cut-off study is continued by
 `--launcher` runs pretraining and fine-tuning under it (torchrun on a node); without it each runs as one
 process. The tiny twin runs stages 3-6 as function calls of the same commands in this process (no
 interpreter starts), on tiny models for a few steps: its numbers are meaningless, its mechanics real.
-docs/results.md ("The study that decides") gives the estimated GPU-hours and what each outcome means.
+docs/evaluation.md ("The study that decides") gives the estimated GPU-hours and what each outcome means.
 """
 
 from __future__ import annotations
@@ -82,9 +82,9 @@ def gpu_size(epochs: int, global_batch: int, warmup_epochs: float, finetune_epoc
                 "vit_base", (f"epochs={finetune_epochs}",), "mae", "cached", ("--models", "default"))
 
 
-# The tiny twin: 3 optimizer steps per epoch of 4, on one CPU process; no worker processes to start.
+# The tiny twin: 3 optimizer steps of 4 images, in one CPU process; no worker processes to start.
 TINY = Size(("tiny", "mae_tiny"),
-            ("epochs=2", "global_batch=4", "data.batch_size=4", "data.num_workers=0", "optim.warmup_epochs=0.5",
+            ("epochs=1", "global_batch=4", "data.batch_size=4", "data.num_workers=0", "optim.warmup_epochs=0.5",
              "figure_every=0", "log_every=3", "log_grad_share=False", "checkpoint_async=False"),
             "tiny", ("epochs=1", "batch_size=4"), "tiny", "cached_tiny",
             ("--models", "tiny-random", "--points-per-side", "4", "--num-cpus", "2", "--shard-size", "16"))
@@ -105,21 +105,27 @@ def recipe(name: str):
     return mae_tiny() if name == "mae_tiny" else get_recipe(name)
 
 
-def arm_command(arm: str, size: Size, seed: int, num_semantic_classes: int) -> tuple[str, list[str]]:
-    """(recipe, --set overrides) of `arm`: the shared ones, the arm's model switches, the seed."""
+def parallel_decoder(size: Size, num_semantic_classes: int) -> dict:
+    """The model overrides that turn C2FMAE's cascade into the parallel decoder of the same depth per
+    modality and the same decoder FLOPs (models/factory.py `parallel_matched_overrides`)."""
     from pretraining.models.factory import parallel_matched_overrides
 
+    m = recipe(size.recipes[0]).model
+    return parallel_matched_overrides(
+        m.arch, num_semantic_classes=num_semantic_classes, img_size=m.img_size, patch_size=m.patch_size,
+        embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, decoder_dim=m.decoder_dim,
+        decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads, num_visible=m.masking.num_visible)
+
+
+def arm_command(arm: str, size: Size, seed: int, parallel: dict) -> tuple[str, list[str]]:
+    """(recipe, --set overrides) of `arm`: the shared ones, the arm's model switches, the seed.
+    `parallel`: `parallel_decoder`'s overrides."""
     c2f, mae = size.recipes
     sets = [*size.pretrain, f"seed={seed}"]
     if arm == "mae":
         return mae, sets
-    if arm == "c2fmae_parallel":  # the cascade's depth per modality and its decoder FLOPs (factory.py)
-        m = recipe(c2f).model
-        matched = parallel_matched_overrides(
-            m.arch, num_semantic_classes=num_semantic_classes, img_size=m.img_size, patch_size=m.patch_size,
-            embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, decoder_dim=m.decoder_dim,
-            decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads, num_visible=m.masking.num_visible)
-        sets += [f"model.{k}={v!r}".replace(" ", "") for k, v in matched.items()]
+    if arm == "c2fmae_parallel":
+        sets += [f"model.{k}={tuple(v) if isinstance(v, list) else v!r}".replace(" ", "") for k, v in parallel.items()]
     elif arm == "c2fmae_targets_only":  # the encoder reads RGB alone, at MAE's visible share (factory.py)
         sets.append("model.input_modalities=('rgb',)")
     elif arm != "c2fmae":
@@ -201,8 +207,8 @@ def labeled_ids(labels: Path) -> set[str]:
     return {i for f in files for i in pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist()}
 
 
-def pretrain(runner: Runner, arm: str, seed: int, size: Size, labels: Path, run_dir: Path, classes: int) -> dict:
-    name, sets = arm_command(arm, size, seed, classes)
+def pretrain(runner: Runner, arm: str, seed: int, size: Size, labels: Path, run_dir: Path, parallel: dict) -> dict:
+    name, sets = arm_command(arm, size, seed, parallel)
     argv = ["-m", "pretraining.train", "--data", str(labels), "--config", name, "--output", str(run_dir),
             "--no-progress", *[a for s in sets for a in ("--set", s)]]
 
@@ -335,11 +341,15 @@ def run_study(args) -> list[str]:
         size = replace(size, pretrain=(*size.pretrain, *args.pretrain_set))
     runner = Runner(args.output, in_process=args.tiny, launcher=shlex.split(args.launcher or ""))
     labels, eval_dir, semantic_classes = prepare_data(args, runner, size)
+    # Computed once (it builds the model at every candidate width) and kept, as a stage, for reruns.
+    parallel = runner.stage("parallel-decoder", [size.recipes[0], semantic_classes],
+                            lambda: parallel_decoder(size, semantic_classes))
+    parallel = {k: v for k, v in parallel.items() if k not in ("seconds", "cpu_seconds")}
     scores: dict[str, list[dict[str, np.ndarray]]] = {}
     for seed in range(args.seeds):
         for arm in ARMS:
             base = args.output / "runs" / f"{arm}-s{seed}"
-            pretrain(runner, arm, seed, size, labels, base / "pretrain", semantic_classes)
+            pretrain(runner, arm, seed, size, labels, base / "pretrain", parallel)
             export(runner, arm, seed, base / "pretrain", base / "timm")
             stamp = (base / "timm" / "model.safetensors").stat().st_mtime_ns
             probes(runner, f"{arm}-s{seed}", f"local-dir:{base / 'timm'}", eval_dir, size, base / "probes.npz",
