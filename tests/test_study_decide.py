@@ -53,6 +53,18 @@ def test_subset_errors_say_what_to_do(tmp_path):
         class_folders(tmp_path / "missing")
 
 
+def test_the_command_fails_in_one_sentence(tmp_path, capsys):
+    root = _folder(tmp_path / "train", classes=2, per_class=3)
+    assert decide.main(["--images", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'nowhere'} is not a folder; pass an ImageFolder (ROOT/CLASS/IMAGE), e.g. ImageNet's train/"]
+    assert decide.main(["--images", str(root), "--output", str(tmp_path / "out"), "--classes", "5"]) == 2
+    assert "--classes 2 or fewer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        decide.main(["--output", str(tmp_path / "out")])  # no --images and not --tiny: argparse's usage error
+    assert "--images is required" in capsys.readouterr().err
+
+
 def _scores(rng, accuracies: dict[str, dict[str, float]], n: int = 2000) -> dict:
     return {arm: {p: (rng.random((1, n)) < acc)[:, :] for p, acc in probes.items()}
             for arm, probes in accuracies.items()}
@@ -142,7 +154,7 @@ def test_gpu_hours_estimate_is_images_over_rates():
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_tiny_twin_runs_end_to_end_and_resumes(tmp_path, capsys):
+def test_tiny_twin_runs_end_to_end_and_resumes(tmp_path, capsys, one_thread):
     """Label the bundled photos, pretrain the four arms, export, probe, fine-tune, report; a rerun reuses it all."""
     from pretraining.evaluate import main as evaluate
 

@@ -32,6 +32,7 @@ docs/evaluation.md ("The study that decides") gives the estimated GPU-hours and 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -327,7 +328,8 @@ def prepare_data(args, runner: Runner, size: Size) -> tuple[Path, Path, int]:
     ids = labeled_ids(labels)
     train = [rel for rel in subset.candidates if image_id(rel) in ids]
     eval_dir = out / "eval"
-    runner.stage("eval-folders", [str(images), str(val_root), train, held_out],
+    digest = hashlib.sha256("\n".join([*train, "", *held_out]).encode()).hexdigest()  # 130k names: their digest
+    runner.stage("eval-folders", [str(images), str(val_root), digest],
                  lambda: link_eval_folders(eval_dir, images, train, val_root, held_out))
     metadata = DatasetMetadata.from_json((labels / METADATA_FILE).read_text(), source=str(labels / METADATA_FILE))
     return labels, eval_dir, metadata.num_semantic_classes
