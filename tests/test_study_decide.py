@@ -182,6 +182,10 @@ def test_tiny_twin_runs_end_to_end_and_resumes(tmp_path, capsys, one_thread):
     spec = f"local-dir:{out / 'runs' / 'c2fmae-s0' / 'timm'}"
     assert evaluate(["knn", "--model", spec, "--data", str(out / "eval"), "--config", "tiny"])["top1"] == \
         pytest.approx(knn)
+    linear = json.loads((out / "stages" / "probe-mae-s0.json").read_text())["result"]["linear"]
+    spec = f"local-dir:{out / 'runs' / 'mae-s0' / 'timm'}"
+    assert evaluate(["linear-probe", "--model", spec, "--data", str(out / "eval"), "--config", "cached_tiny",
+                     *[a for s in decide.TINY.linear for a in ("--set", s)]])["top1"] == pytest.approx(linear)
     tuned = json.loads((out / "stages" / "finetune-mae-s0.json").read_text())["result"]
     assert tuned["finetune"] == pytest.approx(tuned["command_top1"])
     assert np.load(out / "runs" / "mae-s0" / "finetune.npz")["finetune"].shape == (15,)

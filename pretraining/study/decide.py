@@ -74,20 +74,21 @@ class Size:
     finetune: tuple[str, ...]  # --set for every fine-tune
     knn_config: str
     linear_config: str
+    linear: tuple[str, ...]  # --set for the cached linear probe
     label: tuple[str, ...]  # labeling arguments beside --input/--output/--file-list/--sample
 
 
 def gpu_size(epochs: int, global_batch: int, warmup_epochs: float, finetune_epochs: int) -> Size:
     return Size(("c2fmae_base_400ep", "mae_base"),
                 (f"epochs={epochs}", f"global_batch={global_batch}", f"optim.warmup_epochs={warmup_epochs}"),
-                "vit_base", (f"epochs={finetune_epochs}",), "mae", "cached", ("--models", "default"))
+                "vit_base", (f"epochs={finetune_epochs}",), "mae", "cached", (), ("--models", "default"))
 
 
 # The tiny twin: 3 optimizer steps of 4 images, in one CPU process; no worker processes to start.
 TINY = Size(("tiny", "mae_tiny"),
             ("epochs=1", "global_batch=4", "data.batch_size=4", "data.num_workers=0", "optim.warmup_epochs=0.5",
              "figure_every=0", "log_every=3", "log_grad_share=False", "checkpoint_async=False"),
-            "tiny", ("epochs=1", "batch_size=4"), "tiny", "cached_tiny",
+            "tiny", ("epochs=1", "batch_size=4"), "tiny", "cached_tiny", ("epochs=20", "warmup_epochs=2"),
             ("--models", "tiny-random", "--points-per-side", "4", "--num-cpus", "2", "--shard-size", "16"))
 
 
@@ -248,20 +249,21 @@ def probes(runner: Runner, name: str, spec: str, eval_dir: Path, size: Size, sco
     """Linear probe and k-NN of the frozen encoder `spec`, in this process; correctness kept in `scores_file`."""
 
     def run():
+        from pretraining.evaluate import apply_overrides
         from pretraining.evaluation import probe
         from pretraining.evaluation.backbones import setup_device
         from pretraining.evaluation.folders import load_eval_data
         from pretraining.study.scoring import encoder_scores
 
         data = load_eval_data(str(eval_dir))
-        scores = encoder_scores(spec, data, probe.KNN_RECIPES[size.knn_config](),
-                                probe.CACHED_LINEAR_PROBE_RECIPES[size.linear_config](), setup_device(None),
+        linear = apply_overrides(probe.CACHED_LINEAR_PROBE_RECIPES[size.linear_config](), list(size.linear))
+        scores = encoder_scores(spec, data, probe.KNN_RECIPES[size.knn_config](), linear, setup_device(None),
                                 random_init)
         np.savez(scores_file, **scores)
         return {k: 100.0 * float(v.mean()) for k, v in scores.items()}
 
-    return runner.stage(f"probe-{name}", [spec, str(eval_dir), size.knn_config, size.linear_config, random_init,
-                                          stamp], run)
+    return runner.stage(f"probe-{name}", [spec, str(eval_dir), size.knn_config, size.linear_config, size.linear,
+                                          random_init, stamp], run)
 
 
 def finetune(runner: Runner, arm: str, seed: int, timm_dir: Path, eval_dir: Path, size: Size, out: Path,
