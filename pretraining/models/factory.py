@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
@@ -215,17 +216,22 @@ def parallel_matched_overrides(name: str, num_semantic_classes: int = 133, **ove
     cfg = cascade.cfg
     target = decoder_flops(cascade)
     units = tuple(range(1, len(cfg.modalities) + 1))
-    best = None
-    for dim in range(cfg.decoder_heads, cfg.decoder_dim + 1, cfg.decoder_heads):
-        if dim % 4:  # 2D sin-cos position embeddings need a multiple of 4
-            continue
+    widths = [d for d in range(cfg.decoder_heads, cfg.decoder_dim + 1, cfg.decoder_heads) if d % 4 == 0]  # 2D sin-cos
+
+    @functools.cache
+    def flops(dim: int) -> float:
         candidate = {"decoder": "parallel", "decoder_units": units, "decoder_dim": dim}
         with torch.device("meta"):
-            model = create_model(name, num_semantic_classes=num_semantic_classes, **{**overrides, **candidate})
-        gap = abs(decoder_flops(model) / target - 1)
-        if best is None or gap < best[0]:
-            best = (gap, candidate)
-    return best[1]
+            return decoder_flops(create_model(name, num_semantic_classes=num_semantic_classes, **{**overrides, **candidate}))
+
+    # Decoder FLOPs grow with the width: bisect for the first width at or above the cascade's, then take
+    # the closer of it and the width below (the narrower on a tie).
+    lo, hi = 0, len(widths) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if flops(widths[mid]) < target else (lo, mid)
+    dim = min(widths[max(lo - 1, 0):lo + 1], key=lambda d: abs(flops(d) / target - 1))
+    return {"decoder": "parallel", "decoder_units": units, "decoder_dim": dim}
 
 
 def create_model(name: str, **kwargs) -> MaskedAutoencoder:
