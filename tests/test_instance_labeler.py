@@ -1,5 +1,6 @@
 """The fast instance labeler gives the stock generator's masks (same model, same parameters)."""
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -18,7 +19,15 @@ from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.utils.amg import remove_small_regions
 
 from labeling.labelers.instance import InstanceLabeler, InstanceLabelerConfig, cleanup_window
-from labeling.labelers.mask_postprocess import axis_taps, upsample_windows, window_rle, windows_above
+from labeling.labelers.mask_postprocess import (
+    TILE,
+    axis_taps,
+    rle_from_changes,
+    tile_band,
+    tile_changes,
+    tile_stats,
+    windows_above,
+)
 from labeling.labelers.tiny_models import build_tiny_sam_random
 
 # Chosen so that the stock generator keeps >= 20 masks per image with the tiny twin (asserted), while
@@ -189,23 +198,88 @@ def test_compiled_masks_agree_with_eager_on_gpu(sam, images):
     close_to(eager, compiled)
 
 
+def _wave(labeler, images):
+    """The device's work on every crop of `images` (encoder, decoder calls and each crop's
+    `_crop_masks`), without the per-image copy back."""
+    from labeling.labelers.instance import _CropWork
+
+    crops = [(image.shape[:2], crop) for image in images for crop in labeler.prepare(image).crops]
+    low, iou, bounds = labeler._decode_calls(labeler._encode([c for _, c in crops]), [c for _, c in crops])
+    return [labeler._crop_masks(_CropWork(crop, low[a:b], iou[a:b]), size, labeler.capacities[crop.layer])
+            for (size, crop), a, b in zip(crops, bounds[:-1], bounds[1:])]
+
+
 @pytest.mark.gpu
-def test_a_wave_queues_encoder_and_decoder_without_a_host_sync(sam, images):
+def test_a_wave_runs_without_a_host_sync_on_gpu(sam, images):
     """Under torch.cuda.set_sync_debug_mode("error") any host wait raises: the input copies, the
-    encoder call and every decoder call of a wave run without one (the predicted-IoU filter after
-    them waits once, for the survivors' counts)."""
+    encoder call, every decoder call and each crop's filters, NMS and RLE boundaries run without one."""
     labeler = InstanceLabeler(copy.deepcopy(sam), InstanceLabelerConfig(**PARAMS, points_per_batch=64, compile=False),
                               "cuda")
-    crops = [crop for image in images[:4] for crop in labeler.prepare(image).crops]
+    labeler(images[:4])  # warm-up: library handles, allocations, capacities, taps
     with torch.inference_mode():
-        labeler._decode_calls(labeler._encode(crops), crops)  # warm-up: library handles, allocations
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            low, iou, bounds = labeler._decode_calls(labeler._encode(crops), crops)
+            outs = _wave(labeler, images[:4])
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert low.dtype == torch.bfloat16 and len(iou) == bounds[-1] == 3 * PARAMS["points_per_side"] ** 2 * 4
+    assert len(outs) == 4 and all(meta.shape[1] == 9 for meta, _, _ in outs)
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero", "unique",
+              "bincount", "masked_select")
+
+
+@contextlib.contextmanager
+def host_reads():
+    """Records every Python-level way a tensor's values reach the host (on a GPU each waits for the
+    device): the methods in HOST_READS, their torch functions, and boolean indexing."""
+    seen = []
+
+    def spy(name, real):
+        def wrapper(*args, **kwargs):
+            seen.append(name)
+            return real(*args, **kwargs)
+        return wrapper
+
+    real_getitem = torch.Tensor.__getitem__
+
+    def getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(torch.is_tensor(p) and p.dtype == torch.bool for p in parts):
+            seen.append("boolean index")
+        return real_getitem(self, index)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in HOST_READS:
+            patch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+            if hasattr(torch, name):
+                patch.setattr(torch, name, spy(name, getattr(torch, name)))
+        patch.setattr(torch.Tensor, "__getitem__", getitem)
+        yield seen
+
+
+def test_the_device_reads_nothing_back_but_one_copy_per_image(sam, images):
+    """The CPU twin of the GPU sync check: over a device pass (crop layers included), the only
+    host read is one copy of each image's buffers; buffers too small at first are grown and the
+    masks stay those of a labeler whose buffers were large enough."""
+    from labeling.labelers.instance import Capacities
+
+    cfg = InstanceLabelerConfig(**dict(PARAMS, points_per_side=4, crop_n_layers=1), encoder_batch_size=5)
+    chosen = [images[2], images[14]]
+    expected = InstanceLabeler(sam, cfg)(chosen)
+    labeler = InstanceLabeler(sam, cfg)
+    labeler.capacities = {0: Capacities(1, 1, 1, 1), 1: Capacities(1, 1, 1, 1)}
+    assert labeler(chosen) == expected
+    assert all(caps.tiles > 1 and caps.masks > 1 and caps.changes > 1 for caps in labeler.capacities.values())
+    prepared = [labeler.prepare(image) for image in chosen]
+    with torch.inference_mode(), host_reads() as seen:
+        results = list(labeler.device_pass(prepared))
+    assert seen == ["cpu", "numpy"] * len(chosen)
+    assert [labeler.finish(r) for r in results] == expected and all(expected)
+    with torch.inference_mode(), host_reads() as seen:
+        _wave(labeler, chosen[:1])  # sizes seen before: their taps are on the device
+    assert seen == []
 
 
 def test_crops_and_small_regions_equal_stock(sam, images):
@@ -289,8 +363,11 @@ def test_bad_image_is_one_sentence(sam):
 
 
 @pytest.mark.parametrize("sizes", [(64, 256, 171, 256, 342, 512), (64, 256, 256, 2, 300, 3), (256, 1024, 1024, 683, 300, 200)])
-def test_windowed_upsampling_is_stock_upsampling(sizes):
-    """Values, windows and RLE of the window path against F.interpolate twice over the canvas."""
+def test_tile_counts_boxes_and_rle_are_stock_upsamplings(sizes):
+    """Counts above thresholds, boxes and RLE of the fixed-shape tile path against F.interpolate
+    twice over the canvas; a capacity too small is reported, not silently used."""
+    from segment_anything.utils.amg import batched_mask_to_box
+
     low_len, model_len, input_h, input_w, height, width = sizes
     generator = torch.Generator().manual_seed(0)
     low = torch.randn(4, low_len, low_len, generator=generator) * 4
@@ -298,18 +375,32 @@ def test_windowed_upsampling_is_stock_upsampling(sizes):
     full = torch.nn.functional.interpolate(full[..., :input_h, :input_w], (height, width), mode="bilinear",
                                            align_corners=False)[:, 0]
     taps_y, taps_x = axis_taps(low_len, model_len, input_h, height), axis_taps(low_len, model_len, input_w, width)
+    valid = torch.tensor([True, True, False, True])
+    big, many = 1 << 12, 1 << 16  # tiles (at most 4 x 704 here), change slots
     for threshold in (-1.0, 0.0, 2.0):
+        binary = full > threshold
+        counts, boxes, need = tile_stats(low, valid, taps_y, taps_x, tile_band(taps_y[0]), (threshold, threshold + 1),
+                                         threshold, big)
+        assert 0 < need <= big
+        assert counts[0].tolist() == [int(binary[n].sum()) if valid[n] else 0 for n in range(4)]
+        assert counts[1].tolist() == [int((full[n] > threshold + 1).sum()) if valid[n] else 0 for n in range(4)]
+        assert boxes[valid].tolist() == batched_mask_to_box(binary[valid]).tolist() and not boxes[2].any()
+        assert tile_stats(low, valid, taps_y, taps_x, tile_band(taps_y[0]), (threshold,), threshold, 3)[2] == need
+
         windows = windows_above(low, threshold, taps_y[0], taps_x[0])
-        values, valid = upsample_windows(low, taps_y, taps_x, windows)
-        for n in range(len(low)):
-            r0, c0, r1, c1 = windows[n].tolist()
-            inside = torch.zeros(height, width, dtype=torch.bool)
-            inside[r0:r1, c0:c1] = True
-            assert not ((full[n] > threshold) & ~inside).any()
-            torch.testing.assert_close(values[n, : r1 - r0, : c1 - c0], full[n, r0:r1, c0:c1], atol=1e-4, rtol=0)
-            binary = ((values[n] > threshold) & valid[n])[: r1 - r0, : c1 - c0]
-            reference = mask_utils.encode(np.asfortranarray((full[n] > threshold).numpy().astype(np.uint8)))
-            assert window_rle(binary, r0, c0, height, width)["counts"] == reference["counts"].decode()
+        owner, position, areas, changes, needs = tile_changes(
+            low, valid, windows, taps_y, taps_x, tile_band(taps_y[0], -1, TILE + 2), threshold, (0, 0), (height, width),
+            big, many)
+        assert needs[0] <= big and needs[1] <= many and areas.tolist() == counts[0].tolist()
+        for n in range(4):
+            mine = position[(owner == n) & (position >= 0)].numpy()
+            assert len(mine) == changes[n] and (np.diff(mine) > 0).all()
+            if valid[n]:
+                reference = mask_utils.encode(np.asfortranarray(binary[n].numpy().astype(np.uint8)))
+                assert rle_from_changes(mine, height, width)["counts"] == reference["counts"].decode()
+        small = tile_changes(low, valid, windows, taps_y, taps_x, tile_band(taps_y[0], -1, TILE + 2), threshold, (0, 0),
+                             (height, width), 2, 2)[-1]
+        assert small[0] == needs[0]  # every tile counted, only two evaluated
 
 
 _MEMORY_SCRIPT = textwrap.dedent("""

@@ -10,18 +10,22 @@ same parameters, computed with less work and few device round trips:
 - the prompt decoder runs `points_per_batch` prompts per call, mixing the crops of an encoder call
   (`sam_fast.decode_points`), on a GPU a bf16 copy of the decoder with bf16 activations end to end;
   all calls of a wave are queued without a host wait;
-- predicted-IoU filtering (one host wait per wave, for the survivors' counts), then the exact
-  stability score and box of each candidate computed only
-  on the output tiles that can hold its pixels (`mask_postprocess.tile_stats`), crop-edge filter
-  and box NMS, all on the device;
-- only NMS survivors are upsampled again, inside their boxes, and their COCO RLE run boundaries
-  found on the device (`mask_postprocess.window_changes`); one device-to-host copy per image brings
-  them back, and `finish` (CPU) writes the RLE strings, cross-crop NMS and the small-region cleanup.
+- per crop, on the device in fixed shapes (no host wait; `_crop_masks`): the predicted-IoU,
+  stability and crop-edge filters as flags on all of the crop's candidates, the exact stability
+  score and box computed only on the output tiles that can hold a candidate's pixels
+  (`mask_postprocess.tile_stats`), box NMS (`mask_postprocess.nms_superset`), then the kept masks'
+  COCO RLE run boundaries found on the tiles of their boxes (`mask_postprocess.tile_changes`);
+  buffers have sizes from `Capacities`, never from the data;
+- one device-to-host copy per image brings every crop's buffers back, with the sizes they needed
+  (a crop that needed more is redone with grown buffers: rare once they have grown); `finish` (CPU)
+  completes the box NMS, writes the RLE strings, cross-crop NMS and the small-region cleanup.
 
 Every encoder call holds exactly `encoder_batch_size` crops and every decoder call exactly
 `points_per_batch` prompts (padding fills the last ones), so kernel shapes never depend on which
 images share a call: an image's masks are the same alone or in any batch, bit for bit on one
-machine (tests/test_instance_labeler.py). In fp32 they are the stock generator's masks, order,
+machine (tests/test_instance_labeler.py). The post-processing buffers' sizes (`Capacities`) grow with
+the data seen, but no value depends on them: counts are integers and each tile's arithmetic is
+its own. In fp32 they are the stock generator's masks, order,
 scores and boxes (up to float rounding, which the tests bound); bf16 on a GPU trades that for
 speed, within the tolerances tested there.
 """
@@ -40,19 +44,22 @@ from segment_anything.utils.amg import (
     box_xyxy_to_xywh,
     build_all_layer_point_grids,
     generate_crop_boxes,
-    is_box_near_crop_edge,
     remove_small_regions,
 )
 from segment_anything.utils.transforms import ResizeLongestSide
-from torchvision.ops.boxes import batched_nms, box_area
+from torchvision.ops.boxes import batched_nms, box_area, nms
 
 from dataset_card.contract import codecs
 from labeling.labelers.mask_postprocess import (
+    TILE,
     axis_taps,
+    compact,
+    near_crop_edge,
+    nms_superset,
     rle_from_changes,
+    tile_band,
+    tile_changes,
     tile_stats,
-    upsample_windows,
-    window_changes,
     windows_above,
 )
 from labeling.labelers.sam_fast import bf16_decoder, decode_points, fused_encoder
@@ -60,6 +67,8 @@ from labeling.labelers.timing import StageClock
 
 FILTER_BATCH = 1024  # candidates whose stability and boxes are computed together (bounds memory)
 TAPS_CACHE = 256  # image sizes whose upsampling taps stay on the device
+NMS_ROUNDS = 8  # fixed-point rounds of box NMS on the device (even; `finish` completes it exactly).
+# On the tests' first 8 images (fp32, bf16), 4 rounds left 3 % and 11 % extra masks for `finish`; 8 none.
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,7 @@ class InstanceLabelerConfig:
     fused_attention: bool = True  # the encoder's attention through F.scaled_dot_product_attention
     compile: bool | None = None  # torch.compile the encoder and the decoder call (fixed shapes: one graph each);
     # None: on CUDA, off elsewhere (inductor's kernels change float rounding only: tests/test_instance_labeler.py)
-    window_pixels: int = 1 << 22  # upsampled pixels per post-processing chunk (bounds memory)
+    window_pixels: int = 1 << 22  # upsampled pixels per post-processing chunk of tiles (bounds memory)
 
 
 @dataclass
@@ -102,33 +111,46 @@ class PreparedImage:
 
 
 @dataclass
-class _Candidates:
-    """Masks of one crop that passed every filter so far (tensors on the device)."""
+class Capacities:
+    """Fixed sizes of a crop's post-processing buffers (`InstanceLabeler._crop_masks`), one set per
+    crop layer (deeper layers' crops are smaller). A crop that needs more is redone with the sizes
+    grown (powers of two), which stay grown: results never depend on them, only the work does."""
 
-    low: torch.Tensor  # (N, h, w) float32 low-resolution logits
-    iou: torch.Tensor  # (N,)
-    stability: torch.Tensor  # (N,)
-    boxes: torch.Tensor  # (N, 4) XYXY in the crop, inclusive max
+    tiles: int = 1 << 10  # output tiles whose stability and box are evaluated, per FILTER_BATCH candidates
+    masks: int = 32  # masks kept by box NMS, per crop
+    window_tiles: int = 1 << 8  # tiles of the kept masks' windows, per crop
+    changes: int = 1 << 11  # RLE run boundaries, per crop
 
-    @staticmethod
-    def cat(parts: list[_Candidates]) -> _Candidates:
-        return _Candidates(*(torch.cat([getattr(p, f) for p in parts]) for f in ("low", "iou", "stability", "boxes")))
+    def grown(self, needs: np.ndarray) -> Capacities | None:
+        """Capacities that hold `needs` (tiles, masks, window tiles, changes; maxima over crops), or
+        None when these already do."""
+        fields = ("tiles", "masks", "window_tiles", "changes")
+        if all(int(n) <= getattr(self, f) for f, n in zip(fields, needs)):
+            return None
+        return Capacities(*(max(getattr(self, f), 1 << int(n - 1).bit_length()) for f, n in zip(fields, needs)))
 
-    def take(self, index: torch.Tensor) -> _Candidates:
-        return _Candidates(self.low[index], self.iou[index], self.stability[index], self.boxes[index])
+
+@dataclass
+class _CropWork:
+    """A crop's decoder outputs on the device and its post-processed buffers (`_crop_masks`)."""
+
+    crop: PreparedCrop
+    low: torch.Tensor  # (M, h, w) low-resolution logits of all its candidates, in the decoder's dtype
+    iou: torch.Tensor  # (M,) float32 predicted IoUs
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # meta, changes, needs
 
 
 @dataclass
 class DeviceResult:
-    """One image's kept masks as they come back from the device, before `finish`."""
+    """One image's kept masks as they come back from the device, before `finish`: per crop its box,
+    meta (masks, _META) [filled, iou, stability, x0, y0, x1, y1, area, changes] and changes
+    (slots, 2) [mask, canvas position or -1], sorted by mask then position."""
 
     size: tuple[int, int]
-    crop_boxes: list[list[int]]
-    packed: np.ndarray  # float64: per mask [crop, iou, stability, x0, y0, x1, y1, area, changes], then the changes
-    count: int
+    crops: list[tuple[list[int], np.ndarray, np.ndarray]]
 
 
-_META = 9  # values per mask at the head of DeviceResult.packed
+_META = 9  # values per mask slot in DeviceResult
 
 
 @dataclass
@@ -136,7 +158,7 @@ class _Pending:
     """An image whose crops are partly through the device."""
 
     image: PreparedImage
-    crops: list[tuple[PreparedCrop, _Candidates, tuple]] = field(default_factory=list)
+    crops: list[_CropWork] = field(default_factory=list)
 
 
 class InstanceLabeler:
@@ -168,6 +190,7 @@ class InstanceLabeler:
         self._pin = cuda  # host buffers copied to the device without waiting (page-locked, non_blocking)
         self._taps: dict[tuple[int, ...], tuple] = {}  # axis_taps on the device, by sizes
         self.clock = StageClock()  # seconds per stage; benchmarks swap in a syncing clock
+        self.capacities = {layer: Capacities() for layer in range(len(self.point_grids))}  # grown by `_image_result`
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[list[dict]]:
         prepared = [self.prepare(image, i) for i, image in enumerate(images)]
@@ -197,15 +220,13 @@ class InstanceLabeler:
             with self.clock("encoder"):
                 features = self._encode(crops)
             with self.clock("decoder"):
-                candidates = self._decode_wave(features, crops)
-            for (i, crop), (low, iou) in zip(wave, candidates):
-                with self.clock("filter"):
-                    kept, taps = self._crop_candidates(low, iou, crop, pending[i].image.size)
-                pending[i].crops.append((crop, kept, taps))
+                low, iou, bounds = self._decode_calls(features, crops)
+            for (i, crop), a, b in zip(wave, bounds[:-1], bounds[1:]):
+                work = _CropWork(crop, low[a:b], iou[a:b])
+                work.out = self._crop_masks(work, pending[i].image.size, self.capacities[crop.layer])
+                pending[i].crops.append(work)
                 if len(pending[i].crops) == len(pending[i].image.crops):
-                    with self.clock("masks"):
-                        result = self._image_result(pending.pop(i))
-                    yield result
+                    yield self._image_result(pending.pop(i))
 
     def _waves(self, images: Iterable[PreparedImage], pending: dict) -> Iterator[list[tuple[int, PreparedCrop]]]:
         """Lists of `encoder_batch_size` (image index, crop), the crops of all images in order."""
@@ -246,23 +267,6 @@ class InstanceLabeler:
         with torch.autocast(**self._autocast):
             return self._encoder(batch).to(self.dtype)
 
-    def _decode_wave(self, features: torch.Tensor, crops: list[PreparedCrop]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every point prompt of the wave's crops through the decoder (`_decode_calls`), then the
-        predicted-IoU filter, which waits once for the number of survivors of each crop.
-
-        Returns per crop its candidates' low-resolution logits (n, h, w) in the decoder's dtype and
-        predicted IoUs (n,) float32, in the stock generator's order (prompt-major, three per prompt).
-        """
-        low, iou, bounds = self._decode_calls(features, crops)
-        keep = iou > self.cfg.pred_iou_thresh if self.cfg.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
-        counts = torch.stack([keep[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])]).tolist()  # the host waits
-        out = []
-        for a, b, count in zip(bounds[:-1], bounds[1:], counts):
-            # The survivors' positions, in order, without another wait: a stable sort puts them first.
-            index = torch.sort((~keep[a:b]).to(torch.uint8), stable=True).indices[:count] + a
-            out.append((low.index_select(0, index), iou.index_select(0, index)))
-        return out
-
     def _decode_calls(self, features: torch.Tensor, crops: list[PreparedCrop]) -> tuple[torch.Tensor, torch.Tensor, list]:
         """The decoder over every point prompt of the wave's crops, `points_per_batch` per call (the
         last padded), in the decoder's dtype (bf16 end to end on a GPU); queued without a host wait.
@@ -292,134 +296,130 @@ class InstanceLabeler:
         iou = torch.cat(ious)[:total].flatten(0, 1).float()  # (total * 3,)
         return low, iou, [int(b) for b in np.cumsum([0] + [3 * len(c) for c in coords])]
 
-    def _axis_taps(self, *sizes: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`axis_taps(*sizes)` on the device, kept for the last TAPS_CACHE sizes (images share sizes)."""
+    def _axis_taps(self, *sizes: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int, int]:
+        """`axis_taps(*sizes)` on the device with its `tile_band`s for stats and for RLE tiles (taken
+        on the host), kept for the last TAPS_CACHE sizes (images share sizes)."""
         if sizes not in self._taps:
             if len(self._taps) >= TAPS_CACHE:
                 del self._taps[next(iter(self._taps))]
-            self._taps[sizes] = tuple(self._to_device(t) for t in axis_taps(*sizes))
+            taps = axis_taps(*sizes)
+            self._taps[sizes] = (tuple(self._to_device(t) for t in taps), tile_band(taps[0]),
+                                 tile_band(taps[0], -1, TILE + 2))
         return self._taps[sizes]
 
-    def _crop_candidates(self, low, iou, crop: PreparedCrop, image_size) -> tuple[_Candidates, tuple]:
-        """A crop's candidates through the stability and crop-edge filters and box NMS."""
-        cfg, model_len = self.cfg, self.sam.image_encoder.img_size
-        input_size = crop.pixels.shape[:2]
-        taps_y = self._axis_taps(low.shape[-2], model_len, input_size[0], crop.size[0])
-        taps_x = self._axis_taps(low.shape[-1], model_len, input_size[1], crop.size[1])
-        parts = [self._filter(low[lo : lo + FILTER_BATCH].float(), iou[lo : lo + FILTER_BATCH], taps_y, taps_x,
-                              crop.box, image_size) for lo in range(0, len(iou), FILTER_BATCH)]
-        if not parts:
-            empty = torch.zeros(0, device=self.device)
-            none = torch.zeros(0, 4, dtype=torch.int64, device=self.device)
-            return _Candidates(low[:0].float(), empty, empty, none), (taps_y, taps_x)
-        c = _Candidates.cat(parts)
-        keep = batched_nms(c.boxes.float(), c.iou, torch.zeros_like(c.iou), iou_threshold=cfg.box_nms_thresh)
-        return c.take(keep), (taps_y, taps_x)
+    def _crop_masks(self, work: _CropWork, image_size: tuple[int, int],
+                    caps: Capacities) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One crop's masks from its decoder outputs, on the device in fixed shapes (no host wait):
+        predicted-IoU, stability and crop-edge filters as flags, box NMS (`nms_superset`), then the
+        kept masks' RLE run boundaries inside their boxes (`tile_changes`).
 
-    def _filter(self, low, iou, taps_y, taps_x, crop_box, image_size) -> _Candidates:
-        """Exact stability scores and boxes of candidates, evaluated only inside their windows."""
-        cfg, threshold = self.cfg, self.sam.mask_threshold
-        offset = cfg.stability_score_offset
-        counts, boxes = tile_stats(low, taps_y, taps_x, (threshold + offset, threshold - offset), threshold,
-                                   max_pixels=cfg.window_pixels)
+        Returns meta (caps.masks, _META) and changes (caps.changes, 2) float64 (`DeviceResult`), and
+        needs (4,) int64: the capacities the crop needed (tiles, masks, window tiles, changes).
+        """
+        with self.clock("filter"):
+            kept = self._kept(work, image_size, caps)
+        with self.clock("masks"):
+            return self._buffers(work.crop, image_size, caps, *kept)
+
+    def _kept(self, work: _CropWork, image_size: tuple[int, int], caps: Capacities) -> tuple[torch.Tensor, ...]:
+        """`_crop_masks`'s filters and box NMS: the kept candidates' slots (caps.masks,) and whether
+        each is filled, their logits (caps.masks, h, w) float32, IoUs, stability scores and boxes,
+        and the capacities needed so far (2,)."""
+        cfg, crop, threshold = self.cfg, work.crop, self.sam.mask_threshold
+        low, iou = work.low, work.iou
+        input_size, model_len = crop.pixels.shape[:2], self.sam.image_encoder.img_size
+        taps_y, stats_band, _ = self._axis_taps(low.shape[-2], model_len, input_size[0], crop.size[0])
+        taps_x, _, _ = self._axis_taps(low.shape[-1], model_len, input_size[1], crop.size[1])
+        valid = iou > cfg.pred_iou_thresh if cfg.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
+        offset, step = cfg.stability_score_offset, max(1, cfg.window_pixels // (TILE * TILE))  # tiles per chunk
+        stats = [tile_stats(low[lo : lo + FILTER_BATCH].float(), valid[lo : lo + FILTER_BATCH], taps_y, taps_x,
+                            stats_band, (threshold + offset, threshold - offset), threshold, caps.tiles, step)
+                 for lo in range(0, len(iou), FILTER_BATCH)]
+        counts, boxes = torch.cat([c for c, _, _ in stats], 1), torch.cat([b for _, b, _ in stats])
         stability = counts[0] / counts[1]  # NaN for an empty mask, as in the stock generator
-        keep = torch.ones_like(iou, dtype=torch.bool)
         if cfg.stability_score_thresh > 0.0:
-            keep &= stability >= cfg.stability_score_thresh
-        keep &= ~is_box_near_crop_edge(boxes, crop_box, [0, 0, image_size[1], image_size[0]])
-        index = torch.nonzero(keep).squeeze(1)  # one host wait (a boolean index per tensor would be four)
-        return _Candidates(low[index], iou[index], stability[index], boxes[index])
+            valid = valid & (stability >= cfg.stability_score_thresh)
+        valid = valid & ~near_crop_edge(boxes, crop.box, image_size)
+        order, kept = nms_superset(boxes, iou, valid, cfg.box_nms_thresh, NMS_ROUNDS)
+        slot, filled, masks_need = compact(kept, caps.masks)
+        index = order[slot]  # the kept masks by descending predicted IoU, as NMS returns them
+        needs = torch.stack([torch.stack([n for _, _, n in stats]).max(), masks_need])
+        return filled, low[index].float(), iou[index], stability[index], boxes[index], needs
+
+    def _buffers(self, crop: PreparedCrop, image_size: tuple[int, int], caps: Capacities, filled: torch.Tensor,
+                 low: torch.Tensor, iou: torch.Tensor, stability: torch.Tensor, boxes: torch.Tensor,
+                 needs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_crop_masks`'s RLE run boundaries of the kept masks (`_kept`), and its buffers."""
+        threshold, model_len = self.sam.mask_threshold, self.sam.image_encoder.img_size
+        input_size = crop.pixels.shape[:2]
+        taps_y, _, rle_band = self._axis_taps(low.shape[-2], model_len, input_size[0], crop.size[0])
+        taps_x, _, _ = self._axis_taps(low.shape[-1], model_len, input_size[1], crop.size[1])
+        step = max(1, self.cfg.window_pixels // (TILE * TILE))
+        windows = torch.stack([boxes[:, 1], boxes[:, 0], boxes[:, 3] + 1, boxes[:, 2] + 1], 1)
+        # An empty box (batched_mask_to_box's [0, 0, 0, 0]) may still be a one-pixel mask: it is
+        # ambiguous, so such a mask gets the whole window above the threshold instead.
+        above = windows_above(low, threshold, taps_y[0], taps_x[0])
+        windows = torch.where((boxes.sum(1) == 0)[:, None], above, windows)
+        x0, y0 = crop.box[0], crop.box[1]
+        owner, position, areas, changes, rle_needs = tile_changes(
+            low, filled, windows, taps_y, taps_x, rle_band, threshold, (y0, x0), image_size, caps.window_tiles,
+            caps.changes, step)
+        boxes = boxes.clone()  # uncropped XYXY (scalar adds: no host-to-device copy)
+        boxes[:, 0::2] += x0
+        boxes[:, 1::2] += y0
+        meta = torch.cat([t.double() for t in (filled[:, None], iou[:, None], stability[:, None], boxes,
+                                               areas[:, None], changes[:, None])], 1)
+        return meta, torch.stack([owner, position], 1).double(), torch.cat([needs, rle_needs])
 
     def _image_result(self, image: _Pending) -> DeviceResult:
-        """Upsample every kept mask of an image inside its box, find its RLE run boundaries, and
-        bring everything back in one copy."""
-        height, width = image.image.size
-        metas, changes = [], []
-        for j, (crop, c, (taps_y, taps_x)) in enumerate(image.crops):
-            if not len(c.iou):
-                continue
-            x0, y0 = crop.box[0], crop.box[1]
-            windows = torch.stack([c.boxes[:, 1], c.boxes[:, 0], c.boxes[:, 3] + 1, c.boxes[:, 2] + 1], 1)
-            # An empty box (batched_mask_to_box's [0, 0, 0, 0]) may still be a one-pixel mask: it is
-            # ambiguous, so such a mask gets the whole window above the threshold instead (computed for
-            # all masks, cheap at low resolution: no host wait to pick them).
-            empty = c.boxes.sum(1) == 0
-            above = windows_above(c.low, self.sam.mask_threshold, taps_y[0], taps_x[0])
-            windows = torch.where(empty[:, None], above, windows)
-            # Masks of similar window sizes share a chunk (padded to its largest window): little waste.
-            order = torch.argsort((windows[:, 2:] - windows[:, :2]).clamp_min(1).prod(1))
-            areas = torch.zeros(len(windows), dtype=torch.int64, device=self.device)
-            owners, positions = [], []
-            for lo, hi in self._chunks(windows[order]):
-                index = order[lo:hi]
-                binary = self._binary_windows(c.low[index], taps_y, taps_x, windows[index])
-                areas[index] = binary.flatten(1).sum(1)
-                origins = windows[index, :2].clone()
-                origins[:, 0] += y0
-                origins[:, 1] += x0
-                owner, position = window_changes(binary, origins, height, width)
-                owners.append(index[owner])
-                positions.append(position)
-            owner, by_mask = torch.sort(torch.cat(owners), stable=True)  # back to the masks' order
-            changes.append(torch.cat(positions)[by_mask])
-            count = torch.bincount(owner, minlength=len(windows))
-            boxes = c.boxes.clone()  # uncropped XYXY (scalar adds: no host-to-device copy)
-            boxes[:, 0::2] += x0
-            boxes[:, 1::2] += y0
-            metas.append(torch.cat([torch.full_like(c.iou, j)[:, None], c.iou[:, None], c.stability[:, None],
-                                    boxes.double(), areas[:, None].double(), count[:, None].double()], 1).double())
-        meta = torch.cat(metas) if metas else torch.zeros(0, _META, dtype=torch.float64, device=self.device)
-        packed = torch.cat([meta.flatten()] + [p.double() for p in changes])
-        return DeviceResult((height, width), [crop.box for crop, _, _ in image.crops], packed.cpu().numpy(), len(meta))
-
-    def _chunks(self, windows: torch.Tensor):
-        """Index ranges whose padded windows hold at most `window_pixels` (at least one mask each)."""
-        heights = (windows[:, 2] - windows[:, 0]).clamp_min(1).tolist()
-        widths = (windows[:, 3] - windows[:, 1]).clamp_min(1).tolist()
-        start, tallest, widest = 0, 0, 0
-        for i, (h, w) in enumerate(zip(heights, widths)):
-            tallest, widest = max(tallest, h), max(widest, w)
-            if i > start and tallest * widest * (i + 1 - start) > self.cfg.window_pixels:
-                yield start, i
-                start, tallest, widest = i, h, w
-        if heights:
-            yield start, len(heights)
-
-    def _binary_windows(self, low, taps_y, taps_x, windows: torch.Tensor) -> torch.Tensor:
-        """Masks (N, H, W) bool thresholded inside windows [r0, c0, r1, c1), H x W the largest,
-        upsampled in row strips of at most `window_pixels` values."""
-        n = len(windows)
-        H = int((windows[:, 2] - windows[:, 0]).max().clamp_min(0))
-        W = int((windows[:, 3] - windows[:, 1]).max().clamp_min(0))
-        if H == 0 or W == 0:
-            return torch.zeros(n, H, W, dtype=torch.bool, device=self.device)
-        rows = max(1, self.cfg.window_pixels // (n * W))
-        strips = []
-        for top in range(0, H, rows):
-            strip = windows.clone()
-            strip[:, 0] = windows[:, 0] + top
-            strip[:, 2] = torch.maximum(torch.minimum(windows[:, 2], strip[:, 0] + rows), strip[:, 0])
-            values, valid = upsample_windows(low, taps_y, taps_x, strip)
-            strips.append(((values > self.sam.mask_threshold) & valid)[:, :, :W])
-        return torch.cat(strips, 1)
+        """Every crop's buffers in one device-to-host copy. If a crop needed larger buffers than its
+        layer's `capacities`, they grow (and stay grown), the image's crops of that layer are redone
+        and the image copied again."""
+        while True:
+            parts = [work.out for work in image.crops]
+            with self.clock("masks"):
+                packed = torch.cat([t.flatten().double() for part in parts for t in part]).cpu().numpy()  # the wait
+            crops, needs, at = [], [], 0
+            for work, part in zip(image.crops, parts):
+                blocks = []
+                for t in part:
+                    blocks.append(packed[at : at + t.numel()].reshape(t.shape))
+                    at += t.numel()
+                crops.append((work.crop.box, blocks[0], blocks[1]))
+                needs.append(blocks[2])
+            layers = {work.crop.layer for work in image.crops}
+            grown = {layer: self.capacities[layer].grown(np.max([n for w, n in zip(image.crops, needs)
+                                                                 if w.crop.layer == layer], 0)) for layer in layers}
+            grown = {layer: caps for layer, caps in grown.items() if caps is not None}
+            if not grown:
+                return DeviceResult(image.image.size, crops)
+            self.capacities.update(grown)
+            for work in image.crops:
+                if work.crop.layer in grown:
+                    work.out = self._crop_masks(work, image.image.size, grown[work.crop.layer])
 
     def finish(self, result: DeviceResult) -> list[dict]:
-        """The CPU half of an image: RLE strings, cross-crop NMS (prefer smaller crops) and the
-        small-region cleanup, as the stock generator orders them."""
+        """The CPU half of an image: box NMS completed (`nms_superset`), RLE strings, cross-crop NMS
+        (prefer smaller crops) and the small-region cleanup, as the stock generator orders them."""
         height, width = result.size
-        meta = result.packed[: result.count * _META].reshape(result.count, _META)
-        changes = result.packed[result.count * _META :].astype(np.int64)
-        ends = np.cumsum(meta[:, 8].astype(np.int64))
-        crops: list[tuple[list[int], list[dict]]] = [(box, []) for box in result.crop_boxes]
-        for row, end in zip(meta, ends):
-            crop, iou, stability, x0, y0, x1, y1, area, count = row
-            crops[int(crop)][1].append({
-                "rle": rle_from_changes(changes[end - int(count) : end], height, width),
-                "bbox": [float(v) for v in box_xyxy_to_xywh(torch.tensor([x0, y0, x1, y1])).tolist()],
-                "area": int(area),
-                "predicted_iou": float(iou),
-                "stability_score": float(stability),
-            })
+        crops: list[tuple[list[int], list[dict]]] = []
+        for box, meta, changes in result.crops:
+            meta = meta[meta[:, 0] > 0]  # the filled slots come first, in NMS order
+            changes = changes[changes[:, 1] >= 0, 1].astype(np.int64)  # sorted by mask, then position
+            ends = np.cumsum(meta[:, 8].astype(np.int64))
+            keep = nms(torch.from_numpy(meta[:, 3:7]).float(), torch.from_numpy(meta[:, 1]).float(),
+                       self.cfg.box_nms_thresh).tolist()
+            records = []
+            for row, end in zip(meta[keep], ends[keep]):
+                _, iou, stability, x0, y0, x1, y1, area, count = row
+                records.append({
+                    "rle": rle_from_changes(changes[end - int(count) : end], height, width),
+                    "bbox": [float(v) for v in box_xyxy_to_xywh(torch.tensor([x0, y0, x1, y1])).tolist()],
+                    "area": int(area),
+                    "predicted_iou": float(iou),
+                    "stability_score": float(stability),
+                })
+            crops.append((box, records))
         return self._merge(crops, result.size)
 
     def _merge(self, crops: list[tuple[list[int], list[dict]]], image_size: tuple[int, int]) -> list[dict]:
