@@ -116,18 +116,20 @@ class Capacities:
     crop layer (deeper layers' crops are smaller). A crop that needs more is redone with the sizes
     grown (powers of two), which stay grown: results never depend on them, only the work does."""
 
-    tiles: int = 1 << 10  # output tiles whose stability and box are evaluated, per FILTER_BATCH candidates
-    masks: int = 32  # masks kept by box NMS, per crop
-    window_tiles: int = 1 << 8  # tiles of the kept masks' windows, per crop
-    changes: int = 1 << 11  # RLE run boundaries, per crop
+    tiles: int | None = 1 << 10  # output tiles whose stability and box are evaluated, per FILTER_BATCH candidates
+    masks: int | None = 32  # masks kept by box NMS, per crop
+    window_tiles: int | None = 1 << 8  # tiles of the kept masks' windows, per crop
+    changes: int | None = 1 << 11  # RLE run boundaries, per crop
+    # None: the size is read on the host (`mask_postprocess.compact`), the labeler's choice on a CPU.
 
     def grown(self, needs: np.ndarray) -> Capacities | None:
         """Capacities that hold `needs` (tiles, masks, window tiles, changes; maxima over crops), or
         None when these already do."""
         fields = ("tiles", "masks", "window_tiles", "changes")
-        if all(int(n) <= getattr(self, f) for f, n in zip(fields, needs)):
+        if all(getattr(self, f) is None or int(n) <= getattr(self, f) for f, n in zip(fields, needs)):
             return None
-        return Capacities(*(max(getattr(self, f), 1 << int(n - 1).bit_length()) for f, n in zip(fields, needs)))
+        return Capacities(*(None if getattr(self, f) is None else max(getattr(self, f), 1 << int(n - 1).bit_length())
+                            for f, n in zip(fields, needs)))
 
 
 @dataclass
@@ -190,7 +192,10 @@ class InstanceLabeler:
         self._pin = cuda  # host buffers copied to the device without waiting (page-locked, non_blocking)
         self._taps: dict[tuple[int, ...], tuple] = {}  # axis_taps on the device, by sizes
         self.clock = StageClock()  # seconds per stage; benchmarks swap in a syncing clock
-        self.capacities = {layer: Capacities() for layer in range(len(self.point_grids))}  # grown by `_image_result`
+        # Buffer sizes, grown by `_image_result`. On a CPU the host reading a size costs nothing (it
+        # is the device) and padding would be wasted work: sizes are read there (None).
+        sizes = Capacities(None, None, None, None) if self.device.type == "cpu" else Capacities()
+        self.capacities = {layer: sizes for layer in range(len(self.point_grids))}
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[list[dict]]:
         prepared = [self.prepare(image, i) for i, image in enumerate(images)]

@@ -82,13 +82,16 @@ def windows_above(low: torch.Tensor, threshold: float, taps_y: torch.Tensor, tap
 TILE = 16  # output pixels per tile side
 
 
-def compact(flags: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def compact(flags: torch.Tensor, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The positions of the first `capacity` True entries of a 1-D bool tensor, in order.
 
     Returns index (capacity,) int64 padded with 0, filled (capacity,) bool (which slots hold one)
     and need, a 0-dim int64: how many entries are True (above `capacity` when some did not fit).
     Fixed shapes: `torch.nonzero` or boolean indexing make the host wait to learn the size.
+    capacity None: exactly the True entries' count, read on the host (for a CPU, where reading
+    costs nothing and padding would be wasted work).
     """
+    capacity = int(flags.sum()) if capacity is None else capacity
     rank = flags.long().cumsum(0) - 1
     slot = torch.where(flags & (rank < capacity), rank, capacity)  # the others land in a spare slot
     index = torch.zeros(capacity + 1, dtype=torch.int64, device=flags.device)
@@ -148,7 +151,7 @@ def _tiles(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 def tile_stats(low: torch.Tensor, valid: torch.Tensor, taps_y: tuple[torch.Tensor, torch.Tensor],
                taps_x: tuple[torch.Tensor, torch.Tensor], band: int, thresholds: Sequence[float],
-               box_threshold: float, capacity: int, step: int = 1 << 14) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               box_threshold: float, capacity: int | None, step: int = 1 << 14) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact pixel counts above each threshold and the box above `box_threshold` of every valid
     upsampled mask, evaluating only the output tiles whose low-resolution taps exceed the smallest
     threshold, at most `capacity` of them (fixed shapes: no host wait).
@@ -179,7 +182,7 @@ def tile_stats(low: torch.Tensor, valid: torch.Tensor, taps_y: tuple[torch.Tenso
     right = torch.full((n,), -1, dtype=torch.int64, device=device)
     ar_t = torch.arange(TILE, device=device)
     flat = low.reshape(n * h, w)
-    for s in range(0, capacity, step):
+    for s in range(0, len(index), step):
         m, ty, tx = mask_i[s : s + step], tile_y[s : s + step], tile_x[s : s + step]
         values = tile_values(flat, h, m, start_y[ty], start_x[tx], taps_y, taps_x, band, TILE)
         values.masked_fill_(~filled[s : s + step, None, None], -torch.inf)  # an empty slot counts nothing
@@ -199,7 +202,7 @@ def tile_stats(low: torch.Tensor, valid: torch.Tensor, taps_y: tuple[torch.Tenso
 
 def tile_changes(low: torch.Tensor, filled: torch.Tensor, windows: torch.Tensor, taps_y: tuple[torch.Tensor, torch.Tensor],
                  taps_x: tuple[torch.Tensor, torch.Tensor], band: int, threshold: float, origin: tuple[int, int],
-                 canvas: tuple[int, int], capacity_tiles: int, capacity_changes: int,
+                 canvas: tuple[int, int], capacity_tiles: int | None, capacity_changes: int | None,
                  step: int = 1 << 14) -> tuple[torch.Tensor, ...]:
     """COCO RLE run boundaries of K masks upsampled inside their windows, in fixed shapes.
 
@@ -229,10 +232,12 @@ def tile_changes(low: torch.Tensor, filled: torch.Tensor, windows: torch.Tensor,
     ar_rows, ar_t = torch.arange(-1, TILE + 1, device=device), torch.arange(TILE, device=device)
     flat = low.reshape(k * h, w)
     areas = torch.zeros(k, dtype=torch.int64, device=device)
-    owner = torch.zeros(capacity_changes + 1, dtype=torch.int64, device=device)  # a spare slot for the overflow
-    position = torch.zeros(capacity_changes + 1, dtype=torch.int64, device=device)
+    read = capacity_changes is None  # sizes read on the host (`compact`): collected per chunk
+    # Each slot holds a change's index into the (tiles, TILE, TILE, 2) grid of candidate changes:
+    # a tile's pixel, a run's start (0) or end (1) at it.
+    spots = torch.zeros(0 if read else capacity_changes + 1, dtype=torch.int64, device=device)  # + a spare slot
     found = torch.zeros((), dtype=torch.int64, device=device)
-    for s in range(0, capacity_tiles, step):  # each tile with the row above and the row below it
+    for s in range(0, len(index), step):  # each tile with the row above and the row below it
         ms, top, left = m[s : s + step], start_y[ty[s : s + step]], start_x[tx[s : s + step]]
         values = tile_values(flat, h, ms, top - 1, left, taps_y, taps_x, band, TILE + 2)  # (K', TILE + 2, TILE)
         rows, cols = top[:, None] + ar_rows, left[:, None] + ar_t
@@ -243,15 +248,19 @@ def tile_changes(low: torch.Tensor, filled: torch.Tensor, windows: torch.Tensor,
         areas.index_add_(0, ms, pixel.flatten(1).sum(1))
         # A run starts on a pixel whose upper neighbour is 0 and ends below a pixel whose lower one is.
         flags = torch.stack([pixel & ~binary[:, :-2], pixel & ~binary[:, 2:]], -1).flatten()  # (K' * TILE * TILE * 2,)
-        at = origin[1] + cols[:, None, :], origin[0] + rows[:, 1:-1, None]  # canvas columns, rows
-        spot = torch.stack([at[0] * height + at[1], at[0] * height + at[1] + 1], -1).flatten()
-        rank = found + flags.long().cumsum(0) - 1  # slots follow the ones earlier chunks filled
-        slot = torch.where(flags & (rank < capacity_changes), rank, capacity_changes)
-        owner.scatter_(0, slot, ms[:, None].expand(-1, 2 * TILE * TILE).flatten())
-        position.scatter_(0, slot, spot)
+        if read:
+            spots = torch.cat([spots, compact(flags, None)[0] + s * 2 * TILE * TILE])
+        else:
+            rank = found + flags.long().cumsum(0) - 1  # slots follow the ones earlier chunks filled
+            slot = torch.where(flags & (rank < capacity_changes), rank, capacity_changes)
+            spots.scatter_(0, slot, torch.arange(len(flags), device=device) + s * 2 * TILE * TILE)
         found = found + flags.sum()
+    capacity_changes = len(spots) if read else capacity_changes
+    spots = spots[:capacity_changes]
     ok = torch.arange(capacity_changes, device=device) < found
-    owner, position = owner[:capacity_changes], position[:capacity_changes]
+    tile, row, col, end = spots // (2 * TILE * TILE), spots // (2 * TILE) % TILE, spots // 2 % TILE, spots % 2
+    owner = m[tile]
+    position = (origin[1] + start_x[tx[tile]] + col) * height + origin[0] + start_y[ty[tile]] + row + end
     big = torch.iinfo(torch.int64).max
     key, order = torch.sort(torch.where(ok, owner * (height * width + 1) + position, big))
     owner, position, ok = owner[order], position[order], ok[order]

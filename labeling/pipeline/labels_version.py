@@ -22,7 +22,7 @@ from pathlib import Path
 
 # Bump when labels made by the same models and arguments can change (and record the digest below).
 LABELS_VERSION = 2
-LABEL_CODE_DIGEST = "50f935d4b7a74e6da1cc379ffbd25f9bfe290bbcc0495b3d3d8f825f556bf670"
+LABEL_CODE_DIGEST = "3da6a77978a76cc0c03c95cf597f5d2dc4e557625fed18d8e47a899cb8e6ad2a"
 
 # The code whose change can change a label: the labelers, the read / model / post-process stages,
 # and the contract's codecs, painting rule and schema. The driver, writer, card and docs are not in
