@@ -4,6 +4,8 @@
     python -m pretraining.study.ablations --quick [--jobs 2]   (every arm and seed not yet run, then the report)
     python -m pretraining.study.ablations --quick --arms mae c2fmae --seed-ids 0 1 --parts   (one piece)
     python -m pretraining.study.ablations --quick --report     (merge the finished runs; train nothing)
+    python -m pretraining.study.ablations --quick --set epochs=18 --set "target_radius=(0.4,0.5)"   (another size:
+        any field of the mode's Scale; the default output folder is named after the changes)
     python -m pretraining.study.ablations --full  [--jobs 1]   (the GPU machine)
     python -m pretraining.study.ablations --smoke              (seconds: the pipeline, not a result)
 
