@@ -58,6 +58,20 @@ def test_last_line_carries_the_four_figures():
     assert cascade == pytest.approx(1.0) and instance == pytest.approx(0.1)  # the constant's loss minus the head's
 
 
+def test_set_resizes_the_scale_names_it_after_the_changes_and_refuses_unknown_or_mistyped_fields(capsys):
+    from pretraining.study.arms import QUICK, resize
+
+    sized = resize(QUICK, ["epochs=27", "lr=1", "target_radius=(0.4, 0.5)"])
+    assert (sized.epochs, sized.lr, sized.target_radius, sized.img_size) == (27, 1.0, (0.4, 0.5), QUICK.img_size)
+    assert sized.name == "quick+epochs=27+lr=1+target_radius=0.4,0.5"  # its own default output folder
+    assert resize(QUICK, []) is QUICK
+    for bad in ("epoch=27", "epochs=2.5", "epochs"):
+        with pytest.raises(ValueError, match="--set"):
+            resize(QUICK, [bad])
+    assert ablations.main(["--smoke", "--report", "--set", "epochs=2.5"]) == 2
+    assert "epochs takes int" in capsys.readouterr().err
+
+
 def test_pieces_run_separately_are_reused_and_merged_by_report(tmp_path, capsys):
     for row in _rows(gap=12.0):  # finished pieces, as separate processes (or machines) leave them
         folder = tmp_path / "runs" / f"{row['arm']}-s{row['seed']}"

@@ -286,12 +286,14 @@ def noisy_labels(rng: np.random.Generator, scene: Scene, noise_rate: float) -> t
 
 
 def write_scenes(root: str, num_images: int, size: int = 48, seed: int = 0, labels: str = "clean",
-                 noise_rate: float = 0.2, num_shards: int = 1, task: str = "shape") -> layout.DatasetMetadata:
+                 noise_rate: float = 0.2, num_shards: int = 1, task: str = "shape",
+                 target_radius: tuple[float, float] = (0.28, 0.38)) -> layout.DatasetMetadata:
     """A complete labeled folder of `num_images` scenes of `task` (classes balanced) under `root`, and
     beside its shards `appearance.npy`: (num_images, size, size) int8, each object pixel's texture
     (index into APPEARANCES, -1 on stuff), the dense texture probe's labels.
 
-    The images depend only on (num_images, size, seed, task), never on `labels`, so the variants of one
+    The images depend only on (num_images, size, seed, task, target_radius: the first object's radius as
+    a share of `size`), never on `labels`, so the variants of one
     seed are the same images with different maps. In the appearance task the geometry (hence the
     clean maps) comes from one generator and the paint (hence the class) from another.
     """
@@ -303,7 +305,8 @@ def write_scenes(root: str, num_images: int, size: int = 48, seed: int = 0, labe
     noise_rng = np.random.default_rng([seed, 1])
     paint_rng = np.random.default_rng([seed, 2]) if task == "appearance" else rng
     classes = metadata(task).class_names
-    scenes = [render_scene(rng, size, target=i % len(classes), task=task, paint_rng=paint_rng)
+    scenes = [render_scene(rng, size, target=i % len(classes), task=task, paint_rng=paint_rng,
+                           target_radius=target_radius)
               for i in range(num_images)]
 
     def example(i: int) -> tuple:
@@ -319,6 +322,7 @@ def write_scenes(root: str, num_images: int, size: int = 48, seed: int = 0, labe
 
     written = write_labeled_folder(root, metadata(task), example, num_images, num_shards,
                                    {"source": "dataset_card.synthetic.scenes", "seed": seed, "size": size,
-                                    "labels": labels, "noise_rate": noise_rate, "task": task})
+                                    "labels": labels, "noise_rate": noise_rate, "task": task,
+                                    "target_radius": list(target_radius)})
     np.save(f"{root}/{APPEARANCE_FILE}", np.stack([scene.appearance for scene in scenes]))
     return written

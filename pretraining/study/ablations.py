@@ -4,6 +4,8 @@
     python -m pretraining.study.ablations --quick [--jobs 2]   (every arm and seed not yet run, then the report)
     python -m pretraining.study.ablations --quick --arms mae c2fmae --seed-ids 0 1 --parts   (one piece)
     python -m pretraining.study.ablations --quick --report     (merge the finished runs; train nothing)
+    python -m pretraining.study.ablations --quick --set epochs=18 --set "target_radius=(0.4,0.5)"   (another size:
+        any field of the mode's Scale; the default output folder is named after the changes)
     python -m pretraining.study.ablations --full  [--jobs 1]   (the GPU machine)
     python -m pretraining.study.ablations --smoke              (seconds: the pipeline, not a result)
 
@@ -78,7 +80,7 @@ import numpy as np
 import torch
 
 from dataset_card.synthetic.scenes import APPEARANCE_FILE, SEMANTIC_CLASSES, write_scenes
-from pretraining.study.arms import ARMS, GROUPS, SCALES, Scale, model_overrides
+from pretraining.study.arms import ARMS, GROUPS, SCALES, Scale, model_overrides, resize
 from pretraining.study.tables import last_line, plot, print_tables, write_csvs
 
 SWEEP_SEED = 100  # the lr sweep's seed: not one the comparison uses
@@ -94,7 +96,8 @@ def write_data(root: Path, scale: Scale, variants: set[str]) -> dict[str, str]:
         paths[key] = str(root / name)
         if not (root / name / APPEARANCE_FILE).exists():
             shutil.rmtree(root / name, ignore_errors=True)
-            write_scenes(paths[key], count, scale.img_size, seed=seed, labels=labels, task="appearance")
+            write_scenes(paths[key], count, scale.img_size, seed=seed, labels=labels, task="appearance",
+                         target_radius=scale.target_radius)
     return paths
 
 
@@ -238,6 +241,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", help="folder for data, runs and results (default runs/ablations-MODE)")
     parser.add_argument("--group", choices=sorted(GROUPS), help="the arms (default: quick; smoke: smoke)")
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), help="these arms instead of a group")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the mode's scale (e.g. epochs=27); default output folder follows")
     parser.add_argument("--seeds", type=int, help="override the mode's seed count (seeds 0..N-1)")
     parser.add_argument("--seed-ids", type=int, nargs="+", help="only these seeds (a piece of the run)")
     parser.add_argument("--sweep-lr", action="store_true", help="choose each arm's lr on seed 100; write lr.json")
@@ -251,6 +256,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     scale = SCALES["quick" if args.quick else "full" if args.full else "smoke"]
+    try:
+        scale = resize(scale, args.set)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
     if args.seeds:
         scale = replace(scale, seeds=args.seeds)
     arms = args.arms or list(GROUPS[args.group or ("smoke" if args.smoke else "quick")])

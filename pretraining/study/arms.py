@@ -9,7 +9,8 @@ and as many label tokens beside them when the encoder reads labels).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ast
+from dataclasses import dataclass, fields, replace
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Scale:
     patch_probe_epochs: int
     finetune_epochs: int  # the short end-to-end fine-tune
     lr_grid: tuple[float, ...] = ()  # the sweep's candidates (`--sweep-lr`)
+    target_radius: tuple[float, float] = (0.28, 0.38)  # the class-defining object's radius, a share of the image
 
 
 QUICK = Scale("quick", train_images=3072, probe_train=2048, probe_val=1024, img_size=48, patch_size=8, embed_dim=96,
@@ -53,6 +55,38 @@ SMOKE = Scale("smoke", train_images=32, probe_train=24, probe_val=16, img_size=3
               lr=1e-3, warmup_epochs=0.5, seeds=2, num_workers=0, probe_epochs=5, patch_probe_epochs=2,
               finetune_epochs=1, lr_grid=(1e-3, 2e-3))
 SCALES = {s.name: s for s in (QUICK, FULL, SMOKE)}
+
+
+def resize(scale: Scale, overrides: list[str]) -> Scale:
+    """`scale` with `KEY=VALUE` overrides (`--set epochs=27`), named after them (`quick+epochs=27`) so
+    that its default output folder, and the runs reused there, are its own."""
+    values = {f.name: getattr(scale, f.name) for f in fields(scale) if f.name != "name"}
+    changes = {}
+    for item in overrides:
+        key, sep, text = (part.strip() for part in item.partition("="))
+        if not sep or key not in values:
+            raise ValueError(f"--set {item}: write KEY=VALUE with KEY one of {', '.join(values)}.")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+        current = values[key]
+        if isinstance(current, float) and isinstance(value, int):
+            value = float(value)
+        if isinstance(current, tuple) and isinstance(value, list | tuple | float | int):
+            value = tuple(float(v) for v in (value if isinstance(value, list | tuple) else (value,)))
+        if type(value) is not type(current):
+            raise ValueError(f"--set {item}: {key} takes {type(current).__name__}, like {current!r}.")
+        changes[key] = value
+    if not changes:
+        return scale
+    return replace(scale, name="+".join([scale.name, *(f"{k}={text}" for k, text in
+                                                        ((k, _spell(v)) for k, v in changes.items()))]), **changes)
+
+
+def _spell(value: object) -> str:
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}" \
+        if isinstance(value, float) else str(value)
 
 
 @dataclass(frozen=True)
