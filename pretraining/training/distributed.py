@@ -52,10 +52,11 @@ def parallelize(model: torch.nn.Module, distributed: Distributed, compile: bool)
     itself stays the bare module (checkpoints, figures, export)."""
     wrapped = model
     if distributed.world_size > 1:
-        # broadcast_buffers=False: the only buffers are fixed sin-cos position embeddings, equal on every rank.
+        # forward_sync_buffers=False: the only buffers are fixed sin-cos position embeddings, equal on every
+        # rank, so no forward pass syncs them (torch 2.14's name for the deprecated broadcast_buffers=False).
         device = distributed.device
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                          broadcast_buffers=False)
+                                          forward_sync_buffers=False)
     return torch.compile(wrapped) if compile else wrapped
 
 
