@@ -206,6 +206,24 @@ class LocalCluster:
             self.address = f"{get_node_ip_address()}:{gcs}"
         return proc
 
+    def wait_for_nodes(self, count: int, timeout_s: float = 120) -> None:
+        """Until the head lists `count` live nodes: a worker's `ray start` returns before it has joined, and a
+        run started in between plans its actors on the head alone (on a loaded machine the gap is many seconds)."""
+        from ray._private.gcs_utils import GcsNodeInfo
+        from ray._raylet import GcsClient
+
+        deadline, alive = time.time() + timeout_s, 0
+        while time.time() < deadline:
+            try:
+                infos = GcsClient(address=self.address).get_all_node_info(timeout=5)
+                alive = sum(info.state == GcsNodeInfo.ALIVE for info in infos.values())
+            except Exception:  # the head's GCS is not answering yet
+                alive = 0
+            if alive >= count:
+                return
+            time.sleep(0.5)
+        pytest.fail(f"{alive} of {count} Ray nodes joined within {timeout_s} s")
+
     def kill(self, node: subprocess.Popen) -> None:
         """The node dies at once, as a lost machine does: its whole process group, SIGKILL."""
         os.killpg(node.pid, signal.SIGKILL)
@@ -292,8 +310,9 @@ def finish(run: subprocess.Popen, timeout_s: float) -> str:
 def test_a_node_killed_mid_run_and_the_run_still_labels_every_input_exactly_once(tmp_path, local_cluster):
     images, output = tmp_path / "train", tmp_path / "out"
     random_images(images, 24)
-    local_cluster.add_node(num_cpus=2)
+    local_cluster.add_node(num_cpus=1)  # the head: its half-full share sends the second actor to the doomed node
     doomed = local_cluster.add_node(num_cpus=2)
+    local_cluster.wait_for_nodes(2)  # else the run may plan, and finish, on the head alone
     run = start_run(local_cluster, images, output)
     try:
         # The kill lands while the doomed node holds a model actor and labels are being written.
