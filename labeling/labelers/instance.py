@@ -28,6 +28,8 @@ speed, within the tolerances tested there.
 
 from __future__ import annotations
 
+import dataclasses
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -40,16 +42,19 @@ from segment_anything.utils.amg import (
     box_xyxy_to_xywh,
     build_all_layer_point_grids,
     generate_crop_boxes,
-    is_box_near_crop_edge,
     remove_small_regions,
 )
 from segment_anything.utils.transforms import ResizeLongestSide
-from torchvision.ops.boxes import batched_nms, box_area
+from torchvision.ops.boxes import batched_nms, box_area, nms
 
 from dataset_card.contract import codecs
 from labeling.labelers.mask_postprocess import (
     axis_taps,
+    compact,
+    near_crop_edge,
+    nms_superset,
     rle_from_changes,
+    tile_band,
     tile_stats,
     upsample_windows,
     window_changes,
@@ -60,6 +65,8 @@ from labeling.labelers.timing import StageClock
 
 FILTER_BATCH = 1024  # candidates whose stability and boxes are computed together (bounds memory)
 TAPS_CACHE = 256  # image sizes whose upsampling taps stay on the device
+NMS_ROUNDS = 8  # fixed-point rounds of the device's box NMS in fixed shapes (even; `finish` completes it).
+# On the tests' first 8 images (fp32, bf16), 4 rounds left 3 % and 11 % extra masks for `finish`; 8 none.
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,9 @@ class InstanceLabelerConfig:
     compile: bool | None = None  # torch.compile the encoder and the decoder call (fixed shapes: one graph each);
     # None: on CUDA, off elsewhere (inductor's kernels change float rounding only: tests/test_instance_labeler.py)
     window_pixels: int = 1 << 22  # upsampled pixels per post-processing chunk (bounds memory)
+    fixed_shapes: bool | None = None  # post-processing in buffers of fixed sizes (`Capacities`), so that
+    # the host waits once an image; None: on CUDA. On a CPU, where the host reading a size costs nothing,
+    # sizes are read instead and no work goes into padding. The labels are the same either way.
 
 
 @dataclass
@@ -101,21 +111,33 @@ class PreparedImage:
     crops: list[PreparedCrop]
 
 
+@dataclass(frozen=True)
+class Capacities:
+    """Sizes of a crop's post-processing buffers when they are fixed (`InstanceLabeler.fixed_shapes`),
+    one set per crop layer (deeper layers' crops are smaller). A crop that needs more is redone with
+    the sizes grown (powers of two), which stay grown: no label depends on them, only the work does."""
+
+    candidates: int = 1 << 10  # candidates past the predicted-IoU filter, per crop
+    tiles: int = 1 << 16  # output tiles whose stability and box are evaluated, per FILTER_BATCH candidates
+    masks: int = 128  # masks kept by the device's box NMS (`nms_superset`), per crop
+    changes: int = 1 << 15  # RLE run boundaries, per chunk of masks (`window_pixels`)
+
+    def grown(self, needs: np.ndarray) -> Capacities | None:
+        """Capacities that hold `needs` (one per field, maxima over crops), or None when these do."""
+        have = dataclasses.astuple(self)
+        if all(int(n) <= c for n, c in zip(needs, have)):
+            return None
+        return Capacities(*(max(c, 1 << (int(n) - 1).bit_length()) for n, c in zip(needs, have)))
+
+
 @dataclass
-class _Candidates:
-    """Masks of one crop that passed every filter so far (tensors on the device)."""
+class _CropWork:
+    """A crop's decoder outputs on the device and its post-processed buffers (`_crop_masks`)."""
 
-    low: torch.Tensor  # (N, h, w) float32 low-resolution logits
-    iou: torch.Tensor  # (N,)
-    stability: torch.Tensor  # (N,)
-    boxes: torch.Tensor  # (N, 4) XYXY in the crop, inclusive max
-
-    @staticmethod
-    def cat(parts: list[_Candidates]) -> _Candidates:
-        return _Candidates(*(torch.cat([getattr(p, f) for p in parts]) for f in ("low", "iou", "stability", "boxes")))
-
-    def take(self, index: torch.Tensor) -> _Candidates:
-        return _Candidates(self.low[index], self.iou[index], self.stability[index], self.boxes[index])
+    crop: PreparedCrop
+    low: torch.Tensor  # (M, h, w) low-resolution logits of all its candidates, in the decoder's dtype
+    iou: torch.Tensor  # (M,) float32 predicted IoUs
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # meta, changes, needs
 
 
 @dataclass
@@ -129,6 +151,7 @@ class DeviceResult:
 
 
 _META = 9  # values per mask at the head of DeviceResult.packed
+_NEEDS = 4  # capacities a crop needed, one per Capacities field
 
 
 @dataclass
@@ -136,7 +159,16 @@ class _Pending:
     """An image whose crops are partly through the device."""
 
     image: PreparedImage
-    crops: list[tuple[PreparedCrop, _Candidates, tuple]] = field(default_factory=list)
+    crops: list[_CropWork] = field(default_factory=list)
+
+
+@dataclass
+class _Copy:
+    """An image's buffers on their way to the host (`InstanceLabeler._copy`)."""
+
+    image: _Pending
+    host: torch.Tensor  # (total,) float64: every crop's meta, changes and needs, flattened
+    done: torch.cuda.Event | None  # recorded after the copy on CUDA; None on a CPU
 
 
 class InstanceLabeler:
@@ -168,6 +200,9 @@ class InstanceLabeler:
         self._pin = cuda  # host buffers copied to the device without waiting (page-locked, non_blocking)
         self._taps: dict[tuple[int, ...], tuple] = {}  # axis_taps on the device, by sizes
         self.clock = StageClock()  # seconds per stage; benchmarks swap in a syncing clock
+        self.fixed_shapes = cuda if self.cfg.fixed_shapes is None else self.cfg.fixed_shapes
+        # Buffer sizes per crop layer, grown by `_collect`; None: sizes read on the host.
+        self.capacities = {layer: Capacities() for layer in range(len(self.point_grids))} if self.fixed_shapes else None
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[list[dict]]:
         prepared = [self.prepare(image, i) for i, image in enumerate(images)]
@@ -186,26 +221,33 @@ class InstanceLabeler:
 
     @torch.inference_mode()
     def device_pass(self, images: Iterable[PreparedImage]) -> Iterator[DeviceResult]:
-        """The device's work for each image, yielded in order as soon as an image's crops are done.
+        """The device's work for each image, yielded in order.
 
         `images` is read lazily, `encoder_batch_size` crops at a time, so its preparation can run
-        in other threads while the device works on earlier crops.
+        in other threads while the device works on earlier crops. A wave (one encoder call, its
+        decoder calls and its crops' post-processing) is queued whole; then each image it completes
+        starts its one copy back to the host, which is read once the next wave's encoder and
+        decoder calls are queued: the device has work while the host waits.
         """
         pending: dict[int, _Pending] = {}
+        copies: deque[_Copy] = deque()
         for wave in self._waves(images, pending):
             crops = [crop for _, crop in wave]
             with self.clock("encoder"):
                 features = self._encode(crops)
             with self.clock("decoder"):
-                candidates = self._decode_wave(features, crops)
-            for (i, crop), (low, iou) in zip(wave, candidates):
-                with self.clock("filter"):
-                    kept, taps = self._crop_candidates(low, iou, crop, pending[i].image.size)
-                pending[i].crops.append((crop, kept, taps))
-                if len(pending[i].crops) == len(pending[i].image.crops):
-                    with self.clock("masks"):
-                        result = self._image_result(pending.pop(i))
-                    yield result
+                low, iou, bounds = self._decode_calls(features, crops)
+            while copies:
+                yield self._collect(copies.popleft())
+            for (i, crop), a, b in zip(wave, bounds[:-1], bounds[1:]):
+                work = _CropWork(crop, low[a:b], iou[a:b])
+                image = pending[i]
+                work.out = self._crop_masks(work, len(image.crops), image.image.size)
+                image.crops.append(work)
+                if len(image.crops) == len(image.image.crops):
+                    copies.append(self._copy(pending.pop(i)))
+        while copies:
+            yield self._collect(copies.popleft())
 
     def _waves(self, images: Iterable[PreparedImage], pending: dict) -> Iterator[list[tuple[int, PreparedCrop]]]:
         """Lists of `encoder_batch_size` (image index, crop), the crops of all images in order."""
@@ -246,23 +288,6 @@ class InstanceLabeler:
         with torch.autocast(**self._autocast):
             return self._encoder(batch).to(self.dtype)
 
-    def _decode_wave(self, features: torch.Tensor, crops: list[PreparedCrop]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every point prompt of the wave's crops through the decoder (`_decode_calls`), then the
-        predicted-IoU filter, which waits once for the number of survivors of each crop.
-
-        Returns per crop its candidates' low-resolution logits (n, h, w) in the decoder's dtype and
-        predicted IoUs (n,) float32, in the stock generator's order (prompt-major, three per prompt).
-        """
-        low, iou, bounds = self._decode_calls(features, crops)
-        keep = iou > self.cfg.pred_iou_thresh if self.cfg.pred_iou_thresh > 0.0 else torch.ones_like(iou, dtype=torch.bool)
-        counts = torch.stack([keep[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])]).tolist()  # the host waits
-        out = []
-        for a, b, count in zip(bounds[:-1], bounds[1:], counts):
-            # The survivors' positions, in order, without another wait: a stable sort puts them first.
-            index = torch.sort((~keep[a:b]).to(torch.uint8), stable=True).indices[:count] + a
-            out.append((low.index_select(0, index), iou.index_select(0, index)))
-        return out
-
     def _decode_calls(self, features: torch.Tensor, crops: list[PreparedCrop]) -> tuple[torch.Tensor, torch.Tensor, list]:
         """The decoder over every point prompt of the wave's crops, `points_per_batch` per call (the
         last padded), in the decoder's dtype (bf16 end to end on a GPU); queued without a host wait.
@@ -292,85 +317,120 @@ class InstanceLabeler:
         iou = torch.cat(ious)[:total].flatten(0, 1).float()  # (total * 3,)
         return low, iou, [int(b) for b in np.cumsum([0] + [3 * len(c) for c in coords])]
 
-    def _axis_taps(self, *sizes: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`axis_taps(*sizes)` on the device, kept for the last TAPS_CACHE sizes (images share sizes)."""
+    def _axis_taps(self, *sizes: int) -> tuple[tuple[torch.Tensor, torch.Tensor], int]:
+        """`axis_taps(*sizes)` on the device and its `tile_band` (taken on the host), kept for the
+        last TAPS_CACHE sizes (images share sizes)."""
         if sizes not in self._taps:
             if len(self._taps) >= TAPS_CACHE:
                 del self._taps[next(iter(self._taps))]
-            self._taps[sizes] = tuple(self._to_device(t) for t in axis_taps(*sizes))
+            taps = axis_taps(*sizes)
+            self._taps[sizes] = tuple(self._to_device(t) for t in taps), tile_band(taps[0])
         return self._taps[sizes]
 
-    def _crop_candidates(self, low, iou, crop: PreparedCrop, image_size) -> tuple[_Candidates, tuple]:
-        """A crop's candidates through the stability and crop-edge filters and box NMS."""
-        cfg, model_len = self.cfg, self.sam.image_encoder.img_size
-        input_size = crop.pixels.shape[:2]
-        taps_y = self._axis_taps(low.shape[-2], model_len, input_size[0], crop.size[0])
-        taps_x = self._axis_taps(low.shape[-1], model_len, input_size[1], crop.size[1])
-        parts = [self._filter(low[lo : lo + FILTER_BATCH].float(), iou[lo : lo + FILTER_BATCH], taps_y, taps_x,
-                              crop.box, image_size) for lo in range(0, len(iou), FILTER_BATCH)]
-        if not parts:
-            empty = torch.zeros(0, device=self.device)
-            none = torch.zeros(0, 4, dtype=torch.int64, device=self.device)
-            return _Candidates(low[:0].float(), empty, empty, none), (taps_y, taps_x)
-        c = _Candidates.cat(parts)
-        keep = batched_nms(c.boxes.float(), c.iou, torch.zeros_like(c.iou), iou_threshold=cfg.box_nms_thresh)
-        return c.take(keep), (taps_y, taps_x)
+    def _crop_taps(self, crop: PreparedCrop, low_size: torch.Size) -> tuple[tuple, tuple, int]:
+        """The crop's upsampling taps along y and x (`axis_taps`) and the y taps' `tile_band`."""
+        model_len, input_size = self.sam.image_encoder.img_size, crop.pixels.shape[:2]
+        taps_y, band = self._axis_taps(low_size[0], model_len, input_size[0], crop.size[0])
+        taps_x, _ = self._axis_taps(low_size[1], model_len, input_size[1], crop.size[1])
+        return taps_y, taps_x, band
 
-    def _filter(self, low, iou, taps_y, taps_x, crop_box, image_size) -> _Candidates:
-        """Exact stability scores and boxes of candidates, evaluated only inside their windows."""
-        cfg, threshold = self.cfg, self.sam.mask_threshold
-        offset = cfg.stability_score_offset
-        counts, boxes = tile_stats(low, taps_y, taps_x, (threshold + offset, threshold - offset), threshold,
-                                   max_pixels=cfg.window_pixels)
+    def _crop_masks(self, work: _CropWork, index: int, image_size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        """One crop's masks from its decoder outputs (the crop is the image's `index`-th): the
+        filters and box NMS (`_kept`), then the kept masks' RLE run boundaries (`_runs`). In fixed
+        shapes (`fixed_shapes`), all on the device without a host wait.
+
+        Returns meta (K, _META), changes (C,) and needs (_NEEDS,) float64: per mask slot [crop, iou,
+        stability, x0, y0, x1, y1, area, changes] (crop -1 in a slot that holds none; the filled
+        slots first), the masks' run boundaries in their order (C at least their total), and the
+        capacities the crop needed (`Capacities`; zeros when sizes are read).
+        """
+        caps = self.capacities[work.crop.layer] if self.fixed_shapes else Capacities(None, None, None, None)
+        with self.clock("filter"):
+            kept = self._kept(work, image_size, caps)
+        with self.clock("masks"):
+            return self._runs(work.crop, index, image_size, caps, *kept)
+
+    def _kept(self, work: _CropWork, image_size: tuple[int, int], caps: Capacities) -> tuple[torch.Tensor, ...]:
+        """The predicted-IoU filter, exact stability scores and boxes evaluated only on the output
+        tiles that can hold a candidate's pixels (`tile_stats`), the stability and crop-edge filters
+        and box NMS. Returns the kept slots' filled flags (K,), logits (K, h, w) float32, IoUs,
+        stability scores, boxes (K, 4) XYXY in the crop, and the capacities needed so far (3,)."""
+        cfg, crop, threshold = self.cfg, work.crop, self.sam.mask_threshold
+        taps_y, taps_x, band = self._crop_taps(crop, work.low.shape[-2:])
+        passed = work.iou > cfg.pred_iou_thresh if cfg.pred_iou_thresh > 0.0 else torch.ones_like(work.iou, dtype=torch.bool)
+        index, valid, candidates_need = compact(passed, caps.candidates)
+        iou, offset = work.iou[index], cfg.stability_score_offset
+        stats = [tile_stats(work.low[index[lo : lo + FILTER_BATCH]].float(), valid[lo : lo + FILTER_BATCH], taps_y,
+                            taps_x, band, (threshold + offset, threshold - offset), threshold, caps.tiles,
+                            cfg.window_pixels) for lo in range(0, max(len(index), 1), FILTER_BATCH)]
+        counts, boxes = torch.cat([c for c, _, _ in stats], 1), torch.cat([b for _, b, _ in stats])
         stability = counts[0] / counts[1]  # NaN for an empty mask, as in the stock generator
-        keep = torch.ones_like(iou, dtype=torch.bool)
         if cfg.stability_score_thresh > 0.0:
-            keep &= stability >= cfg.stability_score_thresh
-        keep &= ~is_box_near_crop_edge(boxes, crop_box, [0, 0, image_size[1], image_size[0]])
-        index = torch.nonzero(keep).squeeze(1)  # one host wait (a boolean index per tensor would be four)
-        return _Candidates(low[index], iou[index], stability[index], boxes[index])
+            valid = valid & (stability >= cfg.stability_score_thresh)
+        valid = valid & ~near_crop_edge(boxes, crop.box, image_size)
+        if caps.masks is None:  # torchvision's NMS, exact (its CUDA kernel would wait for the host)
+            survivors = torch.nonzero(valid).squeeze(1)
+            kept = survivors[batched_nms(boxes[survivors].float(), iou[survivors], torch.zeros_like(survivors),
+                                         iou_threshold=cfg.box_nms_thresh)]
+            filled, masks_need = torch.ones_like(kept, dtype=torch.bool), torch.tensor(len(kept), device=self.device)
+        else:  # a superset of its result, as NMS orders it (`finish` completes it)
+            order, superset = nms_superset(boxes, iou, valid, cfg.box_nms_thresh, NMS_ROUNDS)
+            slot, filled, masks_need = compact(superset, caps.masks)
+            kept = order[slot]
+        needs = torch.stack([candidates_need, torch.stack([n for _, _, n in stats]).max(), masks_need])
+        return filled, work.low[index[kept]].float(), iou[kept], stability[kept], boxes[kept], needs
 
-    def _image_result(self, image: _Pending) -> DeviceResult:
-        """Upsample every kept mask of an image inside its box, find its RLE run boundaries, and
-        bring everything back in one copy."""
-        height, width = image.image.size
-        metas, changes = [], []
-        for j, (crop, c, (taps_y, taps_x)) in enumerate(image.crops):
-            if not len(c.iou):
-                continue
-            x0, y0 = crop.box[0], crop.box[1]
-            windows = torch.stack([c.boxes[:, 1], c.boxes[:, 0], c.boxes[:, 3] + 1, c.boxes[:, 2] + 1], 1)
-            # An empty box (batched_mask_to_box's [0, 0, 0, 0]) may still be a one-pixel mask: it is
-            # ambiguous, so such a mask gets the whole window above the threshold instead (computed for
-            # all masks, cheap at low resolution: no host wait to pick them).
-            empty = c.boxes.sum(1) == 0
-            above = windows_above(c.low, self.sam.mask_threshold, taps_y[0], taps_x[0])
-            windows = torch.where(empty[:, None], above, windows)
+    def _runs(self, crop: PreparedCrop, index: int, image_size: tuple[int, int], caps: Capacities,
+              filled: torch.Tensor, low: torch.Tensor, iou: torch.Tensor, stability: torch.Tensor, boxes: torch.Tensor,
+              needs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The kept masks (`_kept`) upsampled again inside their boxes, their areas and COCO RLE run
+        boundaries (`window_changes`), and `_crop_masks`'s buffers."""
+        height, width = image_size
+        x0, y0 = crop.box[0], crop.box[1]
+        taps_y, taps_x, _ = self._crop_taps(crop, low.shape[-2:])
+        windows = torch.stack([boxes[:, 1], boxes[:, 0], boxes[:, 3] + 1, boxes[:, 2] + 1], 1)
+        # An empty box (batched_mask_to_box's [0, 0, 0, 0]) may still be a one-pixel mask: it is
+        # ambiguous, so such a mask gets the whole window above the threshold instead (computed for
+        # all masks, cheap at low resolution: no host wait to pick them). A slot without a mask
+        # gets an empty window.
+        above = windows_above(low, self.sam.mask_threshold, taps_y[0], taps_x[0])
+        windows = torch.where((boxes.sum(1) == 0)[:, None], above, windows)
+        windows = torch.where(filled[:, None], windows, torch.zeros_like(windows))
+        n = len(windows)
+        if caps.changes is None:
             # Masks of similar window sizes share a chunk (padded to its largest window): little waste.
             order = torch.argsort((windows[:, 2:] - windows[:, :2]).clamp_min(1).prod(1))
-            areas = torch.zeros(len(windows), dtype=torch.int64, device=self.device)
-            owners, positions = [], []
-            for lo, hi in self._chunks(windows[order]):
-                index = order[lo:hi]
-                binary = self._binary_windows(c.low[index], taps_y, taps_x, windows[index])
-                areas[index] = binary.flatten(1).sum(1)
-                origins = windows[index, :2].clone()
-                origins[:, 0] += y0
-                origins[:, 1] += x0
-                owner, position = window_changes(binary, origins, height, width)
-                owners.append(index[owner])
-                positions.append(position)
-            owner, by_mask = torch.sort(torch.cat(owners), stable=True)  # back to the masks' order
-            changes.append(torch.cat(positions)[by_mask])
-            count = torch.bincount(owner, minlength=len(windows))
-            boxes = c.boxes.clone()  # uncropped XYXY (scalar adds: no host-to-device copy)
-            boxes[:, 0::2] += x0
-            boxes[:, 1::2] += y0
-            metas.append(torch.cat([torch.full_like(c.iou, j)[:, None], c.iou[:, None], c.stability[:, None],
-                                    boxes.double(), areas[:, None].double(), count[:, None].double()], 1).double())
-        meta = torch.cat(metas) if metas else torch.zeros(0, _META, dtype=torch.float64, device=self.device)
-        packed = torch.cat([meta.flatten()] + [p.double() for p in changes])
-        return DeviceResult((height, width), [crop.box for crop, _, _ in image.crops], packed.cpu().numpy(), len(meta))
+            chunks, shape = list(self._chunks(windows[order])), None
+        else:  # every window padded to the crop (the largest it can be), a fixed number per chunk
+            order, step = torch.arange(n, device=self.device), max(1, self.cfg.window_pixels // (crop.size[0] * crop.size[1]))
+            chunks, shape = [(lo, min(lo + step, n)) for lo in range(0, n, step)], crop.size
+        areas = torch.zeros(n, dtype=torch.int64, device=self.device)
+        owners, positions, keeps, changes_need = [], [], [], [torch.zeros((), dtype=torch.int64, device=self.device)]
+        for lo, hi in chunks:
+            chunk = order[lo:hi]
+            binary = self._binary_windows(low[chunk], taps_y, taps_x, windows[chunk], shape)
+            areas.index_copy_(0, chunk, binary.flatten(1).sum(1))
+            origins = windows[chunk, :2].clone()
+            origins[:, 0] += y0
+            origins[:, 1] += x0
+            owner, position, keep, need = window_changes(binary, origins, height, width, caps.changes)
+            owners.append(chunk[owner])
+            positions.append(position)
+            keeps.append(keep)
+            changes_need.append(need)
+        owner, keep = torch.cat(owners) if owners else areas[:0], torch.cat(keeps) if keeps else filled[:0]
+        # The kept changes first, by mask (stable: each mask's positions stay in order).
+        by_mask = torch.sort(torch.where(keep, owner, n), stable=True).indices
+        changes = torch.cat(positions)[by_mask] if positions else areas[:0]
+        count = torch.zeros(n, dtype=torch.int64, device=self.device).index_add_(0, owner, keep.long())
+        boxes = boxes.clone()  # uncropped XYXY (scalar adds: no host-to-device copy)
+        boxes[:, 0::2] += x0
+        boxes[:, 1::2] += y0
+        meta = torch.cat([torch.where(filled, index, -1)[:, None].double(), iou[:, None].double(),
+                          stability[:, None].double(), boxes.double(), areas[:, None].double(),
+                          count[:, None].double()], 1)
+        needs = torch.cat([needs, torch.stack(changes_need).max()[None]])
+        return meta, changes.double(), needs.double()
 
     def _chunks(self, windows: torch.Tensor):
         """Index ranges whose padded windows hold at most `window_pixels` (at least one mask each)."""
@@ -385,12 +445,14 @@ class InstanceLabeler:
         if heights:
             yield start, len(heights)
 
-    def _binary_windows(self, low, taps_y, taps_x, windows: torch.Tensor) -> torch.Tensor:
-        """Masks (N, H, W) bool thresholded inside windows [r0, c0, r1, c1), H x W the largest,
-        upsampled in row strips of at most `window_pixels` values."""
+    def _binary_windows(self, low, taps_y, taps_x, windows: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
+        """Masks (N, H, W) bool thresholded inside windows [r0, c0, r1, c1), (H, W) = `shape` or,
+        given None, the largest window's; upsampled in row strips of at most `window_pixels` values."""
         n = len(windows)
-        H = int((windows[:, 2] - windows[:, 0]).max().clamp_min(0))
-        W = int((windows[:, 3] - windows[:, 1]).max().clamp_min(0))
+        if shape is None:
+            shape = (int((windows[:, 2] - windows[:, 0]).max().clamp_min(0)),
+                     int((windows[:, 3] - windows[:, 1]).max().clamp_min(0)))
+        H, W = shape
         if H == 0 or W == 0:
             return torch.zeros(n, H, W, dtype=torch.bool, device=self.device)
         rows = max(1, self.cfg.window_pixels // (n * W))
@@ -399,19 +461,83 @@ class InstanceLabeler:
             strip = windows.clone()
             strip[:, 0] = windows[:, 0] + top
             strip[:, 2] = torch.maximum(torch.minimum(windows[:, 2], strip[:, 0] + rows), strip[:, 0])
-            values, valid = upsample_windows(low, taps_y, taps_x, strip)
-            strips.append(((values > self.sam.mask_threshold) & valid)[:, :, :W])
+            values, valid = upsample_windows(low, taps_y, taps_x, strip, (min(rows, H - top), W))
+            strips.append((values > self.sam.mask_threshold) & valid)
         return torch.cat(strips, 1)
 
+    def _copy(self, image: _Pending) -> _Copy:
+        """Start the one copy of an image's buffers to the host (on CUDA into page-locked memory,
+        without a wait); `_collect` reads it."""
+        with self.clock("masks"):
+            packed = torch.cat([t.flatten() for work in image.crops for t in work.out])
+            if self.device.type != "cuda":
+                return _Copy(image, packed, None)
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        return _Copy(image, host, done)
+
+    def _collect(self, copy: _Copy) -> DeviceResult:
+        """An image's buffers on the host (the wait), as a `DeviceResult`. If a crop needed larger
+        buffers than its layer's `capacities`, they grow (and stay grown), the image's crops of that
+        layer are redone and the image copied again."""
+        image = copy.image
+        with self.clock("masks"):
+            if copy.done is not None:
+                copy.done.synchronize()
+            crops = self._unpack(image, copy.host.numpy())
+            while self.capacities is not None:
+                layers = {work.crop.layer for work in image.crops}
+                grown = {layer: self.capacities[layer].grown(np.max([needs for work, (_, _, needs) in zip(image.crops, crops)
+                                                                     if work.crop.layer == layer], 0))
+                         for layer in layers}
+                grown = {layer: caps for layer, caps in grown.items() if caps is not None}
+                if not grown:
+                    break
+                self.capacities.update(grown)
+                for j, work in enumerate(image.crops):
+                    if work.crop.layer in grown:
+                        work.out = self._crop_masks(work, j, image.image.size)
+                crops = self._unpack(image, torch.cat([t.flatten() for w in image.crops for t in w.out]).cpu().numpy())
+        metas, changes = [], []
+        for meta, change, _ in crops:
+            meta = meta[meta[:, 0] >= 0]  # the filled slots (they come first)
+            metas.append(meta)
+            changes.append(change[: int(meta[:, 8].sum())])
+        meta = np.concatenate(metas)
+        return DeviceResult(image.image.size, [work.crop.box for work in image.crops],
+                            np.concatenate([meta.ravel()] + changes), len(meta))
+
+    @staticmethod
+    def _unpack(image: _Pending, packed: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per crop (meta, changes, needs) from an image's packed buffers (`_copy`)."""
+        out, at = [], 0
+        for work in image.crops:
+            parts = []
+            for t in work.out:
+                parts.append(packed[at : at + t.numel()].reshape(t.shape))
+                at += t.numel()
+            out.append(tuple(parts))
+        return out
+
     def finish(self, result: DeviceResult) -> list[dict]:
-        """The CPU half of an image: RLE strings, cross-crop NMS (prefer smaller crops) and the
-        small-region cleanup, as the stock generator orders them."""
+        """The CPU half of an image: each crop's box NMS completed (the device keeps a superset of
+        it in fixed shapes, `nms_superset`; on exact input it keeps every mask, in order), RLE
+        strings, cross-crop NMS (prefer smaller crops) and the small-region cleanup, as the stock
+        generator orders them."""
         height, width = result.size
         meta = result.packed[: result.count * _META].reshape(result.count, _META)
         changes = result.packed[result.count * _META :].astype(np.int64)
         ends = np.cumsum(meta[:, 8].astype(np.int64))
+        kept = []
+        for j in range(len(result.crop_boxes)):
+            rows = np.flatnonzero(meta[:, 0] == j)
+            keep = nms(torch.from_numpy(meta[rows, 3:7]).float(), torch.from_numpy(meta[rows, 1]).float(),
+                       self.cfg.box_nms_thresh)
+            kept.extend(rows[keep.numpy()])
         crops: list[tuple[list[int], list[dict]]] = [(box, []) for box in result.crop_boxes]
-        for row, end in zip(meta, ends):
+        for row, end in zip(meta[kept], ends[kept]):
             crop, iou, stability, x0, y0, x1, y1, area, count = row
             crops[int(crop)][1].append({
                 "rle": rle_from_changes(changes[end - int(count) : end], height, width),
