@@ -1,5 +1,6 @@
 """The fast instance labeler gives the stock generator's masks (same model, same parameters)."""
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -18,7 +19,16 @@ from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.utils.amg import remove_small_regions
 
 from labeling.labelers.instance import InstanceLabeler, InstanceLabelerConfig, cleanup_window
-from labeling.labelers.mask_postprocess import axis_taps, upsample_windows, window_rle, windows_above
+from labeling.labelers.mask_postprocess import (
+    axis_taps,
+    compact,
+    nms_superset,
+    rle_from_changes,
+    upsample_windows,
+    window_changes,
+    window_rle,
+    windows_above,
+)
 from labeling.labelers.tiny_models import build_tiny_sam_random
 
 # Chosen so that the stock generator keeps >= 20 masks per image with the tiny twin (asserted), while
@@ -189,23 +199,106 @@ def test_compiled_masks_agree_with_eager_on_gpu(sam, images):
     close_to(eager, compiled)
 
 
+def _wave(labeler, images):
+    """The device's work on every crop of `images` as one wave: the encoder call, the decoder calls,
+    each crop's filters, NMS and RLE run boundaries (`_crop_masks`) and each image's copy started."""
+    from labeling.labelers.instance import _CropWork, _Pending
+
+    prepared = [labeler.prepare(image) for image in images]
+    crops = [crop for image in prepared for crop in image.crops]
+    low, iou, bounds = labeler._decode_calls(labeler._encode(crops), crops)
+    copies, k = [], 0
+    for image in prepared:
+        pending = _Pending(image)
+        for j, crop in enumerate(image.crops):
+            work = _CropWork(crop, low[bounds[k] : bounds[k + 1]], iou[bounds[k] : bounds[k + 1]])
+            labeler._crop_masks(work, j, image.size)
+            pending.crops.append(work)
+            k += 1
+        copies.append(labeler._copy(pending))
+    return copies
+
+
 @pytest.mark.gpu
-def test_a_wave_queues_encoder_and_decoder_without_a_host_sync(sam, images):
+def test_a_wave_runs_without_a_host_sync_on_gpu(sam, images):
     """Under torch.cuda.set_sync_debug_mode("error") any host wait raises: the input copies, the
-    encoder call and every decoder call of a wave run without one (the predicted-IoU filter after
-    them waits once, for the survivors' counts)."""
-    labeler = InstanceLabeler(copy.deepcopy(sam), InstanceLabelerConfig(**PARAMS, points_per_batch=64, compile=False),
-                              "cuda")
-    crops = [crop for image in images[:4] for crop in labeler.prepare(image).crops]
+    encoder call, every decoder call, each crop's filters, NMS and RLE run boundaries, and the start
+    of each image's copy back run without one; the copies then give the masks of a full pass."""
+    cfg = InstanceLabelerConfig(**PARAMS, points_per_batch=64, compile=False)
+    labeler = InstanceLabeler(copy.deepcopy(sam), cfg, "cuda")
+    assert labeler.fixed_shapes
+    expected = labeler(images[:4])  # warm-up: library handles, allocations, capacities, taps
     with torch.inference_mode():
-        labeler._decode_calls(labeler._encode(crops), crops)  # warm-up: library handles, allocations
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            low, iou, bounds = labeler._decode_calls(labeler._encode(crops), crops)
+            copies = _wave(labeler, images[:4])
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    assert low.dtype == torch.bfloat16 and len(iou) == bounds[-1] == 3 * PARAMS["points_per_side"] ** 2 * 4
+        assert [labeler.finish(labeler._collect(c)) for c in copies] == expected
+
+
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero", "unique",
+              "bincount", "masked_select")
+
+
+@contextlib.contextmanager
+def host_reads():
+    """Records every Python-level way a tensor's values reach the host (on a GPU each waits for the
+    device): the methods in HOST_READS, their torch functions, and boolean indexing."""
+    seen = []
+
+    def spy(name, real):
+        def wrapper(*args, **kwargs):
+            seen.append(name)
+            return real(*args, **kwargs)
+        return wrapper
+
+    real_getitem = torch.Tensor.__getitem__
+
+    def getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(torch.is_tensor(p) and p.dtype == torch.bool for p in parts):
+            seen.append("boolean index")
+        return real_getitem(self, index)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in HOST_READS:
+            patch.setattr(torch.Tensor, name, spy(name, getattr(torch.Tensor, name)))
+            if hasattr(torch, name):
+                patch.setattr(torch, name, spy(name, getattr(torch, name)))
+        patch.setattr(torch.Tensor, "__getitem__", getitem)
+        yield seen
+
+
+def test_fixed_shapes_read_back_one_copy_per_image_and_give_the_same_records(sam, images, stock):
+    """The CPU twin of the GPU sync check. In fixed shapes (the CUDA default) a device pass reads
+    back nothing but one copy of each image's buffers; buffers too small at first are grown; and
+    the records are exactly those of the path that reads sizes (the CPU default): crop layers,
+    bf16 and the small-region cleanup included, and the stock generator's masks in fp32."""
+    from labeling.labelers.instance import Capacities
+
+    fp32 = dict(PARAMS, points_per_batch=64, encoder_batch_size=1, bf16=False)
+    for params, chosen in ((fp32, images[:3]),
+                           (dict(PARAMS, encoder_batch_size=2, points_per_batch=256, bf16_on_cpu=True), images[5:8]),
+                           (dict(PARAMS, points_per_side=6, crop_n_layers=1, min_mask_region_area=30,
+                                 encoder_batch_size=3), [images[2], images[14]])):
+        read = InstanceLabeler(sam, InstanceLabelerConfig(**params))
+        fixed = InstanceLabeler(sam, InstanceLabelerConfig(**params, fixed_shapes=True))
+        assert read.capacities is None and fixed.fixed_shapes
+        fixed.capacities = {layer: Capacities(1, 1, 1, 1) for layer in fixed.capacities}
+        expected, ours = read(chosen), fixed(chosen)
+        assert ours == expected and all(expected)
+        assert all(min(dataclasses.astuple(caps)) > 1 for caps in fixed.capacities.values())
+        if params is fp32:
+            for ref, out in zip(stock, ours):
+                assert len(out) == len(ref) and _match(ref, out).min() >= 0.999
+
+    prepared = [fixed.prepare(image) for image in chosen]  # sizes seen before: their taps are on the device
+    with torch.inference_mode(), host_reads() as seen:
+        results = list(fixed.device_pass(prepared))
+    assert seen == ["numpy"] * len(chosen)
+    assert [fixed.finish(r) for r in results] == expected
 
 
 def test_crops_and_small_regions_equal_stock(sam, images):
@@ -310,6 +403,46 @@ def test_windowed_upsampling_is_stock_upsampling(sizes):
             binary = ((values[n] > threshold) & valid[n])[: r1 - r0, : c1 - c0]
             reference = mask_utils.encode(np.asfortranarray((full[n] > threshold).numpy().astype(np.uint8)))
             assert window_rle(binary, r0, c0, height, width)["counts"] == reference["counts"].decode()
+        # Fixed shapes: padded to the canvas, the same values; changes in slots of a given capacity.
+        padded, padded_valid = upsample_windows(low, taps_y, taps_x, windows, (height, width))
+        assert padded.shape == (4, height, width)
+        _, h, w = values.shape
+        assert torch.equal(padded[:, :h, :w][valid], values[valid]) and padded_valid.sum() == valid.sum()
+        binary = (padded > threshold) & padded_valid
+        owner, position, keep, need = window_changes(binary, windows[:, :2], height, width)
+        slots = int(need) + 5
+        fixed = window_changes(binary, windows[:, :2], height, width, slots)
+        assert fixed[3] == need and len(fixed[0]) == slots and not fixed[2][int(need):].any()
+        for n in range(4):
+            mine = fixed[1][fixed[2] & (fixed[0] == n)].numpy()
+            assert np.array_equal(mine, position[keep & (owner == n)].numpy())
+            reference = mask_utils.encode(np.asfortranarray((full[n] > threshold).numpy().astype(np.uint8)))
+            assert rle_from_changes(mine, height, width)["counts"] == reference["counts"].decode()
+        if need > 1:
+            assert window_changes(binary, windows[:, :2], height, width, 1)[3] == need  # reported, not dropped
+
+
+def test_nms_superset_completed_on_the_host_is_torchvisions_nms():
+    """Fixed-point rounds keep a superset of greedy NMS (ties in score included); NMS over that
+    superset, in its order, is torchvision's NMS of all valid boxes."""
+    from torchvision.ops import nms
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n = int(torch.randint(1, 200, (1,), generator=generator))
+        xy = torch.randint(0, 60, (n, 2), generator=generator)
+        boxes = torch.cat([xy, xy + torch.randint(1, 30, (n, 2), generator=generator)], 1)
+        scores = torch.randint(0, 8, (n,), generator=generator).float() / 8  # many ties
+        valid = torch.rand(n, generator=generator) < 0.8
+        survivors = torch.nonzero(valid).squeeze(1)
+        expected = survivors[nms(boxes[survivors].float(), scores[survivors], 0.7)]
+        for rounds in (2, 8):
+            order, keep = nms_superset(boxes, scores, valid, 0.7, rounds)
+            superset = order[keep]
+            assert set(expected.tolist()) <= set(superset.tolist())
+            assert torch.equal(superset[nms(boxes[superset].float(), scores[superset], 0.7)], expected)
+        index, filled, need = compact(valid, 64)
+        assert need == len(survivors) and torch.equal(index[filled], survivors[:64])
 
 
 _MEMORY_SCRIPT = textwrap.dedent("""

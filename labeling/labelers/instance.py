@@ -138,6 +138,7 @@ class _CropWork:
     low: torch.Tensor  # (M, h, w) low-resolution logits of all its candidates, in the decoder's dtype
     iou: torch.Tensor  # (M,) float32 predicted IoUs
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # meta, changes, needs
+    caps: Capacities | None = None  # the buffer sizes `out` was computed with (None: sizes read)
 
 
 @dataclass
@@ -242,7 +243,7 @@ class InstanceLabeler:
             for (i, crop), a, b in zip(wave, bounds[:-1], bounds[1:]):
                 work = _CropWork(crop, low[a:b], iou[a:b])
                 image = pending[i]
-                work.out = self._crop_masks(work, len(image.crops), image.image.size)
+                self._crop_masks(work, len(image.crops), image.image.size)
                 image.crops.append(work)
                 if len(image.crops) == len(image.image.crops):
                     copies.append(self._copy(pending.pop(i)))
@@ -334,21 +335,23 @@ class InstanceLabeler:
         taps_x, _ = self._axis_taps(low_size[1], model_len, input_size[1], crop.size[1])
         return taps_y, taps_x, band
 
-    def _crop_masks(self, work: _CropWork, index: int, image_size: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    def _crop_masks(self, work: _CropWork, index: int, image_size: tuple[int, int]) -> None:
         """One crop's masks from its decoder outputs (the crop is the image's `index`-th): the
         filters and box NMS (`_kept`), then the kept masks' RLE run boundaries (`_runs`). In fixed
-        shapes (`fixed_shapes`), all on the device without a host wait.
+        shapes (`fixed_shapes`), all on the device without a host wait, in buffers of the crop
+        layer's `capacities` (recorded in `work.caps`).
 
-        Returns meta (K, _META), changes (C,) and needs (_NEEDS,) float64: per mask slot [crop, iou,
+        Sets work.out: meta (K, _META), changes (C,) and needs (_NEEDS,) float64: per mask slot [crop, iou,
         stability, x0, y0, x1, y1, area, changes] (crop -1 in a slot that holds none; the filled
         slots first), the masks' run boundaries in their order (C at least their total), and the
         capacities the crop needed (`Capacities`; zeros when sizes are read).
         """
-        caps = self.capacities[work.crop.layer] if self.fixed_shapes else Capacities(None, None, None, None)
+        work.caps = self.capacities[work.crop.layer] if self.fixed_shapes else None
+        caps = work.caps or Capacities(None, None, None, None)
         with self.clock("filter"):
             kept = self._kept(work, image_size, caps)
         with self.clock("masks"):
-            return self._runs(work.crop, index, image_size, caps, *kept)
+            work.out = self._runs(work.crop, index, image_size, caps, *kept)
 
     def _kept(self, work: _CropWork, image_size: tuple[int, int], caps: Capacities) -> tuple[torch.Tensor, ...]:
         """The predicted-IoU filter, exact stability scores and boxes evaluated only on the output
@@ -480,26 +483,25 @@ class InstanceLabeler:
 
     def _collect(self, copy: _Copy) -> DeviceResult:
         """An image's buffers on the host (the wait), as a `DeviceResult`. If a crop needed larger
-        buffers than its layer's `capacities`, they grow (and stay grown), the image's crops of that
-        layer are redone and the image copied again."""
+        buffers than it was computed with, its layer's `capacities` grow (and stay grown), the crop
+        is redone and the image copied again."""
         image = copy.image
         with self.clock("masks"):
             if copy.done is not None:
                 copy.done.synchronize()
             crops = self._unpack(image, copy.host.numpy())
-            while self.capacities is not None:
-                layers = {work.crop.layer for work in image.crops}
-                grown = {layer: self.capacities[layer].grown(np.max([needs for work, (_, _, needs) in zip(image.crops, crops)
-                                                                     if work.crop.layer == layer], 0))
-                         for layer in layers}
-                grown = {layer: caps for layer, caps in grown.items() if caps is not None}
-                if not grown:
-                    break
-                self.capacities.update(grown)
-                for j, work in enumerate(image.crops):
-                    if work.crop.layer in grown:
-                        work.out = self._crop_masks(work, j, image.image.size)
+            # A crop that needed more than the buffers it was computed with (the layer's capacities
+            # then, which an earlier image may have grown since) is redone with the capacities grown.
+            redo = [j for j, (work, (_, _, needs)) in enumerate(zip(image.crops, crops))
+                    if work.caps is not None and work.caps.grown(needs) is not None]
+            while redo:
+                for j in redo:
+                    work, needs = image.crops[j], crops[j][2]
+                    layer = work.crop.layer
+                    self.capacities[layer] = self.capacities[layer].grown(needs) or self.capacities[layer]
+                    self._crop_masks(work, j, image.image.size)
                 crops = self._unpack(image, torch.cat([t.flatten() for w in image.crops for t in w.out]).cpu().numpy())
+                redo = [j for j in redo if image.crops[j].caps.grown(crops[j][2]) is not None]
         metas, changes = [], []
         for meta, change, _ in crops:
             meta = meta[meta[:, 0] >= 0]  # the filled slots (they come first)
