@@ -10,13 +10,19 @@ same parameters, computed with less work and few device round trips:
 - the prompt decoder runs `points_per_batch` prompts per call, mixing the crops of an encoder call
   (`sam_fast.decode_points`), on a GPU a bf16 copy of the decoder with bf16 activations end to end;
   all calls of a wave are queued without a host wait;
-- predicted-IoU filtering (one host wait per wave, for the survivors' counts), then the exact
-  stability score and box of each candidate computed only
-  on the output tiles that can hold its pixels (`mask_postprocess.tile_stats`), crop-edge filter
-  and box NMS, all on the device;
-- only NMS survivors are upsampled again, inside their boxes, and their COCO RLE run boundaries
-  found on the device (`mask_postprocess.window_changes`); one device-to-host copy per image brings
-  them back, and `finish` (CPU) writes the RLE strings, cross-crop NMS and the small-region cleanup.
+- per crop, on the device (`_crop_masks`): the predicted-IoU filter, the exact stability score and
+  box of each candidate computed only on the output tiles that can hold its pixels
+  (`mask_postprocess.tile_stats`), the stability and crop-edge filters and box NMS; then only the
+  kept masks are upsampled again, inside their boxes, and their COCO RLE run boundaries found
+  (`mask_postprocess.window_changes`);
+- one device-to-host copy per image brings them back, and `finish` (CPU) writes the RLE strings,
+  cross-crop NMS and the small-region cleanup.
+
+On CUDA (`fixed_shapes`) every post-processing buffer has a size fixed by the configuration and
+the image size (`Capacities`, grown when a crop needed more: it is then redone), box NMS keeps a
+superset that `finish` completes, and an image's copy is started without a wait and read a wave
+later: the host never waits inside a wave. On a CPU, where reading a size is free, sizes are read
+(`nonzero`, torchvision's NMS, windows padded to the largest): the same records, less work.
 
 Every encoder call holds exactly `encoder_batch_size` crops and every decoder call exactly
 `points_per_batch` prompts (padding fills the last ones), so kernel shapes never depend on which
@@ -429,7 +435,8 @@ class InstanceLabeler:
         boxes = boxes.clone()  # uncropped XYXY (scalar adds: no host-to-device copy)
         boxes[:, 0::2] += x0
         boxes[:, 1::2] += y0
-        meta = torch.cat([torch.where(filled, index, -1)[:, None].double(), iou[:, None].double(),
+        which = torch.full_like(iou, index, dtype=torch.float64).masked_fill_(~filled, -1)  # no host-to-device copy
+        meta = torch.cat([which[:, None], iou[:, None].double(),
                           stability[:, None].double(), boxes.double(), areas[:, None].double(),
                           count[:, None].double()], 1)
         needs = torch.cat([needs, torch.stack(changes_need).max()[None]])
