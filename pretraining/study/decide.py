@@ -337,12 +337,18 @@ def prepare_data(args, runner: Runner, size: Size) -> tuple[Path, Path, int]:
     return labels, eval_dir, metadata.num_semantic_classes
 
 
-def run_study(args) -> list[str]:
+def study_size(args) -> Size:
+    """The tiny twin's or the GPU study's size, with the command line's overrides."""
     size = TINY if args.tiny else gpu_size(args.epochs, args.global_batch, args.warmup_epochs, args.finetune_epochs)
     if not args.tiny and args.finetune_set:
         size = replace(size, finetune=(*size.finetune, *args.finetune_set))
     if args.pretrain_set:
         size = replace(size, pretrain=(*size.pretrain, *args.pretrain_set))
+    return size
+
+
+def run_study(args) -> list[str]:
+    size = study_size(args)
     runner = Runner(args.output, in_process=args.tiny, launcher=shlex.split(args.launcher or ""))
     labels, eval_dir, semantic_classes = prepare_data(args, runner, size)
     # Computed once (it builds the model at every candidate width) and kept, as a stage, for reruns.
