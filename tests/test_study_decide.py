@@ -207,6 +207,16 @@ def test_the_gpu_studys_commands_are_accepted_by_the_commands_they_run(tmp_path,
             assert (parsed.command, ft.epochs, ft.accum_steps) == ("finetune", 100, 8)
 
 
+def test_a_stage_command_is_teed_to_its_log_and_a_failure_names_it(tmp_path, capsys):
+    runner = decide.Runner(tmp_path, in_process=False, launcher=[])
+    runner.command("hello", ["-c", "import pretraining; print('from the project')"])
+    with pytest.raises(decide.StudyError, match="the broken stage failed \\(exit 3\\)"):
+        runner.command("broken", ["-c", "import sys; print('why'); sys.exit(3)"])
+    log = (tmp_path / "decide.log").read_text().splitlines()
+    assert log[1:] == ["from the project", log[2], "why"] and log[0].startswith("$ ") and log[2].startswith("$ ")
+    assert "from the project" in capsys.readouterr().out
+
+
 def test_gpu_hours_estimate_is_images_over_rates():
     hours = decide.estimate_gpu_hours(images=100_000, held_out=5_000, epochs=200, finetune_epochs=100, seeds=1)
     low, high = decide.RATES["pretrain"]
