@@ -5,9 +5,11 @@ Inputs are real `DeviceResult`s: the tiny random SAM twin's device pass over pho
 `--side` px long side (the pipeline's model size is 1024), the pipeline's cleanup settings
 (`min_mask_region_area` 100, `max_mask_fraction` 0.95). Measured in one run, side by side:
 
-- per image, one at a time: `finish_image` in this thread; the same through one child process
-  (pickling the DeviceResult and the records, both pipe transfers, the child's work); pickling
-  alone. The difference is the pool's overhead per image;
+- per image, one at a time, taking turns (each image's best of `--repeats`): `finish_image` in
+  this thread; the same through one child process (pickling the DeviceResult and the records, both
+  pipe transfers, the child's work); a child round trip that carries the DeviceResult and does no
+  work; pickling both ways alone. The pool's overhead per image is the round trip plus the reply's
+  pickling;
 - a stand-in for the thread that launches GPU kernels: a Python thread calling a small torch op
   in a loop (a kernel launch is a few microseconds of Python and C++ under the GIL), its calls/s
   alone, then while `--workers` threads finish images, then while `--workers` child processes do.
@@ -23,6 +25,8 @@ Prints a table; the last line is `key=value` pairs.
 from __future__ import annotations
 
 import argparse
+import operator
+import os
 import pickle
 import threading
 import time
@@ -33,7 +37,7 @@ import numpy as np
 import skimage.data
 import torch
 
-from labeling.labelers.child_pool import FinishPool
+from labeling.labelers.child_pool import ChildPool, FinishPool
 from labeling.labelers.instance import InstanceLabeler, InstanceLabelerConfig, finish_image
 from labeling.labelers.tiny_models import build_tiny_sam_random
 
@@ -52,15 +56,17 @@ def photos(count: int, side: int) -> list[np.ndarray]:
     return out
 
 
-def per_image_ms(fn, results, repeats: int) -> float:
-    """Best of `repeats` of the mean ms per image of fn over `results`, one at a time."""
-    best = float("inf")
+def interleaved_ms(fns, items, repeats: int) -> list[float]:
+    """Mean ms per item of each of `fns`, each item's time the best of `repeats`; the functions take
+    turns on every item, so a change in the machine's load hits them alike."""
+    best = [[float("inf")] * len(items) for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        for result in results:
-            fn(result)
-        best = min(best, (time.perf_counter() - start) / len(results))
-    return best * 1000
+        for i, item in enumerate(items):
+            for k, fn in enumerate(fns):
+                start = time.perf_counter()
+                fn(item)
+                best[k][i] = min(best[k][i], time.perf_counter() - start)
+    return [1000 * float(np.mean(b)) for b in best]
 
 
 def pickled_both_ways(pair) -> None:
@@ -113,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--points-per-side", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="finishing threads, then processes (the actor's cpu_threads)")
-    p.add_argument("--repeats", type=int, default=3, help="per-image timings: best of this many passes")
-    p.add_argument("--seconds", type=float, default=4.0, help="length of each launcher window")
+    p.add_argument("--repeats", type=int, default=3, help="per-image timings: best of this many")
+    p.add_argument("--seconds", type=float, default=3.0, help="length of each launcher window")
+    p.add_argument("--rounds", type=int, default=3, help="launcher windows per setting, taking turns")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -131,32 +138,42 @@ def main(argv: list[str] | None = None) -> int:
 
     one = FinishPool(1, cfg)
     assert [one(r) for r in results] == [finish_image(cfg, r) for r in results], "the child's records differ"
-    thread_ms = per_image_ms(lambda r: finish_image(cfg, r), results, args.repeats)
-    process_ms = per_image_ms(one, results, args.repeats)
-    pickle_ms = per_image_ms(pickled_both_ways, [(r, finish_image(cfg, r)) for r in results], args.repeats)
+    empty = ChildPool(1, operator.attrgetter("count"))  # the DeviceResult there, a number back: no work
+    empty(results[0])
+    thread_ms, process_ms, empty_ms = interleaved_ms([lambda r: finish_image(cfg, r), one, empty], results,
+                                                     args.repeats)
+    pickle_ms, = interleaved_ms([pickled_both_ways], [(r, finish_image(cfg, r)) for r in results], args.repeats)
     one.close()
+    empty.close()
 
-    alone = launcher_rate(args.seconds)
-    by_threads, images_threads = rate_beside(lambda r: finish_image(cfg, r), results, args.workers, args.seconds)
     pool = FinishPool(args.workers, cfg)
-    for result in results[: args.workers]:  # its children started before the window opens
+    for result in results[: args.workers]:  # its children started before the windows open
         pool(result)
-    by_processes, images_processes = rate_beside(pool, results, args.workers, args.seconds)
+    rounds = {"alone": [], "threads": [], "processes": []}
+    for _ in range(args.rounds):  # taking turns, as above
+        rounds["alone"].append((launcher_rate(args.seconds), 0.0))
+        rounds["threads"].append(rate_beside(lambda r: finish_image(cfg, r), results, args.workers, args.seconds))
+        rounds["processes"].append(rate_beside(pool, results, args.workers, args.seconds))
     pool.close()
+    (alone, _), (by_threads, images_threads), (by_processes, images_processes) = (
+        np.median(np.array(v), axis=0).tolist() for v in rounds.values())
 
     print(f"{args.images} images, long side {args.side} px, {masks:.0f} masks an image; DeviceResult "
           f"{sent_kb:.0f} KB pickled, records {back_kb:.0f} KB")
     print(f"{'one image at a time':<36} {'ms / image':>10} {'vs thread':>10}")
     print(f"{'finish_image in this thread':<36} {thread_ms:>10.1f} {1.0:>10.2f}")
     print(f"{'through one child process':<36} {process_ms:>10.1f} {process_ms / thread_ms:>10.2f}")
-    print(f"{'  of which pickling both ways':<36} {pickle_ms:>10.1f} {pickle_ms / thread_ms:>10.2f}")
+    print(f"{'child round trip, no work':<36} {empty_ms:>10.1f} {empty_ms / thread_ms:>10.2f}")
+    print(f"{'pickling both ways (in the above)':<36} {pickle_ms:>10.1f} {pickle_ms / thread_ms:>10.2f}")
     print(f"{'kernel-launch stand-in beside':<36} {'calls / s':>10} {'vs alone':>10} {'images / s':>11}")
     print(f"{'nothing':<36} {alone:>10.0f} {1.0:>10.2f} {'':>11}")
     print(f"{f'{args.workers} finishing threads':<36} {by_threads:>10.0f} {by_threads / alone:>10.2f} "
           f"{images_threads:>11.2f}")
     print(f"{f'{args.workers} finishing processes':<36} {by_processes:>10.0f} {by_processes / alone:>10.2f} "
           f"{images_processes:>11.2f}")
-    print(f"thread_ms={thread_ms:.1f} process_ms={process_ms:.1f} overhead_ms={process_ms - thread_ms:.1f} "
+    print(f"{args.rounds} rounds of {args.seconds:g} s windows, medians; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores")
+    print(f"thread_ms={thread_ms:.1f} process_ms={process_ms:.1f} round_trip_ms={empty_ms:.2f} "
           f"overhead_ratio={process_ms / thread_ms:.3f} launcher_threads={by_threads / alone:.3f} "
           f"launcher_processes={by_processes / alone:.3f}")
     return 0
