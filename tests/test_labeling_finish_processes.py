@@ -46,30 +46,22 @@ def device_results():
     return cfg, list(labeler.device_pass(labeler.prepare(im) for im in photos()[:3]))
 
 
-def test_the_finish_processes_give_the_records_of_the_threads(device_results):
+def test_the_finish_processes_give_the_threads_records_and_a_child_dying_mid_image_fails_only_that_image(
+        device_results):
     cfg, results = device_results
     in_thread = [finish_image(cfg, r) for r in results]
     assert min(map(len, in_thread)) >= 20  # masks to compare, not empty lists
-    pool = FinishPool(2, cfg)
-    with ThreadPoolExecutor(3) as threads:  # as the paired labeler calls it: from several threads at once
-        in_processes = list(threads.map(pool, results))
-    pool.close()
-    assert in_processes == in_thread
-
-
-def test_a_finish_process_that_dies_mid_image_fails_that_image_and_is_replaced(device_results):
-    cfg, results = device_results
     crash = dataclass_replace_size(results[0], CRASH_SIZE)
     pool = FinishPool(2, cfg, finish=finish_or_die)
-    with ThreadPoolExecutor(3) as threads:
-        futures = [threads.submit(pool, r) for r in (results[1], crash, results[2])]
+    with ThreadPoolExecutor(3) as threads:  # as the paired labeler calls it: from several threads at once
+        futures = [threads.submit(pool, r) for r in (results[0], crash, results[1], results[2])]
     with pytest.raises(FinishCrashed) as died:
         futures[1].result()
     assert str(died.value) == FINISH_CRASH_MESSAGE.format(how="exit code 3")
-    assert [futures[0].result(), futures[2].result()] == [finish_image(cfg, results[1]), finish_image(cfg, results[2])]
+    assert [futures[0].result(), futures[2].result(), futures[3].result()] == in_thread
     with pytest.raises(ValueError, match="no masks for an image of"):  # an exception travels back as itself
         pool(dataclass_replace_size(results[0], RAISE_SIZE))
-    assert pool(results[0]) == finish_image(cfg, results[0])  # the dead process was replaced
+    assert pool(results[1]) == in_thread[1]  # the dead process was replaced
     assert len(pool._all) <= 2
     pool.close()
 
@@ -123,3 +115,22 @@ def test_the_model_actor_with_finish_processes_labels_as_with_threads_and_surviv
         assert (a["instances_json"], a["semantic"], a["pixels_h"]) == (b["instances_json"], b["semantic"], b["pixels_h"])
     assert processes(batch.slice(0, 1)).to_pylist()[0]["instances_json"] == want[0]["instances_json"]  # it goes on
     processes.labeler.close()
+
+
+@pytest.mark.slow
+def test_the_finish_processes_benchmark_reports_both_paths_on_the_same_records():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "finish_processes.py"), "--side", "128",
+                           "--images", "1", "--points-per-side", "6", "--workers", "1", "--repeats", "1",
+                           "--seconds", "0.2", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]  # it also checks that the child's records are the thread's
+    figures = {k: float(v) for k, v in (item.split("=") for item in done.stdout.strip().splitlines()[-1].split())}
+    assert set(figures) == {"thread_ms", "process_ms", "round_trip_ms", "overhead_ratio", "launcher_threads",
+                            "launcher_processes"}
+    assert figures["thread_ms"] > 0 and figures["process_ms"] > figures["round_trip_ms"] > 0
+    assert figures["overhead_ratio"] == pytest.approx(figures["process_ms"] / figures["thread_ms"], rel=0.05)
