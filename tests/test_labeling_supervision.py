@@ -320,7 +320,7 @@ def test_a_decoder_crash_on_one_file_is_that_files_failure_and_the_caller_goes_o
     from PIL import Image
 
     from dataset_card.contract.codecs import DecodeError
-    from labeling.labelers.decode_pool import CRASH_MESSAGE, DecodePool
+    from labeling.labelers.child_pool import DECODE_CRASH_MESSAGE, DecodePool
     from labeling.pipeline import failures
 
     def png(h, w):
@@ -339,7 +339,7 @@ def test_a_decoder_crash_on_one_file_is_that_files_failure_and_the_caller_goes_o
 
     with ThreadPoolExecutor(4) as threads:  # as the paired labeler calls it: from several threads at once
         out = list(threads.map(decode, files))
-    assert isinstance(out[1], DecodeError) and str(out[1]) == CRASH_MESSAGE.format(how="killed by SIGKILL")
+    assert isinstance(out[1], DecodeError) and str(out[1]) == DECODE_CRASH_MESSAGE.format(how="killed by SIGKILL")
     assert [o[0].shape for i, o in enumerate(out) if i != 1] == [(20, 30, 3), (40, 10, 3), (64, 21, 3), (8, 8, 3)]
     assert out[3][1:] == (100, 300)  # the original size, the pixels shrunk to 64
     assert failures.from_exception(failures.DECODE, out[1]).error_type == failures.UNDECODABLE

@@ -22,7 +22,7 @@ from pathlib import Path
 
 # Bump when labels made by the same models and arguments can change (and record the digest below).
 LABELS_VERSION = 3
-LABEL_CODE_DIGEST = "2b006349bad2b3f0ce838068e3b910ae79aa75931b83b330b8d957d0b34c2505"
+LABEL_CODE_DIGEST = "ebcecdca08e3aceae8a9919c86c6fd5821944379738bc49c0db433b642ec78cf"
 
 # The code whose change can change a label: the labelers, the read / model / post-process stages,
 # and the contract's codecs, painting rule and schema. The driver, writer, card and docs are not in
