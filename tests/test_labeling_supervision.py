@@ -310,6 +310,8 @@ def decode_or_die(data: bytes, max_pixels: int, max_side: int):
 
     if data == b"crash":
         os.kill(os.getpid(), signal.SIGKILL)
+    if data == b"hang":
+        signal.pause()  # a decoder looping on a crafted file
     return model_input.decode(data, max_pixels, max_side)
 
 
@@ -347,6 +349,13 @@ def test_a_decoder_crash_on_one_file_is_that_files_failure_and_the_caller_goes_o
     with pytest.raises(DecodeError, match="cannot read image header"):
         pool(b"not an image")  # an ordinary decode error travels back as itself
     pool.close()
+
+    watched = DecodePool(1, max_pixels=1_000_000, max_side=64, decode=decode_or_die, timeout_s=3)
+    with pytest.raises(DecodeError) as hung:  # a child that never answers is killed: the file fails, the pool goes on
+        watched(b"hang")
+    assert str(hung.value) == DECODE_CRASH_MESSAGE.format(how="no answer within 3 s, killed")
+    assert watched(files[0])[0].shape == (20, 30, 3)
+    watched.close()
 
 
 def test_a_decoder_crash_in_the_model_actor_fails_that_file_and_labels_the_rest_as_without_it():

@@ -17,7 +17,9 @@ on one call at a time; a call's arguments and its reply travel as length-prefixe
 child's stdin and stdout (a decode sends the file's bytes and gets the shrunk pixels back, at most
 `max_side`^2 x 3 bytes; a finish sends the `DeviceResult`'s arrays and gets the mask records back).
 One call per process at a time makes the blame exact: a process that dies while it holds an image
-died on that image, which fails (`ChildDied`, saying how: "killed by SIGSEGV", "exit code 1"); the
+died on that image, which fails (`ChildDied`, saying how: "killed by SIGSEGV", "exit code 1"), and so
+does a call no answer reaches within `timeout_s` (the child, hung, is killed: "no answer within 300 s,
+killed"); the
 process is replaced by the next call that needs one. An ordinary exception travels back as itself.
 Children are started with `subprocess` (fork and exec): none is a fork of the actor, whose CUDA
 context a forked child could not use; each runs one OpenMP / OpenCV thread (parallel across
@@ -52,10 +54,14 @@ import numpy as np
 
 from dataset_card.contract import codecs
 
-DECODE_CRASH_MESSAGE = ("the image decoder's process died on this file ({how}: a crash in the codec library, or out "
-                        "of memory); the model actor went on")
+DECODE_CRASH_MESSAGE = ("the image decoder's process died on this file ({how}; a crash in the codec library, out of "
+                        "memory, or a decode that never ended); the model actor went on")
 FINISH_CRASH_MESSAGE = ("the process finishing SAM's masks (RLE strings, NMS, small-region cleanup) died on this "
-                        "image ({how}: a crash in OpenCV or pycocotools, or out of memory); the model actor went on")
+                        "image ({how}; a crash in OpenCV or pycocotools, out of memory, or work that never ended); the "
+                        "model actor went on")
+# A call whose child has not answered by then is that image's failure: a real image takes well under a
+# second to decode and a few seconds to finish on one core, so only a hung child gets near it.
+CALL_TIMEOUT_S = 300.0
 _LENGTH = struct.Struct("<Q")
 # The child runs with its parent's sys.path (as multiprocessing's spawn does), so it imports what the parent
 # imports, under Ray's runtime environments too.
@@ -124,6 +130,7 @@ class _Worker:
     """One child process; serves one call at a time."""
 
     def __init__(self, function: Callable):
+        self.silent_s = None  # set when the watchdog killed the child
         self.process = subprocess.Popen([sys.executable, "-c", _BOOT, json.dumps(sys.path)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, **_ONE_THREAD})
         try:
@@ -135,16 +142,31 @@ class _Worker:
             how = self._died()
             raise RuntimeError(f"the model actor's child process could not start ({how}); its error is printed above")
 
-    def call(self, args: tuple) -> tuple[str, object]:
+    def call(self, args: tuple, timeout_s: float | None) -> tuple[str, object]:
+        """The child's reply to `args`; a child silent for `timeout_s` is killed (a decoder looping on a
+        crafted file would otherwise hold its image, and the actor's batch, for ever)."""
+        watchdog = threading.Timer(timeout_s, self._kill_silent, (timeout_s,)) if timeout_s else None
+        self.silent_s = None
         try:
+            if watchdog is not None:
+                watchdog.start()
             _send(self.process.stdin, args)
             return _receive(self.process.stdout)
         except (EOFError, OSError):
             raise ChildDied(self._died()) from None
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+
+    def _kill_silent(self, timeout_s: float) -> None:
+        self.silent_s = timeout_s
+        self.process.kill()
 
     def _died(self) -> str:
         self.close()
         code = self.process.wait()
+        if self.silent_s is not None:
+            return f"no answer within {self.silent_s:g} s, killed"
         if code < 0:
             return f"killed by {signal.Signals(-code).name}"
         return f"exit code {code}"
@@ -164,8 +186,8 @@ class ChildPool:
     `function` travels to the processes pickled: a module-level function (by name), or a
     `functools.partial` of one with picklable arguments."""
 
-    def __init__(self, workers: int, function: Callable):
-        self.function = function
+    def __init__(self, workers: int, function: Callable, timeout_s: float | None = CALL_TIMEOUT_S):
+        self.function, self.timeout_s = function, timeout_s
         self._free = threading.BoundedSemaphore(workers)  # a thread holds one while it holds a worker
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._all: list[_Worker] = []
@@ -177,7 +199,7 @@ class ChildPool:
         with self._free:
             worker = self._take()
             try:
-                status, value = worker.call(args)
+                status, value = worker.call(args, self.timeout_s)
             except ChildDied:  # these arguments killed the process that held them
                 self._forget(worker)
                 raise
@@ -229,10 +251,11 @@ class DecodePool(ChildPool):
     `DecodeError` (`undecodable`). `decode` must be a module-level function."""
 
     def __init__(self, workers: int, max_pixels: int, max_side: int,
-                 decode: Callable[[bytes, int, int], tuple[np.ndarray, int, int]] | None = None):
+                 decode: Callable[[bytes, int, int], tuple[np.ndarray, int, int]] | None = None,
+                 timeout_s: float | None = CALL_TIMEOUT_S):
         if decode is None:
             from labeling.labelers.model_input import decode
-        super().__init__(workers, functools.partial(decode_with_limit, decode))
+        super().__init__(workers, functools.partial(decode_with_limit, decode), timeout_s)
         self.max_pixels, self.max_side = max_pixels, max_side
 
     def __call__(self, data: bytes) -> tuple[np.ndarray, int, int]:
@@ -251,10 +274,10 @@ class FinishPool(ChildPool):
     `workers` processes; a crash is that image's `FinishCrashed`. `finish` must be a module-level
     function of (cfg, result)."""
 
-    def __init__(self, workers: int, cfg, finish: Callable | None = None):
+    def __init__(self, workers: int, cfg, finish: Callable | None = None, timeout_s: float | None = CALL_TIMEOUT_S):
         if finish is None:
             from labeling.labelers.instance import finish_image as finish
-        super().__init__(workers, functools.partial(finish, cfg))
+        super().__init__(workers, functools.partial(finish, cfg), timeout_s)
 
     def __call__(self, result) -> list[dict]:
         try:

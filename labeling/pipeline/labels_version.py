@@ -22,7 +22,7 @@ from pathlib import Path
 
 # Bump when labels made by the same models and arguments can change (and record the digest below).
 LABELS_VERSION = 3
-LABEL_CODE_DIGEST = "ebcecdca08e3aceae8a9919c86c6fd5821944379738bc49c0db433b642ec78cf"
+LABEL_CODE_DIGEST = "dde1c8ce7ae7d80e227ee6a201e55cc8f312a464a96c19b7ad19d34aac69db9b"
 
 # The code whose change can change a label: the labelers, the read / model / post-process stages,
 # and the contract's codecs, painting rule and schema. The driver, writer, card and docs are not in
