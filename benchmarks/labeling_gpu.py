@@ -7,7 +7,10 @@ What runs is what a model actor runs per batch (`labeling.labelers.paired.Paired
 bytes in; decoding, shrinking and both models' input preparation in a thread pool; SAM's encoder in
 fixed-size bf16 calls with fused attention, its prompts in fixed-size decoder calls, filters, NMS,
 upsampling and RLE run boundaries on the device; the semantic model in fp16 with its class map at
-the image's size; RLE strings and cleanup back in the pool. It imports neither `ray` nor `datasets`:
+the image's size; RLE strings and cleanup back in the pool. With `--processes` (the default on
+CUDA, as the model actor on a GPU) decoding and SAM's CPU half run in processes of the labeler's own
+(`labelers.child_pool`: `DecodePool`, `FinishPool`, one per thread), the pool's threads handing
+them the work; without, in the threads themselves. It imports neither `ray` nor `datasets`:
 torch, torchvision, transformers, segment-anything, pycocotools, opencv and pyarrow suffice.
 
 Weights are random at the real architectures, so nothing is downloaded: SAM from
@@ -54,7 +57,7 @@ IMAGENET_SIZES = ((500, 375), (500, 375), (500, 375), (375, 500), (500, 333), (3
 SAM_STAGES = ("encoder", "decoder", "filter", "masks")
 STAGE_NAMES = {"decode": "decode + prepare (CPU threads)", "encoder": "SAM encoder", "decoder": "SAM decoder",
                "filter": "SAM filters: IoU, stability, boxes, NMS", "masks": "SAM masks: upsample + RLE runs, one copy",
-               "finish": "SAM finish: RLE strings, cleanup (CPU threads)", "semantic model": "semantic model",
+               "finish": "SAM finish: RLE strings, cleanup (CPU)", "semantic model": "semantic model",
                "class map": "semantic class map at image size"}
 
 
@@ -115,12 +118,20 @@ def build_labeler(args, device: torch.device, folder: str):
         compile=args.compile), device)
     semantic = SemanticLabeler(semantic_model, SemanticLabelerConfig(batch_size=args.semantic_batch_size,
                                                                      shortest_edge=shortest_edge), device)
-    return PairedLabeler(instance, semantic, max_side=max_side, threads=args.threads)
+    decoder = finisher = None
+    if args.processes:  # as the model actor on a GPU (`labeling.pipeline.predictors`)
+        from labeling.labelers.child_pool import DecodePool, FinishPool
+
+        decoder = DecodePool(args.threads, 100_000_000, max_side)
+        finisher = FinishPool(args.threads, instance.cfg)
+    return PairedLabeler(instance, semantic, max_side=max_side, threads=args.threads, decoder=decoder,
+                         finisher=finisher)
 
 
 def timed_finish(labeler, clock) -> None:
-    """Charge the instance labeler's CPU half (run in the pool's threads) to `clock`."""
-    finish, lock = labeler.instance.finish, threading.Lock()
+    """Charge the instance labeler's CPU half (in the pool's threads or processes) to `clock`; the
+    labeler's `close` still closes its finishing processes."""
+    finish, lock = labeler.finisher or labeler.instance.finish, threading.Lock()
 
     def wrapper(result):
         start = time.perf_counter()
@@ -129,7 +140,11 @@ def timed_finish(labeler, clock) -> None:
             clock.seconds["finish"] += time.perf_counter() - start
         return out
 
-    labeler.instance.finish = wrapper
+    if labeler.finisher is None:
+        labeler.instance.finish = wrapper
+    else:
+        wrapper.close = finish.close
+        labeler.finisher = wrapper
 
 
 def run(labeler, images: list[bytes], batch_size: int, device: torch.device) -> tuple[float, list]:
@@ -162,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="images per semantic forward pass, fillers included (default: the labeler's, 2 on CUDA, 1 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile SAM's encoder and decoder call")
     p.add_argument("--threads", type=int, default=4, help="CPU threads of the labeler's pool")
+    p.add_argument("--processes", action=argparse.BooleanOptionalAction, default=None,
+                   help="decoding and SAM's CPU half in processes of the labeler's own, one per thread (default: on "
+                   "CUDA, as the model actor)")
     args = p.parse_args(argv)
     smoke = args.smoke
     defaults = {"images": (64, 6), "batch_size": (16, 3), "points_per_side": (32, 8), "pred_iou_thresh": (0.88, 0.65),
@@ -170,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is None:
             setattr(args, name, tiny if smoke else real)
     device = torch.device(args.device or ("cpu" if smoke else "cuda"))
+    if args.processes is None:
+        args.processes = device.type == "cuda"
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device; run with --smoke (CPU, tiny twins) or on a GPU machine", file=sys.stderr)
         return 2
@@ -207,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{'tiny twins (smoke)' if smoke else f'SAM {args.sam} + Mask2Former Swin-L'} with random weights")
     print(f"images={n} sizes={sizes[0]}..{sizes[-1]} batch={args.batch_size} points={args.points_per_side}x"
           f"{args.points_per_side} thresholds=({args.pred_iou_thresh}, {args.stability_score_thresh}) "
-          f"semantic_batch={labeler.semantic.batch_size} compile={args.compile}; not timed: build {build_s:.1f} s, "
+          f"semantic_batch={labeler.semantic.batch_size} compile={args.compile} processes={args.processes}; not timed: build {build_s:.1f} s, "
           f"warm-up {warm_s:.1f} s")
     print(f"throughput: {n} images in {seconds:.2f} s = {n / seconds:.2f} images/s (decode, both models, RLE)")
     print(f"masks kept per image: mean {np.mean(masks):.1f}, min {min(masks)}, max {max(masks)}")

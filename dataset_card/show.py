@@ -13,6 +13,8 @@ A labels-only folder's row holds no image: the labels are drawn over the file fo
 from __future__ import annotations
 
 import io
+import posixpath
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +30,7 @@ from dataset_card.contract.schema import REFERENCE_COLUMNS
 LAYERS = ("semantic", "instances", "levels")
 GREY = 128  # the background of a labels-only row shown without its image
 MAX_LISTED = 30  # painted instances the legend names one by one
+_SHARD_COUNT = re.compile(r"-of-(\d{5})\.parquet$")
 
 
 @dataclass(frozen=True)
@@ -37,12 +40,17 @@ class Shown:
 
 
 def find_row(folder: OutputFolder, image_id: str) -> dict:
-    """The row whose `image_id` is `image_id` (every column), reading only the ids of each data file
-    until it is found, then its row group. `OutputError` when no row has it."""
+    """The row whose `image_id` is `image_id` (every column), reading only the ids of the data file
+    its hash files it in (`layout.shard_of`), then of the others (a folder renamed by hand) until it is
+    found, then its row group. `OutputError` when no row has it."""
     names = folder.list_files(layout.DATA_DIR)
     if not names:
         raise OutputError(f"{folder.path(layout.DATA_DIR)} holds no data files: is {folder} the output folder of a "
                           "labeling run?")
+    counts = {int(m.group(1)) for m in map(_SHARD_COUNT.search, names) if m}
+    if len(counts) == 1:
+        home = posixpath.basename(layout.data_path(layout.shard_of([image_id], *counts)[0], *counts))
+        names = sorted(names, key=lambda name: name != home)
     for name in names:
         with folder.fs.open_input_file(folder.path(layout.DATA_DIR, name)) as f:
             parquet = pq.ParquetFile(f)

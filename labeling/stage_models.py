@@ -54,7 +54,9 @@ def stage(out: str, sam_type: str = DEFAULT_SAM_TYPE, sam_checkpoint: str | None
     if os.path.isdir(semantic_model):  # a local folder: copied as it is; it has no hub identity
         if semantic_revision:
             raise ModelLoadError(f"--semantic-revision was given, but {semantic_model} is a local folder: drop it")
-        shutil.copytree(semantic_model, semantic_dir, dirs_exist_ok=True)
+        # copyfile, not copy2: new files take the umask's mode, so a source written 0600 (safetensors' own
+        # files) is staged readable to the other users of a shared folder
+        shutil.copytree(semantic_model, semantic_dir, dirs_exist_ok=True, copy_function=shutil.copyfile)
         repo, revision = None, None
     else:
         from huggingface_hub import snapshot_download

@@ -332,7 +332,7 @@ def test_a_node_killed_mid_run_and_the_run_still_labels_every_input_exactly_once
 @pytest.mark.ray
 def test_a_node_added_mid_run_receives_model_actors(tmp_path, local_cluster):
     images, output = tmp_path / "train", tmp_path / "out"
-    random_images(images, 32)
+    random_images(images, 48)  # a backlog that outlasts the joining node's start on a loaded machine too
     head = local_cluster.add_node(num_cpus=1)  # room for one model actor: the pool starts at one
     run = start_run(local_cluster, images, output, "--max-model-actors", "4")
     try:
@@ -344,4 +344,4 @@ def test_a_node_added_mid_run_receives_model_actors(tmp_path, local_cluster):
         stop_group(run)
     assert "model actors: 1 (growing with the cluster up to 4, at least 1)" in out, out[-4000:]
     rows, errors = assert_exactly_once(output, images)
-    assert len(rows) == 32 and not errors
+    assert len(rows) == 48 and not errors

@@ -310,6 +310,8 @@ def decode_or_die(data: bytes, max_pixels: int, max_side: int):
 
     if data == b"crash":
         os.kill(os.getpid(), signal.SIGKILL)
+    if data == b"hang":
+        signal.pause()  # a decoder looping on a crafted file
     return model_input.decode(data, max_pixels, max_side)
 
 
@@ -320,7 +322,7 @@ def test_a_decoder_crash_on_one_file_is_that_files_failure_and_the_caller_goes_o
     from PIL import Image
 
     from dataset_card.contract.codecs import DecodeError
-    from labeling.labelers.decode_pool import CRASH_MESSAGE, DecodePool
+    from labeling.labelers.child_pool import DECODE_CRASH_MESSAGE, DecodePool
     from labeling.pipeline import failures
 
     def png(h, w):
@@ -339,7 +341,7 @@ def test_a_decoder_crash_on_one_file_is_that_files_failure_and_the_caller_goes_o
 
     with ThreadPoolExecutor(4) as threads:  # as the paired labeler calls it: from several threads at once
         out = list(threads.map(decode, files))
-    assert isinstance(out[1], DecodeError) and str(out[1]) == CRASH_MESSAGE.format(how="killed by SIGKILL")
+    assert isinstance(out[1], DecodeError) and str(out[1]) == DECODE_CRASH_MESSAGE.format(how="killed by SIGKILL")
     assert [o[0].shape for i, o in enumerate(out) if i != 1] == [(20, 30, 3), (40, 10, 3), (64, 21, 3), (8, 8, 3)]
     assert out[3][1:] == (100, 300)  # the original size, the pixels shrunk to 64
     assert failures.from_exception(failures.DECODE, out[1]).error_type == failures.UNDECODABLE
@@ -347,6 +349,13 @@ def test_a_decoder_crash_on_one_file_is_that_files_failure_and_the_caller_goes_o
     with pytest.raises(DecodeError, match="cannot read image header"):
         pool(b"not an image")  # an ordinary decode error travels back as itself
     pool.close()
+
+    watched = DecodePool(1, max_pixels=1_000_000, max_side=64, decode=decode_or_die, timeout_s=3)
+    with pytest.raises(DecodeError) as hung:  # a child that never answers is killed: the file fails, the pool goes on
+        watched(b"hang")
+    assert str(hung.value) == DECODE_CRASH_MESSAGE.format(how="no answer within 3 s, killed")
+    assert watched(files[0])[0].shape == (20, 30, 3)
+    watched.close()
 
 
 def test_a_decoder_crash_in_the_model_actor_fails_that_file_and_labels_the_rest_as_without_it():

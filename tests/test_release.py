@@ -196,6 +196,19 @@ def test_show_without_the_images_draws_on_grey_and_names_an_unknown_id(labels_on
     assert "no row of" in capsys.readouterr().err
 
 
+def test_show_reads_only_the_shard_an_image_id_hashes_to(labels_only, monkeypatch):
+    from dataset_card import show
+    from dataset_card.contract.output_folder import OutputFolder
+
+    out, _ = labels_only
+    image_id = pq.read_table(out / layout.data_path(1, 2), columns=["image_id"]).column(0)[0].as_py()
+    assert layout.shard_of([image_id], 2) == [1]
+    opened, parquet_file = [], show.pq.ParquetFile
+    monkeypatch.setattr(show.pq, "ParquetFile", lambda f: opened.append(f) or parquet_file(f))
+    assert show.find_row(OutputFolder.open(str(out)), image_id)["image_id"] == image_id
+    assert len(opened) == 1  # a 1,000-shard release costs one shard's ids, not a scan
+
+
 def test_redaction_keeps_a_paths_last_component_never_a_host_and_leaves_web_urls():
     from dataset_card.publish import redact_text, redact_value
 

@@ -30,6 +30,11 @@ def test_staging_writes_both_models_and_names_them(staged):
     assert record["instance"]["sha256"] == checkpoints.file_sha256(sam_file)
     assert os.path.isfile(os.path.join(staged, "semantic", "config.json"))
     assert not [name for name in os.listdir(staged) if name.endswith(".partial") or name == "tiny-build"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, files in os.walk(staged):  # readable to colleagues on a shared folder, whatever the source's mode
+        for name in files:
+            assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_actors_load_from_the_staged_folder_and_the_manifest_names_the_same_models(staged, tmp_path, monkeypatch):

@@ -144,6 +144,79 @@ def test_arms_share_one_recipe_and_one_global_batch():
         ("parallel", (1, 2, 3), parallel["decoder_dim"])
 
 
+def test_the_gpu_studys_commands_are_accepted_by_the_commands_they_run(tmp_path, monkeypatch):
+    """The GPU study runs each stage as a subprocess (the tiny twin calls them in-process): every command
+    line it would run must parse with its command's own parser and, for pretraining and fine-tuning, its
+    overrides must apply to the named recipe; else the study fails hours in, after labeling."""
+    import labeling.run
+    from pretraining import evaluate, export, train
+    from pretraining.evaluation.finetune import RECIPES as FINETUNE_RECIPES
+    from pretraining.training.config import apply_overrides
+    from pretraining.training.recipes import get_recipe
+
+    root = _folder(tmp_path / "train", classes=3, per_class=6)
+    args = decide.parse_args(["--images", str(root), "--output", str(tmp_path / "out"), "--classes", "2",
+                              "--val-per-class", "2", "--launcher", "torchrun --nproc_per_node 8", "--pretrain-set", "data.batch_size=128",
+                              "--finetune-set", "accum_steps=8", "--label-arg=--staged-models=/models"])
+    size = decide.study_size(args)
+    runner = decide.Runner(args.output, in_process=False, launcher=["torchrun", "--nproc_per_node", "8"])
+    ran = []
+
+    class Ran(Exception):
+        pass
+
+    def command(name, argv, distributed=False):
+        ran.append((name, argv, distributed))
+        raise Ran  # stands in for the subprocess; the stage is not recorded as done
+
+    monkeypatch.setattr(runner, "command", command)
+    with pytest.raises(Ran):
+        decide.prepare_data(args, runner, size)
+    parallel = {"decoder": "parallel", "decoder_units": [1, 2, 3], "decoder_dim": 96}  # as a rerun reads them back
+    run_dir, timm_dir = tmp_path / "run", tmp_path / "timm"
+    run_dir.mkdir()
+    timm_dir.mkdir()
+    (run_dir / "summary.json").write_text("{}")
+    (timm_dir / "model.safetensors").write_bytes(b"")
+    for arm in decide.ARMS:
+        with pytest.raises(Ran):
+            decide.pretrain(runner, arm, 0, size, tmp_path / "labels", run_dir, parallel)
+    with pytest.raises(Ran):
+        decide.export(runner, "mae", 0, run_dir, timm_dir)
+    with pytest.raises(Ran):
+        decide.finetune(runner, "mae", 0, timm_dir, tmp_path / "eval", size, tmp_path / "ft", tmp_path / "ft.npz")
+
+    stages = [name.split()[0] for name, _, _ in ran]
+    assert stages == ["label", *["pretrain"] * len(decide.ARMS), "export", "finetune"]
+    for name, argv, distributed in ran:
+        assert distributed == (name.startswith(("pretrain", "finetune")))  # under the launcher
+        if name == "label":
+            assert argv[0] == "labeling/run.py"
+            labeled = labeling.run.parser().parse_args(argv[1:])
+            assert labeled.sample == 2 * 1300 and labeled.models == "default"
+        elif name.startswith("pretrain"):
+            assert argv[:2] == ["-m", "pretraining.train"]
+            parsed = train.parse_args(argv[2:])
+            cfg = apply_overrides(get_recipe(parsed.config), parsed.set)
+            assert (cfg.epochs, cfg.global_batch, cfg.data.batch_size) == (200, 1024, 128)
+        elif name.startswith("export"):
+            assert export.parse_args(argv[2:]).output == str(timm_dir)
+        else:
+            parsed = evaluate.build_parser().parse_args(argv[2:])
+            ft = evaluate.apply_overrides(FINETUNE_RECIPES[parsed.config](), parsed.set)
+            assert (parsed.command, ft.epochs, ft.accum_steps) == ("finetune", 100, 8)
+
+
+def test_a_stage_command_is_teed_to_its_log_and_a_failure_names_it(tmp_path, capsys):
+    runner = decide.Runner(tmp_path, in_process=False, launcher=[])
+    runner.command("hello", ["-c", "import pretraining; print('from the project')"])
+    with pytest.raises(decide.StudyError, match="the broken stage failed \\(exit 3\\)"):
+        runner.command("broken", ["-c", "import sys; print('why'); sys.exit(3)"])
+    log = (tmp_path / "decide.log").read_text().splitlines()
+    assert log[1:] == ["from the project", log[2], "why"] and log[0].startswith("$ ") and log[2].startswith("$ ")
+    assert "from the project" in capsys.readouterr().out
+
+
 def test_gpu_hours_estimate_is_images_over_rates():
     hours = decide.estimate_gpu_hours(images=100_000, held_out=5_000, epochs=200, finetune_epochs=100, seeds=1)
     low, high = decide.RATES["pretrain"]

@@ -58,17 +58,25 @@ def lay_out_photos(folder: Path) -> int:
     return count
 
 
-def run(stage: str, args: list[str], log: Path) -> float:
-    """Run one stage's command, echo its output to the terminal and its log; its wall time in seconds."""
-    print(f"\n=== {stage}: {' '.join(args)}", flush=True)
+def tee_run(args: list[str], log: Path, header: str) -> int:
+    """Run `args` in the project's root with the project importable, `header` then its output to the
+    terminal and appended to `log`; its exit code. (The study that decides runs its stages so too.)"""
+    print(header, flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    start = time.perf_counter()
     with open(log, "a") as out:
+        out.write(header + "\n")
+        out.flush()
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             sys.stdout.write(line)
             out.write(line)
-        code = proc.wait()
+        return proc.wait()
+
+
+def run(stage: str, args: list[str], log: Path) -> float:
+    """Run one stage's command, echo its output to the terminal and its log; its wall time in seconds."""
+    start = time.perf_counter()
+    code = tee_run(args, log, f"\n=== {stage}: {' '.join(args)}")
     if code != 0:
         sys.exit(f"demo: the {stage} stage failed (exit {code}); its output is above and in {log}. "
                  "Rerun the demo to resume.")

@@ -16,6 +16,7 @@ Temporary files start with a dot, so no `load_dataset` pattern (`data/train-*`) 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import uuid
@@ -56,6 +57,12 @@ ERRORS_SCHEMA = pa.schema(
         ("message", pa.string()),  # the human sentence
     ]
 )
+
+
+def shard_of(image_ids: Sequence[str], num_shards: int) -> list[int]:
+    """The shard of each image_id: its sha256's first 8 bytes modulo `num_shards` (the writer files rows
+    so; a reader looking for one image opens that shard first)."""
+    return [int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "big") % num_shards for i in image_ids]
 
 
 def _suffix(index: int, num_shards: int) -> str:

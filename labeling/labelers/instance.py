@@ -531,47 +531,55 @@ class InstanceLabeler:
         return out
 
     def finish(self, result: DeviceResult) -> list[dict]:
-        """The CPU half of an image: each crop's box NMS completed (the device keeps a superset of
-        it in fixed shapes, `nms_superset`; on exact input it keeps every mask, in order), RLE
-        strings, cross-crop NMS (prefer smaller crops) and the small-region cleanup, as the stock
-        generator orders them."""
-        height, width = result.size
-        meta = result.packed[: result.count * _META].reshape(result.count, _META)
-        changes = result.packed[result.count * _META :].astype(np.int64)
-        ends = np.cumsum(meta[:, 8].astype(np.int64))
-        kept = []
-        for j in range(len(result.crop_boxes)):
-            rows = np.flatnonzero(meta[:, 0] == j)
-            keep = nms(torch.from_numpy(meta[rows, 3:7]).float(), torch.from_numpy(meta[rows, 1]).float(),
-                       self.cfg.box_nms_thresh)
-            kept.extend(rows[keep.numpy()])
-        crops: list[tuple[list[int], list[dict]]] = [(box, []) for box in result.crop_boxes]
-        for row, end in zip(meta[kept], ends[kept]):
-            crop, iou, stability, x0, y0, x1, y1, area, count = row
-            crops[int(crop)][1].append({
-                "rle": rle_from_changes(changes[end - int(count) : end], height, width),
-                "bbox": [float(v) for v in box_xyxy_to_xywh(torch.tensor([x0, y0, x1, y1])).tolist()],
-                "area": int(area),
-                "predicted_iou": float(iou),
-                "stability_score": float(stability),
-            })
-        return self._merge(crops, result.size)
+        """The CPU half of an image (`finish_image`)."""
+        return finish_image(self.cfg, result)
 
-    def _merge(self, crops: list[tuple[list[int], list[dict]]], image_size: tuple[int, int]) -> list[dict]:
-        """Cross-crop NMS (prefer smaller crops) and small-region cleanup, as the stock generator."""
-        records = [r for _, rs in crops for r in rs]
-        if len(crops) > 1 and records:
-            boxes = torch.tensor([_xyxy(r["bbox"]) for r in records], dtype=torch.float32)
-            crop_boxes = torch.tensor([box for box, rs in crops for _ in rs], dtype=torch.float32)
-            keep = batched_nms(boxes, 1 / box_area(crop_boxes), torch.zeros(len(boxes)), self.cfg.crop_nms_thresh)
-            records = [records[i] for i in keep.tolist()]
-        if self.cfg.min_mask_region_area > 0 and records:
-            records = remove_small_regions_records(records, self.cfg.min_mask_region_area,
-                                                   max(self.cfg.box_nms_thresh, self.cfg.crop_nms_thresh))
-        if self.cfg.max_mask_fraction is not None:
-            limit = self.cfg.max_mask_fraction * image_size[0] * image_size[1]
-            records = [r for r in records if r["area"] < limit]
-        return records
+
+def finish_image(cfg: InstanceLabelerConfig, result: DeviceResult) -> list[dict]:
+    """The CPU half of an image: each crop's box NMS completed (the device keeps a superset of it
+    in fixed shapes, `nms_superset`; on exact input it keeps every mask, in order), RLE strings,
+    cross-crop NMS (prefer smaller crops) and the small-region cleanup, as the stock generator
+    orders them. A module-level function of picklable values, so the model actor can run it in
+    processes of its own (`labelers.child_pool.FinishPool`)."""
+    height, width = result.size
+    meta = result.packed[: result.count * _META].reshape(result.count, _META)
+    changes = result.packed[result.count * _META :].astype(np.int64)
+    ends = np.cumsum(meta[:, 8].astype(np.int64))
+    kept = []
+    for j in range(len(result.crop_boxes)):
+        rows = np.flatnonzero(meta[:, 0] == j)
+        keep = nms(torch.from_numpy(meta[rows, 3:7]).float(), torch.from_numpy(meta[rows, 1]).float(),
+                   cfg.box_nms_thresh)
+        kept.extend(rows[keep.numpy()])
+    crops: list[tuple[list[int], list[dict]]] = [(box, []) for box in result.crop_boxes]
+    for row, end in zip(meta[kept], ends[kept]):
+        crop, iou, stability, x0, y0, x1, y1, area, count = row
+        crops[int(crop)][1].append({
+            "rle": rle_from_changes(changes[end - int(count) : end], height, width),
+            "bbox": [float(v) for v in box_xyxy_to_xywh(torch.tensor([x0, y0, x1, y1])).tolist()],
+            "area": int(area),
+            "predicted_iou": float(iou),
+            "stability_score": float(stability),
+        })
+    return _merge(cfg, crops, result.size)
+
+
+def _merge(cfg: InstanceLabelerConfig, crops: list[tuple[list[int], list[dict]]],
+           image_size: tuple[int, int]) -> list[dict]:
+    """Cross-crop NMS (prefer smaller crops) and small-region cleanup, as the stock generator."""
+    records = [r for _, rs in crops for r in rs]
+    if len(crops) > 1 and records:
+        boxes = torch.tensor([_xyxy(r["bbox"]) for r in records], dtype=torch.float32)
+        crop_boxes = torch.tensor([box for box, rs in crops for _ in rs], dtype=torch.float32)
+        keep = batched_nms(boxes, 1 / box_area(crop_boxes), torch.zeros(len(boxes)), cfg.crop_nms_thresh)
+        records = [records[i] for i in keep.tolist()]
+    if cfg.min_mask_region_area > 0 and records:
+        records = remove_small_regions_records(records, cfg.min_mask_region_area,
+                                               max(cfg.box_nms_thresh, cfg.crop_nms_thresh))
+    if cfg.max_mask_fraction is not None:
+        limit = cfg.max_mask_fraction * image_size[0] * image_size[1]
+        records = [r for r in records if r["area"] < limit]
+    return records
 
 
 def _xyxy(bbox: list[float]) -> list[float]:

@@ -39,8 +39,7 @@ class RepairRefused(ValueError):
 
 def shard_of(image_ids: Sequence[str], num_shards: int) -> np.ndarray:
     """(n,) int64 shard of each image_id: its sha256's first 8 bytes modulo `num_shards`."""
-    keys = [int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "big") % num_shards for i in image_ids]
-    return np.asarray(keys, np.int64)
+    return np.asarray(layout.shard_of(image_ids, num_shards), np.int64)
 
 
 def inputs_digest(paths: Sequence[str]) -> str:

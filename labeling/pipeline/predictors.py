@@ -8,10 +8,15 @@ GPU runs both and none waits for another's model. What it reads per row: `image_
 (`image_bytes`) and the size the read stage found in the header (`width`, `height`); rows whose
 `error_type` is set are passed through untouched. It decodes the bytes itself, while the device
 works (`labeling.labelers.paired`): its CPU threads hand each file to a child process of the
-actor's own (`labeling.labelers.decode_pool`, up to `cpu_threads` of them on a GPU, one on a
-CPU), so a decoder that crashes on a file (a codec's segfault, an abort, the out-of-memory
+actor's own (`labeling.labelers.child_pool.DecodePool`, up to `cpu_threads` of them on a GPU, one
+on a CPU), so a decoder that crashes on a file (a codec's segfault, an abort, the out-of-memory
 killer) costs that file, an `undecodable` row saying the decoder crashed, and the actor goes on
-with its models loaded. Model-size pixels never cross the object store. Ray Data calls an actor
+with its models loaded. On a GPU, SAM's CPU half of each image (RLE strings, cross-crop NMS, the
+small-region cleanup) runs in processes of the actor's own too (`child_pool.FinishPool`, up to
+`cpu_threads`), so it does not hold the GIL the thread launching the GPU's kernels needs; a crash
+there costs that image (a `model_failed` row saying the process died and how) and the actor goes
+on. A CPU actor runs it in its threads (`finish_processes` chooses): with one core there is no GIL
+contention to win back. Model-size pixels never cross the object store. Ray Data calls an actor
 with two batches at once (`cluster.Layout.pool`): their device passes take turns, so one batch's
 decoding and CPU half run while the other's models do.
 What it adds per row:
@@ -27,7 +32,7 @@ What it adds per row:
   `labeling.pipeline.environment`), collected once at start; the shard's footer lists them.
 
 A failure is recorded in the row's `error_*` columns instead of raised (an undecodable file at
-stage "decode", anything else at "model"). The batch runs under the failure policy
+stage "decode", anything else, a failed or crashed CPU half included, at "model"). The batch runs under the failure policy
 (`failures.run_each`): a batch that fails is retried one image at a time, so one bad image cannot
 take the others with it; out-of-memory is retried in smaller batches, never recorded; a fatal
 accelerator error is no image's fault: the actor's process ends and Ray restarts it and retries
@@ -102,12 +107,15 @@ class ModelPredictor:
     """SAM and the semantic model for DECODED_SCHEMA batches -> MODELS_SCHEMA batches."""
 
     def __init__(self, choice, device: str = "cpu", threads: int | None = None, max_side: int = 1024,
-                 max_pixels: int = 100_000_000, cpu_threads: int = 4, decode=None):
-        """`decode`: what the decoding processes run (`model_input.decode` unless given)."""
+                 max_pixels: int = 100_000_000, cpu_threads: int = 4, decode=None,
+                 finish_processes: bool | None = None, finish=None):
+        """`decode`: what the decoding processes run (`model_input.decode` unless given);
+        `finish_processes`: SAM's CPU half in processes of the actor's own (None: on a GPU only);
+        `finish`: what they run (`instance.finish_image` unless given)."""
         device = _device(device)  # before any library loads: an actor without its GPU stops at once
         from PIL import Image
 
-        from labeling.labelers.decode_pool import DecodePool
+        from labeling.labelers.child_pool import DecodePool, FinishPool
         from labeling.labelers.paired import PairedLabeler
 
         _quiet_loading(threads)
@@ -115,8 +123,11 @@ class ModelPredictor:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL only warns below 2x of it
         # A CPU actor has half a CPU or one: one decoding process is all it can use.
         decoder = DecodePool(cpu_threads if device == "cuda" else 1, max_pixels, max_side, decode)
-        self.labeler = PairedLabeler(choice.instance_labeler(device), choice.semantic_labeler(device), max_side,
-                                     max_pixels, cpu_threads, decoder=decoder)
+        instance = choice.instance_labeler(device)
+        in_processes = device == "cuda" if finish_processes is None else finish_processes
+        finisher = FinishPool(cpu_threads if device == "cuda" else 1, instance.cfg, finish) if in_processes else None
+        self.labeler = PairedLabeler(instance, choice.semantic_labeler(device), max_side, max_pixels, cpu_threads,
+                                     decoder=decoder, finisher=finisher)
         self.environment = environment.encode(environment.collect(device, self.labeler.instance.compiled))
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -185,18 +183,13 @@ class Runner:
     def command(self, name: str, argv: list[str], distributed: bool = False) -> None:
         """Run `argv` (python's arguments: `-m MODULE ...` or a script) as a subprocess; its output goes to
         the terminal and OUTPUT/decide.log."""
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from workflows.demo import tee_run
+
         head = [*self.launcher] if distributed and self.launcher else [sys.executable]
         args = [*head, *argv]
-        print(f"$ {shlex.join(args)}", flush=True)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        with open(self.log, "a") as log:
-            log.write(f"$ {shlex.join(args)}\n")
-            log.flush()
-            proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                log.write(line)
-            code = proc.wait()
+        code = tee_run(args, self.log, f"$ {shlex.join(args)}")
         if code != 0:
             raise StudyError(f"the {name} stage failed (exit {code}); its output is above and in {self.log}. Fix "
                              "the cause and rerun the same command: finished stages are reused")
@@ -337,12 +330,18 @@ def prepare_data(args, runner: Runner, size: Size) -> tuple[Path, Path, int]:
     return labels, eval_dir, metadata.num_semantic_classes
 
 
-def run_study(args) -> list[str]:
+def study_size(args) -> Size:
+    """The tiny twin's or the GPU study's size, with the command line's overrides."""
     size = TINY if args.tiny else gpu_size(args.epochs, args.global_batch, args.warmup_epochs, args.finetune_epochs)
     if not args.tiny and args.finetune_set:
         size = replace(size, finetune=(*size.finetune, *args.finetune_set))
     if args.pretrain_set:
         size = replace(size, pretrain=(*size.pretrain, *args.pretrain_set))
+    return size
+
+
+def run_study(args) -> list[str]:
+    size = study_size(args)
     runner = Runner(args.output, in_process=args.tiny, launcher=shlex.split(args.launcher or ""))
     labels, eval_dir, semantic_classes = prepare_data(args, runner, size)
     # Computed once (it builds the model at every candidate width) and kept, as a stage, for reruns.
