@@ -16,10 +16,11 @@ import torch
 from dataset_card.synthetic.shapes import write_synthetic_dataset
 from pretraining.export import load_run_model
 from pretraining.export import main as export_main
+from pretraining.models.autoencoder import ModelConfig
 from pretraining.models.factory import FAMILIES, create_model, model_config
 from pretraining.train import main as train_main
 from pretraining.training import checkpoint as ckpt
-from pretraining.training.config import ConfigError, apply_overrides, to_dict
+from pretraining.training.config import ConfigError, apply_overrides, from_dict, to_dict
 from pretraining.training.init_weights import initialize
 from pretraining.training.recipes import get_recipe, tiny
 
@@ -164,6 +165,17 @@ def test_a_rerun_continues_the_stored_config_and_names_its_recipe(shapes, tmp_pa
     assert train_main(["--data", str(shapes), "--output", str(run), "--config", "mae_base", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "was started from --config tiny, not mae_base" in err and err.count("\n") == 1
+
+
+def test_the_factories_train_squared_error_offsets_and_a_config_without_the_field_reads_l1():
+    """The factories' default is squared error (docs/model.md, Losses); ModelConfig's own default stays L1,
+    what a stored config written before the switch trained with."""
+    for name in ("c2fmae_vit_tiny_patch16", "multimae_vit_tiny_patch16"):
+        assert model_config(name).instance_offset_loss == "mse"
+    assert tiny().model.instance_offset_loss == "mse"
+    stored = to_dict(model_config("c2fmae_vit_tiny_patch16"))
+    del stored["instance_offset_loss"]
+    assert from_dict(ModelConfig, stored).instance_offset_loss == "l1"
 
 
 def test_a_stored_model_config_without_a_later_switch_resumes_and_exports_as_it_trained(shapes, tmp_path):
