@@ -29,7 +29,15 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from pretraining.training import checkpoint as ckpt
-from pretraining.training.config import AMENDABLE_KEYS, RESUMABLE_KEYS, ConfigError, differing_keys, to_dict
+from pretraining.training.config import (
+    AMENDABLE_KEYS,
+    RESUMABLE_KEYS,
+    ConfigError,
+    TrainConfig,
+    differing_keys,
+    from_dict,
+    to_dict,
+)
 from pretraining.training.run_folder import CONFIG_FILE, RUN_FILE, build_model, stored_config, upgrade
 
 
@@ -65,7 +73,13 @@ def load_run_model(run_dir: str | Path, checkpoint: str | Path | None = None) ->
         raise ExportError(f"{run_dir / CONFIG_FILE} or {RUN_FILE} is not valid JSON ({err}); restore it, or "
                           "delete the file's edits.") from err
     # A resume's amendments (a learning rate, a loss weight) leave an older checkpoint's config behind config.json.
-    fields = differing_keys(to_dict(cfg), upgrade(*on_disk), ignore=RESUMABLE_KEYS | AMENDABLE_KEYS | {"epochs"})
+    # Both are compared as read back (a field the code gained since takes ModelConfig's default in both).
+    try:
+        on_disk_cfg = from_dict(TrainConfig, upgrade(*on_disk))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ExportError(f"{run_dir / CONFIG_FILE} cannot be read back ({err.__class__.__name__}: {err}); restore "
+                          "it from the checkpoint's config.") from err
+    fields = differing_keys(to_dict(cfg), to_dict(on_disk_cfg), ignore=RESUMABLE_KEYS | AMENDABLE_KEYS | {"epochs"})
     if on_disk[1].get("num_semantic_classes") != saved_run.get("num_semantic_classes"):
         fields.append(f"{RUN_FILE} num_semantic_classes")
     if fields:

@@ -123,14 +123,14 @@ MARGIN = 0.02  # the head must beat the best constant by 2% of the constant's lo
 @pytest.mark.slow
 @pytest.mark.parametrize("arm", ["c2fmae", "targets_only"])
 def test_a_short_tiny_training_beats_the_constant_instance_predictor(arm):
-    """The fix of issue 31: with squared-error offsets (`instance_offset_loss="mse"`) the instance head
-    learns something input-dependent; held-out scenes, the constant fitted on them."""
+    """The fix of issue 31: with squared-error offsets (the factories' default) the instance head learns
+    something input-dependent; held-out scenes, the constant fitted on them."""
     size, patch, steps = 32, 8, 150
     torch.manual_seed(0)
     extra = {"input_modalities": ("rgb",)} if arm == "targets_only" else {}
     model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=9, img_size=size, patch_size=patch,
-                         embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_heads=2, decoder_depth=1,
-                         instance_offset_loss="mse", **extra)
+                         embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_heads=2, decoder_depth=1, **extra)
+    assert model.cfg.instance_offset_loss == "mse"
     train, g = _scene_batch(256, size, 1, patch), torch.Generator().manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.05)
     for step in range(steps):

@@ -16,10 +16,11 @@ import torch
 from dataset_card.synthetic.shapes import write_synthetic_dataset
 from pretraining.export import load_run_model
 from pretraining.export import main as export_main
+from pretraining.models.autoencoder import ModelConfig
 from pretraining.models.factory import FAMILIES, create_model, model_config
 from pretraining.train import main as train_main
 from pretraining.training import checkpoint as ckpt
-from pretraining.training.config import ConfigError, apply_overrides, to_dict
+from pretraining.training.config import ConfigError, apply_overrides, from_dict, to_dict
 from pretraining.training.init_weights import initialize
 from pretraining.training.recipes import get_recipe, tiny
 
@@ -98,7 +99,8 @@ def test_an_old_run_folder_exports_initialises_and_resumes(shapes, tmp_path, cap
     model, _ = load_run_model(run)
     # Resolved through today's factory, with what that run trained with where a switch came later.
     assert model.cfg == model_config(old["model"], num_semantic_classes=4, semantic_head_fp32=False,
-                                     **old["model_args"])
+                                     instance_offset_loss="l1", **old["model_args"])
+    assert model.cfg.instance_offset_loss == "l1"  # what it trained with, whatever the factory's default
     assert export_main([str(run), "--output", str(tmp_path / "timm")]) == 0
     assert (tmp_path / "timm" / "model.safetensors").is_file()
 
@@ -163,3 +165,36 @@ def test_a_rerun_continues_the_stored_config_and_names_its_recipe(shapes, tmp_pa
     assert train_main(["--data", str(shapes), "--output", str(run), "--config", "mae_base", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "was started from --config tiny, not mae_base" in err and err.count("\n") == 1
+
+
+def test_the_factories_train_squared_error_offsets_and_a_config_without_the_field_reads_l1():
+    """The factories' default is squared error (docs/model.md, Losses); ModelConfig's own default stays L1,
+    what a stored config written before the switch trained with."""
+    for name in ("c2fmae_vit_tiny_patch16", "multimae_vit_tiny_patch16"):
+        assert model_config(name).instance_offset_loss == "mse"
+    assert tiny().model.instance_offset_loss == "mse"
+    stored = to_dict(model_config("c2fmae_vit_tiny_patch16"))
+    del stored["instance_offset_loss"]
+    assert from_dict(ModelConfig, stored).instance_offset_loss == "l1"
+
+
+def test_a_stored_model_config_without_a_later_switch_resumes_and_exports_as_it_trained(shapes, tmp_path):
+    """A run whose stored model config predates `instance_offset_loss` trained with L1 offsets: export and
+    resume read L1 back (ModelConfig's default) even where today's factory default differs, and the resumed
+    run records it."""
+    run = tmp_path / "run"
+    assert train_main(_args(shapes, run, "model.instance_offset_loss=l1")) == 0
+    config = json.loads((run / "config.json").read_text())
+    del config["model"]["instance_offset_loss"]  # as written before the switch existed
+    (run / "config.json").write_text(json.dumps(config))
+    path = ckpt.latest_checkpoint(run)
+    state = ckpt.load_checkpoint(path)
+    state["config"] = json.dumps(config)
+    torch.save(state, path)
+
+    model, _ = load_run_model(run)
+    assert model.cfg.instance_offset_loss == "l1"
+    assert train_main(_args(shapes, run, "epochs=2")) == 0  # today's tiny recipe, resumed: not refused, still L1
+    assert json.loads((run / "config.json").read_text())["model"]["instance_offset_loss"] == "l1"
+    final = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))
+    assert final["global_step"] == 4 and json.loads(final["config"])["model"]["instance_offset_loss"] == "l1"

@@ -44,13 +44,15 @@ MAE_VISIBLE_SHARE = 0.25  # MAE's 49 of 196 tokens
 
 # Each family's recipe: its visible share of all tokens, masking strategy, default semantic class
 # count, and the ModelConfig / MaskingConfig fields it fixes (the size's width and depth come from SIZES).
+# Squared-error instance offsets: with L1 the instance head never beat the best constant predictor
+# (docs/model.md, Losses); ModelConfig keeps "l1", so stored configs written before the switch read back as trained.
 FAMILIES = {
     "c2fmae": {"visible_share": 98 / 588, "masking": "progressive", "num_semantic_classes": 133,
                "recipe": {"decoder": "cascaded", "decoder_dim": 256, "decoder_depth": 2, "decoder_heads": 8,
-                          "semantic_head_fp32": True}},
+                          "semantic_head_fp32": True, "instance_offset_loss": "mse"}},
     "multimae": {"visible_share": 98 / 588, "masking": "random", "num_semantic_classes": 133,
                  "recipe": {"decoder": "multimae", "decoder_dim": 256, "decoder_depth": 2, "decoder_heads": 8,
-                            "allocation": "rounded", "semantic_head_fp32": True}},
+                            "allocation": "rounded", "semantic_head_fp32": True, "instance_offset_loss": "mse"}},
     "mae": {"visible_share": MAE_VISIBLE_SHARE, "masking": "random", "num_semantic_classes": 0,
             "recipe": {"modalities": ("rgb",), "decoder": "mae", "decoder_dim": 512, "decoder_depth": 8,
                        "decoder_heads": 16}},

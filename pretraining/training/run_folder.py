@@ -62,7 +62,9 @@ def upgrade(config: dict, run: dict) -> dict:
     ("device" decoded the same JPEGs within a grey level, and the key was amendable within a run).
     An old config names its model (`"model": "c2fmae_vit_tiny_patch16"`) and keeps only the factory's
     keyword overrides (`"model_args"`): that is all it holds, so today's factory resolves it, once,
-    with the semantic class count the run recorded.
+    with the semantic class count the run recorded and the switches that came later set to what it trained
+    with (fp32-less semantic head, L1 instance offsets). A stored whole model config that lacks a later
+    field reads ModelConfig's default for it, which is kept at what runs before that field trained with.
     """
     if "accum_steps" in config:  # written before global_batch: batch x processes x accumulation was its batch
         accum = config["accum_steps"]
@@ -75,9 +77,10 @@ def upgrade(config: dict, run: dict) -> dict:
         return config
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("model_args", {}).items()}
     try:
-        # What such a run trained with: its semantic head followed autocast (the switch came later).
+        # What such a run trained with (the switches came later): its semantic head followed autocast,
+        # its instance offsets had an L1 loss.
         model = model_config(config["model"], num_semantic_classes=run["num_semantic_classes"],
-                             **{"semantic_head_fp32": False, **args})
+                             **{"semantic_head_fp32": False, "instance_offset_loss": "l1", **args})
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"the run's stored config (model {config['model']} with model_args {args}) no longer "
                           f"resolves ({err.__class__.__name__}: {err}); use the code version that wrote it.") from err
