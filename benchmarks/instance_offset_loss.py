@@ -31,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 # The two-sided 95% Student t quantile by degrees of freedom (1-9), for intervals over a few seeds.
@@ -44,25 +43,6 @@ def interval(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return mean, math.nan
     return mean, T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def scene_batch(n: int, size: int, seed: int, patch: int) -> dict[str, torch.Tensor]:
-    """n procedural scenes (the ablation's) as a pretraining batch, ImageNet-normalised RGB."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    from dataset_card.synthetic.scenes import render_scene
-    from pretraining.models.instances import instance_representation
-
-    rng = np.random.default_rng([seed, 0])
-    scenes = [render_scene(rng, size, target=i % 6) for i in range(n)]
-    ids = torch.zeros(n, size, size, dtype=torch.long)
-    for b, scene in enumerate(scenes):
-        for i, mask in enumerate(scene.masks):
-            ids[b][torch.from_numpy(mask)] = i + 1
-    rgb = torch.from_numpy(np.stack([s.rgb for s in scenes])).permute(0, 3, 1, 2).float() / 255
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    return {"rgb": (rgb - mean) / std, "semantic": torch.from_numpy(np.stack([s.semantic for s in scenes])).long(),
-            "instance_ids": ids, "instance": instance_representation(ids, offset_unit=patch)}
 
 
 # (image size, training scenes, held-out scenes, model) of the two sizes; patch 8, 150 steps of 32 in both.
@@ -128,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     start = time.perf_counter()
     if args.what == "head":
+        from pretraining.study.instance_head import scene_batch
+
         px, rows, held = SIZES[args.size][:3]
         train_scenes, held_out = scene_batch(rows, px, 1, 8), scene_batch(held, px, 2, 8)
         for seed in args.seeds:

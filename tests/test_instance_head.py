@@ -11,7 +11,7 @@ from pretraining.models.losses import (
     instance_loss,
     patchify,
 )
-from pretraining.study.instance_head import measure_instance_head
+from pretraining.study.instance_head import measure_instance_head, scene_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,25 +98,6 @@ def test_a_real_model_is_measured_on_batches_it_masks_itself_and_left_as_it_was(
         measure_instance_head(mae, [batch], g)
 
 
-def _scene_batch(n: int, size: int, seed: int, patch: int) -> dict[str, torch.Tensor]:
-    """n procedural scenes (the ablation's) as a pretraining batch."""
-    import numpy as np
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    from dataset_card.synthetic.scenes import render_scene
-
-    rng = np.random.default_rng([seed, 0])
-    scenes = [render_scene(rng, size, target=i % 6) for i in range(n)]
-    ids = torch.zeros(n, size, size, dtype=torch.long)
-    for b, scene in enumerate(scenes):
-        for i, mask in enumerate(scene.masks):
-            ids[b][torch.from_numpy(mask)] = i + 1
-    rgb = torch.from_numpy(np.stack([s.rgb for s in scenes])).permute(0, 3, 1, 2).float() / 255
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
-    return {"rgb": (rgb - mean) / std, "semantic": torch.from_numpy(np.stack([s.semantic for s in scenes])).long(),
-            "instance_ids": ids, "instance": instance_representation(ids, offset_unit=patch)}
-
-
 MARGIN = 0.02  # the head must beat the best constant by 2% of the constant's loss (docs/model.md, Losses)
 
 
@@ -131,7 +112,7 @@ def test_a_short_tiny_training_beats_the_constant_instance_predictor(arm):
     model = create_model("c2fmae_vit_tiny_patch16", num_semantic_classes=9, img_size=size, patch_size=patch,
                          embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_heads=2, decoder_depth=1, **extra)
     assert model.cfg.instance_offset_loss == "mse"
-    train, g = _scene_batch(256, size, 1, patch), torch.Generator().manual_seed(0)
+    train, g = scene_batch(256, size, 1, patch), torch.Generator().manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.05)
     for step in range(steps):
         index = torch.randint(0, 256, (32,), generator=g)
@@ -139,6 +120,6 @@ def test_a_short_tiny_training_beats_the_constant_instance_predictor(arm):
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
-    reading = measure_instance_head(model, [_scene_batch(128, size, 2, patch)], torch.Generator().manual_seed(1))
+    reading = measure_instance_head(model, [scene_batch(128, size, 2, patch)], torch.Generator().manual_seed(1))
     assert reading.instance_minus_constant > MARGIN * reading.constant, reading
     assert reading.grad_shares["instance"] > 0

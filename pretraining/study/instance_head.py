@@ -79,3 +79,24 @@ def measure_instance_head(model, batches: Iterable[dict[str, torch.Tensor]], gen
     mean_norms = torch.stack(norms).mean(0)
     shares = (mean_norms / mean_norms.sum().clamp(min=1e-30)).tolist()
     return InstanceHeadReading(head, constant, constant - head, dict(zip(model.cfg.modalities, shares)), len(pred))
+
+
+def scene_batch(n: int, size: int, seed: int, patch: int) -> dict[str, torch.Tensor]:
+    """n procedural scenes (the ablation's, `dataset_card.synthetic.scenes`) as a pretraining batch:
+    ImageNet-normalised RGB, semantic map, instance ids and their representation at `patch`."""
+    import numpy as np
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from dataset_card.synthetic.scenes import render_scene
+    from pretraining.models.instances import instance_representation
+
+    rng = np.random.default_rng([seed, 0])
+    scenes = [render_scene(rng, size, target=i % 6) for i in range(n)]
+    ids = torch.zeros(n, size, size, dtype=torch.long)
+    for b, scene in enumerate(scenes):
+        for i, mask in enumerate(scene.masks):
+            ids[b][torch.from_numpy(mask)] = i + 1
+    rgb = torch.from_numpy(np.stack([s.rgb for s in scenes])).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    return {"rgb": (rgb - mean) / std, "semantic": torch.from_numpy(np.stack([s.semantic for s in scenes])).long(),
+            "instance_ids": ids, "instance": instance_representation(ids, offset_unit=patch)}
