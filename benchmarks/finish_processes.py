@@ -28,32 +28,22 @@ import argparse
 import operator
 import os
 import pickle
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import numpy as np
-import skimage.data
 import torch
 
 from labeling.labelers.child_pool import ChildPool, FinishPool
 from labeling.labelers.instance import InstanceLabeler, InstanceLabelerConfig, finish_image
 from labeling.labelers.tiny_models import build_tiny_sam_random
 
-
-def photos(count: int, side: int) -> list[np.ndarray]:
-    """`count` distinct photos (skimage.data, flipped copies after the first round), long side `side`."""
-    base = [getattr(skimage.data, name)()[..., :3] for name in ("astronaut", "chelsea", "coffee", "rocket")]
-    out = []
-    for i in range(count):
-        image = base[i % len(base)]
-        image = image[:, ::-1] if (i // len(base)) % 2 else image
-        h, w = image.shape[:2]
-        scale = side / max(h, w)
-        out.append(np.ascontiguousarray(cv2.resize(image, (round(w * scale), round(h * scale)),
-                                                   interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)))
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.instance_labeler import bench_images  # noqa: E402  (the SAM benchmark's photos)
 
 
 def interleaved_ms(fns, items, repeats: int) -> list[float]:
@@ -130,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = InstanceLabelerConfig(points_per_side=args.points_per_side, pred_iou_thresh=0.65, stability_score_thresh=0.8,
                                 min_mask_region_area=100, max_mask_fraction=0.95)
     labeler = InstanceLabeler(build_tiny_sam_random(), cfg)
-    results = list(labeler.device_pass(labeler.prepare(im) for im in photos(args.images, args.side)))
+    results = list(labeler.device_pass(labeler.prepare(im) for im in bench_images(args.images, args.side)))
     masks = sum(len(finish_image(cfg, r)) for r in results) / len(results)
     sent_kb = np.mean([len(pickle.dumps(r, protocol=pickle.HIGHEST_PROTOCOL)) for r in results]) / 1e3
     back_kb = np.mean([len(pickle.dumps(finish_image(cfg, r), protocol=pickle.HIGHEST_PROTOCOL))
