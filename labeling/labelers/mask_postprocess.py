@@ -229,20 +229,6 @@ def tile_stats(low: torch.Tensor, valid: torch.Tensor, taps_y: tuple[torch.Tenso
     return counts, torch.where((bottom >= 0)[:, None], boxes, torch.zeros_like(boxes)), need
 
 
-def boxes_in_windows(binary: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-    """XYXY boxes (inclusive max, [0, 0, 0, 0] when empty, as segment_anything's batched_mask_to_box)
-    of binary masks (N, H, W) given in windows (N, 4) [r0, c0, r1, c1) of the canvas."""
-    n, H, W = binary.shape
-    rows, cols = binary.any(2), binary.any(1)
-    ar_h, ar_w = torch.arange(H, device=binary.device), torch.arange(W, device=binary.device)
-    top = torch.where(rows, ar_h, H).amin(1)
-    bottom = torch.where(rows, ar_h, -1).amax(1)
-    left = torch.where(cols, ar_w, W).amin(1)
-    right = torch.where(cols, ar_w, -1).amax(1)
-    boxes = torch.stack([left + windows[:, 1], top + windows[:, 0], right + windows[:, 1], bottom + windows[:, 0]], 1)
-    return torch.where(rows.any(1)[:, None], boxes, torch.zeros_like(boxes))
-
-
 def window_changes(binary: torch.Tensor, origins: torch.Tensor, height: int, width: int,
                    capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where each of N windowed masks changes value, as indices into its column-major canvas.

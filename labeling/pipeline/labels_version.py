@@ -22,7 +22,7 @@ from pathlib import Path
 
 # Bump when labels made by the same models and arguments can change (and record the digest below).
 LABELS_VERSION = 3
-LABEL_CODE_DIGEST = "dbc19f083b453f30f811a23c998901105c404f23776f0eae7abed756de6af4c7"
+LABEL_CODE_DIGEST = "e84cdc9b3e12fcbde6364fca6c94f2a2cee52aa8c333f73b1558197f6414507b"
 
 # The code whose change can change a label: the labelers, the read / model / post-process stages,
 # and the contract's codecs, painting rule and schema. The driver, writer, card and docs are not in
