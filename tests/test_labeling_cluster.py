@@ -177,6 +177,27 @@ def test_stats_report_billed_gpu_time_beside_model_time(monkeypatch):
 
 # --- a two-node Ray cluster on this host: two `ray start` processes, each in its own process group ---
 
+COUNT_NODES = """
+import sys, time
+from ray._private.gcs_utils import GcsNodeInfo
+from ray._raylet import GcsClient
+
+address, count, timeout_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+deadline, alive, error = time.time() + timeout_s, 0, None
+while time.time() < deadline:
+    try:
+        infos = GcsClient(address=address).get_all_node_info(timeout=5)
+        alive, error = sum(info.state == GcsNodeInfo.ALIVE for info in infos.values()), None
+    except Exception as e:  # the head's GCS is not answering yet
+        alive, error = 0, e
+    if alive >= count:
+        sys.exit(0)
+    time.sleep(0.5)
+print(f"{alive} of {count} Ray nodes joined within {timeout_s:g} s (last error: {error!r})")
+sys.exit(1)
+"""
+
+
 class LocalCluster:
     """Ray nodes started by this test (a head, then workers), each `ray start --block` in its own process
     group with its own ports and temporary folder; only those groups are ever stopped."""
@@ -192,13 +213,15 @@ class LocalCluster:
         self.temp_dirs.append(temp_dir)
         where = (["--head", f"--port={gcs}", "--include-dashboard=false", f"--ray-client-server-port={client}"]
                  if self.address is None else [f"--address={self.address}"])
+        log = open(Path(temp_dir) / "ray_start.log", "wb")  # read back when a node fails to join
         proc = subprocess.Popen(
             [self.ray_bin, "start", "--block", *where, f"--num-cpus={num_cpus}",
              "--num-gpus=0", f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
              f"--node-manager-port={node}", f"--object-manager-port={objects}", f"--metrics-export-port={metrics}",
              f"--runtime-env-agent-port={runtime_env}", f"--min-worker-port={workers}",
              f"--max-worker-port={workers + 40}", f"--temp-dir={temp_dir}", f"--object-store-memory={150 * 2**20}"],
-            env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            env=self.env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        log.close()  # the node holds its own copy
         self.nodes.append(proc)
         if self.address is None:  # the address Ray itself resolves for this host (a driver joining 127.0.0.1 would too)
             from ray._private.services import get_node_ip_address
@@ -208,21 +231,21 @@ class LocalCluster:
 
     def wait_for_nodes(self, count: int, timeout_s: float = 120) -> None:
         """Until the head lists `count` live nodes: a worker's `ray start` returns before it has joined, and a
-        run started in between plans its actors on the head alone (on a loaded machine the gap is many seconds)."""
-        from ray._private.gcs_utils import GcsNodeInfo
-        from ray._raylet import GcsClient
+        run started in between plans its actors on the head alone (on a loaded machine the gap is many seconds).
 
-        deadline, alive = time.time() + timeout_s, 0
-        while time.time() < deadline:
-            try:
-                infos = GcsClient(address=self.address).get_all_node_info(timeout=5)
-                alive = sum(info.state == GcsNodeInfo.ALIVE for info in infos.values())
-            except Exception:  # the head's GCS is not answering yet
-                alive = 0
-            if alive >= count:
-                return
-            time.sleep(0.5)
-        pytest.fail(f"{alive} of {count} Ray nodes joined within {timeout_s} s")
+        Asked from a child with the nodes' environment, as the run will ask: this test process may hold a Ray
+        session of its own (the `ray_session` fixture), whose state is no concern of this cluster's."""
+        asked = subprocess.run([sys.executable, "-c", COUNT_NODES, self.address, str(count), str(timeout_s)],
+                               env=self.env, capture_output=True, text=True, timeout=timeout_s + 120)
+        if asked.returncode != 0:
+            pytest.fail(f"{asked.stdout.strip() or asked.stderr[-2000:]}; the nodes' `ray start` said:\n"
+                        f"{self.logs()}")
+
+    def logs(self) -> str:
+        """Each node's exit status and the tail of what its `ray start` printed."""
+        return "\n".join(f"node {i} (exit status {node.poll()}): "
+                         + (Path(temp_dir) / "ray_start.log").read_text(errors="replace")[-2000:]
+                         for i, (node, temp_dir) in enumerate(zip(self.nodes, self.temp_dirs)))
 
     def kill(self, node: subprocess.Popen) -> None:
         """The node dies at once, as a lost machine does: its whole process group, SIGKILL."""
