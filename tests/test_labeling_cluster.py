@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_labeling_pipeline import assert_exactly_once
-from test_labeling_processes import RUN, env, free_ports, random_images, stop_group
+from test_labeling_processes import RUN, env, free_port_block, free_ports, random_images, stop_group
 
 from labeling.pipeline import cluster, environment
 from labeling.pipeline.predictors import GPUUnavailable, ModelPredictor
@@ -198,6 +198,10 @@ sys.exit(1)
 """
 
 
+class NodesMissing(Exception):
+    """Not every node of a LocalCluster joined its head in time."""
+
+
 class LocalCluster:
     """Ray nodes started by this test (a head, then workers), each `ray start --block` in its own process
     group with its own ports and temporary folder; only those groups are ever stopped."""
@@ -208,7 +212,8 @@ class LocalCluster:
         self.address = None
 
     def add_node(self, num_cpus: int) -> subprocess.Popen:
-        gcs, client, agent, agent_grpc, node, objects, metrics, runtime_env, workers = free_ports(9)
+        gcs, client, agent, agent_grpc, node, objects, metrics, runtime_env = free_ports(8)
+        workers = free_port_block(41)
         temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
         self.temp_dirs.append(temp_dir)
         where = (["--head", f"--port={gcs}", "--include-dashboard=false", f"--ray-client-server-port={client}"]
@@ -238,8 +243,24 @@ class LocalCluster:
         asked = subprocess.run([sys.executable, "-c", COUNT_NODES, self.address, str(count), str(timeout_s)],
                                env=self.env, capture_output=True, text=True, timeout=timeout_s + 120)
         if asked.returncode != 0:
-            pytest.fail(f"{asked.stdout.strip() or asked.stderr[-2000:]}; the nodes' `ray start` said:\n"
-                        f"{self.logs()}")
+            raise NodesMissing(f"{asked.stdout.strip() or asked.stderr[-2000:]}; the nodes' `ray start` said:\n"
+                               f"{self.logs()}")
+
+    def start(self, cpus: list[int], tries: int = 2) -> list[subprocess.Popen]:
+        """A head and workers with these CPU counts, all joined. A cluster whose nodes do not all join is
+        stopped and started again on fresh ports, once: ports chosen free here can still be taken by another
+        process before Ray binds them, and a node that loses one never joins."""
+        for attempt in range(1, tries + 1):
+            nodes = [self.add_node(num_cpus=n) for n in cpus]
+            try:
+                self.wait_for_nodes(len(cpus))
+                return nodes
+            except NodesMissing as e:
+                if attempt == tries:
+                    pytest.fail(str(e))
+                print(f"cluster start {attempt} of {tries} failed, starting again: {e}", file=sys.stderr)
+                self.stop()
+                self.nodes, self.temp_dirs, self.address = [], [], None
 
     def logs(self) -> str:
         """Each node's exit status and the tail of what its `ray start` printed."""
@@ -257,6 +278,14 @@ class LocalCluster:
             stop_group(node)
         for temp_dir in self.temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def descendants_running(root_pid: int, marker: str) -> list[int]:
@@ -333,9 +362,9 @@ def finish(run: subprocess.Popen, timeout_s: float) -> str:
 def test_a_node_killed_mid_run_and_the_run_still_labels_every_input_exactly_once(tmp_path, local_cluster):
     images, output = tmp_path / "train", tmp_path / "out"
     random_images(images, 24)
-    local_cluster.add_node(num_cpus=1)  # the head: its half-full share sends the second actor to the doomed node
-    doomed = local_cluster.add_node(num_cpus=2)
-    local_cluster.wait_for_nodes(2)  # else the run may plan, and finish, on the head alone
+    # The head has 1 CPU: once half full it sends the second actor to the doomed node. Both must have joined
+    # before the run starts, else it may plan, and finish, on the head alone.
+    _, doomed = local_cluster.start([1, 2])
     run = start_run(local_cluster, images, output)
     try:
         # The kill lands while the doomed node holds a model actor and labels are being written.
@@ -355,15 +384,24 @@ def test_a_node_killed_mid_run_and_the_run_still_labels_every_input_exactly_once
 @pytest.mark.ray
 def test_a_node_added_mid_run_receives_model_actors(tmp_path, local_cluster):
     images, output = tmp_path / "train", tmp_path / "out"
-    random_images(images, 48)  # a backlog that outlasts the joining node's start on a loaded machine too
-    head = local_cluster.add_node(num_cpus=1)  # room for one model actor: the pool starts at one
+    random_images(images, 48)
+    head, = local_cluster.start([1])  # room for one model actor: the pool starts at one
     run = start_run(local_cluster, images, output, "--max-model-actors", "4")
+    frozen = []
     try:
         wait_for(lambda: descendants_running(head.pid, MODEL_ACTOR), 180, "model actor on the head", run)
-        joined = local_cluster.add_node(num_cpus=2)  # while the first actor works through the backlog
-        wait_for(lambda: descendants_running(joined.pid, MODEL_ACTOR), 120, "model actor on the node that joined", run)
+        wait_for(lambda: parts_written(output), 180, "labeled part", run)
+        # The head's actor is stopped while the node joins, so the backlog cannot run out before the new
+        # node's actor starts (on a loaded machine a node takes tens of seconds to join): the pool is full
+        # and has work queued, which is what makes it grow.
+        frozen = descendants_running(head.pid, MODEL_ACTOR)
+        signal_all(frozen, signal.SIGSTOP)
+        joined = local_cluster.add_node(num_cpus=2)
+        wait_for(lambda: descendants_running(joined.pid, MODEL_ACTOR), 180, "model actor on the node that joined", run)
+        signal_all(frozen, signal.SIGCONT)
         out = finish(run, 180)
     finally:
+        signal_all(frozen, signal.SIGCONT)
         stop_group(run)
     assert "model actors: 1 (growing with the cluster up to 4, at least 1)" in out, out[-4000:]
     rows, errors = assert_exactly_once(output, images)

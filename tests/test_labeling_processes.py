@@ -176,13 +176,38 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+def free_port_block(size: int) -> int:
+    """The first of `size` consecutive free ports, for a Ray node's worker ports. Taken below the kernel's
+    ephemeral range, where `free_ports` draws from: a block that held one of the node's other ports, or
+    another node's, makes Ray refuse to start ("... is trying to use a port number ... that is used by
+    other components") and the node never joins."""
+    import random
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        base = random.randrange(20000, low - size)  # above Ray's defaults (6379, 8265, 10001-19999)
+        sockets = []
+        try:
+            for port in range(base, base + size):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no {size} consecutive free ports between 20000 and {low}")
+
+
 @pytest.mark.ray
 def test_ray_job_submit_against_a_private_head(tmp_path):
     images, output = tmp_path / "train", tmp_path / "out"
     random_images(images, 6)
     ray_bin = str(Path(sys.executable).parent / "ray")
     gcs, dashboard, client, agent, agent_grpc, node, objects, metrics, runtime_env = free_ports(9)
-    workers = free_ports(1)[0]
+    workers = free_port_block(61)
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     # A private token for this private head; the job must work from its uploaded working dir alone.
     head_env = env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex,
