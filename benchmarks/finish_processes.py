@@ -1,4 +1,4 @@
-"""Benchmark: SAM's CPU half (`instance.finish_image`) in the model actor's threads against its own
+"""Benchmark: SAM's CPU half (`instance_finish.finish_image`) in the model actor's threads against its own
 processes (`labelers.child_pool.FinishPool`), on this CPU.
 
 Inputs are real `DeviceResult`s: the tiny random SAM twin's device pass over photos with a
@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from labeling.labelers.child_pool import ChildPool, FinishPool
-from labeling.labelers.instance import InstanceLabeler, InstanceLabelerConfig, finish_image
+from labeling.labelers.instance import InstanceLabeler, InstanceLabelerConfig
+from labeling.labelers.instance_finish import finish_image
 from labeling.labelers.tiny_models import build_tiny_sam_random
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

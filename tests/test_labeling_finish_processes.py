@@ -12,14 +12,15 @@ import skimage.data
 import torch
 
 from labeling.labelers.child_pool import FINISH_CRASH_MESSAGE, FinishCrashed, FinishPool
-from labeling.labelers.instance import InstanceLabeler, InstanceLabelerConfig, finish_image
+from labeling.labelers.instance import InstanceLabeler, InstanceLabelerConfig
+from labeling.labelers.instance_finish import finish_image
 from labeling.labelers.tiny_models import build_tiny_sam_random
 
 CRASH_SIZE, RAISE_SIZE = (36, 20), (20, 44)  # (h, w) at model resolution of the images a test child fails on
 
 
 def finish_or_die(cfg, result):
-    """`instance.finish_image`, except that its process exits mid-image on an image of CRASH_SIZE
+    """`instance_finish.finish_image`, except that its process exits mid-image on an image of CRASH_SIZE
     and raises on one of RAISE_SIZE."""
     if tuple(result.size) == CRASH_SIZE:
         os._exit(3)

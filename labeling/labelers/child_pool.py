@@ -10,7 +10,7 @@ Its two uses, each turning a child's death into that image's failure:
     decode = DecodePool(workers=4, max_pixels=100_000_000, max_side=1024)
     pixels, width, height = decode(data)   # what `model_input.decode` returns, or raises DecodeError
     finish = FinishPool(workers=4, cfg=instance_labeler.cfg)
-    records = finish(device_result)        # `instance.finish_image`, or raises FinishCrashed
+    records = finish(device_result)        # `instance_finish.finish_image`, or raises FinishCrashed
 
 Up to `workers` plain child processes (`subprocess`, started on first need) each run `function`
 on one call at a time; a call's arguments and its reply travel as length-prefixed pickles over the
@@ -270,13 +270,13 @@ class FinishCrashed(RuntimeError):
 
 
 class FinishPool(ChildPool):
-    """The instance labeler's CPU half (`instance.finish_image(cfg, result)` by default) in up to
+    """The instance labeler's CPU half (`instance_finish.finish_image(cfg, result)` by default) in up to
     `workers` processes; a crash is that image's `FinishCrashed`. `finish` must be a module-level
     function of (cfg, result)."""
 
     def __init__(self, workers: int, cfg, finish: Callable | None = None, timeout_s: float | None = CALL_TIMEOUT_S):
         if finish is None:
-            from labeling.labelers.instance import finish_image as finish
+            from labeling.labelers.instance_finish import finish_image as finish
         super().__init__(workers, functools.partial(finish, cfg), timeout_s)
 
     def __call__(self, result) -> list[dict]:

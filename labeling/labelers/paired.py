@@ -38,7 +38,8 @@ import cv2
 import numpy as np
 
 from dataset_card.contract import codecs
-from labeling.labelers.instance import DeviceResult, InstanceLabeler
+from labeling.labelers.instance import InstanceLabeler
+from labeling.labelers.instance_finish import DeviceResult
 from labeling.labelers.model_input import decode
 from labeling.labelers.semantic import SemanticLabeler
 

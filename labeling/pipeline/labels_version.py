@@ -22,7 +22,7 @@ from pathlib import Path
 
 # Bump when labels made by the same models and arguments can change (and record the digest below).
 LABELS_VERSION = 3
-LABEL_CODE_DIGEST = "e84cdc9b3e12fcbde6364fca6c94f2a2cee52aa8c333f73b1558197f6414507b"
+LABEL_CODE_DIGEST = "ddc5ecb3075a31501622807178aa096a2a8208122f8f1cdc3d388200d4c6bac1"
 
 # The code whose change can change a label: the labelers, the read / model / post-process stages,
 # and the contract's codecs, painting rule and schema. The driver, writer, card and docs are not in

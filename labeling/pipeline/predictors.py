@@ -111,7 +111,7 @@ class ModelPredictor:
                  finish_processes: bool | None = None, finish=None):
         """`decode`: what the decoding processes run (`model_input.decode` unless given);
         `finish_processes`: SAM's CPU half in processes of the actor's own (None: on a GPU only);
-        `finish`: what they run (`instance.finish_image` unless given)."""
+        `finish`: what they run (`instance_finish.finish_image` unless given)."""
         device = _device(device)  # before any library loads: an actor without its GPU stops at once
         from PIL import Image
 
