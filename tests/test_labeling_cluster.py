@@ -218,15 +218,14 @@ class LocalCluster:
         self.temp_dirs.append(temp_dir)
         where = (["--head", f"--port={gcs}", "--include-dashboard=false", f"--ray-client-server-port={client}"]
                  if self.address is None else [f"--address={self.address}"])
-        log = open(Path(temp_dir) / "ray_start.log", "wb")  # read back when a node fails to join
-        proc = subprocess.Popen(
-            [self.ray_bin, "start", "--block", *where, f"--num-cpus={num_cpus}",
-             "--num-gpus=0", f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-             f"--node-manager-port={node}", f"--object-manager-port={objects}", f"--metrics-export-port={metrics}",
-             f"--runtime-env-agent-port={runtime_env}", f"--min-worker-port={workers}",
-             f"--max-worker-port={workers + 40}", f"--temp-dir={temp_dir}", f"--object-store-memory={150 * 2**20}"],
-            env=self.env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-        log.close()  # the node holds its own copy
+        with open(Path(temp_dir) / "ray_start.log", "wb") as log:  # read back when a node fails to join
+            proc = subprocess.Popen(
+                [self.ray_bin, "start", "--block", *where, f"--num-cpus={num_cpus}",
+                 "--num-gpus=0", f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                 f"--node-manager-port={node}", f"--object-manager-port={objects}", f"--metrics-export-port={metrics}",
+                 f"--runtime-env-agent-port={runtime_env}", f"--min-worker-port={workers}",
+                 f"--max-worker-port={workers + 40}", f"--temp-dir={temp_dir}", f"--object-store-memory={150 * 2**20}"],
+                env=self.env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
         self.nodes.append(proc)
         if self.address is None:  # the address Ray itself resolves for this host (a driver joining 127.0.0.1 would too)
             from ray._private.services import get_node_ip_address

@@ -4,6 +4,7 @@ and failing offline with one sentence. Each subprocess gets its own process grou
 group is ever stopped."""
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -181,8 +182,6 @@ def free_port_block(size: int) -> int:
     ephemeral range, where `free_ports` draws from: a block that held one of the node's other ports, or
     another node's, makes Ray refuse to start ("... is trying to use a port number ... that is used by
     other components") and the node never joins."""
-    import random
-
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(100):
         base = random.randrange(20000, low - size)  # above Ray's defaults (6379, 8265, 10001-19999)

@@ -18,9 +18,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from dataset_card.synthetic.scenes import render_scene
 from pretraining.models import losses
+from pretraining.models.instances import instance_representation
 
 
 @dataclass(frozen=True)
@@ -84,12 +88,6 @@ def measure_instance_head(model, batches: Iterable[dict[str, torch.Tensor]], gen
 def scene_batch(n: int, size: int, seed: int, patch: int) -> dict[str, torch.Tensor]:
     """n procedural scenes (the ablation's, `dataset_card.synthetic.scenes`) as a pretraining batch:
     ImageNet-normalised RGB, semantic map, instance ids and their representation at `patch`."""
-    import numpy as np
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    from dataset_card.synthetic.scenes import render_scene
-    from pretraining.models.instances import instance_representation
-
     rng = np.random.default_rng([seed, 0])
     scenes = [render_scene(rng, size, target=i % 6) for i in range(n)]
     ids = torch.zeros(n, size, size, dtype=torch.long)
